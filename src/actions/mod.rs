@@ -1,0 +1,112 @@
+//! Actions: what an observer does about a matched event, one attempt at a time.
+//!
+//! [`ActionRunner::attempt`] performs exactly one attempt of one action and classifies its
+//! failure with an [`ErrorCode`](crate::error::ErrorCode); retries, timeouts, concurrency and
+//! dead-lettering belong to the [`executor`](crate::executor). Every attempt of the same
+//! (event, observer, action) carries the same idempotency key, so a target can recognise a
+//! repeat.
+
+mod log;
+mod webhook;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::config::{ActionDefinition, ActionKind, ObserverName};
+use crate::domain::EntityEvent;
+use crate::error::ErrorCode;
+use crate::retry::AttemptError;
+use crate::template::Templates;
+
+pub use webhook::{SIGNATURE_HEADER, sign_payload};
+
+/// Everything one attempt needs to know about where it comes from.
+#[derive(Clone, Copy, Debug)]
+pub struct ActionContext<'run> {
+    pub event: &'run EntityEvent,
+    pub observer: &'run ObserverName,
+    pub action_index: usize,
+    /// The event envelope for this observer (also the template context), built once per observer.
+    pub envelope: &'run Value,
+}
+
+impl ActionContext<'_> {
+    /// `<event id>:<observer>:<action index>`: the same on every attempt and every replay.
+    #[must_use]
+    pub fn idempotency_key(&self) -> String {
+        idempotency_key(self.event, self.observer, self.action_index)
+    }
+}
+
+/// The idempotency key of one action for one event.
+#[must_use]
+pub fn idempotency_key(
+    event: &EntityEvent,
+    observer: &ObserverName,
+    action_index: usize,
+) -> String {
+    format!("{}:{}:{}", event.id, observer, action_index)
+}
+
+/// What a successful attempt reports (e.g. `HTTP 200`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActionSuccess {
+    pub detail: String,
+}
+
+/// Performs single attempts of actions; cheap to clone, shares one HTTP connection pool.
+#[derive(Clone, Debug)]
+pub struct ActionRunner {
+    http: reqwest::Client,
+    templates: Arc<Templates>,
+}
+
+/// How long an idle pooled connection to a webhook target is kept.
+const HTTP_POOL_IDLE_TIMEOUT: Duration = Duration::from_mins(1);
+const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ActionRunner {
+    /// # Errors
+    /// When the HTTP client cannot be built (TLS roots unavailable).
+    pub fn new(templates: Arc<Templates>) -> anyhow::Result<ActionRunner> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("fraiseql-observers/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(HTTP_CONNECT_TIMEOUT)
+            .pool_idle_timeout(HTTP_POOL_IDLE_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(ActionRunner { http, templates })
+    }
+
+    /// The templates actions render with.
+    #[must_use]
+    pub fn templates(&self) -> &Templates {
+        &self.templates
+    }
+
+    /// Performs one attempt of `action`.
+    ///
+    /// # Errors
+    /// The attempt's failure, classified transient or permanent by its code.
+    pub async fn attempt(
+        &self,
+        action: &ActionDefinition,
+        context: &ActionContext<'_>,
+    ) -> Result<ActionSuccess, AttemptError> {
+        match &action.kind {
+            ActionKind::Webhook(webhook) => {
+                webhook::attempt(&self.http, &self.templates, webhook, context).await
+            }
+            ActionKind::Log(log) => log::attempt(&self.templates, log, context),
+        }
+    }
+}
+
+fn template_failed(template: &str, error: &crate::template::TemplateError) -> AttemptError {
+    AttemptError::new(
+        ErrorCode::TemplateFailed,
+        format!("template {template}: {error}"),
+    )
+}

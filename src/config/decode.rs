@@ -1,0 +1,1206 @@
+//! Decoding a positioned tree into the typed model, collecting every problem on the way.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::model::{
+    ActionDefinition, ActionKind, BackoffKind, BodyFormat, DEFAULT_ACTION_TIMEOUT,
+    ExecutorSettings, FailurePolicy, HeaderValue, HttpMethod, LogAction, LogLevel,
+    ObserverDefinition, ObserverName, RetryPolicy, Secret, SecretUrl, Setting, WebhookAction,
+    WebhookTarget,
+};
+use super::tree::{Node, NodeValue, Position};
+use super::{ConfigError, ConfigErrors, LoadOptions, MissingEnv, ObserversConfig};
+use crate::condition::Condition;
+use crate::domain::EventKind;
+use crate::template::Templates;
+
+/// Headers the service sets itself; a file may not override them.
+const RESERVED_HEADERS: [&str; 4] = [
+    "idempotency-key",
+    "x-fraiseql-event-id",
+    "x-fraiseql-signature-256",
+    "content-length",
+];
+const MAX_ACTION_TIMEOUT: Duration = Duration::from_mins(10);
+const MAX_ATTEMPTS_LIMIT: u32 = 100;
+const DEFAULT_LOG_MESSAGE: &str =
+    "observer {{ observer }} matched {{ event_type }} {{ entity_type }} {{ entity_id }}";
+
+pub(super) fn decode(
+    root: &Node,
+    origin: &str,
+    options: &LoadOptions<'_>,
+) -> Result<ObserversConfig, ConfigErrors> {
+    let mut decoder = Decoder {
+        origin,
+        options,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+        templates: Templates::new(),
+    };
+    let (observers, executor) = decoder.root(root);
+    let by_place = |error: &ConfigError| {
+        error
+            .position
+            .map(|position| (position.line, position.column))
+    };
+    decoder.errors.sort_by_key(by_place);
+    decoder.warnings.sort_by_key(by_place);
+    if !decoder.errors.is_empty() {
+        return Err(ConfigErrors {
+            errors: decoder.errors,
+        });
+    }
+    Ok(ObserversConfig {
+        origin: origin.to_owned(),
+        observers,
+        executor,
+        templates: decoder.templates,
+        warnings: decoder.warnings,
+    })
+}
+
+struct Decoder<'load> {
+    origin: &'load str,
+    options: &'load LoadOptions<'load>,
+    errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
+    templates: Templates,
+}
+
+/// The entries of a mapping whose keys were checked against the allowed set.
+struct Fields<'node> {
+    position: Position,
+    entries: Vec<(&'node str, &'node Node)>,
+}
+
+impl<'node> Fields<'node> {
+    fn get(&self, key: &str) -> Option<&'node Node> {
+        self.entries
+            .iter()
+            .find(|(name, _)| *name == key)
+            .map(|(_, node)| *node)
+    }
+}
+
+fn child(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn edit_distance(left: &str, right: &str) -> usize {
+    let right: Vec<char> = right.chars().collect();
+    let mut previous: Vec<usize> = (0..=right.len()).collect();
+    for (left_index, left_char) in left.chars().enumerate() {
+        let mut current = vec![left_index + 1];
+        for (right_index, right_char) in right.iter().enumerate() {
+            let substitution = previous[right_index] + usize::from(left_char != *right_char);
+            current.push(
+                substitution
+                    .min(previous[right_index + 1] + 1)
+                    .min(current[right_index] + 1),
+            );
+        }
+        previous = current;
+    }
+    previous[right.len()]
+}
+
+fn did_you_mean(found: &str, allowed: &[&str]) -> String {
+    allowed
+        .iter()
+        .map(|candidate| {
+            (
+                edit_distance(&found.to_ascii_lowercase(), &candidate.to_ascii_lowercase()),
+                candidate,
+            )
+        })
+        .filter(|(distance, candidate)| *distance <= 2.max(candidate.len() / 3))
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| format!("did you mean '{candidate}'? "))
+        .unwrap_or_default()
+}
+
+/// Result of expanding `${VAR}` references in a string.
+struct Expanded {
+    text: String,
+    variables: Vec<String>,
+    missing: Vec<String>,
+}
+
+impl Decoder<'_> {
+    fn error(&mut self, position: Position, path: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.origin.to_owned(),
+            position: Some(position),
+            path: path.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn warning(&mut self, position: Position, path: &str, message: impl Into<String>) {
+        self.warnings.push(ConfigError {
+            file: self.origin.to_owned(),
+            position: Some(position),
+            path: path.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn expected(&mut self, node: &Node, path: &str, what: &str) {
+        let found = match &node.value {
+            NodeValue::String(text) if text.chars().count() <= 60 => format!("the string {text:?}"),
+            NodeValue::Integer(number) => format!("the integer {number}"),
+            NodeValue::Bool(flag) => format!("the boolean {flag}"),
+            other => other.kind_name().to_owned(),
+        };
+        self.error(
+            node.position,
+            path,
+            format!("expected {what}, found {found}"),
+        );
+    }
+
+    fn fields<'node>(
+        &mut self,
+        node: &'node Node,
+        path: &str,
+        allowed: &[&str],
+    ) -> Option<Fields<'node>> {
+        let NodeValue::Map(entries) = &node.value else {
+            self.expected(node, path, "a mapping");
+            return None;
+        };
+        let mut fields = Fields {
+            position: node.position,
+            entries: Vec::with_capacity(entries.len()),
+        };
+        for (key, value) in entries {
+            let NodeValue::String(name) = &key.value else {
+                self.expected(key, path, "a text key");
+                continue;
+            };
+            if !allowed.contains(&name.as_str()) {
+                let hint = did_you_mean(name, allowed);
+                self.error(
+                    key.position,
+                    &child(path, name),
+                    format!(
+                        "unknown key '{name}'; {hint}expected one of: {}",
+                        allowed.join(", ")
+                    ),
+                );
+                continue;
+            }
+            if fields.get(name).is_some() {
+                self.error(
+                    key.position,
+                    &child(path, name),
+                    format!("duplicate key '{name}'"),
+                );
+                continue;
+            }
+            fields.entries.push((name.as_str(), value));
+        }
+        Some(fields)
+    }
+
+    fn required<'node>(
+        &mut self,
+        fields: &Fields<'node>,
+        key: &str,
+        path: &str,
+        what: &str,
+    ) -> Option<&'node Node> {
+        let found = fields.get(key);
+        if found.is_none() {
+            self.error(
+                fields.position,
+                path,
+                format!("missing required key '{key}' ({what})"),
+            );
+        }
+        found
+    }
+
+    fn string<'node>(&mut self, node: &'node Node, path: &str) -> Option<&'node str> {
+        if let NodeValue::String(text) = &node.value {
+            Some(text)
+        } else {
+            self.expected(node, path, "a string");
+            None
+        }
+    }
+
+    fn non_empty_string<'node>(&mut self, node: &'node Node, path: &str) -> Option<&'node str> {
+        let text = self.string(node, path)?;
+        if text.trim().is_empty() {
+            self.error(node.position, path, "expected a non-empty string");
+            return None;
+        }
+        Some(text)
+    }
+
+    fn boolean(&mut self, node: &Node, path: &str) -> Option<bool> {
+        if let NodeValue::Bool(flag) = node.value {
+            Some(flag)
+        } else {
+            self.expected(node, path, "true or false");
+            None
+        }
+    }
+
+    fn integer_in(&mut self, node: &Node, path: &str, minimum: i64, maximum: i64) -> Option<i64> {
+        let NodeValue::Integer(number) = node.value else {
+            self.expected(
+                node,
+                path,
+                &format!("an integer from {minimum} to {maximum}"),
+            );
+            return None;
+        };
+        if !(minimum..=maximum).contains(&number) {
+            self.error(
+                node.position,
+                path,
+                format!("expected an integer from {minimum} to {maximum}, found {number}"),
+            );
+            return None;
+        }
+        Some(number)
+    }
+
+    fn duration(&mut self, node: &Node, path: &str) -> Option<Duration> {
+        let text = match &node.value {
+            NodeValue::String(text) => text,
+            NodeValue::Integer(number) => {
+                self.error(
+                    node.position,
+                    path,
+                    format!("expected a duration with a unit such as \"5s\" or \"250ms\", found the bare number {number}"),
+                );
+                return None;
+            }
+            _ => {
+                self.expected(node, path, "a duration such as \"5s\" or \"250ms\"");
+                return None;
+            }
+        };
+        match humantime::parse_duration(text.trim()) {
+            Ok(duration) => Some(duration),
+            Err(error) => {
+                self.error(
+                    node.position,
+                    path,
+                    format!("expected a duration such as \"5s\", \"250ms\" or \"1m 30s\", found {text:?} ({error})"),
+                );
+                None
+            }
+        }
+    }
+
+    fn choice<T: Copy>(&mut self, node: &Node, path: &str, choices: &[(&str, T)]) -> Option<T> {
+        let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+        let expectation = format!("one of {}", names.join(", "));
+        let NodeValue::String(text) = &node.value else {
+            self.expected(node, path, &expectation);
+            return None;
+        };
+        let found = choices
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(text))
+            .map(|(_, value)| *value);
+        if found.is_none() {
+            let hint = did_you_mean(&text.to_ascii_lowercase(), &names);
+            self.error(
+                node.position,
+                path,
+                format!("{hint}expected {expectation}, found {text:?}"),
+            );
+        }
+        found
+    }
+
+    /// Expands `${VAR}` references; `$${` stands for a literal `${`.
+    fn expand(&mut self, text: &str, position: Position, path: &str) -> Option<Expanded> {
+        let mut expanded = Expanded {
+            text: String::with_capacity(text.len()),
+            variables: Vec::new(),
+            missing: Vec::new(),
+        };
+        let mut rest = text;
+        while let Some(start) = rest.find('$') {
+            expanded.text.push_str(&rest[..start]);
+            let after = &rest[start..];
+            if let Some(stripped) = after.strip_prefix("$${") {
+                expanded.text.push_str("${");
+                rest = stripped;
+            } else if let Some(reference) = after.strip_prefix("${") {
+                let Some(end) = reference.find('}') else {
+                    self.error(
+                        position,
+                        path,
+                        "unterminated '${' (write '$${' for a literal '${')",
+                    );
+                    return None;
+                };
+                let variable = &reference[..end];
+                let valid_name = variable
+                    .chars()
+                    .next()
+                    .is_some_and(|first| first.is_ascii_alphabetic() || first == '_')
+                    && variable
+                        .chars()
+                        .all(|character| character.is_ascii_alphanumeric() || character == '_');
+                if !valid_name {
+                    self.error(position, path, format!("expected an environment variable name inside '${{…}}', found {variable:?}"));
+                    return None;
+                }
+                match (self.options.env)(variable).filter(|value| !value.is_empty()) {
+                    Some(value) => expanded.text.push_str(&value),
+                    None => expanded.missing.push(variable.to_owned()),
+                }
+                expanded.variables.push(variable.to_owned());
+                rest = &reference[end + 1..];
+            } else {
+                expanded.text.push('$');
+                rest = &after[1..];
+            }
+        }
+        expanded.text.push_str(rest);
+        Some(expanded)
+    }
+
+    fn report_missing_env(&mut self, variables: &[String], position: Position, path: &str) {
+        for variable in variables {
+            let message = format!("environment variable {variable} is not set (or is empty)");
+            match self.options.missing_env {
+                MissingEnv::Error => self.error(position, path, message),
+                MissingEnv::Warn => self.warning(position, path, message),
+            }
+        }
+    }
+
+    /// Reads a secret from `key` (a string that may hold `${VAR}`) or `key_env` (a variable name).
+    fn secret(&mut self, fields: &Fields<'_>, key: &str, path: &str) -> Option<Setting<Secret>> {
+        let env_key = format!("{key}_env");
+        match (fields.get(key), fields.get(&env_key)) {
+            (Some(node), Some(_)) => {
+                self.error(
+                    node.position,
+                    &child(path, key),
+                    format!("set either '{key}' or '{env_key}', not both"),
+                );
+                None
+            }
+            (Some(node), None) => {
+                let key_path = child(path, key);
+                let text = self.non_empty_string(node, &key_path)?;
+                let expanded = self.expand(text, node.position, &key_path)?;
+                if expanded.variables.is_empty() {
+                    self.warning(
+                        node.position,
+                        &key_path,
+                        format!("the secret is written in the file in clear; prefer '{env_key}'"),
+                    );
+                }
+                if expanded.missing.is_empty() {
+                    Some(Setting::Ready(Secret::new(expanded.text)))
+                } else {
+                    self.report_missing_env(&expanded.missing, node.position, &key_path);
+                    Some(Setting::MissingEnv(expanded.missing.join(", ")))
+                }
+            }
+            (None, Some(node)) => {
+                let key_path = child(path, &env_key);
+                let variable = self.non_empty_string(node, &key_path)?;
+                Some(
+                    self.env_variable(variable, node.position, &key_path)
+                        .map_or_else(
+                            || Setting::MissingEnv(variable.to_owned()),
+                            |value| Setting::Ready(Secret::new(value)),
+                        ),
+                )
+            }
+            (None, None) => None,
+        }
+    }
+
+    fn env_variable(&mut self, variable: &str, position: Position, path: &str) -> Option<String> {
+        let value = (self.options.env)(variable).filter(|value| !value.is_empty());
+        if value.is_none() {
+            self.report_missing_env(&[variable.to_owned()], position, path);
+        }
+        value
+    }
+
+    fn template(
+        &mut self,
+        name: String,
+        source: &str,
+        position: Position,
+        path: &str,
+    ) -> Option<String> {
+        match self.templates.add(name.clone(), source.to_owned()) {
+            Ok(()) => Some(name),
+            Err(error) => {
+                let line = error
+                    .line
+                    .map(|line| format!(" (line {line} of the template)"))
+                    .unwrap_or_default();
+                self.error(
+                    position,
+                    path,
+                    format!("invalid template{line}: {}", error.message),
+                );
+                None
+            }
+        }
+    }
+
+    fn root(&mut self, root: &Node) -> (Vec<ObserverDefinition>, ExecutorSettings) {
+        let empty_map = matches!(&root.value, NodeValue::Map(entries) if entries.is_empty());
+        if root.value == NodeValue::Null || empty_map {
+            self.error(
+                root.position,
+                "",
+                "the file is empty; expected a mapping with an 'observers' list",
+            );
+            return (Vec::new(), ExecutorSettings::default());
+        }
+        let Some(fields) = self.fields(root, "", &["observers", "executor"]) else {
+            return (Vec::new(), ExecutorSettings::default());
+        };
+        let executor = fields
+            .get("executor")
+            .and_then(|node| self.executor(node, "executor"))
+            .unwrap_or_default();
+        let Some(list_node) = self.required(&fields, "observers", "", "a list of observers") else {
+            return (Vec::new(), executor);
+        };
+        let NodeValue::List(items) = &list_node.value else {
+            self.expected(list_node, "observers", "a list of observers");
+            return (Vec::new(), executor);
+        };
+        if items.is_empty() {
+            self.warning(
+                list_node.position,
+                "observers",
+                "no observers are defined; nothing will be done",
+            );
+        }
+        let mut first_seen: HashMap<String, Position> = HashMap::new();
+        let mut observers = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            let path = format!("observers[{index}]");
+            if let Some((name, position)) = declared_name(item) {
+                if let Some(first) = first_seen.get(name) {
+                    self.error(
+                        position,
+                        &child(&path, "name"),
+                        format!(
+                            "duplicate observer name '{name}' (first defined at line {})",
+                            first.line
+                        ),
+                    );
+                } else {
+                    first_seen.insert(name.to_owned(), position);
+                }
+            }
+            if let Some(observer) = self.observer(item, &path) {
+                observers.push(observer);
+            }
+        }
+        (observers, executor)
+    }
+
+    fn executor(&mut self, node: &Node, path: &str) -> Option<ExecutorSettings> {
+        let fields = self.fields(
+            node,
+            path,
+            &["max_concurrent_actions", "max_concurrent_entities"],
+        )?;
+        let mut settings = ExecutorSettings::default();
+        let mut valid = true;
+        for (key, slot) in [
+            (
+                "max_concurrent_actions",
+                &mut settings.max_concurrent_actions,
+            ),
+            (
+                "max_concurrent_entities",
+                &mut settings.max_concurrent_entities,
+            ),
+        ] {
+            if let Some(value) = fields.get(key) {
+                match self
+                    .integer_in(value, &child(path, key), 1, 100_000)
+                    .and_then(|value| usize::try_from(value).ok())
+                {
+                    Some(value) => *slot = value,
+                    None => valid = false,
+                }
+            }
+        }
+        valid.then_some(settings)
+    }
+
+    fn events(&mut self, fields: &Fields<'_>, path: &str) -> Option<Vec<EventKind>> {
+        let kinds = ["insert", "update", "delete", "custom"];
+        let parse_one = |decoder: &mut Self, node: &Node, path: &str| -> Option<EventKind> {
+            let text = decoder.string(node, path)?;
+            match EventKind::parse(text) {
+                Ok(kind) => Some(kind),
+                Err(found) => {
+                    let hint = did_you_mean(&found.to_ascii_lowercase(), &kinds);
+                    decoder.error(
+                        node.position,
+                        path,
+                        format!(
+                            "{hint}expected one of insert, update, delete, custom, found {found:?}"
+                        ),
+                    );
+                    None
+                }
+            }
+        };
+        match (fields.get("events"), fields.get("event_type")) {
+            (Some(node), Some(_)) => {
+                self.error(
+                    node.position,
+                    &child(path, "events"),
+                    "set either 'events' or 'event_type', not both",
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    fields.position,
+                    path,
+                    "missing required key 'events' (e.g. [insert, update]) or 'event_type'",
+                );
+                None
+            }
+            (None, Some(node)) => {
+                parse_one(self, node, &child(path, "event_type")).map(|kind| vec![kind])
+            }
+            (Some(node), None) => {
+                let events_path = child(path, "events");
+                let items: Vec<&Node> = match &node.value {
+                    NodeValue::List(items) => items.iter().collect(),
+                    NodeValue::String(_) => vec![node],
+                    _ => {
+                        self.expected(
+                            node,
+                            &events_path,
+                            "a list of event kinds such as [insert, update]",
+                        );
+                        return None;
+                    }
+                };
+                if items.is_empty() {
+                    self.error(
+                        node.position,
+                        &events_path,
+                        "expected at least one event kind",
+                    );
+                    return None;
+                }
+                let mut kinds_found = Vec::with_capacity(items.len());
+                let mut all_valid = true;
+                for (index, item) in items.into_iter().enumerate() {
+                    match parse_one(self, item, &format!("{events_path}[{index}]")) {
+                        Some(kind) if !kinds_found.contains(&kind) => kinds_found.push(kind),
+                        Some(_) => {}
+                        None => all_valid = false,
+                    }
+                }
+                all_valid.then_some(kinds_found)
+            }
+        }
+    }
+
+    fn observer(&mut self, node: &Node, path: &str) -> Option<ObserverDefinition> {
+        let fields = self.fields(
+            node,
+            path,
+            &[
+                "name",
+                "description",
+                "entity",
+                "events",
+                "event_type",
+                "condition",
+                "actions",
+                "retry",
+                "on_failure",
+            ],
+        )?;
+        let name = self
+            .required(&fields, "name", path, "a unique observer name")
+            .and_then(|node| {
+                let name_path = child(path, "name");
+                let text = self.string(node, &name_path)?;
+                ObserverName::parse(text)
+                    .map_err(|message| self.error(node.position, &name_path, message))
+                    .ok()
+            });
+        let description = fields
+            .get("description")
+            .and_then(|node| self.string(node, &child(path, "description")))
+            .map(str::to_owned);
+        let entity = self
+            .required(
+                &fields,
+                "entity",
+                path,
+                "the entity type it watches, e.g. Order",
+            )
+            .and_then(|node| self.non_empty_string(node, &child(path, "entity")))
+            .map(|text| text.trim().to_owned());
+        let events = self.events(&fields, path);
+        let condition = match fields.get("condition") {
+            None => Some(None),
+            Some(node) => self.condition(node, &child(path, "condition")).map(Some),
+        };
+        let actions = self.actions(&fields, path);
+        let retry = match fields.get("retry") {
+            None => Some(RetryPolicy::default()),
+            Some(node) => self.retry(node, &child(path, "retry")),
+        };
+        let on_failure = match fields.get("on_failure") {
+            None => Some(FailurePolicy::DeadLetter),
+            Some(node) => self.choice(
+                node,
+                &child(path, "on_failure"),
+                &[
+                    ("dlq", FailurePolicy::DeadLetter),
+                    ("log", FailurePolicy::Log),
+                ],
+            ),
+        };
+        Some(ObserverDefinition {
+            name: name?,
+            description,
+            entity: entity?,
+            events: events?,
+            condition: condition?,
+            actions: actions?,
+            retry: retry?,
+            on_failure: on_failure?,
+        })
+    }
+
+    fn condition(&mut self, node: &Node, path: &str) -> Option<Condition> {
+        let source = self.non_empty_string(node, path)?;
+        match Condition::parse(source) {
+            Ok(condition) => Some(condition),
+            Err(error) => {
+                self.error(
+                    node.position,
+                    path,
+                    format!(
+                        "invalid condition: {error}\n{}",
+                        indent(&error.caret(), "      ")
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn retry(&mut self, node: &Node, path: &str) -> Option<RetryPolicy> {
+        let fields = self.fields(
+            node,
+            path,
+            &[
+                "max_attempts",
+                "initial_delay",
+                "max_delay",
+                "backoff",
+                "jitter",
+            ],
+        )?;
+        let mut policy = RetryPolicy::default();
+        let mut valid = true;
+        if let Some(value) = fields.get("max_attempts") {
+            match self.integer_in(
+                value,
+                &child(path, "max_attempts"),
+                1,
+                i64::from(MAX_ATTEMPTS_LIMIT),
+            ) {
+                Some(count) => policy.max_attempts = u32::try_from(count).unwrap_or(1),
+                None => valid = false,
+            }
+        }
+        for (key, slot) in [
+            ("initial_delay", &mut policy.initial_delay),
+            ("max_delay", &mut policy.max_delay),
+        ] {
+            if let Some(value) = fields.get(key) {
+                match self.duration(value, &child(path, key)) {
+                    Some(duration) => *slot = duration,
+                    None => valid = false,
+                }
+            }
+        }
+        if let Some(value) = fields.get("backoff") {
+            match self.choice(
+                value,
+                &child(path, "backoff"),
+                &[
+                    ("exponential", BackoffKind::Exponential),
+                    ("fixed", BackoffKind::Fixed),
+                ],
+            ) {
+                Some(kind) => policy.backoff = kind,
+                None => valid = false,
+            }
+        }
+        if let Some(value) = fields.get("jitter") {
+            match self.boolean(value, &child(path, "jitter")) {
+                Some(flag) => policy.jitter = flag,
+                None => valid = false,
+            }
+        }
+        if valid && policy.initial_delay > policy.max_delay {
+            self.error(
+                fields.position,
+                path,
+                format!(
+                    "initial_delay ({}) is longer than max_delay ({})",
+                    humantime::format_duration(policy.initial_delay),
+                    humantime::format_duration(policy.max_delay)
+                ),
+            );
+            valid = false;
+        }
+        valid.then_some(policy)
+    }
+
+    fn actions(&mut self, fields: &Fields<'_>, path: &str) -> Option<Vec<ActionDefinition>> {
+        let node = self.required(fields, "actions", path, "a list of actions")?;
+        let actions_path = child(path, "actions");
+        let NodeValue::List(items) = &node.value else {
+            self.expected(node, &actions_path, "a list of actions");
+            return None;
+        };
+        if items.is_empty() {
+            self.error(node.position, &actions_path, "expected at least one action");
+            return None;
+        }
+        let mut actions = Vec::with_capacity(items.len());
+        let mut all_valid = true;
+        for (index, item) in items.iter().enumerate() {
+            match self.action(item, &format!("{actions_path}[{index}]"), index) {
+                Some(action) => actions.push(action),
+                None => all_valid = false,
+            }
+        }
+        all_valid.then_some(actions)
+    }
+
+    fn action(&mut self, node: &Node, path: &str, index: usize) -> Option<ActionDefinition> {
+        const TYPES: [&str; 2] = ["webhook", "log"];
+        let NodeValue::Map(entries) = &node.value else {
+            self.expected(node, path, "an action mapping with a 'type'");
+            return None;
+        };
+        let type_node = entries.iter().find_map(|(key, value)| {
+            matches!(&key.value, NodeValue::String(name) if name == "type").then_some(value)
+        });
+        let Some(type_node) = type_node else {
+            self.error(
+                node.position,
+                path,
+                format!("missing required key 'type' (one of: {})", TYPES.join(", ")),
+            );
+            return None;
+        };
+        let type_path = child(path, "type");
+        let type_name = self.string(type_node, &type_path)?;
+        let (kind, label) = match type_name {
+            "webhook" => {
+                let fields = self.fields(
+                    node,
+                    path,
+                    &[
+                        "type",
+                        "name",
+                        "url",
+                        "url_env",
+                        "method",
+                        "headers",
+                        "body_template",
+                        "body_format",
+                        "signing_secret",
+                        "signing_secret_env",
+                        "timeout",
+                    ],
+                )?;
+                let label = self.label(&fields, path);
+                (self.webhook(&fields, path).map(ActionKind::Webhook), label)
+            }
+            "log" => {
+                let fields = self.fields(node, path, &["type", "name", "level", "message"])?;
+                let label = self.label(&fields, path);
+                (self.log(&fields, path).map(ActionKind::Log), label)
+            }
+            other => {
+                let hint = did_you_mean(other, &TYPES);
+                self.error(
+                    type_node.position,
+                    &type_path,
+                    format!(
+                        "unknown action type {other:?}; {hint}expected one of: {}",
+                        TYPES.join(", ")
+                    ),
+                );
+                return None;
+            }
+        };
+        Some(ActionDefinition {
+            index,
+            label,
+            kind: kind?,
+        })
+    }
+
+    fn label(&mut self, fields: &Fields<'_>, path: &str) -> Option<String> {
+        fields
+            .get("name")
+            .and_then(|node| self.non_empty_string(node, &child(path, "name")))
+            .map(str::to_owned)
+    }
+
+    fn webhook(&mut self, fields: &Fields<'_>, path: &str) -> Option<WebhookAction> {
+        let target = self.webhook_target(fields, path);
+        let method = match fields.get("method") {
+            None => Some(HttpMethod::Post),
+            Some(node) => self.choice(
+                node,
+                &child(path, "method"),
+                &[
+                    ("POST", HttpMethod::Post),
+                    ("PUT", HttpMethod::Put),
+                    ("PATCH", HttpMethod::Patch),
+                    ("DELETE", HttpMethod::Delete),
+                    ("GET", HttpMethod::Get),
+                ],
+            ),
+        };
+        let headers = match fields.get("headers") {
+            None => Some(Vec::new()),
+            Some(node) => self.headers(node, &child(path, "headers")),
+        };
+        let body_format = match fields.get("body_format") {
+            None => Some(BodyFormat::Json),
+            Some(node) => self.choice(
+                node,
+                &child(path, "body_format"),
+                &[("json", BodyFormat::Json), ("text", BodyFormat::Text)],
+            ),
+        };
+        let body_template = match (fields.get("body_template"), body_format) {
+            (None, _) => Some(None),
+            (Some(node), Some(format)) => {
+                let template_path = child(path, "body_template");
+                self.string(node, &template_path).and_then(|source| {
+                    let suffix = if format == BodyFormat::Json {
+                        "json"
+                    } else {
+                        "txt"
+                    };
+                    self.template(
+                        format!("{template_path}.{suffix}"),
+                        source,
+                        node.position,
+                        &template_path,
+                    )
+                    .map(Some)
+                })
+            }
+            (Some(_), None) => None,
+        };
+        let signing_secret = self.secret(fields, "signing_secret", path);
+        let signing_valid = fields.get("signing_secret").is_none()
+            && fields.get("signing_secret_env").is_none()
+            || signing_secret.is_some();
+        let timeout = match fields.get("timeout") {
+            None => Some(DEFAULT_ACTION_TIMEOUT),
+            Some(node) => self.timeout(node, &child(path, "timeout")),
+        };
+        if !signing_valid {
+            return None;
+        }
+        Some(WebhookAction {
+            target: target?,
+            method: method?,
+            headers: headers?,
+            body_template: body_template?,
+            body_format: body_format?,
+            signing_secret,
+            timeout: timeout?,
+        })
+    }
+
+    fn timeout(&mut self, node: &Node, path: &str) -> Option<Duration> {
+        let duration = self.duration(node, path)?;
+        if duration.is_zero() || duration > MAX_ACTION_TIMEOUT {
+            self.error(
+                node.position,
+                path,
+                format!(
+                    "expected a timeout above 0 and at most {}, found {}",
+                    humantime::format_duration(MAX_ACTION_TIMEOUT),
+                    humantime::format_duration(duration)
+                ),
+            );
+            return None;
+        }
+        Some(duration)
+    }
+
+    fn webhook_target(&mut self, fields: &Fields<'_>, path: &str) -> Option<WebhookTarget> {
+        match (fields.get("url"), fields.get("url_env")) {
+            (Some(node), Some(_)) => {
+                self.error(
+                    node.position,
+                    &child(path, "url"),
+                    "set either 'url' or 'url_env', not both",
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    fields.position,
+                    path,
+                    "missing required key 'url' (or 'url_env')",
+                );
+                None
+            }
+            (Some(node), None) => {
+                let url_path = child(path, "url");
+                let text = self.non_empty_string(node, &url_path)?;
+                let expanded = self.expand(text.trim(), node.position, &url_path)?;
+                if expanded.variables.is_empty() {
+                    return self
+                        .http_url(&expanded.text, node.position, &url_path, None)
+                        .map(WebhookTarget::Literal);
+                }
+                let variable = expanded.variables.join(", ");
+                if !expanded.missing.is_empty() {
+                    self.report_missing_env(&expanded.missing, node.position, &url_path);
+                    return Some(WebhookTarget::FromEnv {
+                        url: Setting::MissingEnv(expanded.missing.join(", ")),
+                        variable,
+                    });
+                }
+                let url =
+                    self.http_url(&expanded.text, node.position, &url_path, Some(&variable))?;
+                Some(WebhookTarget::FromEnv {
+                    variable,
+                    url: Setting::Ready(SecretUrl(url)),
+                })
+            }
+            (None, Some(node)) => {
+                let env_path = child(path, "url_env");
+                let variable = self.non_empty_string(node, &env_path)?.to_owned();
+                let Some(value) = self.env_variable(&variable, node.position, &env_path) else {
+                    return Some(WebhookTarget::FromEnv {
+                        url: Setting::MissingEnv(variable.clone()),
+                        variable,
+                    });
+                };
+                let url = self.http_url(value.trim(), node.position, &env_path, Some(&variable))?;
+                Some(WebhookTarget::FromEnv {
+                    variable,
+                    url: Setting::Ready(SecretUrl(url)),
+                })
+            }
+        }
+    }
+
+    /// Parses an absolute http(s) URL; `secret_source` names the variable it came from, so the
+    /// value itself is never echoed.
+    fn http_url(
+        &mut self,
+        text: &str,
+        position: Position,
+        path: &str,
+        secret_source: Option<&str>,
+    ) -> Option<url::Url> {
+        let shown = secret_source.map_or_else(
+            || format!("{text:?}"),
+            |variable| format!("the value of {variable}"),
+        );
+        match url::Url::parse(text) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+                Some(url)
+            }
+            Ok(url) => {
+                let scheme = if secret_source.is_some() {
+                    String::new()
+                } else {
+                    format!(" (scheme {:?})", url.scheme())
+                };
+                self.error(
+                    position,
+                    path,
+                    format!(
+                        "expected an http:// or https:// URL with a host, found {shown}{scheme}"
+                    ),
+                );
+                None
+            }
+            Err(error) => {
+                self.error(
+                    position,
+                    path,
+                    format!(
+                        "expected an absolute http:// or https:// URL, found {shown} ({error})"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn headers(&mut self, node: &Node, path: &str) -> Option<Vec<(String, HeaderValue)>> {
+        let NodeValue::Map(entries) = &node.value else {
+            self.expected(node, path, "a mapping of header names to values");
+            return None;
+        };
+        let mut headers = Vec::with_capacity(entries.len());
+        let mut all_valid = true;
+        for (key, value) in entries {
+            let Some(name) = self.string(key, path) else {
+                all_valid = false;
+                continue;
+            };
+            let header_path = child(path, name);
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                self.error(
+                    key.position,
+                    &header_path,
+                    format!("{name:?} is not a valid HTTP header name"),
+                );
+                all_valid = false;
+                continue;
+            }
+            if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+                self.error(
+                    key.position,
+                    &header_path,
+                    format!("header {name:?} is set by the service and cannot be configured"),
+                );
+                all_valid = false;
+                continue;
+            }
+            let raw = match &value.value {
+                NodeValue::String(text) => text.clone(),
+                NodeValue::Integer(number) => number.to_string(),
+                NodeValue::Bool(flag) => flag.to_string(),
+                _ => {
+                    self.expected(value, &header_path, "a header value string");
+                    all_valid = false;
+                    continue;
+                }
+            };
+            let Some(expanded) = self.expand(&raw, value.position, &header_path) else {
+                all_valid = false;
+                continue;
+            };
+            if !expanded.missing.is_empty() {
+                self.report_missing_env(&expanded.missing, value.position, &header_path);
+                headers.push((
+                    name.to_owned(),
+                    HeaderValue::Secret(Setting::MissingEnv(expanded.missing.join(", "))),
+                ));
+                continue;
+            }
+            if reqwest::header::HeaderValue::from_str(&expanded.text).is_err() {
+                let shown = if expanded.variables.is_empty() {
+                    format!("{raw:?}")
+                } else {
+                    "the value after ${…} expansion".into()
+                };
+                self.error(
+                    value.position,
+                    &header_path,
+                    format!(
+                        "{shown} is not a valid HTTP header value (control characters or non-ASCII)"
+                    ),
+                );
+                all_valid = false;
+                continue;
+            }
+            let header_value = if expanded.variables.is_empty() {
+                HeaderValue::Literal(expanded.text)
+            } else {
+                HeaderValue::Secret(Setting::Ready(Secret::new(expanded.text)))
+            };
+            headers.push((name.to_owned(), header_value));
+        }
+        all_valid.then_some(headers)
+    }
+
+    fn log(&mut self, fields: &Fields<'_>, path: &str) -> Option<LogAction> {
+        let level = match fields.get("level") {
+            None => Some(LogLevel::Info),
+            Some(node) => self.choice(
+                node,
+                &child(path, "level"),
+                &[
+                    ("trace", LogLevel::Trace),
+                    ("debug", LogLevel::Debug),
+                    ("info", LogLevel::Info),
+                    ("warn", LogLevel::Warn),
+                    ("error", LogLevel::Error),
+                ],
+            ),
+        };
+        let message_path = child(path, "message");
+        let (source, position) = match fields.get("message") {
+            None => (DEFAULT_LOG_MESSAGE, fields.position),
+            Some(node) => (self.string(node, &message_path)?, node.position),
+        };
+        let message_template = self.template(
+            format!("{message_path}.txt"),
+            source,
+            position,
+            &message_path,
+        );
+        Some(LogAction {
+            level: level?,
+            message_template: message_template?,
+        })
+    }
+}
+
+/// The `name:` string of an observer mapping, read before (and whatever the outcome of) decoding it.
+fn declared_name(node: &Node) -> Option<(&str, Position)> {
+    let NodeValue::Map(entries) = &node.value else {
+        return None;
+    };
+    entries
+        .iter()
+        .find_map(|(key, value)| match (&key.value, &value.value) {
+            (NodeValue::String(key), NodeValue::String(name)) if key == "name" => {
+                Some((name.as_str(), value.position))
+            }
+            _ => None,
+        })
+}
+
+fn indent(text: &str, prefix: &str) -> String {
+    text.lines()
+        .map(|line| format!("{prefix}{line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

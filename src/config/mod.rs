@@ -1,0 +1,221 @@
+//! Observers files: loading, validation and the compiled configuration.
+//!
+//! A file (YAML, or TOML chosen by the `.toml` extension) is parsed into a positioned tree
+//! (`tree.rs`), then decoded into the typed model (`model.rs`) by `decode.rs`, which checks every
+//! value, compiles conditions and templates, resolves `${VAR}` / `*_env` secrets, and collects
+//! *all* problems, each naming file, line:column and path (`observers[2].actions[0].url`).
+
+mod decode;
+mod model;
+mod tree;
+
+use std::fmt;
+use std::path::Path;
+
+pub use model::*;
+pub use tree::{Format, Position};
+
+use crate::template::Templates;
+
+/// Largest observers file accepted; anything bigger is not a hand-written configuration.
+pub const MAX_CONFIG_FILE_BYTES: usize = 4 * 1024 * 1024;
+
+/// One problem in an observers file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub position: Option<Position>,
+    /// Where in the document, e.g. `observers[2].actions[0].url`; empty for the whole file.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}", self.file)?;
+        if let Some(position) = self.position {
+            write!(formatter, ":{}:{}", position.line, position.column)?;
+        }
+        if !self.path.is_empty() {
+            write!(formatter, ": {}", self.path)?;
+        }
+        write!(formatter, ": {}", self.message)
+    }
+}
+
+/// Every problem found in an observers file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors {
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.errors.len();
+        writeln!(
+            formatter,
+            "{count} error{} in observers configuration:",
+            if count == 1 { "" } else { "s" }
+        )?;
+        for error in &self.errors {
+            writeln!(formatter, "  {error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigErrors {
+    fn single(file: &str, position: Option<Position>, message: String) -> ConfigErrors {
+        ConfigErrors {
+            errors: vec![ConfigError {
+                file: file.to_owned(),
+                position,
+                path: String::new(),
+                message,
+            }],
+        }
+    }
+}
+
+/// What to do when an environment variable named by the file is not set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MissingEnv {
+    /// An error: the service is about to run and cannot do without it.
+    Error,
+    /// A warning: the file is only being validated, perhaps away from its deployment.
+    Warn,
+}
+
+/// How a file is loaded.
+pub struct LoadOptions<'env> {
+    /// Looks an environment variable up (the process environment, or a map in tests).
+    pub env: &'env (dyn Fn(&str) -> Option<String> + Sync),
+    pub missing_env: MissingEnv,
+}
+
+fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+impl LoadOptions<'static> {
+    /// Reads variables from the process environment.
+    #[must_use]
+    pub fn from_process_env(missing_env: MissingEnv) -> LoadOptions<'static> {
+        LoadOptions {
+            env: &process_env,
+            missing_env,
+        }
+    }
+}
+
+/// A loaded, valid observers file.
+#[derive(Debug)]
+pub struct ObserversConfig {
+    /// The file it came from (for messages).
+    pub origin: String,
+    pub observers: Vec<ObserverDefinition>,
+    pub executor: ExecutorSettings,
+    /// Every body/message template of every action, compiled.
+    pub templates: Templates,
+    /// Problems that do not stop the file from loading (e.g. a secret not set while validating).
+    pub warnings: Vec<ConfigError>,
+}
+
+/// Chooses the format from a file name: `.toml` is TOML, `.yaml`/`.yml` YAML.
+///
+/// # Errors
+/// Any other extension.
+pub fn format_for(path: &Path) -> Result<Format, String> {
+    match path.extension().and_then(|extension| extension.to_str()) {
+        Some(extension) if extension.eq_ignore_ascii_case("toml") => Ok(Format::Toml),
+        Some(extension)
+            if extension.eq_ignore_ascii_case("yaml") || extension.eq_ignore_ascii_case("yml") =>
+        {
+            Ok(Format::Yaml)
+        }
+        _ => Err(format!(
+            "expected a file ending in .yaml, .yml or .toml, found {:?}",
+            path.display().to_string()
+        )),
+    }
+}
+
+/// Loads and validates an observers file.
+///
+/// # Errors
+/// Every problem found, each with its place.
+pub fn load_file(path: &Path, options: &LoadOptions<'_>) -> Result<ObserversConfig, ConfigErrors> {
+    let origin = path.display().to_string();
+    let format =
+        format_for(path).map_err(|message| ConfigErrors::single(&origin, None, message))?;
+    let bytes = std::fs::read(path).map_err(|error| {
+        ConfigErrors::single(&origin, None, format!("cannot read the file: {error}"))
+    })?;
+    load_bytes(&bytes, format, &origin, options)
+}
+
+/// Loads and validates observers configuration from raw bytes.
+///
+/// # Errors
+/// Every problem found, each with its place.
+pub fn load_bytes(
+    bytes: &[u8],
+    format: Format,
+    origin: &str,
+    options: &LoadOptions<'_>,
+) -> Result<ObserversConfig, ConfigErrors> {
+    if bytes.len() > MAX_CONFIG_FILE_BYTES {
+        return Err(ConfigErrors::single(
+            origin,
+            None,
+            format!(
+                "the file is {} bytes; observers files are limited to {MAX_CONFIG_FILE_BYTES} bytes",
+                bytes.len()
+            ),
+        ));
+    }
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(error) => {
+            let valid = &bytes[..error.valid_up_to()];
+            let line = valid.split(|&byte| byte == b'\n').count();
+            let line_start = valid
+                .iter()
+                .rposition(|&byte| byte == b'\n')
+                .map_or(0, |index| index + 1);
+            let column = String::from_utf8_lossy(&valid[line_start..])
+                .chars()
+                .count()
+                + 1;
+            return Err(ConfigErrors::single(
+                origin,
+                Some(Position { line, column }),
+                format!(
+                    "expected UTF-8 text, found an invalid byte at offset {}",
+                    error.valid_up_to()
+                ),
+            ));
+        }
+    };
+    load_str(text, format, origin, options)
+}
+
+/// Loads and validates observers configuration from text.
+///
+/// # Errors
+/// Every problem found, each with its place.
+pub fn load_str(
+    text: &str,
+    format: Format,
+    origin: &str,
+    options: &LoadOptions<'_>,
+) -> Result<ObserversConfig, ConfigErrors> {
+    let root = tree::parse(text, format).map_err(|syntax| {
+        ConfigErrors::single(
+            origin,
+            Some(syntax.position),
+            format!("syntax error: {}", syntax.message),
+        )
+    })?;
+    decode::decode(&root, origin, options)
+}

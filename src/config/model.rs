@@ -1,0 +1,312 @@
+//! The typed, validated form of an observers file.
+//!
+//! Nothing here can hold an invalid value: names, URLs, durations and conditions were checked
+//! when the file was decoded (see `decode.rs`). Secrets are wrapped in [`Secret`] so they never
+//! reach a log line, a `Debug` print or a report.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::condition::Condition;
+use crate::domain::EventKind;
+
+/// Default per-attempt timeout of an action that does not set one.
+pub const DEFAULT_ACTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default bound on actions running at once in one node.
+pub const DEFAULT_MAX_CONCURRENT_ACTIONS: usize = 256;
+/// Default bound on entities whose events are being executed at once in one batch.
+pub const DEFAULT_MAX_CONCURRENT_ENTITIES: usize = 256;
+/// Default retry policy: 3 attempts, 100 ms doubling up to 30 s, with jitter.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const DEFAULT_INITIAL_DELAY: Duration = Duration::from_millis(100);
+pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(30);
+
+/// A value read from the environment that must never be printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    #[must_use]
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
+    /// The secret itself, for the one place that sends it.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("Secret(<redacted>)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("<redacted>")
+    }
+}
+
+/// A setting taken from the environment, which may be absent when the file is only validated.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Setting<T> {
+    Ready(T),
+    /// The named variable was not set when the file was loaded with
+    /// [`MissingEnv::Warn`](super::MissingEnv::Warn); using the setting fails with OB003.
+    MissingEnv(String),
+}
+
+impl<T> Setting<T> {
+    /// The value, or the name of the missing environment variable.
+    ///
+    /// # Errors
+    /// The variable name when the setting could not be resolved.
+    pub fn ready(&self) -> Result<&T, &str> {
+        match self {
+            Setting::Ready(value) => Ok(value),
+            Setting::MissingEnv(variable) => Err(variable),
+        }
+    }
+}
+
+/// An observer's name: 1–128 characters of `A-Z a-z 0-9 _ - .`; part of idempotency keys.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObserverName(String);
+
+impl ObserverName {
+    pub const MAX_LENGTH: usize = 128;
+
+    /// # Errors
+    /// What is wrong with the name, as a sentence fragment.
+    pub fn parse(name: &str) -> Result<ObserverName, String> {
+        if name.is_empty() {
+            return Err("expected a non-empty name".into());
+        }
+        if name.chars().count() > Self::MAX_LENGTH {
+            return Err(format!("expected at most {} characters", Self::MAX_LENGTH));
+        }
+        if let Some(bad) = name
+            .chars()
+            .find(|character| !(character.is_ascii_alphanumeric() || "_-.".contains(*character)))
+        {
+            return Err(format!(
+                "expected only letters, digits, '_', '-' and '.', found {bad:?}"
+            ));
+        }
+        Ok(ObserverName(name.to_owned()))
+    }
+
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ObserverName {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
+
+/// How the delay between attempts grows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackoffKind {
+    /// `initial_delay`, doubling each attempt, capped at `max_delay`.
+    Exponential,
+    /// `initial_delay` every time.
+    Fixed,
+}
+
+/// How often and how patiently a failing action is retried in process.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1 = no retry).
+    pub max_attempts: u32,
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+    pub backoff: BackoffKind,
+    /// Randomize each delay so that many failing actions do not retry in lockstep.
+    pub jitter: bool,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            initial_delay: DEFAULT_INITIAL_DELAY,
+            max_delay: DEFAULT_MAX_DELAY,
+            backoff: BackoffKind::Exponential,
+            jitter: true,
+        }
+    }
+}
+
+/// What happens to an action that failed for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Park it in the dead-letter queue with its event, error and attempts (default).
+    DeadLetter,
+    /// Log it at ERROR and drop it.
+    Log,
+}
+
+/// HTTP methods a webhook may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpMethod {
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Get,
+}
+
+impl HttpMethod {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpMethod::Post => "POST",
+            HttpMethod::Put => "PUT",
+            HttpMethod::Patch => "PATCH",
+            HttpMethod::Delete => "DELETE",
+            HttpMethod::Get => "GET",
+        }
+    }
+}
+
+/// How a webhook body template's output is treated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// Values are inserted as JSON (`{{ data.name }}` renders `"Ann"` with quotes and escapes)
+    /// and the result must be valid JSON; sent as `application/json`.
+    Json,
+    /// Values are inserted as text; sent as `text/plain` unless a header says otherwise.
+    Text,
+}
+
+/// A header value: literal, or containing `${VAR}` and therefore secret.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HeaderValue {
+    Literal(String),
+    Secret(Setting<Secret>),
+}
+
+/// The webhook's target: shown when literal, hidden when it came from the environment.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WebhookTarget {
+    Literal(url::Url),
+    FromEnv {
+        variable: String,
+        url: Setting<SecretUrl>,
+    },
+}
+
+/// A URL taken from the environment (it may carry a token), never printed.
+#[derive(Clone, PartialEq)]
+pub struct SecretUrl(pub url::Url);
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("SecretUrl(<redacted>)")
+    }
+}
+
+/// An HTTP call per matched event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WebhookAction {
+    pub target: WebhookTarget,
+    pub method: HttpMethod,
+    pub headers: Vec<(String, HeaderValue)>,
+    /// Name of the body template in the config's [`Templates`](crate::template::Templates);
+    /// `None` sends the event envelope.
+    pub body_template: Option<String>,
+    pub body_format: BodyFormat,
+    /// HMAC-SHA256 key for `X-FraiseQL-Signature-256`.
+    pub signing_secret: Option<Setting<Secret>>,
+    pub timeout: Duration,
+}
+
+/// Log levels a `log` action may write at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// A structured log line per matched event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogAction {
+    pub level: LogLevel,
+    /// Name of the message template.
+    pub message_template: String,
+}
+
+/// What an action does.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ActionKind {
+    Webhook(WebhookAction),
+    Log(LogAction),
+}
+
+impl ActionKind {
+    /// The `type:` name in the observers file, also the `action_type` metric label.
+    #[must_use]
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ActionKind::Webhook(_) => "webhook",
+            ActionKind::Log(_) => "log",
+        }
+    }
+
+    /// The per-attempt timeout.
+    #[must_use]
+    pub fn timeout(&self) -> Duration {
+        match self {
+            ActionKind::Webhook(webhook) => webhook.timeout,
+            ActionKind::Log(_) => DEFAULT_ACTION_TIMEOUT,
+        }
+    }
+}
+
+/// One action of an observer, with its place in the observer's list (part of its identity).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActionDefinition {
+    pub index: usize,
+    /// Optional label from the file, for reports.
+    pub label: Option<String>,
+    pub kind: ActionKind,
+}
+
+/// One observer: which changes it watches and what it does about them.
+#[derive(Clone, Debug)]
+pub struct ObserverDefinition {
+    pub name: ObserverName,
+    pub description: Option<String>,
+    pub entity: String,
+    pub events: Vec<EventKind>,
+    pub condition: Option<Condition>,
+    pub actions: Vec<ActionDefinition>,
+    pub retry: RetryPolicy,
+    pub on_failure: FailurePolicy,
+}
+
+/// Node-wide execution bounds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExecutorSettings {
+    pub max_concurrent_actions: usize,
+    pub max_concurrent_entities: usize,
+}
+
+impl Default for ExecutorSettings {
+    fn default() -> Self {
+        ExecutorSettings {
+            max_concurrent_actions: DEFAULT_MAX_CONCURRENT_ACTIONS,
+            max_concurrent_entities: DEFAULT_MAX_CONCURRENT_ENTITIES,
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! `fraiseql-observers`: turns PostgreSQL changes into reliable side effects.
+//!
+//! The data flows down this list: a change becomes an [`domain::EntityEvent`], the
+//! [`matcher`] finds the observers for its entity and kind, their [`condition`]s filter it,
+//! the [`executor`] runs the matched [`actions`] with [`retry`], and what fails for good lands
+//! in the [`dlq`]. [`config`] turns an observers file into the compiled form all of them use.
+
+pub mod actions;
+pub mod condition;
+pub mod config;
+pub mod dlq;
+pub mod domain;
+pub mod error;
+pub mod executor;
+pub mod matcher;
+pub mod report;
+pub mod retry;
+pub mod template;

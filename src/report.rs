@@ -1,0 +1,198 @@
+//! Human and JSON renderings of what the CLI shows: the `validate-config` report.
+//!
+//! Every figure is computed from the loaded configuration; nothing here is sample output.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde_json::json;
+
+use crate::config::{
+    ActionKind, BackoffKind, ConfigErrors, FailurePolicy, ObserversConfig, WebhookTarget,
+};
+use crate::domain::EventKind;
+
+/// Counts of what a configuration defines.
+struct Tally<'config> {
+    entities: BTreeMap<&'config str, usize>,
+    kinds: BTreeMap<EventKind, usize>,
+    action_types: BTreeMap<&'static str, usize>,
+    conditions: usize,
+    actions: usize,
+    secrets_from_env: usize,
+    dead_lettering: usize,
+    retry_policies: BTreeMap<String, usize>,
+}
+
+fn tally(config: &ObserversConfig) -> Tally<'_> {
+    let mut tally = Tally {
+        entities: BTreeMap::new(),
+        kinds: BTreeMap::new(),
+        action_types: BTreeMap::new(),
+        conditions: 0,
+        actions: 0,
+        secrets_from_env: 0,
+        dead_lettering: 0,
+        retry_policies: BTreeMap::new(),
+    };
+    for observer in &config.observers {
+        *tally.entities.entry(observer.entity.as_str()).or_default() += 1;
+        for kind in &observer.events {
+            *tally.kinds.entry(*kind).or_default() += 1;
+        }
+        tally.conditions += usize::from(observer.condition.is_some());
+        tally.dead_lettering += usize::from(observer.on_failure == FailurePolicy::DeadLetter);
+        let retry = &observer.retry;
+        let policy = format!(
+            "{} attempt{}, {} → {} {}{}",
+            retry.max_attempts,
+            if retry.max_attempts == 1 { "" } else { "s" },
+            humantime::format_duration(retry.initial_delay),
+            humantime::format_duration(retry.max_delay),
+            match retry.backoff {
+                BackoffKind::Exponential => "exponential",
+                BackoffKind::Fixed => "fixed",
+            },
+            if retry.jitter { " with jitter" } else { "" }
+        );
+        *tally.retry_policies.entry(policy).or_default() += 1;
+        for action in &observer.actions {
+            tally.actions += 1;
+            *tally
+                .action_types
+                .entry(action.kind.type_name())
+                .or_default() += 1;
+            if let ActionKind::Webhook(webhook) = &action.kind {
+                tally.secrets_from_env +=
+                    usize::from(matches!(webhook.target, WebhookTarget::FromEnv { .. }))
+                        + usize::from(webhook.signing_secret.is_some())
+                        + webhook
+                            .headers
+                            .iter()
+                            .filter(|(_, value)| {
+                                matches!(value, crate::config::HeaderValue::Secret(_))
+                            })
+                            .count();
+            }
+        }
+    }
+    tally
+}
+
+fn counted<K: std::fmt::Display>(counts: &BTreeMap<K, usize>) -> String {
+    counts
+        .iter()
+        .map(|(key, count)| format!("{key} ({count})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The tree-shaped report `validate-config` prints for a valid file.
+#[must_use]
+pub fn validation_report(config: &ObserversConfig) -> String {
+    let tally = tally(config);
+    let mut out = String::new();
+    let observers = config.observers.len();
+    let _ = writeln!(out, "Configuration Validation Report: {}", config.origin);
+    let _ = writeln!(out, "├── Observers: {observers}");
+    let _ = writeln!(out, "│   ├── Names: ✓ unique");
+    let _ = writeln!(
+        out,
+        "│   ├── Entities: {}",
+        or_none(&counted(&tally.entities))
+    );
+    let _ = writeln!(out, "│   ├── Events: {}", or_none(&counted(&tally.kinds)));
+    let _ = writeln!(out, "│   ├── Conditions: ✓ {} compiled", tally.conditions);
+    let _ = writeln!(
+        out,
+        "│   └── On failure: {} to the dead-letter queue, {} logged",
+        tally.dead_lettering,
+        observers - tally.dead_lettering
+    );
+    let _ = writeln!(out, "├── Actions: {}", tally.actions);
+    let types: Vec<_> = tally.action_types.iter().collect();
+    for (position, (kind, count)) in types.iter().enumerate() {
+        let branch = if position + 1 == types.len() {
+            "└──"
+        } else {
+            "├──"
+        };
+        let _ = writeln!(out, "│   {branch} {kind}: {count}");
+    }
+    let _ = writeln!(
+        out,
+        "├── Secrets from environment: {}",
+        tally.secrets_from_env
+    );
+    let _ = writeln!(out, "├── Retry policies:");
+    let policies: Vec<_> = tally.retry_policies.iter().collect();
+    for (position, (policy, count)) in policies.iter().enumerate() {
+        let branch = if position + 1 == policies.len() {
+            "└──"
+        } else {
+            "├──"
+        };
+        let _ = writeln!(out, "│   {branch} {policy} ({count})");
+    }
+    let _ = writeln!(
+        out,
+        "└── Executor: at most {} actions and {} entities at once",
+        config.executor.max_concurrent_actions, config.executor.max_concurrent_entities
+    );
+    if !config.warnings.is_empty() {
+        let _ = writeln!(out, "\nWarnings ({}):", config.warnings.len());
+        for warning in &config.warnings {
+            let _ = writeln!(out, "  ⚠ {warning}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n✓ Configuration is valid: {observers} observer{}, {} action{}",
+        if observers == 1 { "" } else { "s" },
+        tally.actions,
+        if tally.actions == 1 { "" } else { "s" }
+    );
+    out
+}
+
+fn or_none(text: &str) -> &str {
+    if text.is_empty() { "none" } else { text }
+}
+
+/// The machine-readable form of a validation (valid or not), for `validate-config --json`.
+#[must_use]
+pub fn validation_json(result: &Result<ObserversConfig, ConfigErrors>) -> serde_json::Value {
+    let problem = |error: &crate::config::ConfigError| {
+        json!({
+            "file": error.file,
+            "line": error.position.map(|position| position.line),
+            "column": error.position.map(|position| position.column),
+            "path": error.path,
+            "message": error.message,
+        })
+    };
+    match result {
+        Ok(config) => {
+            let tally = tally(config);
+            json!({
+                "valid": true,
+                "file": config.origin,
+                "observers": config.observers.iter().map(|observer| json!({
+                    "name": observer.name.as_str(),
+                    "entity": observer.entity,
+                    "events": observer.events.iter().map(|kind| kind.as_str()).collect::<Vec<_>>(),
+                    "condition": observer.condition.as_ref().map(crate::condition::Condition::source),
+                    "actions": observer.actions.iter().map(|action| action.kind.type_name()).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+                "action_types": tally.action_types,
+                "errors": [],
+                "warnings": config.warnings.iter().map(problem).collect::<Vec<_>>(),
+            })
+        }
+        Err(errors) => json!({
+            "valid": false,
+            "errors": errors.errors.iter().map(problem).collect::<Vec<_>>(),
+            "warnings": [],
+        }),
+    }
+}

@@ -1,0 +1,218 @@
+//! Test harness: a real HTTP receiver on 127.0.0.1:0 that records every request and answers as
+//! scripted, and helpers to build an executor from YAML.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use fraiseql_observers::actions::ActionRunner;
+use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, load_str};
+use fraiseql_observers::dlq::InMemoryDeadLetterQueue;
+use fraiseql_observers::executor::Executor;
+use fraiseql_observers::matcher::Matcher;
+use tokio::net::TcpListener;
+
+/// One request as the receiver saw it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: Method,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub arrived: Instant,
+    pub answered: Option<Instant>,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("request body is JSON")
+    }
+}
+
+/// A scripted answer.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub delay: Duration,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Reply {
+        Reply {
+            status,
+            delay: Duration::ZERO,
+            headers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    requests: Mutex<Vec<Recorded>>,
+    scripts: Mutex<HashMap<String, VecDeque<Reply>>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// A live HTTP server; paths `/delay/<ms>` answer 200 after that many milliseconds, scripted
+/// paths answer their queued replies in turn, everything else answers 200 at once.
+pub struct Receiver {
+    pub base_url: String,
+    state: Arc<State>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn handle(
+    state: Arc<State>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_owned();
+    let now_in_flight = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    state
+        .max_in_flight
+        .fetch_max(now_in_flight, Ordering::SeqCst);
+    let index = {
+        let mut requests = state.requests.lock().unwrap();
+        requests.push(Recorded {
+            method,
+            path: path.clone(),
+            headers,
+            body,
+            arrived: Instant::now(),
+            answered: None,
+        });
+        requests.len() - 1
+    };
+    let scripted = state
+        .scripts
+        .lock()
+        .unwrap()
+        .get_mut(&path)
+        .and_then(VecDeque::pop_front);
+    let reply = scripted.unwrap_or_else(|| {
+        let delay = path
+            .strip_prefix("/delay/")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|millis| millis.parse().ok())
+            .map_or(Duration::ZERO, Duration::from_millis);
+        Reply {
+            status: 200,
+            delay,
+            headers: Vec::new(),
+        }
+    });
+    tokio::time::sleep(reply.delay).await;
+    state.requests.lock().unwrap()[index].answered = Some(Instant::now());
+    state.in_flight.fetch_sub(1, Ordering::SeqCst);
+    let mut response = (
+        StatusCode::from_u16(reply.status).unwrap(),
+        format!("reply {}", reply.status),
+    )
+        .into_response();
+    for (name, value) in reply.headers {
+        response.headers_mut().insert(name, value.parse().unwrap());
+    }
+    response
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let state = Arc::new(State::default());
+        let handler_state = state.clone();
+        let app = axum::Router::new().fallback(
+            move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+                handle(handler_state.clone(), method, uri, headers, body)
+            },
+        );
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Receiver {
+            base_url: format!("http://{address}"),
+            state,
+            server,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// Queues replies for `path`, answered in order before falling back to 200.
+    pub fn script(&self, path: &str, replies: impl IntoIterator<Item = Reply>) {
+        self.state
+            .scripts
+            .lock()
+            .unwrap()
+            .entry(path.to_owned())
+            .or_default()
+            .extend(replies);
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    pub fn requests_to(&self, path: &str) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|request| request.path == path)
+            .collect()
+    }
+
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// Builds an executor from YAML, with `env` as the environment and an in-memory DLQ.
+pub fn executor_from_yaml(
+    yaml: &str,
+    env: &[(&str, &str)],
+) -> (Executor, Arc<InMemoryDeadLetterQueue>) {
+    let variables: HashMap<String, String> = env
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .collect();
+    let lookup = move |name: &str| variables.get(name).cloned();
+    let options = LoadOptions {
+        env: &lookup,
+        missing_env: MissingEnv::Warn,
+    };
+    let config = load_str(yaml, Format::Yaml, "test.yaml", &options)
+        .unwrap_or_else(|errors| panic!("{errors}"));
+    let runner = ActionRunner::new(Arc::new(config.templates)).unwrap();
+    let dead_letters = Arc::new(InMemoryDeadLetterQueue::default());
+    let executor = Executor::new(
+        Arc::new(Matcher::new(config.observers)),
+        runner,
+        dead_letters.clone(),
+        &config.executor,
+    );
+    (executor, dead_letters)
+}

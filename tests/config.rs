@@ -1,0 +1,2216 @@
+//! Integration tests for the observers-file loader (`fraiseql_observers::config`).
+//!
+//! Every error test checks the error's path, its position (line and column, computed from the
+//! fixture text by [`at`] / [`after`]) and a distinctive part of its message. The environment
+//! is never touched: variables come from a closure over a map.
+
+#![allow(clippy::too_many_lines)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fraiseql_observers::condition::Condition;
+use fraiseql_observers::config::{
+    ActionKind, BackoffKind, BodyFormat, ConfigError, ConfigErrors, DEFAULT_ACTION_TIMEOUT,
+    DEFAULT_INITIAL_DELAY, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_CONCURRENT_ACTIONS,
+    DEFAULT_MAX_CONCURRENT_ENTITIES, DEFAULT_MAX_DELAY, ExecutorSettings, FailurePolicy, Format,
+    HeaderValue, HttpMethod, LoadOptions, LogLevel, MAX_CONFIG_FILE_BYTES, MissingEnv,
+    ObserverDefinition, ObserversConfig, Position, RetryPolicy, Setting, WebhookAction,
+    WebhookTarget, format_for, load_bytes, load_file, load_str,
+};
+use fraiseql_observers::domain::EventKind;
+
+const ORIGIN: &str = "observers.yaml";
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Loads `text` with the variables `vars` as the whole environment.
+fn load_with(
+    text: &str,
+    format: Format,
+    vars: &[(&str, &str)],
+    missing_env: MissingEnv,
+) -> Result<ObserversConfig, ConfigErrors> {
+    let map: HashMap<String, String> = vars
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .collect();
+    let lookup = move |name: &str| map.get(name).cloned();
+    let options = LoadOptions {
+        env: &lookup,
+        missing_env,
+    };
+    load_str(text, format, ORIGIN, &options)
+}
+
+/// Loads YAML with an empty environment, missing variables being errors.
+fn load_yaml(text: &str) -> Result<ObserversConfig, ConfigErrors> {
+    load_with(text, Format::Yaml, &[], MissingEnv::Error)
+}
+
+fn yaml_ok(text: &str) -> ObserversConfig {
+    load_yaml(text).unwrap_or_else(|errors| panic!("expected the file to load, got:\n{errors}"))
+}
+
+fn yaml_errors(text: &str) -> Vec<ConfigError> {
+    match load_yaml(text) {
+        Ok(config) => panic!("expected errors, the file loaded: {:?}", config.observers),
+        Err(errors) => errors.errors,
+    }
+}
+
+/// The one error the YAML `text` produces.
+fn only_error(text: &str) -> ConfigError {
+    let mut errors = yaml_errors(text);
+    assert_eq!(
+        errors.len(),
+        1,
+        "expected exactly one error, got:\n{}",
+        list(&errors)
+    );
+    errors.remove(0)
+}
+
+fn list(errors: &[ConfigError]) -> String {
+    errors.iter().fold(String::new(), |mut text, error| {
+        text.push_str("  ");
+        text.push_str(&error.to_string());
+        text.push('\n');
+        text
+    })
+}
+
+fn pos(line: usize, column: usize) -> Position {
+    Position { line, column }
+}
+
+/// The position (1-based line, column in characters) of the `occurrence`-th (0-based)
+/// occurrence of `needle` in `text`.
+fn at_nth(text: &str, needle: &str, occurrence: usize) -> Position {
+    let (offset, _) = text
+        .match_indices(needle)
+        .nth(occurrence)
+        .unwrap_or_else(|| panic!("{needle:?} (occurrence {occurrence}) is not in the fixture"));
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |index| index + 1);
+    pos(
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
+}
+
+/// The position of `needle`, which must occur exactly once in `text`.
+fn at(text: &str, needle: &str) -> Position {
+    assert_eq!(
+        text.matches(needle).count(),
+        1,
+        "{needle:?} must occur exactly once in the fixture"
+    );
+    at_nth(text, needle, 0)
+}
+
+/// The position just after `needle` (which must occur once), e.g. of the value after `key: `.
+fn after(text: &str, needle: &str) -> Position {
+    let start = at(text, needle);
+    pos(start.line, start.column + needle.chars().count())
+}
+
+#[track_caller]
+fn assert_error(error: &ConfigError, path: &str, position: Position, message_part: &str) {
+    assert_eq!(error.file, ORIGIN, "file of {error}");
+    assert_eq!(error.path, path, "path of {error}");
+    assert_eq!(error.position, Some(position), "position of {error}");
+    assert!(
+        error.message.contains(message_part),
+        "the message of {error}\n  does not contain {message_part:?}"
+    );
+}
+
+/// One observer with one webhook action; `extra` holds further keys of the action, indented
+/// by 8 spaces.
+fn webhook_fixture(extra: &str) -> String {
+    format!(
+        "\
+observers:
+  - name: hook
+    entity: Order
+    events: [insert]
+    actions:
+      - type: webhook
+        url: https://hooks.example.com/orders
+{extra}"
+    )
+}
+
+fn webhook(observer: &ObserverDefinition, index: usize) -> &WebhookAction {
+    match &observer.actions[index].kind {
+        ActionKind::Webhook(webhook) => webhook,
+        other @ ActionKind::Log(_) => panic!("expected a webhook, found {other:?}"),
+    }
+}
+
+fn manifest_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+fn read_manifest_file(relative: &str) -> String {
+    std::fs::read_to_string(manifest_path(relative)).expect("readable fixture")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unknown keys and types
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn unknown_top_level_key() {
+    let text = "\
+observers: []
+executer:
+  max_concurrent_actions: 4
+";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "executer",
+        at(text, "executer"),
+        "unknown key 'executer'; did you mean 'executor'? expected one of: observers, executor",
+    );
+}
+
+#[test]
+fn unknown_observer_key_suggests_the_near_one() {
+    let text = "\
+observers:
+  - name: typo
+    entity: Order
+    evnts: [insert]
+    event_type: insert
+    actions:
+      - type: log
+";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "observers[0].evnts",
+        at(text, "evnts"),
+        "unknown key 'evnts'; did you mean 'events'? expected one of: name, description, entity",
+    );
+}
+
+#[test]
+fn unknown_action_key() {
+    let text = webhook_fixture("        retries: 3\n");
+    let error = only_error(&text);
+    assert_error(
+        &error,
+        "observers[0].actions[0].retries",
+        at(&text, "retries"),
+        "unknown key 'retries'; expected one of: type, name, url, url_env, method, headers",
+    );
+}
+
+#[test]
+fn unknown_action_type() {
+    let text = "\
+observers:
+  - name: types
+    entity: Order
+    events: [insert]
+    actions:
+      - type: webhok
+        url: https://hooks.example.com/a
+      - type: email
+        to: ops@example.com
+";
+    let errors = yaml_errors(text);
+    assert_eq!(errors.len(), 2, "{}", list(&errors));
+    assert_error(
+        &errors[0],
+        "observers[0].actions[0].type",
+        at(text, "webhok"),
+        "unknown action type \"webhok\"; did you mean 'webhook'? expected one of: webhook, log",
+    );
+    assert_error(
+        &errors[1],
+        "observers[0].actions[1].type",
+        at(text, "email"),
+        "unknown action type \"email\"; expected one of: webhook, log",
+    );
+}
+
+#[test]
+fn missing_action_type() {
+    let text = "\
+observers:
+  - name: untyped
+    entity: Order
+    events: [insert]
+    actions:
+      - url: https://hooks.example.com/a
+        method: PUT
+";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "observers[0].actions[0]",
+        at(text, "url:"),
+        "missing required key 'type' (one of: webhook, log)",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Observers
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn duplicate_observer_names_name_the_first_line() {
+    let text = "\
+observers:
+  - name: dup
+    entity: Order
+    events: [insert]
+    actions:
+      - type: log
+  - name: other
+    entity: Order
+    events: [insert]
+    actions:
+      - type: log
+  - name: dup
+    entity: User
+    events: [delete]
+    actions:
+      - type: log
+";
+    let first = at_nth(text, "dup", 0);
+    assert_eq!(first, pos(2, 11));
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "observers[2].name",
+        at_nth(text, "dup", 1),
+        "duplicate observer name 'dup' (first defined at line 2)",
+    );
+}
+
+#[test]
+fn duplicate_observer_name_is_reported_even_when_the_duplicate_is_invalid() {
+    let text = "\
+observers:
+  - name: dup
+    entity: Order
+    events: [insert]
+    actions:
+      - type: log
+  - name: dup
+    events: [nope]
+    actions:
+      - type: log
+";
+    let errors = yaml_errors(text);
+    assert_eq!(errors.len(), 3, "{}", list(&errors));
+    // The observer mapping starts at its first key, left of the name's value on the same line.
+    assert_error(
+        &errors[0],
+        "observers[1]",
+        at_nth(text, "name: dup", 1),
+        "missing required key 'entity'",
+    );
+    assert_error(
+        &errors[1],
+        "observers[1].name",
+        at_nth(text, "dup", 1),
+        "duplicate observer name 'dup' (first defined at line 2)",
+    );
+    assert_error(
+        &errors[2],
+        "observers[1].events[0]",
+        at(text, "nope"),
+        "expected one of insert, update, delete, custom, found \"nope\"",
+    );
+}
+
+#[test]
+fn missing_name() {
+    let text = "\
+observers:
+  - entity: Order
+    events: [insert]
+    actions:
+      - type: log
+";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "observers[0]",
+        at(text, "entity"),
+        "missing required key 'name' (a unique observer name)",
+    );
+}
+
+#[test]
+fn missing_entity() {
+    let text = "\
+observers:
+  - name: no-entity
+    events: [insert]
+    actions:
+      - type: log
+";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "observers[0]",
+        at(text, "name"),
+        "missing required key 'entity' (the entity type it watches, e.g. Order)",
+    );
+}
+
+#[test]
+fn missing_actions() {
+    let text = "\
+observers:
+  - name: no-actions
+    entity: Order
+    events: [insert]
+";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "observers[0]",
+        at(text, "name"),
+        "missing required key 'actions' (a list of actions)",
+    );
+}
+
+#[test]
+fn missing_events() {
+    let text = "\
+observers:
+  - name: no-events
+    entity: Order
+    actions:
+      - type: log
+";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "observers[0]",
+        at(text, "name"),
+        "missing required key 'events' (e.g. [insert, update]) or 'event_type'",
+    );
+}
+
+#[test]
+fn events_and_event_type_together() {
+    let text = "\
+observers:
+  - name: both
+    entity: Order
+    events: [insert]
+    event_type: update
+    actions:
+      - type: log
+";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "observers[0].events",
+        at(text, "[insert]"),
+        "set either 'events' or 'event_type', not both",
+    );
+}
+
+#[test]
+fn bad_event_kind() {
+    let text = "\
+observers:
+  - name: listed
+    entity: Order
+    events: [insert, updte]
+    actions:
+      - type: log
+  - name: single
+    entity: Order
+    event_type: remove
+    actions:
+      - type: log
+";
+    let errors = yaml_errors(text);
+    assert_eq!(errors.len(), 2, "{}", list(&errors));
+    assert_error(
+        &errors[0],
+        "observers[0].events[1]",
+        at(text, "updte"),
+        "did you mean 'update'? expected one of insert, update, delete, custom, found \"updte\"",
+    );
+    assert_error(
+        &errors[1],
+        "observers[1].event_type",
+        at(text, "remove"),
+        "expected one of insert, update, delete, custom, found \"remove\"",
+    );
+}
+
+#[test]
+fn event_kinds_are_case_insensitive_and_deduplicated() {
+    let text = "\
+observers:
+  - name: kinds
+    entity: Order
+    events: [INSERT, Update, insert, custom]
+    actions:
+      - type: log
+  - name: single
+    entity: Order
+    events: delete
+    actions:
+      - type: log
+";
+    let config = yaml_ok(text);
+    assert_eq!(
+        config.observers[0].events,
+        [EventKind::Insert, EventKind::Update, EventKind::Custom]
+    );
+    assert_eq!(config.observers[1].events, [EventKind::Delete]);
+}
+
+#[test]
+fn empty_events_list() {
+    let text = "\
+observers:
+  - name: nothing
+    entity: Order
+    events: []
+    actions:
+      - type: log
+";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "observers[0].events",
+        at(text, "[]"),
+        "expected at least one event kind",
+    );
+}
+
+#[test]
+fn empty_actions_list() {
+    let text = "\
+observers:
+  - name: idle
+    entity: Order
+    events: [insert]
+    actions: []
+";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "observers[0].actions",
+        at(text, "[]"),
+        "expected at least one action",
+    );
+}
+
+#[test]
+fn observer_name_with_a_space() {
+    let text = "\
+observers:
+  - name: order paid
+    entity: Order
+    events: [insert]
+    actions:
+      - type: log
+";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "observers[0].name",
+        at(text, "order paid"),
+        "expected only letters, digits, '_', '-' and '.', found ' '",
+    );
+}
+
+#[test]
+fn observer_name_too_long() {
+    let fixture = |name: &str| {
+        format!(
+            "\
+observers:
+  - name: {name}
+    entity: Order
+    events: [insert]
+    actions:
+      - type: log
+"
+        )
+    };
+    let longest = "n".repeat(128);
+    let config = yaml_ok(&fixture(&longest));
+    assert_eq!(config.observers[0].name.as_str(), longest);
+
+    let text = fixture(&"n".repeat(129));
+    let error = only_error(&text);
+    assert_error(
+        &error,
+        "observers[0].name",
+        after(&text, "name: "),
+        "expected at most 128 characters",
+    );
+}
+
+#[test]
+fn invalid_on_failure() {
+    let text = "\
+observers:
+  - name: failing
+    entity: Order
+    events: [insert]
+    on_failure: retry
+    actions:
+      - type: log
+";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "observers[0].on_failure",
+        at(text, "retry"),
+        "expected one of dlq, log, found \"retry\"",
+    );
+}
+
+#[test]
+fn bad_condition_shows_the_condition_error_and_a_caret() {
+    let text = "\
+observers:
+  - name: conditional
+    entity: Order
+    events: [update]
+    condition: \"data.total > && true\"
+    actions:
+      - type: log
+";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "observers[0].condition",
+        at(text, "\"data.total"),
+        "invalid condition: ",
+    );
+    // The `&&` is the 14th character of the condition.
+    assert!(error.message.contains(" at column 14"), "{error}");
+    let lines: Vec<&str> = error.message.lines().collect();
+    assert_eq!(lines.len(), 3, "{error}");
+    assert_eq!(lines[1].trim_start(), "data.total > && true", "{error}");
+    let indent = lines[1].len() - lines[1].trim_start().len();
+    assert_eq!(lines[2], format!("{}^", " ".repeat(indent + 13)), "{error}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Durations and retry
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn duration_as_a_bare_integer() {
+    let text = webhook_fixture("        timeout: 5\n");
+    let error = only_error(&text);
+    assert_error(
+        &error,
+        "observers[0].actions[0].timeout",
+        after(&text, "timeout: "),
+        "expected a duration with a unit such as \"5s\" or \"250ms\", found the bare number 5",
+    );
+}
+
+#[test]
+fn duration_that_does_not_parse() {
+    let text = webhook_fixture("        timeout: soon\n");
+    let error = only_error(&text);
+    assert_error(
+        &error,
+        "observers[0].actions[0].timeout",
+        at(&text, "soon"),
+        "expected a duration such as \"5s\", \"250ms\" or \"1m 30s\", found \"soon\"",
+    );
+}
+
+#[test]
+fn zero_timeout() {
+    let text = webhook_fixture("        timeout: 0s\n");
+    let error = only_error(&text);
+    assert_error(
+        &error,
+        "observers[0].actions[0].timeout",
+        at(&text, "0s"),
+        "expected a timeout above 0 and at most 10m, found 0s",
+    );
+}
+
+#[test]
+fn timeout_over_ten_minutes() {
+    let text = webhook_fixture("        timeout: 10m 1s\n");
+    let error = only_error(&text);
+    assert_error(
+        &error,
+        "observers[0].actions[0].timeout",
+        at(&text, "10m 1s"),
+        "expected a timeout above 0 and at most 10m, found 10m 1s",
+    );
+    let config = yaml_ok(&webhook_fixture("        timeout: 10m\n"));
+    assert_eq!(
+        webhook(&config.observers[0], 0).timeout,
+        Duration::from_mins(10)
+    );
+}
+
+#[test]
+fn retry_durations_are_checked() {
+    let text = "\
+observers:
+  - name: retried
+    entity: Order
+    events: [insert]
+    retry:
+      initial_delay: 100
+      max_delay: later
+    actions:
+      - type: log
+";
+    let errors = yaml_errors(text);
+    assert_eq!(errors.len(), 2, "{}", list(&errors));
+    assert_error(
+        &errors[0],
+        "observers[0].retry.initial_delay",
+        at(text, "100"),
+        "found the bare number 100",
+    );
+    assert_error(
+        &errors[1],
+        "observers[0].retry.max_delay",
+        at(text, "later"),
+        "found \"later\"",
+    );
+}
+
+#[test]
+fn initial_delay_longer_than_max_delay() {
+    let text = "\
+observers:
+  - name: flow
+    entity: Order
+    events: [insert]
+    retry: {initial_delay: 1m, max_delay: 10s}
+    actions:
+      - type: log
+  - name: block
+    entity: Order
+    events: [insert]
+    retry:
+      initial_delay: 45s
+    actions:
+      - type: log
+";
+    let errors = yaml_errors(text);
+    assert_eq!(errors.len(), 2, "{}", list(&errors));
+    // The error points at the retry mapping itself.
+    assert_error(
+        &errors[0],
+        "observers[0].retry",
+        at(text, "{initial_delay"),
+        "initial_delay (1m) is longer than max_delay (10s)",
+    );
+    assert_error(
+        &errors[1],
+        "observers[1].retry",
+        at(text, "initial_delay: 45s"),
+        "initial_delay (45s) is longer than max_delay (30s)",
+    );
+}
+
+#[test]
+fn max_attempts_out_of_range() {
+    let text = "\
+observers:
+  - name: none
+    entity: Order
+    events: [insert]
+    retry: {max_attempts: 0}
+    actions:
+      - type: log
+  - name: too-many
+    entity: Order
+    events: [insert]
+    retry: {max_attempts: 101}
+    actions:
+      - type: log
+";
+    let errors = yaml_errors(text);
+    assert_eq!(errors.len(), 2, "{}", list(&errors));
+    assert_error(
+        &errors[0],
+        "observers[0].retry.max_attempts",
+        at(text, "0}"),
+        "expected an integer from 1 to 100, found 0",
+    );
+    assert_error(
+        &errors[1],
+        "observers[1].retry.max_attempts",
+        at(text, "101"),
+        "expected an integer from 1 to 100, found 101",
+    );
+}
+
+#[test]
+fn max_attempts_bounds_are_accepted() {
+    let text = "\
+observers:
+  - name: once
+    entity: Order
+    events: [insert]
+    retry: {max_attempts: 1}
+    actions:
+      - type: log
+  - name: hundred
+    entity: Order
+    events: [insert]
+    retry: {max_attempts: 100, backoff: fixed, jitter: false}
+    actions:
+      - type: log
+";
+    let config = yaml_ok(text);
+    assert_eq!(config.observers[0].retry.max_attempts, 1);
+    assert_eq!(config.observers[1].retry.max_attempts, 100);
+    assert_eq!(config.observers[1].retry.backoff, BackoffKind::Fixed);
+    assert!(!config.observers[1].retry.jitter);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhook target
+// ---------------------------------------------------------------------------------------------
+
+fn url_fixture(url: &str) -> String {
+    format!(
+        "\
+observers:
+  - name: hook
+    entity: Order
+    events: [insert]
+    actions:
+      - type: webhook
+        url: '{url}'
+"
+    )
+}
+
+#[test]
+fn url_not_absolute() {
+    let text = url_fixture("hooks.example.com/orders");
+    let error = only_error(&text);
+    assert_error(
+        &error,
+        "observers[0].actions[0].url",
+        at(&text, "'hooks"),
+        "expected an absolute http:// or https:// URL, found \"hooks.example.com/orders\" (relative URL without a base)",
+    );
+}
+
+#[test]
+fn url_with_ftp_scheme() {
+    let text = url_fixture("ftp://files.example.com/orders");
+    let error = only_error(&text);
+    assert_error(
+        &error,
+        "observers[0].actions[0].url",
+        at(&text, "'ftp"),
+        "expected an http:// or https:// URL with a host, found \"ftp://files.example.com/orders\" (scheme \"ftp\")",
+    );
+}
+
+#[test]
+fn url_without_host() {
+    let text = url_fixture("http://");
+    let error = only_error(&text);
+    assert_error(
+        &error,
+        "observers[0].actions[0].url",
+        at(&text, "'http://'"),
+        "expected an absolute http:// or https:// URL, found \"http://\" (empty host)",
+    );
+    // A scheme that parses without a host is refused too.
+    let text = url_fixture("mailto:ops@example.com");
+    let error = only_error(&text);
+    assert_error(
+        &error,
+        "observers[0].actions[0].url",
+        at(&text, "'mailto"),
+        "with a host, found \"mailto:ops@example.com\" (scheme \"mailto\")",
+    );
+}
+
+#[test]
+fn missing_url() {
+    let text = "\
+observers:
+  - name: nowhere
+    entity: Order
+    events: [insert]
+    actions:
+      - type: webhook
+        method: POST
+";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "observers[0].actions[0]",
+        at(text, "type: webhook"),
+        "missing required key 'url' (or 'url_env')",
+    );
+}
+
+#[test]
+fn url_and_url_env_together() {
+    let text = webhook_fixture("        url_env: HOOK_URL\n");
+    let error = load_with(
+        &text,
+        Format::Yaml,
+        &[("HOOK_URL", "https://hooks.example.com/x")],
+        MissingEnv::Error,
+    )
+    .unwrap_err();
+    assert_eq!(error.errors.len(), 1, "{error}");
+    assert_error(
+        &error.errors[0],
+        "observers[0].actions[0].url",
+        at(&text, "https://hooks.example.com/orders"),
+        "set either 'url' or 'url_env', not both",
+    );
+}
+
+const URL_ENV_FIXTURE: &str = "\
+observers:
+  - name: from-env
+    entity: Order
+    events: [insert]
+    actions:
+      - type: webhook
+        url_env: HOOK_URL
+";
+
+#[test]
+fn url_env_missing_is_an_error_when_running() {
+    let errors = load_with(URL_ENV_FIXTURE, Format::Yaml, &[], MissingEnv::Error)
+        .unwrap_err()
+        .errors;
+    assert_eq!(errors.len(), 1, "{}", list(&errors));
+    assert_error(
+        &errors[0],
+        "observers[0].actions[0].url_env",
+        at(URL_ENV_FIXTURE, "HOOK_URL"),
+        "environment variable HOOK_URL is not set",
+    );
+}
+
+#[test]
+fn url_env_missing_is_a_warning_when_validating() {
+    let config = load_with(URL_ENV_FIXTURE, Format::Yaml, &[], MissingEnv::Warn)
+        .unwrap_or_else(|errors| panic!("{errors}"));
+    assert_eq!(config.warnings.len(), 1, "{}", list(&config.warnings));
+    assert_error(
+        &config.warnings[0],
+        "observers[0].actions[0].url_env",
+        at(URL_ENV_FIXTURE, "HOOK_URL"),
+        "environment variable HOOK_URL is not set",
+    );
+    assert_eq!(
+        webhook(&config.observers[0], 0).target,
+        WebhookTarget::FromEnv {
+            variable: "HOOK_URL".into(),
+            url: Setting::MissingEnv("HOOK_URL".into()),
+        }
+    );
+}
+
+#[test]
+fn url_env_resolved_from_the_environment() {
+    let config = load_with(
+        URL_ENV_FIXTURE,
+        Format::Yaml,
+        &[("HOOK_URL", " https://hooks.example.com/in ")],
+        MissingEnv::Error,
+    )
+    .unwrap_or_else(|errors| panic!("{errors}"));
+    assert!(config.warnings.is_empty(), "{}", list(&config.warnings));
+    let WebhookTarget::FromEnv { variable, url } = &webhook(&config.observers[0], 0).target else {
+        panic!("expected a target from the environment");
+    };
+    assert_eq!(variable, "HOOK_URL");
+    assert_eq!(
+        url.ready().expect("resolved").0.as_str(),
+        "https://hooks.example.com/in"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// ${VAR} expansion and secrets
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn variables_are_expanded_in_url_header_and_signing_secret() {
+    let text = "\
+observers:
+  - name: expanded
+    entity: Order
+    events: [insert]
+    actions:
+      - type: webhook
+        url: 'https://${HOOK_HOST}/orders'
+        headers:
+          Authorization: 'Bearer ${API_TOKEN}'
+          X-Template: 'literal $${NOT_A_VAR} and $5'
+          X-Team: billing
+        signing_secret: '${SIGNING_KEY}'
+";
+    let config = load_with(
+        text,
+        Format::Yaml,
+        &[
+            ("HOOK_HOST", "hooks.example.com"),
+            ("API_TOKEN", "tok123"),
+            ("SIGNING_KEY", "key456"),
+        ],
+        MissingEnv::Error,
+    )
+    .unwrap_or_else(|errors| panic!("{errors}"));
+    assert!(config.warnings.is_empty(), "{}", list(&config.warnings));
+    let action = webhook(&config.observers[0], 0);
+    let WebhookTarget::FromEnv { variable, url } = &action.target else {
+        panic!(
+            "a URL with ${{VAR}} is a secret target: {:?}",
+            action.target
+        );
+    };
+    assert_eq!(variable, "HOOK_HOST");
+    assert_eq!(
+        url.ready().expect("resolved").0.as_str(),
+        "https://hooks.example.com/orders"
+    );
+    assert_eq!(action.headers.len(), 3);
+    assert_eq!(action.headers[0].0, "Authorization");
+    let HeaderValue::Secret(Setting::Ready(token)) = &action.headers[0].1 else {
+        panic!(
+            "expected a resolved secret header: {:?}",
+            action.headers[0].1
+        );
+    };
+    assert_eq!(token.expose(), "Bearer tok123");
+    assert_eq!(
+        action.headers[1],
+        (
+            "X-Template".to_owned(),
+            HeaderValue::Literal("literal ${NOT_A_VAR} and $5".into())
+        )
+    );
+    assert_eq!(
+        action.headers[2],
+        ("X-Team".to_owned(), HeaderValue::Literal("billing".into()))
+    );
+    let Some(Setting::Ready(secret)) = &action.signing_secret else {
+        panic!("expected a resolved signing secret");
+    };
+    assert_eq!(secret.expose(), "key456");
+}
+
+#[test]
+fn missing_variables_in_header_and_signing_secret() {
+    let text = "\
+observers:
+  - name: expanded
+    entity: Order
+    events: [insert]
+    actions:
+      - type: webhook
+        url: https://hooks.example.com/orders
+        headers:
+          Authorization: 'Bearer ${API_TOKEN}'
+        signing_secret: '${SIGNING_KEY}'
+";
+    let errors = load_with(text, Format::Yaml, &[], MissingEnv::Error)
+        .unwrap_err()
+        .errors;
+    assert_eq!(errors.len(), 2, "{}", list(&errors));
+    assert_error(
+        &errors[0],
+        "observers[0].actions[0].headers.Authorization",
+        at(text, "'Bearer"),
+        "environment variable API_TOKEN is not set",
+    );
+    assert_error(
+        &errors[1],
+        "observers[0].actions[0].signing_secret",
+        at(text, "'${SIGNING_KEY}'"),
+        "environment variable SIGNING_KEY is not set",
+    );
+
+    let config = load_with(text, Format::Yaml, &[], MissingEnv::Warn)
+        .unwrap_or_else(|errors| panic!("{errors}"));
+    assert_eq!(config.warnings.len(), 2, "{}", list(&config.warnings));
+    let action = webhook(&config.observers[0], 0);
+    assert_eq!(
+        action.headers[0].1,
+        HeaderValue::Secret(Setting::MissingEnv("API_TOKEN".into()))
+    );
+    assert_eq!(
+        action.signing_secret,
+        Some(Setting::MissingEnv("SIGNING_KEY".into()))
+    );
+}
+
+#[test]
+fn unterminated_variable_reference() {
+    let text = "\
+observers:
+  - name: broken
+    entity: Order
+    events: [insert]
+    actions:
+      - type: webhook
+        url: 'https://${HOOK_HOST/orders'
+        headers:
+          Authorization: 'Bearer ${API_TOKEN'
+        signing_secret: '${SIGNING_KEY'
+";
+    let errors = load_with(
+        text,
+        Format::Yaml,
+        &[("HOOK_HOST", "h"), ("API_TOKEN", "t"), ("SIGNING_KEY", "k")],
+        MissingEnv::Error,
+    )
+    .unwrap_err()
+    .errors;
+    assert_eq!(errors.len(), 3, "{}", list(&errors));
+    let message = "unterminated '${' (write '$${' for a literal '${')";
+    assert_error(
+        &errors[0],
+        "observers[0].actions[0].url",
+        at(text, "'https"),
+        message,
+    );
+    assert_error(
+        &errors[1],
+        "observers[0].actions[0].headers.Authorization",
+        at(text, "'Bearer"),
+        message,
+    );
+    assert_error(
+        &errors[2],
+        "observers[0].actions[0].signing_secret",
+        at(text, "'${SIGNING_KEY'"),
+        message,
+    );
+}
+
+#[test]
+fn invalid_variable_name() {
+    let text = url_fixture("https://${1HOST}/orders");
+    let error = only_error(&text);
+    assert_error(
+        &error,
+        "observers[0].actions[0].url",
+        at(&text, "'https"),
+        "expected an environment variable name inside '${…}', found \"1HOST\"",
+    );
+}
+
+#[test]
+fn signing_secret_in_clear_is_a_warning_that_does_not_echo_it() {
+    let text = webhook_fixture("        signing_secret: written-in-the-file\n");
+    let config = yaml_ok(&text);
+    assert_eq!(config.warnings.len(), 1, "{}", list(&config.warnings));
+    let warning = &config.warnings[0];
+    assert_error(
+        warning,
+        "observers[0].actions[0].signing_secret",
+        at(&text, "written-in-the-file"),
+        "the secret is written in the file in clear; prefer 'signing_secret_env'",
+    );
+    assert!(!warning.to_string().contains("written-in-the-file"));
+    assert!(!format!("{:?}", config.observers).contains("written-in-the-file"));
+}
+
+#[test]
+fn signing_secret_and_signing_secret_env_together() {
+    let text =
+        webhook_fixture("        signing_secret: '${KEY}'\n        signing_secret_env: KEY\n");
+    let error = load_with(&text, Format::Yaml, &[("KEY", "k")], MissingEnv::Error)
+        .unwrap_err()
+        .errors;
+    assert_eq!(error.len(), 1, "{}", list(&error));
+    assert_error(
+        &error[0],
+        "observers[0].actions[0].signing_secret",
+        at(&text, "'${KEY}'"),
+        "set either 'signing_secret' or 'signing_secret_env', not both",
+    );
+}
+
+const SECRET_VALUES: [&str; 4] = [
+    "s3cr3t-value",
+    "t0ken-s3cr3t",
+    "url-s3cr3t-token",
+    "host-s3cr3t",
+];
+
+#[track_caller]
+fn assert_no_secret(shown: &str) {
+    for secret in SECRET_VALUES {
+        assert!(
+            !shown.contains(secret),
+            "{secret:?} was printed in:\n{shown}"
+        );
+    }
+}
+
+#[test]
+fn secrets_never_print() {
+    let text = "\
+observers:
+  - name: secret-hooks
+    entity: Order
+    events: [insert]
+    actions:
+      - type: webhook
+        url_env: HOOK_URL
+        signing_secret_env: HOOK_SECRET
+        headers:
+          Authorization: 'Bearer ${API_TOKEN}'
+      - type: webhook
+        url: 'https://${HOOK_HOST}/orders'
+        signing_secret: '${HOOK_SECRET}'
+      - type: webhook
+        url_env: UNSET_URL
+";
+    let vars = [
+        (
+            "HOOK_URL",
+            "https://hooks.example.com/in?token=url-s3cr3t-token",
+        ),
+        ("HOOK_SECRET", "s3cr3t-value"),
+        ("API_TOKEN", "t0ken-s3cr3t"),
+        ("HOOK_HOST", "host-s3cr3t.example.com"),
+    ];
+    let config = load_with(text, Format::Yaml, &vars, MissingEnv::Warn)
+        .unwrap_or_else(|errors| panic!("{errors}"));
+
+    // The values were read …
+    let first = webhook(&config.observers[0], 0);
+    let Some(Setting::Ready(secret)) = &first.signing_secret else {
+        panic!("signing secret not resolved");
+    };
+    assert_eq!(secret.expose(), "s3cr3t-value");
+    let WebhookTarget::FromEnv { url, .. } = &first.target else {
+        panic!("target not from the environment");
+    };
+    assert!(
+        url.ready()
+            .expect("resolved")
+            .0
+            .as_str()
+            .contains("url-s3cr3t-token")
+    );
+    let second = webhook(&config.observers[0], 1);
+    let WebhookTarget::FromEnv { url, .. } = &second.target else {
+        panic!("target not from the environment");
+    };
+    assert!(
+        url.ready()
+            .expect("resolved")
+            .0
+            .as_str()
+            .contains("host-s3cr3t")
+    );
+
+    // … but never show.
+    assert_no_secret(&format!("{:?}", config.observers));
+    assert_no_secret(&format!("{:#?}", config.observers));
+    assert_no_secret(&format!("{config:?}"));
+    assert_eq!(config.warnings.len(), 1, "{}", list(&config.warnings));
+    for warning in &config.warnings {
+        assert_no_secret(&warning.to_string());
+        assert_no_secret(&format!("{warning:?}"));
+    }
+
+    // The same file while running, where the unset variable is an error.
+    let errors = load_with(text, Format::Yaml, &vars, MissingEnv::Error).unwrap_err();
+    assert_eq!(errors.errors.len(), 1, "{errors}");
+    assert_error(
+        &errors.errors[0],
+        "observers[0].actions[2].url_env",
+        at(text, "UNSET_URL"),
+        "environment variable UNSET_URL is not set",
+    );
+    assert_no_secret(&errors.to_string());
+    assert_no_secret(&format!("{errors:?}"));
+}
+
+#[test]
+fn bad_urls_from_the_environment_are_not_echoed() {
+    let text = "\
+observers:
+  - name: bad-env-urls
+    entity: Order
+    events: [insert]
+    actions:
+      - type: webhook
+        url_env: FTP_URL
+      - type: webhook
+        url_env: RELATIVE_URL
+      - type: webhook
+        url: '${HOOK_HOST}/orders'
+      - type: webhook
+        url_env: EMPTY_HOST_URL
+      - type: webhook
+        url: https://hooks.example.com/orders
+        headers:
+          Authorization: 'Bearer ${API_TOKEN}'
+";
+    let vars = [
+        ("FTP_URL", "ftp://user:s3cr3t-value@files.example.com/"),
+        (
+            "RELATIVE_URL",
+            "hooks.example.com/in?token=url-s3cr3t-token",
+        ),
+        ("HOOK_HOST", "host-s3cr3t"),
+        ("EMPTY_HOST_URL", "https://:s3cr3t-value@/x"),
+        ("API_TOKEN", "t0ken-s3cr3t\nX-Injected: 1"),
+    ];
+    let errors = load_with(text, Format::Yaml, &vars, MissingEnv::Error)
+        .unwrap_err()
+        .errors;
+    assert_eq!(errors.len(), 5, "{}", list(&errors));
+    assert_error(
+        &errors[0],
+        "observers[0].actions[0].url_env",
+        at(text, "FTP_URL"),
+        "expected an http:// or https:// URL with a host, found the value of FTP_URL",
+    );
+    assert_error(
+        &errors[1],
+        "observers[0].actions[1].url_env",
+        at(text, "RELATIVE_URL"),
+        "expected an absolute http:// or https:// URL, found the value of RELATIVE_URL (relative URL without a base)",
+    );
+    assert_error(
+        &errors[2],
+        "observers[0].actions[2].url",
+        at(text, "'${HOOK_HOST}"),
+        "found the value of HOOK_HOST",
+    );
+    assert_error(
+        &errors[3],
+        "observers[0].actions[3].url_env",
+        at(text, "EMPTY_HOST_URL"),
+        "found the value of EMPTY_HOST_URL",
+    );
+    assert_error(
+        &errors[4],
+        "observers[0].actions[4].headers.Authorization",
+        at(text, "'Bearer"),
+        "the value after ${…} expansion is not a valid HTTP header value",
+    );
+    for error in &errors {
+        assert_no_secret(&error.to_string());
+    }
+}
+
+#[test]
+fn the_scheme_of_a_url_from_the_environment_is_not_echoed() {
+    // A value without `//` parses with everything before the first ':' as its "scheme"
+    // (e.g. a pasted `token:rest` or `host.example.com:8443/...`), which the error then quotes.
+    let errors = load_with(
+        URL_ENV_FIXTURE,
+        Format::Yaml,
+        &[("HOOK_URL", "s3cr3t-value:rest")],
+        MissingEnv::Error,
+    )
+    .unwrap_err()
+    .errors;
+    assert_eq!(errors.len(), 1, "{}", list(&errors));
+    assert_error(
+        &errors[0],
+        "observers[0].actions[0].url_env",
+        at(URL_ENV_FIXTURE, "HOOK_URL"),
+        "found the value of HOOK_URL",
+    );
+    assert_no_secret(&errors[0].to_string());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Headers, templates, choices
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn reserved_headers() {
+    let text = webhook_fixture(
+        "        headers:\n          Idempotency-Key: fixed\n          x-fraiseql-signature-256: forged\n          X-Team: billing\n",
+    );
+    let errors = yaml_errors(&text);
+    assert_eq!(errors.len(), 2, "{}", list(&errors));
+    assert_error(
+        &errors[0],
+        "observers[0].actions[0].headers.Idempotency-Key",
+        at(&text, "Idempotency-Key"),
+        "header \"Idempotency-Key\" is set by the service and cannot be configured",
+    );
+    assert_error(
+        &errors[1],
+        "observers[0].actions[0].headers.x-fraiseql-signature-256",
+        at(&text, "x-fraiseql-signature-256"),
+        "header \"x-fraiseql-signature-256\" is set by the service and cannot be configured",
+    );
+}
+
+#[test]
+fn invalid_header_name() {
+    let text = webhook_fixture("        headers:\n          Bad Header: x\n");
+    let error = only_error(&text);
+    assert_error(
+        &error,
+        "observers[0].actions[0].headers.Bad Header",
+        at(&text, "Bad Header"),
+        "\"Bad Header\" is not a valid HTTP header name",
+    );
+}
+
+#[test]
+fn invalid_body_template_names_the_template_line() {
+    let text = "\
+observers:
+  - name: templated
+    entity: Order
+    events: [insert]
+    actions:
+      - type: webhook
+        url: https://hooks.example.com/orders
+        body_template: \"{\\\"order\\\": {{ entity_id }}}\\n{{ oops(\"
+      - type: log
+        message: '{% if %}'
+";
+    let errors = yaml_errors(text);
+    assert_eq!(errors.len(), 2, "{}", list(&errors));
+    assert_error(
+        &errors[0],
+        "observers[0].actions[0].body_template",
+        after(text, "body_template: "),
+        "invalid template (line 2 of the template): syntax error",
+    );
+    assert_error(
+        &errors[1],
+        "observers[0].actions[1].message",
+        at(text, "'{% if %}'"),
+        "invalid template (line 1 of the template): syntax error",
+    );
+}
+
+#[test]
+fn invalid_block_scalar_template() {
+    let text = "\
+observers:
+  - name: templated
+    entity: Order
+    events: [insert]
+    actions:
+      - type: webhook
+        url: https://hooks.example.com/orders
+        body_template: |
+          {
+            \"order\": {{ entity_id }},
+            \"total\": {{ data.total | }}
+          }
+";
+    let error = only_error(text);
+    // A block scalar's position is where its content starts.
+    assert_eq!(error.path, "observers[0].actions[0].body_template");
+    let position = error.position.expect("position");
+    assert!(
+        position == at(text, "|\n") || position == at(text, "{\n"),
+        "{error}"
+    );
+    assert!(
+        error
+            .message
+            .contains("invalid template (line 3 of the template)"),
+        "{error}"
+    );
+}
+
+#[test]
+fn invalid_method() {
+    let text = webhook_fixture("        method: FETCH\n");
+    let error = only_error(&text);
+    assert_error(
+        &error,
+        "observers[0].actions[0].method",
+        at(&text, "FETCH"),
+        "expected one of POST, PUT, PATCH, DELETE, GET, found \"FETCH\"",
+    );
+}
+
+#[test]
+fn invalid_method_suggests_the_near_one() {
+    let text = webhook_fixture("        method: POTS\n");
+    let error = only_error(&text);
+    assert_error(
+        &error,
+        "observers[0].actions[0].method",
+        at(&text, "POTS"),
+        "did you mean 'POST'?",
+    );
+}
+
+#[test]
+fn invalid_body_format() {
+    let text = webhook_fixture("        body_format: xml\n");
+    let error = only_error(&text);
+    assert_error(
+        &error,
+        "observers[0].actions[0].body_format",
+        at(&text, "xml"),
+        "expected one of json, text, found \"xml\"",
+    );
+}
+
+#[test]
+fn invalid_log_level() {
+    let text = "\
+observers:
+  - name: logged
+    entity: Order
+    events: [insert]
+    actions:
+      - type: log
+        level: verbose
+      - type: log
+        level: eror
+";
+    let errors = yaml_errors(text);
+    assert_eq!(errors.len(), 2, "{}", list(&errors));
+    assert_error(
+        &errors[0],
+        "observers[0].actions[0].level",
+        at(text, "verbose"),
+        "expected one of trace, debug, info, warn, error, found \"verbose\"",
+    );
+    assert_error(
+        &errors[1],
+        "observers[0].actions[1].level",
+        at(text, "eror"),
+        "did you mean 'error'? expected one of trace, debug, info, warn, error, found \"eror\"",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole-file problems
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn root_that_is_not_a_mapping() {
+    let error = only_error("- name: a\n- name: b\n");
+    assert_eq!(error.path, "");
+    assert_eq!(error.position, Some(pos(1, 1)));
+    assert!(
+        error.message.contains("expected a mapping, found a list"),
+        "{error}"
+    );
+
+    let error = only_error("just some text\n");
+    assert_eq!(error.path, "");
+    assert_eq!(error.position, Some(pos(1, 1)));
+    assert!(
+        error
+            .message
+            .contains("expected a mapping, found the string \"just some text\""),
+        "{error}"
+    );
+}
+
+#[test]
+fn empty_file() {
+    for text in ["", "# nothing but a comment\n", "\n\n"] {
+        let error = only_error(text);
+        assert_eq!(error.path, "", "{text:?}");
+        assert_eq!(error.position, Some(pos(1, 1)), "{text:?}");
+        assert!(
+            error.message.contains("the file is empty"),
+            "{text:?}: {error}"
+        );
+    }
+}
+
+#[test]
+fn observers_not_a_list_and_no_observers() {
+    let text = "observers: {name: a}\n";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "observers",
+        at(text, "{"),
+        "expected a list of observers, found a mapping",
+    );
+
+    let text = "observers: []\n";
+    let config = yaml_ok(text);
+    assert!(config.observers.is_empty());
+    assert_eq!(config.warnings.len(), 1);
+    assert_error(
+        &config.warnings[0],
+        "observers",
+        at(text, "[]"),
+        "no observers are defined",
+    );
+}
+
+#[test]
+fn yaml_syntax_error_has_a_position() {
+    let text = "\
+observers:
+  - name: a
+    entity: Order: Item
+";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "",
+        at(text, ": Item"),
+        "syntax error: mapping values are not allowed",
+    );
+}
+
+#[test]
+fn yaml_aliases_and_multiple_documents_are_refused() {
+    let error = only_error("observers: &list []\nexecutor: *list\n");
+    assert!(error.message.contains("aliases"), "{error}");
+    let error = only_error("observers: []\n---\nobservers: []\n");
+    assert!(error.message.contains("single YAML document"), "{error}");
+}
+
+#[test]
+fn toml_syntax_error_has_a_position() {
+    let text = "\
+[[observers]]
+name = \"a\"
+entity = Order
+";
+    let errors = load_with(text, Format::Toml, &[], MissingEnv::Error)
+        .unwrap_err()
+        .errors;
+    assert_eq!(errors.len(), 1, "{}", list(&errors));
+    assert_error(
+        &errors[0],
+        "",
+        at(text, "Order"),
+        "syntax error: string values must be quoted",
+    );
+}
+
+#[test]
+fn toml_errors_have_positions() {
+    let text = "\
+[[observers]]
+name = \"toml-hook\"
+events = [\"insert\"]
+
+[[observers.actions]]
+type = \"webhook\"
+url = \"https://hooks.example.com/orders\"
+timeout = 5
+";
+    let errors = load_with(text, Format::Toml, &[], MissingEnv::Error)
+        .unwrap_err()
+        .errors;
+    assert_eq!(errors.len(), 2, "{}", list(&errors));
+    assert_error(
+        &errors[0],
+        "observers[0]",
+        at(text, "[[observers]]"),
+        "missing required key 'entity'",
+    );
+    assert_error(
+        &errors[1],
+        "observers[0].actions[0].timeout",
+        at(text, "5\n"),
+        "found the bare number 5",
+    );
+}
+
+#[test]
+fn toml_twin_of_the_example_loads_to_the_same_observers() {
+    let vars = [("ORDERS_HOOK_SECRET", "example-secret")];
+    let yaml = load_with(
+        &read_manifest_file("examples/observers.yaml"),
+        Format::Yaml,
+        &vars,
+        MissingEnv::Error,
+    )
+    .unwrap_or_else(|errors| panic!("{errors}"));
+    let toml = load_with(
+        &read_manifest_file("tests/fixtures/config/observers.toml"),
+        Format::Toml,
+        &vars,
+        MissingEnv::Error,
+    )
+    .unwrap_or_else(|errors| panic!("{errors}"));
+
+    let names = |config: &ObserversConfig| -> Vec<String> {
+        config
+            .observers
+            .iter()
+            .map(|observer| observer.name.to_string())
+            .collect()
+    };
+    assert_eq!(
+        names(&yaml),
+        ["order-paid", "order-created", "user-deleted"]
+    );
+    assert_eq!(names(&toml), names(&yaml));
+    for (from_yaml, from_toml) in yaml.observers.iter().zip(&toml.observers) {
+        let name = &from_yaml.name;
+        assert_eq!(from_toml.events, from_yaml.events, "{name}");
+        assert_eq!(from_toml.entity, from_yaml.entity, "{name}");
+        assert_eq!(from_toml.description, from_yaml.description, "{name}");
+        let action_types = |observer: &ObserverDefinition| -> Vec<&'static str> {
+            observer
+                .actions
+                .iter()
+                .map(|action| action.kind.type_name())
+                .collect()
+        };
+        assert_eq!(action_types(from_toml), action_types(from_yaml), "{name}");
+        assert_eq!(from_toml.actions, from_yaml.actions, "{name}");
+        assert_eq!(from_toml.retry, from_yaml.retry, "{name}");
+        assert_eq!(from_toml.on_failure, from_yaml.on_failure, "{name}");
+        assert_eq!(
+            from_toml.condition.as_ref().map(Condition::source),
+            from_yaml.condition.as_ref().map(Condition::source),
+            "{name}"
+        );
+    }
+    assert_eq!(yaml.observers[0].events, [EventKind::Update]);
+    assert_eq!(yaml.observers[1].events, [EventKind::Insert]);
+    assert_eq!(yaml.observers[2].events, [EventKind::Delete]);
+    assert_eq!(toml.executor, yaml.executor);
+    assert!(toml.warnings.is_empty(), "{}", list(&toml.warnings));
+
+    // The same file through `load_file`, which picks TOML from the extension.
+    let options = LoadOptions {
+        env: &|name: &str| (name == "ORDERS_HOOK_SECRET").then(|| "example-secret".to_owned()),
+        missing_env: MissingEnv::Error,
+    };
+    let path = manifest_path("tests/fixtures/config/observers.toml");
+    let from_file = load_file(&path, &options).unwrap_or_else(|errors| panic!("{errors}"));
+    assert_eq!(names(&from_file), names(&yaml));
+    assert_eq!(from_file.origin, path.display().to_string());
+}
+
+#[test]
+fn invalid_utf8_is_located() {
+    // Line 2 is `  - name: ét` then the bad byte: 12 characters (13 bytes) before it.
+    let bytes = b"observers:\n  - name: \xc3\xa9t\xff\n";
+    let options = LoadOptions {
+        env: &|_: &str| None,
+        missing_env: MissingEnv::Error,
+    };
+    let errors = load_bytes(bytes, Format::Yaml, ORIGIN, &options)
+        .unwrap_err()
+        .errors;
+    assert_eq!(errors.len(), 1, "{}", list(&errors));
+    assert_error(
+        &errors[0],
+        "",
+        pos(2, 13),
+        "expected UTF-8 text, found an invalid byte at offset 24",
+    );
+}
+
+#[test]
+fn files_over_four_mebibytes_are_refused() {
+    let options = LoadOptions {
+        env: &|_: &str| None,
+        missing_env: MissingEnv::Error,
+    };
+    let mut bytes = b"observers: []\n".to_vec();
+    bytes.resize(MAX_CONFIG_FILE_BYTES + 1, b'\n');
+    let errors = load_bytes(&bytes, Format::Yaml, ORIGIN, &options)
+        .unwrap_err()
+        .errors;
+    assert_eq!(errors.len(), 1, "{}", list(&errors));
+    let error = &errors[0];
+    assert_eq!(error.position, None);
+    assert_eq!(error.path, "");
+    assert!(
+        error.message.contains(&format!(
+            "the file is {} bytes; observers files are limited to {MAX_CONFIG_FILE_BYTES} bytes",
+            MAX_CONFIG_FILE_BYTES + 1
+        )),
+        "{error}"
+    );
+
+    // Exactly at the limit is still read.
+    bytes.truncate(MAX_CONFIG_FILE_BYTES);
+    let config = load_bytes(&bytes, Format::Yaml, ORIGIN, &options)
+        .unwrap_or_else(|errors| panic!("{errors}"));
+    assert!(config.observers.is_empty());
+}
+
+#[test]
+fn unknown_extension() {
+    assert_eq!(format_for(Path::new("a/observers.yaml")), Ok(Format::Yaml));
+    assert_eq!(format_for(Path::new("observers.YML")), Ok(Format::Yaml));
+    assert_eq!(format_for(Path::new("observers.Toml")), Ok(Format::Toml));
+    let message = format_for(Path::new("observers.json")).unwrap_err();
+    assert!(
+        message
+            .contains("expected a file ending in .yaml, .yml or .toml, found \"observers.json\""),
+        "{message}"
+    );
+    assert!(format_for(Path::new("observers")).is_err());
+
+    let options = LoadOptions {
+        env: &|_: &str| None,
+        missing_env: MissingEnv::Warn,
+    };
+    // The extension is checked before the file is read: this one does not exist.
+    let errors = load_file(Path::new("no/such/observers.json"), &options)
+        .unwrap_err()
+        .errors;
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].file, "no/such/observers.json");
+    assert_eq!(errors[0].position, None);
+    assert_eq!(errors[0].path, "");
+    assert!(
+        errors[0]
+            .message
+            .contains("expected a file ending in .yaml, .yml or .toml"),
+        "{}",
+        errors[0]
+    );
+
+    let errors = load_file(Path::new("no/such/observers.yaml"), &options)
+        .unwrap_err()
+        .errors;
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].message.starts_with("cannot read the file: "),
+        "{}",
+        errors[0]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// All errors at once
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn every_problem_is_collected_and_sorted_by_line() {
+    let text = "\
+observers:
+  - name: first
+    entity: Order
+    events: [insert, updat]
+    actions:
+      - type: webhook
+        url: ftp://files.example.com/in
+  - name: second one
+    entity: Order
+    event_type: delete
+    actions:
+      - type: log
+        level: loud
+  - name: third
+    entity: User
+    events: [update]
+    on_failure: retry
+    actions:
+      - type: webhook
+        url: https://hooks.example.com/users
+        timeout: 0s
+        headers:
+          Idempotency-Key: fixed
+  - name: first
+    entity: User
+    events: [update]
+    actions:
+      - type: sms
+executor:
+  max_concurrent_actions: 0
+";
+    let errors = yaml_errors(text);
+    let expected = [
+        (
+            "observers[0].events[1]",
+            at(text, "updat]"),
+            "found \"updat\"",
+        ),
+        (
+            "observers[0].actions[0].url",
+            at(text, "ftp://"),
+            "(scheme \"ftp\")",
+        ),
+        ("observers[1].name", at(text, "second one"), "found ' '"),
+        (
+            "observers[1].actions[0].level",
+            at(text, "loud"),
+            "found \"loud\"",
+        ),
+        (
+            "observers[2].on_failure",
+            at(text, "retry"),
+            "found \"retry\"",
+        ),
+        (
+            "observers[2].actions[0].timeout",
+            at(text, "0s"),
+            "expected a timeout above 0",
+        ),
+        (
+            "observers[2].actions[0].headers.Idempotency-Key",
+            at(text, "Idempotency-Key"),
+            "is set by the service",
+        ),
+        (
+            "observers[3].name",
+            at_nth(text, "first", 1),
+            "duplicate observer name 'first' (first defined at line 2)",
+        ),
+        (
+            "observers[3].actions[0].type",
+            at(text, "sms"),
+            "unknown action type \"sms\"",
+        ),
+        (
+            "executor.max_concurrent_actions",
+            after(text, "max_concurrent_actions: "),
+            "expected an integer from 1 to 100000, found 0",
+        ),
+    ];
+    assert_eq!(errors.len(), expected.len(), "{}", list(&errors));
+    for (error, (path, position, message)) in errors.iter().zip(expected) {
+        assert_error(error, path, position, message);
+    }
+    let places: Vec<(usize, usize)> = errors
+        .iter()
+        .map(|error| {
+            let position = error.position.expect("position");
+            (position.line, position.column)
+        })
+        .collect();
+    assert!(places.is_sorted(), "{places:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Defaults and overrides
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn defaults() {
+    let text = "\
+observers:
+  - name: defaults
+    entity: ' Order '
+    events: [insert]
+    actions:
+      - type: webhook
+        url: https://hooks.example.com/orders
+      - type: log
+";
+    let config = yaml_ok(text);
+    assert!(config.warnings.is_empty(), "{}", list(&config.warnings));
+    assert_eq!(config.origin, ORIGIN);
+    assert_eq!(config.executor, ExecutorSettings::default());
+    assert_eq!(config.executor.max_concurrent_actions, 256);
+    assert_eq!(config.executor.max_concurrent_entities, 256);
+    assert_eq!(DEFAULT_MAX_CONCURRENT_ACTIONS, 256);
+    assert_eq!(DEFAULT_MAX_CONCURRENT_ENTITIES, 256);
+
+    let observer = &config.observers[0];
+    assert_eq!(observer.name.as_str(), "defaults");
+    assert_eq!(observer.entity, "Order");
+    assert_eq!(observer.description, None);
+    assert!(observer.condition.is_none());
+    assert_eq!(observer.on_failure, FailurePolicy::DeadLetter);
+    assert_eq!(observer.retry, RetryPolicy::default());
+    assert_eq!(
+        observer.retry,
+        RetryPolicy {
+            max_attempts: 3,
+            initial_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(30),
+            backoff: BackoffKind::Exponential,
+            jitter: true,
+        }
+    );
+    assert_eq!(DEFAULT_MAX_ATTEMPTS, 3);
+    assert_eq!(DEFAULT_INITIAL_DELAY, Duration::from_millis(100));
+    assert_eq!(DEFAULT_MAX_DELAY, Duration::from_secs(30));
+
+    assert_eq!(observer.actions.len(), 2);
+    assert_eq!(observer.actions[0].index, 0);
+    assert_eq!(observer.actions[0].label, None);
+    assert_eq!(observer.actions[0].kind.type_name(), "webhook");
+    assert_eq!(
+        *webhook(observer, 0),
+        WebhookAction {
+            target: WebhookTarget::Literal(
+                url::Url::parse("https://hooks.example.com/orders").unwrap()
+            ),
+            method: HttpMethod::Post,
+            headers: Vec::new(),
+            body_template: None,
+            body_format: BodyFormat::Json,
+            signing_secret: None,
+            timeout: Duration::from_secs(30),
+        }
+    );
+    assert_eq!(DEFAULT_ACTION_TIMEOUT, Duration::from_secs(30));
+    assert_eq!(observer.actions[0].kind.timeout(), Duration::from_secs(30));
+
+    assert_eq!(observer.actions[1].index, 1);
+    assert_eq!(observer.actions[1].kind.type_name(), "log");
+    let ActionKind::Log(log) = &observer.actions[1].kind else {
+        panic!("expected a log action");
+    };
+    assert_eq!(log.level, LogLevel::Info);
+    let rendered = config
+        .templates
+        .render(
+            &log.message_template,
+            serde_json::json!({
+                "observer": "defaults",
+                "event_type": "INSERT",
+                "entity_type": "Order",
+                "entity_id": 7,
+            }),
+        )
+        .unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(rendered, "observer defaults matched INSERT Order 7");
+}
+
+#[test]
+fn settings_override_the_defaults() {
+    let text = "\
+executor:
+  max_concurrent_actions: 8
+  max_concurrent_entities: 2
+observers:
+  - name: custom
+    description: Everything set.
+    entity: Order
+    event_type: update
+    condition: 'data.total > 100'
+    retry:
+      max_attempts: 7
+      initial_delay: 250ms
+      max_delay: 1m
+      backoff: fixed
+      jitter: false
+    on_failure: LOG
+    actions:
+      - type: webhook
+        name: notify billing
+        url: http://127.0.0.1:8080/hook
+        method: put
+        body_format: text
+        body_template: 'order {{ entity_id }}'
+        timeout: 1m 30s
+      - type: log
+        level: WARN
+        message: 'seen {{ entity_id }}'
+";
+    let config = yaml_ok(text);
+    assert_eq!(
+        config.executor,
+        ExecutorSettings {
+            max_concurrent_actions: 8,
+            max_concurrent_entities: 2,
+        }
+    );
+    let observer = &config.observers[0];
+    assert_eq!(observer.description.as_deref(), Some("Everything set."));
+    assert_eq!(observer.events, [EventKind::Update]);
+    assert_eq!(
+        observer.condition.as_ref().map(Condition::source),
+        Some("data.total > 100")
+    );
+    assert_eq!(
+        observer.retry,
+        RetryPolicy {
+            max_attempts: 7,
+            initial_delay: Duration::from_millis(250),
+            max_delay: Duration::from_mins(1),
+            backoff: BackoffKind::Fixed,
+            jitter: false,
+        }
+    );
+    assert_eq!(observer.on_failure, FailurePolicy::Log);
+    assert_eq!(observer.actions[0].label.as_deref(), Some("notify billing"));
+    let action = webhook(observer, 0);
+    assert_eq!(action.method, HttpMethod::Put);
+    assert_eq!(action.body_format, BodyFormat::Text);
+    assert_eq!(action.timeout, Duration::from_secs(90));
+    let template = action.body_template.as_deref().expect("a body template");
+    assert_eq!(
+        config
+            .templates
+            .render(template, serde_json::json!({"entity_id": 42}))
+            .unwrap_or_else(|error| panic!("{error}")),
+        "order 42"
+    );
+    let ActionKind::Log(log) = &observer.actions[1].kind else {
+        panic!("expected a log action");
+    };
+    assert_eq!(log.level, LogLevel::Warn);
+}
+
+#[test]
+fn invalid_executor_setting() {
+    let text = "\
+executor:
+  max_concurrent_entities: 100001
+observers: []
+";
+    let error = only_error(text);
+    assert_error(
+        &error,
+        "executor.max_concurrent_entities",
+        at(text, "100001"),
+        "expected an integer from 1 to 100000, found 100001",
+    );
+}
+
+#[test]
+fn every_executor_problem_is_collected() {
+    let text = "\
+executor:
+  max_concurrent_actions: 0
+  max_concurrent_entities: many
+observers: []
+";
+    let errors = yaml_errors(text);
+    assert_eq!(errors.len(), 2, "{}", list(&errors));
+    assert_error(
+        &errors[0],
+        "executor.max_concurrent_actions",
+        after(text, "max_concurrent_actions: "),
+        "found 0",
+    );
+    assert_error(
+        &errors[1],
+        "executor.max_concurrent_entities",
+        at(text, "many"),
+        "expected an integer from 1 to 100000, found the string \"many\"",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Display
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn display_is_file_line_column_path_message() {
+    let text = "\
+observers:
+  - name: idle
+    entity: Order
+    events: [insert]
+    actions: []
+";
+    let error = only_error(text);
+    assert_eq!(
+        error.to_string(),
+        "observers.yaml:5:14: observers[0].actions: expected at least one action"
+    );
+
+    let without_path = ConfigError {
+        file: "o.yaml".into(),
+        position: Some(pos(1, 1)),
+        path: String::new(),
+        message: "the file is empty".into(),
+    };
+    assert_eq!(without_path.to_string(), "o.yaml:1:1: the file is empty");
+    let without_position = ConfigError {
+        file: "o.json".into(),
+        position: None,
+        path: String::new(),
+        message: "bad extension".into(),
+    };
+    assert_eq!(without_position.to_string(), "o.json: bad extension");
+
+    let all = ConfigErrors {
+        errors: vec![error, without_path],
+    };
+    assert_eq!(
+        all.to_string(),
+        "2 errors in observers configuration:\n  \
+         observers.yaml:5:14: observers[0].actions: expected at least one action\n  \
+         o.yaml:1:1: the file is empty\n"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shipped example
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn example_loads_when_validating_with_one_warning() {
+    let path = manifest_path("examples/observers.yaml");
+    let text = read_manifest_file("examples/observers.yaml");
+    let options = LoadOptions {
+        env: &|_: &str| None,
+        missing_env: MissingEnv::Warn,
+    };
+    let config = load_file(&path, &options).unwrap_or_else(|errors| panic!("{errors}"));
+    let names: Vec<&str> = config
+        .observers
+        .iter()
+        .map(|observer| observer.name.as_str())
+        .collect();
+    assert_eq!(names, ["order-paid", "order-created", "user-deleted"]);
+    assert_eq!(config.warnings.len(), 1, "{}", list(&config.warnings));
+    let warning = &config.warnings[0];
+    assert_eq!(warning.file, path.display().to_string());
+    assert_eq!(warning.path, "observers[0].actions[0].signing_secret_env");
+    assert_eq!(warning.position, Some(after(&text, "signing_secret_env: ")));
+    assert_eq!(
+        warning.message,
+        "environment variable ORDERS_HOOK_SECRET is not set (or is empty)"
+    );
+    assert_eq!(
+        webhook(&config.observers[0], 0).signing_secret,
+        Some(Setting::MissingEnv("ORDERS_HOOK_SECRET".into()))
+    );
+}
+
+#[test]
+fn example_fails_when_running_without_its_secret() {
+    let path = manifest_path("examples/observers.yaml");
+    let text = read_manifest_file("examples/observers.yaml");
+    let options = LoadOptions {
+        env: &|_: &str| None,
+        missing_env: MissingEnv::Error,
+    };
+    let errors = load_file(&path, &options).unwrap_err().errors;
+    assert_eq!(errors.len(), 1, "{}", list(&errors));
+    assert_eq!(errors[0].file, path.display().to_string());
+    assert_eq!(errors[0].path, "observers[0].actions[0].signing_secret_env");
+    assert_eq!(
+        errors[0].position,
+        Some(after(&text, "signing_secret_env: "))
+    );
+    assert!(
+        errors[0].message.contains("ORDERS_HOOK_SECRET"),
+        "{}",
+        errors[0]
+    );
+}

@@ -1,0 +1,146 @@
+//! The `fraiseql-observers` binary as a user runs it: `validate-config` output and exit statuses.
+
+use std::process::Command;
+
+fn fraiseql_observers(arguments: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
+        .args(arguments)
+        .env_remove("ORDERS_HOOK_SECRET")
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("the binary runs")
+}
+
+fn write(directory: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let path = directory.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn the_example_validates_with_a_report_counted_from_the_file() {
+    let output = fraiseql_observers(&["validate-config", "examples/observers.yaml"]);
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("├── Observers: 3"), "{stdout}");
+    assert!(stdout.contains("Entities: Order (2), User (1)"), "{stdout}");
+    assert!(stdout.contains("├── Actions: 4"), "{stdout}");
+    assert!(
+        stdout.contains("│   ├── log: 2") && stdout.contains("│   └── webhook: 2"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ORDERS_HOOK_SECRET is not set"),
+        "unset secret shown as a warning: {stdout}"
+    );
+    assert!(
+        stdout.contains("✓ Configuration is valid: 3 observers, 4 actions"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn require_env_turns_unset_secrets_into_errors() {
+    let output = fraiseql_observers(&[
+        "validate-config",
+        "--require-env",
+        "examples/observers.yaml",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains(
+            "observers[0].actions[0].signing_secret_env: environment variable ORDERS_HOOK_SECRET"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_invalid_file_lists_every_error_and_exits_2() {
+    let directory = tempfile::tempdir().unwrap();
+    let file = write(
+        &directory,
+        "bad.yaml",
+        "observers:\n  - name: a\n    entity: Order\n    events: [upsert]\n    actions: [{type: smtp}]\n  - name: a\n    entity: Order\n    events: [insert]\n    actions: [{type: log, level: loud}]\n",
+    );
+    let output = fraiseql_observers(&["validate-config", &file]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.starts_with("4 errors in observers configuration:"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("bad.yaml:4:14: observers[0].events[0]"),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .contains("bad.yaml:5:22: observers[0].actions[0].type: unknown action type \"smtp\""),
+        "{stderr}"
+    );
+    assert!(stderr.contains("bad.yaml:6:11: observers[1].name: duplicate observer name 'a' (first defined at line 2)"), "{stderr}");
+    assert!(stderr.contains("observers[1].actions[0].level"), "{stderr}");
+    assert!(
+        stderr.contains("✗ Configuration is invalid (OB001)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn json_output_is_machine_readable_for_valid_and_invalid_files() {
+    let output = fraiseql_observers(&["validate-config", "--json", "examples/observers.yaml"]);
+    assert!(output.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["valid"], true);
+    assert_eq!(report["observers"][0]["name"], "order-paid");
+    assert_eq!(
+        report["observers"][0]["events"],
+        serde_json::json!(["UPDATE"])
+    );
+    assert_eq!(
+        report["action_types"],
+        serde_json::json!({"log": 2, "webhook": 2})
+    );
+    assert_eq!(report["warnings"].as_array().unwrap().len(), 1);
+
+    let directory = tempfile::tempdir().unwrap();
+    let file = write(&directory, "bad.toml", "[[observers]]\nname = \"x\"\n");
+    let output = fraiseql_observers(&["validate-config", "--json", &file]);
+    assert_eq!(output.status.code(), Some(2));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["valid"], false);
+    let errors = report["errors"].as_array().unwrap();
+    assert!(
+        errors.iter().any(|error| error["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing required key 'entity'")),
+        "{report}"
+    );
+    assert!(
+        errors
+            .iter()
+            .all(|error| error["line"].is_u64() && error["path"] == "observers[0]"),
+        "{report}"
+    );
+}
+
+#[test]
+fn an_unknown_extension_or_missing_file_is_a_clear_error() {
+    let output = fraiseql_observers(&["validate-config", "observers.json"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        String::from_utf8(output.stderr)
+            .unwrap()
+            .contains("expected a file ending in .yaml, .yml or .toml")
+    );
+    let output = fraiseql_observers(&["validate-config", "does-not-exist.yaml"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        String::from_utf8(output.stderr)
+            .unwrap()
+            .contains("does-not-exist.yaml: cannot read the file")
+    );
+}

@@ -6,6 +6,7 @@
 //! in the [`dlq`]. [`config`] turns an observers file into the compiled form all of them use.
 
 pub mod actions;
+pub mod commands;
 pub mod condition;
 pub mod config;
 pub mod dlq;
@@ -13,6 +14,7 @@ pub mod domain;
 pub mod error;
 pub mod executor;
 pub mod matcher;
+pub mod migrate;
 pub mod report;
 pub mod retry;
 pub mod template;

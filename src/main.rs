@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fraiseql_observers::commands;
 use fraiseql_observers::config::{self, LoadOptions, MissingEnv};
+use fraiseql_observers::dlq::{DeadLetterFilter, PostgresDeadLetterQueue};
 use fraiseql_observers::error::ErrorCode;
 use fraiseql_observers::report;
 
@@ -44,6 +46,115 @@ enum Command {
         #[arg(long)]
         require_env: bool,
     },
+    /// Apply the database migrations (change log, capture trigger, the service's own schema).
+    /// Safe to run from several nodes at once.
+    Migrate {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Inspect and act on the dead-letter queue.
+    Dlq {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Args)]
+struct DatabaseArgs {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+}
+
+#[derive(Args, Default)]
+struct DlqFilterArgs {
+    /// Only letters of this observer.
+    #[arg(long)]
+    observer: Option<String>,
+    /// Only letters of this action type (webhook, log, …).
+    #[arg(long)]
+    action_type: Option<String>,
+    /// Only letters with this error code (e.g. OB006).
+    #[arg(long)]
+    code: Option<String>,
+    /// Only letters about this entity type.
+    #[arg(long)]
+    entity: Option<String>,
+    /// Only letters older than this (e.g. 30d, 12h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    older_than: Option<std::time::Duration>,
+    /// At most this many (oldest first).
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters, oldest first.
+    List {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter in full (as JSON).
+    Show { id: uuid::Uuid },
+    /// Run a dead letter's action again now; removes the letter when it succeeds.
+    Retry {
+        id: uuid::Uuid,
+        /// The observers file that defines the letter's observer.
+        #[arg(long, env = "FRAISEQL_OBSERVERS_CONFIG")]
+        config: PathBuf,
+    },
+    /// Delete dead letters matching the filters (at least one filter, or --all).
+    Purge {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// Delete every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+impl DlqFilterArgs {
+    fn is_empty(&self) -> bool {
+        self.observer.is_none()
+            && self.action_type.is_none()
+            && self.code.is_none()
+            && self.entity.is_none()
+            && self.older_than.is_none()
+            && self.limit.is_none()
+    }
+
+    fn into_filter(self) -> anyhow::Result<DeadLetterFilter> {
+        let error_code = self
+            .code
+            .map(|code| {
+                ErrorCode::ALL
+                    .into_iter()
+                    .find(|candidate| candidate.as_str().eq_ignore_ascii_case(&code))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--code: expected an error code OB001…OB013, found {code:?}"
+                        )
+                    })
+            })
+            .transpose()?;
+        let created_before = self
+            .older_than
+            .map(|age| chrono::Duration::from_std(age).map(|age| chrono::Utc::now() - age))
+            .transpose()?;
+        Ok(DeadLetterFilter {
+            observer: self.observer,
+            action_type: self.action_type,
+            error_code,
+            entity_type: self.entity,
+            created_before,
+            limit: self.limit,
+        })
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -88,14 +199,82 @@ fn validate_config(file: &std::path::Path, json: bool, require_env: bool) -> Exi
     }
 }
 
+async fn database_command(command: Command) -> anyhow::Result<String> {
+    match command {
+        Command::ValidateConfig { .. } => anyhow::bail!("validate-config needs no database"),
+        Command::Migrate { database } => {
+            let pool = commands::connect(&database.database_url).await?;
+            commands::migrate(&pool).await
+        }
+        Command::Dlq { database, command } => {
+            let pool = commands::connect(&database.database_url).await?;
+            let queue = PostgresDeadLetterQueue::new(pool);
+            match command {
+                DlqCommand::List { filter, json } => {
+                    commands::dlq_list(&queue, &filter.into_filter()?, json).await
+                }
+                DlqCommand::Show { id } => commands::dlq_show(&queue, id).await,
+                DlqCommand::Retry { id, config } => {
+                    let config = config::load_file(
+                        &config,
+                        &LoadOptions::from_process_env(MissingEnv::Error),
+                    )?;
+                    commands::dlq_retry(&queue, config, id).await
+                }
+                DlqCommand::Purge { filter, all } => {
+                    if filter.is_empty() && !all {
+                        anyhow::bail!(
+                            "refusing to purge every dead letter without --all; give a filter such as --older-than 30d"
+                        );
+                    }
+                    commands::dlq_purge(&queue, &filter.into_filter()?).await
+                }
+            }
+        }
+    }
+}
+
+fn exit_code_for(error: &anyhow::Error) -> ErrorCode {
+    for cause in error.chain() {
+        if cause.downcast_ref::<config::ConfigErrors>().is_some() {
+            return ErrorCode::ConfigInvalid;
+        }
+        if cause.downcast_ref::<sqlx::Error>().is_some() {
+            return ErrorCode::StorageUnavailable;
+        }
+    }
+    ErrorCode::Internal
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    match cli.command {
-        Command::ValidateConfig {
-            file,
-            json,
-            require_env,
-        } => validate_config(&file, json, require_env),
+    if let Command::ValidateConfig {
+        file,
+        json,
+        require_env,
+    } = &cli.command
+    {
+        return validate_config(file, *json, *require_env);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(database_command(cli.command)) {
+        Ok(output) => {
+            print!("{output}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(exit_code_for(&error).exit_code())
+        }
     }
 }

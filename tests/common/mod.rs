@@ -216,3 +216,5 @@ pub fn executor_from_yaml(
     );
     (executor, dead_letters)
 }
+
+pub mod postgres;

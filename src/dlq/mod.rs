@@ -1,9 +1,11 @@
 //! The dead-letter queue: actions that failed for good, kept with everything needed to
 //! understand and re-run them.
 //!
-//! [`DeadLetterQueue`] is a seam with more than one real implementation (in memory here; the
-//! Postgres one lives with the change-log listener), so it has one conformance suite,
-//! [`conformance::run`], that every implementation must pass.
+//! [`DeadLetterQueue`] is a seam with two real implementations, in memory
+//! ([`InMemoryDeadLetterQueue`]) and in PostgreSQL ([`PostgresDeadLetterQueue`]), so it has one
+//! conformance suite, [`conformance::run`], that both must pass.
+
+mod postgres;
 
 use std::sync::Mutex;
 
@@ -14,6 +16,8 @@ use uuid::Uuid;
 
 use crate::domain::EntityEvent;
 use crate::error::ErrorCode;
+
+pub use postgres::PostgresDeadLetterQueue;
 
 /// An action that failed for good, as handed to the queue.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

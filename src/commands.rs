@@ -1,0 +1,190 @@
+//! The database-backed CLI commands (`migrate`, `dlq …`), as library functions that return what
+//! to print, so `main.rs` stays a thin shell and tests can call them.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::Utc;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+use crate::actions::{ActionContext, ActionRunner};
+use crate::config::ObserversConfig;
+use crate::dlq::{DeadLetter, DeadLetterFilter, DeadLetterQueue, PostgresDeadLetterQueue};
+use crate::retry::run_with_retry;
+
+/// Connects to the service's database.
+///
+/// # Errors
+/// The database cannot be reached within 10 seconds.
+pub async fn connect(database_url: &str) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(database_url)
+        .await
+        .context("connect to the database (DATABASE_URL)")
+}
+
+/// `migrate`: applies missing migrations and says what it did.
+///
+/// # Errors
+/// A migration failed or the database is ahead of this binary.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<String> {
+    let report = crate::migrate::run(pool).await?;
+    let mut out = String::new();
+    for name in &report.applied {
+        let _ = writeln!(out, "applied {name}");
+    }
+    let _ = writeln!(
+        out,
+        "✓ database is migrated ({} applied now, {} already in place)",
+        report.applied.len(),
+        report.already_applied
+    );
+    Ok(out)
+}
+
+fn age(letter: &DeadLetter) -> String {
+    let seconds = (Utc::now() - letter.created_at).num_seconds().max(0);
+    let seconds = u64::try_from(seconds).unwrap_or(0);
+    humantime::format_duration(Duration::from_secs(seconds)).to_string()
+}
+
+/// `dlq list`: a table (or JSON) of dead letters matching `filter`.
+///
+/// # Errors
+/// The database failed.
+pub async fn dlq_list(
+    queue: &PostgresDeadLetterQueue,
+    filter: &DeadLetterFilter,
+    json: bool,
+) -> anyhow::Result<String> {
+    let letters = queue.list(filter).await?;
+    if json {
+        return Ok(format!("{:#}\n", serde_json::to_value(&letters)?));
+    }
+    let total = queue.count().await?;
+    let mut out = format!("Dead letters (showing {} of {total})\n", letters.len());
+    let _ = writeln!(
+        out,
+        "{:<36}  {:<20}  {:<12}  {:<7}  {:>8}  {:<12}  error",
+        "id", "observer", "entity", "code", "attempts", "age"
+    );
+    for letter in &letters {
+        let message: String = letter.letter.error_message.chars().take(60).collect();
+        let _ = writeln!(
+            out,
+            "{:<36}  {:<20}  {:<12}  {:<7}  {:>8}  {:<12}  {}",
+            letter.id,
+            format!("{}[{}]", letter.letter.observer, letter.letter.action_index),
+            letter.letter.event.entity_type,
+            letter.letter.error_code.as_str(),
+            letter.letter.attempts,
+            age(letter),
+            message.replace('\n', " ")
+        );
+    }
+    Ok(out)
+}
+
+/// `dlq show ID`: everything stored for one dead letter.
+///
+/// # Errors
+/// No such letter, or the database failed.
+pub async fn dlq_show(queue: &PostgresDeadLetterQueue, id: Uuid) -> anyhow::Result<String> {
+    let letter = queue
+        .get(id)
+        .await?
+        .with_context(|| format!("no dead letter with id {id}"))?;
+    Ok(format!("{:#}\n", serde_json::to_value(&letter)?))
+}
+
+/// `dlq purge`: deletes the letters matching `filter`.
+///
+/// # Errors
+/// The database failed.
+pub async fn dlq_purge(
+    queue: &PostgresDeadLetterQueue,
+    filter: &DeadLetterFilter,
+) -> anyhow::Result<String> {
+    let deleted = queue.purge(filter).await?;
+    Ok(format!(
+        "✓ deleted {deleted} dead letter{}\n",
+        if deleted == 1 { "" } else { "s" }
+    ))
+}
+
+/// `dlq retry ID`: runs the letter's action again now, under its observer's retry policy, with
+/// the same idempotency key; on success the letter is removed, on failure it stays.
+///
+/// # Errors
+/// No such letter, its observer or action is no longer configured, the action failed again, or
+/// the database failed.
+pub async fn dlq_retry(
+    queue: &PostgresDeadLetterQueue,
+    config: ObserversConfig,
+    id: Uuid,
+) -> anyhow::Result<String> {
+    let letter = queue
+        .get(id)
+        .await?
+        .with_context(|| format!("no dead letter with id {id}"))?;
+    let observer = config
+        .observers
+        .iter()
+        .find(|observer| observer.name.as_str() == letter.letter.observer)
+        .with_context(|| {
+            format!(
+                "observer {:?} is not in {}",
+                letter.letter.observer, config.origin
+            )
+        })?
+        .clone();
+    let action = observer
+        .actions
+        .iter()
+        .find(|action| action.index == letter.letter.action_index)
+        .with_context(|| {
+            format!(
+                "observer {} has no action {}",
+                observer.name, letter.letter.action_index
+            )
+        })?;
+    let runner = ActionRunner::new(Arc::new(config.templates))?;
+    let event = &letter.letter.event;
+    let envelope = event.envelope(observer.name.as_str());
+    let context = ActionContext {
+        event,
+        observer: &observer.name,
+        action_index: action.index,
+        envelope: &envelope,
+    };
+    let timeout = action.kind.timeout();
+    let outcome = run_with_retry(&observer.retry, |_| async {
+        match tokio::time::timeout(timeout, runner.attempt(action, &context)).await {
+            Ok(result) => result,
+            Err(_) => Err(crate::retry::AttemptError::new(
+                crate::error::ErrorCode::ActionTimeout,
+                "attempt timed out",
+            )),
+        }
+    })
+    .await;
+    match outcome.result {
+        Ok(success) => {
+            queue.remove(id).await?;
+            Ok(format!(
+                "✓ retried {id}: {} after {} attempt(s); removed from the dead-letter queue\n",
+                success.detail, outcome.attempts
+            ))
+        }
+        Err(error) => anyhow::bail!(
+            "retry of {id} failed again after {} attempt(s): {error}; the letter stays",
+            outcome.attempts
+        ),
+    }
+}

@@ -1,0 +1,169 @@
+//! Applying the SQL in `migrations/` to a database, safely when several nodes start at once.
+//!
+//! The migrations are compiled into the binary. The runner takes a session advisory lock, records
+//! each applied migration with a checksum in `fraiseql_observers.schema_migrations`, applies the
+//! missing ones in order, each in its own transaction, and refuses to run against a database
+//! where an applied migration's text has since changed.
+
+use sha2::{Digest, Sha256};
+use sqlx::{Connection, PgConnection, PgPool};
+
+/// Advisory-lock key held while migrating ("fqo-migr" in ASCII).
+pub const MIGRATION_LOCK_KEY: i64 = 0x6671_6f2d_6d69_6772;
+
+/// One migration file.
+#[derive(Clone, Copy, Debug)]
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every migration, in order.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_change_log",
+        sql: include_str!("../migrations/0001_change_log.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_observer_schema",
+        sql: include_str!("../migrations/0002_observer_schema.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "0003_capture_trigger",
+        sql: include_str!("../migrations/0003_capture_trigger.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "0004_batch_reader",
+        sql: include_str!("../migrations/0004_batch_reader.sql"),
+    },
+];
+
+impl Migration {
+    /// Hex SHA-256 of the migration's text.
+    #[must_use]
+    pub fn checksum(&self) -> String {
+        hex::encode(Sha256::digest(self.sql.as_bytes()))
+    }
+}
+
+/// Why migrating failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(
+        "migration {name} was changed after it was applied to this database (checksum {applied} in the database, {embedded} in this binary)"
+    )]
+    Changed {
+        name: String,
+        applied: String,
+        embedded: String,
+    },
+    #[error(
+        "the database has migration version {version}, newer than this binary knows ({latest}); run a newer fraiseql-observers"
+    )]
+    TooNew { version: i32, latest: i32 },
+    #[error("migration {name} failed: {source}")]
+    Failed {
+        name: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database error while migrating: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// What [`run`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// Names of the migrations applied now, in order.
+    pub applied: Vec<&'static str>,
+    /// How many were already in place.
+    pub already_applied: usize,
+}
+
+/// Applies every missing migration.
+///
+/// # Errors
+/// A migration failed (its transaction is rolled back), one already applied has changed, or the
+/// database is newer than this binary.
+pub async fn run(pool: &PgPool) -> Result<MigrationReport, MigrateError> {
+    let mut connection = pool.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(MIGRATION_LOCK_KEY)
+        .execute(&mut *connection)
+        .await?;
+    let result = apply_missing(&mut connection).await;
+    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(MIGRATION_LOCK_KEY)
+        .execute(&mut *connection)
+        .await;
+    let report = result?;
+    unlocked?;
+    Ok(report)
+}
+
+async fn apply_missing(connection: &mut PgConnection) -> Result<MigrationReport, MigrateError> {
+    sqlx::raw_sql(
+        "CREATE SCHEMA IF NOT EXISTS fraiseql_observers;
+         CREATE TABLE IF NOT EXISTS fraiseql_observers.schema_migrations (
+             version    int         PRIMARY KEY,
+             name       text        NOT NULL,
+             checksum   text        NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         );",
+    )
+    .execute(&mut *connection)
+    .await?;
+    let applied: Vec<(i32, String, String)> = sqlx::query_as(
+        "SELECT version, name, checksum FROM fraiseql_observers.schema_migrations ORDER BY version",
+    )
+    .fetch_all(&mut *connection)
+    .await?;
+    let latest = MIGRATIONS.last().map_or(0, |migration| migration.version);
+    if let Some((version, _, _)) = applied.iter().find(|(version, _, _)| *version > latest) {
+        return Err(MigrateError::TooNew {
+            version: *version,
+            latest,
+        });
+    }
+    let mut report = MigrationReport::default();
+    for migration in MIGRATIONS {
+        let checksum = migration.checksum();
+        if let Some((_, name, applied_checksum)) = applied
+            .iter()
+            .find(|(version, _, _)| *version == migration.version)
+        {
+            if *applied_checksum != checksum {
+                return Err(MigrateError::Changed {
+                    name: name.clone(),
+                    applied: applied_checksum.clone(),
+                    embedded: checksum,
+                });
+            }
+            report.already_applied += 1;
+            continue;
+        }
+        let mut transaction = connection.begin().await?;
+        sqlx::raw_sql(migration.sql)
+            .execute(&mut *transaction)
+            .await
+            .map_err(|source| MigrateError::Failed {
+                name: migration.name,
+                source,
+            })?;
+        sqlx::query("INSERT INTO fraiseql_observers.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)")
+            .bind(migration.version)
+            .bind(migration.name)
+            .bind(&checksum)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        tracing::info!(migration = migration.name, "applied migration");
+        report.applied.push(migration.name);
+    }
+    Ok(report)
+}

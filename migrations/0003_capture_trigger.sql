@@ -38,6 +38,10 @@ DECLARE
     before_image   jsonb;
     changed_fields text[];
     entity_id      text;
+    -- The new row, built in a variable of the change log's own row type: plpgsql converts each
+    -- value to the column's actual type (an existing FraiseQL table may type tenant_id or
+    -- object_id as uuid), where a plain INSERT … VALUES (text) would refuse.
+    entry          core.tb_entity_change_log;
 BEGIN
     IF TG_LEVEL <> 'ROW' OR TG_WHEN <> 'AFTER' OR entity_type IS NULL THEN
         RAISE EXCEPTION 'core.observer_capture() must be attached with core.observer_track_table() (table %.%)',
@@ -53,10 +57,9 @@ BEGIN
             RETURN NULL;  -- nothing changed: no event
         END IF;
         -- NEW and OLD have the same columns, so the keys of one image are the keys of both.
-        SELECT array_agg(field.key ORDER BY field.key)
-          INTO changed_fields
-          FROM jsonb_each(after_image) AS field
-         WHERE field.value IS DISTINCT FROM before_image -> field.key;
+        changed_fields := ARRAY(SELECT field.key FROM jsonb_each(after_image) AS field
+                                 WHERE field.value IS DISTINCT FROM before_image -> field.key
+                                 ORDER BY field.key);
     ELSE
         before_image := to_jsonb(OLD);
     END IF;
@@ -69,23 +72,29 @@ BEGIN
             USING HINT = 'Re-attach with core.observer_track_table(table, entity_type, id_column).';
     END IF;
 
+    entry.tenant_id          := coalesce(after_image, before_image) ->> 'tenant_id';
+    entry.object_type        := entity_type;
+    entry.object_id          := entity_id;
+    entry.modification_type  := TG_OP;
+    entry.object_data        := after_image;
+    entry.object_data_before := before_image;
+    entry.updated_fields     := changed_fields;
+    -- missing_ok: NULL when never set; '' after a SET LOCAL has ended in this session.
+    entry.actor_type         := nullif(current_setting('fraiseql.actor_type', true), '');
+    entry.actor_id           := nullif(current_setting('fraiseql.actor_id', true), '');
+    entry.trace_id           := nullif(current_setting('fraiseql.trace_id', true), '');
+    entry.extra_metadata     := jsonb_build_object('captured_from', format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME));
+
+    -- Only these columns: id, created_at, txid, entity_hash and any FraiseQL column keep their
+    -- defaults.
     INSERT INTO core.tb_entity_change_log (
         tenant_id, object_type, object_id, modification_type,
         object_data, object_data_before, updated_fields,
         actor_type, actor_id, trace_id, extra_metadata)
     VALUES (
-        coalesce(after_image, before_image) ->> 'tenant_id',
-        entity_type,
-        entity_id,
-        TG_OP,
-        after_image,
-        before_image,
-        changed_fields,
-        -- missing_ok: NULL when never set; '' after a SET LOCAL has ended in this session.
-        nullif(current_setting('fraiseql.actor_type', true), ''),
-        nullif(current_setting('fraiseql.actor_id', true), ''),
-        nullif(current_setting('fraiseql.trace_id', true), ''),
-        jsonb_build_object('captured_from', format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)));
+        entry.tenant_id, entry.object_type, entry.object_id, entry.modification_type,
+        entry.object_data, entry.object_data_before, entry.updated_fields,
+        entry.actor_type, entry.actor_id, entry.trace_id, entry.extra_metadata);
 
     RETURN NULL;  -- AFTER trigger: the return value is ignored
 END

@@ -13,7 +13,7 @@
 //! - An action that fails for good is reported in the summary and, per its observer's
 //!   `on_failure`, parked in the dead-letter queue or logged — never silently dropped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::actions::{ActionContext, ActionRunner};
+use crate::checkpoint::ActionKey;
 use crate::config::{ActionDefinition, ExecutorSettings, FailurePolicy, ObserverDefinition};
 use crate::dlq::{DeadLetterQueue, NewDeadLetter};
 use crate::domain::EntityEvent;
@@ -37,6 +38,8 @@ pub enum ActionStatus {
     Succeeded {
         detail: String,
     },
+    /// Completed before (a replay after a crash or a failover); not run again.
+    AlreadyCompleted,
     Failed {
         code: ErrorCode,
         message: String,
@@ -56,12 +59,19 @@ pub struct ActionReport {
     pub attempts: u32,
     #[serde(serialize_with = "serialize_millis")]
     pub duration: Duration,
+    /// Nothing is left to do: the action succeeded (now or before), or failed for good and was
+    /// dead-lettered or, per `on_failure: log`, logged. An unsettled action (its dead letter could
+    /// not be stored) must run again; the listener does not move its checkpoint past it.
+    pub settled: bool,
 }
 
 impl ActionReport {
     #[must_use]
     pub fn succeeded(&self) -> bool {
-        matches!(self.status, ActionStatus::Succeeded { .. })
+        matches!(
+            self.status,
+            ActionStatus::Succeeded { .. } | ActionStatus::AlreadyCompleted
+        )
     }
 }
 
@@ -82,6 +92,24 @@ impl EventSummary {
             .iter()
             .filter(|report| !report.succeeded())
             .count()
+    }
+
+    /// Whether every action of the event is settled (see [`ActionReport::settled`]).
+    #[must_use]
+    pub fn settled(&self) -> bool {
+        self.actions.iter().all(|report| report.settled)
+    }
+
+    /// The keys of the settled actions, for the completed-actions ledger.
+    pub fn settled_keys(&self) -> impl Iterator<Item = ActionKey> + '_ {
+        self.actions
+            .iter()
+            .filter(|report| report.settled)
+            .map(|report| ActionKey {
+                event_id: self.event_id,
+                observer: report.observer.clone(),
+                action_index: report.action_index,
+            })
     }
 }
 
@@ -104,6 +132,8 @@ pub struct Executor {
     dead_letters: Arc<dyn DeadLetterQueue>,
     action_permits: Arc<Semaphore>,
     max_concurrent_entities: usize,
+    /// Where settled actions are announced as soon as they settle (the listener's ledger writer).
+    settled_sink: Option<tokio::sync::mpsc::Sender<ActionKey>>,
 }
 
 impl Executor {
@@ -120,7 +150,15 @@ impl Executor {
             dead_letters,
             action_permits: Arc::new(Semaphore::new(settings.max_concurrent_actions)),
             max_concurrent_entities: settings.max_concurrent_entities.max(1),
+            settled_sink: None,
         }
+    }
+
+    /// Announces every settled action on `sink` as soon as it settles.
+    #[must_use]
+    pub fn with_settled_sink(mut self, sink: tokio::sync::mpsc::Sender<ActionKey>) -> Executor {
+        self.settled_sink = Some(sink);
+        self
     }
 
     #[must_use]
@@ -128,8 +166,24 @@ impl Executor {
         &self.matcher
     }
 
+    /// The dead-letter queue failures are parked in.
+    #[must_use]
+    pub fn dead_letters(&self) -> &Arc<dyn DeadLetterQueue> {
+        &self.dead_letters
+    }
+
     /// Executes a batch: per-entity order, entities concurrently. Summaries come back in batch order.
     pub async fn execute_batch(&self, events: &[EntityEvent]) -> Vec<EventSummary> {
+        self.execute_batch_skipping(events, &HashSet::new()).await
+    }
+
+    /// Like [`execute_batch`](Self::execute_batch), but the actions in `completed` are not run
+    /// again; they are reported as [`ActionStatus::AlreadyCompleted`].
+    pub async fn execute_batch_skipping(
+        &self,
+        events: &[EntityEvent],
+        completed: &HashSet<ActionKey>,
+    ) -> Vec<EventSummary> {
         let mut groups: Vec<Vec<usize>> = Vec::new();
         let mut group_of_entity: HashMap<(&str, &str), usize> = HashMap::new();
         for (position, event) in events.iter().enumerate() {
@@ -145,7 +199,10 @@ impl Executor {
         let mut running = futures::stream::iter(groups.into_iter().map(|group| async move {
             let mut done = Vec::with_capacity(group.len());
             for position in group {
-                done.push((position, self.execute_event(&events[position]).await));
+                let summary = self
+                    .execute_event_skipping(&events[position], completed)
+                    .await;
+                done.push((position, summary));
             }
             done
         }))
@@ -159,8 +216,16 @@ impl Executor {
     }
 
     /// Executes every action of every observer that matches `event`, all at once.
-    #[tracing::instrument(skip_all, fields(event_id = %event.id, entity_type = %event.entity_type, entity_id = %event.entity_id, kind = %event.kind))]
     pub async fn execute_event(&self, event: &EntityEvent) -> EventSummary {
+        self.execute_event_skipping(event, &HashSet::new()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(event_id = %event.id, entity_type = %event.entity_type, entity_id = %event.entity_id, kind = %event.kind))]
+    async fn execute_event_skipping(
+        &self,
+        event: &EntityEvent,
+        completed: &HashSet<ActionKey>,
+    ) -> EventSummary {
         let started = Instant::now();
         let matched: Vec<&ObserverDefinition> = self.matcher.matching(event).collect();
         let envelopes: Vec<serde_json::Value> = matched
@@ -171,38 +236,29 @@ impl Executor {
         let mut running: FuturesUnordered<_> = matched
             .iter()
             .zip(&envelopes)
-            .flat_map(|(observer, envelope)| {
-                observer
-                    .actions
-                    .iter()
-                    .map(move |action| self.execute_action(event, observer, action, envelope))
+            .enumerate()
+            .flat_map(|(observer_position, (observer, envelope))| {
+                observer.actions.iter().map(move |action| async move {
+                    let report = self
+                        .execute_action(event, observer, action, envelope, completed)
+                        .await;
+                    (observer_position, report)
+                })
             })
             .collect();
         let mut actions = Vec::with_capacity(running.len());
         while let Some(report) = running.next().await {
             actions.push(report);
         }
-        actions.sort_by(|left, right| {
-            (
-                matched
-                    .iter()
-                    .position(|observer| observer.name.as_str() == left.observer),
-                left.action_index,
-            )
-                .cmp(&(
-                    matched
-                        .iter()
-                        .position(|observer| observer.name.as_str() == right.observer),
-                    right.action_index,
-                ))
-        });
+        actions
+            .sort_by_key(|(observer_position, report)| (*observer_position, report.action_index));
         EventSummary {
             event_id: event.id,
             matched_observers: matched
                 .iter()
                 .map(|observer| observer.name.to_string())
                 .collect(),
-            actions,
+            actions: actions.into_iter().map(|(_, report)| report).collect(),
             duration: started.elapsed(),
         }
     }
@@ -213,8 +269,25 @@ impl Executor {
         observer: &ObserverDefinition,
         action: &ActionDefinition,
         envelope: &serde_json::Value,
+        completed: &HashSet<ActionKey>,
     ) -> ActionReport {
         let started = Instant::now();
+        let key = ActionKey {
+            event_id: event.id,
+            observer: observer.name.to_string(),
+            action_index: action.index,
+        };
+        if completed.contains(&key) {
+            return ActionReport {
+                observer: key.observer,
+                action_index: action.index,
+                action_type: action.kind.type_name(),
+                status: ActionStatus::AlreadyCompleted,
+                attempts: 0,
+                duration: started.elapsed(),
+                settled: true,
+            };
+        }
         let context = ActionContext {
             event,
             observer: &observer.name,
@@ -248,6 +321,16 @@ impl Executor {
                     .await
             }
         };
+        let settled = match &status {
+            ActionStatus::Succeeded { .. } | ActionStatus::AlreadyCompleted => true,
+            ActionStatus::Failed { dead_letter, .. } => {
+                dead_letter.is_some() || observer.on_failure == FailurePolicy::Log
+            }
+        };
+        if settled && let Some(sink) = &self.settled_sink {
+            // A closed sink only means nobody records early; the checkpoint records it anyway.
+            let _ = sink.send(key).await;
+        }
         ActionReport {
             observer: observer.name.to_string(),
             action_index: action.index,
@@ -255,6 +338,7 @@ impl Executor {
             status,
             attempts: outcome.attempts,
             duration: started.elapsed(),
+            settled,
         }
     }
 

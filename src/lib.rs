@@ -6,15 +6,19 @@
 //! in the [`dlq`]. [`config`] turns an observers file into the compiled form all of them use.
 
 pub mod actions;
+pub mod checkpoint;
 pub mod commands;
 pub mod condition;
 pub mod config;
+pub mod demo;
 pub mod dlq;
 pub mod domain;
 pub mod error;
 pub mod executor;
+pub mod listener;
 pub mod matcher;
 pub mod migrate;
+pub mod node;
 pub mod report;
 pub mod retry;
 pub mod template;

@@ -46,6 +46,38 @@ enum Command {
         #[arg(long)]
         require_env: bool,
     },
+    /// Run the service: apply migrations, claim the change log, deliver until SIGINT/SIGTERM.
+    Run {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The observers file.
+        #[arg(long, env = "FRAISEQL_OBSERVERS_CONFIG")]
+        config: PathBuf,
+        /// This node's name (recorded as the partition's leader).
+        #[arg(long, env = "FRAISEQL_OBSERVERS_NODE_ID")]
+        node_id: Option<String>,
+        /// Change-log rows per page.
+        #[arg(long, env = "FRAISEQL_OBSERVERS_BATCH_SIZE", default_value_t = fraiseql_observers::listener::DEFAULT_BATCH_SIZE)]
+        batch_size: u32,
+        /// How often to look for changes when no notification arrives.
+        #[arg(long, env = "FRAISEQL_OBSERVERS_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+        poll_interval: std::time::Duration,
+        /// How long a shutdown may take to finish in-flight work and save the checkpoint.
+        #[arg(long, env = "FRAISEQL_OBSERVERS_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+        shutdown_timeout: std::time::Duration,
+    },
+    /// Demo on the local database: creates `fraiseql_observers_demo`, a webhook receiver and an
+    /// `orders` table, runs a node with examples/demo.yaml and prints the deliveries.
+    Demo {
+        /// PostgreSQL server to create the demo database on.
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+            hide_env_values = true
+        )]
+        database_url: String,
+    },
     /// Apply the database migrations (change log, capture trigger, the service's own schema).
     /// Safe to run from several nodes at once.
     Migrate {
@@ -159,7 +191,7 @@ impl DlqFilterArgs {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -199,9 +231,93 @@ fn validate_config(file: &std::path::Path, json: bool, require_env: bool) -> Exi
     }
 }
 
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(terminate) => terminate,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM; only SIGINT stops the node");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+async fn run_node(
+    database: DatabaseArgs,
+    config_path: PathBuf,
+    settings: fraiseql_observers::listener::ListenerSettings,
+    shutdown_timeout: std::time::Duration,
+) -> anyhow::Result<String> {
+    let config = config::load_file(
+        &config_path,
+        &LoadOptions::from_process_env(MissingEnv::Error),
+    )?;
+    for warning in &config.warnings {
+        tracing::warn!(%warning, "configuration warning");
+    }
+    let pool = commands::connect(&database.database_url).await?;
+    let node = fraiseql_observers::node::Node::build(pool, config, settings).await?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut running = tokio::spawn(node.run_until_stopped(shutdown.clone()));
+    tracing::info!("node running");
+    tokio::select! {
+        finished = &mut running => {
+            finished??;
+            anyhow::bail!("the listener stopped on its own");
+        }
+        () = shutdown_signal() => {}
+    }
+    tracing::info!(timeout = %humantime::format_duration(shutdown_timeout), "shutting down: finishing in-flight work");
+    shutdown.cancel();
+    match tokio::time::timeout(shutdown_timeout, running).await {
+        Ok(finished) => {
+            finished??;
+            Ok("stopped cleanly\n".to_owned())
+        }
+        Err(_) => Err(anyhow::anyhow!(
+            "{}: in-flight work did not finish within {}; it will be redelivered",
+            ErrorCode::ShuttingDown,
+            humantime::format_duration(shutdown_timeout)
+        )),
+    }
+}
+
 async fn database_command(command: Command) -> anyhow::Result<String> {
     match command {
         Command::ValidateConfig { .. } => anyhow::bail!("validate-config needs no database"),
+        Command::Run {
+            database,
+            config,
+            node_id,
+            batch_size,
+            poll_interval,
+            shutdown_timeout,
+        } => {
+            anyhow::ensure!(batch_size > 0, "--batch-size must be at least 1");
+            let settings = fraiseql_observers::listener::ListenerSettings {
+                batch_size,
+                poll_interval,
+                node_id: node_id.unwrap_or_else(fraiseql_observers::listener::default_node_id),
+                ..fraiseql_observers::listener::ListenerSettings::default()
+            };
+            run_node(database, config, settings, shutdown_timeout).await
+        }
+        Command::Demo { database_url } => {
+            fraiseql_observers::demo::run(&database_url).await?;
+            Ok(String::new())
+        }
         Command::Migrate { database } => {
             let pool = commands::connect(&database.database_url).await?;
             commands::migrate(&pool).await
@@ -239,8 +355,16 @@ fn exit_code_for(error: &anyhow::Error) -> ErrorCode {
         if cause.downcast_ref::<config::ConfigErrors>().is_some() {
             return ErrorCode::ConfigInvalid;
         }
-        if cause.downcast_ref::<sqlx::Error>().is_some() {
+        if cause.downcast_ref::<sqlx::Error>().is_some()
+            || cause
+                .downcast_ref::<fraiseql_observers::migrate::MigrateError>()
+                .is_some()
+        {
             return ErrorCode::StorageUnavailable;
+        }
+        if let Some(listener) = cause.downcast_ref::<fraiseql_observers::listener::ListenerError>()
+        {
+            return listener.code();
         }
     }
     ErrorCode::Internal

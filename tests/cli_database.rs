@@ -151,3 +151,131 @@ async fn dead_letters_can_be_listed_shown_retried_and_purged() {
     assert!(stdout.contains("deleted 1 dead letter"), "{stdout}");
     assert_eq!(queue.count().await.unwrap(), 0);
 }
+
+#[test]
+fn the_demo_shows_every_delivery_and_stops_cleanly() {
+    let output = Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
+        .args(["demo", "--database-url", &common::postgres::server_url()])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.matches("← POST /orders/created").count(),
+        3,
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("← POST /orders/paid").count(), 1, "{stdout}");
+    assert!(
+        stdout.contains(r#"{"order":"1","total":250,"was":"new"}"#),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.matches("← POST /orders/deleted").count(),
+        1,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("✓ 5 deliveries, node stopped cleanly"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_delivers_changes_and_stops_cleanly_on_sigterm() {
+    let database = TestDatabase::create().await;
+    let receiver = Receiver::start().await;
+    let directory = tempfile::tempdir().unwrap();
+    let config = directory.path().join("observers.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "observers:\n  - name: orders\n    entity: Order\n    events: [insert, update]\n    actions: [{{type: webhook, url: '{}'}}]\n",
+            receiver.url("/orders")
+        ),
+    )
+    .unwrap();
+    let node = Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
+        .args([
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--poll-interval",
+            "200ms",
+            "--node-id",
+            "test-node",
+        ])
+        .env("DATABASE_URL", &database.url)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // The node migrates on start; wait for the schema before writing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let leader: Option<String> = sqlx::query_scalar(
+            "SELECT leader FROM fraiseql_observers.partitions WHERE partition = 0",
+        )
+        .fetch_optional(&database.pool)
+        .await
+        .unwrap_or(None);
+        if leader.as_deref() == Some("test-node") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node did not claim the partition"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    sqlx::raw_sql(
+        "CREATE TABLE orders (id int PRIMARY KEY, status text);
+         SELECT core.observer_track_table('orders'::regclass, 'Order');
+         INSERT INTO orders VALUES (1, 'new'), (2, 'new');
+         UPDATE orders SET status = 'paid' WHERE id = 1;",
+    )
+    .execute(&database.pool)
+    .await
+    .unwrap();
+    while receiver.requests_to("/orders").len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "deliveries did not arrive"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let terminated = Command::new("kill")
+        .args(["-TERM", &node.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    let output = node.wait_with_output().unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("stopped cleanly"), "{stdout}");
+    let kinds: Vec<String> = receiver
+        .requests_to("/orders")
+        .iter()
+        .map(|request| request.json()["event_type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, ["INSERT", "INSERT", "UPDATE"]);
+    let processed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM fraiseql_observers.processed_actions")
+            .fetch_one(&database.pool)
+            .await
+            .unwrap();
+    assert_eq!(processed, 3, "every completed action is in the ledger");
+}

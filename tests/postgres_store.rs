@@ -98,3 +98,10 @@ async fn postgres_dead_letter_queue_conforms() {
     let database = TestDatabase::migrated().await;
     conformance::run(&PostgresDeadLetterQueue::new(database.pool.clone())).await;
 }
+
+#[tokio::test]
+async fn postgres_checkpoint_store_conforms() {
+    let database = TestDatabase::migrated().await;
+    let store = fraiseql_observers::checkpoint::PostgresCheckpointStore::new(database.pool.clone());
+    fraiseql_observers::checkpoint::conformance::run(&store, ["100:105:101,103", "106:106:"]).await;
+}

@@ -1,0 +1,272 @@
+//! Turning a change-log row (as `to_jsonb(row)`) into an [`EntityEvent`], or saying exactly what
+//! is wrong with it. Pure: no I/O.
+//!
+//! Rows are read as JSON so that FraiseQL tables whose columns have other types (a `uuid`
+//! `object_id`, a `uuid` `tenant_id`) decode the same way, and so that a row that does not
+//! decode can be kept whole in the dead-letter queue.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::domain::{Actor, EntityEvent, EventKind, FieldChanges};
+
+/// Why a row could not become an event; `column` names the culprit.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("change-log row {position}: column {column}: {problem}")]
+pub struct MalformedRow {
+    pub position: i64,
+    pub column: &'static str,
+    pub problem: String,
+}
+
+fn describe(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A scalar column as text (`uuid`, `int` and `text` columns alike); `None` for null/absent.
+fn text(
+    row: &Map<String, Value>,
+    column: &'static str,
+    position: i64,
+) -> Result<Option<String>, MalformedRow> {
+    match row.get(column) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(Value::Number(number)) => Ok(Some(number.to_string())),
+        Some(Value::Bool(flag)) => Ok(Some(flag.to_string())),
+        Some(other) => Err(MalformedRow {
+            position,
+            column,
+            problem: format!("expected a scalar, found {}", describe(other)),
+        }),
+    }
+}
+
+fn required_text(
+    row: &Map<String, Value>,
+    column: &'static str,
+    position: i64,
+) -> Result<String, MalformedRow> {
+    match text(row, column, position)? {
+        Some(value) if !value.trim().is_empty() => Ok(value),
+        _ => Err(MalformedRow {
+            position,
+            column,
+            problem: "expected a value, found null or empty".into(),
+        }),
+    }
+}
+
+/// A row image column: an object, or null.
+fn image(
+    row: &Map<String, Value>,
+    column: &'static str,
+    position: i64,
+) -> Result<Option<Value>, MalformedRow> {
+    match row.get(column) {
+        None | Some(Value::Null) => Ok(None),
+        Some(object @ Value::Object(_)) => Ok(Some(object.clone())),
+        Some(other) => Err(MalformedRow {
+            position,
+            column,
+            problem: format!(
+                "expected a JSON object (the row image), found {}",
+                describe(other)
+            ),
+        }),
+    }
+}
+
+/// Decodes one change-log row.
+///
+/// # Errors
+/// The first column that does not fit the change-log contract.
+pub fn decode_row(position: i64, row: &Value) -> Result<EntityEvent, MalformedRow> {
+    let Some(row) = row.as_object() else {
+        return Err(MalformedRow {
+            position,
+            column: "(row)",
+            problem: format!("expected a row object, found {}", describe(row)),
+        });
+    };
+    let id_text = required_text(row, "id", position)?;
+    let id = Uuid::parse_str(&id_text).map_err(|error| MalformedRow {
+        position,
+        column: "id",
+        problem: format!("expected a UUID, found {id_text:?} ({error})"),
+    })?;
+    let entity_type = required_text(row, "object_type", position)?;
+    let entity_id = required_text(row, "object_id", position)?;
+    let kind_text = required_text(row, "modification_type", position)?;
+    let kind = EventKind::parse(kind_text.trim()).map_err(|found| MalformedRow {
+        position,
+        column: "modification_type",
+        problem: format!("expected INSERT, UPDATE, DELETE or CUSTOM, found {found:?}"),
+    })?;
+    let after = image(row, "object_data", position)?;
+    let before = image(row, "object_data_before", position)?;
+    if after.is_none() && before.is_none() && kind != EventKind::Custom {
+        return Err(MalformedRow {
+            position,
+            column: "object_data",
+            problem: format!("a {kind} row needs object_data or object_data_before, both are null"),
+        });
+    }
+    let updated_fields = match row.get("updated_fields") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(items)) => Some(
+            items
+                .iter()
+                .map(|item| match item {
+                    Value::String(field) => Ok(field.clone()),
+                    other => Err(MalformedRow {
+                        position,
+                        column: "updated_fields",
+                        problem: format!("expected field names, found {}", describe(other)),
+                    }),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        Some(other) => {
+            return Err(MalformedRow {
+                position,
+                column: "updated_fields",
+                problem: format!(
+                    "expected an array of field names, found {}",
+                    describe(other)
+                ),
+            });
+        }
+    };
+    let timestamp = match text(row, "created_at", position)? {
+        None => Utc::now(),
+        Some(moment) => DateTime::parse_from_rfc3339(&moment)
+            .map(|moment| moment.with_timezone(&Utc))
+            .map_err(|error| MalformedRow {
+                position,
+                column: "created_at",
+                problem: format!("expected a timestamp, found {moment:?} ({error})"),
+            })?,
+    };
+    let actor_kind = text(row, "actor_type", position)?;
+    let actor_id = text(row, "actor_id", position)?;
+    let data = after.unwrap_or(Value::Null);
+    let changes = FieldChanges::derive(kind, before.as_ref(), &data, updated_fields.as_deref());
+    Ok(EntityEvent {
+        id,
+        kind,
+        entity_type,
+        entity_id,
+        data,
+        before,
+        changes,
+        tenant_id: text(row, "tenant_id", position)?,
+        actor: (actor_kind.is_some() || actor_id.is_some()).then_some(Actor {
+            kind: actor_kind,
+            id: actor_id,
+        }),
+        timestamp,
+        position: Some(position),
+        trace_id: text(row, "trace_id", position)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn row() -> Value {
+        json!({
+            "pk_entity_change_log": 7, "id": "0194f8a2-7c1e-7b3a-9c1d-2b9f7e1a0c11",
+            "created_at": "2026-11-27T21:00:00.123456+00:00", "tenant_id": 5,
+            "object_type": "Order", "object_id": "42", "modification_type": "update",
+            "object_data": {"id": 42, "status": "paid"}, "object_data_before": {"id": 42, "status": "new"},
+            "updated_fields": ["status"], "actor_type": "user", "actor_id": null, "trace_id": "t-1"
+        })
+    }
+
+    #[test]
+    fn a_contract_row_decodes() {
+        let event = decode_row(7, &row()).unwrap();
+        assert_eq!(event.kind, EventKind::Update);
+        assert_eq!(event.entity_type, "Order");
+        assert_eq!(event.entity_id, "42");
+        assert_eq!(event.tenant_id.as_deref(), Some("5"));
+        assert_eq!(event.position, Some(7));
+        assert_eq!(event.changes["status"].new, json!("paid"));
+        assert_eq!(event.actor.unwrap().kind.as_deref(), Some("user"));
+        assert_eq!(
+            event.timestamp.to_rfc3339(),
+            "2026-11-27T21:00:00.123456+00:00"
+        );
+    }
+
+    #[test]
+    fn each_contract_violation_names_its_column() {
+        let cases: [(&str, Value, &str, &str); 7] = [
+            (
+                "modification_type",
+                json!("UPSERT"),
+                "modification_type",
+                "found \"UPSERT\"",
+            ),
+            (
+                "object_data",
+                json!([1, 2]),
+                "object_data",
+                "found an array",
+            ),
+            (
+                "object_data_before",
+                json!("text"),
+                "object_data_before",
+                "found a string",
+            ),
+            ("object_id", Value::Null, "object_id", "found null"),
+            ("id", json!("not-a-uuid"), "id", "expected a UUID"),
+            (
+                "updated_fields",
+                json!([1]),
+                "updated_fields",
+                "found a number",
+            ),
+            (
+                "created_at",
+                json!("yesterday"),
+                "created_at",
+                "expected a timestamp",
+            ),
+        ];
+        for (column, value, expected_column, expected_problem) in cases {
+            let mut broken = row();
+            broken[column] = value;
+            let error = decode_row(7, &broken).unwrap_err();
+            assert_eq!(error.column, expected_column, "{error}");
+            assert!(error.problem.contains(expected_problem), "{error}");
+            assert!(
+                error.to_string().starts_with("change-log row 7: column"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_row_with_no_image_at_all_is_malformed_unless_custom() {
+        let mut broken = row();
+        broken["object_data"] = Value::Null;
+        broken["object_data_before"] = Value::Null;
+        assert_eq!(decode_row(1, &broken).unwrap_err().column, "object_data");
+        broken["modification_type"] = json!("CUSTOM");
+        assert_eq!(decode_row(1, &broken).unwrap().kind, EventKind::Custom);
+    }
+}

@@ -1,0 +1,404 @@
+//! The change-log listener: reads committed changes in batches, hands them to the executor in
+//! change order, and moves the partition's checkpoint only past what is settled.
+//!
+//! Batches are PgQ-style (see `migrations/0004_batch_reader.sql` and ARCHITECTURE.md): the rows
+//! of transactions that became visible between the checkpoint's snapshot and a new snapshot taken
+//! on the reading connection. A late-committing transaction lands in the batch after its commit
+//! whatever its ids; a long-running transaction elsewhere holds nothing back. A batch larger than
+//! one page is walked by change-log id, the position saved after every page.
+//!
+//! Invariants:
+//! - Pages are executed one after another, so one entity's changes run in change order.
+//! - The checkpoint moves only after every action of the page is settled (succeeded, or failed
+//!   for good and dead-lettered/logged); the settled (event, observer, action) triples are written
+//!   in the same transaction, so a replay after a crash does not repeat them.
+//! - A row that cannot be decoded goes to the dead-letter queue with its reason and the raw row;
+//!   the rest of the page flows on.
+//! - Every checkpoint write is fenced by the lease epoch: after another node claims the
+//!   partition, this listener stops with [`ListenerError::FencedOut`].
+
+mod decode;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use decode::{MalformedRow, decode_row};
+
+use crate::checkpoint::{BatchPosition, Checkpoint, CheckpointError, CheckpointStore};
+use crate::dlq::{DeadLetterError, NewDeadLetter};
+use crate::domain::{EntityEvent, EventKind};
+use crate::error::ErrorCode;
+use crate::executor::{EventSummary, Executor};
+
+/// The channel the change log's statement trigger notifies.
+pub const NOTIFY_CHANNEL: &str = "fraiseql_observers_change_log";
+/// Observer name under which undecodable change-log rows are dead-lettered.
+pub const DECODE_OBSERVER: &str = "(change-log)";
+pub const DEFAULT_BATCH_SIZE: u32 = 1000;
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Least time between checkpoint writes that only move an idle partition's snapshot forward.
+const IDLE_ADVANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// Pause after a failed page before trying it again.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// How one listener reads.
+#[derive(Clone, Debug)]
+pub struct ListenerSettings {
+    /// The partition whose checkpoint this listener owns.
+    pub partition: i32,
+    /// `Some(count)` to read only rows with `entity_hash % count == partition`; `None` for all.
+    pub partition_count: Option<i32>,
+    /// Rows per page.
+    pub batch_size: u32,
+    /// How often to look for changes when no notification arrives.
+    pub poll_interval: Duration,
+    /// This node's name, recorded as the partition's leader.
+    pub node_id: String,
+}
+
+impl Default for ListenerSettings {
+    fn default() -> Self {
+        ListenerSettings {
+            partition: 0,
+            partition_count: None,
+            batch_size: DEFAULT_BATCH_SIZE,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            node_id: default_node_id(),
+        }
+    }
+}
+
+/// `FRAISEQL_OBSERVERS_NODE_ID`, else the host name, else a random id.
+#[must_use]
+pub fn default_node_id() -> String {
+    std::env::var("FRAISEQL_OBSERVERS_NODE_ID")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| format!("node-{}", Uuid::new_v4().simple()))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error(transparent)]
+    FencedOut(CheckpointError),
+    #[error("checkpoint storage failed: {0}")]
+    Checkpoint(#[source] CheckpointError),
+    #[error("reading the change log failed: {0}")]
+    Read(#[from] sqlx::Error),
+    #[error("a dead letter could not be stored: {0}")]
+    DeadLetter(#[from] DeadLetterError),
+    #[error(
+        "{0} action(s) of this page are not settled (their dead letters could not be stored); the page will be retried"
+    )]
+    Unsettled(usize),
+}
+
+impl ListenerError {
+    #[must_use]
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ListenerError::FencedOut(_) => ErrorCode::FencedOut,
+            _ => ErrorCode::StorageUnavailable,
+        }
+    }
+}
+
+impl From<CheckpointError> for ListenerError {
+    fn from(error: CheckpointError) -> Self {
+        match error {
+            CheckpointError::FencedOut { .. } => ListenerError::FencedOut(error),
+            CheckpointError::Storage(_) => ListenerError::Checkpoint(error),
+        }
+    }
+}
+
+/// What one page delivered.
+#[derive(Debug, Default)]
+pub struct PageOutcome {
+    /// Change-log rows read.
+    pub rows: usize,
+    /// Rows that did not decode and were dead-lettered.
+    pub malformed: usize,
+    /// One summary per decoded event, in change order.
+    pub summaries: Vec<EventSummary>,
+    /// The page was full: more of the batch is waiting.
+    pub more: bool,
+}
+
+/// Reads one partition of the change log and executes it.
+#[derive(Debug)]
+pub struct Listener {
+    pool: PgPool,
+    store: Arc<dyn CheckpointStore>,
+    executor: Executor,
+    settings: ListenerSettings,
+    checkpoint: Checkpoint,
+    last_idle_advance: std::time::Instant,
+}
+
+impl Listener {
+    /// Claims the partition (bumping its epoch) and positions the listener at its checkpoint.
+    ///
+    /// # Errors
+    /// The checkpoint store failed.
+    pub async fn start(
+        pool: PgPool,
+        store: Arc<dyn CheckpointStore>,
+        executor: Executor,
+        settings: ListenerSettings,
+    ) -> Result<Listener, ListenerError> {
+        let checkpoint = store.claim(settings.partition, &settings.node_id).await?;
+        tracing::info!(partition = checkpoint.partition, epoch = checkpoint.epoch, node = %settings.node_id, "partition claimed");
+        Ok(Listener {
+            pool,
+            store,
+            executor,
+            settings,
+            checkpoint,
+            last_idle_advance: std::time::Instant::now(),
+        })
+    }
+
+    /// The checkpoint as last saved by this listener.
+    #[must_use]
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    /// Reads the next page, executes it and saves the checkpoint. Returns an empty outcome when
+    /// nothing new has committed.
+    ///
+    /// # Errors
+    /// Reading, dead-lettering or checkpointing failed (the page will be read again), or another
+    /// node took the partition over ([`ListenerError::FencedOut`]).
+    pub async fn deliver_page(&mut self) -> Result<PageOutcome, ListenerError> {
+        let position = self.checkpoint.position.clone();
+        let (upto, rows) = self.read_page(&position).await?;
+        if rows.is_empty() && position.batch_upto.is_none() {
+            // Nothing of ours committed since the checkpoint's snapshot. Keeping that snapshot is
+            // exact, but the next reads would range over every change-log row committed since
+            // (other partitions' too), so move it forward — at most once per interval, so that
+            // an idle node writes almost nothing.
+            let snapshot_moved = position.snapshot.as_deref() != Some(upto.as_str());
+            if snapshot_moved && self.last_idle_advance.elapsed() >= IDLE_ADVANCE_INTERVAL {
+                let next = BatchPosition {
+                    snapshot: Some(upto),
+                    batch_upto: None,
+                    batch_position: None,
+                };
+                self.checkpoint = self.store.save(&self.checkpoint, next, &[]).await?;
+                self.last_idle_advance = std::time::Instant::now();
+            }
+            return Ok(PageOutcome::default());
+        }
+
+        let row_count = rows.len();
+        let last_position = rows.last().map(|(position, _)| *position);
+        let mut events = Vec::with_capacity(row_count);
+        let mut malformed = 0;
+        for (position, row) in rows {
+            match decode_row(position, &row) {
+                Ok(event) => events.push(event),
+                Err(problem) => {
+                    malformed += 1;
+                    self.dead_letter_row(position, row, &problem).await?;
+                }
+            }
+        }
+
+        let event_ids: Vec<Uuid> = events.iter().map(|event| event.id).collect();
+        let completed = self.store.completed_among(&event_ids).await?;
+        let summaries = self
+            .executor
+            .execute_batch_skipping(&events, &completed)
+            .await;
+        let unsettled = summaries
+            .iter()
+            .flat_map(|summary| &summary.actions)
+            .filter(|report| !report.settled)
+            .count();
+        let settled: Vec<_> = summaries
+            .iter()
+            .flat_map(EventSummary::settled_keys)
+            .collect();
+        if unsettled > 0 {
+            // Keep what did settle, so the retried page does not repeat it.
+            self.store.record_completed(&settled).await?;
+            return Err(ListenerError::Unsettled(unsettled));
+        }
+
+        let full_page = u32::try_from(row_count).unwrap_or(u32::MAX) >= self.settings.batch_size;
+        let next = if full_page {
+            BatchPosition {
+                snapshot: position.snapshot,
+                batch_upto: Some(upto),
+                batch_position: last_position,
+            }
+        } else {
+            BatchPosition {
+                snapshot: Some(upto),
+                batch_upto: None,
+                batch_position: None,
+            }
+        };
+        let settled: Vec<_> = settled
+            .into_iter()
+            .filter(|key| !completed.contains(key))
+            .collect();
+        self.checkpoint = self.store.save(&self.checkpoint, next, &settled).await?;
+        Ok(PageOutcome {
+            rows: row_count,
+            malformed,
+            summaries,
+            more: full_page,
+        })
+    }
+
+    /// The batch's end snapshot and the page of rows after the checkpoint.
+    async fn read_page(
+        &self,
+        position: &BatchPosition,
+    ) -> Result<(String, Vec<(i64, Value)>), ListenerError> {
+        let mut connection = self.pool.acquire().await?;
+        let upto = match &position.batch_upto {
+            Some(upto) => upto.clone(),
+            None => {
+                sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+                    .fetch_one(&mut *connection)
+                    .await?
+            }
+        };
+        let (partitions, partition_count) = match self.settings.partition_count {
+            Some(count) => (Some(vec![self.settings.partition]), Some(count)),
+            None => (None, None),
+        };
+        let rows: Vec<(i64, Value)> = sqlx::query_as(
+            "SELECT change.pk_entity_change_log, to_jsonb(change)
+               FROM fraiseql_observers.read_batch($1::pg_snapshot, $2::pg_snapshot, $3, $4, $5, $6) AS change",
+        )
+        .bind(&position.snapshot)
+        .bind(&upto)
+        .bind(position.batch_upto.as_ref().and(position.batch_position))
+        .bind(i32::try_from(self.settings.batch_size).unwrap_or(i32::MAX))
+        .bind(partitions)
+        .bind(partition_count)
+        .fetch_all(&mut *connection)
+        .await?;
+        Ok((upto, rows))
+    }
+
+    async fn dead_letter_row(
+        &self,
+        position: i64,
+        row: Value,
+        problem: &MalformedRow,
+    ) -> Result<(), ListenerError> {
+        tracing::warn!(position, column = problem.column, problem = %problem.problem, "change-log row does not decode; dead-lettered");
+        let field = |name: &str| row.get(name).and_then(Value::as_str).map(str::to_owned);
+        let event = EntityEvent {
+            id: field("id")
+                .and_then(|id| Uuid::parse_str(&id).ok())
+                .unwrap_or_else(Uuid::now_v7),
+            kind: EventKind::Custom,
+            entity_type: field("object_type").unwrap_or_else(|| "(unknown)".to_owned()),
+            entity_id: field("object_id").unwrap_or_else(|| position.to_string()),
+            data: row,
+            before: None,
+            changes: std::collections::BTreeMap::new(),
+            tenant_id: None,
+            actor: None,
+            timestamp: chrono::Utc::now(),
+            position: Some(position),
+            trace_id: None,
+        };
+        self.executor
+            .dead_letters()
+            .push(NewDeadLetter {
+                event,
+                observer: DECODE_OBSERVER.to_owned(),
+                action_index: 0,
+                action_type: "decode".to_owned(),
+                error_code: ErrorCode::MalformedEvent,
+                error_message: problem.to_string(),
+                attempts: 1,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Delivers until `shutdown` is cancelled: drains what is committed, then waits for a
+    /// notification or the poll interval. A page in progress is finished and checkpointed before
+    /// returning.
+    ///
+    /// # Errors
+    /// Another node took the partition over; every other failure is retried.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ListenerError> {
+        let mut notifications = match PgListener::connect_with(&self.pool).await {
+            Ok(mut listener) => match listener.listen(NOTIFY_CHANNEL).await {
+                Ok(()) => Some(listener),
+                Err(error) => {
+                    tracing::warn!(%error, "LISTEN failed; polling only");
+                    None
+                }
+            },
+            Err(error) => {
+                tracing::warn!(%error, "LISTEN connection failed; polling only");
+                None
+            }
+        };
+        while !shutdown.is_cancelled() {
+            let pause = match self.deliver_page().await {
+                Ok(outcome) if outcome.more || outcome.rows > 0 => continue,
+                Ok(_) => self.settings.poll_interval,
+                Err(error @ ListenerError::FencedOut(_)) => return Err(error),
+                Err(error) => {
+                    tracing::warn!(%error, code = %error.code(), "page not delivered; retrying");
+                    RETRY_PAUSE
+                }
+            };
+            let woken = async {
+                match notifications.as_mut() {
+                    Some(listener) => {
+                        if let Err(error) = listener.recv().await {
+                            tracing::warn!(%error, "notification connection lost; it reconnects on the next wait");
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = woken => {}
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+        tracing::info!(partition = self.checkpoint.partition, "listener stopped");
+        Ok(())
+    }
+}
+
+/// Writes settled actions to the ledger as they settle, in small groups, ahead of the page's
+/// checkpoint, so that a crash in the middle of a page repeats as little as possible.
+pub async fn record_settled_actions(
+    store: Arc<dyn CheckpointStore>,
+    mut settled: tokio::sync::mpsc::Receiver<crate::checkpoint::ActionKey>,
+) {
+    const GROUP: usize = 256;
+    let mut group = Vec::with_capacity(GROUP);
+    while settled.recv_many(&mut group, GROUP).await > 0 {
+        let unique: HashSet<_> = group.drain(..).collect();
+        let keys: Vec<_> = unique.into_iter().collect();
+        if let Err(error) = store.record_completed(&keys).await {
+            tracing::warn!(%error, "recording settled actions early failed; the checkpoint will record them");
+        }
+    }
+}

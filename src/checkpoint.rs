@@ -42,11 +42,41 @@ pub struct Checkpoint {
 }
 
 /// One action of one event for one observer: the unit of effectively-once.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ActionKey {
     pub event_id: Uuid,
     pub observer: String,
     pub action_index: usize,
+}
+
+/// Actions settled since the last checkpoint save and not yet written anywhere.
+///
+/// The executor adds to it as actions settle; the page's checkpoint save takes everything in it
+/// (so each key is written once in the common case), and a background writer flushes what a
+/// long page leaves waiting, so that a crash in the middle of a slow page repeats little.
+/// Bounded by the actions of one page.
+#[derive(Debug, Default)]
+pub struct PendingCompletions {
+    keys: Mutex<Vec<ActionKey>>,
+}
+
+impl PendingCompletions {
+    pub fn push(&self, key: ActionKey) {
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(key);
+    }
+
+    /// Everything waiting, leaving it empty.
+    pub fn take(&self) -> Vec<ActionKey> {
+        std::mem::take(
+            &mut *self
+                .keys
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +157,14 @@ fn checkpoint_from_row(
     }
 }
 
+/// The keys as column arrays, sorted: every writer of `processed_actions` (the early ledger
+/// writer and checkpoint saves, which overlap) takes the row locks in the same order, so they
+/// wait for each other instead of deadlocking.
 fn key_columns(completed: &[ActionKey]) -> (Vec<Uuid>, Vec<String>, Vec<i32>) {
+    let mut sorted: Vec<&ActionKey> = completed.iter().collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let completed = sorted;
     let event_ids = completed.iter().map(|key| key.event_id).collect();
     let observers = completed.iter().map(|key| key.observer.clone()).collect();
     let indexes = completed

@@ -21,8 +21,18 @@ use crate::retry::run_with_retry;
 /// # Errors
 /// The database cannot be reached within 10 seconds.
 pub async fn connect(database_url: &str) -> anyhow::Result<PgPool> {
+    connect_with_size(database_url, 4).await
+}
+
+/// Connects with a pool of at most `max_connections`. A running node needs one connection for
+/// notifications, one for reading, one for checkpoints and the ledger, and more for dead letters
+/// under failure; too small a pool shows up as page latency.
+///
+/// # Errors
+/// The database cannot be reached within 10 seconds.
+pub async fn connect_with_size(database_url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
-        .max_connections(4)
+        .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
         .connect(database_url)
         .await

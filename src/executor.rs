@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::actions::{ActionContext, ActionRunner};
-use crate::checkpoint::ActionKey;
+use crate::checkpoint::{ActionKey, PendingCompletions};
 use crate::config::{ActionDefinition, ExecutorSettings, FailurePolicy, ObserverDefinition};
 use crate::dlq::{DeadLetterQueue, NewDeadLetter};
 use crate::domain::EntityEvent;
@@ -132,8 +132,8 @@ pub struct Executor {
     dead_letters: Arc<dyn DeadLetterQueue>,
     action_permits: Arc<Semaphore>,
     max_concurrent_entities: usize,
-    /// Where settled actions are announced as soon as they settle (the listener's ledger writer).
-    settled_sink: Option<tokio::sync::mpsc::Sender<ActionKey>>,
+    /// Where settled actions are noted as soon as they settle, for the completed-actions ledger.
+    settled_sink: Option<Arc<PendingCompletions>>,
 }
 
 impl Executor {
@@ -154,9 +154,9 @@ impl Executor {
         }
     }
 
-    /// Announces every settled action on `sink` as soon as it settles.
+    /// Notes every settled action in `sink` as soon as it settles.
     #[must_use]
-    pub fn with_settled_sink(mut self, sink: tokio::sync::mpsc::Sender<ActionKey>) -> Executor {
+    pub fn with_settled_sink(mut self, sink: Arc<PendingCompletions>) -> Executor {
         self.settled_sink = Some(sink);
         self
     }
@@ -328,8 +328,7 @@ impl Executor {
             }
         };
         if settled && let Some(sink) = &self.settled_sink {
-            // A closed sink only means nobody records early; the checkpoint records it anyway.
-            let _ = sink.send(key).await;
+            sink.push(key);
         }
         ActionReport {
             observer: observer.name.to_string(),

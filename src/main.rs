@@ -62,6 +62,9 @@ enum Command {
         /// How often to look for changes when no notification arrives.
         #[arg(long, env = "FRAISEQL_OBSERVERS_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
         poll_interval: std::time::Duration,
+        /// Database connections the node may open.
+        #[arg(long, env = "FRAISEQL_OBSERVERS_DB_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(4..=1000))]
+        db_pool_size: u32,
         /// How long a shutdown may take to finish in-flight work and save the checkpoint.
         #[arg(long, env = "FRAISEQL_OBSERVERS_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
         shutdown_timeout: std::time::Duration,
@@ -258,6 +261,7 @@ async fn run_node(
     database: DatabaseArgs,
     config_path: PathBuf,
     settings: fraiseql_observers::listener::ListenerSettings,
+    db_pool_size: u32,
     shutdown_timeout: std::time::Duration,
 ) -> anyhow::Result<String> {
     let config = config::load_file(
@@ -267,7 +271,7 @@ async fn run_node(
     for warning in &config.warnings {
         tracing::warn!(%warning, "configuration warning");
     }
-    let pool = commands::connect(&database.database_url).await?;
+    let pool = commands::connect_with_size(&database.database_url, db_pool_size).await?;
     let node = fraiseql_observers::node::Node::build(pool, config, settings).await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut running = tokio::spawn(node.run_until_stopped(shutdown.clone()));
@@ -303,6 +307,7 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             node_id,
             batch_size,
             poll_interval,
+            db_pool_size,
             shutdown_timeout,
         } => {
             anyhow::ensure!(batch_size > 0, "--batch-size must be at least 1");
@@ -312,7 +317,7 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
                 node_id: node_id.unwrap_or_else(fraiseql_observers::listener::default_node_id),
                 ..fraiseql_observers::listener::ListenerSettings::default()
             };
-            run_node(database, config, settings, shutdown_timeout).await
+            run_node(database, config, settings, db_pool_size, shutdown_timeout).await
         }
         Command::Demo { database_url } => {
             fraiseql_observers::demo::run(&database_url).await?;

@@ -11,21 +11,19 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::actions::ActionRunner;
-use crate::checkpoint::{CheckpointStore, PostgresCheckpointStore};
+use crate::checkpoint::{CheckpointStore, PendingCompletions, PostgresCheckpointStore};
 use crate::config::ObserversConfig;
 use crate::dlq::PostgresDeadLetterQueue;
 use crate::executor::Executor;
-use crate::listener::{Listener, ListenerError, ListenerSettings, record_settled_actions};
+use crate::listener::{Listener, ListenerError, ListenerSettings, flush_pending_completions};
 use crate::matcher::Matcher;
-
-/// Settled actions buffered for the early ledger writer before the executor waits for it.
-const SETTLED_BUFFER: usize = 4096;
 
 /// A node ready to run.
 #[derive(Debug)]
 pub struct Node {
     listener: Listener,
     ledger_writer: tokio::task::JoinHandle<()>,
+    stop_ledger_writer: CancellationToken,
 }
 
 impl Node {
@@ -42,19 +40,27 @@ impl Node {
         let store: Arc<dyn CheckpointStore> = Arc::new(PostgresCheckpointStore::new(pool.clone()));
         let dead_letters = Arc::new(PostgresDeadLetterQueue::new(pool.clone()));
         let runner = ActionRunner::new(Arc::new(config.templates))?;
-        let (settled_sink, settled) = tokio::sync::mpsc::channel(SETTLED_BUFFER);
+        let pending = Arc::new(PendingCompletions::default());
         let executor = Executor::new(
             Arc::new(Matcher::new(config.observers)),
             runner,
             dead_letters,
             &config.executor,
         )
-        .with_settled_sink(settled_sink);
-        let listener = Listener::start(pool, store.clone(), executor, settings).await?;
-        let ledger_writer = tokio::spawn(record_settled_actions(store, settled));
+        .with_settled_sink(pending.clone());
+        let listener = Listener::start(pool, store.clone(), executor, settings)
+            .await?
+            .with_pending_completions(pending.clone());
+        let stop_ledger_writer = CancellationToken::new();
+        let ledger_writer = tokio::spawn(flush_pending_completions(
+            store,
+            pending,
+            stop_ledger_writer.clone(),
+        ));
         Ok(Node {
             listener,
             ledger_writer,
+            stop_ledger_writer,
         })
     }
 
@@ -64,7 +70,7 @@ impl Node {
     /// Another node took the partition over.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), ListenerError> {
         let result = self.listener.run(shutdown).await;
-        // The listener (and with it the executor's sender) is gone: the writer drains and ends.
+        self.stop_ledger_writer.cancel();
         let _ = self.ledger_writer.await;
         result
     }

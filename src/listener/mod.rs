@@ -19,7 +19,6 @@
 
 mod decode;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +30,9 @@ use uuid::Uuid;
 
 pub use decode::{MalformedRow, decode_row};
 
-use crate::checkpoint::{BatchPosition, Checkpoint, CheckpointError, CheckpointStore};
+use crate::checkpoint::{
+    BatchPosition, Checkpoint, CheckpointError, CheckpointStore, PendingCompletions,
+};
 use crate::dlq::{DeadLetterError, NewDeadLetter};
 use crate::domain::{EntityEvent, EventKind};
 use crate::error::ErrorCode;
@@ -142,6 +143,8 @@ pub struct Listener {
     settings: ListenerSettings,
     checkpoint: Checkpoint,
     last_idle_advance: std::time::Instant,
+    /// The executor's settled actions not yet written; a checkpoint save covers them.
+    pending: Option<Arc<PendingCompletions>>,
 }
 
 impl Listener {
@@ -164,7 +167,22 @@ impl Listener {
             settings,
             checkpoint,
             last_idle_advance: std::time::Instant::now(),
+            pending: None,
         })
+    }
+
+    /// The buffer the executor notes settled actions in; every save of a page clears it.
+    #[must_use]
+    pub fn with_pending_completions(mut self, pending: Arc<PendingCompletions>) -> Listener {
+        self.pending = Some(pending);
+        self
+    }
+
+    fn clear_pending(&self) {
+        if let Some(pending) = &self.pending {
+            // Everything in it belongs to the page just saved (pages run one at a time).
+            pending.take();
+        }
     }
 
     /// The checkpoint as last saved by this listener.
@@ -181,7 +199,9 @@ impl Listener {
     /// node took the partition over ([`ListenerError::FencedOut`]).
     pub async fn deliver_page(&mut self) -> Result<PageOutcome, ListenerError> {
         let position = self.checkpoint.position.clone();
+        let page_started = std::time::Instant::now();
         let (upto, rows) = self.read_page(&position).await?;
+        let read_took = page_started.elapsed();
         if rows.is_empty() && position.batch_upto.is_none() {
             // Nothing of ours committed since the checkpoint's snapshot. Keeping that snapshot is
             // exact, but the next reads would range over every change-log row committed since
@@ -203,35 +223,48 @@ impl Listener {
         let row_count = rows.len();
         let last_position = rows.last().map(|(position, _)| *position);
         let mut events = Vec::with_capacity(row_count);
-        let mut malformed = 0;
+        let mut malformed_rows = Vec::new();
         for (position, row) in rows {
             match decode_row(position, &row) {
                 Ok(event) => events.push(event),
                 Err(problem) => {
-                    malformed += 1;
-                    self.dead_letter_row(position, row, &problem).await?;
+                    malformed_rows.push((malformed_row_id(position, &row), position, row, problem));
                 }
             }
         }
+        let malformed = malformed_rows.len();
 
-        let event_ids: Vec<Uuid> = events.iter().map(|event| event.id).collect();
-        let completed = self.store.completed_among(&event_ids).await?;
+        let ids: Vec<Uuid> = events
+            .iter()
+            .map(|event| event.id)
+            .chain(malformed_rows.iter().map(|(id, ..)| *id))
+            .collect();
+        let completed = self.store.completed_among(&ids).await?;
+        let mut settled = Vec::with_capacity(events.len() + malformed);
+        self.dead_letter_malformed(malformed_rows, &completed, &mut settled)
+            .await?;
+
+        let execute_started = std::time::Instant::now();
         let summaries = self
             .executor
             .execute_batch_skipping(&events, &completed)
             .await;
+        let execute_took = execute_started.elapsed();
         let unsettled = summaries
             .iter()
             .flat_map(|summary| &summary.actions)
             .filter(|report| !report.settled)
             .count();
-        let settled: Vec<_> = summaries
-            .iter()
-            .flat_map(EventSummary::settled_keys)
-            .collect();
+        settled.extend(
+            summaries
+                .iter()
+                .flat_map(EventSummary::settled_keys)
+                .filter(|key| !completed.contains(key)),
+        );
         if unsettled > 0 {
             // Keep what did settle, so the retried page does not repeat it.
             self.store.record_completed(&settled).await?;
+            self.clear_pending();
             return Err(ListenerError::Unsettled(unsettled));
         }
 
@@ -249,11 +282,16 @@ impl Listener {
                 batch_position: None,
             }
         };
-        let settled: Vec<_> = settled
-            .into_iter()
-            .filter(|key| !completed.contains(key))
-            .collect();
+        let save_started = std::time::Instant::now();
         self.checkpoint = self.store.save(&self.checkpoint, next, &settled).await?;
+        self.clear_pending();
+        tracing::debug!(
+            rows = row_count,
+            read_ms = read_took.as_secs_f64() * 1000.0,
+            execute_ms = execute_took.as_secs_f64() * 1000.0,
+            save_ms = save_started.elapsed().as_secs_f64() * 1000.0,
+            "page delivered"
+        );
         Ok(PageOutcome {
             rows: row_count,
             malformed,
@@ -295,8 +333,31 @@ impl Listener {
         Ok((upto, rows))
     }
 
+    /// Dead-letters the rows that did not decode, unless a previous reading of the page already
+    /// did; notes each as settled.
+    async fn dead_letter_malformed(
+        &self,
+        malformed_rows: Vec<(Uuid, i64, Value, MalformedRow)>,
+        completed: &std::collections::HashSet<crate::checkpoint::ActionKey>,
+        settled: &mut Vec<crate::checkpoint::ActionKey>,
+    ) -> Result<(), ListenerError> {
+        for (id, position, row, problem) in malformed_rows {
+            let key = crate::checkpoint::ActionKey {
+                event_id: id,
+                observer: DECODE_OBSERVER.to_owned(),
+                action_index: 0,
+            };
+            if !completed.contains(&key) {
+                self.dead_letter_row(id, position, row, &problem).await?;
+                settled.push(key);
+            }
+        }
+        Ok(())
+    }
+
     async fn dead_letter_row(
         &self,
+        id: Uuid,
         position: i64,
         row: Value,
         problem: &MalformedRow,
@@ -304,9 +365,7 @@ impl Listener {
         tracing::warn!(position, column = problem.column, problem = %problem.problem, "change-log row does not decode; dead-lettered");
         let field = |name: &str| row.get(name).and_then(Value::as_str).map(str::to_owned);
         let event = EntityEvent {
-            id: field("id")
-                .and_then(|id| Uuid::parse_str(&id).ok())
-                .unwrap_or_else(Uuid::now_v7),
+            id,
             kind: EventKind::Custom,
             entity_type: field("object_type").unwrap_or_else(|| "(unknown)".to_owned()),
             entity_id: field("object_id").unwrap_or_else(|| position.to_string()),
@@ -386,19 +445,39 @@ impl Listener {
     }
 }
 
-/// Writes settled actions to the ledger as they settle, in small groups, ahead of the page's
-/// checkpoint, so that a crash in the middle of a page repeats as little as possible.
-pub async fn record_settled_actions(
+/// The identity a malformed row is dead-lettered under: its own `id` when that is a UUID, else
+/// one derived from its change-log position, so that reading the row again finds it settled.
+fn malformed_row_id(position: i64, row: &Value) -> Uuid {
+    row.get("id")
+        .and_then(Value::as_str)
+        .and_then(|id| Uuid::parse_str(id).ok())
+        .unwrap_or_else(|| Uuid::from_u64_pair(0, position.cast_unsigned()))
+}
+
+/// How long settled actions may wait for their page's checkpoint before being written on their own.
+pub const EARLY_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Writes settled actions that have waited [`EARLY_FLUSH_INTERVAL`] without a checkpoint save
+/// taking them (a slow page), so that a crash in the middle of such a page repeats little. Stops
+/// when `stop` is cancelled, after a last flush.
+pub async fn flush_pending_completions(
     store: Arc<dyn CheckpointStore>,
-    mut settled: tokio::sync::mpsc::Receiver<crate::checkpoint::ActionKey>,
+    pending: Arc<PendingCompletions>,
+    stop: CancellationToken,
 ) {
-    const GROUP: usize = 256;
-    let mut group = Vec::with_capacity(GROUP);
-    while settled.recv_many(&mut group, GROUP).await > 0 {
-        let unique: HashSet<_> = group.drain(..).collect();
-        let keys: Vec<_> = unique.into_iter().collect();
-        if let Err(error) = store.record_completed(&keys).await {
+    loop {
+        let stopping = tokio::select! {
+            () = stop.cancelled() => true,
+            () = tokio::time::sleep(EARLY_FLUSH_INTERVAL) => false,
+        };
+        let keys = pending.take();
+        if !keys.is_empty()
+            && let Err(error) = store.record_completed(&keys).await
+        {
             tracing::warn!(%error, "recording settled actions early failed; the checkpoint will record them");
+        }
+        if stopping {
+            return;
         }
     }
 }

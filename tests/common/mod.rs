@@ -174,6 +174,11 @@ impl Receiver {
             .extend(replies);
     }
 
+    /// How many requests arrived (cheap; `requests()` copies them all).
+    pub fn request_count(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.requests.lock().unwrap().clone()
     }

@@ -34,7 +34,7 @@ impl TestDatabase {
         let options: PgConnectOptions = server.parse().unwrap();
         let options = options.database(&name);
         let pool = PgPoolOptions::new()
-            .max_connections(8)
+            .max_connections(20)
             .connect_with(options)
             .await
             .unwrap();

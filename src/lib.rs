@@ -15,6 +15,7 @@ pub mod dlq;
 pub mod domain;
 pub mod error;
 pub mod executor;
+pub mod jobs;
 pub mod listener;
 pub mod matcher;
 pub mod migrate;

@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_batch_reader",
         sql: include_str!("../migrations/0004_batch_reader.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_job_queue",
+        sql: include_str!("../migrations/0005_job_queue.sql"),
+    },
 ];
 
 impl Migration {

@@ -1,0 +1,558 @@
+//! The durable job queue in PostgreSQL (`fraiseql_observers.jobs`) and its workers.
+//!
+//! A job is one action of one event for one observer, run outside the change-log page: slow
+//! actions, and retries that must wait longer than a page should. Its identity is the action's
+//! idempotency key, so enqueueing the same work twice (a replayed event) is a no-op.
+//!
+//! Invariants:
+//! - A job is claimed by one worker at a time (`FOR UPDATE SKIP LOCKED`), most important first
+//!   (priority 10 → 0), then oldest `run_at`.
+//! - A claimed job is held under a visibility timeout its worker keeps extending; if the worker
+//!   dies, the job is pending again once the timeout passes (and the lost attempt is counted and
+//!   recorded). A slow job whose worker is alive keeps its claim.
+//! - A failed attempt reschedules the same row (growing `run_at`, attempt count, error history);
+//!   a permanent failure or the last attempt marks it failed and parks a dead letter with the
+//!   whole history, in one transaction.
+//! - Only the worker holding the claim can complete, fail or release a job.
+
+mod worker;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Postgres, Row};
+use uuid::Uuid;
+
+pub use worker::{JobWorker, WorkOutcome};
+
+use crate::domain::EntityEvent;
+use crate::error::ErrorCode;
+use crate::retry::AttemptError;
+
+/// The channel the jobs table notifies on insert.
+pub const JOBS_CHANNEL: &str = "fraiseql_observers_jobs";
+/// Default time a claim lasts without a heartbeat.
+pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_PRIORITY: i16 = 5;
+
+/// Work to enqueue.
+#[derive(Clone, Debug)]
+pub struct NewJob {
+    pub queue: String,
+    /// 0 (least) to 10 (most important).
+    pub priority: i16,
+    /// Not before this moment (`None`: now).
+    pub run_at: Option<DateTime<Utc>>,
+    pub event: EntityEvent,
+    pub observer: String,
+    pub action_index: usize,
+    pub action_type: String,
+    pub max_attempts: u32,
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl NewJob {
+    /// `<event id>:<observer>:<action index>`, the job's identity.
+    #[must_use]
+    pub fn idempotency_key(&self) -> String {
+        format!("{}:{}:{}", self.event.id, self.observer, self.action_index)
+    }
+}
+
+/// One failed attempt, as kept in a job's history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobAttemptError {
+    pub attempt: u32,
+    pub code: ErrorCode,
+    pub message: String,
+    pub at: DateTime<Utc>,
+}
+
+/// A claimed job.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub id: Uuid,
+    pub queue: String,
+    pub priority: i16,
+    /// Attempts so far, this one included.
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+    pub idempotency_key: String,
+    pub event: EntityEvent,
+    pub observer: String,
+    pub action_index: usize,
+    pub action_type: String,
+    pub errors: Vec<JobAttemptError>,
+}
+
+/// What happened to a failed job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FailOutcome {
+    /// Pending again, not before `run_at`.
+    Rescheduled { run_at: DateTime<Utc> },
+    /// Failed for good; its dead letter's id.
+    DeadLettered { dead_letter: Uuid },
+    /// This worker no longer held the claim (it expired and another worker took the job).
+    NotHeld,
+}
+
+/// Counts and durations of one queue.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct QueueStats {
+    pub queue: String,
+    pub pending: i64,
+    pub running: i64,
+    pub completed: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+    /// Over completed jobs still retained: mean and percentiles of (finished − started), ms.
+    pub mean_ms: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("job storage failed: {0}")]
+    Storage(#[from] sqlx::Error),
+    #[error("stored job {id} is unreadable: {problem}")]
+    Corrupt { id: Uuid, problem: String },
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The delay before attempt `attempts + 1`: `initial · 2^(attempts − 1)`, capped, plus up to
+/// 100 % jitter, never beyond the cap.
+#[must_use]
+pub fn backoff_delay(attempts: u32, initial: Duration, max: Duration) -> Duration {
+    let exponent = attempts.saturating_sub(1).min(30);
+    let base = initial.saturating_mul(1_u32 << exponent).min(max);
+    let jitter = base.mul_f64(rand::random::<f64>());
+    base.saturating_add(jitter).min(max.max(base))
+}
+
+const JOB_COLUMNS: &str = "id, queue, priority, attempts, max_attempts, backoff_initial_ms, backoff_max_ms, idempotency_key, event, observer, action_index, action_type, errors";
+
+fn job_from_row(row: &sqlx::postgres::PgRow) -> Result<Job, JobError> {
+    let id: Uuid = row.try_get("id")?;
+    let corrupt = |problem: String| JobError::Corrupt { id, problem };
+    let event: serde_json::Value = row.try_get("event")?;
+    let errors: serde_json::Value = row.try_get("errors")?;
+    let non_negative = |value: i64| u64::try_from(value).unwrap_or(0);
+    Ok(Job {
+        id,
+        queue: row.try_get("queue")?,
+        priority: row.try_get("priority")?,
+        attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
+        max_attempts: u32::try_from(row.try_get::<i32, _>("max_attempts")?).unwrap_or(1),
+        initial_delay: Duration::from_millis(non_negative(row.try_get("backoff_initial_ms")?)),
+        max_delay: Duration::from_millis(non_negative(row.try_get("backoff_max_ms")?)),
+        idempotency_key: row.try_get("idempotency_key")?,
+        event: serde_json::from_value(event).map_err(|error| corrupt(format!("event: {error}")))?,
+        observer: row.try_get("observer")?,
+        action_index: usize::try_from(row.try_get::<i32, _>("action_index")?).unwrap_or(0),
+        action_type: row.try_get("action_type")?,
+        errors: serde_json::from_value(errors)
+            .map_err(|error| corrupt(format!("errors: {error}")))?,
+    })
+}
+
+/// The job queue of one node (`node_id` names its claims).
+#[derive(Clone, Debug)]
+pub struct PostgresJobQueue {
+    pool: PgPool,
+    node_id: String,
+    visibility_timeout: Duration,
+}
+
+impl PostgresJobQueue {
+    #[must_use]
+    pub fn new(
+        pool: PgPool,
+        node_id: impl Into<String>,
+        visibility_timeout: Duration,
+    ) -> PostgresJobQueue {
+        PostgresJobQueue {
+            pool,
+            node_id: node_id.into(),
+            visibility_timeout,
+        }
+    }
+
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    #[must_use]
+    pub fn visibility_timeout(&self) -> Duration {
+        self.visibility_timeout
+    }
+
+    /// Enqueues one job; `None` when a job with the same idempotency key exists already.
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub async fn enqueue(&self, job: &NewJob) -> Result<Option<Uuid>, JobError> {
+        let mut connection = self.pool.acquire().await?;
+        let ids = enqueue_batch(&mut *connection, std::slice::from_ref(job)).await?;
+        Ok(ids.into_iter().next())
+    }
+
+    /// Claims up to `limit` ready jobs of `queue`.
+    ///
+    /// # Errors
+    /// Storage failed, or a claimed row does not decode.
+    pub async fn claim(&self, queue: &str, limit: u32) -> Result<Vec<Job>, JobError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE fraiseql_observers.jobs AS job
+                SET status = 'running', attempts = job.attempts + 1, locked_by = $3,
+                    locked_until = now() + make_interval(secs => $4), started_at = now()
+              WHERE job.id IN (SELECT id FROM fraiseql_observers.jobs
+                                WHERE queue = $1 AND status = 'pending' AND run_at <= now()
+                                ORDER BY priority DESC, run_at
+                                LIMIT $2
+                                FOR UPDATE SKIP LOCKED)
+          RETURNING {JOB_COLUMNS}"
+        )))
+        .bind(queue)
+        .bind(i64::from(limit))
+        .bind(&self.node_id)
+        .bind(self.visibility_timeout.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut jobs: Vec<Job> = rows.iter().map(job_from_row).collect::<Result<_, _>>()?;
+        jobs.sort_by_key(|job| std::cmp::Reverse(job.priority));
+        Ok(jobs)
+    }
+
+    /// Extends the claim; `false` when this node no longer holds it.
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub async fn heartbeat(&self, id: Uuid) -> Result<bool, JobError> {
+        let result = sqlx::query(
+            "UPDATE fraiseql_observers.jobs SET locked_until = now() + make_interval(secs => $3)
+              WHERE id = $1 AND status = 'running' AND locked_by = $2",
+        )
+        .bind(id)
+        .bind(&self.node_id)
+        .bind(self.visibility_timeout.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Marks a held job completed; `false` when this node no longer holds it.
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub async fn complete(&self, id: Uuid) -> Result<bool, JobError> {
+        let result = sqlx::query(
+            "UPDATE fraiseql_observers.jobs
+                SET status = 'completed', finished_at = now(), locked_by = NULL, locked_until = NULL
+              WHERE id = $1 AND status = 'running' AND locked_by = $2",
+        )
+        .bind(id)
+        .bind(&self.node_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Records a failed attempt: reschedules the same row with backoff, or — permanent error or
+    /// attempts used up — marks it failed and parks a dead letter with the whole history.
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub async fn fail(&self, job: &Job, error: &AttemptError) -> Result<FailOutcome, JobError> {
+        let entry = JobAttemptError {
+            attempt: job.attempts,
+            code: error.code,
+            message: error.message.clone(),
+            at: Utc::now(),
+        };
+        let entry_json = serde_json::to_value(std::slice::from_ref(&entry)).unwrap_or_default();
+        let final_failure = !error.code.is_transient() || job.attempts >= job.max_attempts;
+        let mut transaction = self.pool.begin().await?;
+        if !final_failure {
+            let delay = error.retry_after.map_or_else(
+                || backoff_delay(job.attempts, job.initial_delay, job.max_delay),
+                |asked| asked.min(job.max_delay.max(job.initial_delay)),
+            );
+            let run_at: Option<DateTime<Utc>> = sqlx::query_scalar(
+                "UPDATE fraiseql_observers.jobs
+                    SET status = 'pending', run_at = now() + make_interval(secs => $3),
+                        errors = errors || $4, locked_by = NULL, locked_until = NULL
+                  WHERE id = $1 AND status = 'running' AND locked_by = $2
+              RETURNING run_at",
+            )
+            .bind(job.id)
+            .bind(&self.node_id)
+            .bind(delay.as_secs_f64())
+            .bind(&entry_json)
+            .fetch_optional(&mut *transaction)
+            .await?;
+            transaction.commit().await?;
+            return Ok(
+                run_at.map_or(FailOutcome::NotHeld, |run_at| FailOutcome::Rescheduled {
+                    run_at,
+                }),
+            );
+        }
+        let held = sqlx::query(
+            "UPDATE fraiseql_observers.jobs
+                SET status = 'failed', finished_at = now(), errors = errors || $3, locked_by = NULL, locked_until = NULL
+              WHERE id = $1 AND status = 'running' AND locked_by = $2",
+        )
+        .bind(job.id)
+        .bind(&self.node_id)
+        .bind(&entry_json)
+        .execute(&mut *transaction)
+        .await?;
+        if held.rows_affected() == 0 {
+            transaction.rollback().await?;
+            return Ok(FailOutcome::NotHeld);
+        }
+        let mut history: Vec<JobAttemptError> = job.errors.clone();
+        history.push(entry);
+        let message = history
+            .iter()
+            .map(|attempt| {
+                format!(
+                    "attempt {} ({}): {} {}",
+                    attempt.attempt,
+                    attempt.at.to_rfc3339(),
+                    attempt.code,
+                    attempt.message
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let dead_letter = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO fraiseql_observers.dead_letters
+                 (id, observer, action_index, action_type, error_code, error_message, attempts, event, entity_type, event_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(dead_letter)
+        .bind(&job.observer)
+        .bind(i32::try_from(job.action_index).unwrap_or(i32::MAX))
+        .bind(&job.action_type)
+        .bind(error.code.as_str())
+        .bind(message)
+        .bind(i32::try_from(job.attempts).unwrap_or(i32::MAX))
+        .bind(serde_json::to_value(&job.event).unwrap_or_default())
+        .bind(&job.event.entity_type)
+        .bind(job.event.id)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(FailOutcome::DeadLettered { dead_letter })
+    }
+
+    /// Gives a held job back without counting the attempt (a draining worker that did not start it).
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub async fn release(&self, id: Uuid) -> Result<bool, JobError> {
+        let result = sqlx::query(
+            "UPDATE fraiseql_observers.jobs
+                SET status = 'pending', attempts = greatest(attempts - 1, 0), locked_by = NULL, locked_until = NULL
+              WHERE id = $1 AND status = 'running' AND locked_by = $2",
+        )
+        .bind(id)
+        .bind(&self.node_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Cancels a job that has not started; `false` when it is running or finished.
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub async fn cancel(&self, id: Uuid) -> Result<bool, JobError> {
+        let result = sqlx::query(
+            "UPDATE fraiseql_observers.jobs SET status = 'cancelled', finished_at = now()
+              WHERE id = $1 AND status = 'pending'",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Makes jobs whose claim expired (their worker died or hung) pending again, recording the
+    /// lost attempt; how many.
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub async fn rescue_expired(&self) -> Result<u64, JobError> {
+        let result = sqlx::query(
+            "UPDATE fraiseql_observers.jobs
+                SET status = 'pending', run_at = now(), locked_by = NULL, locked_until = NULL,
+                    errors = errors || jsonb_build_array(jsonb_build_object(
+                        'attempt', attempts, 'code', 'OB012',
+                        'message', 'claim by ' || locked_by || ' expired (worker stopped without finishing)',
+                        'at', to_jsonb(now())))
+              WHERE status = 'running' AND locked_until < now()",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// Per-queue counts and durations.
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub async fn stats(&self) -> Result<Vec<QueueStats>, JobError> {
+        let rows = sqlx::query(
+            "SELECT queue,
+                    count(*) FILTER (WHERE status = 'pending')   AS pending,
+                    count(*) FILTER (WHERE status = 'running')   AS running,
+                    count(*) FILTER (WHERE status = 'completed') AS completed,
+                    count(*) FILTER (WHERE status = 'failed')    AS failed,
+                    count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+                    avg(extract(epoch FROM finished_at - started_at)::float8 * 1000)
+                        FILTER (WHERE status = 'completed') AS mean_ms,
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)::float8 * 1000)
+                        FILTER (WHERE status = 'completed') AS p50_ms,
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)::float8 * 1000)
+                        FILTER (WHERE status = 'completed') AS p99_ms
+               FROM fraiseql_observers.jobs GROUP BY queue ORDER BY queue",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(QueueStats {
+                    queue: row.try_get("queue")?,
+                    pending: row.try_get("pending")?,
+                    running: row.try_get("running")?,
+                    completed: row.try_get("completed")?,
+                    failed: row.try_get("failed")?,
+                    cancelled: row.try_get("cancelled")?,
+                    mean_ms: row.try_get("mean_ms")?,
+                    p50_ms: row.try_get("p50_ms")?,
+                    p99_ms: row.try_get("p99_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes completed and cancelled jobs finished longer than `older_than` ago; failed jobs are
+    /// never pruned. How many.
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub async fn prune_finished(&self, older_than: Duration) -> Result<u64, JobError> {
+        let result = sqlx::query(
+            "DELETE FROM fraiseql_observers.jobs
+              WHERE status IN ('completed', 'cancelled') AND finished_at < now() - make_interval(secs => $1)",
+        )
+        .bind(older_than.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+}
+
+/// Enqueues jobs on `executor` — a pool connection, or the transaction that also saves a
+/// checkpoint, so that a crash cannot separate the two. Jobs whose idempotency key exists already
+/// are skipped; returns the ids of those enqueued now.
+///
+/// # Errors
+/// Storage failed.
+pub async fn enqueue_batch<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = Postgres>,
+    jobs: &[NewJob],
+) -> Result<Vec<Uuid>, JobError> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids = Vec::with_capacity(jobs.len());
+    let mut queues = Vec::with_capacity(jobs.len());
+    let mut priorities = Vec::with_capacity(jobs.len());
+    let mut run_ats = Vec::with_capacity(jobs.len());
+    let mut max_attempts = Vec::with_capacity(jobs.len());
+    let mut initial = Vec::with_capacity(jobs.len());
+    let mut maximum = Vec::with_capacity(jobs.len());
+    let mut keys = Vec::with_capacity(jobs.len());
+    let mut event_ids = Vec::with_capacity(jobs.len());
+    let mut observers = Vec::with_capacity(jobs.len());
+    let mut indexes = Vec::with_capacity(jobs.len());
+    let mut types = Vec::with_capacity(jobs.len());
+    let mut events = Vec::with_capacity(jobs.len());
+    let now = Utc::now();
+    for job in jobs {
+        ids.push(Uuid::now_v7());
+        queues.push(job.queue.clone());
+        priorities.push(job.priority.clamp(0, 10));
+        run_ats.push(job.run_at.unwrap_or(now));
+        max_attempts.push(i32::try_from(job.max_attempts.max(1)).unwrap_or(i32::MAX));
+        initial.push(millis(job.initial_delay));
+        maximum.push(millis(job.max_delay.max(job.initial_delay)));
+        keys.push(job.idempotency_key());
+        event_ids.push(job.event.id);
+        observers.push(job.observer.clone());
+        indexes.push(i32::try_from(job.action_index).unwrap_or(i32::MAX));
+        types.push(job.action_type.clone());
+        events.push(serde_json::to_value(&job.event).unwrap_or_default());
+    }
+    let inserted: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO fraiseql_observers.jobs
+             (id, queue, priority, run_at, max_attempts, backoff_initial_ms, backoff_max_ms,
+              idempotency_key, event_id, observer, action_index, action_type, event)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::smallint[], $4::timestamptz[], $5::int[], $6::bigint[],
+                              $7::bigint[], $8::text[], $9::uuid[], $10::text[], $11::int[], $12::text[], $13::jsonb[])
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING id",
+    )
+    .bind(ids)
+    .bind(queues)
+    .bind(priorities)
+    .bind(run_ats)
+    .bind(max_attempts)
+    .bind(initial)
+    .bind(maximum)
+    .bind(keys)
+    .bind(event_ids)
+    .bind(observers)
+    .bind(indexes)
+    .bind(types)
+    .bind(events)
+    .fetch_all(executor)
+    .await?;
+    Ok(inserted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_within_the_cap() {
+        let initial = Duration::from_millis(100);
+        let max = Duration::from_secs(1);
+        for attempts in 1..=8 {
+            let base = Duration::from_millis(100 * (1 << (attempts - 1))).min(max);
+            for _ in 0..20 {
+                let delay = backoff_delay(attempts, initial, max);
+                assert!(
+                    delay >= base
+                        && delay <= max.max(base)
+                        && delay < base * 2 + Duration::from_nanos(1),
+                    "{attempts}: {delay:?}"
+                );
+            }
+        }
+    }
+}

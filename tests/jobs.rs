@@ -1,0 +1,490 @@
+//! The durable job queue and its worker against a fresh PostgreSQL database per test.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::postgres::TestDatabase;
+use common::{Receiver, Reply};
+use fraiseql_observers::actions::ActionRunner;
+use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, load_str};
+use fraiseql_observers::dlq::{DeadLetterFilter, DeadLetterQueue, PostgresDeadLetterQueue};
+use fraiseql_observers::domain::{EntityEvent, EventKind};
+use fraiseql_observers::error::ErrorCode;
+use fraiseql_observers::jobs::{
+    FailOutcome, JobWorker, NewJob, PostgresJobQueue, WorkOutcome, enqueue_batch,
+};
+use fraiseql_observers::matcher::Matcher;
+use fraiseql_observers::retry::AttemptError;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+fn new_job(entity_id: &str, priority: i16) -> NewJob {
+    NewJob {
+        queue: "default".into(),
+        priority,
+        run_at: None,
+        event: EntityEvent::new(
+            EventKind::Insert,
+            "Order",
+            entity_id,
+            json!({"id": entity_id}),
+            None,
+        ),
+        observer: "orders".into(),
+        action_index: 0,
+        action_type: "webhook".into(),
+        max_attempts: 3,
+        initial_delay: Duration::from_millis(200),
+        max_delay: Duration::from_secs(10),
+    }
+}
+
+fn queue(database: &TestDatabase, node: &str) -> PostgresJobQueue {
+    PostgresJobQueue::new(database.pool.clone(), node, Duration::from_secs(30))
+}
+
+async fn status_of(database: &TestDatabase, id: Uuid) -> (String, i32) {
+    sqlx::query_as("SELECT status, attempts FROM fraiseql_observers.jobs WHERE id = $1")
+        .bind(id)
+        .fetch_one(&database.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn enqueue_claim_complete_and_stats() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    let id = jobs.enqueue(&new_job("1", 5)).await.unwrap().unwrap();
+    assert_eq!(
+        jobs.enqueue(&new_job("2", 5)).await.unwrap().map(|_| ()),
+        Some(())
+    );
+
+    let claimed = jobs.claim("default", 1).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].attempts, 1);
+    assert_eq!(
+        claimed[0].idempotency_key,
+        format!("{}:orders:0", claimed[0].event.id)
+    );
+    assert!(jobs.complete(claimed[0].id).await.unwrap());
+    assert!(
+        !jobs.complete(claimed[0].id).await.unwrap(),
+        "a finished job cannot be completed twice"
+    );
+
+    let stats = jobs.stats().await.unwrap();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(
+        (stats[0].pending, stats[0].running, stats[0].completed),
+        (1, 0, 1)
+    );
+    assert!(stats[0].p50_ms.is_some() && stats[0].mean_ms.is_some());
+    assert!(
+        jobs.claim("other-queue", 10).await.unwrap().is_empty(),
+        "queues are separate"
+    );
+    let _ = id;
+}
+
+#[tokio::test]
+async fn the_same_work_is_enqueued_once() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    let job = new_job("1", 5);
+    assert!(jobs.enqueue(&job).await.unwrap().is_some());
+    assert!(
+        jobs.enqueue(&job).await.unwrap().is_none(),
+        "a replayed event does not enqueue again"
+    );
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM fraiseql_observers.jobs")
+        .fetch_one(&database.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_workers_never_claim_the_same_job() {
+    let database = TestDatabase::migrated().await;
+    let batch: Vec<NewJob> = (0..300)
+        .map(|index| new_job(&index.to_string(), 5))
+        .collect();
+    enqueue_batch(&database.pool, &batch).await.unwrap();
+    let claim_all = |node: &'static str| {
+        let jobs = queue(&database, node);
+        async move {
+            let mut mine = Vec::new();
+            loop {
+                let claimed = jobs.claim("default", 7).await.unwrap();
+                if claimed.is_empty() {
+                    return mine;
+                }
+                mine.extend(claimed.into_iter().map(|job| job.id));
+            }
+        }
+    };
+    let (first, second) = tokio::join!(tokio::spawn(claim_all("a")), tokio::spawn(claim_all("b")));
+    let (first, second) = (first.unwrap(), second.unwrap());
+    let first_set: HashSet<Uuid> = first.iter().copied().collect();
+    assert!(
+        second.iter().all(|id| !first_set.contains(id)),
+        "a job was claimed twice"
+    );
+    assert_eq!(first.len() + second.len(), 300);
+    assert!(
+        !first.is_empty() && !second.is_empty(),
+        "both workers got work: {} / {}",
+        first.len(),
+        second.len()
+    );
+}
+
+#[tokio::test]
+async fn higher_priority_jobs_are_claimed_first() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    for (entity, priority) in [("low", 1), ("top", 10), ("mid", 5)] {
+        jobs.enqueue(&new_job(entity, priority)).await.unwrap();
+    }
+    let order: Vec<String> = jobs
+        .claim("default", 3)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|job| job.event.entity_id)
+        .collect();
+    assert_eq!(order, ["top", "mid", "low"]);
+}
+
+#[tokio::test]
+async fn failures_reschedule_the_same_row_then_dead_letter_with_the_history() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    let id = jobs.enqueue(&new_job("1", 5)).await.unwrap().unwrap();
+    let unavailable = AttemptError::new(ErrorCode::RemoteUnavailable, "HTTP 503: down");
+    let mut delays = Vec::new();
+    for attempt in 1..=2 {
+        let job = jobs.claim("default", 1).await.unwrap().pop().unwrap();
+        assert_eq!(
+            (job.id, job.attempts),
+            (id, attempt),
+            "the same row, attempt {attempt}"
+        );
+        let failed_at = chrono::Utc::now();
+        let FailOutcome::Rescheduled { run_at } = jobs.fail(&job, &unavailable).await.unwrap()
+        else {
+            panic!("attempt {attempt} should be rescheduled")
+        };
+        delays.push(run_at - failed_at);
+        assert!(
+            jobs.claim("default", 1).await.unwrap().is_empty(),
+            "not claimable before run_at"
+        );
+        sqlx::query("UPDATE fraiseql_observers.jobs SET run_at = now() WHERE id = $1")
+            .bind(id)
+            .execute(&database.pool)
+            .await
+            .unwrap();
+    }
+    assert!(delays[1] > delays[0], "run_at grows: {delays:?}");
+    assert!(
+        delays[0] >= chrono::Duration::milliseconds(190),
+        "{delays:?}"
+    );
+
+    let job = jobs.claim("default", 1).await.unwrap().pop().unwrap();
+    assert_eq!(job.errors.len(), 2, "the history travels with the job");
+    let FailOutcome::DeadLettered { dead_letter } = jobs.fail(&job, &unavailable).await.unwrap()
+    else {
+        panic!("the last attempt is final")
+    };
+    assert_eq!(status_of(&database, id).await, ("failed".into(), 3));
+    let letter = PostgresDeadLetterQueue::new(database.pool.clone())
+        .get(dead_letter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(letter.letter.attempts, 3);
+    assert_eq!(letter.letter.error_code, ErrorCode::RemoteUnavailable);
+    for attempt in 1..=3 {
+        assert!(
+            letter
+                .letter
+                .error_message
+                .contains(&format!("attempt {attempt} (")),
+            "{}",
+            letter.letter.error_message
+        );
+    }
+    assert_eq!(
+        jobs.prune_finished(Duration::ZERO).await.unwrap(),
+        0,
+        "failed jobs are never pruned"
+    );
+}
+
+#[tokio::test]
+async fn a_permanent_failure_dead_letters_at_once() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    jobs.enqueue(&new_job("1", 5)).await.unwrap();
+    let job = jobs.claim("default", 1).await.unwrap().pop().unwrap();
+    let outcome = jobs
+        .fail(
+            &job,
+            &AttemptError::new(ErrorCode::RemoteRejected, "HTTP 400"),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, FailOutcome::DeadLettered { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        PostgresDeadLetterQueue::new(database.pool.clone())
+            .count()
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_dead_workers_job_is_picked_up_after_the_visibility_timeout_and_a_slow_one_is_not() {
+    let database = TestDatabase::migrated().await;
+    let dead = PostgresJobQueue::new(
+        database.pool.clone(),
+        "dead-node",
+        Duration::from_millis(600),
+    );
+    let alive = PostgresJobQueue::new(
+        database.pool.clone(),
+        "slow-node",
+        Duration::from_millis(600),
+    );
+    let abandoned = dead
+        .enqueue(&new_job("abandoned", 5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(dead.claim("default", 1).await.unwrap()[0].id, abandoned);
+    let slow = alive.enqueue(&new_job("slow", 5)).await.unwrap().unwrap();
+    assert_eq!(alive.claim("default", 1).await.unwrap()[0].id, slow);
+
+    // The dead node never heartbeats; the slow one does, every 200 ms, for 1.5 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    let mut rescued = 0;
+    while tokio::time::Instant::now() < deadline {
+        assert!(alive.heartbeat(slow).await.unwrap());
+        rescued += alive.rescue_expired().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(rescued, 1, "only the abandoned job was rescued");
+    assert_eq!(status_of(&database, slow).await.0, "running");
+    let retaken = queue(&database, "other-node")
+        .claim("default", 5)
+        .await
+        .unwrap();
+    assert_eq!(retaken.len(), 1);
+    assert_eq!((retaken[0].id, retaken[0].attempts), (abandoned, 2));
+    assert_eq!(retaken[0].errors[0].code, ErrorCode::ShuttingDown);
+    assert!(
+        retaken[0].errors[0].message.contains("dead-node"),
+        "{:?}",
+        retaken[0].errors
+    );
+    assert!(
+        !dead.complete(abandoned).await.unwrap(),
+        "the dead node's claim is gone"
+    );
+}
+
+#[tokio::test]
+async fn release_and_cancel() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    let first = jobs.enqueue(&new_job("1", 5)).await.unwrap().unwrap();
+    let second = jobs.enqueue(&new_job("2", 5)).await.unwrap().unwrap();
+    let claimed = jobs.claim("default", 1).await.unwrap().pop().unwrap();
+    assert!(jobs.release(claimed.id).await.unwrap());
+    assert_eq!(
+        status_of(&database, claimed.id).await,
+        ("pending".into(), 0),
+        "a released job keeps its attempts"
+    );
+    let other = if claimed.id == first { second } else { first };
+    assert!(jobs.cancel(other).await.unwrap());
+    assert!(!jobs.cancel(other).await.unwrap());
+    let running = jobs.claim("default", 1).await.unwrap().pop().unwrap();
+    assert!(
+        !jobs.cancel(running.id).await.unwrap(),
+        "a running job is not cancelled under its worker"
+    );
+    assert!(jobs.complete(running.id).await.unwrap());
+    assert_eq!(
+        jobs.prune_finished(Duration::ZERO).await.unwrap(),
+        2,
+        "completed and cancelled jobs are pruned"
+    );
+    assert_eq!(jobs.prune_finished(Duration::ZERO).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn jobs_enqueued_in_a_transaction_exist_only_if_it_commits() {
+    let database = TestDatabase::migrated().await;
+    let mut crashed = database.pool.begin().await.unwrap();
+    enqueue_batch(&mut *crashed, &[new_job("1", 5), new_job("2", 5)])
+        .await
+        .unwrap();
+    crashed.rollback().await.unwrap();
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM fraiseql_observers.jobs")
+            .fetch_one(&database.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(count().await, 0);
+    let mut committed = database.pool.begin().await.unwrap();
+    assert_eq!(
+        enqueue_batch(&mut *committed, &[new_job("1", 5), new_job("2", 5)])
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    committed.commit().await.unwrap();
+    assert_eq!(count().await, 2);
+}
+
+fn worker(database: &TestDatabase, receiver: &Receiver, node: &str) -> JobWorker {
+    let yaml = format!(
+        "observers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    actions: [{{type: webhook, url: '{}'}}]\n",
+        receiver.url("/jobs")
+    );
+    let no_env = |_: &str| None;
+    let config = load_str(
+        &yaml,
+        Format::Yaml,
+        "jobs.yaml",
+        &LoadOptions {
+            env: &no_env,
+            missing_env: MissingEnv::Error,
+        },
+    )
+    .unwrap();
+    JobWorker::new(
+        queue(database, node),
+        "default",
+        ActionRunner::new(Arc::new(config.templates)).unwrap(),
+        Arc::new(Matcher::new(config.observers)),
+        Duration::from_millis(100),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_runs_the_action_with_the_jobs_idempotency_key() {
+    let database = TestDatabase::migrated().await;
+    let receiver = Receiver::start().await;
+    receiver.script(
+        "/jobs",
+        [Reply::status(503), Reply::status(200), Reply::status(400)],
+    );
+    let worker = worker(&database, &receiver, "w");
+    let running = CancellationToken::new();
+    let job = new_job("7", 5);
+    let id = queue(&database, "w").enqueue(&job).await.unwrap().unwrap();
+
+    assert_eq!(
+        worker.try_execute_one(&running).await.unwrap(),
+        WorkOutcome::Rescheduled(id)
+    );
+    sqlx::query("UPDATE fraiseql_observers.jobs SET run_at = now()")
+        .execute(&database.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        worker.try_execute_one(&running).await.unwrap(),
+        WorkOutcome::Completed(id)
+    );
+    assert_eq!(
+        worker.try_execute_one(&running).await.unwrap(),
+        WorkOutcome::Idle
+    );
+    let keys: Vec<String> = receiver
+        .requests_to("/jobs")
+        .iter()
+        .map(|request| request.header("idempotency-key").unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        keys,
+        [job.idempotency_key(), job.idempotency_key()],
+        "the same key on every attempt"
+    );
+
+    let rejected = queue(&database, "w")
+        .enqueue(&new_job("8", 5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        worker.try_execute_one(&running).await.unwrap(),
+        WorkOutcome::DeadLettered(rejected)
+    );
+    let letters = PostgresDeadLetterQueue::new(database.pool.clone())
+        .list(&DeadLetterFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].letter.error_code, ErrorCode::RemoteRejected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_releases_what_it_claimed_and_a_running_worker_drains_the_queue() {
+    let database = TestDatabase::migrated().await;
+    let receiver = Receiver::start().await;
+    let worker = worker(&database, &receiver, "w");
+    let id = queue(&database, "w")
+        .enqueue(&new_job("1", 5))
+        .await
+        .unwrap()
+        .unwrap();
+    let stopping = CancellationToken::new();
+    stopping.cancel();
+    assert_eq!(
+        worker.try_execute_one(&stopping).await.unwrap(),
+        WorkOutcome::Released(id)
+    );
+    assert_eq!(status_of(&database, id).await, ("pending".into(), 0));
+    assert!(receiver.requests().is_empty());
+
+    let batch: Vec<NewJob> = (2..12)
+        .map(|index| new_job(&index.to_string(), 5))
+        .collect();
+    enqueue_batch(&database.pool, &batch).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker.clone().run(shutdown.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while receiver.request_count() < 11 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} jobs ran",
+            receiver.request_count()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    running.await.unwrap();
+    let completed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM fraiseql_observers.jobs WHERE status = 'completed'",
+    )
+    .fetch_one(&database.pool)
+    .await
+    .unwrap();
+    assert_eq!(completed, 11);
+}

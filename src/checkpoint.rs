@@ -17,6 +17,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::error::ErrorCode;
+use crate::jobs::NewJob;
 
 /// How far a partition's delivery got.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -110,14 +111,25 @@ pub trait CheckpointStore: Send + Sync + std::fmt::Debug {
     async fn claim(&self, partition: i32, node: &str) -> Result<Checkpoint, CheckpointError>;
     /// The partition's checkpoint as stored, if it was ever claimed.
     async fn load(&self, partition: i32) -> Result<Option<Checkpoint>, CheckpointError>;
-    /// Moves `current` to `next` and records `completed`, atomically, if nobody else moved or
-    /// claimed the partition since `current` was read; returns the new checkpoint.
+    /// Moves `current` to `next`, records `completed` and enqueues `jobs`, atomically, if nobody
+    /// else moved or claimed the partition since `current` was read; returns the new checkpoint.
+    /// Jobs whose idempotency key exists already are not enqueued again.
+    async fn save_with_jobs(
+        &self,
+        current: &Checkpoint,
+        next: BatchPosition,
+        completed: &[ActionKey],
+        jobs: &[NewJob],
+    ) -> Result<Checkpoint, CheckpointError>;
+    /// [`save_with_jobs`](Self::save_with_jobs) without jobs.
     async fn save(
         &self,
         current: &Checkpoint,
         next: BatchPosition,
         completed: &[ActionKey],
-    ) -> Result<Checkpoint, CheckpointError>;
+    ) -> Result<Checkpoint, CheckpointError> {
+        self.save_with_jobs(current, next, completed, &[]).await
+    }
     /// Records completed actions ahead of the next save (best effort; the save records them too).
     async fn record_completed(&self, completed: &[ActionKey]) -> Result<(), CheckpointError>;
     /// Which actions of these events already completed.
@@ -204,11 +216,12 @@ impl CheckpointStore for PostgresCheckpointStore {
         Ok(row.map(checkpoint_from_row))
     }
 
-    async fn save(
+    async fn save_with_jobs(
         &self,
         current: &Checkpoint,
         next: BatchPosition,
         completed: &[ActionKey],
+        jobs: &[NewJob],
     ) -> Result<Checkpoint, CheckpointError> {
         let mut transaction = self.pool.begin().await?;
         let new_version: Option<i64> = sqlx::query_scalar(
@@ -238,6 +251,16 @@ impl CheckpointStore for PostgresCheckpointStore {
                 .bind(indexes)
                 .execute(&mut *transaction)
                 .await?;
+        }
+        if !jobs.is_empty() {
+            crate::jobs::enqueue_batch(&mut *transaction, jobs)
+                .await
+                .map_err(|error| match error {
+                    crate::jobs::JobError::Storage(storage) => CheckpointError::Storage(storage),
+                    crate::jobs::JobError::Corrupt { problem, .. } => {
+                        CheckpointError::Storage(sqlx::Error::Protocol(problem))
+                    }
+                })?;
         }
         transaction.commit().await?;
         Ok(Checkpoint {
@@ -296,9 +319,16 @@ pub struct InMemoryCheckpointStore {
 struct InMemoryState {
     checkpoints: HashMap<i32, Checkpoint>,
     completed: HashSet<ActionKey>,
+    enqueued: Vec<NewJob>,
 }
 
 impl InMemoryCheckpointStore {
+    /// The jobs saves enqueued, in order.
+    #[must_use]
+    pub fn enqueued(&self) -> Vec<NewJob> {
+        self.state().enqueued.clone()
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, InMemoryState> {
         self.state
             .lock()
@@ -327,11 +357,12 @@ impl CheckpointStore for InMemoryCheckpointStore {
         Ok(self.state().checkpoints.get(&partition).cloned())
     }
 
-    async fn save(
+    async fn save_with_jobs(
         &self,
         current: &Checkpoint,
         next: BatchPosition,
         completed: &[ActionKey],
+        jobs: &[NewJob],
     ) -> Result<Checkpoint, CheckpointError> {
         let mut state = self.state();
         let stored = state.checkpoints.get_mut(&current.partition);
@@ -348,6 +379,16 @@ impl CheckpointStore for InMemoryCheckpointStore {
         stored.position = next;
         let saved = stored.clone();
         state.completed.extend(completed.iter().cloned());
+        for job in jobs {
+            let key = job.idempotency_key();
+            if !state
+                .enqueued
+                .iter()
+                .any(|enqueued| enqueued.idempotency_key() == key)
+            {
+                state.enqueued.push(job.clone());
+            }
+        }
         Ok(saved)
     }
 

@@ -24,10 +24,13 @@ use uuid::Uuid;
 
 use crate::actions::{ActionContext, ActionRunner};
 use crate::checkpoint::{ActionKey, PendingCompletions};
-use crate::config::{ActionDefinition, ExecutorSettings, FailurePolicy, ObserverDefinition};
+use crate::config::{
+    ActionDefinition, DeliveryMode, ExecutorSettings, FailurePolicy, ObserverDefinition,
+};
 use crate::dlq::{DeadLetterQueue, NewDeadLetter};
 use crate::domain::EntityEvent;
 use crate::error::ErrorCode;
+use crate::jobs::NewJob;
 use crate::matcher::Matcher;
 use crate::retry::{AttemptError, run_with_retry};
 
@@ -40,6 +43,11 @@ pub enum ActionStatus {
     },
     /// Completed before (a replay after a crash or a failover); not run again.
     AlreadyCompleted,
+    /// Handed to the job queue (`mode: async`, or a transient failure that outlasted the in-page
+    /// retries); the job is in [`ActionReport::job`] until the page's checkpoint stores it.
+    Enqueued {
+        queue: String,
+    },
     Failed {
         code: ErrorCode,
         message: String,
@@ -63,6 +71,9 @@ pub struct ActionReport {
     /// dead-lettered or, per `on_failure: log`, logged. An unsettled action (its dead letter could
     /// not be stored) must run again; the listener does not move its checkpoint past it.
     pub settled: bool,
+    /// The job to enqueue with the page's checkpoint, for [`ActionStatus::Enqueued`].
+    #[serde(skip)]
+    pub job: Option<NewJob>,
 }
 
 impl ActionReport {
@@ -100,6 +111,11 @@ impl EventSummary {
         self.actions.iter().all(|report| report.settled)
     }
 
+    /// The jobs this event's actions were handed over as.
+    pub fn jobs(&self) -> impl Iterator<Item = &NewJob> + '_ {
+        self.actions.iter().filter_map(|report| report.job.as_ref())
+    }
+
     /// The keys of the settled actions, for the completed-actions ledger.
     pub fn settled_keys(&self) -> impl Iterator<Item = ActionKey> + '_ {
         self.actions
@@ -134,7 +150,14 @@ pub struct Executor {
     max_concurrent_entities: usize,
     /// Where settled actions are noted as soon as they settle, for the completed-actions ledger.
     settled_sink: Option<Arc<PendingCompletions>>,
+    /// With a job queue: `mode: async` actions become jobs, and inline retries are kept short.
+    job_routing: bool,
 }
+
+/// In-page retries when a job queue can take over: at most this many attempts…
+pub const INLINE_ATTEMPTS_WITH_QUEUE: u32 = 3;
+/// …with delays of at most this, so that one failing target does not hold a page.
+pub const INLINE_MAX_DELAY_WITH_QUEUE: Duration = Duration::from_secs(1);
 
 impl Executor {
     #[must_use]
@@ -151,6 +174,36 @@ impl Executor {
             action_permits: Arc::new(Semaphore::new(settings.max_concurrent_actions)),
             max_concurrent_entities: settings.max_concurrent_entities.max(1),
             settled_sink: None,
+            job_routing: false,
+        }
+    }
+
+    /// Routes `mode: async` actions, and inline actions whose transient failures outlast a short
+    /// in-page retry, to the job queue (as [`ActionStatus::Enqueued`] reports carrying the job).
+    /// Without it, every action runs inline under its full retry policy.
+    #[must_use]
+    pub fn with_job_routing(mut self) -> Executor {
+        self.job_routing = true;
+        self
+    }
+
+    fn job_for(
+        event: &EntityEvent,
+        observer: &ObserverDefinition,
+        action: &ActionDefinition,
+        max_attempts: u32,
+    ) -> NewJob {
+        NewJob {
+            queue: action.delivery.queue.clone(),
+            priority: action.delivery.priority,
+            run_at: None,
+            event: event.clone(),
+            observer: observer.name.to_string(),
+            action_index: action.index,
+            action_type: action.kind.type_name().to_owned(),
+            max_attempts: max_attempts.max(1),
+            initial_delay: observer.retry.initial_delay,
+            max_delay: observer.retry.max_delay,
         }
     }
 
@@ -286,6 +339,26 @@ impl Executor {
                 attempts: 0,
                 duration: started.elapsed(),
                 settled: true,
+                job: None,
+            };
+        }
+        if self.job_routing && action.delivery.mode == DeliveryMode::Async {
+            return ActionReport {
+                observer: key.observer,
+                action_index: action.index,
+                action_type: action.kind.type_name(),
+                status: ActionStatus::Enqueued {
+                    queue: action.delivery.queue.clone(),
+                },
+                attempts: 0,
+                duration: started.elapsed(),
+                settled: true,
+                job: Some(Self::job_for(
+                    event,
+                    observer,
+                    action,
+                    observer.retry.max_attempts,
+                )),
             };
         }
         let context = ActionContext {
@@ -294,40 +367,41 @@ impl Executor {
             action_index: action.index,
             envelope,
         };
-        let timeout = action.kind.timeout();
-        let outcome = run_with_retry(&observer.retry, |_attempt| async {
-            let Ok(_permit) = self.action_permits.acquire().await else {
-                return Err(AttemptError::new(
-                    ErrorCode::ShuttingDown,
-                    "executor closed",
-                ));
-            };
-            match tokio::time::timeout(timeout, self.runner.attempt(action, &context)).await {
-                Ok(result) => result,
-                Err(_) => Err(AttemptError::new(
-                    ErrorCode::ActionTimeout,
-                    format!("no answer within {}", humantime::format_duration(timeout)),
-                )),
-            }
-        })
-        .await;
+        let outcome = self.attempt_inline(observer, action, &context).await;
 
+        let remaining_attempts = observer.retry.max_attempts.saturating_sub(outcome.attempts);
+        let mut job = None;
         let status = match outcome.result {
             Ok(success) => ActionStatus::Succeeded {
                 detail: success.detail,
             },
+            Err(error)
+                if self.job_routing && error.code.is_transient() && remaining_attempts > 0 =>
+            {
+                tracing::info!(observer = %observer.name, action_index = action.index, code = %error.code, attempts = outcome.attempts, "transient failure outlasted the in-page retries; handing over to the job queue");
+                job = Some(Self::job_for(event, observer, action, remaining_attempts));
+                ActionStatus::Enqueued {
+                    queue: action.delivery.queue.clone(),
+                }
+            }
             Err(error) => {
                 self.handle_failure(event, observer, action, &error, outcome.attempts)
                     .await
             }
         };
         let settled = match &status {
-            ActionStatus::Succeeded { .. } | ActionStatus::AlreadyCompleted => true,
+            ActionStatus::Succeeded { .. }
+            | ActionStatus::AlreadyCompleted
+            | ActionStatus::Enqueued { .. } => true,
             ActionStatus::Failed { dead_letter, .. } => {
                 dead_letter.is_some() || observer.on_failure == FailurePolicy::Log
             }
         };
-        if settled && let Some(sink) = &self.settled_sink {
+        // A handed-over action is recorded only with its job, in the checkpoint transaction.
+        if settled
+            && job.is_none()
+            && let Some(sink) = &self.settled_sink
+        {
             sink.push(key);
         }
         ActionReport {
@@ -338,7 +412,41 @@ impl Executor {
             attempts: outcome.attempts,
             duration: started.elapsed(),
             settled,
+            job,
         }
+    }
+
+    /// Runs `action` in the page under its observer's retry policy — kept short when a job queue
+    /// can take over — each attempt under a node-wide permit and the action's timeout.
+    async fn attempt_inline(
+        &self,
+        observer: &ObserverDefinition,
+        action: &ActionDefinition,
+        context: &ActionContext<'_>,
+    ) -> crate::retry::RetryOutcome<crate::actions::ActionSuccess> {
+        let timeout = action.kind.timeout();
+        let mut policy = observer.retry.clone();
+        if self.job_routing {
+            policy.max_attempts = policy.max_attempts.min(INLINE_ATTEMPTS_WITH_QUEUE);
+            policy.max_delay = policy.max_delay.min(INLINE_MAX_DELAY_WITH_QUEUE);
+            policy.initial_delay = policy.initial_delay.min(policy.max_delay);
+        }
+        run_with_retry(&policy, |_attempt| async {
+            let Ok(_permit) = self.action_permits.acquire().await else {
+                return Err(AttemptError::new(
+                    ErrorCode::ShuttingDown,
+                    "executor closed",
+                ));
+            };
+            match tokio::time::timeout(timeout, self.runner.attempt(action, context)).await {
+                Ok(result) => result,
+                Err(_) => Err(AttemptError::new(
+                    ErrorCode::ActionTimeout,
+                    format!("no answer within {}", humantime::format_duration(timeout)),
+                )),
+            }
+        })
+        .await
     }
 
     async fn handle_failure(

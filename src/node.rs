@@ -1,22 +1,31 @@
 //! One running node: the pieces wired together, started and stopped as a unit.
 //!
 //! `Node::build` applies migrations, claims the partition and wires the executor (with the
-//! PostgreSQL dead-letter queue and the completed-actions ledger) to the listener;
-//! `run_until_stopped` delivers until the caller's token is cancelled, finishing the page in
-//! progress and saving its checkpoint. A test starts and stops a whole node in-process this way.
+//! PostgreSQL dead-letter queue, the completed-actions ledger and job routing) to the listener;
+//! `run_until_stopped` delivers and runs job workers until the caller's token is cancelled, then
+//! stops intake, finishes the page and the jobs in progress, and saves the checkpoint. A test
+//! starts and stops a whole node in-process this way.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::actions::ActionRunner;
 use crate::checkpoint::{CheckpointStore, PendingCompletions, PostgresCheckpointStore};
-use crate::config::ObserversConfig;
+use crate::config::{JobSettings, ObserversConfig};
 use crate::dlq::PostgresDeadLetterQueue;
 use crate::executor::Executor;
+use crate::jobs::{JobWorker, PostgresJobQueue};
 use crate::listener::{Listener, ListenerError, ListenerSettings, flush_pending_completions};
 use crate::matcher::Matcher;
+
+/// How often idle job workers look for work when no notification arrives.
+const JOB_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often finished jobs past their retention are pruned.
+const PRUNE_INTERVAL: Duration = Duration::from_mins(10);
 
 /// A node ready to run.
 #[derive(Debug)]
@@ -24,6 +33,9 @@ pub struct Node {
     listener: Listener,
     ledger_writer: tokio::task::JoinHandle<()>,
     stop_ledger_writer: CancellationToken,
+    workers: Vec<JobWorker>,
+    jobs: PostgresJobQueue,
+    job_settings: JobSettings,
 }
 
 impl Node {
@@ -40,14 +52,36 @@ impl Node {
         let store: Arc<dyn CheckpointStore> = Arc::new(PostgresCheckpointStore::new(pool.clone()));
         let dead_letters = Arc::new(PostgresDeadLetterQueue::new(pool.clone()));
         let runner = ActionRunner::new(Arc::new(config.templates))?;
+        let matcher = Arc::new(Matcher::new(config.observers));
         let pending = Arc::new(PendingCompletions::default());
         let executor = Executor::new(
-            Arc::new(Matcher::new(config.observers)),
-            runner,
+            matcher.clone(),
+            runner.clone(),
             dead_letters,
             &config.executor,
         )
-        .with_settled_sink(pending.clone());
+        .with_settled_sink(pending.clone())
+        .with_job_routing();
+        let jobs = PostgresJobQueue::new(
+            pool.clone(),
+            settings.node_id.clone(),
+            config.jobs.visibility_timeout,
+        );
+        let workers = config
+            .jobs
+            .workers
+            .iter()
+            .flat_map(|(queue, count)| std::iter::repeat_n(queue, *count))
+            .map(|queue| {
+                JobWorker::new(
+                    jobs.clone(),
+                    queue.clone(),
+                    runner.clone(),
+                    matcher.clone(),
+                    JOB_POLL_INTERVAL,
+                )
+            })
+            .collect();
         let listener = Listener::start(pool, store.clone(), executor, settings)
             .await?
             .with_pending_completions(pending.clone());
@@ -61,15 +95,43 @@ impl Node {
             listener,
             ledger_writer,
             stop_ledger_writer,
+            workers,
+            jobs,
+            job_settings: config.jobs,
         })
     }
 
-    /// Delivers until `shutdown` is cancelled; the page in progress is finished and checkpointed.
+    /// Delivers and works jobs until `shutdown` is cancelled; the page in progress is finished
+    /// and checkpointed, jobs in progress are finished, claimed-but-unstarted ones released.
     ///
     /// # Errors
     /// Another node took the partition over.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), ListenerError> {
-        let result = self.listener.run(shutdown).await;
+        let tasks = TaskTracker::new();
+        let stop_workers = shutdown.child_token();
+        for worker in self.workers {
+            tasks.spawn(worker.run(stop_workers.clone()));
+        }
+        let (jobs, retention, pruning) =
+            (self.jobs, self.job_settings.retention, stop_workers.clone());
+        tasks.spawn(async move {
+            loop {
+                match jobs.prune_finished(retention).await {
+                    Ok(0) => {}
+                    Ok(pruned) => tracing::info!(pruned, "pruned finished jobs past retention"),
+                    Err(error) => tracing::warn!(%error, "pruning finished jobs failed"),
+                }
+                tokio::select! {
+                    () = pruning.cancelled() => return,
+                    () = tokio::time::sleep(PRUNE_INTERVAL) => {}
+                }
+            }
+        });
+        tasks.close();
+        let result = self.listener.run(shutdown.clone()).await;
+        // The listener may also stop on its own (fenced out): stop the workers either way.
+        stop_workers.cancel();
+        tasks.wait().await;
         self.stop_ledger_writer.cancel();
         let _ = self.ledger_writer.await;
         result

@@ -2214,3 +2214,91 @@ fn example_fails_when_running_without_its_secret() {
         errors[0]
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Delivery: mode, queue, priority; the jobs section
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn actions_default_to_inline_delivery_on_the_default_queue() {
+    let config = yaml_ok(
+        "observers:\n  - name: a\n    entity: Order\n    events: [insert]\n    actions: [{type: log}]\n",
+    );
+    let delivery = &config.observers[0].actions[0].delivery;
+    assert_eq!(
+        delivery.mode,
+        fraiseql_observers::config::DeliveryMode::Inline
+    );
+    assert_eq!((delivery.queue.as_str(), delivery.priority), ("default", 5));
+    assert_eq!(config.jobs.workers.get("default"), Some(&2));
+    assert_eq!(
+        config.jobs.visibility_timeout,
+        std::time::Duration::from_secs(30)
+    );
+}
+
+#[test]
+fn async_delivery_names_its_queue_and_priority_and_the_queue_gets_a_worker() {
+    let text = "jobs: {workers: {default: 3}, visibility_timeout: 10s, retention: 1d}\nobservers:\n  - name: a\n    entity: Order\n    events: [insert]\n    actions:\n      - {type: webhook, url: 'http://127.0.0.1:9/x', mode: async, queue: slow-mail, priority: 9}\n";
+    let config = yaml_ok(text);
+    let delivery = &config.observers[0].actions[0].delivery;
+    assert_eq!(
+        delivery.mode,
+        fraiseql_observers::config::DeliveryMode::Async
+    );
+    assert_eq!(
+        (delivery.queue.as_str(), delivery.priority),
+        ("slow-mail", 9)
+    );
+    assert_eq!(config.jobs.workers.get("default"), Some(&3));
+    assert_eq!(
+        config.jobs.workers.get("slow-mail"),
+        Some(&1),
+        "a queue an action names gets a worker"
+    );
+    assert_eq!(
+        config.jobs.visibility_timeout,
+        std::time::Duration::from_secs(10)
+    );
+    assert_eq!(
+        config.jobs.retention,
+        std::time::Duration::from_hours(24)
+    );
+}
+
+#[test]
+fn bad_delivery_settings_are_each_reported() {
+    let text = "jobs: {workers: {default: -1}, visibility_timeout: 10ms}\nobservers:\n  - name: a\n    entity: Order\n    events: [insert]\n    actions:\n      - {type: log, mode: later, queue: 'no spaces', priority: 11}\n";
+    let errors = yaml_errors(text);
+    assert_eq!(errors.len(), 5, "{}", list(&errors));
+    assert_error(
+        &errors[0],
+        "jobs.workers.default",
+        after(text, "default: "),
+        "expected an integer from 0 to 256",
+    );
+    assert_error(
+        &errors[1],
+        "jobs.visibility_timeout",
+        after(text, "visibility_timeout: "),
+        "expected at least 1s",
+    );
+    assert_error(
+        &errors[2],
+        "observers[0].actions[0].mode",
+        after(text, "mode: "),
+        "expected one of inline, async",
+    );
+    assert_error(
+        &errors[3],
+        "observers[0].actions[0].queue",
+        after(text, "queue: "),
+        "expected a queue name",
+    );
+    assert_error(
+        &errors[4],
+        "observers[0].actions[0].priority",
+        after(text, "priority: "),
+        "expected an integer from 0 to 10",
+    );
+}

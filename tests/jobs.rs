@@ -488,3 +488,70 @@ async fn a_stopping_worker_releases_what_it_claimed_and_a_running_worker_drains_
     .unwrap();
     assert_eq!(completed, 11);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_task_is_aborted_mid_action_runs_again_elsewhere() {
+    let database = TestDatabase::migrated().await;
+    let receiver = Receiver::start().await;
+    // The first call hangs (the worker is aborted while waiting); the second answers at once.
+    let mut hang = Reply::status(200);
+    hang.delay = Duration::from_secs(30);
+    receiver.script("/jobs", [hang]);
+    let yaml = format!(
+        "observers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    actions: [{{type: webhook, url: '{}', timeout: 60s}}]\n",
+        receiver.url("/jobs")
+    );
+    let no_env = |_: &str| None;
+    let make_worker = |node: &str| {
+        let config = load_str(
+            &yaml,
+            Format::Yaml,
+            "jobs.yaml",
+            &LoadOptions {
+                env: &no_env,
+                missing_env: MissingEnv::Error,
+            },
+        )
+        .unwrap();
+        JobWorker::new(
+            PostgresJobQueue::new(database.pool.clone(), node, Duration::from_millis(600)),
+            "default",
+            ActionRunner::new(Arc::new(config.templates)).unwrap(),
+            Arc::new(Matcher::new(config.observers)),
+            Duration::from_millis(100),
+        )
+    };
+    let id = queue(&database, "x")
+        .enqueue(&new_job("1", 5))
+        .await
+        .unwrap()
+        .unwrap();
+    let doomed = tokio::spawn(make_worker("doomed").run(CancellationToken::new()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while receiver.request_count() < 1 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    doomed.abort();
+    let _ = doomed.await;
+
+    let survivor = make_worker("survivor");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(survivor.run(shutdown.clone()));
+    while status_of(&database, id).await.0 != "completed" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the abandoned job was not run again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    running.await.unwrap();
+    assert_eq!(status_of(&database, id).await, ("completed".into(), 2));
+    let requests = receiver.requests_to("/jobs");
+    assert_eq!(requests.len(), 2);
+    assert_eq!(
+        requests[0].header("idempotency-key"),
+        requests[1].header("idempotency-key")
+    );
+}

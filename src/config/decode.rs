@@ -4,10 +4,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::model::{
-    ActionDefinition, ActionKind, BackoffKind, BodyFormat, DEFAULT_ACTION_TIMEOUT,
-    ExecutorSettings, FailurePolicy, HeaderValue, HttpMethod, LogAction, LogLevel,
-    ObserverDefinition, ObserverName, RetryPolicy, Secret, SecretUrl, Setting, WebhookAction,
-    WebhookTarget,
+    ActionDefinition, ActionKind, BackoffKind, BodyFormat, DEFAULT_ACTION_TIMEOUT, Delivery,
+    DeliveryMode, ExecutorSettings, FailurePolicy, HeaderValue, HttpMethod, JobSettings, LogAction,
+    LogLevel, ObserverDefinition, ObserverName, RetryPolicy, Secret, SecretUrl, Setting,
+    WebhookAction, WebhookTarget,
 };
 use super::tree::{Node, NodeValue, Position};
 use super::{ConfigError, ConfigErrors, LoadOptions, MissingEnv, ObserversConfig};
@@ -39,7 +39,7 @@ pub(super) fn decode(
         warnings: Vec::new(),
         templates: Templates::new(),
     };
-    let (observers, executor) = decoder.root(root);
+    let (observers, executor, jobs) = decoder.root(root);
     let by_place = |error: &ConfigError| {
         error
             .position
@@ -56,6 +56,7 @@ pub(super) fn decode(
         origin: origin.to_owned(),
         observers,
         executor,
+        jobs,
         templates: decoder.templates,
         warnings: decoder.warnings,
     })
@@ -462,7 +463,7 @@ impl Decoder<'_> {
         }
     }
 
-    fn root(&mut self, root: &Node) -> (Vec<ObserverDefinition>, ExecutorSettings) {
+    fn root(&mut self, root: &Node) -> (Vec<ObserverDefinition>, ExecutorSettings, JobSettings) {
         let empty_map = matches!(&root.value, NodeValue::Map(entries) if entries.is_empty());
         if root.value == NodeValue::Null || empty_map {
             self.error(
@@ -470,21 +471,33 @@ impl Decoder<'_> {
                 "",
                 "the file is empty; expected a mapping with an 'observers' list",
             );
-            return (Vec::new(), ExecutorSettings::default());
+            return (
+                Vec::new(),
+                ExecutorSettings::default(),
+                JobSettings::default(),
+            );
         }
-        let Some(fields) = self.fields(root, "", &["observers", "executor"]) else {
-            return (Vec::new(), ExecutorSettings::default());
+        let Some(fields) = self.fields(root, "", &["observers", "executor", "jobs"]) else {
+            return (
+                Vec::new(),
+                ExecutorSettings::default(),
+                JobSettings::default(),
+            );
         };
         let executor = fields
             .get("executor")
             .and_then(|node| self.executor(node, "executor"))
             .unwrap_or_default();
+        let mut jobs = fields
+            .get("jobs")
+            .and_then(|node| self.jobs(node, "jobs"))
+            .unwrap_or_default();
         let Some(list_node) = self.required(&fields, "observers", "", "a list of observers") else {
-            return (Vec::new(), executor);
+            return (Vec::new(), executor, jobs);
         };
         let NodeValue::List(items) = &list_node.value else {
             self.expected(list_node, "observers", "a list of observers");
-            return (Vec::new(), executor);
+            return (Vec::new(), executor, jobs);
         };
         if items.is_empty() {
             self.warning(
@@ -515,7 +528,62 @@ impl Decoder<'_> {
                 observers.push(observer);
             }
         }
-        (observers, executor)
+        for action in observers.iter().flat_map(|observer| &observer.actions) {
+            jobs.workers
+                .entry(action.delivery.queue.clone())
+                .or_insert(1);
+        }
+        (observers, executor, jobs)
+    }
+
+    fn jobs(&mut self, node: &Node, path: &str) -> Option<JobSettings> {
+        let fields = self.fields(node, path, &["workers", "visibility_timeout", "retention"])?;
+        let mut settings = JobSettings::default();
+        let mut valid = true;
+        if let Some(workers) = fields.get("workers") {
+            let workers_path = child(path, "workers");
+            let NodeValue::Map(entries) = &workers.value else {
+                self.expected(
+                    workers,
+                    &workers_path,
+                    "a mapping of queue names to worker counts",
+                );
+                return None;
+            };
+            for (key, value) in entries {
+                let Some(queue) = self.non_empty_string(key, &workers_path) else {
+                    valid = false;
+                    continue;
+                };
+                match self
+                    .integer_in(value, &child(&workers_path, queue), 0, 256)
+                    .and_then(|count| usize::try_from(count).ok())
+                {
+                    Some(count) => {
+                        settings.workers.insert(queue.to_owned(), count);
+                    }
+                    None => valid = false,
+                }
+            }
+        }
+        for (key, slot) in [
+            ("visibility_timeout", &mut settings.visibility_timeout),
+            ("retention", &mut settings.retention),
+        ] {
+            if let Some(value) = fields.get(key) {
+                match self.duration(value, &child(path, key)) {
+                    Some(duration) if duration >= std::time::Duration::from_secs(1) => {
+                        *slot = duration;
+                    }
+                    Some(_) => {
+                        self.error(value.position, &child(path, key), "expected at least 1s");
+                        valid = false;
+                    }
+                    None => valid = false,
+                }
+            }
+        }
+        valid.then_some(settings)
     }
 
     fn executor(&mut self, node: &Node, path: &str) -> Option<ExecutorSettings> {
@@ -841,13 +909,22 @@ impl Decoder<'_> {
                         "signing_secret",
                         "signing_secret_env",
                         "timeout",
+                        "mode",
+                        "queue",
+                        "priority",
                     ],
                 )?;
                 let label = self.label(&fields, path);
                 (self.webhook(&fields, path).map(ActionKind::Webhook), label)
             }
             "log" => {
-                let fields = self.fields(node, path, &["type", "name", "level", "message"])?;
+                let fields = self.fields(
+                    node,
+                    path,
+                    &[
+                        "type", "name", "level", "message", "mode", "queue", "priority",
+                    ],
+                )?;
                 let label = self.label(&fields, path);
                 (self.log(&fields, path).map(ActionKind::Log), label)
             }
@@ -864,11 +941,69 @@ impl Decoder<'_> {
                 return None;
             }
         };
+        let delivery = self.delivery(node, path);
         Some(ActionDefinition {
             index,
             label,
             kind: kind?,
+            delivery: delivery?,
         })
+    }
+
+    /// `mode`, `queue`, `priority` of an action (keys already checked against the allowed set).
+    fn delivery(&mut self, node: &Node, path: &str) -> Option<Delivery> {
+        let NodeValue::Map(entries) = &node.value else {
+            return None;
+        };
+        let get = |name: &str| {
+            entries
+                .iter()
+                .find(|(key, _)| matches!(&key.value, NodeValue::String(text) if text == name))
+                .map(|(_, value)| value)
+        };
+        let mut delivery = Delivery::default();
+        let mut valid = true;
+        if let Some(value) = get("mode") {
+            match self.choice(
+                value,
+                &child(path, "mode"),
+                &[
+                    ("inline", DeliveryMode::Inline),
+                    ("async", DeliveryMode::Async),
+                ],
+            ) {
+                Some(mode) => delivery.mode = mode,
+                None => valid = false,
+            }
+        }
+        if let Some(value) = get("queue") {
+            let queue_path = child(path, "queue");
+            match self.non_empty_string(value, &queue_path) {
+                Some(queue)
+                    if queue.len() <= 64
+                        && queue.chars().all(|character| {
+                            character.is_ascii_alphanumeric() || "_-.".contains(character)
+                        }) =>
+                {
+                    queue.clone_into(&mut delivery.queue);
+                }
+                Some(queue) => {
+                    self.error(value.position, &queue_path, format!("expected a queue name of at most 64 letters, digits, '_', '-', '.', found {queue:?}"));
+                    valid = false;
+                }
+                None => valid = false,
+            }
+        }
+        if let Some(value) = get("priority") {
+            match self
+                .integer_in(value, &child(path, "priority"), 0, 10)
+                .and_then(|priority| i16::try_from(priority).ok())
+            {
+                Some(priority) => delivery.priority = priority,
+                None => valid = false,
+            }
+        }
+        valid.then_some(delivery)
     }
 
     fn label(&mut self, fields: &Fields<'_>, path: &str) -> Option<String> {

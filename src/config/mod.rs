@@ -115,6 +115,7 @@ pub struct ObserversConfig {
     pub origin: String,
     pub observers: Vec<ObserverDefinition>,
     pub executor: ExecutorSettings,
+    pub jobs: JobSettings,
     /// Every body/message template of every action, compiled.
     pub templates: Templates,
     /// Problems that do not stop the file from loading (e.g. a secret not set while validating).

@@ -273,6 +273,39 @@ impl ActionKind {
     }
 }
 
+/// Where an action runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryMode {
+    /// In the change-log page, before its checkpoint (fast actions; transient failures that
+    /// outlast a short in-page retry move to the job queue).
+    Inline,
+    /// Through the durable job queue, enqueued with the page's checkpoint.
+    Async,
+}
+
+/// How an action is delivered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub mode: DeliveryMode,
+    /// Job queue name (`default` unless set).
+    pub queue: String,
+    /// Job priority, 0 (least) to 10.
+    pub priority: i16,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Delivery {
+            mode: DeliveryMode::Inline,
+            queue: DEFAULT_QUEUE.to_owned(),
+            priority: DEFAULT_JOB_PRIORITY,
+        }
+    }
+}
+
+pub const DEFAULT_QUEUE: &str = "default";
+pub const DEFAULT_JOB_PRIORITY: i16 = 5;
+
 /// One action of an observer, with its place in the observer's list (part of its identity).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ActionDefinition {
@@ -280,6 +313,7 @@ pub struct ActionDefinition {
     /// Optional label from the file, for reports.
     pub label: Option<String>,
     pub kind: ActionKind,
+    pub delivery: Delivery,
 }
 
 /// One observer: which changes it watches and what it does about them.
@@ -293,6 +327,27 @@ pub struct ObserverDefinition {
     pub actions: Vec<ActionDefinition>,
     pub retry: RetryPolicy,
     pub on_failure: FailurePolicy,
+}
+
+/// Job queue workers and retention.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobSettings {
+    /// Workers per queue on every node; every queue an action names gets at least one.
+    pub workers: std::collections::BTreeMap<String, usize>,
+    /// How long a claim lasts without a heartbeat (a dead worker's job is retried after it).
+    pub visibility_timeout: Duration,
+    /// Completed and cancelled jobs are deleted after this long; failed ones never.
+    pub retention: Duration,
+}
+
+impl Default for JobSettings {
+    fn default() -> Self {
+        JobSettings {
+            workers: std::collections::BTreeMap::from([(DEFAULT_QUEUE.to_owned(), 2)]),
+            visibility_timeout: Duration::from_secs(30),
+            retention: Duration::from_hours(7 * 24),
+        }
+    }
 }
 
 /// Node-wide execution bounds.

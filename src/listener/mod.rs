@@ -37,6 +37,7 @@ use crate::dlq::{DeadLetterError, NewDeadLetter};
 use crate::domain::{EntityEvent, EventKind};
 use crate::error::ErrorCode;
 use crate::executor::{EventSummary, Executor};
+use crate::jobs::NewJob;
 
 /// The channel the change log's statement trigger notifies.
 pub const NOTIFY_CHANNEL: &str = "fraiseql_observers_change_log";
@@ -261,29 +262,35 @@ impl Listener {
                 .flat_map(EventSummary::settled_keys)
                 .filter(|key| !completed.contains(key)),
         );
+        let jobs: Vec<NewJob> = summaries
+            .iter()
+            .flat_map(EventSummary::jobs)
+            .cloned()
+            .collect();
         if unsettled > 0 {
-            // Keep what did settle, so the retried page does not repeat it.
+            // Keep what did settle, so the retried page does not repeat it — but not the actions
+            // handed to the job queue: their jobs are not stored yet, the retried page hands them
+            // over again.
+            let handed_over: std::collections::HashSet<String> =
+                jobs.iter().map(NewJob::idempotency_key).collect();
+            settled.retain(|key| {
+                !handed_over.contains(&format!(
+                    "{}:{}:{}",
+                    key.event_id, key.observer, key.action_index
+                ))
+            });
             self.store.record_completed(&settled).await?;
             self.clear_pending();
             return Err(ListenerError::Unsettled(unsettled));
         }
 
         let full_page = u32::try_from(row_count).unwrap_or(u32::MAX) >= self.settings.batch_size;
-        let next = if full_page {
-            BatchPosition {
-                snapshot: position.snapshot,
-                batch_upto: Some(upto),
-                batch_position: last_position,
-            }
-        } else {
-            BatchPosition {
-                snapshot: Some(upto),
-                batch_upto: None,
-                batch_position: None,
-            }
-        };
+        let next = next_position(position, upto, full_page, last_position);
         let save_started = std::time::Instant::now();
-        self.checkpoint = self.store.save(&self.checkpoint, next, &settled).await?;
+        self.checkpoint = self
+            .store
+            .save_with_jobs(&self.checkpoint, next, &settled, &jobs)
+            .await?;
         self.clear_pending();
         tracing::debug!(
             rows = row_count,
@@ -442,6 +449,29 @@ impl Listener {
         }
         tracing::info!(partition = self.checkpoint.partition, "listener stopped");
         Ok(())
+    }
+}
+
+/// Where the checkpoint goes after a page: inside the batch (a full page: more may follow), or to
+/// the batch's end snapshot.
+fn next_position(
+    position: BatchPosition,
+    upto: String,
+    full_page: bool,
+    last_position: Option<i64>,
+) -> BatchPosition {
+    if full_page {
+        BatchPosition {
+            snapshot: position.snapshot,
+            batch_upto: Some(upto),
+            batch_position: last_position,
+        }
+    } else {
+        BatchPosition {
+            snapshot: Some(upto),
+            batch_upto: None,
+            batch_position: None,
+        }
     }
 }
 

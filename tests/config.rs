@@ -2260,10 +2260,7 @@ fn async_delivery_names_its_queue_and_priority_and_the_queue_gets_a_worker() {
         config.jobs.visibility_timeout,
         std::time::Duration::from_secs(10)
     );
-    assert_eq!(
-        config.jobs.retention,
-        std::time::Duration::from_hours(24)
-    );
+    assert_eq!(config.jobs.retention, std::time::Duration::from_hours(24));
 }
 
 #[test]

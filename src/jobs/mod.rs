@@ -266,6 +266,43 @@ impl PostgresJobQueue {
         Ok(result.rows_affected() == 1)
     }
 
+    /// Marks held jobs completed in one statement; returns the ids this node still held.
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub async fn complete_many(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, JobError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_scalar(
+            "UPDATE fraiseql_observers.jobs
+                SET status = 'completed', finished_at = now(), locked_by = NULL, locked_until = NULL
+              WHERE id = ANY($1) AND status = 'running' AND locked_by = $2
+          RETURNING id",
+        )
+        .bind(ids)
+        .bind(&self.node_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Extends the claims of several jobs; returns the ids this node still holds.
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub async fn heartbeat_many(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, JobError> {
+        Ok(sqlx::query_scalar(
+            "UPDATE fraiseql_observers.jobs SET locked_until = now() + make_interval(secs => $3)
+              WHERE id = ANY($1) AND status = 'running' AND locked_by = $2
+          RETURNING id",
+        )
+        .bind(ids)
+        .bind(&self.node_id)
+        .bind(self.visibility_timeout.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Records a failed attempt: reschedules the same row with backoff, or — permanent error or
     /// attempts used up — marks it failed and parks a dead letter with the whole history.
     ///

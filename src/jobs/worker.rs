@@ -1,8 +1,10 @@
-//! A job worker: claims one job at a time from one queue, runs its action (one attempt, under the
-//! action's timeout, heartbeating the claim), and records the outcome.
+//! A job worker: claims a few jobs at a time from one queue, runs their actions concurrently (one
+//! attempt each, under the action's timeout, heartbeating the claims), and records the outcomes —
+//! the completions of a claim in one statement.
 
 use std::sync::Arc;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -13,7 +15,10 @@ use crate::error::ErrorCode;
 use crate::matcher::Matcher;
 use crate::retry::AttemptError;
 
-/// What one step of a worker did.
+/// Jobs one worker claims at once by default.
+pub const DEFAULT_CLAIM_BATCH: u32 = 16;
+
+/// What happened to one claimed job.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WorkOutcome {
     /// No job was ready.
@@ -37,6 +42,7 @@ pub struct JobWorker {
     runner: ActionRunner,
     matcher: Arc<Matcher>,
     poll_interval: std::time::Duration,
+    claim_batch: u32,
 }
 
 impl JobWorker {
@@ -54,7 +60,15 @@ impl JobWorker {
             runner,
             matcher,
             poll_interval,
+            claim_batch: DEFAULT_CLAIM_BATCH,
         }
+    }
+
+    /// Claims at most this many jobs at once (at least 1).
+    #[must_use]
+    pub fn with_claim_batch(mut self, claim_batch: u32) -> JobWorker {
+        self.claim_batch = claim_batch.max(1);
+        self
     }
 
     /// Claims and runs at most one job; with `stopping` cancelled, a claimed job is released
@@ -66,47 +80,90 @@ impl JobWorker {
         &self,
         stopping: &CancellationToken,
     ) -> Result<WorkOutcome, JobError> {
-        let Some(job) = self
-            .queue
-            .claim(&self.queue_name, 1)
-            .await?
-            .into_iter()
-            .next()
-        else {
-            return Ok(WorkOutcome::Idle);
-        };
-        if stopping.is_cancelled() {
-            self.queue.release(job.id).await?;
-            return Ok(WorkOutcome::Released(job.id));
+        let outcomes = self.try_execute_batch(1, stopping).await?;
+        Ok(outcomes.into_iter().next().unwrap_or(WorkOutcome::Idle))
+    }
+
+    /// Claims up to `limit` jobs and runs them concurrently; an empty result means the queue had
+    /// nothing ready.
+    ///
+    /// # Errors
+    /// Job storage failed.
+    pub async fn try_execute_batch(
+        &self,
+        limit: u32,
+        stopping: &CancellationToken,
+    ) -> Result<Vec<WorkOutcome>, JobError> {
+        let jobs = self.queue.claim(&self.queue_name, limit).await?;
+        if jobs.is_empty() {
+            return Ok(Vec::new());
         }
-        let id = job.id;
-        let result = tokio::select! {
-            result = self.attempt(&job) => result,
-            () = self.keep_claim(id) => return Ok(WorkOutcome::Lost(id)),
-        };
-        match result {
-            Ok(()) => Ok(if self.queue.complete(id).await? {
+        if stopping.is_cancelled() {
+            let mut outcomes = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                self.queue.release(job.id).await?;
+                outcomes.push(WorkOutcome::Released(job.id));
+            }
+            return Ok(outcomes);
+        }
+        let ids: Vec<Uuid> = jobs.iter().map(|job| job.id).collect();
+        let mut attempts: FuturesUnordered<_> = jobs
+            .iter()
+            .map(|job| async move { (job, self.attempt(job).await) })
+            .collect();
+        let mut results = Vec::with_capacity(jobs.len());
+        let heartbeat = self.keep_claims(&ids);
+        tokio::pin!(heartbeat);
+        loop {
+            tokio::select! {
+                next = attempts.next() => match next {
+                    Some(result) => results.push(result),
+                    None => break,
+                },
+                () = &mut heartbeat => {}
+            }
+        }
+
+        let mut outcomes = Vec::with_capacity(results.len());
+        let succeeded: Vec<Uuid> = results
+            .iter()
+            .filter(|(_, result)| result.is_ok())
+            .map(|(job, _)| job.id)
+            .collect();
+        let completed = self.queue.complete_many(&succeeded).await?;
+        for id in succeeded {
+            outcomes.push(if completed.contains(&id) {
                 WorkOutcome::Completed(id)
             } else {
                 WorkOutcome::Lost(id)
-            }),
-            Err(error) => Ok(match self.queue.fail(&job, &error).await? {
-                FailOutcome::Rescheduled { .. } => WorkOutcome::Rescheduled(id),
-                FailOutcome::DeadLettered { .. } => WorkOutcome::DeadLettered(id),
-                FailOutcome::NotHeld => WorkOutcome::Lost(id),
-            }),
+            });
         }
+        for (job, result) in results {
+            let Err(error) = result else { continue };
+            outcomes.push(match self.queue.fail(job, &error).await? {
+                FailOutcome::Rescheduled { .. } => WorkOutcome::Rescheduled(job.id),
+                FailOutcome::DeadLettered { .. } => WorkOutcome::DeadLettered(job.id),
+                FailOutcome::NotHeld => WorkOutcome::Lost(job.id),
+            });
+        }
+        Ok(outcomes)
     }
 
-    /// Extends the claim every third of the visibility timeout; returns when the claim is lost.
-    async fn keep_claim(&self, id: Uuid) {
+    /// Extends the claims every third of the visibility timeout while the attempts run. Never
+    /// finishes on its own; a claim lost meanwhile shows up as `Lost` when completing.
+    async fn keep_claims(&self, ids: &[Uuid]) {
         let every = self.queue.visibility_timeout() / 3;
         loop {
             tokio::time::sleep(every).await;
-            match self.queue.heartbeat(id).await {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(error) => tracing::warn!(%error, job = %id, "heartbeat failed; retrying"),
+            match self.queue.heartbeat_many(ids).await {
+                Ok(held) if held.len() < ids.len() => {
+                    tracing::warn!(
+                        lost = ids.len() - held.len(),
+                        "job claims expired while running"
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "heartbeat failed; retrying"),
             }
         }
     }
@@ -155,8 +212,8 @@ impl JobWorker {
     }
 
     /// Works until `shutdown` is cancelled: runs ready jobs back to back, rescues expired claims,
-    /// waits for a notification or the poll interval when the queue is empty. The job in progress
-    /// is finished (within its action timeout) before returning.
+    /// waits for a notification or the poll interval when the queue is empty. Jobs in progress are
+    /// finished (within their action timeouts) before returning.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut notifications = match PgListener::connect_with(self.queue.pool()).await {
             Ok(mut listener) => listener.listen(JOBS_CHANNEL).await.ok().map(|()| listener),
@@ -166,9 +223,9 @@ impl JobWorker {
             }
         };
         while !shutdown.is_cancelled() {
-            match self.try_execute_one(&shutdown).await {
-                Ok(WorkOutcome::Idle) => {}
-                Ok(_) => continue,
+            match self.try_execute_batch(self.claim_batch, &shutdown).await {
+                Ok(outcomes) if !outcomes.is_empty() => continue,
+                Ok(_) => {}
                 Err(error) => {
                     tracing::warn!(%error, queue = %self.queue_name, "job step failed; retrying");
                 }

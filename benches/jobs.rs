@@ -1,0 +1,155 @@
+//! The durable job queue with trivial jobs (a `log` action at trace level, nothing listening):
+//! enqueue + claim + complete throughput with 1 and 4 workers, and pickup latency (enqueue
+//! commit → claim) with workers waiting on LISTEN. The same measurements for graphile-worker are
+//! in `benches/graphile/` (run both: `benches/run-jobs.sh`).
+//!
+//! Run: `cargo bench --bench jobs` (needs the local PostgreSQL). Prints one JSON line.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::postgres::TestDatabase;
+use fraiseql_observers::actions::ActionRunner;
+use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, load_str};
+use fraiseql_observers::domain::{EntityEvent, EventKind};
+use fraiseql_observers::jobs::{JobWorker, NewJob, PostgresJobQueue, enqueue_batch};
+use fraiseql_observers::matcher::Matcher;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const JOBS: usize = 20_000;
+const PICKUPS: usize = 500;
+
+fn job(index: usize) -> NewJob {
+    NewJob {
+        queue: "default".into(),
+        priority: 5,
+        run_at: None,
+        event: EntityEvent::new(
+            EventKind::Insert,
+            "Job",
+            index.to_string(),
+            json!({"n": index}),
+            None,
+        ),
+        observer: "trivial".into(),
+        action_index: 0,
+        action_type: "log".into(),
+        max_attempts: 3,
+        initial_delay: Duration::from_millis(100),
+        max_delay: Duration::from_secs(10),
+    }
+}
+
+fn worker(database: &TestDatabase, node: &str) -> JobWorker {
+    let yaml = "observers:\n  - name: trivial\n    entity: Job\n    events: [insert]\n    actions: [{type: log, level: trace}]\n";
+    let no_env = |_: &str| None;
+    let config = load_str(
+        yaml,
+        Format::Yaml,
+        "bench.yaml",
+        &LoadOptions {
+            env: &no_env,
+            missing_env: MissingEnv::Error,
+        },
+    )
+    .unwrap();
+    JobWorker::new(
+        PostgresJobQueue::new(database.pool.clone(), node, Duration::from_secs(30)),
+        "default",
+        ActionRunner::new(Arc::new(config.templates)).unwrap(),
+        Arc::new(Matcher::new(config.observers)),
+        Duration::from_secs(1),
+    )
+}
+
+async fn completed(database: &TestDatabase) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM fraiseql_observers.jobs WHERE status = 'completed'")
+        .fetch_one(&database.pool)
+        .await
+        .unwrap()
+}
+
+async fn throughput(workers: usize) -> f64 {
+    let database = TestDatabase::migrated().await;
+    let batch: Vec<NewJob> = (0..JOBS).map(job).collect();
+    for chunk in batch.chunks(5_000) {
+        enqueue_batch(&database.pool, chunk).await.unwrap();
+    }
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let running: Vec<_> = (0..workers)
+        .map(|index| tokio::spawn(worker(&database, &format!("w{index}")).run(shutdown.clone())))
+        .collect();
+    let target = i64::try_from(JOBS).unwrap();
+    while completed(&database).await < target {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    shutdown.cancel();
+    for task in running {
+        task.await.unwrap();
+    }
+    #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+    let rate = JOBS as f64 / elapsed.as_secs_f64();
+    eprintln!(
+        "{workers} worker(s): {JOBS} jobs in {:.2} s = {rate:.0} jobs/s",
+        elapsed.as_secs_f64()
+    );
+    rate
+}
+
+async fn pickup_latency() -> (f64, f64, f64) {
+    let database = TestDatabase::migrated().await;
+    let shutdown = CancellationToken::new();
+    let running: Vec<_> = (0..4)
+        .map(|index| tokio::spawn(worker(&database, &format!("w{index}")).run(shutdown.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let queue = PostgresJobQueue::new(database.pool.clone(), "enqueuer", Duration::from_secs(30));
+    for index in 0..PICKUPS {
+        queue.enqueue(&job(index)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    while completed(&database).await < i64::try_from(PICKUPS).unwrap() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    for task in running {
+        task.await.unwrap();
+    }
+    // created_at is the enqueueing transaction's time; started_at the claim's.
+    let mut latencies: Vec<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM started_at - created_at)::float8 * 1000 FROM fraiseql_observers.jobs",
+    )
+    .fetch_all(&database.pool)
+    .await
+    .unwrap();
+    latencies.sort_by(f64::total_cmp);
+    let at = |fraction: f64| {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "an index into a small vector"
+        )]
+        let index = ((latencies.len() - 1) as f64 * fraction).round() as usize;
+        latencies[index]
+    };
+    (at(0.5), at(0.99), *latencies.last().unwrap())
+}
+
+#[tokio::main]
+async fn main() {
+    let one = throughput(1).await;
+    let four = throughput(4).await;
+    let (p50, p99, max) = pickup_latency().await;
+    println!(
+        "{}",
+        json!({"queue": "fraiseql-observers", "jobs": JOBS, "throughput": {"1": one.round(), "4": four.round()},
+               "pickup_ms": {"p50": (p50 * 10.0).round() / 10.0, "p99": (p99 * 10.0).round() / 10.0, "max": (max * 10.0).round() / 10.0}})
+    );
+}

@@ -20,7 +20,13 @@ use fraiseql_observers::matcher::Matcher;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-const JOBS: usize = 20_000;
+/// Jobs per throughput run: `JOBS` from the environment, 20,000 by default.
+fn job_count() -> usize {
+    std::env::var("JOBS")
+        .ok()
+        .and_then(|jobs| jobs.parse().ok())
+        .unwrap_or(20_000)
+}
 const PICKUPS: usize = 500;
 
 fn job(index: usize) -> NewJob {
@@ -75,7 +81,8 @@ async fn completed(database: &TestDatabase) -> i64 {
 
 async fn throughput(workers: usize) -> f64 {
     let database = TestDatabase::migrated().await;
-    let batch: Vec<NewJob> = (0..JOBS).map(job).collect();
+    let jobs = job_count();
+    let batch: Vec<NewJob> = (0..jobs).map(job).collect();
     for chunk in batch.chunks(5_000) {
         enqueue_batch(&database.pool, chunk).await.unwrap();
     }
@@ -84,7 +91,7 @@ async fn throughput(workers: usize) -> f64 {
     let running: Vec<_> = (0..workers)
         .map(|index| tokio::spawn(worker(&database, &format!("w{index}")).run(shutdown.clone())))
         .collect();
-    let target = i64::try_from(JOBS).unwrap();
+    let target = i64::try_from(jobs).unwrap();
     while completed(&database).await < target {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -94,9 +101,9 @@ async fn throughput(workers: usize) -> f64 {
         task.await.unwrap();
     }
     #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
-    let rate = JOBS as f64 / elapsed.as_secs_f64();
+    let rate = jobs as f64 / elapsed.as_secs_f64();
     eprintln!(
-        "{workers} worker(s): {JOBS} jobs in {:.2} s = {rate:.0} jobs/s",
+        "{workers} worker(s): {jobs} jobs in {:.2} s = {rate:.0} jobs/s",
         elapsed.as_secs_f64()
     );
     rate
@@ -149,7 +156,7 @@ async fn main() {
     let (p50, p99, max) = pickup_latency().await;
     println!(
         "{}",
-        json!({"queue": "fraiseql-observers", "jobs": JOBS, "throughput": {"1": one.round(), "4": four.round()},
+        json!({"queue": "fraiseql-observers", "jobs": job_count(), "throughput": {"1": one.round(), "4": four.round()},
                "pickup_ms": {"p50": (p50 * 10.0).round() / 10.0, "p99": (p99 * 10.0).round() / 10.0, "max": (max * 10.0).round() / 10.0}})
     );
 }

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Job-queue comparison on this machine: fraiseql-observers' queue (cargo bench --bench jobs) and
+# graphile-worker (benches/graphile) with the same number of trivial jobs, 1 and 4 workers, and
+# pickup latency; prints a Markdown table. Needs the local PostgreSQL and Node.js with npm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export JOBS="${JOBS:-20000}"
+
+ours=$(cargo bench --quiet --bench jobs 2>/dev/null | tail -n 1)
+(cd benches/graphile && npm ci --silent --no-audit --no-fund >/dev/null)
+theirs=$(cd benches/graphile && node bench.mjs 2>/dev/null | tail -n 1)
+
+python3 - "$ours" "$theirs" <<'PY'
+import json, sys
+ours, theirs = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+name = f"graphile-worker {theirs.get('version', '')}".strip()
+print(f"| {ours['jobs']:,} trivial jobs, local PostgreSQL 15 | fraiseql-observers | {name} | ratio |")
+print("|---|---|---|---|")
+for workers in ("1", "4"):
+    a, b = ours["throughput"][workers], theirs["throughput"][workers]
+    print(f"| enqueue + claim + complete, {workers} worker(s) | {a:,.0f} jobs/s | {b:,.0f} jobs/s | {a / b:.2f}× |")
+for key in ("p50", "p99", "max"):
+    print(f"| pickup latency {key} | {ours['pickup_ms'][key]:.1f} ms | {theirs['pickup_ms'][key]:.1f} ms | |")
+PY

@@ -70,6 +70,12 @@ fn worker(database: &TestDatabase, node: &str) -> JobWorker {
         Arc::new(Matcher::new(config.observers)),
         Duration::from_secs(1),
     )
+    .with_claim_batch(
+        std::env::var("CLAIM_BATCH")
+            .ok()
+            .and_then(|batch| batch.parse().ok())
+            .unwrap_or(fraiseql_observers::jobs::DEFAULT_CLAIM_BATCH),
+    )
 }
 
 async fn completed(database: &TestDatabase) -> i64 {

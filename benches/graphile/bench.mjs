@@ -9,7 +9,11 @@
 //   * pickup      - with a concurrency-4 runner already running (default pollInterval,
 //                   LISTEN "jobs:insert"), PICKUP_JOBS single add_job calls (one autocommit
 //                   statement = one transaction each), ~PICKUP_SPACING_MS apart; the task records
-//                   its own start time and compares it with the timestamp carried in the payload.
+//                   its own start time and compares it with the timestamp carried in the payload
+//                   (pickup_ms); pickup_db_ms is the DB-side locked_at - created_at of the same
+//                   jobs (the definition benches/jobs.rs uses for our own queue).
+//   * throughput_batched - the throughput pass again with graphile-worker's batching
+//                   (localQueue + completeJobBatchDelay) switched on; skip with BATCHED=0.
 //
 // stdout: exactly one JSON line at the end. stderr: human-readable progress.
 // Exit code: 0 on success, 1 on any error (the database is dropped in every case).
@@ -24,9 +28,11 @@
 //   PICKUP_WARMUP      un-counted warm-up jobs before the latency samples (default 20)
 //   PICKUP_SPACING_MS  sleep between single enqueues (default 5)
 //   PHASE_TIMEOUT_S    per-phase timeout (default 120)
+//   BATCHED, BATCH_LOCAL_QUEUE_SIZE, BATCH_COMPLETE_DELAY_MS  see below
 
 import { EventEmitter } from "node:events";
 import { randomBytes } from "node:crypto";
+import { loadavg, cpus } from "node:os";
 import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -64,13 +70,17 @@ const PHASE_TIMEOUT_MS = intEnv("PHASE_TIMEOUT_S", 120) * 1000;
 // graphile-worker's own defaults (WorkerPreset honours GRAPHILE_WORKER_SCHEMA / DATABASE_URL env).
 const GW_DEFAULTS = WorkerPreset.worker;
 const SCHEMA = GW_DEFAULTS.schema; // "graphile_worker" unless GRAPHILE_WORKER_SCHEMA is set
-// Optional non-default tuning (off by default; the headline numbers use defaults):
-//   GW_LOCAL_QUEUE_SIZE          worker.localQueue.size (batch-fetch jobs into a local queue)
-//   GW_COMPLETE_JOB_BATCH_DELAY  worker.completeJobBatchDelay (batch job completions, ms)
-const TUNING = {};
-if (process.env.GW_LOCAL_QUEUE_SIZE) TUNING.localQueue = { size: intEnv("GW_LOCAL_QUEUE_SIZE", -1) };
-if (process.env.GW_COMPLETE_JOB_BATCH_DELAY)
-  TUNING.completeJobBatchDelay = intEnv("GW_COMPLETE_JOB_BATCH_DELAY", -1);
+// Second throughput pass with graphile-worker's own batching switched on (the headline
+// `throughput` always uses the defaults). BATCHED=0 skips it.
+//   BATCH_LOCAL_QUEUE_SIZE      worker.localQueue.size: fetch+lock this many jobs per get_jobs
+//                               round trip for the whole pool (default 16)
+//   BATCH_COMPLETE_DELAY_MS     worker.completeJobBatchDelay: batch job deletions (default 0 =
+//                               gather completions of the same event-loop tick)
+const BATCHED = process.env.BATCHED !== "0";
+const BATCH_TUNING = {
+  localQueue: { size: Math.max(2, intEnv("BATCH_LOCAL_QUEUE_SIZE", 16)) },
+  completeJobBatchDelay: intEnv("BATCH_COMPLETE_DELAY_MS", 0),
+};
 const TASK = "noop";
 
 const GW_VERSION = JSON.parse(
@@ -101,10 +111,9 @@ function withDatabase(url, dbName) {
 }
 
 function percentile(sorted, p) {
-  // nearest-rank
+  // element at index round((n - 1) * p), as in benches/jobs.rs
   if (sorted.length === 0) return null;
-  const rank = Math.ceil((p / 100) * sorted.length);
-  return sorted[Math.min(sorted.length, Math.max(1, rank)) - 1];
+  return sorted[Math.round((sorted.length - 1) * (p / 100))];
 }
 const round = (x, d = 3) => (x == null ? null : Math.round(x * 10 ** d) / 10 ** d);
 function stats(values) {
@@ -188,7 +197,7 @@ function makeTracker(events, target) {
   return tracker;
 }
 
-function runnerOptions(connectionString, concurrency, events, taskList) {
+function runnerOptions(connectionString, concurrency, events, taskList, tuning = null) {
   // Everything not listed here is graphile-worker's default (see WorkerPreset):
   // pollInterval 2000 ms, preparedStatements on, maxPoolSize 10,
   // localQueue disabled, completeJobBatchDelay/failJobBatchDelay -1 (no batching).
@@ -200,7 +209,7 @@ function runnerOptions(connectionString, concurrency, events, taskList) {
     events,
     taskList,
     parsedCronItems: [], // no cron (do not look for ./crontab)
-    ...(Object.keys(TUNING).length ? { preset: { worker: TUNING } } : {}),
+    ...(tuning ? { preset: { worker: tuning } } : {}),
   };
 }
 
@@ -224,7 +233,8 @@ async function commitBaseline(pool, n = 200) {
   }
 }
 
-async function throughputRun(connectionString, adminPool, utils, concurrency) {
+async function throughputRun(connectionString, adminPool, utils, concurrency, tuning = null) {
+  const label = `c=${concurrency}${tuning ? " batched" : ""}`;
   // 1. bulk enqueue
   const tEnq0 = nowMs();
   for (let i = 0; i < JOBS; i += ENQUEUE_BATCH) {
@@ -238,7 +248,7 @@ async function throughputRun(connectionString, adminPool, utils, concurrency) {
   const { n } = await countJobs(adminPool);
   if (n !== JOBS) throw new Error(`expected ${JOBS} queued jobs, found ${n}`);
   log(
-    `c=${concurrency}: enqueued ${JOBS} jobs via addJobs (${Math.ceil(JOBS / ENQUEUE_BATCH)} calls of <=${ENQUEUE_BATCH}) in ${enqMs.toFixed(0)} ms (${Math.round((JOBS / enqMs) * 1000)} jobs/s)`,
+    `${label}: enqueued ${JOBS} jobs via addJobs (${Math.ceil(JOBS / ENQUEUE_BATCH)} calls of <=${ENQUEUE_BATCH}) in ${enqMs.toFixed(0)} ms (${Math.round((JOBS / enqMs) * 1000)} jobs/s)`,
   );
   await adminPool.query(`vacuum analyze ${SCHEMA}._private_jobs`);
 
@@ -250,24 +260,26 @@ async function throughputRun(connectionString, adminPool, utils, concurrency) {
     const c = tracker.completed;
     if (c - lastReport >= 5000) {
       lastReport = c;
-      log(`c=${concurrency}: ${c}/${JOBS} completed`);
+      log(`${label}: ${c}/${JOBS} completed`);
     }
   });
   const taskList = { [TASK]: async () => {} };
 
   const t0 = nowMs();
-  const runner = await run(runnerOptions(connectionString, concurrency, events, taskList));
+  const runner = await run(
+    runnerOptions(connectionString, concurrency, events, taskList, tuning),
+  );
   let stopped = false;
   try {
     runner.promise.catch((e) => tracker.fail(e));
     const tReady = nowMs();
     const deadline = t0 + PHASE_TIMEOUT_MS;
-    await withTimeout(tracker.done, PHASE_TIMEOUT_MS, `throughput c=${concurrency}`);
+    await withTimeout(tracker.done, PHASE_TIMEOUT_MS, `throughput ${label}`);
     const tEnd = await waitForEmpty(adminPool, deadline, 1);
     const wallMs = tEnd - t0;
     const jobsPerSec = (JOBS / wallMs) * 1000;
     log(
-      `c=${concurrency}: ${JOBS} jobs in ${wallMs.toFixed(0)} ms (run() returned after ${(tReady - t0).toFixed(1)} ms) => ${jobsPerSec.toFixed(0)} jobs/s`,
+      `${label}: ${JOBS} jobs in ${wallMs.toFixed(0)} ms (run() returned after ${(tReady - t0).toFixed(1)} ms) => ${jobsPerSec.toFixed(0)} jobs/s`,
     );
     await runner.stop();
     stopped = true;
@@ -277,7 +289,36 @@ async function throughputRun(connectionString, adminPool, utils, concurrency) {
   }
 }
 
+// graphile-worker deletes a job when it completes. To read the database's own view of
+// pickup (created_at = now() of the enqueueing transaction, locked_at = now() of the
+// get_job transaction that claimed it) a BEFORE DELETE trigger copies both, with
+// microsecond resolution, into a side table. Installed for the pickup phase only.
+async function installPickupAudit(pool) {
+  await pool.query(`
+    create table public.bench_pickup_audit (
+      job_id bigint primary key,
+      seq int,
+      created_at timestamptz not null,
+      locked_at timestamptz
+    );
+    create function public.bench_pickup_audit_fn() returns trigger language plpgsql as $$
+    begin
+      insert into public.bench_pickup_audit (job_id, seq, created_at, locked_at)
+      values (old.id, (old.payload->>'seq')::int, old.created_at, old.locked_at);
+      return old;
+    end $$;
+    create trigger bench_pickup_audit before delete on ${SCHEMA}._private_jobs
+      for each row execute function public.bench_pickup_audit_fn();`);
+}
+async function dropPickupAudit(pool) {
+  await pool.query(`
+    drop trigger if exists bench_pickup_audit on ${SCHEMA}._private_jobs;
+    drop function if exists public.bench_pickup_audit_fn();
+    drop table if exists public.bench_pickup_audit;`);
+}
+
 async function pickupRun(connectionString, adminPool, utils) {
+  await installPickupAudit(adminPool);
   const events = new EventEmitter();
   const total = PICKUP_WARMUP + PICKUP_JOBS;
   const tracker = makeTracker(events, total);
@@ -322,6 +363,16 @@ async function pickupRun(connectionString, adminPool, utils) {
     await runner.stop();
     stopped = true;
 
+    const { rows: dbRows } = await adminPool.query(
+      `select seq, extract(epoch from (locked_at - created_at)) * 1000 as ms
+         from public.bench_pickup_audit where seq >= $1`,
+      [PICKUP_WARMUP],
+    );
+    await dropPickupAudit(adminPool);
+    if (dbRows.length !== PICKUP_JOBS)
+      throw new Error(`pickup audit: expected ${PICKUP_JOBS} rows, got ${dbRows.length}`);
+    const fromDb = dbRows.map((r) => Number(r.ms));
+
     const fromSend = [];
     const fromAck = [];
     for (let seq = PICKUP_WARMUP; seq < total; seq++) {
@@ -334,12 +385,16 @@ async function pickupRun(connectionString, adminPool, utils) {
       fromSend: stats(fromSend),
       fromAck: stats(fromAck),
       enqueueRtt: stats(rtt),
+      db: stats(fromDb),
     };
     log(
       `pickup (enqueue-call -> task start) ms: p50 ${res.fromSend.p50}  p99 ${res.fromSend.p99}  max ${res.fromSend.max}  (n=${res.fromSend.n})`,
     );
     log(
       `pickup (add_job returned -> task start) ms: p50 ${res.fromAck.p50}  p99 ${res.fromAck.p99}  max ${res.fromAck.max}; add_job round trip p50 ${res.enqueueRtt.p50} p99 ${res.enqueueRtt.p99}`,
+    );
+    log(
+      `pickup (DB: locked_at - created_at) ms: p50 ${res.db.p50}  p99 ${res.db.p99}  max ${res.db.max}`,
     );
     return res;
   } finally {
@@ -348,6 +403,7 @@ async function pickupRun(connectionString, adminPool, utils) {
 }
 
 // ---------------------------------------------------------------- main
+const LOAD_AT_START = loadavg()[0];
 const dbName = `graphile_bench_${randomBytes(6).toString("hex")}`;
 const benchUrl = withDatabase(SERVER_URL, dbName);
 let adminServer = null; // connection to the server DB (create/drop)
@@ -362,6 +418,16 @@ async function cleanup() {
         if (!adminServer) {
           adminServer = new pg.Client({ connectionString: SERVER_URL });
           await adminServer.connect();
+        }
+        // Give pools that were just released a moment to disconnect, so that the
+        // forced drop does not have to kill them (and make their pg clients emit errors).
+        for (let i = 0; i < 60; i++) {
+          const { rows } = await adminServer.query(
+            "select count(*)::int as n from pg_stat_activity where datname = $1",
+            [dbName],
+          );
+          if (rows[0].n === 0) break;
+          await sleep(50);
         }
         await adminServer.query(`drop database if exists "${dbName}" with (force)`);
         log(`dropped database ${dbName}`);
@@ -423,6 +489,18 @@ async function main() {
         enqueue_jobs_per_s: Math.round((JOBS / r.enqueueMs) * 1000),
       };
     }
+    let throughputBatched = null;
+    if (BATCHED) {
+      throughputBatched = {};
+      for (const c of CONCURRENCIES) {
+        const r = await throughputRun(benchUrl, adminPool, utils, c, BATCH_TUNING);
+        throughputBatched[String(c)] = Math.round(r.jobsPerSec);
+        details[`${c}_batched`] = {
+          wall_ms: round(r.wallMs, 1),
+          runner_startup_ms: round(r.startupMs, 1),
+        };
+      }
+    }
     let pickup = null;
     if (PICKUP_JOBS > 0) pickup = await pickupRun(benchUrl, adminPool, utils);
 
@@ -435,11 +513,20 @@ async function main() {
         : null,
       jobs: JOBS,
       // --- extra detail (not needed for the side-by-side table) ---
+      // same definition as benches/jobs.rs: DB now() of the claim minus DB now() of the enqueue
+      pickup_db_ms: pickup ? { p50: pickup.db.p50, p99: pickup.db.p99, max: pickup.db.max } : null,
+      throughput_batched: throughputBatched,
+      batched_config: BATCHED
+        ? {
+            local_queue_size: BATCH_TUNING.localQueue.size,
+            complete_job_batch_delay_ms: BATCH_TUNING.completeJobBatchDelay,
+          }
+        : null,
       throughput_detail: details,
       pickup_detail: pickup
         ? {
             definition:
-              "pickup_ms = task-start time minus timestamp taken right before the add_job call (includes the add_job insert+commit round trip); from_ack = task start minus time add_job returned (can be <= 0 when the worker starts before the producer sees the commit ack)",
+              "pickup_ms = task-start time minus timestamp taken right before the add_job call (includes the add_job insert+commit round trip); from_ack = task start minus time add_job returned (can be <= 0 when the worker starts before the producer sees the commit ack); db = locked_at - created_at of the job row (DB now() of the claiming get_job transaction minus DB now() of the enqueueing transaction)",
             samples: PICKUP_JOBS,
             warmup: PICKUP_WARMUP,
             spacing_ms: PICKUP_SPACING_MS,
@@ -447,6 +534,7 @@ async function main() {
             from_send: pickup.fromSend,
             from_ack: pickup.fromAck,
             add_job_rtt: pickup.enqueueRtt,
+            db: pickup.db,
           }
         : null,
       config: {
@@ -454,13 +542,15 @@ async function main() {
         poll_interval_ms: GW_DEFAULTS.pollInterval,
         prepared_statements: GW_DEFAULTS.preparedStatements,
         max_pool_size: GW_DEFAULTS.maxPoolSize,
-        local_queue: TUNING.localQueue ?? GW_DEFAULTS.localQueue ?? "disabled (default)",
-        complete_job_batch_delay: TUNING.completeJobBatchDelay ?? GW_DEFAULTS.completeJobBatchDelay ?? -1,
-        tuned: Object.keys(TUNING).length > 0,
+        local_queue: "disabled (default)",
+        complete_job_batch_delay: -1,
         schema_migration: Number(schemaRows[0].id),
         node: process.version,
         postgres: verRows[0].server_version,
         postgres_settings: pgSettings,
+        cpus: cpus().length,
+        loadavg_1m_start: round(LOAD_AT_START, 2),
+        loadavg_1m_end: round(loadavg()[0], 2),
         postgres_commit_baseline_ms: commit,
       },
     };
@@ -473,6 +563,11 @@ async function main() {
 
 let exitCode = 0;
 const unexpected = (e) => {
+  // 57P01 admin_shutdown: a stray idle connection killed by DROP DATABASE ... WITH (FORCE)
+  if (cleaningUp && e?.code === "57P01") {
+    log(`ignoring connection terminated by the database drop: ${e.message}`);
+    return;
+  }
   log(`FATAL (unhandled): ${e?.stack ?? e}`);
   cleanup().finally(() => process.exit(1));
 };

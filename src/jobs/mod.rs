@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Postgres, Row};
 use uuid::Uuid;
 
-pub use worker::{JobWorker, WorkOutcome};
+pub use worker::{DEFAULT_CLAIM_BATCH, JobWorker, WorkOutcome};
 
 use crate::domain::EntityEvent;
 use crate::error::ErrorCode;
@@ -210,6 +210,37 @@ impl PostgresJobQueue {
     /// # Errors
     /// Storage failed, or a claimed row does not decode.
     pub async fn claim(&self, queue: &str, limit: u32) -> Result<Vec<Job>, JobError> {
+        let mut connection = self.pool.acquire().await?;
+        self.claim_on(&mut connection, queue, limit).await
+    }
+
+    /// Completes the held jobs `done` and claims up to `limit` more, in one transaction (one
+    /// commit for both); returns the ids completed and the jobs claimed.
+    ///
+    /// # Errors
+    /// Storage failed, or a claimed row does not decode.
+    pub async fn complete_and_claim(
+        &self,
+        done: &[Uuid],
+        queue: &str,
+        limit: u32,
+    ) -> Result<(Vec<Uuid>, Vec<Job>), JobError> {
+        if done.is_empty() {
+            return Ok((Vec::new(), self.claim(queue, limit).await?));
+        }
+        let mut transaction = self.pool.begin().await?;
+        let completed = self.complete_on(&mut transaction, done).await?;
+        let claimed = self.claim_on(&mut transaction, queue, limit).await?;
+        transaction.commit().await?;
+        Ok((completed, claimed))
+    }
+
+    async fn claim_on(
+        &self,
+        connection: &mut sqlx::PgConnection,
+        queue: &str,
+        limit: u32,
+    ) -> Result<Vec<Job>, JobError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE fraiseql_observers.jobs AS job
                 SET status = 'running', attempts = job.attempts + 1, locked_by = $3,
@@ -225,11 +256,28 @@ impl PostgresJobQueue {
         .bind(i64::from(limit))
         .bind(&self.node_id)
         .bind(self.visibility_timeout.as_secs_f64())
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *connection)
         .await?;
         let mut jobs: Vec<Job> = rows.iter().map(job_from_row).collect::<Result<_, _>>()?;
         jobs.sort_by_key(|job| std::cmp::Reverse(job.priority));
         Ok(jobs)
+    }
+
+    async fn complete_on(
+        &self,
+        connection: &mut sqlx::PgConnection,
+        ids: &[Uuid],
+    ) -> Result<Vec<Uuid>, JobError> {
+        Ok(sqlx::query_scalar(
+            "UPDATE fraiseql_observers.jobs
+                SET status = 'completed', finished_at = now(), locked_by = NULL, locked_until = NULL
+              WHERE id = ANY($1) AND status = 'running' AND locked_by = $2
+          RETURNING id",
+        )
+        .bind(ids)
+        .bind(&self.node_id)
+        .fetch_all(&mut *connection)
+        .await?)
     }
 
     /// Extends the claim; `false` when this node no longer holds it.
@@ -274,16 +322,8 @@ impl PostgresJobQueue {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(sqlx::query_scalar(
-            "UPDATE fraiseql_observers.jobs
-                SET status = 'completed', finished_at = now(), locked_by = NULL, locked_until = NULL
-              WHERE id = ANY($1) AND status = 'running' AND locked_by = $2
-          RETURNING id",
-        )
-        .bind(ids)
-        .bind(&self.node_id)
-        .fetch_all(&self.pool)
-        .await?)
+        let mut connection = self.pool.acquire().await?;
+        self.complete_on(&mut connection, ids).await
     }
 
     /// Extends the claims of several jobs; returns the ids this node still holds.

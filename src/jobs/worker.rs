@@ -95,8 +95,27 @@ impl JobWorker {
         stopping: &CancellationToken,
     ) -> Result<Vec<WorkOutcome>, JobError> {
         let jobs = self.queue.claim(&self.queue_name, limit).await?;
+        let (succeeded, mut outcomes) = self.execute_claimed(jobs, stopping).await?;
+        let completed = self.queue.complete_many(&succeeded).await?;
+        outcomes.extend(succeeded.into_iter().map(|id| {
+            if completed.contains(&id) {
+                WorkOutcome::Completed(id)
+            } else {
+                WorkOutcome::Lost(id)
+            }
+        }));
+        Ok(outcomes)
+    }
+
+    /// Runs claimed jobs concurrently and records their failures; returns the ids that succeeded
+    /// (still to be marked completed) and the other outcomes. When stopping, releases them instead.
+    async fn execute_claimed(
+        &self,
+        jobs: Vec<Job>,
+        stopping: &CancellationToken,
+    ) -> Result<(Vec<Uuid>, Vec<WorkOutcome>), JobError> {
         if jobs.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         if stopping.is_cancelled() {
             let mut outcomes = Vec::with_capacity(jobs.len());
@@ -104,7 +123,7 @@ impl JobWorker {
                 self.queue.release(job.id).await?;
                 outcomes.push(WorkOutcome::Released(job.id));
             }
-            return Ok(outcomes);
+            return Ok((Vec::new(), outcomes));
         }
         let ids: Vec<Uuid> = jobs.iter().map(|job| job.id).collect();
         let mut attempts: FuturesUnordered<_> = jobs
@@ -123,30 +142,19 @@ impl JobWorker {
                 () = &mut heartbeat => {}
             }
         }
-
-        let mut outcomes = Vec::with_capacity(results.len());
-        let succeeded: Vec<Uuid> = results
-            .iter()
-            .filter(|(_, result)| result.is_ok())
-            .map(|(job, _)| job.id)
-            .collect();
-        let completed = self.queue.complete_many(&succeeded).await?;
-        for id in succeeded {
-            outcomes.push(if completed.contains(&id) {
-                WorkOutcome::Completed(id)
-            } else {
-                WorkOutcome::Lost(id)
-            });
-        }
+        let mut succeeded = Vec::with_capacity(results.len());
+        let mut outcomes = Vec::new();
         for (job, result) in results {
-            let Err(error) = result else { continue };
-            outcomes.push(match self.queue.fail(job, &error).await? {
-                FailOutcome::Rescheduled { .. } => WorkOutcome::Rescheduled(job.id),
-                FailOutcome::DeadLettered { .. } => WorkOutcome::DeadLettered(job.id),
-                FailOutcome::NotHeld => WorkOutcome::Lost(job.id),
-            });
+            match result {
+                Ok(()) => succeeded.push(job.id),
+                Err(error) => outcomes.push(match self.queue.fail(job, &error).await? {
+                    FailOutcome::Rescheduled { .. } => WorkOutcome::Rescheduled(job.id),
+                    FailOutcome::DeadLettered { .. } => WorkOutcome::DeadLettered(job.id),
+                    FailOutcome::NotHeld => WorkOutcome::Lost(job.id),
+                }),
+            }
         }
-        Ok(outcomes)
+        Ok((succeeded, outcomes))
     }
 
     /// Extends the claims every third of the visibility timeout while the attempts run. Never
@@ -222,10 +230,27 @@ impl JobWorker {
                 None
             }
         };
+        // Jobs that succeeded but are not marked completed yet: marked with the next claim, in
+        // the same transaction, so a busy worker commits once per batch.
+        let mut done: Vec<Uuid> = Vec::new();
         while !shutdown.is_cancelled() {
-            match self.try_execute_batch(self.claim_batch, &shutdown).await {
-                Ok(outcomes) if !outcomes.is_empty() => continue,
-                Ok(_) => {}
+            match self
+                .queue
+                .complete_and_claim(&done, &self.queue_name, self.claim_batch)
+                .await
+            {
+                Ok((_, jobs)) => {
+                    done.clear();
+                    if !jobs.is_empty() {
+                        match self.execute_claimed(jobs, &shutdown).await {
+                            Ok((succeeded, _)) => done = succeeded,
+                            Err(error) => {
+                                tracing::warn!(%error, queue = %self.queue_name, "recording job outcomes failed; their claims will expire and they run again");
+                            }
+                        }
+                        continue;
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(%error, queue = %self.queue_name, "job step failed; retrying");
                 }
@@ -248,6 +273,9 @@ impl JobWorker {
                 () = woken => {}
                 () = tokio::time::sleep(self.poll_interval) => {}
             }
+        }
+        if let Err(error) = self.queue.complete_many(&done).await {
+            tracing::warn!(%error, "marking the last jobs completed failed; they will run again");
         }
     }
 }

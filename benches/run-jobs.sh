@@ -14,11 +14,15 @@ python3 - "$ours" "$theirs" <<'PY'
 import json, sys
 ours, theirs = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 name = f"graphile-worker {theirs.get('version', '')}".strip()
-print(f"| {ours['jobs']:,} trivial jobs, local PostgreSQL 15 | fraiseql-observers | {name} | ratio |")
-print("|---|---|---|---|")
+batched = theirs.get("throughput_batched") or {}
+print(f"| {ours['jobs']:,} trivial jobs, local PostgreSQL 15 | fraiseql-observers (claims of 16) | {name}, defaults | ratio | {name}, batched (local queue 16) | ratio |")
+print("|---|---|---|---|---|---|")
 for workers in ("1", "4"):
     a, b = ours["throughput"][workers], theirs["throughput"][workers]
-    print(f"| enqueue + claim + complete, {workers} worker(s) | {a:,.0f} jobs/s | {b:,.0f} jobs/s | {a / b:.2f}× |")
+    c = batched.get(workers)
+    batched_cells = f"{c:,.0f} jobs/s | {a / c:.2f}×" if c else "– | –"
+    print(f"| enqueue + claim + complete, {workers} worker(s) | {a:,.0f} jobs/s | {b:,.0f} jobs/s | {a / b:.2f}× | {batched_cells} |")
+pickup = theirs.get("pickup_db_ms") or theirs["pickup_ms"]
 for key in ("p50", "p99", "max"):
-    print(f"| pickup latency {key} | {ours['pickup_ms'][key]:.1f} ms | {theirs['pickup_ms'][key]:.1f} ms | |")
+    print(f"| pickup {key} (enqueue commit → claim, in the database) | {ours['pickup_ms'][key]:.1f} ms | {pickup[key]:.1f} ms | | | |")
 PY

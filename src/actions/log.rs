@@ -10,19 +10,6 @@ pub(super) fn attempt(
     action: &LogAction,
     context: &ActionContext<'_>,
 ) -> Result<ActionSuccess, AttemptError> {
-    let level = match action.level {
-        LogLevel::Trace => tracing::Level::TRACE,
-        LogLevel::Debug => tracing::Level::DEBUG,
-        LogLevel::Info => tracing::Level::INFO,
-        LogLevel::Warn => tracing::Level::WARN,
-        LogLevel::Error => tracing::Level::ERROR,
-    };
-    if !log_enabled(level) {
-        // Nobody would see the line: rendering it would be work for nothing.
-        return Ok(ActionSuccess {
-            detail: "log level disabled".to_owned(),
-        });
-    }
     let message = templates
         .render(&action.message_template, context.envelope)
         .map_err(|error| template_failed(&action.message_template, &error))?;
@@ -43,19 +30,4 @@ pub(super) fn attempt(
         LogLevel::Error => emit!(tracing::Level::ERROR),
     }
     Ok(ActionSuccess { detail: message })
-}
-
-fn log_enabled(level: tracing::Level) -> bool {
-    macro_rules! enabled {
-        ($level:expr) => {
-            tracing::enabled!(target: "fraiseql_observers::observer_log", $level)
-        };
-    }
-    match level {
-        tracing::Level::TRACE => enabled!(tracing::Level::TRACE),
-        tracing::Level::DEBUG => enabled!(tracing::Level::DEBUG),
-        tracing::Level::INFO => enabled!(tracing::Level::INFO),
-        tracing::Level::WARN => enabled!(tracing::Level::WARN),
-        _ => enabled!(tracing::Level::ERROR),
-    }
 }

@@ -285,16 +285,7 @@ impl PostgresJobQueue {
     /// # Errors
     /// Storage failed.
     pub async fn heartbeat(&self, id: Uuid) -> Result<bool, JobError> {
-        let result = sqlx::query(
-            "UPDATE fraiseql_observers.jobs SET locked_until = now() + make_interval(secs => $3)
-              WHERE id = $1 AND status = 'running' AND locked_by = $2",
-        )
-        .bind(id)
-        .bind(&self.node_id)
-        .bind(self.visibility_timeout.as_secs_f64())
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
+        Ok(!self.heartbeat_many(&[id]).await?.is_empty())
     }
 
     /// Marks a held job completed; `false` when this node no longer holds it.
@@ -302,16 +293,7 @@ impl PostgresJobQueue {
     /// # Errors
     /// Storage failed.
     pub async fn complete(&self, id: Uuid) -> Result<bool, JobError> {
-        let result = sqlx::query(
-            "UPDATE fraiseql_observers.jobs
-                SET status = 'completed', finished_at = now(), locked_by = NULL, locked_until = NULL
-              WHERE id = $1 AND status = 'running' AND locked_by = $2",
-        )
-        .bind(id)
-        .bind(&self.node_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
+        Ok(!self.complete_many(&[id]).await?.is_empty())
     }
 
     /// Marks held jobs completed in one statement; returns the ids this node still held.

@@ -78,6 +78,19 @@ async fn checkpoint_version(database: &TestDatabase) -> i64 {
     .unwrap()
 }
 
+/// A fresh, migrated database with a tracked `orders` table.
+async fn orders_database() -> TestDatabase {
+    let database = TestDatabase::migrated().await;
+    sqlx::raw_sql(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, total int);
+         SELECT core.observer_track_table('orders'::regclass, 'Order');",
+    )
+    .execute(&database.pool)
+    .await
+    .unwrap();
+    database
+}
+
 fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
     #[allow(
         clippy::cast_possible_truncation,
@@ -102,14 +115,7 @@ async fn main() {
     let mut table = Vec::new();
 
     // Drain a backlog.
-    let database = TestDatabase::migrated().await;
-    sqlx::raw_sql(
-        "CREATE TABLE orders (id bigint PRIMARY KEY, total int);
-         SELECT core.observer_track_table('orders'::regclass, 'Order');",
-    )
-    .execute(&database.pool)
-    .await
-    .unwrap();
+    let database = orders_database().await;
     sqlx::query("INSERT INTO orders SELECT n, n % 500 FROM generate_series(1, $1) AS n")
         .bind(i64::try_from(DRAIN_ROWS).unwrap())
         .execute(&database.pool)
@@ -137,14 +143,7 @@ async fn main() {
     drop(database);
 
     // Steady 1,000 changes/s.
-    let database = TestDatabase::migrated().await;
-    sqlx::raw_sql(
-        "CREATE TABLE orders (id bigint PRIMARY KEY, total int);
-         SELECT core.observer_track_table('orders'::regclass, 'Order');",
-    )
-    .execute(&database.pool)
-    .await
-    .unwrap();
+    let database = orders_database().await;
     let receiver = common::Receiver::start().await;
     let (shutdown, running) = start_node(&database, &receiver).await;
     let commits = usize::try_from(STEADY_SECONDS * 100).unwrap();

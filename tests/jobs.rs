@@ -363,8 +363,14 @@ async fn jobs_enqueued_in_a_transaction_exist_only_if_it_commits() {
 }
 
 fn worker(database: &TestDatabase, receiver: &Receiver, node: &str) -> JobWorker {
+    worker_with(receiver, "", queue(database, node))
+}
+
+/// A worker for the `orders` observer whose webhook (with `action_extra` settings) posts to the
+/// receiver's `/jobs`, claiming from `jobs`.
+fn worker_with(receiver: &Receiver, action_extra: &str, jobs: PostgresJobQueue) -> JobWorker {
     let yaml = format!(
-        "observers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    actions: [{{type: webhook, url: '{}'}}]\n",
+        "observers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    actions: [{{type: webhook, url: '{}'{action_extra}}}]\n",
         receiver.url("/jobs")
     );
     let no_env = |_: &str| None;
@@ -379,7 +385,7 @@ fn worker(database: &TestDatabase, receiver: &Receiver, node: &str) -> JobWorker
     )
     .unwrap();
     JobWorker::new(
-        queue(database, node),
+        jobs,
         "default",
         ActionRunner::new(Arc::new(config.templates)).unwrap(),
         Arc::new(Matcher::new(config.observers)),
@@ -497,29 +503,9 @@ async fn a_job_whose_worker_task_is_aborted_mid_action_runs_again_elsewhere() {
     let mut hang = Reply::status(200);
     hang.delay = Duration::from_secs(30);
     receiver.script("/jobs", [hang]);
-    let yaml = format!(
-        "observers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    actions: [{{type: webhook, url: '{}', timeout: 60s}}]\n",
-        receiver.url("/jobs")
-    );
-    let no_env = |_: &str| None;
     let make_worker = |node: &str| {
-        let config = load_str(
-            &yaml,
-            Format::Yaml,
-            "jobs.yaml",
-            &LoadOptions {
-                env: &no_env,
-                missing_env: MissingEnv::Error,
-            },
-        )
-        .unwrap();
-        JobWorker::new(
-            PostgresJobQueue::new(database.pool.clone(), node, Duration::from_millis(600)),
-            "default",
-            ActionRunner::new(Arc::new(config.templates)).unwrap(),
-            Arc::new(Matcher::new(config.observers)),
-            Duration::from_millis(100),
-        )
+        let jobs = PostgresJobQueue::new(database.pool.clone(), node, Duration::from_millis(600));
+        worker_with(&receiver, ", timeout: 60s", jobs)
     };
     let id = queue(&database, "x")
         .enqueue(&new_job("1", 5))

@@ -18,6 +18,7 @@ use crate::domain::EntityEvent;
 use crate::error::ErrorCode;
 
 pub use postgres::PostgresDeadLetterQueue;
+pub(crate) use postgres::insert_dead_letter;
 
 /// An action that failed for good, as handed to the queue.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

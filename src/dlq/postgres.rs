@@ -62,6 +62,35 @@ fn push_filter(builder: &mut QueryBuilder<Postgres>, filter: &DeadLetterFilter) 
     }
 }
 
+/// Stores `letter` on `executor` — the pool, or a transaction that must park it atomically with
+/// another write (a job failing for good) — and returns its id.
+pub(crate) async fn insert_dead_letter<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = Postgres>,
+    letter: &NewDeadLetter,
+) -> Result<Uuid, sqlx::Error> {
+    let id = Uuid::now_v7();
+    let event = serde_json::to_value(&letter.event)
+        .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+    sqlx::query(
+        "INSERT INTO fraiseql_observers.dead_letters
+             (id, observer, action_index, action_type, error_code, error_message, attempts, event, entity_type, event_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(id)
+    .bind(&letter.observer)
+    .bind(i32::try_from(letter.action_index).unwrap_or(i32::MAX))
+    .bind(&letter.action_type)
+    .bind(letter.error_code.as_str())
+    .bind(&letter.error_message)
+    .bind(i32::try_from(letter.attempts).unwrap_or(i32::MAX))
+    .bind(event)
+    .bind(&letter.event.entity_type)
+    .bind(letter.event.id)
+    .execute(executor)
+    .await?;
+    Ok(id)
+}
+
 fn letter_from_row(row: &sqlx::postgres::PgRow) -> Result<DeadLetter, DeadLetterError> {
     let code: String = row.try_get("error_code").map_err(storage)?;
     let error_code: ErrorCode = serde_json::from_value(serde_json::Value::String(code.clone()))
@@ -90,27 +119,9 @@ fn letter_from_row(row: &sqlx::postgres::PgRow) -> Result<DeadLetter, DeadLetter
 #[async_trait]
 impl DeadLetterQueue for PostgresDeadLetterQueue {
     async fn push(&self, letter: NewDeadLetter) -> Result<Uuid, DeadLetterError> {
-        let id = Uuid::now_v7();
-        let event = serde_json::to_value(&letter.event).map_err(storage)?;
-        sqlx::query(
-            "INSERT INTO fraiseql_observers.dead_letters
-                 (id, observer, action_index, action_type, error_code, error_message, attempts, event, entity_type, event_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .bind(id)
-        .bind(&letter.observer)
-        .bind(i32::try_from(letter.action_index).map_err(storage)?)
-        .bind(&letter.action_type)
-        .bind(letter.error_code.as_str())
-        .bind(&letter.error_message)
-        .bind(i32::try_from(letter.attempts).unwrap_or(i32::MAX))
-        .bind(event)
-        .bind(&letter.event.entity_type)
-        .bind(letter.event.id)
-        .execute(&self.pool)
-        .await
-        .map_err(storage)?;
-        Ok(id)
+        insert_dead_letter(&self.pool, &letter)
+            .await
+            .map_err(storage)
     }
 
     async fn list(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, DeadLetterError> {

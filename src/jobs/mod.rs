@@ -394,24 +394,16 @@ impl PostgresJobQueue {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        let dead_letter = Uuid::now_v7();
-        sqlx::query(
-            "INSERT INTO fraiseql_observers.dead_letters
-                 (id, observer, action_index, action_type, error_code, error_message, attempts, event, entity_type, event_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .bind(dead_letter)
-        .bind(&job.observer)
-        .bind(i32::try_from(job.action_index).unwrap_or(i32::MAX))
-        .bind(&job.action_type)
-        .bind(error.code.as_str())
-        .bind(message)
-        .bind(i32::try_from(job.attempts).unwrap_or(i32::MAX))
-        .bind(serde_json::to_value(&job.event).unwrap_or_default())
-        .bind(&job.event.entity_type)
-        .bind(job.event.id)
-        .execute(&mut *transaction)
-        .await?;
+        let letter = crate::dlq::NewDeadLetter {
+            event: job.event.clone(),
+            observer: job.observer.clone(),
+            action_index: job.action_index,
+            action_type: job.action_type.clone(),
+            error_code: error.code,
+            error_message: message,
+            attempts: job.attempts,
+        };
+        let dead_letter = crate::dlq::insert_dead_letter(&mut *transaction, &letter).await?;
         transaction.commit().await?;
         Ok(FailOutcome::DeadLettered { dead_letter })
     }

@@ -541,3 +541,50 @@ async fn a_job_whose_worker_task_is_aborted_mid_action_runs_again_elsewhere() {
         requests[1].header("idempotency-key")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_worker_releases_prefetched_jobs_and_finishes_the_running_one_on_shutdown() {
+    let database = TestDatabase::migrated().await;
+    let receiver = Receiver::start().await;
+    let mut slow = Reply::status(200);
+    slow.delay = Duration::from_millis(800);
+    receiver.script("/jobs", [slow]);
+    // One attempt at a time: the first job runs, the second is claimed behind it and waits.
+    let worker =
+        worker_with(&receiver, ", timeout: 10s", queue(&database, "w")).with_claim_batch(1);
+    let first = queue(&database, "w")
+        .enqueue(&new_job("1", 9))
+        .await
+        .unwrap()
+        .unwrap();
+    let second = queue(&database, "w")
+        .enqueue(&new_job("2", 1))
+        .await
+        .unwrap()
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while status_of(&database, second).await.0 != "running" || receiver.request_count() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second job was never claimed behind the running first one"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        receiver.request_count(),
+        1,
+        "only the first job has started"
+    );
+    shutdown.cancel();
+    running.await.unwrap();
+
+    assert_eq!(status_of(&database, first).await, ("completed".into(), 1));
+    assert_eq!(
+        status_of(&database, second).await,
+        ("pending".into(), 0),
+        "the unstarted job is given back without counting an attempt"
+    );
+    assert_eq!(receiver.request_count(), 1);
+}

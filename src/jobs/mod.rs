@@ -210,12 +210,11 @@ impl PostgresJobQueue {
     /// # Errors
     /// Storage failed, or a claimed row does not decode.
     pub async fn claim(&self, queue: &str, limit: u32) -> Result<Vec<Job>, JobError> {
-        let mut connection = self.pool.acquire().await?;
-        self.claim_on(&mut connection, queue, limit).await
+        Ok(self.complete_and_claim(&[], queue, limit).await?.1)
     }
 
-    /// Completes the held jobs `done` and claims up to `limit` more, in one transaction (one
-    /// commit for both); returns the ids completed and the jobs claimed.
+    /// Completes the held jobs `done` and claims up to `limit` more in one statement (one round
+    /// trip, one commit); returns the ids completed and the jobs claimed.
     ///
     /// # Errors
     /// Storage failed, or a claimed row does not decode.
@@ -225,42 +224,47 @@ impl PostgresJobQueue {
         queue: &str,
         limit: u32,
     ) -> Result<(Vec<Uuid>, Vec<Job>), JobError> {
-        if done.is_empty() {
-            return Ok((Vec::new(), self.claim(queue, limit).await?));
-        }
-        let mut transaction = self.pool.begin().await?;
-        let completed = self.complete_on(&mut transaction, done).await?;
-        let claimed = self.claim_on(&mut transaction, queue, limit).await?;
-        transaction.commit().await?;
-        Ok((completed, claimed))
-    }
-
-    async fn claim_on(
-        &self,
-        connection: &mut sqlx::PgConnection,
-        queue: &str,
-        limit: u32,
-    ) -> Result<Vec<Job>, JobError> {
+        // Both updates see the same snapshot; they touch disjoint rows (running vs pending).
+        // The outer join yields one row even when nothing was claimed, carrying the completions.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE fraiseql_observers.jobs AS job
-                SET status = 'running', attempts = job.attempts + 1, locked_by = $3,
-                    locked_until = now() + make_interval(secs => $4), started_at = now()
-              WHERE job.id IN (SELECT id FROM fraiseql_observers.jobs
-                                WHERE queue = $1 AND status = 'pending' AND run_at <= now()
-                                ORDER BY priority DESC, run_at
-                                LIMIT $2
-                                FOR UPDATE SKIP LOCKED)
-          RETURNING {JOB_COLUMNS}"
+            "WITH done AS (
+                 UPDATE fraiseql_observers.jobs AS job
+                    SET status = 'completed', finished_at = now(), locked_by = NULL, locked_until = NULL
+                   FROM unnest($1::uuid[]) AS finished(id)
+                  WHERE job.id = finished.id AND job.status = 'running' AND job.locked_by = $3
+              RETURNING job.id),
+             claimed AS (
+                 UPDATE fraiseql_observers.jobs AS job
+                    SET status = 'running', attempts = job.attempts + 1, locked_by = $3,
+                        locked_until = now() + make_interval(secs => $5), started_at = now()
+                  WHERE job.id IN (SELECT id FROM fraiseql_observers.jobs
+                                    WHERE queue = $2 AND status = 'pending' AND run_at <= now()
+                                    ORDER BY priority DESC, run_at
+                                    LIMIT $4
+                                    FOR UPDATE SKIP LOCKED)
+              RETURNING {JOB_COLUMNS})
+             SELECT (SELECT coalesce(array_agg(id), '{{}}') FROM done) AS completed, claimed.*
+               FROM (VALUES (1)) AS one (n) LEFT JOIN claimed ON true"
         )))
+        .bind(done)
         .bind(queue)
-        .bind(i64::from(limit))
         .bind(&self.node_id)
+        .bind(i64::from(limit))
         .bind(self.visibility_timeout.as_secs_f64())
-        .fetch_all(&mut *connection)
+        .fetch_all(&self.pool)
         .await?;
-        let mut jobs: Vec<Job> = rows.iter().map(job_from_row).collect::<Result<_, _>>()?;
+        let completed: Vec<Uuid> = match rows.first() {
+            Some(row) => row.try_get("completed")?,
+            None => Vec::new(),
+        };
+        let mut jobs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
+                jobs.push(job_from_row(row)?);
+            }
+        }
         jobs.sort_by_key(|job| std::cmp::Reverse(job.priority));
-        Ok(jobs)
+        Ok((completed, jobs))
     }
 
     async fn complete_on(
@@ -269,10 +273,11 @@ impl PostgresJobQueue {
         ids: &[Uuid],
     ) -> Result<Vec<Uuid>, JobError> {
         Ok(sqlx::query_scalar(
-            "UPDATE fraiseql_observers.jobs
+            "UPDATE fraiseql_observers.jobs AS job
                 SET status = 'completed', finished_at = now(), locked_by = NULL, locked_until = NULL
-              WHERE id = ANY($1) AND status = 'running' AND locked_by = $2
-          RETURNING id",
+               FROM unnest($1::uuid[]) AS done(id)
+              WHERE job.id = done.id AND job.status = 'running' AND job.locked_by = $2
+          RETURNING job.id",
         )
         .bind(ids)
         .bind(&self.node_id)
@@ -314,9 +319,10 @@ impl PostgresJobQueue {
     /// Storage failed.
     pub async fn heartbeat_many(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, JobError> {
         Ok(sqlx::query_scalar(
-            "UPDATE fraiseql_observers.jobs SET locked_until = now() + make_interval(secs => $3)
-              WHERE id = ANY($1) AND status = 'running' AND locked_by = $2
-          RETURNING id",
+            "UPDATE fraiseql_observers.jobs AS job SET locked_until = now() + make_interval(secs => $3)
+               FROM unnest($1::uuid[]) AS held(id)
+              WHERE job.id = held.id AND job.status = 'running' AND job.locked_by = $2
+          RETURNING job.id",
         )
         .bind(ids)
         .bind(&self.node_id)

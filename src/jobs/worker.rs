@@ -1,9 +1,16 @@
-//! A job worker: claims a few jobs at a time from one queue, runs their actions concurrently (one
-//! attempt each, under the action's timeout, heartbeating the claims), and records the outcomes —
-//! the completions of a claim in one statement.
+//! A job worker: claims jobs of one queue a batch at a time, runs their actions concurrently (one
+//! attempt each, under the action's timeout, heartbeating the claims), and records the outcomes.
+//!
+//! The running loop keeps up to `claim_batch` attempts in flight and at most as many claimed jobs
+//! ready behind them. The next claim is sent while jobs run and carries the completions gathered
+//! so far, so one statement (one commit) both completes the last jobs and claims the next ones,
+//! and the database round trip overlaps the work instead of following it.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
@@ -126,11 +133,9 @@ impl JobWorker {
             return Ok((Vec::new(), outcomes));
         }
         let ids: Vec<Uuid> = jobs.iter().map(|job| job.id).collect();
-        let mut attempts: FuturesUnordered<_> = jobs
-            .iter()
-            .map(|job| async move { (job, self.attempt(job).await) })
-            .collect();
-        let mut results = Vec::with_capacity(jobs.len());
+        let mut attempts: FuturesUnordered<_> =
+            jobs.into_iter().map(|job| self.run_one(job)).collect();
+        let mut results = Vec::with_capacity(ids.len());
         let heartbeat = self.keep_claims(&ids);
         tokio::pin!(heartbeat);
         loop {
@@ -144,17 +149,29 @@ impl JobWorker {
         }
         let mut succeeded = Vec::with_capacity(results.len());
         let mut outcomes = Vec::new();
-        for (job, result) in results {
-            match result {
-                Ok(()) => succeeded.push(job.id),
-                Err(error) => outcomes.push(match self.queue.fail(job, &error).await? {
-                    FailOutcome::Rescheduled { .. } => WorkOutcome::Rescheduled(job.id),
-                    FailOutcome::DeadLettered { .. } => WorkOutcome::DeadLettered(job.id),
-                    FailOutcome::NotHeld => WorkOutcome::Lost(job.id),
-                }),
+        for (id, result) in results {
+            match result? {
+                None => succeeded.push(id),
+                Some(outcome) => outcomes.push(outcome),
             }
         }
         Ok((succeeded, outcomes))
+    }
+
+    /// One attempt of a claimed job; a failure is recorded at once (rescheduled or dead-lettered).
+    /// `None`: it succeeded and is still to be marked completed.
+    async fn run_one(&self, job: Job) -> (Uuid, Result<Option<WorkOutcome>, JobError>) {
+        let result = match self.attempt(&job).await {
+            Ok(()) => Ok(None),
+            Err(error) => self.queue.fail(&job, &error).await.map(|outcome| {
+                Some(match outcome {
+                    FailOutcome::Rescheduled { .. } => WorkOutcome::Rescheduled(job.id),
+                    FailOutcome::DeadLettered { .. } => WorkOutcome::DeadLettered(job.id),
+                    FailOutcome::NotHeld => WorkOutcome::Lost(job.id),
+                })
+            }),
+        };
+        (job.id, result)
     }
 
     /// Extends the claims every third of the visibility timeout while the attempts run. Never
@@ -220,8 +237,9 @@ impl JobWorker {
     }
 
     /// Works until `shutdown` is cancelled: runs ready jobs back to back, rescues expired claims,
-    /// waits for a notification or the poll interval when the queue is empty. Jobs in progress are
-    /// finished (within their action timeouts) before returning.
+    /// waits for a notification or the poll interval when the queue is empty. On shutdown, jobs
+    /// claimed but not started are released and jobs in progress are finished (within their
+    /// action timeouts) and recorded before returning.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut notifications = match PgListener::connect_with(self.queue.pool()).await {
             Ok(mut listener) => listener.listen(JOBS_CHANNEL).await.ok().map(|()| listener),
@@ -230,52 +248,167 @@ impl JobWorker {
                 None
             }
         };
-        // Jobs that succeeded but are not marked completed yet: marked with the next claim, in
-        // the same transaction, so a busy worker commits once per batch.
+        let limit = usize::try_from(self.claim_batch).unwrap_or(usize::MAX);
+        let mut ready: VecDeque<Job> = VecDeque::new();
+        let mut running = FuturesUnordered::new();
+        // Every job this worker holds (ready, running, or succeeded but not yet completed): the
+        // claims the heartbeat extends.
+        let mut held: HashSet<Uuid> = HashSet::new();
+        // Succeeded, to be marked completed with the next claim.
         let mut done: Vec<Uuid> = Vec::new();
-        while !shutdown.is_cancelled() {
-            match self
-                .queue
-                .complete_and_claim(&done, &self.queue_name, self.claim_batch)
-                .await
+        let mut claim: Option<BoxFuture<'_, ClaimResult>> = None;
+        let mut heartbeat: Option<BoxFuture<'_, ()>> = None;
+        let mut pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        let mut heartbeat_every = tokio::time::interval(self.queue.visibility_timeout() / 3);
+        heartbeat_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut drained = false;
+        let mut stopping = false;
+        loop {
+            if shutdown.is_cancelled() && !stopping {
+                stopping = true;
+                self.release_unstarted(ready.drain(..), &mut held).await;
+            }
+            while running.len() < limit {
+                let Some(job) = ready.pop_front() else { break };
+                running.push(self.run_one(job));
+            }
+            if stopping && running.is_empty() && claim.is_none() {
+                break;
+            }
+            if claim.is_none() && pause.is_none() && !stopping {
+                let room = (2 * limit)
+                    .saturating_sub(running.len() + ready.len())
+                    .min(limit);
+                let flush = drained && running.is_empty() && !done.is_empty();
+                if (!drained && ready.is_empty() && room > 0) || flush {
+                    claim = Some(self.claim(std::mem::take(&mut done), room.max(1)));
+                }
+            }
+            if drained
+                && running.is_empty()
+                && ready.is_empty()
+                && claim.is_none()
+                && pause.is_none()
+                && !stopping
             {
-                Ok((_, jobs)) => {
-                    done.clear();
-                    if !jobs.is_empty() {
-                        match self.execute_claimed(jobs, &shutdown).await {
-                            Ok((succeeded, _)) => done = succeeded,
-                            Err(error) => {
-                                tracing::warn!(%error, queue = %self.queue_name, "recording job outcomes failed; their claims will expire and they run again");
-                            }
-                        }
-                        continue;
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, queue = %self.queue_name, "job step failed; retrying");
-                }
+                self.wait_for_work(notifications.as_mut(), &shutdown).await;
+                drained = false;
+                continue;
             }
-            if let Err(error) = self.queue.rescue_expired().await {
-                tracing::warn!(%error, "rescuing expired jobs failed");
-            }
-            let woken = async {
-                match notifications.as_mut() {
-                    Some(listener) => {
-                        if listener.recv().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = woken => {}
-                () = tokio::time::sleep(self.poll_interval) => {}
+                Some((id, result)) = running.next(), if !running.is_empty() => match result {
+                    Ok(None) => done.push(id),
+                    Ok(Some(_)) => { held.remove(&id); }
+                    Err(error) => {
+                        held.remove(&id);
+                        tracing::warn!(%error, job = %id, "recording a failed attempt failed; the claim will expire and the job runs again");
+                    }
+                },
+                (sent, requested, result) = async { match claim.as_mut() { Some(future) => future.await, None => std::future::pending().await } } => {
+                    claim = None;
+                    match result {
+                        Ok((completed, jobs)) => {
+                            if completed.len() < sent.len() {
+                                tracing::warn!(lost = sent.len() - completed.len(), queue = %self.queue_name, "job claims expired before completion; those jobs may run again");
+                            }
+                            for id in &sent {
+                                held.remove(id);
+                            }
+                            drained = jobs.len() < requested;
+                            held.extend(jobs.iter().map(|job| job.id));
+                            ready.extend(jobs);
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, queue = %self.queue_name, "job step failed; retrying");
+                            done.extend(sent);
+                            pause = Some(Box::pin(tokio::time::sleep(STEP_RETRY_DELAY)));
+                        }
+                    }
+                }
+                () = async { match pause.as_mut() { Some(sleep) => sleep.await, None => std::future::pending().await } } => pause = None,
+                _ = heartbeat_every.tick() => {
+                    if heartbeat.is_none() && !held.is_empty() {
+                        heartbeat = Some(self.extend_claims(held.iter().copied().collect()));
+                    }
+                }
+                () = async { match heartbeat.as_mut() { Some(future) => future.await, None => std::future::pending().await } } => heartbeat = None,
+                () = shutdown.cancelled(), if !stopping => {}
             }
         }
         if let Err(error) = self.queue.complete_many(&done).await {
             tracing::warn!(%error, "marking the last jobs completed failed; they will run again");
         }
     }
+
+    /// Gives back jobs claimed but not started (the worker is stopping).
+    async fn release_unstarted(&self, jobs: impl Iterator<Item = Job>, held: &mut HashSet<Uuid>) {
+        for job in jobs {
+            held.remove(&job.id);
+            if let Err(error) = self.queue.release(job.id).await {
+                tracing::warn!(%error, job = %job.id, "releasing an unstarted job failed; its claim will expire");
+            }
+        }
+    }
+
+    /// The queue is empty: rescues expired claims, then waits for a notification, the poll
+    /// interval or shutdown.
+    async fn wait_for_work(
+        &self,
+        notifications: Option<&mut PgListener>,
+        shutdown: &CancellationToken,
+    ) {
+        if let Err(error) = self.queue.rescue_expired().await {
+            tracing::warn!(%error, "rescuing expired jobs failed");
+        }
+        let woken = async {
+            match notifications {
+                Some(listener) => {
+                    if listener.recv().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = woken => {}
+            () = tokio::time::sleep(self.poll_interval) => {}
+        }
+    }
+
+    /// Sends `done` for completion and claims up to `limit` jobs; gives back what it sent and
+    /// asked for, so a failed step loses no completion.
+    fn claim(&self, done: Vec<Uuid>, limit: usize) -> BoxFuture<'_, ClaimResult> {
+        Box::pin(async move {
+            let result = self
+                .queue
+                .complete_and_claim(
+                    &done,
+                    &self.queue_name,
+                    u32::try_from(limit).unwrap_or(u32::MAX),
+                )
+                .await;
+            (done, limit, result)
+        })
+    }
+
+    fn extend_claims(&self, ids: Vec<Uuid>) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            match self.queue.heartbeat_many(&ids).await {
+                Ok(still) if still.len() < ids.len() => tracing::warn!(
+                    lost = ids.len() - still.len(),
+                    "job claims expired while held"
+                ),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "heartbeat failed; retrying"),
+            }
+        })
+    }
 }
+
+/// Completions sent, jobs asked for, and the outcome of one complete-and-claim step.
+type ClaimResult = (Vec<Uuid>, usize, Result<(Vec<Uuid>, Vec<Job>), JobError>);
+
+/// Wait after a failed complete-and-claim step before the next.
+const STEP_RETRY_DELAY: Duration = Duration::from_millis(250);

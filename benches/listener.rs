@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::postgres::TestDatabase;
 use fraiseql_observers::checkpoint::{BatchPosition, CheckpointStore, PostgresCheckpointStore};
+use fraiseql_observers::cluster::ClusterSettings;
 use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, load_str};
 use fraiseql_observers::listener::ListenerSettings;
 use fraiseql_observers::node::Node;
@@ -46,9 +47,14 @@ async fn start_node(
         poll_interval: Duration::from_millis(200),
         ..ListenerSettings::default()
     };
-    let node = Node::build(database.pool.clone(), config, settings)
-        .await
-        .unwrap();
+    let node = Node::build(
+        database.pool.clone(),
+        config,
+        settings,
+        ClusterSettings::default(),
+    )
+    .await
+    .unwrap();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let running = tokio::spawn(async move {

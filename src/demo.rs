@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, Uri};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::ClusterSettings;
 use crate::config::{Format, LoadOptions, MissingEnv, load_str};
 use crate::listener::ListenerSettings;
 use crate::node::Node;
@@ -114,6 +115,7 @@ pub async fn run(server_url: &str) -> anyhow::Result<()> {
             node_id: "demo".into(),
             ..ListenerSettings::default()
         },
+        ClusterSettings::default(),
     )
     .await?;
     let shutdown = CancellationToken::new();
@@ -154,13 +156,15 @@ pub async fn run(server_url: &str) -> anyhow::Result<()> {
     shutdown.cancel();
     running.await??;
     receiver.abort();
-    let checkpoint: Option<String> = sqlx::query_scalar(
-        "SELECT snapshot::text FROM fraiseql_observers.partitions WHERE partition = 0",
+    // The partition order 1 lives in, and where its checkpoint stands now.
+    let (partition, checkpoint): (i32, Option<String>) = sqlx::query_as(
+        "SELECT partition, snapshot::text FROM fraiseql_observers.partitions
+          WHERE partition = core.observer_entity_hash('Order', '1') % (SELECT partition_count FROM fraiseql_observers.cluster)",
     )
     .fetch_one(&pool)
     .await?;
     println!(
-        "\n✓ {EXPECTED_DELIVERIES} deliveries, node stopped cleanly; checkpoint snapshot {}",
+        "\n✓ {EXPECTED_DELIVERIES} deliveries, node stopped cleanly; Order 1 is in partition {partition}, checkpointed at snapshot {}",
         checkpoint.unwrap_or_default()
     );
     println!("  inspect: psql {DEMO_DATABASE} -c 'TABLE core.tb_entity_change_log'");

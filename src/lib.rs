@@ -7,6 +7,7 @@
 
 pub mod actions;
 pub mod checkpoint;
+pub mod cluster;
 pub mod commands;
 pub mod condition;
 pub mod config;

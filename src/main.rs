@@ -53,9 +53,15 @@ enum Command {
         /// The observers file.
         #[arg(long, env = "FRAISEQL_OBSERVERS_CONFIG")]
         config: PathBuf,
-        /// This node's name (recorded as the partition's leader).
+        /// This node's name, unique in the cluster (recorded as its partitions' leader).
         #[arg(long, env = "FRAISEQL_OBSERVERS_NODE_ID")]
         node_id: Option<String>,
+        /// Partitions the change log is split into; every node must use the same count.
+        #[arg(long, env = "FRAISEQL_OBSERVERS_PARTITIONS", default_value_t = fraiseql_observers::cluster::DEFAULT_PARTITIONS, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        partitions: u32,
+        /// A node silent for this long is considered gone and its partitions are taken over.
+        #[arg(long, env = "FRAISEQL_OBSERVERS_NODE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+        node_timeout: std::time::Duration,
         /// Change-log rows per page.
         #[arg(long, env = "FRAISEQL_OBSERVERS_BATCH_SIZE", default_value_t = fraiseql_observers::listener::DEFAULT_BATCH_SIZE)]
         batch_size: u32,
@@ -260,7 +266,10 @@ async fn shutdown_signal() {
 async fn run_node(
     database: DatabaseArgs,
     config_path: PathBuf,
-    settings: fraiseql_observers::listener::ListenerSettings,
+    (settings, cluster): (
+        fraiseql_observers::listener::ListenerSettings,
+        fraiseql_observers::cluster::ClusterSettings,
+    ),
     db_pool_size: u32,
     shutdown_timeout: std::time::Duration,
 ) -> anyhow::Result<String> {
@@ -272,14 +281,14 @@ async fn run_node(
         tracing::warn!(%warning, "configuration warning");
     }
     let pool = commands::connect_with_size(&database.database_url, db_pool_size).await?;
-    let node = fraiseql_observers::node::Node::build(pool, config, settings).await?;
+    let node = fraiseql_observers::node::Node::build(pool, config, settings, cluster).await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut running = tokio::spawn(node.run_until_stopped(shutdown.clone()));
     tracing::info!("node running");
     tokio::select! {
         finished = &mut running => {
             finished??;
-            anyhow::bail!("the listener stopped on its own");
+            anyhow::bail!("the node stopped on its own");
         }
         () = shutdown_signal() => {}
     }
@@ -305,6 +314,8 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             database,
             config,
             node_id,
+            partitions,
+            node_timeout,
             batch_size,
             poll_interval,
             db_pool_size,
@@ -317,7 +328,19 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
                 node_id: node_id.unwrap_or_else(fraiseql_observers::listener::default_node_id),
                 ..fraiseql_observers::listener::ListenerSettings::default()
             };
-            run_node(database, config, settings, db_pool_size, shutdown_timeout).await
+            let cluster = fraiseql_observers::cluster::ClusterSettings {
+                partitions,
+                node_timeout,
+                ..fraiseql_observers::cluster::ClusterSettings::default()
+            };
+            run_node(
+                database,
+                config,
+                (settings, cluster),
+                db_pool_size,
+                shutdown_timeout,
+            )
+            .await
         }
         Command::Demo { database_url } => {
             fraiseql_observers::demo::run(&database_url).await?;
@@ -370,6 +393,9 @@ fn exit_code_for(error: &anyhow::Error) -> ErrorCode {
         if let Some(listener) = cause.downcast_ref::<fraiseql_observers::listener::ListenerError>()
         {
             return listener.code();
+        }
+        if let Some(cluster) = cause.downcast_ref::<fraiseql_observers::cluster::ClusterError>() {
+            return cluster.code();
         }
     }
     ErrorCode::Internal

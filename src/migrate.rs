@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_job_queue",
         sql: include_str!("../migrations/0005_job_queue.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_cluster",
+        sql: include_str!("../migrations/0006_cluster.sql"),
+    },
 ];
 
 impl Migration {

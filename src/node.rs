@@ -1,10 +1,11 @@
 //! One running node: the pieces wired together, started and stopped as a unit.
 //!
-//! `Node::build` applies migrations, claims the partition and wires the executor (with the
-//! PostgreSQL dead-letter queue, the completed-actions ledger and job routing) to the listener;
-//! `run_until_stopped` delivers and runs job workers until the caller's token is cancelled, then
-//! stops intake, finishes the page and the jobs in progress, and saves the checkpoint. A test
-//! starts and stops a whole node in-process this way.
+//! `Node::build` applies migrations, checks the partition count and wires the executor (with the
+//! PostgreSQL dead-letter queue, the completed-actions ledger and job routing) to the cluster
+//! supervisor, which runs a listener for each partition this node leads; `run_until_stopped`
+//! leads partitions and runs job workers until the caller's token is cancelled, then finishes the
+//! pages and jobs in progress, saves the checkpoints and gives the leases back. A test starts and
+//! stops a whole node in-process this way.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,12 +15,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::actions::ActionRunner;
-use crate::checkpoint::{CheckpointStore, PendingCompletions, PostgresCheckpointStore};
+use crate::checkpoint::{CheckpointStore, PostgresCheckpointStore};
+use crate::cluster::{Cluster, ClusterError, ClusterSettings, DrainSwitch, PartitionRunner};
 use crate::config::{JobSettings, ObserversConfig};
 use crate::dlq::PostgresDeadLetterQueue;
 use crate::executor::Executor;
 use crate::jobs::{JobWorker, PostgresJobQueue};
-use crate::listener::{Listener, ListenerError, ListenerSettings, flush_pending_completions};
+use crate::listener::{ListenerSettings, notification_fanout};
 use crate::matcher::Matcher;
 
 /// How often idle job workers look for work when no notification arrives.
@@ -30,37 +32,36 @@ const PRUNE_INTERVAL: Duration = Duration::from_mins(10);
 /// A node ready to run.
 #[derive(Debug)]
 pub struct Node {
-    listener: Listener,
-    ledger_writer: tokio::task::JoinHandle<()>,
-    stop_ledger_writer: CancellationToken,
+    pool: PgPool,
+    cluster: Cluster,
+    wake: tokio::sync::watch::Sender<u64>,
     workers: Vec<JobWorker>,
     jobs: PostgresJobQueue,
     job_settings: JobSettings,
 }
 
 impl Node {
-    /// Migrates the database, builds the pipeline from `config`, and claims the partition.
+    /// Migrates the database, builds the pipeline from `config`, and checks the partition count.
     ///
     /// # Errors
-    /// Migrations, the HTTP client or the partition claim failed.
+    /// Migrations or the HTTP client failed, or the partition count differs from the recorded one.
     pub async fn build(
         pool: PgPool,
         config: ObserversConfig,
         settings: ListenerSettings,
+        cluster: ClusterSettings,
     ) -> anyhow::Result<Node> {
         crate::migrate::run(&pool).await?;
         let store: Arc<dyn CheckpointStore> = Arc::new(PostgresCheckpointStore::new(pool.clone()));
         let dead_letters = Arc::new(PostgresDeadLetterQueue::new(pool.clone()));
         let runner = ActionRunner::new(Arc::new(config.templates))?;
         let matcher = Arc::new(Matcher::new(config.observers));
-        let pending = Arc::new(PendingCompletions::default());
         let executor = Executor::new(
             matcher.clone(),
             runner.clone(),
             dead_letters,
             &config.executor,
         )
-        .with_settled_sink(pending.clone())
         .with_job_routing();
         let jobs = PostgresJobQueue::new(
             pool.clone(),
@@ -82,31 +83,38 @@ impl Node {
                 )
             })
             .collect();
-        let listener = Listener::start(pool, store.clone(), executor, settings)
-            .await?
-            .with_pending_completions(pending.clone());
-        let stop_ledger_writer = CancellationToken::new();
-        let ledger_writer = tokio::spawn(flush_pending_completions(
+        let (wake, woken) = tokio::sync::watch::channel(0_u64);
+        let runner = PartitionRunner {
+            pool: pool.clone(),
             store,
-            pending,
-            stop_ledger_writer.clone(),
-        ));
+            executor,
+            listener: settings,
+            wake: woken,
+        };
+        let cluster = Cluster::new(pool.clone(), cluster, runner).await?;
         Ok(Node {
-            listener,
-            ledger_writer,
-            stop_ledger_writer,
+            pool,
+            cluster,
+            wake,
             workers,
             jobs,
             job_settings: config.jobs,
         })
     }
 
-    /// Delivers and works jobs until `shutdown` is cancelled; the page in progress is finished
-    /// and checkpointed, jobs in progress are finished, claimed-but-unstarted ones released.
+    /// The switch that drains (gives back every lease) and resumes this node.
+    #[must_use]
+    pub fn drain_switch(&self) -> DrainSwitch {
+        self.cluster.drain_switch()
+    }
+
+    /// Leads partitions and works jobs until `shutdown` is cancelled; pages in progress are
+    /// finished and checkpointed and the leases given back, jobs in progress are finished,
+    /// claimed-but-unstarted ones released.
     ///
     /// # Errors
-    /// Another node took the partition over.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), ListenerError> {
+    /// The cluster supervisor met a fatal condition (transaction-mode pooler, duplicate node id).
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), ClusterError> {
         let tasks = TaskTracker::new();
         let stop_workers = shutdown.child_token();
         for worker in self.workers {
@@ -127,13 +135,16 @@ impl Node {
                 }
             }
         });
+        tasks.spawn(notification_fanout(
+            self.pool,
+            self.wake,
+            stop_workers.clone(),
+        ));
         tasks.close();
-        let result = self.listener.run(shutdown.clone()).await;
-        // The listener may also stop on its own (fenced out): stop the workers either way.
+        let result = self.cluster.run(shutdown.clone()).await;
+        // The supervisor may also stop on its own (fatal): stop the workers either way.
         stop_workers.cancel();
         tasks.wait().await;
-        self.stop_ledger_writer.cancel();
-        let _ = self.ledger_writer.await;
         result
     }
 }

@@ -16,6 +16,7 @@ use common::postgres::TestDatabase;
 use common::{Receiver, Recorded, Reply};
 use fraiseql_observers::actions::ActionRunner;
 use fraiseql_observers::checkpoint::{CheckpointStore, PostgresCheckpointStore};
+use fraiseql_observers::cluster::ClusterSettings;
 use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, ObserversConfig, load_str};
 use fraiseql_observers::dlq::{DeadLetterFilter, DeadLetterQueue, PostgresDeadLetterQueue};
 use fraiseql_observers::error::ErrorCode;
@@ -55,6 +56,15 @@ fn settings(batch_size: u32, node_id: &str) -> ListenerSettings {
         batch_size,
         poll_interval: Duration::from_millis(50),
         node_id: node_id.to_owned(),
+    }
+}
+
+/// One partition (every row), ticking fast.
+fn one_partition() -> ClusterSettings {
+    ClusterSettings {
+        partitions: 1,
+        tick: Duration::from_millis(100),
+        ..ClusterSettings::default()
     }
 }
 
@@ -221,9 +231,14 @@ observers:
         receiver.url("/updated"),
         receiver.url("/deleted")
     );
-    let node = Node::build(pool.clone(), load_config(&yaml), settings(100, "node-e2e"))
-        .await
-        .unwrap();
+    let node = Node::build(
+        pool.clone(),
+        load_config(&yaml),
+        settings(100, "node-e2e"),
+        ClusterSettings::default(),
+    )
+    .await
+    .unwrap();
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(node.run_until_stopped(shutdown.clone()));
 
@@ -335,11 +350,16 @@ observers:
         "a delete's changes list every old field: {deleted}"
     );
 
+    let partition: i32 =
+        sqlx::query_scalar("SELECT (core.observer_entity_hash('Order', '1') % 8)::int")
+            .fetch_one(pool)
+            .await
+            .unwrap();
     let checkpoint = PostgresCheckpointStore::new(pool.clone())
-        .load(0)
+        .load(partition)
         .await
         .unwrap()
-        .expect("the node claimed partition 0");
+        .expect("the node claimed order 1's partition");
     assert!(checkpoint.position.snapshot.is_some(), "{checkpoint:?}");
     assert_eq!(checkpoint.position.batch_upto, None, "{checkpoint:?}");
     assert_eq!(
@@ -540,10 +560,14 @@ observers:
         .unwrap();
     let store = PostgresCheckpointStore::new(pool.clone());
 
-    let first = Node::build(pool.clone(), load_config(&yaml), settings(4, "node-1"))
-        .await
-        .unwrap();
-    let first_epoch = store.load(0).await.unwrap().unwrap().epoch;
+    let first = Node::build(
+        pool.clone(),
+        load_config(&yaml),
+        settings(4, "node-1"),
+        one_partition(),
+    )
+    .await
+    .unwrap();
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(first.run_until_stopped(shutdown.clone()));
 
@@ -597,17 +621,22 @@ observers:
         "page 1 was checkpointed, page 2 was not: {interrupted:?}"
     );
 
-    let second = Node::build(pool.clone(), load_config(&yaml), settings(4, "node-2"))
-        .await
-        .unwrap();
-    let second_epoch = store.load(0).await.unwrap().unwrap().epoch;
-    assert!(
-        second_epoch > first_epoch,
-        "the new node's epoch {second_epoch} is above the old one's {first_epoch}"
-    );
+    let first_epoch = interrupted.epoch;
+    let second = Node::build(
+        pool.clone(),
+        load_config(&yaml),
+        settings(4, "node-2"),
+        one_partition(),
+    )
+    .await
+    .unwrap();
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(second.run_until_stopped(shutdown.clone()));
     let store_ref = &store;
+    eventually("the new node to claim the partition", move || async move {
+        store_ref.load(0).await.unwrap().unwrap().epoch > first_epoch
+    })
+    .await;
     eventually(
         "every order to be answered and the batch finished",
         move || async move {

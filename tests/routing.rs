@@ -10,6 +10,7 @@ use common::postgres::TestDatabase;
 use common::{Receiver, Reply};
 use fraiseql_observers::actions::ActionRunner;
 use fraiseql_observers::checkpoint::PostgresCheckpointStore;
+use fraiseql_observers::cluster::ClusterSettings;
 use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, ObserversConfig, load_str};
 use fraiseql_observers::dlq::PostgresDeadLetterQueue;
 use fraiseql_observers::executor::{ActionStatus, Executor};
@@ -87,6 +88,7 @@ async fn async_actions_are_enqueued_with_the_checkpoint_and_run_by_a_worker() {
             poll_interval: Duration::from_millis(100),
             ..ListenerSettings::default()
         },
+        ClusterSettings::default(),
     )
     .await
     .unwrap();

@@ -146,6 +146,8 @@ pub struct Listener {
     last_idle_advance: std::time::Instant,
     /// The executor's settled actions not yet written; a checkpoint save covers them.
     pending: Option<Arc<PendingCompletions>>,
+    /// The node's shared change-log notifications; `None`: this listener LISTENs itself.
+    wake: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl Listener {
@@ -169,6 +171,7 @@ impl Listener {
             checkpoint,
             last_idle_advance: std::time::Instant::now(),
             pending: None,
+            wake: None,
         })
     }
 
@@ -176,6 +179,14 @@ impl Listener {
     #[must_use]
     pub fn with_pending_completions(mut self, pending: Arc<PendingCompletions>) -> Listener {
         self.pending = Some(pending);
+        self
+    }
+
+    /// Wakes on the node's shared notifications (see [`notification_fanout`]) instead of a
+    /// LISTEN connection of its own.
+    #[must_use]
+    pub fn with_wake(mut self, wake: tokio::sync::watch::Receiver<u64>) -> Listener {
+        self.wake = Some(wake);
         self
     }
 
@@ -407,20 +418,16 @@ impl Listener {
     /// # Errors
     /// Another node took the partition over; every other failure is retried.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ListenerError> {
-        let mut notifications = match PgListener::connect_with(&self.pool).await {
-            Ok(mut listener) => match listener.listen(NOTIFY_CHANNEL).await {
-                Ok(()) => Some(listener),
-                Err(error) => {
-                    tracing::warn!(%error, "LISTEN failed; polling only");
-                    None
-                }
-            },
-            Err(error) => {
-                tracing::warn!(%error, "LISTEN connection failed; polling only");
-                None
-            }
+        let mut wake = self.wake.take();
+        let mut notifications = match wake {
+            Some(_) => None,
+            None => own_notifications(&self.pool).await,
         };
         while !shutdown.is_cancelled() {
+            if let Some(wake) = wake.as_mut() {
+                // Whatever was notified so far, the page below reads.
+                wake.borrow_and_update();
+            }
             let pause = match self.deliver_page().await {
                 Ok(outcome) if outcome.more || outcome.rows > 0 => continue,
                 Ok(_) => self.settings.poll_interval,
@@ -431,14 +438,17 @@ impl Listener {
                 }
             };
             let woken = async {
-                match notifications.as_mut() {
-                    Some(listener) => {
-                        if let Err(error) = listener.recv().await {
-                            tracing::warn!(%error, "notification connection lost; it reconnects on the next wait");
-                            tokio::time::sleep(pause).await;
-                        }
+                if let Some(wake) = wake.as_mut() {
+                    if wake.changed().await.is_err() {
+                        std::future::pending::<()>().await;
                     }
-                    None => std::future::pending().await,
+                } else if let Some(listener) = notifications.as_mut() {
+                    if let Err(error) = listener.recv().await {
+                        tracing::warn!(%error, "notification connection lost; it reconnects on the next wait");
+                        tokio::time::sleep(pause).await;
+                    }
+                } else {
+                    std::future::pending::<()>().await;
                 }
             };
             tokio::select! {
@@ -449,6 +459,55 @@ impl Listener {
         }
         tracing::info!(partition = self.checkpoint.partition, "listener stopped");
         Ok(())
+    }
+}
+
+/// A LISTEN connection on the change-log channel; `None` (polling only) when it cannot be had.
+async fn own_notifications(pool: &PgPool) -> Option<PgListener> {
+    match PgListener::connect_with(pool).await {
+        Ok(mut listener) => match listener.listen(NOTIFY_CHANNEL).await {
+            Ok(()) => Some(listener),
+            Err(error) => {
+                tracing::warn!(%error, "LISTEN failed; polling only");
+                None
+            }
+        },
+        Err(error) => {
+            tracing::warn!(%error, "LISTEN connection failed; polling only");
+            None
+        }
+    }
+}
+
+/// One LISTEN connection for every partition of a node: bumps `wake` on each change-log
+/// notification until `stop` is cancelled. Listeners built [`Listener::with_wake`] wait on it.
+pub async fn notification_fanout(
+    pool: PgPool,
+    wake: tokio::sync::watch::Sender<u64>,
+    stop: CancellationToken,
+) {
+    loop {
+        let Some(mut listener) = own_notifications(&pool).await else {
+            // Listeners poll meanwhile.
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(RETRY_PAUSE) => continue,
+            }
+        };
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                received = listener.recv() => match received {
+                    Ok(_) => wake.send_modify(|count| *count = count.wrapping_add(1)),
+                    Err(error) => {
+                        tracing::warn!(%error, "change-log notifications lost; reconnecting");
+                        // Changes may have been missed meanwhile: wake everyone once.
+                        wake.send_modify(|count| *count = count.wrapping_add(1));
+                        break;
+                    }
+                },
+            }
+        }
     }
 }
 

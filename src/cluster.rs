@@ -1,0 +1,623 @@
+//! The node's share of the change log: partition leases, membership and balance.
+//!
+//! A partition is led by the node holding its advisory lock (`pg_try_advisory_lock(namespace,
+//! partition)`) on that node's **lease session**: one dedicated connection, never a pooled one,
+//! that holds all of the node's partition locks and carries its heartbeat. Taking a lease bumps
+//! the partition's epoch (the listener's `claim`), and every checkpoint write is a compare-and-swap
+//! on epoch and version, so a node that lost a lease cannot move that partition's checkpoint.
+//!
+//! Every tick (default 500 ms) the supervisor, in one statement on the lease session:
+//! heartbeats this node's `nodes` row, ends the lease sessions of nodes whose heartbeat is older
+//! than the node timeout (a dead, paused or cut-off node: its locks are released with its session),
+//! and reads which partition locks this session holds, which are taken at all, and how many other
+//! nodes are live. Then it stops at once the listener of any partition whose lock it no longer
+//! holds, gives back partitions above its fair share `ceil(P / live nodes)` gracefully (page
+//! finished, checkpoint saved, then unlocked), and takes free partitions up to its share. A lease
+//! session that fails stops every partition at once; a session whose backend changes between
+//! statements means a transaction-mode pooler, which cannot hold session locks: refused.
+//!
+//! Invariants: a partition runs on this node only while this node's lease session holds its
+//! lock (checked every tick); a partition listener is started only after its lock is taken and
+//! the lock is released only after its listener has stopped.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sqlx::postgres::PgConnection;
+use sqlx::{Connection, PgPool, Row};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::{CheckpointStore, PendingCompletions};
+use crate::error::ErrorCode;
+use crate::executor::Executor;
+use crate::listener::{Listener, ListenerError, ListenerSettings, flush_pending_completions};
+
+/// First key of every partition lock (`pg_try_advisory_lock(LEASE_NAMESPACE, partition)`).
+pub const LEASE_NAMESPACE: i32 = 0x4651_4F42;
+pub const DEFAULT_PARTITIONS: u32 = 8;
+pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_TICK: Duration = Duration::from_millis(500);
+/// Server-side bounds on how long a vanished client's session (and its locks) survives.
+const SESSION_SETTINGS: &str = "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
+     SET tcp_keepalives_count = 3; SET tcp_user_timeout = 10000; SET idle_session_timeout = 0; \
+     SET statement_timeout = 5000";
+
+/// How a node takes part in the cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// Partitions the change log is split into; the same on every node.
+    pub partitions: u32,
+    /// A node whose heartbeat is older than this is considered gone and its leases are ended.
+    pub node_timeout: Duration,
+    /// How often leases are verified, heartbeats written and the balance adjusted.
+    pub tick: Duration,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            partitions: DEFAULT_PARTITIONS,
+            node_timeout: DEFAULT_NODE_TIMEOUT,
+            tick: DEFAULT_TICK,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster storage failed: {0}")]
+    Storage(#[from] sqlx::Error),
+    #[error("partition count refused: {0}")]
+    PartitionCount(String),
+    #[error(
+        "the lease session moved from server process {was} to {now}: a transaction-mode pooler (e.g. PgBouncer pool_mode=transaction) is between this node and PostgreSQL; leases need a direct connection or a session-mode pooler"
+    )]
+    TransactionPooler { was: i32, now: i32 },
+    #[error(
+        "node id {0:?} is already in use by a live node; give every node its own id (--node-id or FRAISEQL_OBSERVERS_NODE_ID)"
+    )]
+    DuplicateNode(String),
+}
+
+impl ClusterError {
+    /// Storage failures are retryable; the rest are configuration mistakes.
+    #[must_use]
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ClusterError::Storage(_) => ErrorCode::StorageUnavailable,
+            _ => ErrorCode::ConfigInvalid,
+        }
+    }
+}
+
+/// Drain control shared with the control plane: a draining node gives back every lease (in-flight
+/// pages finished and checkpointed) and takes none; resuming lets it take its share again.
+#[derive(Clone, Debug, Default)]
+pub struct DrainSwitch(Arc<AtomicBool>);
+
+impl DrainSwitch {
+    pub fn drain(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn resume(&self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+    #[must_use]
+    pub fn is_draining(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// What one tick saw.
+#[derive(Debug)]
+struct Observation {
+    pid: i32,
+    /// Partition locks this session holds.
+    mine: HashSet<i32>,
+    /// Partition locks held by anyone.
+    taken: HashSet<i32>,
+    /// Other live nodes that are not draining.
+    other_nodes: usize,
+}
+
+/// The dedicated connection holding this node's partition locks.
+struct LeaseSession {
+    connection: PgConnection,
+    pid: i32,
+    /// Which of this node's sessions (they are numbered as they are opened).
+    generation: u64,
+}
+
+impl LeaseSession {
+    async fn open(
+        pool: &PgPool,
+        node_id: &str,
+        generation: u64,
+    ) -> Result<LeaseSession, ClusterError> {
+        let options = pool
+            .connect_options()
+            .as_ref()
+            .clone()
+            .application_name(&format!("fraiseql-observers lease {node_id}"));
+        let mut connection = PgConnection::connect_with(&options).await?;
+        sqlx::raw_sql(SESSION_SETTINGS)
+            .execute(&mut connection)
+            .await?;
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut connection)
+            .await?;
+        // Another live node under the same id would share our row and fight over it.
+        let other_alive: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM fraiseql_observers.nodes AS node
+                              JOIN pg_stat_activity AS activity
+                                ON activity.pid = node.lease_pid AND activity.backend_start = node.lease_started
+                             WHERE node.node_id = $1 AND node.lease_pid <> pg_backend_pid())",
+        )
+        .bind(node_id)
+        .fetch_one(&mut connection)
+        .await?;
+        if other_alive {
+            return Err(ClusterError::DuplicateNode(node_id.to_owned()));
+        }
+        Ok(LeaseSession {
+            connection,
+            pid,
+            generation,
+        })
+    }
+
+    /// Heartbeat, end stale nodes' sessions, and read the lease picture — one statement.
+    async fn observe(
+        &mut self,
+        node_id: &str,
+        draining: bool,
+        node_timeout: Duration,
+    ) -> Result<Observation, ClusterError> {
+        let row = sqlx::query(
+            "WITH beat AS (
+                 INSERT INTO fraiseql_observers.nodes AS node (node_id, lease_pid, lease_started, version, draining)
+                 SELECT $1, pg_backend_pid(), backend_start, $2, $3
+                   FROM pg_stat_activity WHERE pid = pg_backend_pid()
+                 ON CONFLICT (node_id) DO UPDATE
+                    SET heartbeat_at = now(), lease_pid = excluded.lease_pid,
+                        lease_started = excluded.lease_started, version = excluded.version,
+                        draining = excluded.draining
+                 RETURNING 1),
+             stale AS (
+                 DELETE FROM fraiseql_observers.nodes AS node
+                  WHERE node_id <> $1
+                    AND (heartbeat_at < now() - make_interval(secs => $4)
+                         OR NOT EXISTS (SELECT 1 FROM pg_stat_activity AS activity
+                                         WHERE activity.pid = node.lease_pid
+                                           AND activity.backend_start = node.lease_started))
+              RETURNING node_id, lease_pid, lease_started)
+             SELECT pg_backend_pid() AS pid,
+                    ARRAY(SELECT objid::bigint FROM pg_locks
+                           WHERE locktype = 'advisory' AND classid = $5::bigint::oid AND objsubid = 2
+                             AND granted AND pid = pg_backend_pid()) AS mine,
+                    ARRAY(SELECT objid::bigint FROM pg_locks
+                           WHERE locktype = 'advisory' AND classid = $5::bigint::oid AND objsubid = 2
+                             AND granted
+                             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) AS taken,
+                    (SELECT count(*) FROM fraiseql_observers.nodes AS node
+                      WHERE node_id <> $1 AND NOT draining
+                        AND heartbeat_at >= now() - make_interval(secs => $4)
+                        AND EXISTS (SELECT 1 FROM pg_stat_activity AS activity
+                                     WHERE activity.pid = node.lease_pid
+                                       AND activity.backend_start = node.lease_started)) AS other_nodes,
+                    -- In the select list, so that only the joined sessions are ended (a
+                    -- volatile call in WHERE could be pushed down to every session).
+                    ARRAY(SELECT stale.node_id || CASE WHEN pg_terminate_backend(activity.pid) THEN '' ELSE ' (already gone)' END
+                            FROM stale JOIN pg_stat_activity AS activity
+                              ON activity.pid = stale.lease_pid AND activity.backend_start = stale.lease_started) AS ended",
+        )
+        .bind(node_id)
+        .bind(env!("CARGO_PKG_VERSION"))
+        .bind(draining)
+        .bind(node_timeout.as_secs_f64())
+        .bind(i64::from(LEASE_NAMESPACE))
+        .fetch_one(&mut self.connection)
+        .await?;
+        let ended: Vec<String> = row.try_get("ended")?;
+        for node in ended {
+            tracing::warn!(%node, "node missed its heartbeats; its lease session was ended so that its partitions can be taken over");
+        }
+        let partitions = |column: &str| -> Result<HashSet<i32>, sqlx::Error> {
+            let values: Vec<i64> = row.try_get(column)?;
+            Ok(values
+                .into_iter()
+                .filter_map(|value| i32::try_from(value).ok())
+                .collect())
+        };
+        Ok(Observation {
+            pid: row.try_get("pid")?,
+            mine: partitions("mine")?,
+            taken: partitions("taken")?,
+            other_nodes: usize::try_from(row.try_get::<i64, _>("other_nodes")?).unwrap_or(0),
+        })
+    }
+
+    async fn try_lock(&mut self, partition: i32) -> Result<bool, ClusterError> {
+        Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(LEASE_NAMESPACE)
+            .bind(partition)
+            .fetch_one(&mut self.connection)
+            .await?)
+    }
+
+    async fn unlock(&mut self, partition: i32) -> Result<(), ClusterError> {
+        let _: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1, $2)")
+            .bind(LEASE_NAMESPACE)
+            .bind(partition)
+            .fetch_one(&mut self.connection)
+            .await?;
+        Ok(())
+    }
+
+    /// Leaves the cluster: the row goes, and closing the session releases every lock.
+    async fn leave(mut self, node_id: &str) {
+        let left = sqlx::query(
+            "DELETE FROM fraiseql_observers.nodes WHERE node_id = $1 AND lease_pid = pg_backend_pid()",
+        )
+        .bind(node_id)
+        .execute(&mut self.connection)
+        .await;
+        if let Err(error) = left {
+            tracing::warn!(%error, "leaving the cluster table failed; the row expires");
+        }
+        let _ = self.connection.close().await;
+    }
+}
+
+/// Starts the listener of a leased partition.
+#[derive(Clone, Debug)]
+pub struct PartitionRunner {
+    pub pool: PgPool,
+    pub store: Arc<dyn CheckpointStore>,
+    /// The executor every partition clones (each clone gets its own settled-actions buffer).
+    pub executor: Executor,
+    /// Batch size, poll interval, node id; partition and count are set per lease.
+    pub listener: ListenerSettings,
+    /// Bumped on every change-log notification (one LISTEN connection per node).
+    pub wake: tokio::sync::watch::Receiver<u64>,
+}
+
+impl PartitionRunner {
+    async fn run(
+        self,
+        partition: i32,
+        partition_count: i32,
+        stop: CancellationToken,
+    ) -> Result<(), ListenerError> {
+        let pending = Arc::new(PendingCompletions::default());
+        let executor = self.executor.clone().with_settled_sink(pending.clone());
+        let settings = ListenerSettings {
+            partition,
+            partition_count: Some(partition_count),
+            ..self.listener.clone()
+        };
+        let listener = Listener::start(self.pool.clone(), self.store.clone(), executor, settings)
+            .await?
+            .with_pending_completions(pending.clone())
+            .with_wake(self.wake.clone());
+        let stop_writer = CancellationToken::new();
+        let writer = flush_pending_completions(self.store.clone(), pending, stop_writer.clone());
+        let delivering = async {
+            let result = listener.run(stop).await;
+            stop_writer.cancel();
+            result
+        };
+        let (result, ()) = tokio::join!(delivering, writer);
+        result
+    }
+}
+
+/// One partition running on this node.
+struct Held {
+    stop: CancellationToken,
+    abort: AbortHandle,
+    releasing: bool,
+    /// The lease session that took the lock: only that session can release it.
+    session: u64,
+}
+
+/// The lease supervisor of one node.
+pub struct Cluster {
+    pool: PgPool,
+    node_id: String,
+    settings: ClusterSettings,
+    runner: PartitionRunner,
+    drain: DrainSwitch,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Cluster")
+            .field("node_id", &self.node_id)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Records (or checks) the partition count; a count other than the recorded one is refused.
+    ///
+    /// # Errors
+    /// The count differs from the one the change log is split by, or storage failed.
+    pub async fn new(
+        pool: PgPool,
+        settings: ClusterSettings,
+        runner: PartitionRunner,
+    ) -> Result<Cluster, ClusterError> {
+        let requested = i32::try_from(settings.partitions).unwrap_or(i32::MAX);
+        let registered: Result<i32, sqlx::Error> =
+            sqlx::query_scalar("SELECT fraiseql_observers.register_partition_count($1)")
+                .bind(requested)
+                .fetch_one(&pool)
+                .await;
+        match registered {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("22023") => {
+                return Err(ClusterError::PartitionCount(error.message().to_owned()));
+            }
+            Err(error) => return Err(error.into()),
+        }
+        Ok(Cluster {
+            pool,
+            node_id: runner.listener.node_id.clone(),
+            settings,
+            runner,
+            drain: DrainSwitch::default(),
+        })
+    }
+
+    fn partition_count(&self) -> i32 {
+        i32::try_from(self.settings.partitions.max(1)).unwrap_or(i32::MAX)
+    }
+
+    /// The switch that drains and resumes this node.
+    #[must_use]
+    pub fn drain_switch(&self) -> DrainSwitch {
+        self.drain.clone()
+    }
+
+    /// Leads partitions until `shutdown` is cancelled; then stops every partition gracefully
+    /// (pages finished and checkpointed), releases the leases and leaves the cluster.
+    ///
+    /// # Errors
+    /// A transaction-mode pooler or a duplicate node id was detected (fatal: nothing would be
+    /// safe). Every other failure is retried.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ClusterError> {
+        let mut session: Option<LeaseSession> = None;
+        let mut sessions_opened = 0_u64;
+        let mut held: HashMap<i32, Held> = HashMap::new();
+        let mut tasks: JoinSet<(i32, Result<(), ListenerError>)> = JoinSet::new();
+        let mut tick = tokio::time::interval(self.settings.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let outcome = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break Ok(()),
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    self.stopped(joined, &mut held, session.as_mut()).await;
+                    continue;
+                }
+                _ = tick.tick() => {}
+            }
+            if session.is_none() {
+                sessions_opened += 1;
+                match LeaseSession::open(&self.pool, &self.node_id, sessions_opened).await {
+                    Ok(opened) => session = Some(opened),
+                    Err(error @ ClusterError::DuplicateNode(_)) => break Err(error),
+                    Err(error) => {
+                        tracing::warn!(%error, "opening the lease session failed; retrying");
+                        continue;
+                    }
+                }
+            }
+            let Some(lease) = session.as_mut() else {
+                continue;
+            };
+            let draining = self.drain.is_draining();
+            let seen = match lease
+                .observe(&self.node_id, draining, self.settings.node_timeout)
+                .await
+            {
+                Ok(seen) => seen,
+                Err(error) => {
+                    tracing::error!(%error, partitions = held.len(), "lease session lost: stopping every partition at once");
+                    for partition in held.values() {
+                        partition.abort.abort();
+                    }
+                    session = None;
+                    continue;
+                }
+            };
+            if seen.pid != lease.pid {
+                break Err(ClusterError::TransactionPooler {
+                    was: lease.pid,
+                    now: seen.pid,
+                });
+            }
+            self.balance(lease, &seen, &mut held, &mut tasks, &shutdown)
+                .await;
+        };
+        for running in held.values() {
+            running.stop.cancel();
+        }
+        while let Some(joined) = tasks.join_next().await {
+            self.stopped(joined, &mut held, session.as_mut()).await;
+        }
+        if let Some(lease) = session {
+            lease.leave(&self.node_id).await;
+        }
+        outcome
+    }
+
+    /// Stops partitions whose lock is gone, gives back those above the fair share and takes
+    /// free ones up to it.
+    async fn balance(
+        &self,
+        lease: &mut LeaseSession,
+        seen: &Observation,
+        held: &mut HashMap<i32, Held>,
+        tasks: &mut JoinSet<(i32, Result<(), ListenerError>)>,
+        shutdown: &CancellationToken,
+    ) {
+        let count = self.partition_count();
+        let first = first_partition(&self.node_id, count);
+        let draining = self.drain.is_draining();
+        for (partition, running) in held.iter() {
+            if !seen.mine.contains(partition) {
+                tracing::error!(
+                    partition,
+                    "lease no longer held: stopping the partition at once"
+                );
+                running.abort.abort();
+            }
+        }
+        let target = if draining {
+            0
+        } else {
+            fair_share(count, seen.other_nodes + 1)
+        };
+        let mut active: Vec<i32> = held
+            .iter()
+            .filter(|(_, running)| !running.releasing)
+            .map(|(partition, _)| *partition)
+            .collect();
+        if active.len() > target {
+            active.sort_unstable();
+            for partition in active.iter().skip(target) {
+                if let Some(running) = held.get_mut(partition) {
+                    tracing::info!(partition, target, "giving back a partition");
+                    running.releasing = true;
+                    running.stop.cancel();
+                }
+            }
+            return;
+        }
+        let mut wanted = target - active.len();
+        for offset in 0..count {
+            if wanted == 0 {
+                break;
+            }
+            let partition = (first + offset) % count;
+            if held.contains_key(&partition) || seen.taken.contains(&partition) {
+                continue;
+            }
+            match lease.try_lock(partition).await {
+                Ok(true) => {
+                    let stop = shutdown.child_token();
+                    let runner = self.runner.clone();
+                    let stopping = stop.clone();
+                    let abort = tasks.spawn(async move {
+                        (partition, runner.run(partition, count, stopping).await)
+                    });
+                    held.insert(
+                        partition,
+                        Held {
+                            stop,
+                            abort,
+                            releasing: false,
+                            session: lease.generation,
+                        },
+                    );
+                    tracing::info!(partition, node = %self.node_id, "partition lease taken");
+                    wanted -= 1;
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "taking a lease failed");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A partition's listener ended (given back, fenced out, failed or aborted): unlock it.
+    async fn stopped(
+        &self,
+        joined: Result<(i32, Result<(), ListenerError>), tokio::task::JoinError>,
+        held: &mut HashMap<i32, Held>,
+        session: Option<&mut LeaseSession>,
+    ) {
+        let partition = match joined {
+            Ok((partition, Ok(()))) => {
+                tracing::info!(partition, "partition stopped");
+                partition
+            }
+            Ok((partition, Err(error))) => {
+                tracing::warn!(partition, %error, "partition listener ended");
+                partition
+            }
+            Err(error) => {
+                // Aborted (lease lost) or panicked: find which one is gone.
+                let gone: Vec<i32> = held
+                    .iter()
+                    .filter(|(_, running)| running.abort.id() == error.id())
+                    .map(|(partition, _)| *partition)
+                    .collect();
+                if error.is_panic() {
+                    tracing::error!(?gone, "partition listener panicked");
+                }
+                let Some(partition) = gone.first().copied() else {
+                    return;
+                };
+                partition
+            }
+        };
+        let Some(gone) = held.remove(&partition) else {
+            return;
+        };
+        if let Some(lease) = session
+            && lease.generation == gone.session
+            && let Err(error) = lease.unlock(partition).await
+        {
+            tracing::warn!(partition, %error, "unlocking a partition failed; the next tick verifies the session");
+        }
+    }
+}
+
+/// `ceil(partitions / nodes)`.
+#[must_use]
+pub fn fair_share(partitions: i32, nodes: usize) -> usize {
+    let partitions = usize::try_from(partitions).unwrap_or(0);
+    partitions.div_ceil(nodes.max(1))
+}
+
+/// Where a node starts looking for free partitions, spread by its id.
+fn first_partition(node_id: &str, count: i32) -> i32 {
+    let hash = node_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    i32::try_from(hash % u64::try_from(count.max(1)).unwrap_or(1)).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fair_share_rounds_up() {
+        assert_eq!(fair_share(8, 1), 8);
+        assert_eq!(fair_share(8, 3), 3);
+        assert_eq!(fair_share(8, 8), 1);
+        assert_eq!(fair_share(8, 20), 1);
+        assert_eq!(fair_share(8, 0), 8);
+    }
+
+    #[test]
+    fn first_partition_is_in_range_and_stable() {
+        for node in ["a", "node-1", "node-2", "ünïcode"] {
+            let first = first_partition(node, 8);
+            assert!((0..8).contains(&first));
+            assert_eq!(first, first_partition(node, 8));
+        }
+    }
+}

@@ -20,7 +20,7 @@
 //! lock (checked every tick); a partition listener is started only after its lock is taken and
 //! the lock is released only after its listener has stopped.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -34,6 +34,7 @@ use crate::checkpoint::{CheckpointStore, PendingCompletions};
 use crate::error::ErrorCode;
 use crate::executor::Executor;
 use crate::listener::{Listener, ListenerError, ListenerSettings, flush_pending_completions};
+use crate::metrics::Metrics;
 
 /// First key of every partition lock (`pg_try_advisory_lock(LEASE_NAMESPACE, partition)`).
 pub const LEASE_NAMESPACE: i32 = 0x4651_4F42;
@@ -93,23 +94,54 @@ impl ClusterError {
     }
 }
 
-/// Drain control shared with the control plane: a draining node gives back every lease (in-flight
-/// pages finished and checkpointed) and takes none; resuming lets it take its share again.
+/// What the control plane sees and steers of the supervisor: the drain switch and the
+/// partitions this node leads right now. A draining node gives back every lease (in-flight pages
+/// finished and checkpointed) and takes none; resuming lets it take its share again.
 #[derive(Clone, Debug, Default)]
-pub struct DrainSwitch(Arc<AtomicBool>);
+pub struct ClusterHandle {
+    draining: Arc<AtomicBool>,
+    leading: Arc<std::sync::Mutex<BTreeSet<i32>>>,
+    /// When the supervisor last finished a tick (liveness).
+    last_tick: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
 
-impl DrainSwitch {
+impl ClusterHandle {
     pub fn drain(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.draining.store(true, Ordering::SeqCst);
     }
     pub fn resume(&self) {
-        self.0.store(false, Ordering::SeqCst);
+        self.draining.store(false, Ordering::SeqCst);
     }
     #[must_use]
     pub fn is_draining(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.draining.load(Ordering::SeqCst)
+    }
+    /// Partitions whose lease this node holds and whose listener runs.
+    #[must_use]
+    pub fn leading(&self) -> BTreeSet<i32> {
+        self.leading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+    /// When the supervisor last completed a tick; `None` before the first.
+    #[must_use]
+    pub fn last_tick(&self) -> Option<std::time::Instant> {
+        *self
+            .last_tick
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    fn set_leading(&self, partitions: impl Iterator<Item = i32>) {
+        *self
+            .leading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = partitions.collect();
     }
 }
+
+/// How long a partition received through a hand-over is kept when the node gives back excess.
+const HANDOVER_PIN: Duration = Duration::from_mins(1);
 
 /// What one tick saw.
 #[derive(Debug)]
@@ -121,6 +153,8 @@ struct Observation {
     taken: HashSet<i32>,
     /// Other live nodes that are not draining.
     other_nodes: usize,
+    /// Pending hand-over requests: partition → target node.
+    handovers: HashMap<i32, String>,
 }
 
 /// The dedicated connection holding this node's partition locks.
@@ -208,6 +242,12 @@ impl LeaseSession {
                         AND EXISTS (SELECT 1 FROM pg_stat_activity AS activity
                                      WHERE activity.pid = node.lease_pid
                                        AND activity.backend_start = node.lease_started)) AS other_nodes,
+                    ARRAY(SELECT partition FROM fraiseql_observers.partitions
+                           WHERE handover_to IS NOT NULL AND handover_requested_at > now() - interval '1 minute'
+                           ORDER BY partition) AS handover_partitions,
+                    ARRAY(SELECT handover_to FROM fraiseql_observers.partitions
+                           WHERE handover_to IS NOT NULL AND handover_requested_at > now() - interval '1 minute'
+                           ORDER BY partition) AS handover_targets,
                     -- In the select list, so that only the joined sessions are ended (a
                     -- volatile call in WHERE could be pushed down to every session).
                     ARRAY(SELECT stale.node_id || CASE WHEN pg_terminate_backend(activity.pid) THEN '' ELSE ' (already gone)' END
@@ -232,7 +272,13 @@ impl LeaseSession {
                 .filter_map(|value| i32::try_from(value).ok())
                 .collect())
         };
+        let handover_partitions: Vec<i32> = row.try_get("handover_partitions")?;
+        let handover_targets: Vec<String> = row.try_get("handover_targets")?;
         Ok(Observation {
+            handovers: handover_partitions
+                .into_iter()
+                .zip(handover_targets)
+                .collect(),
             pid: row.try_get("pid")?,
             mine: partitions("mine")?,
             taken: partitions("taken")?,
@@ -246,6 +292,19 @@ impl LeaseSession {
             .bind(partition)
             .fetch_one(&mut self.connection)
             .await?)
+    }
+
+    /// The hand-over request for `partition` to this node is fulfilled.
+    async fn clear_handover(&mut self, partition: i32, node_id: &str) -> Result<(), ClusterError> {
+        sqlx::query(
+            "UPDATE fraiseql_observers.partitions SET handover_to = NULL, handover_requested_at = NULL
+              WHERE partition = $1 AND handover_to = $2",
+        )
+        .bind(partition)
+        .bind(node_id)
+        .execute(&mut self.connection)
+        .await?;
+        Ok(())
     }
 
     async fn unlock(&mut self, partition: i32) -> Result<(), ClusterError> {
@@ -283,6 +342,7 @@ pub struct PartitionRunner {
     pub listener: ListenerSettings,
     /// Bumped on every change-log notification (one LISTEN connection per node).
     pub wake: tokio::sync::watch::Receiver<u64>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl PartitionRunner {
@@ -302,7 +362,8 @@ impl PartitionRunner {
         let listener = Listener::start(self.pool.clone(), self.store.clone(), executor, settings)
             .await?
             .with_pending_completions(pending.clone())
-            .with_wake(self.wake.clone());
+            .with_wake(self.wake.clone())
+            .with_metrics(self.metrics.clone());
         let stop_writer = CancellationToken::new();
         let writer = flush_pending_completions(self.store.clone(), pending, stop_writer.clone());
         let delivering = async {
@@ -322,6 +383,8 @@ struct Held {
     releasing: bool,
     /// The lease session that took the lock: only that session can release it.
     session: u64,
+    /// Received through a hand-over: kept when giving back excess until then.
+    pinned_until: Option<std::time::Instant>,
 }
 
 /// The lease supervisor of one node.
@@ -330,7 +393,8 @@ pub struct Cluster {
     node_id: String,
     settings: ClusterSettings,
     runner: PartitionRunner,
-    drain: DrainSwitch,
+    handle: ClusterHandle,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -352,6 +416,7 @@ impl Cluster {
         pool: PgPool,
         settings: ClusterSettings,
         runner: PartitionRunner,
+        metrics: Arc<Metrics>,
     ) -> Result<Cluster, ClusterError> {
         let requested = i32::try_from(settings.partitions).unwrap_or(i32::MAX);
         let registered: Result<i32, sqlx::Error> =
@@ -371,7 +436,8 @@ impl Cluster {
             node_id: runner.listener.node_id.clone(),
             settings,
             runner,
-            drain: DrainSwitch::default(),
+            handle: ClusterHandle::default(),
+            metrics,
         })
     }
 
@@ -379,10 +445,10 @@ impl Cluster {
         i32::try_from(self.settings.partitions.max(1)).unwrap_or(i32::MAX)
     }
 
-    /// The switch that drains and resumes this node.
+    /// What the control plane sees and steers.
     #[must_use]
-    pub fn drain_switch(&self) -> DrainSwitch {
-        self.drain.clone()
+    pub fn handle(&self) -> ClusterHandle {
+        self.handle.clone()
     }
 
     /// Leads partitions until `shutdown` is cancelled; then stops every partition gracefully
@@ -403,6 +469,7 @@ impl Cluster {
                 () = shutdown.cancelled() => break Ok(()),
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                     self.stopped(joined, &mut held, session.as_mut()).await;
+                    self.publish(&held);
                     continue;
                 }
                 _ = tick.tick() => {}
@@ -421,7 +488,7 @@ impl Cluster {
             let Some(lease) = session.as_mut() else {
                 continue;
             };
-            let draining = self.drain.is_draining();
+            let draining = self.handle.is_draining();
             let seen = match lease
                 .observe(&self.node_id, draining, self.settings.node_timeout)
                 .await
@@ -444,6 +511,13 @@ impl Cluster {
             }
             self.balance(lease, &seen, &mut held, &mut tasks, &shutdown)
                 .await;
+            self.publish(&held);
+            *self
+                .handle
+                .last_tick
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(std::time::Instant::now());
         };
         for running in held.values() {
             running.stop.cancel();
@@ -451,14 +525,15 @@ impl Cluster {
         while let Some(joined) = tasks.join_next().await {
             self.stopped(joined, &mut held, session.as_mut()).await;
         }
+        self.publish(&held);
         if let Some(lease) = session {
             lease.leave(&self.node_id).await;
         }
         outcome
     }
 
-    /// Stops partitions whose lock is gone, gives back those above the fair share and takes
-    /// free ones up to it.
+    /// Stops partitions whose lock is gone, gives back those asked for elsewhere and those above
+    /// the fair share, and takes the ones handed over to this node and free ones up to the share.
     async fn balance(
         &self,
         lease: &mut LeaseSession,
@@ -468,9 +543,8 @@ impl Cluster {
         shutdown: &CancellationToken,
     ) {
         let count = self.partition_count();
-        let first = first_partition(&self.node_id, count);
-        let draining = self.drain.is_draining();
-        for (partition, running) in held.iter() {
+        let draining = self.handle.is_draining();
+        for (partition, running) in held.iter_mut() {
             if !seen.mine.contains(partition) {
                 tracing::error!(
                     partition,
@@ -478,20 +552,34 @@ impl Cluster {
                 );
                 running.abort.abort();
             }
+            let wanted_elsewhere = seen
+                .handovers
+                .get(partition)
+                .is_some_and(|target| *target != self.node_id);
+            if wanted_elsewhere && !running.releasing {
+                tracing::info!(partition, target = %seen.handovers[partition], "handing a partition over");
+                running.releasing = true;
+                running.stop.cancel();
+            }
         }
         let target = if draining {
             0
         } else {
             fair_share(count, seen.other_nodes + 1)
         };
-        let mut active: Vec<i32> = held
+        let now = std::time::Instant::now();
+        let mut active: Vec<(bool, i32)> = held
             .iter()
             .filter(|(_, running)| !running.releasing)
-            .map(|(partition, _)| *partition)
+            .map(|(partition, running)| {
+                let pinned = running.pinned_until.is_some_and(|until| until > now);
+                (pinned, *partition)
+            })
             .collect();
         if active.len() > target {
-            active.sort_unstable();
-            for partition in active.iter().skip(target) {
+            // Keep pinned (handed-over) partitions; give back the others first.
+            active.sort_unstable_by_key(|(pinned, partition)| (!pinned, *partition));
+            for (_, partition) in active.iter().skip(target) {
                 if let Some(running) = held.get_mut(partition) {
                     tracing::info!(partition, target, "giving back a partition");
                     running.releasing = true;
@@ -500,40 +588,101 @@ impl Cluster {
             }
             return;
         }
-        let mut wanted = target - active.len();
+        if draining {
+            return;
+        }
+        // Hand-overs to this node first, whatever the share; then free partitions up to it.
+        let mut handed: Vec<i32> = seen
+            .handovers
+            .iter()
+            .filter(|(_, target)| **target == self.node_id)
+            .map(|(partition, _)| *partition)
+            .filter(|partition| (0..count).contains(partition))
+            .collect();
+        handed.sort_unstable();
+        for partition in handed {
+            if !held.contains_key(&partition)
+                && !seen.taken.contains(&partition)
+                && self
+                    .take(lease, partition, held, tasks, shutdown, true)
+                    .await
+                && let Err(error) = lease.clear_handover(partition, &self.node_id).await
+            {
+                tracing::warn!(partition, %error, "clearing a fulfilled hand-over failed");
+            }
+        }
+        let first = first_partition(&self.node_id, count);
         for offset in 0..count {
-            if wanted == 0 {
+            let active = held.values().filter(|running| !running.releasing).count();
+            if active >= target {
                 break;
             }
             let partition = (first + offset) % count;
-            if held.contains_key(&partition) || seen.taken.contains(&partition) {
+            let reserved = seen
+                .handovers
+                .get(&partition)
+                .is_some_and(|target| *target != self.node_id);
+            if held.contains_key(&partition) || seen.taken.contains(&partition) || reserved {
                 continue;
             }
-            match lease.try_lock(partition).await {
-                Ok(true) => {
-                    let stop = shutdown.child_token();
-                    let runner = self.runner.clone();
-                    let stopping = stop.clone();
-                    let abort = tasks.spawn(async move {
-                        (partition, runner.run(partition, count, stopping).await)
-                    });
-                    held.insert(
-                        partition,
-                        Held {
-                            stop,
-                            abort,
-                            releasing: false,
-                            session: lease.generation,
-                        },
-                    );
-                    tracing::info!(partition, node = %self.node_id, "partition lease taken");
-                    wanted -= 1;
-                }
-                Ok(false) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "taking a lease failed");
-                    break;
-                }
+            self.take(lease, partition, held, tasks, shutdown, false)
+                .await;
+        }
+    }
+
+    /// Shows the partitions led (not being given back) to the control plane and the metrics.
+    fn publish(&self, held: &HashMap<i32, Held>) {
+        let leading: Vec<i32> = held
+            .iter()
+            .filter(|(_, running)| !running.releasing)
+            .map(|(partition, _)| *partition)
+            .collect();
+        self.metrics
+            .leases_held
+            .set(i64::try_from(leading.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .draining
+            .set(i64::from(self.handle.is_draining()));
+        self.handle.set_leading(leading.into_iter());
+    }
+
+    /// Tries to lock `partition` and starts its listener; whether it did.
+    async fn take(
+        &self,
+        lease: &mut LeaseSession,
+        partition: i32,
+        held: &mut HashMap<i32, Held>,
+        tasks: &mut JoinSet<(i32, Result<(), ListenerError>)>,
+        shutdown: &CancellationToken,
+        handed_over: bool,
+    ) -> bool {
+        match lease.try_lock(partition).await {
+            Ok(true) => {
+                let count = self.partition_count();
+                let stop = shutdown.child_token();
+                let runner = self.runner.clone();
+                let stopping = stop.clone();
+                let abort = tasks.spawn(async move {
+                    (partition, runner.run(partition, count, stopping).await)
+                });
+                held.insert(
+                    partition,
+                    Held {
+                        stop,
+                        abort,
+                        releasing: false,
+                        session: lease.generation,
+                        pinned_until: handed_over.then(|| std::time::Instant::now() + HANDOVER_PIN),
+                    },
+                );
+                self.metrics.epoch_changes.inc();
+                tracing::info!(partition, node = %self.node_id, handed_over, "partition lease taken");
+                true
+            }
+            Ok(false) => false,
+            Err(error) => {
+                tracing::warn!(partition, %error, "taking a lease failed");
+                false
             }
         }
     }

@@ -74,6 +74,21 @@ enum Command {
         /// How long a shutdown may take to finish in-flight work and save the checkpoint.
         #[arg(long, env = "FRAISEQL_OBSERVERS_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
         shutdown_timeout: std::time::Duration,
+        #[command(flatten)]
+        endpoints: EndpointArgs,
+    },
+    /// This node's status, from its control plane (gRPC).
+    Status {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The cluster: status, hand-over of a partition, drain and resume of a node.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
     },
     /// Demo on the local database: creates `fraiseql_observers_demo`, a webhook receiver and an
     /// `orders` table, runs a node with examples/demo.yaml and prints the deliveries.
@@ -99,6 +114,80 @@ enum Command {
         database: DatabaseArgs,
         #[command(subcommand)]
         command: DlqCommand,
+    },
+}
+
+#[derive(Args)]
+struct EndpointArgs {
+    /// Where to serve the gRPC control plane (reflection and grpc.health.v1 included).
+    #[arg(
+        long,
+        env = "FRAISEQL_OBSERVERS_GRPC_LISTEN",
+        default_value = "0.0.0.0:50051"
+    )]
+    grpc_listen: std::net::SocketAddr,
+    /// Where to serve /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "FRAISEQL_OBSERVERS_HTTP_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
+    http_listen: std::net::SocketAddr,
+    /// Serve mutating control calls on a non-loopback address without a token.
+    #[arg(long)]
+    insecure_control_plane: bool,
+    /// Bearer token required by mutating control calls (hand-over, drain, resume).
+    #[arg(long, env = "FRAISEQL_OBSERVERS_CONTROL_TOKEN", hide_env_values = true)]
+    control_token: Option<String>,
+}
+
+#[derive(Args)]
+struct ControlArgs {
+    /// The node's gRPC control plane.
+    #[arg(
+        long,
+        visible_alias = "peer",
+        env = "FRAISEQL_OBSERVERS_ENDPOINT",
+        default_value = "127.0.0.1:50051"
+    )]
+    endpoint: String,
+    /// Bearer token for mutating calls.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_CONTROL_TOKEN", hide_env_values = true)]
+    control_token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Every live node and every partition: leader, epoch, backlog, checkpoint.
+    Status {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a partition to a named node without loss; returns when that node leads it.
+    Handover {
+        #[arg(long)]
+        partition: u32,
+        /// The node to take it over.
+        #[arg(long)]
+        to: String,
+        /// How long to wait for the target.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Drain the node at --endpoint: give back every lease (pages finished, checkpoints saved).
+    Drain {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Let a drained node at --endpoint take its share again.
+    Resume {
+        #[command(flatten)]
+        control: ControlArgs,
     },
 }
 
@@ -266,9 +355,10 @@ async fn shutdown_signal() {
 async fn run_node(
     database: DatabaseArgs,
     config_path: PathBuf,
-    (settings, cluster): (
+    (settings, cluster, endpoints): (
         fraiseql_observers::listener::ListenerSettings,
         fraiseql_observers::cluster::ClusterSettings,
+        EndpointArgs,
     ),
     db_pool_size: u32,
     shutdown_timeout: std::time::Duration,
@@ -281,7 +371,36 @@ async fn run_node(
         tracing::warn!(%warning, "configuration warning");
     }
     let pool = commands::connect_with_size(&database.database_url, db_pool_size).await?;
-    let node = fraiseql_observers::node::Node::build(pool, config, settings, cluster).await?;
+    let bind = |address: std::net::SocketAddr, what: &'static str| async move {
+        tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|error| anyhow::anyhow!("cannot listen on {address} for {what}: {error}"))
+    };
+    let grpc = bind(
+        endpoints.grpc_listen,
+        "the gRPC control plane (--grpc-listen)",
+    )
+    .await?;
+    let http = bind(
+        endpoints.http_listen,
+        "HTTP metrics and health (--http-listen)",
+    )
+    .await?;
+    let policy = fraiseql_observers::grpc::MutationPolicy::for_address(
+        endpoints.control_token,
+        endpoints.grpc_listen,
+        endpoints.insecure_control_plane,
+    );
+    if policy.token.is_none() && !policy.open_without_token {
+        tracing::warn!(address = %endpoints.grpc_listen, "no FRAISEQL_OBSERVERS_CONTROL_TOKEN: mutating control calls (hand-over, drain) are refused on this address");
+    }
+    tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "control plane and HTTP endpoints listening");
+    let node = fraiseql_observers::node::Node::build(pool, config, settings, cluster)
+        .await?
+        .with_endpoints(fraiseql_observers::node::Endpoints {
+            grpc: Some((grpc, policy)),
+            http: Some(http),
+        });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut running = tokio::spawn(node.run_until_stopped(shutdown.clone()));
     tracing::info!("node running");
@@ -320,6 +439,7 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             poll_interval,
             db_pool_size,
             shutdown_timeout,
+            endpoints,
         } => {
             anyhow::ensure!(batch_size > 0, "--batch-size must be at least 1");
             let settings = fraiseql_observers::listener::ListenerSettings {
@@ -336,12 +456,21 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             run_node(
                 database,
                 config,
-                (settings, cluster),
+                (settings, cluster, endpoints),
                 db_pool_size,
                 shutdown_timeout,
             )
             .await
         }
+        Command::Status { control, json } => {
+            let status = fraiseql_observers::grpc::fetch_status(&control.endpoint).await?;
+            Ok(if json {
+                format!("{:#}\n", serde_json::to_value(&status)?)
+            } else {
+                report::node_status_text(&status)
+            })
+        }
+        Command::Cluster { command } => cluster_command(command).await,
         Command::Demo { database_url } => {
             fraiseql_observers::demo::run(&database_url).await?;
             Ok(String::new())
@@ -374,6 +503,53 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
                     commands::dlq_purge(&queue, &filter.into_filter()?).await
                 }
             }
+        }
+    }
+}
+
+async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
+    use fraiseql_observers::grpc;
+    match command {
+        ClusterCommand::Status { control, json } => {
+            let cluster = grpc::fetch_cluster_status(&control.endpoint).await?;
+            Ok(if json {
+                format!("{:#}\n", serde_json::to_value(&cluster)?)
+            } else {
+                report::cluster_status_text(&cluster)
+            })
+        }
+        ClusterCommand::Handover {
+            partition,
+            to,
+            timeout,
+            control,
+        } => {
+            let moved = grpc::request_handover(
+                &control.endpoint,
+                control.control_token.as_deref(),
+                partition,
+                &to,
+                timeout,
+            )
+            .await?;
+            Ok(format!(
+                "partition {partition}: {} → {} (epoch {}) in {:.2} s\n",
+                moved.previous_leader.as_deref().unwrap_or("(none)"),
+                moved.leader,
+                moved.epoch,
+                moved.took.as_secs_f64()
+            ))
+        }
+        ClusterCommand::Drain { control } => {
+            grpc::request_drain(&control.endpoint, control.control_token.as_deref(), true).await?;
+            Ok(format!(
+                "{}: draining (leases are given back as their pages finish)\n",
+                control.endpoint
+            ))
+        }
+        ClusterCommand::Resume { control } => {
+            grpc::request_drain(&control.endpoint, control.control_token.as_deref(), false).await?;
+            Ok(format!("{}: resumed\n", control.endpoint))
         }
     }
 }

@@ -51,6 +51,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0006_cluster",
         sql: include_str!("../migrations/0006_cluster.sql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_handover",
+        sql: include_str!("../migrations/0007_handover.sql"),
+    },
 ];
 
 impl Migration {

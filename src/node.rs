@@ -16,23 +16,37 @@ use tokio_util::task::TaskTracker;
 
 use crate::actions::ActionRunner;
 use crate::checkpoint::{CheckpointStore, PostgresCheckpointStore};
-use crate::cluster::{Cluster, ClusterError, ClusterSettings, DrainSwitch, PartitionRunner};
+use crate::cluster::{Cluster, ClusterError, ClusterHandle, ClusterSettings, PartitionRunner};
 use crate::config::{JobSettings, ObserversConfig};
+use crate::control::Control;
 use crate::dlq::PostgresDeadLetterQueue;
 use crate::executor::Executor;
+use crate::grpc::MutationPolicy;
 use crate::jobs::{JobWorker, PostgresJobQueue};
 use crate::listener::{ListenerSettings, notification_fanout};
 use crate::matcher::Matcher;
+use crate::metrics::Metrics;
 
 /// How often idle job workers look for work when no notification arrives.
 const JOB_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How often finished jobs past their retention are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_mins(10);
 
+/// Where a node serves its control plane and HTTP endpoints (bound by the caller, so a test can
+/// use port 0 and learn the port).
+#[derive(Debug, Default)]
+pub struct Endpoints {
+    pub grpc: Option<(tokio::net::TcpListener, MutationPolicy)>,
+    pub http: Option<tokio::net::TcpListener>,
+}
+
 /// A node ready to run.
 #[derive(Debug)]
 pub struct Node {
     pool: PgPool,
+    metrics: Arc<Metrics>,
+    control: Control,
+    endpoints: Endpoints,
     cluster: Cluster,
     wake: tokio::sync::watch::Sender<u64>,
     workers: Vec<JobWorker>,
@@ -52,6 +66,7 @@ impl Node {
         cluster: ClusterSettings,
     ) -> anyhow::Result<Node> {
         crate::migrate::run(&pool).await?;
+        let metrics = Arc::new(Metrics::new());
         let store: Arc<dyn CheckpointStore> = Arc::new(PostgresCheckpointStore::new(pool.clone()));
         let dead_letters = Arc::new(PostgresDeadLetterQueue::new(pool.clone()));
         let runner = ActionRunner::new(Arc::new(config.templates))?;
@@ -81,6 +96,7 @@ impl Node {
                     matcher.clone(),
                     JOB_POLL_INTERVAL,
                 )
+                .with_metrics(metrics.clone())
             })
             .collect();
         let (wake, woken) = tokio::sync::watch::channel(0_u64);
@@ -90,10 +106,26 @@ impl Node {
             executor,
             listener: settings,
             wake: woken,
+            metrics: metrics.clone(),
         };
-        let cluster = Cluster::new(pool.clone(), cluster, runner).await?;
+        let stuck_after = (cluster.node_timeout * 3).max(Duration::from_secs(30));
+        let partitions = cluster.partitions;
+        let node_id = runner.listener.node_id.clone();
+        let cluster = Cluster::new(pool.clone(), cluster, runner, metrics.clone()).await?;
+        let control = Control::new(
+            pool.clone(),
+            node_id,
+            partitions,
+            cluster.handle(),
+            metrics.clone(),
+            jobs.clone(),
+            stuck_after,
+        );
         Ok(Node {
             pool,
+            metrics,
+            control,
+            endpoints: Endpoints::default(),
             cluster,
             wake,
             workers,
@@ -102,10 +134,29 @@ impl Node {
         })
     }
 
-    /// The switch that drains (gives back every lease) and resumes this node.
+    /// What the control plane sees and steers: drain/resume, the partitions led.
     #[must_use]
-    pub fn drain_switch(&self) -> DrainSwitch {
-        self.cluster.drain_switch()
+    pub fn handle(&self) -> ClusterHandle {
+        self.cluster.handle()
+    }
+
+    /// The control façade (status, cluster status, hand-over, drain).
+    #[must_use]
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+
+    /// Serves the gRPC control plane and the HTTP endpoints on these listeners while running.
+    #[must_use]
+    pub fn with_endpoints(mut self, endpoints: Endpoints) -> Node {
+        self.endpoints = endpoints;
+        self
+    }
+
+    /// This node's metrics.
+    #[must_use]
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// Leads partitions and works jobs until `shutdown` is cancelled; pages in progress are
@@ -135,6 +186,22 @@ impl Node {
                 }
             }
         });
+        if let Some((listener, policy)) = self.endpoints.grpc {
+            let (control, stop) = (self.control.clone(), stop_workers.clone());
+            tasks.spawn(async move {
+                if let Err(error) = crate::grpc::serve(listener, control, policy, stop).await {
+                    tracing::error!(%error, "the gRPC control plane stopped");
+                }
+            });
+        }
+        if let Some(listener) = self.endpoints.http {
+            let (control, stop) = (self.control.clone(), stop_workers.clone());
+            tasks.spawn(async move {
+                if let Err(error) = crate::http::serve(listener, control, stop).await {
+                    tracing::error!(%error, "the HTTP endpoints stopped");
+                }
+            });
+        }
         tasks.spawn(notification_fanout(
             self.pool,
             self.wake,

@@ -196,3 +196,120 @@ pub fn validation_json(result: &Result<ObserversConfig, ConfigErrors>) -> serde_
         }),
     }
 }
+
+fn seconds(age: Option<f64>) -> String {
+    age.map_or_else(|| "never".to_owned(), |age| format!("{age:.1}s ago"))
+}
+
+/// `status`: one node, as a tree.
+#[must_use]
+pub fn node_status_text(status: &crate::control::NodeStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Node {} (fraiseql-observers {}), up {}s{}",
+        status.node_id,
+        status.version,
+        status.uptime_seconds,
+        if status.draining { ", DRAINING" } else { "" }
+    );
+    let _ = writeln!(
+        out,
+        "├── Leases: {} of {} partitions",
+        status.leases.len(),
+        status.partition_count
+    );
+    for (index, lease) in status.leases.iter().enumerate() {
+        let branch = if index + 1 == status.leases.len() {
+            "└──"
+        } else {
+            "├──"
+        };
+        let _ = writeln!(
+            out,
+            "│   {branch} partition {}: epoch {}, backlog {}, checkpoint saved {} ({})",
+            lease.partition,
+            lease.epoch,
+            lease.backlog,
+            seconds(lease.checkpoint_age_seconds),
+            lease.checkpoint
+        );
+    }
+    let counters = &status.counters;
+    let _ = writeln!(
+        out,
+        "├── Executor: {} events, actions {} succeeded / {} failed / {} enqueued, {} leases taken",
+        counters.events_processed,
+        counters.actions_succeeded,
+        counters.actions_failed,
+        counters.actions_enqueued,
+        counters.epoch_changes
+    );
+    let _ = writeln!(
+        out,
+        "└── Job queues:{}",
+        if status.queues.is_empty() {
+            " none"
+        } else {
+            ""
+        }
+    );
+    for (index, queue) in status.queues.iter().enumerate() {
+        let branch = if index + 1 == status.queues.len() {
+            "└──"
+        } else {
+            "├──"
+        };
+        let _ = writeln!(
+            out,
+            "    {branch} {}: {} pending, {} running, {} failed",
+            queue.queue, queue.pending, queue.running, queue.failed
+        );
+    }
+    out
+}
+
+/// `cluster status`: every node and every partition.
+#[must_use]
+pub fn cluster_status_text(cluster: &crate::control::ClusterState) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Cluster: {} live node(s), {} partitions, {} dead letter(s)",
+        cluster.nodes.len(),
+        cluster.partition_count,
+        cluster.dead_letters
+    );
+    for node in &cluster.nodes {
+        let partitions: Vec<String> = node.partitions.iter().map(u32::to_string).collect();
+        let _ = writeln!(
+            out,
+            "├── {} (v{}, up {}s, heartbeat {:.1}s ago{}): partitions [{}]",
+            node.node_id,
+            node.version,
+            node.uptime_seconds,
+            node.heartbeat_age_seconds,
+            if node.draining { ", draining" } else { "" },
+            partitions.join(", ")
+        );
+    }
+    let _ = writeln!(out, "└── Partitions");
+    let _ = writeln!(
+        out,
+        "    {:>9}  {:<24} {:>6} {:>9}  {:<14} checkpoint",
+        "partition", "leader", "epoch", "backlog", "saved"
+    );
+    for partition in &cluster.partitions {
+        let _ = writeln!(
+            out,
+            "    {:>9}  {:<24} {:>6} {:>9}  {:<14} {}",
+            partition.partition,
+            partition.leader.as_deref().unwrap_or("(none)"),
+            partition.epoch,
+            partition.backlog,
+            seconds(partition.checkpoint_age_seconds),
+            partition.checkpoint
+        );
+    }
+    out
+}

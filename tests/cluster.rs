@@ -5,13 +5,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use common::Receiver;
+use common::nodes::{
+    DEADLINE, assert_once_and_in_order, eventually, orders_config, prepare_orders,
+};
 use common::postgres::TestDatabase;
 use fraiseql_observers::cluster::{ClusterError, ClusterSettings, LEASE_NAMESPACE};
-use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, ObserversConfig, load_str};
 use fraiseql_observers::listener::ListenerSettings;
 use fraiseql_observers::node::Node;
 use sqlx::{Connection, PgPool};
@@ -19,24 +20,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const PARTITIONS: u32 = 8;
-const DEADLINE: Duration = Duration::from_secs(30);
-
-fn config(receiver: &Receiver) -> ObserversConfig {
-    let yaml = format!(
-        "observers:\n  - name: orders\n    entity: Order\n    events: [insert, update]\n    actions: [{{type: webhook, url: '{}'}}]\n",
-        receiver.url("/orders")
-    );
-    load_str(
-        &yaml,
-        Format::Yaml,
-        "cluster.yaml",
-        &LoadOptions {
-            env: &|_: &str| None,
-            missing_env: MissingEnv::Error,
-        },
-    )
-    .unwrap()
-}
 
 fn cluster_settings() -> ClusterSettings {
     ClusterSettings {
@@ -46,20 +29,10 @@ fn cluster_settings() -> ClusterSettings {
     }
 }
 
-async fn prepare(pool: &PgPool) {
-    sqlx::raw_sql(
-        "CREATE TABLE orders (id int PRIMARY KEY, version int NOT NULL);
-         SELECT core.observer_track_table('orders'::regclass, 'Order');",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
-}
-
 struct RunningNode {
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), ClusterError>>,
-    drain: fraiseql_observers::cluster::DrainSwitch,
+    drain: fraiseql_observers::cluster::ClusterHandle,
 }
 
 async fn start(database: &TestDatabase, receiver: &Receiver, node_id: &str) -> RunningNode {
@@ -69,7 +42,7 @@ async fn start(database: &TestDatabase, receiver: &Receiver, node_id: &str) -> R
         .try_init();
     let node = Node::build(
         database.pool.clone(),
-        config(receiver),
+        orders_config(receiver),
         ListenerSettings {
             node_id: node_id.to_owned(),
             poll_interval: Duration::from_millis(100),
@@ -79,7 +52,7 @@ async fn start(database: &TestDatabase, receiver: &Receiver, node_id: &str) -> R
     )
     .await
     .unwrap();
-    let drain = node.drain_switch();
+    let drain = node.handle();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(node.run_until_stopped(shutdown.clone()));
     RunningNode {
@@ -118,18 +91,6 @@ async fn leases(pool: &PgPool) -> HashMap<String, usize> {
         .collect()
 }
 
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 async fn even_split(pool: &PgPool) {
     let deadline = Instant::now() + DEADLINE;
     loop {
@@ -155,43 +116,10 @@ async fn write_orders(pool: &PgPool, ids: std::ops::Range<i32>, version: i32) {
     .unwrap();
 }
 
-/// Deliveries per idempotency key, and per order the versions in arrival order.
-fn deliveries(receiver: &Receiver) -> (HashMap<String, usize>, HashMap<String, Vec<i64>>) {
-    let mut per_key: HashMap<String, usize> = HashMap::new();
-    let mut versions: HashMap<String, Vec<i64>> = HashMap::new();
-    for request in receiver.requests_to("/orders") {
-        *per_key
-            .entry(request.header("idempotency-key").unwrap().to_owned())
-            .or_default() += 1;
-        let body = request.json();
-        versions
-            .entry(body["entity_id"].as_str().unwrap().to_owned())
-            .or_default()
-            .push(body["data"]["version"].as_i64().unwrap());
-    }
-    (per_key, versions)
-}
-
-fn assert_once_and_in_order(receiver: &Receiver, changes: usize) {
-    let (per_key, versions) = deliveries(receiver);
-    assert_eq!(per_key.len(), changes, "every change delivered");
-    let repeated: Vec<_> = per_key.iter().filter(|(_, count)| **count > 1).collect();
-    assert!(
-        repeated.is_empty(),
-        "delivered more than once: {repeated:?}"
-    );
-    for (order, seen) in versions {
-        assert!(
-            seen.windows(2).all(|pair| pair[0] < pair[1]),
-            "order {order} delivered out of order: {seen:?}"
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_split_the_partitions_and_deliver_every_change_once_in_order() {
     let database = TestDatabase::migrated().await;
-    prepare(&database.pool).await;
+    prepare_orders(&database.pool).await;
     let receiver = Receiver::start().await;
     let a = start(&database, &receiver, "node-a").await;
     let b = start(&database, &receiver, "node-b").await;
@@ -222,7 +150,7 @@ async fn two_nodes_split_the_partitions_and_deliver_every_change_once_in_order()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_s_partitions_are_taken_over_and_nothing_is_lost() {
     let database = TestDatabase::migrated().await;
-    prepare(&database.pool).await;
+    prepare_orders(&database.pool).await;
     let receiver = Receiver::start().await;
     let pool = &database.pool;
     let a = start(&database, &receiver, "node-a").await;
@@ -272,7 +200,7 @@ async fn a_killed_node_s_partitions_are_taken_over_and_nothing_is_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_stops_heartbeating_has_its_lease_session_ended_and_is_fenced() {
     let database = TestDatabase::migrated().await;
-    prepare(&database.pool).await;
+    prepare_orders(&database.pool).await;
     let receiver = Receiver::start().await;
     let pool = &database.pool;
     // A paused node: its lease session holds every partition lock and its claims, but its
@@ -360,7 +288,7 @@ async fn a_node_that_stops_heartbeating_has_its_lease_session_ended_and_is_fence
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_node_hands_every_partition_over_and_resumes_its_share() {
     let database = TestDatabase::migrated().await;
-    prepare(&database.pool).await;
+    prepare_orders(&database.pool).await;
     let receiver = Receiver::start().await;
     let pool = &database.pool;
     let a = start(&database, &receiver, "node-a").await;
@@ -393,7 +321,7 @@ async fn a_node_with_another_partition_count_is_refused() {
     let receiver = Receiver::start().await;
     Node::build(
         database.pool.clone(),
-        config(&receiver),
+        orders_config(&receiver),
         ListenerSettings::default(),
         cluster_settings(),
     )
@@ -401,7 +329,7 @@ async fn a_node_with_another_partition_count_is_refused() {
     .unwrap();
     let refused = Node::build(
         database.pool.clone(),
-        config(&receiver),
+        orders_config(&receiver),
         ListenerSettings::default(),
         ClusterSettings {
             partitions: 16,
@@ -420,7 +348,7 @@ async fn a_node_with_another_partition_count_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_node_with_the_same_id_is_refused() {
     let database = TestDatabase::migrated().await;
-    prepare(&database.pool).await;
+    prepare_orders(&database.pool).await;
     let receiver = Receiver::start().await;
     let pool = &database.pool;
     let first = start(&database, &receiver, "same").await;

@@ -505,6 +505,20 @@ impl PostgresJobQueue {
             .collect()
     }
 
+    /// Jobs waiting, running and failed, per queue and status (cheap: no completed rows read).
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub async fn depths(&self) -> Result<Vec<(String, String, i64)>, JobError> {
+        Ok(sqlx::query_as(
+            "SELECT queue, status, count(*) FROM fraiseql_observers.jobs
+              WHERE status IN ('pending', 'running', 'failed')
+              GROUP BY queue, status ORDER BY queue, status",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Deletes completed and cancelled jobs finished longer than `older_than` ago; failed jobs are
     /// never pruned. How many.
     ///

@@ -50,6 +50,7 @@ pub struct JobWorker {
     matcher: Arc<Matcher>,
     poll_interval: std::time::Duration,
     claim_batch: u32,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl JobWorker {
@@ -68,7 +69,15 @@ impl JobWorker {
             matcher,
             poll_interval,
             claim_batch: DEFAULT_CLAIM_BATCH,
+            metrics: None,
         }
+    }
+
+    /// Counts every attempt in `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> JobWorker {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Claims at most this many jobs at once (at least 1).
@@ -161,7 +170,10 @@ impl JobWorker {
     /// One attempt of a claimed job; a failure is recorded at once (rescheduled or dead-lettered).
     /// `None`: it succeeded and is still to be marked completed.
     async fn run_one(&self, job: Job) -> (Uuid, Result<Option<WorkOutcome>, JobError>) {
-        let result = match self.attempt(&job).await {
+        let started = std::time::Instant::now();
+        let attempt = self.attempt(&job).await;
+        let took = started.elapsed();
+        let result = match attempt {
             Ok(()) => Ok(None),
             Err(error) => self.queue.fail(&job, &error).await.map(|outcome| {
                 Some(match outcome {
@@ -171,6 +183,15 @@ impl JobWorker {
                 })
             }),
         };
+        if let Some(metrics) = &self.metrics {
+            let outcome = match &result {
+                Ok(None) => "succeeded",
+                Ok(Some(WorkOutcome::Rescheduled(_))) => "rescheduled",
+                Ok(Some(WorkOutcome::DeadLettered(_))) => "dead_lettered",
+                _ => "lost",
+            };
+            metrics.record_job(&job.action_type, outcome, took);
+        }
         (job.id, result)
     }
 

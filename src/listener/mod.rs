@@ -148,6 +148,7 @@ pub struct Listener {
     pending: Option<Arc<PendingCompletions>>,
     /// The node's shared change-log notifications; `None`: this listener LISTENs itself.
     wake: Option<tokio::sync::watch::Receiver<u64>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Listener {
@@ -172,6 +173,7 @@ impl Listener {
             last_idle_advance: std::time::Instant::now(),
             pending: None,
             wake: None,
+            metrics: None,
         })
     }
 
@@ -187,6 +189,13 @@ impl Listener {
     #[must_use]
     pub fn with_wake(mut self, wake: tokio::sync::watch::Receiver<u64>) -> Listener {
         self.wake = Some(wake);
+        self
+    }
+
+    /// Counts every delivered page's events and actions in `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Listener {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -262,6 +271,9 @@ impl Listener {
             .execute_batch_skipping(&events, &completed)
             .await;
         let execute_took = execute_started.elapsed();
+        if let Some(metrics) = &self.metrics {
+            metrics.record_page(&summaries);
+        }
         let unsettled = summaries
             .iter()
             .flat_map(|summary| &summary.actions)

@@ -222,4 +222,6 @@ pub fn executor_from_yaml(
     (executor, dead_letters)
 }
 
+pub mod nodes;
 pub mod postgres;
+pub mod tools;

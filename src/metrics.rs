@@ -1,0 +1,243 @@
+//! The node's Prometheus metrics: counters and histograms updated where the work happens
+//! (listener pages, job workers, the lease supervisor), gauges read from the database when
+//! scraped. Rendered as OpenMetrics text by the HTTP endpoint (`/metrics`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::executor::{ActionReport, ActionStatus, EventSummary};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub action_type: String,
+    /// `succeeded`, `failed`, `enqueued`, `already_completed` (jobs: `rescheduled`, `dead_lettered`, `lost`)
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionTypeLabel {
+    pub action_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    pub partition: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    pub queue: String,
+    pub status: String,
+}
+
+/// Every metric of one node.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub events_processed: Counter,
+    pub events_failed: Counter,
+    pub actions: Family<ActionLabels, Counter>,
+    pub action_duration: Family<ActionTypeLabel, Histogram, fn() -> Histogram>,
+    pub jobs_run: Family<ActionLabels, Counter>,
+    pub leases_held: Gauge,
+    pub epoch_changes: Counter,
+    pub draining: Gauge,
+    pub partition_backlog: Family<PartitionLabel, Gauge>,
+    pub partition_checkpoint_age: Family<PartitionLabel, Gauge<f64, AtomicU64>>,
+    pub dead_letters: Gauge,
+    pub jobs: Family<QueueLabels, Gauge>,
+    /// Succeeded, failed, enqueued: plain totals for the status call.
+    totals: [AtomicU64; 3],
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 ms to ~33 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    #[must_use]
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("fraiseql_observers");
+        let metrics = Metrics {
+            registry: Registry::default(),
+            events_processed: Counter::default(),
+            events_failed: Counter::default(),
+            actions: Family::default(),
+            action_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            jobs_run: Family::default(),
+            leases_held: Gauge::default(),
+            epoch_changes: Counter::default(),
+            draining: Gauge::default(),
+            partition_backlog: Family::default(),
+            partition_checkpoint_age: Family::default(),
+            dead_letters: Gauge::default(),
+            jobs: Family::default(),
+            totals: Default::default(),
+        };
+        registry.register(
+            "events_processed",
+            "Change-log events delivered to the executor",
+            metrics.events_processed.clone(),
+        );
+        registry.register(
+            "events_failed",
+            "Events with at least one action that failed for good",
+            metrics.events_failed.clone(),
+        );
+        registry.register(
+            "actions",
+            "Actions run from change-log pages, by type and outcome",
+            metrics.actions.clone(),
+        );
+        registry.register(
+            "action_duration_seconds",
+            "Time an action took, retries included, by type",
+            metrics.action_duration.clone(),
+        );
+        registry.register(
+            "jobs_run",
+            "Job attempts run by this node's workers, by action type and outcome",
+            metrics.jobs_run.clone(),
+        );
+        registry.register(
+            "leases_held",
+            "Partitions this node leads",
+            metrics.leases_held.clone(),
+        );
+        registry.register(
+            "epoch_changes",
+            "Partition leases taken by this node (each bumps the partition's epoch)",
+            metrics.epoch_changes.clone(),
+        );
+        registry.register(
+            "draining",
+            "1 while this node is draining",
+            metrics.draining.clone(),
+        );
+        registry.register(
+            "partition_backlog_rows",
+            "Change-log rows committed after the checkpoint, per partition this node leads (capped at 1,000,000)",
+            metrics.partition_backlog.clone(),
+        );
+        registry.register(
+            "partition_checkpoint_age_seconds",
+            "Seconds since the checkpoint was written, per partition this node leads",
+            metrics.partition_checkpoint_age.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Dead letters waiting in the database (cluster-wide)",
+            metrics.dead_letters.clone(),
+        );
+        registry.register(
+            "jobs",
+            "Jobs in the durable queue by queue and status (cluster-wide)",
+            metrics.jobs.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Counts a delivered page's events and actions.
+    pub fn record_page(&self, summaries: &[EventSummary]) {
+        self.events_processed
+            .inc_by(u64::try_from(summaries.len()).unwrap_or(u64::MAX));
+        for summary in summaries {
+            if summary
+                .actions
+                .iter()
+                .any(|report| matches!(report.status, ActionStatus::Failed { .. }))
+            {
+                self.events_failed.inc();
+            }
+            for report in &summary.actions {
+                self.record_action(report);
+            }
+        }
+    }
+
+    fn record_action(&self, report: &ActionReport) {
+        let outcome = match report.status {
+            ActionStatus::Succeeded { .. } => "succeeded",
+            ActionStatus::AlreadyCompleted => "already_completed",
+            ActionStatus::Enqueued { .. } => "enqueued",
+            ActionStatus::Failed { .. } => "failed",
+        };
+        self.actions
+            .get_or_create(&ActionLabels {
+                action_type: report.action_type.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        self.count_total(outcome);
+        if matches!(
+            report.status,
+            ActionStatus::Succeeded { .. } | ActionStatus::Failed { .. }
+        ) {
+            self.action_duration
+                .get_or_create(&ActionTypeLabel {
+                    action_type: report.action_type.to_owned(),
+                })
+                .observe(report.duration.as_secs_f64());
+        }
+    }
+
+    /// Counts one job attempt run by a worker.
+    pub fn record_job(&self, action_type: &str, outcome: &str, duration: std::time::Duration) {
+        self.count_total(outcome);
+        self.jobs_run
+            .get_or_create(&ActionLabels {
+                action_type: action_type.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        self.action_duration
+            .get_or_create(&ActionTypeLabel {
+                action_type: action_type.to_owned(),
+            })
+            .observe(duration.as_secs_f64());
+    }
+
+    /// Totals over every action type: (succeeded, failed, enqueued), pages and jobs together.
+    #[must_use]
+    pub fn action_totals(&self) -> (u64, u64, u64) {
+        (
+            self.totals[0].load(Ordering::Relaxed),
+            self.totals[1].load(Ordering::Relaxed),
+            self.totals[2].load(Ordering::Relaxed),
+        )
+    }
+
+    fn count_total(&self, outcome: &str) {
+        let index = match outcome {
+            "succeeded" => 0,
+            "failed" | "dead_lettered" => 1,
+            "enqueued" | "rescheduled" => 2,
+            _ => return,
+        };
+        self.totals[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The OpenMetrics text of every metric.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}

@@ -1,0 +1,356 @@
+//! The control plane and HTTP endpoints of real nodes: grpcurl against the gRPC server
+//! (reflection, health, Status), `/metrics` checked by the Prometheus project's own parser,
+//! readiness while draining, tokens on mutating calls, and a hand-over under continuous load
+//! that loses and repeats nothing.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::Receiver;
+use common::nodes::{
+    DEADLINE, assert_once_and_in_order, eventually, orders_config, prepare_orders,
+};
+use common::postgres::TestDatabase;
+use fraiseql_observers::cluster::{ClusterError, ClusterHandle, ClusterSettings};
+use fraiseql_observers::grpc::{self, MutationPolicy};
+use fraiseql_observers::listener::ListenerSettings;
+use fraiseql_observers::node::{Endpoints, Node};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+struct RunningNode {
+    grpc: SocketAddr,
+    http: SocketAddr,
+    handle: ClusterHandle,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), ClusterError>>,
+}
+
+impl RunningNode {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let stopped = tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("the node stops")
+            .expect("no panic");
+        assert!(stopped.is_ok(), "{stopped:?}");
+    }
+
+    fn endpoint(&self) -> String {
+        self.grpc.to_string()
+    }
+}
+
+async fn start(
+    database: &TestDatabase,
+    receiver: &Receiver,
+    node_id: &str,
+    token: Option<&str>,
+) -> RunningNode {
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_address, http_address) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+    let node = Node::build(
+        database.pool.clone(),
+        orders_config(receiver),
+        ListenerSettings {
+            node_id: node_id.to_owned(),
+            poll_interval: Duration::from_millis(100),
+            ..ListenerSettings::default()
+        },
+        ClusterSettings {
+            partitions: 8,
+            node_timeout: Duration::from_secs(2),
+            tick: Duration::from_millis(100),
+        },
+    )
+    .await
+    .unwrap()
+    .with_endpoints(Endpoints {
+        grpc: Some((
+            grpc,
+            MutationPolicy::for_address(token.map(str::to_owned), grpc_address, false),
+        )),
+        http: Some(http),
+    });
+    let handle = node.handle();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(node.run_until_stopped(shutdown.clone()));
+    RunningNode {
+        grpc: grpc_address,
+        http: http_address,
+        handle,
+        shutdown,
+        task,
+    }
+}
+
+fn grpcurl(args: &[&str]) -> String {
+    let output = common::tools::py_tools()
+        .script("grpcurl")
+        .args(args)
+        .output()
+        .expect("grpcurl runs");
+    assert!(
+        output.status.success(),
+        "grpcurl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_lists_the_services_and_calls_status_and_health() {
+    let database = TestDatabase::migrated().await;
+    prepare_orders(&database.pool).await;
+    let receiver = Receiver::start().await;
+    let node = start(&database, &receiver, "node-a", None).await;
+    let endpoint = node.endpoint();
+    let handle = node.handle.clone();
+    eventually("every lease", || async { handle.leading().len() == 8 }).await;
+
+    let listing = tokio::task::spawn_blocking({
+        let endpoint = endpoint.clone();
+        move || grpcurl(&["-plaintext", &endpoint, "list"])
+    })
+    .await
+    .unwrap();
+    for service in [
+        "fraiseql.observers.v1.ObserverControl",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(listing.lines().any(|line| line == service), "{listing}");
+    }
+    let (status, health) = tokio::task::spawn_blocking(move || {
+        (
+            grpcurl(&[
+                "-plaintext",
+                "-d",
+                "{}",
+                &endpoint,
+                "fraiseql.observers.v1.ObserverControl/Status",
+            ]),
+            grpcurl(&["-plaintext", &endpoint, "grpc.health.v1.Health/Check"]),
+        )
+    })
+    .await
+    .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["nodeId"], "node-a", "{status}");
+    assert_eq!(status["partitionCount"], 8, "{status}");
+    assert_eq!(status["leases"].as_array().unwrap().len(), 8, "{status}");
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["status"], "SERVING");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_openmetrics_and_count_what_happened() {
+    let database = TestDatabase::migrated().await;
+    prepare_orders(&database.pool).await;
+    let receiver = Receiver::start().await;
+    let node = start(&database, &receiver, "node-a", None).await;
+    let handle = node.handle.clone();
+    eventually("every lease", || async { handle.leading().len() == 8 }).await;
+    sqlx::query("INSERT INTO orders SELECT id, 1 FROM generate_series(1, 20) AS id")
+        .execute(&database.pool)
+        .await
+        .unwrap();
+    eventually("20 deliveries", || async { receiver.request_count() >= 20 }).await;
+
+    let response = reqwest::get(format!("http://{}/metrics", node.http))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = response.text().await.unwrap();
+    // The Prometheus project's OpenMetrics parser (PyPI prometheus-client) reads every sample.
+    let parsed = tokio::task::spawn_blocking(move || {
+        let script = "import sys, json\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families\nout = {}\nfor family in text_string_to_metric_families(sys.stdin.read()):\n    for sample in family.samples:\n        out.setdefault(sample.name, []).append([sample.labels, sample.value])\nprint(json.dumps(out))\n";
+        let mut child = common::tools::py_tools()
+            .python()
+            .args(["-c", script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "the OpenMetrics parser rejected /metrics: {}\n{text}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    })
+    .await
+    .unwrap();
+    let value = |name: &str, label: Option<(&str, &str)>| -> f64 {
+        parsed[name]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name} missing: {parsed}"))
+            .iter()
+            .filter(|sample| label.is_none_or(|(key, value)| sample[0][key] == value))
+            .map(|sample| sample[1].as_f64().unwrap())
+            .sum()
+    };
+    assert!(value("fraiseql_observers_events_processed_total", None) >= 20.0);
+    assert!(
+        value(
+            "fraiseql_observers_actions_total",
+            Some(("outcome", "succeeded"))
+        ) >= 20.0
+    );
+    assert!(
+        value(
+            "fraiseql_observers_action_duration_seconds_count",
+            Some(("action_type", "webhook"))
+        ) >= 20.0
+    );
+    assert!((value("fraiseql_observers_leases_held", None) - 8.0).abs() < f64::EPSILON);
+    assert!(value("fraiseql_observers_epoch_changes_total", None) >= 8.0);
+    assert_eq!(
+        parsed["fraiseql_observers_partition_backlog_rows"]
+            .as_array()
+            .unwrap()
+            .len(),
+        8
+    );
+    assert!(value("fraiseql_observers_dead_letters", None).abs() < f64::EPSILON);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_drain_and_mutating_calls_need_the_token() {
+    let database = TestDatabase::migrated().await;
+    prepare_orders(&database.pool).await;
+    let receiver = Receiver::start().await;
+    let node = start(&database, &receiver, "node-a", Some("s3cret")).await;
+    let handle = node.handle.clone();
+    eventually("every lease", || async { handle.leading().len() == 8 }).await;
+    let get = |path: &'static str| {
+        let url = format!("http://{}{path}", node.http);
+        async move { reqwest::get(url).await.unwrap().status().as_u16() }
+    };
+    assert_eq!(get("/healthz").await, 200);
+    assert_eq!(get("/readyz").await, 200);
+
+    let endpoint = node.endpoint();
+    let refused = grpc::request_drain(&endpoint, None, true)
+        .await
+        .unwrap_err();
+    assert!(format!("{refused}").contains("Bearer"), "{refused}");
+    let wrong = grpc::request_drain(&endpoint, Some("guess"), true)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{wrong}").contains("Unauthenticated")
+            || format!("{wrong}").contains("authorization"),
+        "{wrong}"
+    );
+    assert!(!handle.is_draining(), "refused calls change nothing");
+    // Read-only calls stay open.
+    grpc::fetch_status(&endpoint).await.unwrap();
+
+    assert!(
+        grpc::request_drain(&endpoint, Some("s3cret"), true)
+            .await
+            .unwrap()
+    );
+    eventually("every lease given back", || async {
+        handle.leading().is_empty()
+    })
+    .await;
+    assert_eq!(get("/readyz").await, 503);
+    assert_eq!(get("/healthz").await, 200, "a draining node is alive");
+    assert!(
+        !grpc::request_drain(&endpoint, Some("s3cret"), false)
+            .await
+            .unwrap()
+    );
+    eventually("the leases back", || async { handle.leading().len() == 8 }).await;
+    assert_eq!(get("/readyz").await, 200);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_under_continuous_load_loses_and_repeats_nothing() {
+    let database = TestDatabase::migrated().await;
+    prepare_orders(&database.pool).await;
+    let receiver = Receiver::start().await;
+    let pool = &database.pool;
+    let a = start(&database, &receiver, "node-a", None).await;
+    let b = start(&database, &receiver, "node-b", None).await;
+    let (handle_a, handle_b) = (a.handle.clone(), b.handle.clone());
+    eventually("an even split", || async {
+        handle_a.leading().len() == 4 && handle_b.leading().len() == 4
+    })
+    .await;
+
+    // 40 orders updated in turn, one change per transaction, until stopped.
+    let writing = CancellationToken::new();
+    let writer = tokio::spawn({
+        let (pool, writing) = (pool.clone(), writing.clone());
+        async move {
+            let mut changes = 0_usize;
+            let mut version = 0;
+            while !writing.is_cancelled() {
+                version += 1;
+                for id in 0..40 {
+                    sqlx::query(
+                        "INSERT INTO orders VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+                    )
+                    .bind(id)
+                    .bind(version)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                    changes += 1;
+                }
+            }
+            changes
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut took = Vec::new();
+    for partition in handle_a.leading().into_iter().take(2) {
+        let partition = u32::try_from(partition).unwrap();
+        let moved = grpc::request_handover(
+            &a.endpoint(),
+            None,
+            partition,
+            "node-b",
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+        assert_eq!(moved.previous_leader.as_deref(), Some("node-a"));
+        assert_eq!(moved.leader, "node-b");
+        assert!(
+            handle_b
+                .leading()
+                .contains(&i32::try_from(partition).unwrap())
+        );
+        took.push(moved.took);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("hand-over times: {took:?}");
+    writing.cancel();
+    let changes = writer.await.unwrap();
+    eventually("every change delivered", || async {
+        receiver.request_count() >= changes
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+
+    assert_once_and_in_order(&receiver, changes);
+}

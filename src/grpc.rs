@@ -219,16 +219,62 @@ impl ObserverControl for Service {
     }
 }
 
-/// Serves the control plane, reflection and health on `listener` until `shutdown`.
+/// The server's certificate chain and private key (PEM), for TLS.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    pub certificate_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("TlsIdentity { .. }")
+    }
+}
+
+impl TlsIdentity {
+    /// Reads the certificate chain and key files; the error names the file.
+    ///
+    /// # Errors
+    /// A file cannot be read.
+    pub fn from_files(
+        certificate: &std::path::Path,
+        key: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path)
+                .map_err(|error| anyhow::anyhow!("{what} {}: {error}", path.display()))
+        };
+        Ok(TlsIdentity {
+            certificate_pem: read(certificate, "--grpc-tls-cert")?,
+            key_pem: read(key, "--grpc-tls-key")?,
+        })
+    }
+}
+
+/// Where and how a node serves its control plane.
+#[derive(Debug)]
+pub struct GrpcEndpoint {
+    pub listener: tokio::net::TcpListener,
+    pub policy: MutationPolicy,
+    /// `Some`: TLS only.
+    pub tls: Option<TlsIdentity>,
+}
+
+/// Serves the control plane, reflection and health until `shutdown`.
 ///
 /// # Errors
-/// The reflection service could not be built or the server failed.
+/// The reflection service or the TLS configuration could not be built, or the server failed.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    endpoint: GrpcEndpoint,
     control: Control,
-    policy: MutationPolicy,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let GrpcEndpoint {
+        listener,
+        policy,
+        tls,
+    } = endpoint;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -239,7 +285,17 @@ pub async fn serve(
         .build_v1alpha()?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ObserverControlServer<Service>>().await;
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(tls.certificate_pem, tls.key_pem),
+            ))
+            .map_err(|error| {
+                anyhow::anyhow!("the gRPC TLS certificate or key is unusable: {error}")
+            })?;
+    }
+    server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -252,26 +308,55 @@ pub async fn serve(
     Ok(())
 }
 
+/// Where the CLI finds a node's control plane: `host:port` or `http://…` in plaintext,
+/// `https://…` with TLS (trusting `ca_pem` when given, else the system's roots).
+#[derive(Clone, Debug, Default)]
+pub struct Target {
+    pub endpoint: String,
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl From<&str> for Target {
+    fn from(endpoint: &str) -> Self {
+        Target {
+            endpoint: endpoint.to_owned(),
+            ca_pem: None,
+        }
+    }
+}
+
+impl From<&String> for Target {
+    fn from(endpoint: &String) -> Self {
+        Target::from(endpoint.as_str())
+    }
+}
+
 /// A control-plane client for the CLI.
 ///
 /// # Errors
 /// The endpoint is malformed or unreachable.
 pub async fn connect(
-    endpoint: &str,
+    target: impl Into<Target>,
 ) -> anyhow::Result<ObserverControlClient<tonic::transport::Channel>> {
-    let endpoint = if endpoint.contains("://") {
-        endpoint.to_owned()
+    let target = target.into();
+    let endpoint = if target.endpoint.contains("://") {
+        target.endpoint.clone()
     } else {
-        format!("http://{endpoint}")
+        format!("http://{}", target.endpoint)
     };
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?
+    let mut builder = tonic::transport::Endpoint::from_shared(endpoint.clone())?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_mins(1))
-        .connect()
-        .await
-        .map_err(|error| {
-            anyhow::anyhow!("cannot reach the control plane at {endpoint}: {error}")
-        })?;
+        .timeout(Duration::from_mins(1));
+    if endpoint.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = target.ca_pem {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(tls)?;
+    }
+    let channel = builder.connect().await.map_err(|error| {
+        anyhow::anyhow!("cannot reach the control plane at {endpoint}: {error}")
+    })?;
     Ok(ObserverControlClient::new(channel))
 }
 
@@ -309,7 +394,7 @@ fn partition_from(partition: pb::PartitionStatus) -> control::PartitionState {
 ///
 /// # Errors
 /// The node is unreachable or answered with an error.
-pub async fn fetch_status(endpoint: &str) -> anyhow::Result<control::NodeStatus> {
+pub async fn fetch_status(endpoint: impl Into<Target>) -> anyhow::Result<control::NodeStatus> {
     let status = connect(endpoint)
         .await?
         .status(pb::StatusRequest {})
@@ -361,7 +446,9 @@ pub async fn fetch_status(endpoint: &str) -> anyhow::Result<control::NodeStatus>
 ///
 /// # Errors
 /// The node is unreachable or answered with an error.
-pub async fn fetch_cluster_status(endpoint: &str) -> anyhow::Result<control::ClusterState> {
+pub async fn fetch_cluster_status(
+    endpoint: impl Into<Target>,
+) -> anyhow::Result<control::ClusterState> {
     let cluster = connect(endpoint)
         .await?
         .cluster_status(pb::ClusterStatusRequest {})
@@ -392,7 +479,7 @@ pub async fn fetch_cluster_status(endpoint: &str) -> anyhow::Result<control::Clu
 /// # Errors
 /// The node is unreachable, refused, or the hand-over failed.
 pub async fn request_handover(
-    endpoint: &str,
+    endpoint: impl Into<Target>,
     token: Option<&str>,
     partition: u32,
     target: &str,
@@ -425,7 +512,7 @@ pub async fn request_handover(
 /// # Errors
 /// The node is unreachable or refused.
 pub async fn request_drain(
-    endpoint: &str,
+    endpoint: impl Into<Target>,
     token: Option<&str>,
     drain: bool,
 ) -> anyhow::Result<bool> {

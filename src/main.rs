@@ -139,6 +139,20 @@ struct EndpointArgs {
     /// Bearer token required by mutating control calls (hand-over, drain, resume).
     #[arg(long, env = "FRAISEQL_OBSERVERS_CONTROL_TOKEN", hide_env_values = true)]
     control_token: Option<String>,
+    /// Serve the gRPC control plane over TLS with this certificate chain (PEM).
+    #[arg(
+        long,
+        env = "FRAISEQL_OBSERVERS_GRPC_TLS_CERT",
+        requires = "grpc_tls_key"
+    )]
+    grpc_tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM).
+    #[arg(
+        long,
+        env = "FRAISEQL_OBSERVERS_GRPC_TLS_KEY",
+        requires = "grpc_tls_cert"
+    )]
+    grpc_tls_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -154,6 +168,26 @@ struct ControlArgs {
     /// Bearer token for mutating calls.
     #[arg(long, env = "FRAISEQL_OBSERVERS_CONTROL_TOKEN", hide_env_values = true)]
     control_token: Option<String>,
+    /// CA certificate (PEM) to trust for an `https://` endpoint (default: the system's roots).
+    #[arg(long, env = "FRAISEQL_OBSERVERS_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl ControlArgs {
+    fn target(&self) -> anyhow::Result<fraiseql_observers::grpc::Target> {
+        let ca_pem = self
+            .tls_ca
+            .as_ref()
+            .map(|path| {
+                std::fs::read(path)
+                    .map_err(|error| anyhow::anyhow!("--tls-ca {}: {error}", path.display()))
+            })
+            .transpose()?;
+        Ok(fraiseql_observers::grpc::Target {
+            endpoint: self.endpoint.clone(),
+            ca_pem,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -386,6 +420,13 @@ async fn run_node(
         "HTTP metrics and health (--http-listen)",
     )
     .await?;
+    let tls = match (&endpoints.grpc_tls_cert, &endpoints.grpc_tls_key) {
+        (Some(certificate), Some(key)) => Some(fraiseql_observers::grpc::TlsIdentity::from_files(
+            certificate,
+            key,
+        )?),
+        _ => None,
+    };
     let policy = fraiseql_observers::grpc::MutationPolicy::for_address(
         endpoints.control_token,
         endpoints.grpc_listen,
@@ -398,7 +439,11 @@ async fn run_node(
     let node = fraiseql_observers::node::Node::build(pool, config, settings, cluster)
         .await?
         .with_endpoints(fraiseql_observers::node::Endpoints {
-            grpc: Some((grpc, policy)),
+            grpc: Some(fraiseql_observers::grpc::GrpcEndpoint {
+                listener: grpc,
+                policy,
+                tls,
+            }),
             http: Some(http),
         });
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -463,7 +508,7 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             .await
         }
         Command::Status { control, json } => {
-            let status = fraiseql_observers::grpc::fetch_status(&control.endpoint).await?;
+            let status = fraiseql_observers::grpc::fetch_status(control.target()?).await?;
             Ok(if json {
                 format!("{:#}\n", serde_json::to_value(&status)?)
             } else {
@@ -511,7 +556,7 @@ async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
     use fraiseql_observers::grpc;
     match command {
         ClusterCommand::Status { control, json } => {
-            let cluster = grpc::fetch_cluster_status(&control.endpoint).await?;
+            let cluster = grpc::fetch_cluster_status(control.target()?).await?;
             Ok(if json {
                 format!("{:#}\n", serde_json::to_value(&cluster)?)
             } else {
@@ -525,7 +570,7 @@ async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
             control,
         } => {
             let moved = grpc::request_handover(
-                &control.endpoint,
+                control.target()?,
                 control.control_token.as_deref(),
                 partition,
                 &to,
@@ -541,14 +586,14 @@ async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
             ))
         }
         ClusterCommand::Drain { control } => {
-            grpc::request_drain(&control.endpoint, control.control_token.as_deref(), true).await?;
+            grpc::request_drain(control.target()?, control.control_token.as_deref(), true).await?;
             Ok(format!(
                 "{}: draining (leases are given back as their pages finish)\n",
                 control.endpoint
             ))
         }
         ClusterCommand::Resume { control } => {
-            grpc::request_drain(&control.endpoint, control.control_token.as_deref(), false).await?;
+            grpc::request_drain(control.target()?, control.control_token.as_deref(), false).await?;
             Ok(format!("{}: resumed\n", control.endpoint))
         }
     }

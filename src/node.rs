@@ -21,7 +21,7 @@ use crate::config::{JobSettings, ObserversConfig};
 use crate::control::Control;
 use crate::dlq::PostgresDeadLetterQueue;
 use crate::executor::Executor;
-use crate::grpc::MutationPolicy;
+use crate::grpc::GrpcEndpoint;
 use crate::jobs::{JobWorker, PostgresJobQueue};
 use crate::listener::{ListenerSettings, notification_fanout};
 use crate::matcher::Matcher;
@@ -36,7 +36,7 @@ const PRUNE_INTERVAL: Duration = Duration::from_mins(10);
 /// use port 0 and learn the port).
 #[derive(Debug, Default)]
 pub struct Endpoints {
-    pub grpc: Option<(tokio::net::TcpListener, MutationPolicy)>,
+    pub grpc: Option<GrpcEndpoint>,
     pub http: Option<tokio::net::TcpListener>,
 }
 
@@ -186,10 +186,10 @@ impl Node {
                 }
             }
         });
-        if let Some((listener, policy)) = self.endpoints.grpc {
+        if let Some(endpoint) = self.endpoints.grpc {
             let (control, stop) = (self.control.clone(), stop_workers.clone());
             tasks.spawn(async move {
-                if let Err(error) = crate::grpc::serve(listener, control, policy, stop).await {
+                if let Err(error) = crate::grpc::serve(endpoint, control, stop).await {
                     tracing::error!(%error, "the gRPC control plane stopped");
                 }
             });

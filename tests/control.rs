@@ -14,7 +14,7 @@ use common::nodes::{
 };
 use common::postgres::TestDatabase;
 use fraiseql_observers::cluster::{ClusterError, ClusterHandle, ClusterSettings};
-use fraiseql_observers::grpc::{self, MutationPolicy};
+use fraiseql_observers::grpc::{self, GrpcEndpoint, MutationPolicy, Target, TlsIdentity};
 use fraiseql_observers::listener::ListenerSettings;
 use fraiseql_observers::node::{Endpoints, Node};
 use tokio::task::JoinHandle;
@@ -49,6 +49,16 @@ async fn start(
     node_id: &str,
     token: Option<&str>,
 ) -> RunningNode {
+    start_with_tls(database, receiver, node_id, token, None).await
+}
+
+async fn start_with_tls(
+    database: &TestDatabase,
+    receiver: &Receiver,
+    node_id: &str,
+    token: Option<&str>,
+    tls: Option<TlsIdentity>,
+) -> RunningNode {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_address, http_address) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
@@ -69,10 +79,11 @@ async fn start(
     .await
     .unwrap()
     .with_endpoints(Endpoints {
-        grpc: Some((
-            grpc,
-            MutationPolicy::for_address(token.map(str::to_owned), grpc_address, false),
-        )),
+        grpc: Some(GrpcEndpoint {
+            listener: grpc,
+            policy: MutationPolicy::for_address(token.map(str::to_owned), grpc_address, false),
+            tls,
+        }),
         http: Some(http),
     });
     let handle = node.handle();
@@ -353,4 +364,49 @@ async fn a_hand_over_under_continuous_load_loses_and_repeats_nothing() {
     b.stop().await;
 
     assert_once_and_in_order(&receiver, changes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_serves_tls_with_the_given_certificate() {
+    let database = TestDatabase::migrated().await;
+    prepare_orders(&database.pool).await;
+    let receiver = Receiver::start().await;
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let certificate = certified.cert.pem();
+    let node = start_with_tls(
+        &database,
+        &receiver,
+        "node-tls",
+        None,
+        Some(TlsIdentity {
+            certificate_pem: certificate.clone().into_bytes(),
+            key_pem: certified.signing_key.serialize_pem().into_bytes(),
+        }),
+    )
+    .await;
+    let secure = Target {
+        endpoint: format!("https://localhost:{}", node.grpc.port()),
+        ca_pem: Some(certificate.clone().into_bytes()),
+    };
+    let status = grpc::fetch_status(secure).await.unwrap();
+    assert_eq!(status.node_id, "node-tls");
+    assert!(
+        grpc::fetch_status(node.endpoint().as_str()).await.is_err(),
+        "plaintext is refused"
+    );
+    // grpcurl, trusting the same CA, over TLS.
+    let directory = tempfile::tempdir().unwrap();
+    let ca = directory.path().join("ca.pem");
+    std::fs::write(&ca, &certificate).unwrap();
+    let address = format!("localhost:{}", node.grpc.port());
+    let listing = tokio::task::spawn_blocking(move || {
+        grpcurl(&["-cacert", ca.to_str().unwrap(), &address, "list"])
+    })
+    .await
+    .unwrap();
+    assert!(
+        listing.contains("fraiseql.observers.v1.ObserverControl"),
+        "{listing}"
+    );
+    node.stop().await;
 }

@@ -43,8 +43,14 @@ struct Running {
 }
 
 async fn start(database: &TestDatabase, receiver: &Receiver, node_id: &str) -> Running {
+    // Its own pool, as a separate process would have (the default size of `run`).
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&database.url)
+        .await
+        .unwrap();
     let node = Node::build(
-        database.pool.clone(),
+        pool,
         orders_config(receiver),
         ListenerSettings {
             node_id: node_id.to_owned(),

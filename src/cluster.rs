@@ -155,6 +155,8 @@ struct Observation {
     other_nodes: usize,
     /// Pending hand-over requests: partition → target node.
     handovers: HashMap<i32, String>,
+    /// A drain (`true`) or resume (`false`) asked for this node through the control plane.
+    drain_request: Option<bool>,
 }
 
 /// The dedicated connection holding this node's partition locks.
@@ -248,6 +250,7 @@ impl LeaseSession {
                     ARRAY(SELECT handover_to FROM fraiseql_observers.partitions
                            WHERE handover_to IS NOT NULL AND handover_requested_at > now() - interval '1 minute'
                            ORDER BY partition) AS handover_targets,
+                    (SELECT drain_request FROM fraiseql_observers.nodes WHERE node_id = $1) AS drain_request,
                     -- In the select list, so that only the joined sessions are ended (a
                     -- volatile call in WHERE could be pushed down to every session).
                     ARRAY(SELECT stale.node_id || CASE WHEN pg_terminate_backend(activity.pid) THEN '' ELSE ' (already gone)' END
@@ -275,6 +278,7 @@ impl LeaseSession {
         let handover_partitions: Vec<i32> = row.try_get("handover_partitions")?;
         let handover_targets: Vec<String> = row.try_get("handover_targets")?;
         Ok(Observation {
+            drain_request: row.try_get("drain_request")?,
             handovers: handover_partitions
                 .into_iter()
                 .zip(handover_targets)
@@ -292,6 +296,22 @@ impl LeaseSession {
             .bind(partition)
             .fetch_one(&mut self.connection)
             .await?)
+    }
+
+    /// The drain or resume request `request` has been applied.
+    async fn clear_drain_request(
+        &mut self,
+        node_id: &str,
+        request: bool,
+    ) -> Result<(), ClusterError> {
+        sqlx::query(
+            "UPDATE fraiseql_observers.nodes SET drain_request = NULL WHERE node_id = $1 AND drain_request = $2",
+        )
+        .bind(node_id)
+        .bind(request)
+        .execute(&mut self.connection)
+        .await?;
+        Ok(())
     }
 
     /// The hand-over request for `partition` to this node is fulfilled.
@@ -466,7 +486,11 @@ impl Cluster {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let outcome = loop {
             tokio::select! {
-                () = shutdown.cancelled() => break Ok(()),
+                () = shutdown.cancelled() => {
+                    // Not ready any more while the partitions are given back.
+                    self.handle.drain();
+                    break Ok(());
+                }
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                     self.stopped(joined, &mut held, session.as_mut()).await;
                     self.publish(&held);
@@ -508,6 +532,18 @@ impl Cluster {
                     was: lease.pid,
                     now: seen.pid,
                 });
+            }
+            if let Some(request) = seen.drain_request {
+                if request {
+                    tracing::info!("draining on request");
+                    self.handle.drain();
+                } else {
+                    tracing::info!("resuming on request");
+                    self.handle.resume();
+                }
+                if let Err(error) = lease.clear_drain_request(&self.node_id, request).await {
+                    tracing::warn!(%error, "clearing an applied drain request failed");
+                }
             }
             self.balance(lease, &seen, &mut held, &mut tasks, &shutdown)
                 .await;

@@ -358,13 +358,44 @@ impl Control {
             .ok_or_else(|| ControlError::NotFound(format!("partition {partition} not found")))
     }
 
-    /// Gives back every lease and takes none until resumed.
-    pub fn drain(&self) {
-        self.handle.drain();
-    }
-
-    pub fn resume(&self) {
-        self.handle.resume();
+    /// Drains (`true`) or resumes (`false`) this node, or — named — another live node, which
+    /// applies it on its next tick. Whether the node will be draining.
+    ///
+    /// # Errors
+    /// The named node is not a live member, or storage failed.
+    pub async fn set_draining(
+        &self,
+        node: Option<&str>,
+        drain: bool,
+    ) -> Result<bool, ControlError> {
+        match node.filter(|node| !node.is_empty() && *node != self.node_id) {
+            None => {
+                if drain {
+                    self.handle.drain();
+                } else {
+                    self.handle.resume();
+                }
+            }
+            Some(node) => {
+                let asked = sqlx::query(
+                    "UPDATE fraiseql_observers.nodes AS node SET drain_request = $2
+                      WHERE node_id = $1
+                        AND EXISTS (SELECT 1 FROM pg_stat_activity AS activity
+                                     WHERE activity.pid = node.lease_pid
+                                       AND activity.backend_start = node.lease_started)",
+                )
+                .bind(node)
+                .bind(drain)
+                .execute(&self.pool)
+                .await?;
+                if asked.rows_affected() == 0 {
+                    return Err(ControlError::NotFound(format!(
+                        "node {node:?} is not a live member of the cluster"
+                    )));
+                }
+            }
+        }
+        Ok(drain)
     }
 
     #[must_use]

@@ -203,9 +203,14 @@ impl ObserverControl for Service {
         request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
         self.policy.check(&request)?;
-        self.control.drain();
-        tracing::info!("draining on request");
-        Ok(Response::new(pb::DrainResponse { draining: true }))
+        let node = request.into_inner().node_id;
+        let draining = self
+            .control
+            .set_draining(Some(node.as_str()), true)
+            .await
+            .map_err(status_of)?;
+        tracing::info!(node = %node, "drain requested");
+        Ok(Response::new(pb::DrainResponse { draining }))
     }
 
     async fn resume(
@@ -213,9 +218,14 @@ impl ObserverControl for Service {
         request: Request<pb::ResumeRequest>,
     ) -> Result<Response<pb::ResumeResponse>, Status> {
         self.policy.check(&request)?;
-        self.control.resume();
-        tracing::info!("resumed on request");
-        Ok(Response::new(pb::ResumeResponse { draining: false }))
+        let node = request.into_inner().node_id;
+        let draining = self
+            .control
+            .set_draining(Some(node.as_str()), false)
+            .await
+            .map_err(status_of)?;
+        tracing::info!(node = %node, "resume requested");
+        Ok(Response::new(pb::ResumeResponse { draining }))
     }
 }
 
@@ -507,26 +517,29 @@ pub async fn request_handover(
     })
 }
 
-/// `Drain` (or `Resume`) the node at `endpoint`; whether it is draining now.
+/// `Drain` (or `Resume`) `node` through the node at `endpoint` (`None`: that node itself);
+/// whether it will be draining.
 ///
 /// # Errors
-/// The node is unreachable or refused.
+/// The node is unreachable or refused, or `node` is not a live member.
 pub async fn request_drain(
     endpoint: impl Into<Target>,
     token: Option<&str>,
+    node: Option<&str>,
     drain: bool,
 ) -> anyhow::Result<bool> {
     let mut client = connect(endpoint).await?;
+    let node_id = node.unwrap_or_default().to_owned();
     if drain {
         Ok(client
-            .drain(authorized(pb::DrainRequest {}, token)?)
+            .drain(authorized(pb::DrainRequest { node_id }, token)?)
             .await
             .map_err(remote)?
             .into_inner()
             .draining)
     } else {
         Ok(client
-            .resume(authorized(pb::ResumeRequest {}, token)?)
+            .resume(authorized(pb::ResumeRequest { node_id }, token)?)
             .await
             .map_err(remote)?
             .into_inner()

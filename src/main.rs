@@ -213,13 +213,19 @@ enum ClusterCommand {
         #[command(flatten)]
         control: ControlArgs,
     },
-    /// Drain the node at --endpoint: give back every lease (pages finished, checkpoints saved).
+    /// Drain a node: it gives back every lease (pages finished, checkpoints saved) and takes none.
     Drain {
+        /// The node to drain (default: the node at --endpoint).
+        #[arg(long)]
+        node: Option<String>,
         #[command(flatten)]
         control: ControlArgs,
     },
-    /// Let a drained node at --endpoint take its share again.
+    /// Let a drained node take its share again.
     Resume {
+        /// The node to resume (default: the node at --endpoint).
+        #[arg(long)]
+        node: Option<String>,
         #[command(flatten)]
         control: ControlArgs,
     },
@@ -585,16 +591,31 @@ async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
                 moved.took.as_secs_f64()
             ))
         }
-        ClusterCommand::Drain { control } => {
-            grpc::request_drain(control.target()?, control.control_token.as_deref(), true).await?;
+        ClusterCommand::Drain { node, control } => {
+            grpc::request_drain(
+                control.target()?,
+                control.control_token.as_deref(),
+                node.as_deref(),
+                true,
+            )
+            .await?;
             Ok(format!(
                 "{}: draining (leases are given back as their pages finish)\n",
-                control.endpoint
+                node.as_deref().unwrap_or(&control.endpoint)
             ))
         }
-        ClusterCommand::Resume { control } => {
-            grpc::request_drain(control.target()?, control.control_token.as_deref(), false).await?;
-            Ok(format!("{}: resumed\n", control.endpoint))
+        ClusterCommand::Resume { node, control } => {
+            grpc::request_drain(
+                control.target()?,
+                control.control_token.as_deref(),
+                node.as_deref(),
+                false,
+            )
+            .await?;
+            Ok(format!(
+                "{}: resumed\n",
+                node.as_deref().unwrap_or(&control.endpoint)
+            ))
         }
     }
 }

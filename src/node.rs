@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::actions::ActionRunner;
 use crate::checkpoint::{CheckpointStore, PostgresCheckpointStore};
@@ -166,7 +165,8 @@ impl Node {
     /// # Errors
     /// The cluster supervisor met a fatal condition (transaction-mode pooler, duplicate node id).
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), ClusterError> {
-        let tasks = TaskTracker::new();
+        // A JoinSet: dropping this future (a killed node in a test) aborts every task with it.
+        let mut tasks = tokio::task::JoinSet::new();
         let stop_workers = shutdown.child_token();
         for worker in self.workers {
             tasks.spawn(worker.run(stop_workers.clone()));
@@ -207,11 +207,10 @@ impl Node {
             self.wake,
             stop_workers.clone(),
         ));
-        tasks.close();
         let result = self.cluster.run(shutdown.clone()).await;
         // The supervisor may also stop on its own (fatal): stop the workers either way.
         stop_workers.cancel();
-        tasks.wait().await;
+        while tasks.join_next().await.is_some() {}
         result
     }
 }

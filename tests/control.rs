@@ -255,11 +255,11 @@ async fn readiness_follows_drain_and_mutating_calls_need_the_token() {
     assert_eq!(get("/readyz").await, 200);
 
     let endpoint = node.endpoint();
-    let refused = grpc::request_drain(&endpoint, None, true)
+    let refused = grpc::request_drain(&endpoint, None, None, true)
         .await
         .unwrap_err();
     assert!(format!("{refused}").contains("Bearer"), "{refused}");
-    let wrong = grpc::request_drain(&endpoint, Some("guess"), true)
+    let wrong = grpc::request_drain(&endpoint, Some("guess"), None, true)
         .await
         .unwrap_err();
     assert!(
@@ -272,7 +272,7 @@ async fn readiness_follows_drain_and_mutating_calls_need_the_token() {
     grpc::fetch_status(&endpoint).await.unwrap();
 
     assert!(
-        grpc::request_drain(&endpoint, Some("s3cret"), true)
+        grpc::request_drain(&endpoint, Some("s3cret"), None, true)
             .await
             .unwrap()
     );
@@ -283,7 +283,7 @@ async fn readiness_follows_drain_and_mutating_calls_need_the_token() {
     assert_eq!(get("/readyz").await, 503);
     assert_eq!(get("/healthz").await, 200, "a draining node is alive");
     assert!(
-        !grpc::request_drain(&endpoint, Some("s3cret"), false)
+        !grpc::request_drain(&endpoint, Some("s3cret"), None, false)
             .await
             .unwrap()
     );
@@ -409,4 +409,53 @@ async fn the_control_plane_serves_tls_with_the_given_certificate() {
         "{listing}"
     );
     node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_drains_and_resumes_another_by_name() {
+    let database = TestDatabase::migrated().await;
+    prepare_orders(&database.pool).await;
+    let receiver = Receiver::start().await;
+    let a = start(&database, &receiver, "node-a", None).await;
+    let b = start(&database, &receiver, "node-b", None).await;
+    let (handle_a, handle_b) = (a.handle.clone(), b.handle.clone());
+    eventually("an even split", || async {
+        handle_a.leading().len() == 4 && handle_b.leading().len() == 4
+    })
+    .await;
+    assert!(
+        grpc::request_drain(&a.endpoint(), None, Some("node-b"), true)
+            .await
+            .unwrap()
+    );
+    eventually("node b drained through node a", || async {
+        handle_b.is_draining() && handle_b.leading().is_empty() && handle_a.leading().len() == 8
+    })
+    .await;
+    let cluster = grpc::fetch_cluster_status(&a.endpoint()).await.unwrap();
+    let b_state = cluster
+        .nodes
+        .iter()
+        .find(|node| node.node_id == "node-b")
+        .unwrap();
+    assert!(
+        b_state.draining && b_state.partitions.is_empty(),
+        "{b_state:?}"
+    );
+    let unknown = grpc::request_drain(&a.endpoint(), None, Some("nobody"), true)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{unknown}").contains("not a live member"),
+        "{unknown}"
+    );
+    grpc::request_drain(&a.endpoint(), None, Some("node-b"), false)
+        .await
+        .unwrap();
+    eventually("the split again", || async {
+        !handle_b.is_draining() && handle_a.leading().len() == 4 && handle_b.leading().len() == 4
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
 }

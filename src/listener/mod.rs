@@ -336,14 +336,24 @@ impl Listener {
         position: &BatchPosition,
     ) -> Result<(String, Vec<(i64, Value)>), ListenerError> {
         let mut connection = self.pool.acquire().await?;
-        let upto = match &position.batch_upto {
-            Some(upto) => upto.clone(),
-            None => {
-                sqlx::query_scalar("SELECT pg_current_snapshot()::text")
-                    .fetch_one(&mut *connection)
-                    .await?
-            }
-        };
+        // The batch's end (a new snapshot unless one is in flight) and, in the same round trip,
+        // the partition's epoch: a leader that was paused while another took the partition over
+        // finds out here, before it dispatches anything more.
+        let (upto, epoch): (String, Option<i64>) = sqlx::query_as(
+            "SELECT coalesce($2::text, pg_current_snapshot()::text),
+                    (SELECT epoch FROM fraiseql_observers.partitions WHERE partition = $1)",
+        )
+        .bind(self.checkpoint.partition)
+        .bind(&position.batch_upto)
+        .fetch_one(&mut *connection)
+        .await?;
+        if epoch != Some(self.checkpoint.epoch) {
+            return Err(ListenerError::FencedOut(CheckpointError::FencedOut {
+                partition: self.checkpoint.partition,
+                epoch: self.checkpoint.epoch,
+                version: self.checkpoint.version,
+            }));
+        }
         let (partitions, partition_count) = match self.settings.partition_count {
             Some(count) => (Some(vec![self.settings.partition]), Some(count)),
             None => (None, None),

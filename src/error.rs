@@ -51,11 +51,14 @@ pub enum ErrorCode {
     /// OB013: a defect in the service itself.
     #[serde(rename = "OB013")]
     Internal,
+    /// OB014: another node is running the same action right now (deduplication); retried later.
+    #[serde(rename = "OB014")]
+    InProgressElsewhere,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::ConfigInvalid,
         ErrorCode::TemplateFailed,
         ErrorCode::SecretMissing,
@@ -69,9 +72,10 @@ impl ErrorCode {
         ErrorCode::FencedOut,
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
+        ErrorCode::InProgressElsewhere,
     ];
 
-    /// The stable code, `OB001` … `OB013`.
+    /// The stable code, `OB001` … `OB014`.
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
@@ -88,6 +92,7 @@ impl ErrorCode {
             ErrorCode::FencedOut => "OB011",
             ErrorCode::ShuttingDown => "OB012",
             ErrorCode::Internal => "OB013",
+            ErrorCode::InProgressElsewhere => "OB014",
         }
     }
 
@@ -102,6 +107,7 @@ impl ErrorCode {
                 | ErrorCode::RateLimited
                 | ErrorCode::StorageUnavailable
                 | ErrorCode::ShuttingDown
+                | ErrorCode::InProgressElsewhere
         )
     }
 
@@ -122,6 +128,7 @@ impl ErrorCode {
             ErrorCode::FencedOut => "another node holds the partition now",
             ErrorCode::ShuttingDown => "the node is shutting down",
             ErrorCode::Internal => "a defect in the service",
+            ErrorCode::InProgressElsewhere => "another node is running the same action right now",
         }
     }
 

@@ -27,6 +27,7 @@ use crate::checkpoint::{ActionKey, PendingCompletions};
 use crate::config::{
     ActionDefinition, DeliveryMode, ExecutorSettings, FailurePolicy, ObserverDefinition,
 };
+use crate::dedup::{Claim, DeduplicationStore, Unavailable};
 use crate::dlq::{DeadLetterQueue, NewDeadLetter};
 use crate::domain::EntityEvent;
 use crate::error::ErrorCode;
@@ -152,6 +153,82 @@ pub struct Executor {
     settled_sink: Option<Arc<PendingCompletions>>,
     /// With a job queue: `mode: async` actions become jobs, and inline retries are kept short.
     job_routing: bool,
+    /// Cross-node claims on side effects.
+    dedup: Option<Deduplication>,
+}
+
+/// Claims on side effects shared by the nodes (see [`crate::dedup`]).
+#[derive(Clone, Debug)]
+pub struct Deduplication {
+    pub store: Arc<dyn DeduplicationStore>,
+    /// How long a completed action is remembered.
+    pub window: Duration,
+    pub when_unavailable: Unavailable,
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+/// What a claim lets the caller do.
+#[derive(Debug)]
+pub enum Gate {
+    /// Run it; with a token to complete or release the claim afterwards.
+    Run(Option<String>),
+    /// Done within the window (by this or another node): do not run it again.
+    Done,
+    /// Another node holds it, or the store is unreachable and the policy says defer.
+    Later(String),
+}
+
+impl Deduplication {
+    /// The claim key of one action of one event: its identity, never a time bucket.
+    #[must_use]
+    pub fn key(event_id: Uuid, observer: &str, action_index: usize) -> String {
+        format!("{event_id}:{observer}:{action_index}")
+    }
+
+    /// Claims `key` for `lease`.
+    pub async fn gate(&self, key: &str, lease: Duration) -> Gate {
+        let outcome = |name: &str| {
+            if let Some(metrics) = &self.metrics {
+                metrics.record_dedup(name);
+            }
+        };
+        match self.store.claim(key, lease).await {
+            Ok(Claim::Acquired(token)) => Gate::Run(Some(token)),
+            Ok(Claim::Done) => {
+                outcome("duplicate_skipped");
+                Gate::Done
+            }
+            Ok(Claim::Busy) => {
+                outcome("busy_elsewhere");
+                Gate::Later("another node is running this action right now".to_owned())
+            }
+            Err(error) => {
+                outcome("store_unavailable");
+                match self.when_unavailable {
+                    Unavailable::Process => {
+                        tracing::warn!(%error, key, "deduplication unavailable: running the action anyway (at-least-once)");
+                        Gate::Run(None)
+                    }
+                    Unavailable::Defer => {
+                        Gate::Later(format!("deduplication unavailable: {error}"))
+                    }
+                }
+            }
+        }
+    }
+
+    /// After the attempt(s): mark done on success, give the claim back otherwise.
+    pub async fn settle(&self, key: &str, token: Option<&str>, succeeded: bool) {
+        let Some(token) = token else { return };
+        let result = if succeeded {
+            self.store.complete(key, token, self.window).await
+        } else {
+            self.store.release(key, token).await
+        };
+        if let Err(error) = result {
+            tracing::warn!(%error, key, "updating a deduplication claim failed; it expires with its lease");
+        }
+    }
 }
 
 /// In-page retries when a job queue can take over: at most this many attempts…
@@ -175,7 +252,15 @@ impl Executor {
             max_concurrent_entities: settings.max_concurrent_entities.max(1),
             settled_sink: None,
             job_routing: false,
+            dedup: None,
         }
+    }
+
+    /// Claims every inline side effect across nodes before running it (see [`crate::dedup`]).
+    #[must_use]
+    pub fn with_deduplication(mut self, dedup: Deduplication) -> Executor {
+        self.dedup = Some(dedup);
+        self
     }
 
     /// Routes `mode: async` actions, and inline actions whose transient failures outlast a short
@@ -185,6 +270,87 @@ impl Executor {
     pub fn with_job_routing(mut self) -> Executor {
         self.job_routing = true;
         self
+    }
+
+    /// The report of an action that was not attempted here.
+    fn unattempted(
+        key: ActionKey,
+        action: &ActionDefinition,
+        status: ActionStatus,
+        job: Option<NewJob>,
+        started: Instant,
+    ) -> ActionReport {
+        // Done before, or handed to the job queue: settled. A deferred failure is not.
+        let settled = !matches!(status, ActionStatus::Failed { .. });
+        ActionReport {
+            observer: key.observer,
+            action_index: action.index,
+            action_type: action.kind.type_name(),
+            status,
+            attempts: 0,
+            duration: started.elapsed(),
+            settled,
+            job,
+        }
+    }
+
+    fn already_completed(
+        key: ActionKey,
+        action: &ActionDefinition,
+        started: Instant,
+    ) -> ActionReport {
+        Self::unattempted(key, action, ActionStatus::AlreadyCompleted, None, started)
+    }
+
+    /// How long an inline run of `action` may hold its claim: every attempt's timeout and
+    /// delay, plus a margin. A node that dies mid-action frees the claim after this.
+    fn claim_lease(&self, observer: &ObserverDefinition, action: &ActionDefinition) -> Duration {
+        let attempts = if self.job_routing {
+            INLINE_ATTEMPTS_WITH_QUEUE.min(observer.retry.max_attempts)
+        } else {
+            observer.retry.max_attempts
+        }
+        .max(1);
+        (action.kind.timeout() + observer.retry.max_delay).saturating_mul(attempts)
+            + Duration::from_secs(5)
+    }
+
+    /// The action cannot run now (claimed elsewhere, or deduplication deferred): with a job
+    /// queue it becomes a job (whose worker checks the claim again); without one it stays
+    /// unsettled, so the page is read again later.
+    fn later(
+        &self,
+        event: &EntityEvent,
+        observer: &ObserverDefinition,
+        action: &ActionDefinition,
+        key: ActionKey,
+        reason: String,
+        started: Instant,
+    ) -> ActionReport {
+        if self.job_routing {
+            return Self::enqueued(event, observer, action, key, started);
+        }
+        let status = ActionStatus::Failed {
+            code: ErrorCode::InProgressElsewhere,
+            message: reason,
+            dead_letter: None,
+        };
+        Self::unattempted(key, action, status, None, started)
+    }
+
+    /// Handed to the job queue with the observer's whole retry budget, before any attempt here.
+    fn enqueued(
+        event: &EntityEvent,
+        observer: &ObserverDefinition,
+        action: &ActionDefinition,
+        key: ActionKey,
+        started: Instant,
+    ) -> ActionReport {
+        let status = ActionStatus::Enqueued {
+            queue: action.delivery.queue.clone(),
+        };
+        let job = Self::job_for(event, observer, action, observer.retry.max_attempts);
+        Self::unattempted(key, action, status, Some(job), started)
     }
 
     fn job_for(
@@ -331,36 +497,31 @@ impl Executor {
             action_index: action.index,
         };
         if completed.contains(&key) {
-            return ActionReport {
-                observer: key.observer,
-                action_index: action.index,
-                action_type: action.kind.type_name(),
-                status: ActionStatus::AlreadyCompleted,
-                attempts: 0,
-                duration: started.elapsed(),
-                settled: true,
-                job: None,
-            };
+            return Self::already_completed(key, action, started);
         }
         if self.job_routing && action.delivery.mode == DeliveryMode::Async {
-            return ActionReport {
-                observer: key.observer,
-                action_index: action.index,
-                action_type: action.kind.type_name(),
-                status: ActionStatus::Enqueued {
-                    queue: action.delivery.queue.clone(),
-                },
-                attempts: 0,
-                duration: started.elapsed(),
-                settled: true,
-                job: Some(Self::job_for(
-                    event,
-                    observer,
-                    action,
-                    observer.retry.max_attempts,
-                )),
-            };
+            return Self::enqueued(event, observer, action, key, started);
         }
+        let dedup_key = Deduplication::key(event.id, observer.name.as_str(), action.index);
+        let token = match &self.dedup {
+            None => None,
+            Some(dedup) => match dedup
+                .gate(&dedup_key, self.claim_lease(observer, action))
+                .await
+            {
+                Gate::Run(token) => token,
+                Gate::Done => {
+                    // Done by another node: record it here too, so a replay skips it cheaply.
+                    if let Some(sink) = &self.settled_sink {
+                        sink.push(key.clone());
+                    }
+                    return Self::already_completed(key, action, started);
+                }
+                Gate::Later(reason) => {
+                    return self.later(event, observer, action, key, reason, started);
+                }
+            },
+        };
         let context = ActionContext {
             event,
             observer: &observer.name,
@@ -368,6 +529,11 @@ impl Executor {
             envelope,
         };
         let outcome = self.attempt_inline(observer, action, &context).await;
+        if let Some(dedup) = &self.dedup {
+            dedup
+                .settle(&dedup_key, token.as_deref(), outcome.result.is_ok())
+                .await;
+        }
 
         let remaining_attempts = observer.retry.max_attempts.saturating_sub(outcome.attempts);
         let mut job = None;

@@ -12,6 +12,7 @@ pub mod commands;
 pub mod condition;
 pub mod config;
 pub mod control;
+pub mod dedup;
 pub mod demo;
 pub mod dlq;
 pub mod domain;

@@ -76,6 +76,8 @@ enum Command {
         shutdown_timeout: std::time::Duration,
         #[command(flatten)]
         endpoints: EndpointArgs,
+        #[command(flatten)]
+        dedup: DedupArgs,
     },
     /// This node's status, from its control plane (gRPC).
     Status {
@@ -153,6 +155,30 @@ struct EndpointArgs {
         requires = "grpc_tls_cert"
     )]
     grpc_tls_key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct DedupArgs {
+    /// Redis shared by the nodes for deduplication; without it, claims are kept in process.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// Prefix of every Redis key this deployment writes.
+    #[arg(
+        long,
+        env = "FRAISEQL_OBSERVERS_REDIS_PREFIX",
+        default_value = "fraiseql_observers:"
+    )]
+    redis_prefix: String,
+    /// How long a completed action is remembered against duplicate deliveries.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_DEDUP_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
+    dedup_window: std::time::Duration,
+    /// When Redis is unreachable: `process` (run the action anyway) or `defer` (retry later).
+    #[arg(
+        long,
+        env = "FRAISEQL_OBSERVERS_DEDUP_UNAVAILABLE",
+        default_value = "process"
+    )]
+    dedup_unavailable: fraiseql_observers::dedup::Unavailable,
 }
 
 #[derive(Args)]
@@ -307,7 +333,7 @@ impl DlqFilterArgs {
                     .find(|candidate| candidate.as_str().eq_ignore_ascii_case(&code))
                     .ok_or_else(|| {
                         anyhow::anyhow!(
-                            "--code: expected an error code OB001…OB013, found {code:?}"
+                            "--code: expected an error code OB001…OB014, found {code:?}"
                         )
                     })
             })
@@ -395,10 +421,11 @@ async fn shutdown_signal() {
 async fn run_node(
     database: DatabaseArgs,
     config_path: PathBuf,
-    (settings, cluster, endpoints): (
+    (settings, cluster, endpoints, dedup_args): (
         fraiseql_observers::listener::ListenerSettings,
         fraiseql_observers::cluster::ClusterSettings,
         EndpointArgs,
+        DedupArgs,
     ),
     db_pool_size: u32,
     shutdown_timeout: std::time::Duration,
@@ -442,16 +469,38 @@ async fn run_node(
         tracing::warn!(address = %endpoints.grpc_listen, "no FRAISEQL_OBSERVERS_CONTROL_TOKEN: mutating control calls (hand-over, drain) are refused on this address");
     }
     tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "control plane and HTTP endpoints listening");
-    let node = fraiseql_observers::node::Node::build(pool, config, settings, cluster)
-        .await?
-        .with_endpoints(fraiseql_observers::node::Endpoints {
-            grpc: Some(fraiseql_observers::grpc::GrpcEndpoint {
-                listener: grpc,
-                policy,
-                tls,
-            }),
-            http: Some(http),
-        });
+    let dedup = fraiseql_observers::node::DedupSettings {
+        store: match &dedup_args.redis_url {
+            Some(url) => std::sync::Arc::new(
+                fraiseql_observers::dedup::RedisDeduplicationStore::new(
+                    url,
+                    &dedup_args.redis_prefix,
+                )
+                .map_err(|error| anyhow::anyhow!("REDIS_URL: {error}"))?,
+            ),
+            None => std::sync::Arc::new(
+                fraiseql_observers::dedup::InMemoryDeduplicationStore::default(),
+            ),
+        },
+        window: dedup_args.dedup_window,
+        when_unavailable: dedup_args.dedup_unavailable,
+    };
+    tracing::info!(
+        store = if dedup_args.redis_url.is_some() { "redis" } else { "in-process" },
+        window = %humantime::format_duration(dedup_args.dedup_window),
+        "deduplication"
+    );
+    let node =
+        fraiseql_observers::node::Node::build_with_dedup(pool, config, settings, cluster, dedup)
+            .await?
+            .with_endpoints(fraiseql_observers::node::Endpoints {
+                grpc: Some(fraiseql_observers::grpc::GrpcEndpoint {
+                    listener: grpc,
+                    policy,
+                    tls,
+                }),
+                http: Some(http),
+            });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut running = tokio::spawn(node.run_until_stopped(shutdown.clone()));
     tracing::info!("node running");
@@ -491,6 +540,7 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             db_pool_size,
             shutdown_timeout,
             endpoints,
+            dedup,
         } => {
             anyhow::ensure!(batch_size > 0, "--batch-size must be at least 1");
             let settings = fraiseql_observers::listener::ListenerSettings {
@@ -507,7 +557,7 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             run_node(
                 database,
                 config,
-                (settings, cluster, endpoints),
+                (settings, cluster, endpoints, dedup),
                 db_pool_size,
                 shutdown_timeout,
             )

@@ -30,6 +30,11 @@ pub struct PartitionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabels {
     pub queue: String,
     pub status: String,
@@ -51,6 +56,7 @@ pub struct Metrics {
     pub partition_checkpoint_age: Family<PartitionLabel, Gauge<f64, AtomicU64>>,
     pub dead_letters: Gauge,
     pub jobs: Family<QueueLabels, Gauge>,
+    pub dedup: Family<OutcomeLabel, Counter>,
     /// Succeeded, failed, enqueued: plain totals for the status call.
     totals: [AtomicU64; 3],
 }
@@ -84,6 +90,7 @@ impl Metrics {
             partition_checkpoint_age: Family::default(),
             dead_letters: Gauge::default(),
             jobs: Family::default(),
+            dedup: Family::default(),
             totals: Default::default(),
         };
         registry.register(
@@ -146,6 +153,11 @@ impl Metrics {
             "Jobs in the durable queue by queue and status (cluster-wide)",
             metrics.jobs.clone(),
         );
+        registry.register(
+            "dedup_checks",
+            "Deduplication claims that did not simply acquire: duplicate_skipped, busy_elsewhere, store_unavailable",
+            metrics.dedup.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -194,6 +206,15 @@ impl Metrics {
                 })
                 .observe(report.duration.as_secs_f64());
         }
+    }
+
+    /// Counts a deduplication outcome.
+    pub fn record_dedup(&self, outcome: &str) {
+        self.dedup
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts one job attempt run by a worker.

@@ -18,8 +18,9 @@ use crate::checkpoint::{CheckpointStore, PostgresCheckpointStore};
 use crate::cluster::{Cluster, ClusterError, ClusterHandle, ClusterSettings, PartitionRunner};
 use crate::config::{JobSettings, ObserversConfig};
 use crate::control::Control;
+use crate::dedup::{DeduplicationStore, InMemoryDeduplicationStore, Unavailable};
 use crate::dlq::PostgresDeadLetterQueue;
-use crate::executor::Executor;
+use crate::executor::{Deduplication, Executor};
 use crate::grpc::GrpcEndpoint;
 use crate::jobs::{JobWorker, PostgresJobQueue};
 use crate::listener::{ListenerSettings, notification_fanout};
@@ -30,6 +31,29 @@ use crate::metrics::Metrics;
 const JOB_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How often finished jobs past their retention are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_mins(10);
+
+/// Which deduplication store a node claims side effects in, and how.
+#[derive(Clone, Debug)]
+pub struct DedupSettings {
+    /// Redis (shared by the nodes) or in-process (one node).
+    pub store: Arc<dyn DeduplicationStore>,
+    /// How long a completed action is remembered.
+    pub window: Duration,
+    pub when_unavailable: Unavailable,
+}
+
+impl Default for DedupSettings {
+    fn default() -> Self {
+        DedupSettings {
+            store: Arc::new(InMemoryDeduplicationStore::default()),
+            window: DEFAULT_DEDUP_WINDOW,
+            when_unavailable: Unavailable::Process,
+        }
+    }
+}
+
+/// How long completed actions are remembered by default.
+pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_mins(10);
 
 /// Where a node serves its control plane and HTTP endpoints (bound by the caller, so a test can
 /// use port 0 and learn the port).
@@ -64,8 +88,28 @@ impl Node {
         settings: ListenerSettings,
         cluster: ClusterSettings,
     ) -> anyhow::Result<Node> {
+        Node::build_with_dedup(pool, config, settings, cluster, DedupSettings::default()).await
+    }
+
+    /// [`Node::build`] with the deduplication store and policy to use (Redis from `run`).
+    ///
+    /// # Errors
+    /// As [`Node::build`].
+    pub async fn build_with_dedup(
+        pool: PgPool,
+        config: ObserversConfig,
+        settings: ListenerSettings,
+        cluster: ClusterSettings,
+        dedup: DedupSettings,
+    ) -> anyhow::Result<Node> {
         crate::migrate::run(&pool).await?;
         let metrics = Arc::new(Metrics::new());
+        let dedup = Deduplication {
+            store: dedup.store,
+            window: dedup.window,
+            when_unavailable: dedup.when_unavailable,
+            metrics: Some(metrics.clone()),
+        };
         let store: Arc<dyn CheckpointStore> = Arc::new(PostgresCheckpointStore::new(pool.clone()));
         let dead_letters = Arc::new(PostgresDeadLetterQueue::new(pool.clone()));
         let runner = ActionRunner::new(Arc::new(config.templates))?;
@@ -76,7 +120,8 @@ impl Node {
             dead_letters,
             &config.executor,
         )
-        .with_job_routing();
+        .with_job_routing()
+        .with_deduplication(dedup.clone());
         let jobs = PostgresJobQueue::new(
             pool.clone(),
             settings.node_id.clone(),
@@ -96,6 +141,7 @@ impl Node {
                     JOB_POLL_INTERVAL,
                 )
                 .with_metrics(metrics.clone())
+                .with_deduplication(dedup.clone())
             })
             .collect();
         let (wake, woken) = tokio::sync::watch::channel(0_u64);

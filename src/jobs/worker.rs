@@ -51,6 +51,7 @@ pub struct JobWorker {
     poll_interval: std::time::Duration,
     claim_batch: u32,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    dedup: Option<crate::executor::Deduplication>,
 }
 
 impl JobWorker {
@@ -70,7 +71,16 @@ impl JobWorker {
             poll_interval,
             claim_batch: DEFAULT_CLAIM_BATCH,
             metrics: None,
+            dedup: None,
         }
+    }
+
+    /// Claims each job's side effect across nodes before running it: a job whose action another
+    /// node completed is completed without running, one being run elsewhere is rescheduled.
+    #[must_use]
+    pub fn with_deduplication(mut self, dedup: crate::executor::Deduplication) -> JobWorker {
+        self.dedup = Some(dedup);
+        self
     }
 
     /// Counts every attempt in `metrics`.
@@ -171,7 +181,7 @@ impl JobWorker {
     /// `None`: it succeeded and is still to be marked completed.
     async fn run_one(&self, job: Job) -> (Uuid, Result<Option<WorkOutcome>, JobError>) {
         let started = std::time::Instant::now();
-        let attempt = self.attempt(&job).await;
+        let attempt = self.deduplicated_attempt(&job).await;
         let took = started.elapsed();
         let result = match attempt {
             Ok(()) => Ok(None),
@@ -210,6 +220,30 @@ impl JobWorker {
                 }
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "heartbeat failed; retrying"),
+            }
+        }
+    }
+
+    /// One attempt, under a deduplication claim when there is a store.
+    async fn deduplicated_attempt(&self, job: &Job) -> Result<(), AttemptError> {
+        let Some(dedup) = &self.dedup else {
+            return self.attempt(job).await;
+        };
+        let key =
+            crate::executor::Deduplication::key(job.event.id, &job.observer, job.action_index);
+        let lease = self
+            .queue
+            .visibility_timeout()
+            .max(std::time::Duration::from_secs(5));
+        match dedup.gate(&key, lease).await {
+            crate::executor::Gate::Run(token) => {
+                let result = self.attempt(job).await;
+                dedup.settle(&key, token.as_deref(), result.is_ok()).await;
+                result
+            }
+            crate::executor::Gate::Done => Ok(()),
+            crate::executor::Gate::Later(reason) => {
+                Err(AttemptError::new(ErrorCode::InProgressElsewhere, reason))
             }
         }
     }

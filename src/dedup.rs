@@ -1,0 +1,361 @@
+//! Deduplication of side effects across nodes: before an action runs, its identity (event id,
+//! observer, action index) is claimed with one atomic `SET key NX PX`; a success turns the claim
+//! into a "done" mark kept for the dedup window, a failure releases it. A second node (failover
+//! overlap, a duplicated change-log row with the same event id) finds the claim busy or done and
+//! does not repeat the effect.
+//!
+//! Keys come from the event's identity, never from time buckets (two real updates of one entity
+//! are two events with two ids). A claim is leased: a node that dies mid-action leaves a claim that
+//! expires after the lease, so the work is not lost — the successor runs it then.
+//!
+//! `RedisDeduplicationStore` shares claims across nodes; `InMemoryDeduplicationStore` is the
+//! one-node fallback with the same behaviour (one conformance suite checks both). When Redis is
+//! unreachable, [`Unavailable`] decides: process (default: at-least-once wins over silence) or
+//! defer the action.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+/// What a claim found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// This caller holds the claim (its token releases or completes it).
+    Acquired(String),
+    /// Another caller holds it: the effect may be happening right now.
+    Busy,
+    /// The effect happened within the window.
+    Done,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DedupError {
+    #[error("deduplication store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Claims of side effects.
+#[async_trait]
+pub trait DeduplicationStore: Send + Sync + std::fmt::Debug {
+    /// Atomically claims `key` for `lease` unless it is claimed or done.
+    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, DedupError>;
+    /// Marks `key` done for `window`, if `token` still holds the claim.
+    async fn complete(&self, key: &str, token: &str, window: Duration) -> Result<(), DedupError>;
+    /// Gives the claim back (the attempt failed), if `token` still holds it.
+    async fn release(&self, key: &str, token: &str) -> Result<(), DedupError>;
+}
+
+fn new_token() -> String {
+    Uuid::new_v4().simple().to_string()
+}
+
+const DONE: &str = "done";
+
+/// One node's claims, in process. Expired entries are ignored when met and swept every
+/// [`SWEEP_EVERY`] operations, so memory stays bounded by what one window holds.
+#[derive(Debug, Default)]
+pub struct InMemoryDeduplicationStore {
+    state: Mutex<MemoryState>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryState {
+    entries: HashMap<String, (String, Instant)>,
+    operations: u64,
+}
+
+const SWEEP_EVERY: u64 = 4096;
+
+impl InMemoryDeduplicationStore {
+    fn with_entries<T>(
+        &self,
+        work: impl FnOnce(&mut HashMap<String, (String, Instant)>) -> T,
+    ) -> T {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.operations += 1;
+        if state.operations.is_multiple_of(SWEEP_EVERY) {
+            let now = Instant::now();
+            state.entries.retain(|_, (_, expires)| *expires > now);
+        }
+        work(&mut state.entries)
+    }
+}
+
+/// The live value of `key`, treating an expired entry as absent.
+fn live<'entries>(
+    entries: &'entries HashMap<String, (String, Instant)>,
+    key: &str,
+) -> Option<&'entries String> {
+    entries
+        .get(key)
+        .filter(|(_, expires)| *expires > Instant::now())
+        .map(|(value, _)| value)
+}
+
+#[async_trait]
+impl DeduplicationStore for InMemoryDeduplicationStore {
+    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, DedupError> {
+        Ok(self.with_entries(|entries| match live(entries, key) {
+            Some(value) if value == DONE => Claim::Done,
+            Some(_) => Claim::Busy,
+            None => {
+                let token = new_token();
+                entries.insert(key.to_owned(), (token.clone(), Instant::now() + lease));
+                Claim::Acquired(token)
+            }
+        }))
+    }
+
+    async fn complete(&self, key: &str, token: &str, window: Duration) -> Result<(), DedupError> {
+        self.with_entries(|entries| {
+            if live(entries, key).is_some_and(|value| value == token) {
+                entries.insert(key.to_owned(), (DONE.to_owned(), Instant::now() + window));
+            }
+        });
+        Ok(())
+    }
+
+    async fn release(&self, key: &str, token: &str) -> Result<(), DedupError> {
+        self.with_entries(|entries| {
+            if live(entries, key).is_some_and(|value| value == token) {
+                entries.remove(key);
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Claims shared by every node through Redis: one multiplexed connection that reconnects with
+/// backoff, bounded connect and response timeouts, keys under a prefix.
+#[derive(Clone)]
+pub struct RedisDeduplicationStore {
+    connection: redis::aio::ConnectionManager,
+    prefix: String,
+}
+
+impl std::fmt::Debug for RedisDeduplicationStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("RedisDeduplicationStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `SET NX PX`, and on conflict say whether the holder is done: 1 acquired, 2 done, 0 busy.
+const CLAIM: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == 'done' then return 2 end
+return 0";
+/// Replace our claim by the done mark.
+const COMPLETE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], 'done', 'PX', ARGV[2])
+end
+return 0";
+/// Delete our claim.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0";
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+impl RedisDeduplicationStore {
+    /// A store on `url` (`redis://…`) whose keys start with `prefix`. Connects lazily, so a node
+    /// starts while Redis is down.
+    ///
+    /// # Errors
+    /// The URL is invalid.
+    pub fn new(url: &str, prefix: impl Into<String>) -> Result<Self, DedupError> {
+        let client =
+            redis::Client::open(url).map_err(|error| DedupError::Unavailable(error.to_string()))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let connection = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|error| DedupError::Unavailable(error.to_string()))?;
+        Ok(RedisDeduplicationStore {
+            connection,
+            prefix: prefix.into(),
+        })
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}dedup:{key}", self.prefix)
+    }
+
+    async fn run(
+        &self,
+        script: &str,
+        key: &str,
+        first: &str,
+        second: u64,
+    ) -> Result<i64, DedupError> {
+        let mut connection = self.connection.clone();
+        redis::Script::new(script)
+            .key(self.key(key))
+            .arg(first)
+            .arg(second)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|error| DedupError::Unavailable(error.to_string()))
+    }
+}
+
+#[async_trait]
+impl DeduplicationStore for RedisDeduplicationStore {
+    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, DedupError> {
+        let token = new_token();
+        Ok(match self.run(CLAIM, key, &token, millis(lease)).await? {
+            1 => Claim::Acquired(token),
+            2 => Claim::Done,
+            _ => Claim::Busy,
+        })
+    }
+
+    async fn complete(&self, key: &str, token: &str, window: Duration) -> Result<(), DedupError> {
+        self.run(COMPLETE, key, token, millis(window))
+            .await
+            .map(|_| ())
+    }
+
+    async fn release(&self, key: &str, token: &str) -> Result<(), DedupError> {
+        self.run(RELEASE, key, token, 0).await.map(|_| ())
+    }
+}
+
+/// What to do when the store cannot be reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Run the action anyway (at-least-once; the idempotency key still travels with it).
+    #[default]
+    Process,
+    /// Do not run it now: it is retried later (through the job queue when there is one).
+    Defer,
+}
+
+impl std::str::FromStr for Unavailable {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "process" => Ok(Unavailable::Process),
+            "defer" => Ok(Unavailable::Defer),
+            other => Err(format!("expected process or defer, found {other:?}")),
+        }
+    }
+}
+
+/// Conformance suite every store passes (used by the unit tests and `tests/dedup.rs`).
+#[doc(hidden)]
+pub mod conformance {
+    use super::{Claim, DeduplicationStore};
+    use std::time::Duration;
+
+    /// Runs every behaviour check against `store`.
+    ///
+    /// # Panics
+    /// When the store misbehaves.
+    pub async fn check(store: &dyn DeduplicationStore, unique: &str) {
+        let key = |name: &str| format!("{unique}:{name}");
+        let lease = Duration::from_secs(30);
+        let window = Duration::from_mins(1);
+
+        // First claim wins; a second finds it busy; done after completion.
+        let Claim::Acquired(token) = store.claim(&key("a"), lease).await.unwrap() else {
+            panic!("a fresh key is acquired");
+        };
+        assert_eq!(store.claim(&key("a"), lease).await.unwrap(), Claim::Busy);
+        store.complete(&key("a"), &token, window).await.unwrap();
+        assert_eq!(store.claim(&key("a"), lease).await.unwrap(), Claim::Done);
+
+        // A released claim can be taken again; a stale token changes nothing.
+        let Claim::Acquired(first) = store.claim(&key("b"), lease).await.unwrap() else {
+            panic!("acquired");
+        };
+        store.release(&key("b"), &first).await.unwrap();
+        let Claim::Acquired(second) = store.claim(&key("b"), lease).await.unwrap() else {
+            panic!("a released claim is free again");
+        };
+        store.release(&key("b"), &first).await.unwrap();
+        store.complete(&key("b"), &first, window).await.unwrap();
+        assert_eq!(
+            store.claim(&key("b"), lease).await.unwrap(),
+            Claim::Busy,
+            "an old token neither releases nor completes the new holder's claim"
+        );
+        store.complete(&key("b"), &second, window).await.unwrap();
+        assert_eq!(store.claim(&key("b"), lease).await.unwrap(), Claim::Done);
+
+        // Keys never collide: another action of the same event is its own key.
+        assert!(matches!(
+            store.claim(&key("b:other"), lease).await.unwrap(),
+            Claim::Acquired(_)
+        ));
+
+        // A claim whose holder vanished expires after its lease; a done mark after the window.
+        let short = Duration::from_millis(150);
+        assert!(matches!(
+            store.claim(&key("c"), short).await.unwrap(),
+            Claim::Acquired(_)
+        ));
+        assert_eq!(store.claim(&key("c"), lease).await.unwrap(), Claim::Busy);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let Claim::Acquired(token) = store.claim(&key("c"), lease).await.unwrap() else {
+            panic!("an abandoned claim expires");
+        };
+        store.complete(&key("c"), &token, short).await.unwrap();
+        assert_eq!(store.claim(&key("c"), lease).await.unwrap(), Claim::Done);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            matches!(
+                store.claim(&key("c"), lease).await.unwrap(),
+                Claim::Acquired(_)
+            ),
+            "after the window the action may run again"
+        );
+    }
+
+    /// Many concurrent claimers of one key: exactly one acquires.
+    ///
+    /// # Panics
+    /// When more or fewer than one claimer acquires.
+    pub async fn race(stores: &[&dyn DeduplicationStore], key: &str) {
+        let claims = futures::future::join_all(
+            stores
+                .iter()
+                .cycle()
+                .take(stores.len() * 16)
+                .map(|store| store.claim(key, Duration::from_secs(30))),
+        )
+        .await;
+        let acquired = claims
+            .iter()
+            .filter(|claim| matches!(claim, Ok(Claim::Acquired(_))))
+            .count();
+        assert_eq!(acquired, 1, "{claims:?}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_in_memory_store_conforms() {
+        let store = InMemoryDeduplicationStore::default();
+        conformance::check(&store, "memory").await;
+        conformance::race(&[&store], "race").await;
+    }
+}

@@ -54,11 +54,14 @@ pub enum ErrorCode {
     /// OB014: another node is running the same action right now (deduplication); retried later.
     #[serde(rename = "OB014")]
     InProgressElsewhere,
+    /// OB015: the target's circuit breaker is open; the call was not made.
+    #[serde(rename = "OB015")]
+    CircuitOpen,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::ConfigInvalid,
         ErrorCode::TemplateFailed,
         ErrorCode::SecretMissing,
@@ -73,9 +76,10 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
         ErrorCode::InProgressElsewhere,
+        ErrorCode::CircuitOpen,
     ];
 
-    /// The stable code, `OB001` … `OB014`.
+    /// The stable code, `OB001` … `OB015`.
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
@@ -93,6 +97,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "OB012",
             ErrorCode::Internal => "OB013",
             ErrorCode::InProgressElsewhere => "OB014",
+            ErrorCode::CircuitOpen => "OB015",
         }
     }
 
@@ -108,6 +113,7 @@ impl ErrorCode {
                 | ErrorCode::StorageUnavailable
                 | ErrorCode::ShuttingDown
                 | ErrorCode::InProgressElsewhere
+                | ErrorCode::CircuitOpen
         )
     }
 
@@ -129,6 +135,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "the node is shutting down",
             ErrorCode::Internal => "a defect in the service",
             ErrorCode::InProgressElsewhere => "another node is running the same action right now",
+            ErrorCode::CircuitOpen => "the target's circuit breaker is open; not called",
         }
     }
 

@@ -535,7 +535,10 @@ impl Executor {
                 .await;
         }
 
-        let remaining_attempts = observer.retry.max_attempts.saturating_sub(outcome.attempts);
+        // A call refused by an open circuit was not made: it spends no attempt.
+        let refused = matches!(&outcome.result, Err(error) if error.code == ErrorCode::CircuitOpen);
+        let spent = outcome.attempts - u32::from(refused);
+        let remaining_attempts = observer.retry.max_attempts.saturating_sub(spent);
         let mut job = None;
         let status = match outcome.result {
             Ok(success) => ActionStatus::Succeeded {
@@ -544,8 +547,17 @@ impl Executor {
             Err(error)
                 if self.job_routing && error.code.is_transient() && remaining_attempts > 0 =>
             {
-                tracing::info!(observer = %observer.name, action_index = action.index, code = %error.code, attempts = outcome.attempts, "transient failure outlasted the in-page retries; handing over to the job queue");
-                job = Some(Self::job_for(event, observer, action, remaining_attempts));
+                tracing::info!(observer = %observer.name, action_index = action.index, code = %error.code, attempts = spent, "handing over to the job queue");
+                let mut handed = Self::job_for(event, observer, action, remaining_attempts);
+                if refused {
+                    // Due when the circuit lets calls through again.
+                    handed.run_at = error.retry_after.and_then(|wait| {
+                        chrono::Duration::from_std(wait)
+                            .ok()
+                            .map(|wait| chrono::Utc::now() + wait)
+                    });
+                }
+                job = Some(handed);
                 ActionStatus::Enqueued {
                     queue: action.delivery.queue.clone(),
                 }

@@ -6,6 +6,7 @@
 //! in the [`dlq`]. [`config`] turns an observers file into the compiled form all of them use.
 
 pub mod actions;
+pub mod breaker;
 pub mod checkpoint;
 pub mod cluster;
 pub mod commands;

@@ -31,6 +31,7 @@ enum LogFormat {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once per process")]
 enum Command {
     /// Check an observers file (YAML, or TOML by extension) and report what it defines.
     ///
@@ -179,6 +180,12 @@ struct DedupArgs {
         default_value = "process"
     )]
     dedup_unavailable: fraiseql_observers::dedup::Unavailable,
+    /// Consecutive failures (connection, timeout, 5xx) that open an endpoint's circuit.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    breaker_failures: u32,
+    /// How long an open circuit refuses calls before one probe goes through.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_OPEN_FOR", default_value = "30s", value_parser = humantime::parse_duration)]
+    breaker_open_for: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -333,7 +340,7 @@ impl DlqFilterArgs {
                     .find(|candidate| candidate.as_str().eq_ignore_ascii_case(&code))
                     .ok_or_else(|| {
                         anyhow::anyhow!(
-                            "--code: expected an error code OB001…OB014, found {code:?}"
+                            "--code: expected an error code OB001…OB015, found {code:?}"
                         )
                     })
             })
@@ -418,6 +425,45 @@ async fn shutdown_signal() {
     let _ = interrupt.await;
 }
 
+/// Deduplication claims and circuit breakers: in Redis when `REDIS_URL` is set, else in process.
+fn shared_state(dedup_args: &DedupArgs) -> anyhow::Result<fraiseql_observers::node::SharedState> {
+    Ok(fraiseql_observers::node::SharedState {
+        dedup_store: match &dedup_args.redis_url {
+            Some(url) => std::sync::Arc::new(
+                fraiseql_observers::dedup::RedisDeduplicationStore::new(
+                    url,
+                    &dedup_args.redis_prefix,
+                )
+                .map_err(|error| anyhow::anyhow!("REDIS_URL: {error}"))?,
+            ),
+            None => std::sync::Arc::new(
+                fraiseql_observers::dedup::InMemoryDeduplicationStore::default(),
+            ),
+        },
+        dedup_window: dedup_args.dedup_window,
+        dedup_unavailable: dedup_args.dedup_unavailable,
+        breakers: fraiseql_observers::breaker::Breakers {
+            store: match &dedup_args.redis_url {
+                Some(url) => std::sync::Arc::new(
+                    fraiseql_observers::breaker::RedisBreakerStore::new(
+                        url,
+                        &dedup_args.redis_prefix,
+                    )
+                    .map_err(|error| anyhow::anyhow!("REDIS_URL: {error}"))?,
+                ),
+                None => {
+                    std::sync::Arc::new(fraiseql_observers::breaker::InMemoryBreakerStore::default())
+                }
+            },
+            policy: fraiseql_observers::breaker::BreakerPolicy {
+                consecutive_failures: dedup_args.breaker_failures,
+                open_for: dedup_args.breaker_open_for,
+                half_open_probes: 1,
+            },
+        },
+    })
+}
+
 async fn run_node(
     database: DatabaseArgs,
     config_path: PathBuf,
@@ -469,38 +515,24 @@ async fn run_node(
         tracing::warn!(address = %endpoints.grpc_listen, "no FRAISEQL_OBSERVERS_CONTROL_TOKEN: mutating control calls (hand-over, drain) are refused on this address");
     }
     tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "control plane and HTTP endpoints listening");
-    let dedup = fraiseql_observers::node::DedupSettings {
-        store: match &dedup_args.redis_url {
-            Some(url) => std::sync::Arc::new(
-                fraiseql_observers::dedup::RedisDeduplicationStore::new(
-                    url,
-                    &dedup_args.redis_prefix,
-                )
-                .map_err(|error| anyhow::anyhow!("REDIS_URL: {error}"))?,
-            ),
-            None => std::sync::Arc::new(
-                fraiseql_observers::dedup::InMemoryDeduplicationStore::default(),
-            ),
-        },
-        window: dedup_args.dedup_window,
-        when_unavailable: dedup_args.dedup_unavailable,
-    };
+    let shared = shared_state(&dedup_args)?;
     tracing::info!(
         store = if dedup_args.redis_url.is_some() { "redis" } else { "in-process" },
         window = %humantime::format_duration(dedup_args.dedup_window),
-        "deduplication"
+        "deduplication and circuit breakers"
     );
-    let node =
-        fraiseql_observers::node::Node::build_with_dedup(pool, config, settings, cluster, dedup)
-            .await?
-            .with_endpoints(fraiseql_observers::node::Endpoints {
-                grpc: Some(fraiseql_observers::grpc::GrpcEndpoint {
-                    listener: grpc,
-                    policy,
-                    tls,
-                }),
-                http: Some(http),
-            });
+    let node = fraiseql_observers::node::Node::build_with_shared_state(
+        pool, config, settings, cluster, shared,
+    )
+    .await?
+    .with_endpoints(fraiseql_observers::node::Endpoints {
+        grpc: Some(fraiseql_observers::grpc::GrpcEndpoint {
+            listener: grpc,
+            policy,
+            tls,
+        }),
+        http: Some(http),
+    });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut running = tokio::spawn(node.run_until_stopped(shutdown.clone()));
     tracing::info!("node running");

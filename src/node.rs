@@ -14,6 +14,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::actions::ActionRunner;
+use crate::breaker::{BreakerPolicy, Breakers, InMemoryBreakerStore};
 use crate::checkpoint::{CheckpointStore, PostgresCheckpointStore};
 use crate::cluster::{Cluster, ClusterError, ClusterHandle, ClusterSettings, PartitionRunner};
 use crate::config::{JobSettings, ObserversConfig};
@@ -32,22 +33,29 @@ const JOB_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How often finished jobs past their retention are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_mins(10);
 
-/// Which deduplication store a node claims side effects in, and how.
+/// State the nodes share (through Redis, or in process on one node): deduplication claims and
+/// circuit breakers.
 #[derive(Clone, Debug)]
-pub struct DedupSettings {
-    /// Redis (shared by the nodes) or in-process (one node).
-    pub store: Arc<dyn DeduplicationStore>,
+pub struct SharedState {
+    /// Where side effects are claimed.
+    pub dedup_store: Arc<dyn DeduplicationStore>,
     /// How long a completed action is remembered.
-    pub window: Duration,
-    pub when_unavailable: Unavailable,
+    pub dedup_window: Duration,
+    pub dedup_unavailable: Unavailable,
+    /// Circuit breakers per HTTP endpoint.
+    pub breakers: Breakers,
 }
 
-impl Default for DedupSettings {
+impl Default for SharedState {
     fn default() -> Self {
-        DedupSettings {
-            store: Arc::new(InMemoryDeduplicationStore::default()),
-            window: DEFAULT_DEDUP_WINDOW,
-            when_unavailable: Unavailable::Process,
+        SharedState {
+            dedup_store: Arc::new(InMemoryDeduplicationStore::default()),
+            dedup_window: DEFAULT_DEDUP_WINDOW,
+            dedup_unavailable: Unavailable::Process,
+            breakers: Breakers {
+                store: Arc::new(InMemoryBreakerStore::default()),
+                policy: BreakerPolicy::default(),
+            },
         }
     }
 }
@@ -88,31 +96,32 @@ impl Node {
         settings: ListenerSettings,
         cluster: ClusterSettings,
     ) -> anyhow::Result<Node> {
-        Node::build_with_dedup(pool, config, settings, cluster, DedupSettings::default()).await
+        Node::build_with_shared_state(pool, config, settings, cluster, SharedState::default()).await
     }
 
-    /// [`Node::build`] with the deduplication store and policy to use (Redis from `run`).
+    /// [`Node::build`] with the shared state to use (Redis from `run`).
     ///
     /// # Errors
     /// As [`Node::build`].
-    pub async fn build_with_dedup(
+    pub async fn build_with_shared_state(
         pool: PgPool,
         config: ObserversConfig,
         settings: ListenerSettings,
         cluster: ClusterSettings,
-        dedup: DedupSettings,
+        shared: SharedState,
     ) -> anyhow::Result<Node> {
         crate::migrate::run(&pool).await?;
         let metrics = Arc::new(Metrics::new());
         let dedup = Deduplication {
-            store: dedup.store,
-            window: dedup.window,
-            when_unavailable: dedup.when_unavailable,
+            store: shared.dedup_store,
+            window: shared.dedup_window,
+            when_unavailable: shared.dedup_unavailable,
             metrics: Some(metrics.clone()),
         };
         let store: Arc<dyn CheckpointStore> = Arc::new(PostgresCheckpointStore::new(pool.clone()));
         let dead_letters = Arc::new(PostgresDeadLetterQueue::new(pool.clone()));
-        let runner = ActionRunner::new(Arc::new(config.templates))?;
+        let runner =
+            ActionRunner::new(Arc::new(config.templates))?.with_breakers(shared.breakers.clone());
         let matcher = Arc::new(Matcher::new(config.observers));
         let executor = Executor::new(
             matcher.clone(),

@@ -105,7 +105,8 @@ where
     })
     .retry(backoff)
     .sleep(tokio::time::sleep)
-    .when(|error: &AttemptError| error.code.is_transient())
+    // An open circuit is not retried in place: the caller parks the work until it reopens.
+    .when(|error: &AttemptError| error.code.is_transient() && error.code != ErrorCode::CircuitOpen)
     .adjust(|error: &AttemptError, delay| {
         delay.map(|delay| next_delay(policy, delay, error.retry_after))
     })

@@ -138,7 +138,7 @@ async fn a_change_log_row_duplicated_under_the_same_event_id_is_delivered_once()
     let database = TestDatabase::migrated().await;
     common::nodes::prepare_orders(&database.pool).await;
     let receiver = Receiver::start().await;
-    let node = fraiseql_observers::node::Node::build_with_dedup(
+    let node = fraiseql_observers::node::Node::build_with_shared_state(
         database.pool.clone(),
         common::nodes::orders_config(&receiver),
         fraiseql_observers::listener::ListenerSettings {
@@ -149,10 +149,9 @@ async fn a_change_log_row_duplicated_under_the_same_event_id_is_delivered_once()
             tick: Duration::from_millis(100),
             ..fraiseql_observers::cluster::ClusterSettings::default()
         },
-        fraiseql_observers::node::DedupSettings {
-            store: redis_store(&prefix()),
-            window: Duration::from_mins(10),
-            when_unavailable: Unavailable::Process,
+        fraiseql_observers::node::SharedState {
+            dedup_store: redis_store(&prefix()),
+            ..fraiseql_observers::node::SharedState::default()
         },
     )
     .await

@@ -61,6 +61,7 @@ pub struct ActionSuccess {
 pub struct ActionRunner {
     http: reqwest::Client,
     templates: Arc<Templates>,
+    breakers: Option<crate::breaker::Breakers>,
 }
 
 /// How long an idle pooled connection to a webhook target is kept.
@@ -77,7 +78,18 @@ impl ActionRunner {
             .pool_idle_timeout(HTTP_POOL_IDLE_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        Ok(ActionRunner { http, templates })
+        Ok(ActionRunner {
+            http,
+            templates,
+            breakers: None,
+        })
+    }
+
+    /// Guards every HTTP endpoint with a circuit breaker from `breakers`.
+    #[must_use]
+    pub fn with_breakers(mut self, breakers: crate::breaker::Breakers) -> ActionRunner {
+        self.breakers = Some(breakers);
+        self
     }
 
     /// The templates actions render with.
@@ -97,7 +109,14 @@ impl ActionRunner {
     ) -> Result<ActionSuccess, AttemptError> {
         match &action.kind {
             ActionKind::Webhook(webhook) => {
-                webhook::attempt(&self.http, &self.templates, webhook, context).await
+                webhook::attempt(
+                    &self.http,
+                    &self.templates,
+                    self.breakers.as_ref(),
+                    webhook,
+                    context,
+                )
+                .await
             }
             ActionKind::Log(log) => log::attempt(&self.templates, log, context),
         }

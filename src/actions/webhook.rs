@@ -14,6 +14,7 @@ use reqwest::header::{
 use sha2::Sha256;
 
 use super::{ActionContext, ActionSuccess, template_failed};
+use crate::breaker::{Admission, Breakers};
 use crate::config::{BodyFormat, HeaderValue, HttpMethod, Setting, WebhookAction, WebhookTarget};
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
@@ -193,6 +194,7 @@ async fn body_excerpt(mut response: reqwest::Response) -> String {
 pub(super) async fn attempt(
     http: &reqwest::Client,
     templates: &Templates,
+    breakers: Option<&Breakers>,
     action: &WebhookAction,
     context: &ActionContext<'_>,
 ) -> Result<ActionSuccess, AttemptError> {
@@ -211,6 +213,47 @@ pub(super) async fn attempt(
     };
     let body = render_body(templates, action, context)?;
     let headers = build_headers(action, context, &body)?;
+    let Some(breakers) = breakers else {
+        return call(http, action, url, headers, body).await;
+    };
+    let endpoint = endpoint_of(&url);
+    if let Admission::Refused { retry_in } = breakers.admit(&endpoint).await {
+        let mut refused = AttemptError::new(
+            ErrorCode::CircuitOpen,
+            format!(
+                "circuit open for {endpoint}; not called (retry in {})",
+                humantime::format_duration(Duration::from_millis(
+                    u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX)
+                ))
+            ),
+        );
+        refused.retry_after = Some(retry_in);
+        return Err(refused);
+    }
+    let result = call(http, action, url, headers, body).await;
+    breakers
+        .record(&endpoint, result.as_ref().err().map(|error| error.code))
+        .await;
+    result
+}
+
+/// `scheme://host:port`: what a circuit breaker guards.
+fn endpoint_of(url: &url::Url) -> String {
+    format!(
+        "{}://{}:{}",
+        url.scheme(),
+        url.host_str().unwrap_or_default(),
+        url.port_or_known_default().unwrap_or_default()
+    )
+}
+
+async fn call(
+    http: &reqwest::Client,
+    action: &WebhookAction,
+    url: url::Url,
+    headers: HeaderMap,
+    body: Vec<u8>,
+) -> Result<ActionSuccess, AttemptError> {
     let response = http
         .request(method(action.method), url)
         .headers(headers)

@@ -431,6 +431,26 @@ impl PostgresJobQueue {
         Ok(result.rows_affected() == 1)
     }
 
+    /// Gives a held job back due `after` from now without counting the attempt (its target's
+    /// circuit is open: nothing was sent).
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub async fn postpone(&self, id: Uuid, after: Duration) -> Result<bool, JobError> {
+        let result = sqlx::query(
+            "UPDATE fraiseql_observers.jobs
+                SET status = 'pending', attempts = greatest(attempts - 1, 0), locked_by = NULL, locked_until = NULL,
+                    run_at = now() + make_interval(secs => $3)
+              WHERE id = $1 AND status = 'running' AND locked_by = $2",
+        )
+        .bind(id)
+        .bind(&self.node_id)
+        .bind(after.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     /// Cancels a job that has not started; `false` when it is running or finished.
     ///
     /// # Errors

@@ -39,6 +39,8 @@ pub enum WorkOutcome {
     Lost(Uuid),
     /// Claimed while the worker was stopping; given back without counting the attempt.
     Released(Uuid),
+    /// Its target's circuit is open: given back, due when it reopens, attempt not counted.
+    Postponed(Uuid),
 }
 
 /// Runs the jobs of one queue.
@@ -185,6 +187,11 @@ impl JobWorker {
         let took = started.elapsed();
         let result = match attempt {
             Ok(()) => Ok(None),
+            Err(error) if error.code == ErrorCode::CircuitOpen => self
+                .queue
+                .postpone(job.id, error.retry_after.unwrap_or(CIRCUIT_RECHECK))
+                .await
+                .map(|_| Some(WorkOutcome::Postponed(job.id))),
             Err(error) => self.queue.fail(&job, &error).await.map(|outcome| {
                 Some(match outcome {
                     FailOutcome::Rescheduled { .. } => WorkOutcome::Rescheduled(job.id),
@@ -198,6 +205,7 @@ impl JobWorker {
                 Ok(None) => "succeeded",
                 Ok(Some(WorkOutcome::Rescheduled(_))) => "rescheduled",
                 Ok(Some(WorkOutcome::DeadLettered(_))) => "dead_lettered",
+                Ok(Some(WorkOutcome::Postponed(_))) => "circuit_open",
                 _ => "lost",
             };
             metrics.record_job(&job.action_type, outcome, took);
@@ -464,6 +472,9 @@ impl JobWorker {
 
 /// Completions sent, jobs asked for, and the outcome of one complete-and-claim step.
 type ClaimResult = (Vec<Uuid>, usize, Result<(Vec<Uuid>, Vec<Job>), JobError>);
+
+/// When an open circuit gives no time to wait, look again after this.
+const CIRCUIT_RECHECK: Duration = Duration::from_secs(5);
 
 /// Wait after a failed complete-and-claim step before the next.
 const STEP_RETRY_DELAY: Duration = Duration::from_millis(250);

@@ -22,6 +22,7 @@ pub mod executor;
 pub mod grpc;
 pub mod http;
 pub mod jobs;
+pub mod limits;
 pub mod listener;
 pub mod matcher;
 pub mod metrics;

@@ -461,6 +461,13 @@ fn shared_state(dedup_args: &DedupArgs) -> anyhow::Result<fraiseql_observers::no
                 half_open_probes: 1,
             },
         },
+        limits: match &dedup_args.redis_url {
+            Some(url) => std::sync::Arc::new(
+                fraiseql_observers::limits::RedisLimitStore::new(url, &dedup_args.redis_prefix)
+                    .map_err(|error| anyhow::anyhow!("REDIS_URL: {error}"))?,
+            ),
+            None => std::sync::Arc::new(fraiseql_observers::limits::InMemoryLimitStore::default()),
+        },
     })
 }
 

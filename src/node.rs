@@ -24,6 +24,7 @@ use crate::dlq::PostgresDeadLetterQueue;
 use crate::executor::{Deduplication, Executor};
 use crate::grpc::GrpcEndpoint;
 use crate::jobs::{JobWorker, PostgresJobQueue};
+use crate::limits::{InMemoryLimitStore, LimitStore};
 use crate::listener::{ListenerSettings, notification_fanout};
 use crate::matcher::Matcher;
 use crate::metrics::Metrics;
@@ -44,6 +45,8 @@ pub struct SharedState {
     pub dedup_unavailable: Unavailable,
     /// Circuit breakers per HTTP endpoint.
     pub breakers: Breakers,
+    /// Where endpoint rate and in-flight limits are counted.
+    pub limits: Arc<dyn LimitStore>,
 }
 
 impl Default for SharedState {
@@ -56,6 +59,7 @@ impl Default for SharedState {
                 store: Arc::new(InMemoryBreakerStore::default()),
                 policy: BreakerPolicy::default(),
             },
+            limits: Arc::new(InMemoryLimitStore::default()),
         }
     }
 }
@@ -120,8 +124,9 @@ impl Node {
         };
         let store: Arc<dyn CheckpointStore> = Arc::new(PostgresCheckpointStore::new(pool.clone()));
         let dead_letters = Arc::new(PostgresDeadLetterQueue::new(pool.clone()));
-        let runner =
-            ActionRunner::new(Arc::new(config.templates))?.with_breakers(shared.breakers.clone());
+        let runner = ActionRunner::new(Arc::new(config.templates))?
+            .with_breakers(shared.breakers.clone())
+            .with_limits(shared.limits.clone());
         let matcher = Arc::new(Matcher::new(config.observers));
         let executor = Executor::new(
             matcher.clone(),

@@ -14,10 +14,10 @@ use fraiseql_observers::condition::Condition;
 use fraiseql_observers::config::{
     ActionKind, BackoffKind, BodyFormat, ConfigError, ConfigErrors, DEFAULT_ACTION_TIMEOUT,
     DEFAULT_INITIAL_DELAY, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_CONCURRENT_ACTIONS,
-    DEFAULT_MAX_CONCURRENT_ENTITIES, DEFAULT_MAX_DELAY, ExecutorSettings, FailurePolicy, Format,
-    HeaderValue, HttpMethod, LoadOptions, LogLevel, MAX_CONFIG_FILE_BYTES, MissingEnv,
-    ObserverDefinition, ObserversConfig, Position, RetryPolicy, Setting, WebhookAction,
-    WebhookTarget, format_for, load_bytes, load_file, load_str,
+    DEFAULT_MAX_CONCURRENT_ENTITIES, DEFAULT_MAX_DELAY, EndpointLimits, ExecutorSettings,
+    FailurePolicy, Format, HeaderValue, HttpMethod, LoadOptions, LogLevel, MAX_CONFIG_FILE_BYTES,
+    MissingEnv, ObserverDefinition, ObserversConfig, Position, RateLimit, RetryPolicy, Setting,
+    WebhookAction, WebhookTarget, format_for, load_bytes, load_file, load_str,
 };
 use fraiseql_observers::domain::EventKind;
 
@@ -1971,6 +1971,7 @@ observers:
             body_format: BodyFormat::Json,
             signing_secret: None,
             timeout: Duration::from_secs(30),
+            limits: EndpointLimits::default(),
         }
     );
     assert_eq!(DEFAULT_ACTION_TIMEOUT, Duration::from_secs(30));
@@ -2297,5 +2298,38 @@ fn bad_delivery_settings_are_each_reported() {
         "observers[0].actions[0].priority",
         after(text, "priority: "),
         "expected an integer from 0 to 10",
+    );
+}
+
+#[test]
+fn webhook_endpoint_limits_are_read_and_checked() {
+    let yaml = "observers:\n  - name: o\n    entity: Order\n    events: [insert]\n    actions:\n      - {type: webhook, url: 'https://x.example/h', rate_limit: {per_second: 50, burst: 100}, max_in_flight: 4}\n      - {type: webhook, url: 'https://x.example/h', rate_limit: {per_second: 5}}\n";
+    let config = yaml_ok(yaml);
+    let observer = &config.observers[0];
+    assert_eq!(
+        webhook(observer, 0).limits,
+        EndpointLimits {
+            rate: Some(RateLimit {
+                per_second: 50,
+                burst: 100
+            }),
+            max_in_flight: Some(4),
+        }
+    );
+    assert_eq!(
+        webhook(observer, 1).limits.rate,
+        Some(RateLimit {
+            per_second: 5,
+            burst: 5
+        }),
+        "burst defaults to the rate"
+    );
+
+    let bad = "observers:\n  - name: o\n    entity: Order\n    events: [insert]\n    actions:\n      - {type: webhook, url: 'https://x.example/h', rate_limit: {burst: 3, per_secnd: 2}, max_in_flight: 0}\n";
+    let errors = list(&yaml_errors(bad));
+    assert!(errors.contains("rate_limit"), "{errors}");
+    assert!(
+        errors.contains("max_in_flight") && errors.contains("from 1 to 10000"),
+        "{errors}"
     );
 }

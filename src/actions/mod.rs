@@ -62,6 +62,8 @@ pub struct ActionRunner {
     http: reqwest::Client,
     templates: Arc<Templates>,
     breakers: Option<crate::breaker::Breakers>,
+    /// Where `rate_limit` / `max_in_flight` of actions are counted (in process by default).
+    limits: Arc<dyn crate::limits::LimitStore>,
 }
 
 /// How long an idle pooled connection to a webhook target is kept.
@@ -82,7 +84,15 @@ impl ActionRunner {
             http,
             templates,
             breakers: None,
+            limits: Arc::new(crate::limits::InMemoryLimitStore::default()),
         })
+    }
+
+    /// Counts endpoint limits in `store` (Redis: shared by every node).
+    #[must_use]
+    pub fn with_limits(mut self, store: Arc<dyn crate::limits::LimitStore>) -> ActionRunner {
+        self.limits = store;
+        self
     }
 
     /// Guards every HTTP endpoint with a circuit breaker from `breakers`.
@@ -112,7 +122,10 @@ impl ActionRunner {
                 webhook::attempt(
                     &self.http,
                     &self.templates,
-                    self.breakers.as_ref(),
+                    webhook::Guards {
+                        breakers: self.breakers.as_ref(),
+                        limits: self.limits.as_ref(),
+                    },
                     webhook,
                     context,
                 )

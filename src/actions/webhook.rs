@@ -17,6 +17,7 @@ use super::{ActionContext, ActionSuccess, template_failed};
 use crate::breaker::{Admission, Breakers};
 use crate::config::{BodyFormat, HeaderValue, HttpMethod, Setting, WebhookAction, WebhookTarget};
 use crate::error::ErrorCode;
+use crate::limits::{LimitStore, wait_for_slot, wait_for_token};
 use crate::retry::AttemptError;
 use crate::template::Templates;
 
@@ -191,10 +192,16 @@ async fn body_excerpt(mut response: reqwest::Response) -> String {
     String::from_utf8_lossy(&excerpt).into_owned()
 }
 
+/// What stands between an action and its endpoint.
+pub(super) struct Guards<'runner> {
+    pub breakers: Option<&'runner Breakers>,
+    pub limits: &'runner dyn LimitStore,
+}
+
 pub(super) async fn attempt(
     http: &reqwest::Client,
     templates: &Templates,
-    breakers: Option<&Breakers>,
+    guards: Guards<'_>,
     action: &WebhookAction,
     context: &ActionContext<'_>,
 ) -> Result<ActionSuccess, AttemptError> {
@@ -213,27 +220,41 @@ pub(super) async fn attempt(
     };
     let body = render_body(templates, action, context)?;
     let headers = build_headers(action, context, &body)?;
-    let Some(breakers) = breakers else {
-        return call(http, action, url, headers, body).await;
-    };
     let endpoint = endpoint_of(&url);
-    if let Admission::Refused { retry_in } = breakers.admit(&endpoint).await {
+    if let Some(breakers) = guards.breakers
+        && let Admission::Refused { retry_in } = breakers.admit(&endpoint).await
+    {
         let mut refused = AttemptError::new(
             ErrorCode::CircuitOpen,
             format!(
-                "circuit open for {endpoint}; not called (retry in {})",
-                humantime::format_duration(Duration::from_millis(
-                    u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX)
-                ))
+                "circuit open for {endpoint}; not called (retry in {} ms)",
+                retry_in.as_millis()
             ),
         );
         refused.retry_after = Some(retry_in);
         return Err(refused);
     }
+    if let Some(rate) = action.limits.rate {
+        wait_for_token(guards.limits, &endpoint, rate).await;
+    }
+    let slot = match action.limits.max_in_flight {
+        Some(limit) => {
+            let lease = action.timeout + Duration::from_secs(5);
+            wait_for_slot(guards.limits, &endpoint, limit, lease).await
+        }
+        None => None,
+    };
     let result = call(http, action, url, headers, body).await;
-    breakers
-        .record(&endpoint, result.as_ref().err().map(|error| error.code))
-        .await;
+    if let Some(slot) = slot
+        && let Err(error) = guards.limits.leave(&endpoint, &slot).await
+    {
+        tracing::warn!(%error, endpoint, "giving an in-flight slot back failed; it expires");
+    }
+    if let Some(breakers) = guards.breakers {
+        breakers
+            .record(&endpoint, result.as_ref().err().map(|error| error.code))
+            .await;
+    }
     result
 }
 

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use super::model::{
     ActionDefinition, ActionKind, BackoffKind, BodyFormat, DEFAULT_ACTION_TIMEOUT, Delivery,
-    DeliveryMode, ExecutorSettings, FailurePolicy, HeaderValue, HttpMethod, JobSettings, LogAction,
-    LogLevel, ObserverDefinition, ObserverName, RetryPolicy, Secret, SecretUrl, Setting,
-    WebhookAction, WebhookTarget,
+    DeliveryMode, EndpointLimits, ExecutorSettings, FailurePolicy, HeaderValue, HttpMethod,
+    JobSettings, LogAction, LogLevel, ObserverDefinition, ObserverName, RateLimit, RetryPolicy,
+    Secret, SecretUrl, Setting, WebhookAction, WebhookTarget,
 };
 use super::tree::{Node, NodeValue, Position};
 use super::{ConfigError, ConfigErrors, LoadOptions, MissingEnv, ObserversConfig};
@@ -909,6 +909,8 @@ impl Decoder<'_> {
                         "signing_secret",
                         "signing_secret_env",
                         "timeout",
+                        "rate_limit",
+                        "max_in_flight",
                         "mode",
                         "queue",
                         "priority",
@@ -1070,6 +1072,17 @@ impl Decoder<'_> {
             None => Some(DEFAULT_ACTION_TIMEOUT),
             Some(node) => self.timeout(node, &child(path, "timeout")),
         };
+        let rate = match fields.get("rate_limit") {
+            None => Some(None),
+            Some(node) => self.rate_limit(node, &child(path, "rate_limit")).map(Some),
+        };
+        let max_in_flight = match fields.get("max_in_flight") {
+            None => Some(None),
+            Some(node) => self
+                .integer_in(node, &child(path, "max_in_flight"), 1, 10_000)
+                .and_then(|limit| u32::try_from(limit).ok())
+                .map(Some),
+        };
         if !signing_valid {
             return None;
         }
@@ -1081,7 +1094,30 @@ impl Decoder<'_> {
             body_format: body_format?,
             signing_secret,
             timeout: timeout?,
+            limits: EndpointLimits {
+                rate: rate?,
+                max_in_flight: max_in_flight?,
+            },
         })
+    }
+
+    /// `rate_limit: {per_second: N, burst: M}` (burst defaults to N).
+    fn rate_limit(&mut self, node: &Node, path: &str) -> Option<RateLimit> {
+        let fields = self.fields(node, path, &["per_second", "burst"])?;
+        let Some(per_second_node) = fields.get("per_second") else {
+            self.error(node.position, path, "'per_second' is required");
+            return None;
+        };
+        let per_second = self
+            .integer_in(per_second_node, &child(path, "per_second"), 1, 100_000)
+            .and_then(|rate| u32::try_from(rate).ok())?;
+        let burst = match fields.get("burst") {
+            None => per_second,
+            Some(burst) => self
+                .integer_in(burst, &child(path, "burst"), 1, 1_000_000)
+                .and_then(|burst| u32::try_from(burst).ok())?,
+        };
+        Some(RateLimit { per_second, burst })
     }
 
     fn timeout(&mut self, node: &Node, path: &str) -> Option<Duration> {

@@ -226,6 +226,23 @@ pub struct WebhookAction {
     /// HMAC-SHA256 key for `X-FraiseQL-Signature-256`.
     pub signing_secret: Option<Setting<Secret>>,
     pub timeout: Duration,
+    /// Cluster-wide limits on calls to the target endpoint.
+    pub limits: EndpointLimits,
+}
+
+/// Limits on one endpoint (`scheme://host:port`), shared by every node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointLimits {
+    /// Calls per second (token bucket), with bursts of up to `burst`.
+    pub rate: Option<RateLimit>,
+    /// Calls in flight at once across the cluster.
+    pub max_in_flight: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 /// Log levels a `log` action may write at.

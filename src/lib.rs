@@ -7,6 +7,7 @@
 
 pub mod actions;
 pub mod breaker;
+pub mod cache;
 pub mod checkpoint;
 pub mod cluster;
 pub mod commands;

@@ -468,6 +468,14 @@ fn shared_state(dedup_args: &DedupArgs) -> anyhow::Result<fraiseql_observers::no
             ),
             None => std::sync::Arc::new(fraiseql_observers::limits::InMemoryLimitStore::default()),
         },
+        cache: match &dedup_args.redis_url {
+            Some(url) => std::sync::Arc::new(
+                fraiseql_observers::cache::RedisCache::new(url)
+                    .map_err(|error| anyhow::anyhow!("REDIS_URL: {error}"))?,
+            ),
+            None => std::sync::Arc::new(fraiseql_observers::cache::InMemoryCache::default()),
+        },
+        cache_prefix: dedup_args.redis_prefix.clone(),
     })
 }
 

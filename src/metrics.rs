@@ -57,6 +57,7 @@ pub struct Metrics {
     pub dead_letters: Gauge,
     pub jobs: Family<QueueLabels, Gauge>,
     pub dedup: Family<OutcomeLabel, Counter>,
+    pub cache: Family<OutcomeLabel, Counter>,
     /// Succeeded, failed, enqueued: plain totals for the status call.
     totals: [AtomicU64; 3],
 }
@@ -91,6 +92,7 @@ impl Metrics {
             dead_letters: Gauge::default(),
             jobs: Family::default(),
             dedup: Family::default(),
+            cache: Family::default(),
             totals: Default::default(),
         };
         registry.register(
@@ -158,6 +160,11 @@ impl Metrics {
             "Deduplication claims that did not simply acquire: duplicate_skipped, busy_elsewhere, store_unavailable",
             metrics.dedup.clone(),
         );
+        registry.register(
+            "cache_operations",
+            "Action result cache: hit, miss, store, invalidated, error",
+            metrics.cache.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -211,6 +218,15 @@ impl Metrics {
     /// Counts a deduplication outcome.
     pub fn record_dedup(&self, outcome: &str) {
         self.dedup
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a cache outcome.
+    pub fn record_cache(&self, outcome: &str) {
+        self.cache
             .get_or_create(&OutcomeLabel {
                 outcome: outcome.to_owned(),
             })

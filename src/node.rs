@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::actions::ActionRunner;
 use crate::breaker::{BreakerPolicy, Breakers, InMemoryBreakerStore};
+use crate::cache::{Cache, CacheBackend, InMemoryCache};
 use crate::checkpoint::{CheckpointStore, PostgresCheckpointStore};
 use crate::cluster::{Cluster, ClusterError, ClusterHandle, ClusterSettings, PartitionRunner};
 use crate::config::{JobSettings, ObserversConfig};
@@ -47,6 +48,9 @@ pub struct SharedState {
     pub breakers: Breakers,
     /// Where endpoint rate and in-flight limits are counted.
     pub limits: Arc<dyn LimitStore>,
+    /// Where `cache: {ttl}` actions keep results, and the key prefix there.
+    pub cache: Arc<dyn CacheBackend>,
+    pub cache_prefix: String,
 }
 
 impl Default for SharedState {
@@ -60,6 +64,8 @@ impl Default for SharedState {
                 policy: BreakerPolicy::default(),
             },
             limits: Arc::new(InMemoryLimitStore::default()),
+            cache: Arc::new(InMemoryCache::default()),
+            cache_prefix: String::new(),
         }
     }
 }
@@ -126,7 +132,12 @@ impl Node {
         let dead_letters = Arc::new(PostgresDeadLetterQueue::new(pool.clone()));
         let runner = ActionRunner::new(Arc::new(config.templates))?
             .with_breakers(shared.breakers.clone())
-            .with_limits(shared.limits.clone());
+            .with_limits(shared.limits.clone())
+            .with_cache(Cache {
+                backend: shared.cache.clone(),
+                prefix: shared.cache_prefix.clone(),
+                metrics: Some(metrics.clone()),
+            });
         let matcher = Arc::new(Matcher::new(config.observers));
         let executor = Executor::new(
             matcher.clone(),

@@ -1972,6 +1972,7 @@ observers:
             signing_secret: None,
             timeout: Duration::from_secs(30),
             limits: EndpointLimits::default(),
+            cache_ttl: None,
         }
     );
     assert_eq!(DEFAULT_ACTION_TIMEOUT, Duration::from_secs(30));

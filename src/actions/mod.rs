@@ -64,6 +64,8 @@ pub struct ActionRunner {
     breakers: Option<crate::breaker::Breakers>,
     /// Where `rate_limit` / `max_in_flight` of actions are counted (in process by default).
     limits: Arc<dyn crate::limits::LimitStore>,
+    /// Where `cache: {ttl}` actions keep results (in process by default).
+    cache: crate::cache::Cache,
 }
 
 /// How long an idle pooled connection to a webhook target is kept.
@@ -85,7 +87,19 @@ impl ActionRunner {
             templates,
             breakers: None,
             limits: Arc::new(crate::limits::InMemoryLimitStore::default()),
+            cache: crate::cache::Cache {
+                backend: Arc::new(crate::cache::InMemoryCache::default()),
+                prefix: String::new(),
+                metrics: None,
+            },
         })
+    }
+
+    /// Keeps `cache: {ttl}` results in `cache` (Redis: shared by every node).
+    #[must_use]
+    pub fn with_cache(mut self, cache: crate::cache::Cache) -> ActionRunner {
+        self.cache = cache;
+        self
     }
 
     /// Counts endpoint limits in `store` (Redis: shared by every node).
@@ -125,6 +139,7 @@ impl ActionRunner {
                     webhook::Guards {
                         breakers: self.breakers.as_ref(),
                         limits: self.limits.as_ref(),
+                        cache: &self.cache,
                     },
                     webhook,
                     context,

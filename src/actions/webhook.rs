@@ -15,6 +15,7 @@ use sha2::Sha256;
 
 use super::{ActionContext, ActionSuccess, template_failed};
 use crate::breaker::{Admission, Breakers};
+use crate::cache::{Cache, CacheScope};
 use crate::config::{BodyFormat, HeaderValue, HttpMethod, Setting, WebhookAction, WebhookTarget};
 use crate::error::ErrorCode;
 use crate::limits::{LimitStore, wait_for_slot, wait_for_token};
@@ -196,6 +197,7 @@ async fn body_excerpt(mut response: reqwest::Response) -> String {
 pub(super) struct Guards<'runner> {
     pub breakers: Option<&'runner Breakers>,
     pub limits: &'runner dyn LimitStore,
+    pub cache: &'runner Cache,
 }
 
 pub(super) async fn attempt(
@@ -220,6 +222,18 @@ pub(super) async fn attempt(
     };
     let body = render_body(templates, action, context)?;
     let headers = build_headers(action, context, &body)?;
+    let cached = match action.cache_ttl {
+        Some(ttl) => {
+            let key = cache_key(guards.cache, action, context, &url, &headers, &body);
+            if let Some(detail) = guards.cache.get(&key).await {
+                return Ok(ActionSuccess {
+                    detail: format!("{detail} (cached)"),
+                });
+            }
+            Some((key, ttl))
+        }
+        None => None,
+    };
     let endpoint = endpoint_of(&url);
     if let Some(breakers) = guards.breakers
         && let Admission::Refused { retry_in } = breakers.admit(&endpoint).await
@@ -255,7 +269,45 @@ pub(super) async fn attempt(
             .record(&endpoint, result.as_ref().err().map(|error| error.code))
             .await;
     }
+    if let (Some((key, ttl)), Ok(success)) = (&cached, &result) {
+        guards.cache.set(key, &success.detail, *ttl).await;
+    }
     result
+}
+
+/// The cache key of the fully rendered request: method, URL, headers (the Idempotency-Key
+/// included; the signature left out, as it changes with time) and body.
+fn cache_key(
+    cache: &Cache,
+    action: &WebhookAction,
+    context: &ActionContext<'_>,
+    url: &url::Url,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> String {
+    let mut header_lines: Vec<String> = headers
+        .iter()
+        .filter(|(name, _)| !name.as_str().eq_ignore_ascii_case(SIGNATURE_HEADER))
+        .map(|(name, value)| format!("{name}: {}", String::from_utf8_lossy(value.as_bytes())))
+        .collect();
+    header_lines.sort();
+    let method = format!("{:?}", action.method);
+    let headers = header_lines.join("\n");
+    cache.key(
+        CacheScope {
+            action_type: "webhook",
+            entity_type: &context.event.entity_type,
+            entity_id: &context.event.entity_id,
+            observer: context.observer.as_str(),
+            action_index: context.action_index,
+        },
+        &[
+            method.as_bytes(),
+            url.as_str().as_bytes(),
+            headers.as_bytes(),
+            body,
+        ],
+    )
 }
 
 /// `scheme://host:port`: what a circuit breaker guards.

@@ -911,6 +911,7 @@ impl Decoder<'_> {
                         "timeout",
                         "rate_limit",
                         "max_in_flight",
+                        "cache",
                         "mode",
                         "queue",
                         "priority",
@@ -1083,6 +1084,10 @@ impl Decoder<'_> {
                 .and_then(|limit| u32::try_from(limit).ok())
                 .map(Some),
         };
+        let cache_ttl = match fields.get("cache") {
+            None => Some(None),
+            Some(node) => self.cache_ttl(node, &child(path, "cache")).map(Some),
+        };
         if !signing_valid {
             return None;
         }
@@ -1098,7 +1103,24 @@ impl Decoder<'_> {
                 rate: rate?,
                 max_in_flight: max_in_flight?,
             },
+            cache_ttl: cache_ttl?,
         })
+    }
+
+    /// `cache: {ttl: 30s}`.
+    fn cache_ttl(&mut self, node: &Node, path: &str) -> Option<Duration> {
+        let fields = self.fields(node, path, &["ttl"])?;
+        let Some(ttl) = fields.get("ttl") else {
+            self.error(node.position, path, "'ttl' is required");
+            return None;
+        };
+        let ttl_path = child(path, "ttl");
+        let duration = self.duration(ttl, &ttl_path)?;
+        if duration.is_zero() {
+            self.error(ttl.position, &ttl_path, "expected a time to live above 0");
+            return None;
+        }
+        Some(duration)
     }
 
     /// `rate_limit: {per_second: N, burst: M}` (burst defaults to N).

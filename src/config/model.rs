@@ -228,6 +228,8 @@ pub struct WebhookAction {
     pub timeout: Duration,
     /// Cluster-wide limits on calls to the target endpoint.
     pub limits: EndpointLimits,
+    /// `cache: {ttl}`: an identical request within this reuses the first one's result.
+    pub cache_ttl: Option<Duration>,
 }
 
 /// Limits on one endpoint (`scheme://host:port`), shared by every node.
@@ -265,6 +267,7 @@ pub struct LogAction {
 
 /// What an action does.
 #[derive(Clone, Debug, PartialEq)]
+#[allow(clippy::large_enum_variant, reason = "built once per configuration")]
 pub enum ActionKind {
     Webhook(WebhookAction),
     Log(LogAction),

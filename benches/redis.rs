@@ -1,13 +1,14 @@
-//! Deduplication claims through the real client path against the local Redis (and the in-process
-//! store for comparison): claim + complete of distinct keys with 64 in flight, and claims of keys
-//! already done (the duplicate path).
+//! Deduplication claims and cache operations through the real client path against the local
+//! Redis (and the in-process stores for comparison), 64 in flight: claim + complete of distinct
+//! keys, claims of keys already done (the duplicate path), cache sets and gets.
 //!
-//! Run: `cargo bench --bench dedup` (needs the local Redis; `REDIS_URL` overrides). Prints a
+//! Run: `cargo bench --bench redis` (needs the local Redis; `REDIS_URL` overrides). Prints a
 //! Markdown table.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fraiseql_observers::cache::{CacheBackend, InMemoryCache, RedisCache};
 use fraiseql_observers::dedup::{
     Claim, DeduplicationStore, InMemoryDeduplicationStore, RedisDeduplicationStore,
 };
@@ -59,6 +60,29 @@ async fn duplicate_checks(store: &Arc<dyn DeduplicationStore>, run: &str) -> f64
     rate
 }
 
+async fn cache_ops(cache: &Arc<dyn CacheBackend>, run: &str, write: bool) -> f64 {
+    let started = Instant::now();
+    stream::iter(0..KEYS)
+        .for_each_concurrent(IN_FLIGHT, |index| {
+            let cache = cache.clone();
+            async move {
+                let key = format!("{run}:cache:{index}");
+                if write {
+                    cache
+                        .set(&key, "HTTP 200", Duration::from_mins(1))
+                        .await
+                        .unwrap();
+                } else {
+                    assert!(cache.get(&key).await.unwrap().is_some());
+                }
+            }
+        })
+        .await;
+    #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+    let rate = KEYS as f64 / started.elapsed().as_secs_f64();
+    rate
+}
+
 #[tokio::main]
 async fn main() {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
@@ -82,4 +106,18 @@ async fn main() {
     println!(
         "| claim of a done key (duplicate skipped) | {redis_dup:.0} checks/s | {memory_dup:.0} checks/s |"
     );
+    let redis_cache: Arc<dyn CacheBackend> = Arc::new(RedisCache::new(&url).unwrap());
+    let memory_cache: Arc<dyn CacheBackend> = Arc::new(InMemoryCache::default());
+    let run = format!("fqo-bench-{}", uuid::Uuid::new_v4().simple());
+    let (redis_set, memory_set) = (
+        cache_ops(&redis_cache, &run, true).await,
+        cache_ops(&memory_cache, &run, true).await,
+    );
+    let (redis_get, memory_get) = (
+        cache_ops(&redis_cache, &run, false).await,
+        cache_ops(&memory_cache, &run, false).await,
+    );
+    println!("| cache set | {redis_set:.0} ops/s | {memory_set:.0} ops/s |");
+    println!("| cache get (hit) | {redis_get:.0} ops/s | {memory_get:.0} ops/s |");
+    redis_cache.invalidate(&format!("{run}:*")).await.unwrap();
 }

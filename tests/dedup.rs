@@ -284,3 +284,64 @@ async fn with_redis_down_actions_still_run_or_defer_as_configured_and_claims_res
     }
     assert!(resumed, "claims resume once Redis is back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_breakers_limits_and_cache_let_the_call_through() {
+    let mut redis = PrivateRedis::start();
+    let receiver = Receiver::start().await;
+    let yaml = format!(
+        "observers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    retry: {{max_attempts: 1}}\n    actions: [{{type: webhook, url: '{}', rate_limit: {{per_second: 5}}, max_in_flight: 1, cache: {{ttl: 1m}}}}]\n",
+        receiver.url("/orders")
+    );
+    let config = fraiseql_observers::config::load_str(
+        &yaml,
+        fraiseql_observers::config::Format::Yaml,
+        "outage.yaml",
+        &fraiseql_observers::config::LoadOptions {
+            env: &|_: &str| None,
+            missing_env: fraiseql_observers::config::MissingEnv::Error,
+        },
+    )
+    .unwrap();
+    let url = redis.url();
+    let runner = fraiseql_observers::actions::ActionRunner::new(Arc::new(config.templates))
+        .unwrap()
+        .with_breakers(fraiseql_observers::breaker::Breakers {
+            store: Arc::new(
+                fraiseql_observers::breaker::RedisBreakerStore::new(&url, "o:").unwrap(),
+            ),
+            policy: fraiseql_observers::breaker::BreakerPolicy::default(),
+        })
+        .with_limits(Arc::new(
+            fraiseql_observers::limits::RedisLimitStore::new(&url, "o:").unwrap(),
+        ))
+        .with_cache(fraiseql_observers::cache::Cache {
+            backend: Arc::new(fraiseql_observers::cache::RedisCache::new(&url).unwrap()),
+            prefix: "o:".into(),
+            metrics: None,
+        });
+    let node = Executor::new(
+        Arc::new(fraiseql_observers::matcher::Matcher::new(config.observers)),
+        runner,
+        Arc::new(fraiseql_observers::dlq::InMemoryDeadLetterQueue::default()),
+        &config.executor,
+    )
+    .with_deduplication(dedup(
+        Arc::new(RedisDeduplicationStore::new(&url, "o:").unwrap()),
+        Unavailable::Process,
+    ));
+    assert!(matches!(
+        node.execute_event(&order("1")).await.actions[0].status,
+        ActionStatus::Succeeded { .. }
+    ));
+    redis.kill();
+    for id in ["2", "3"] {
+        let summary = node.execute_event(&order(id)).await;
+        assert!(
+            matches!(summary.actions[0].status, ActionStatus::Succeeded { .. }),
+            "Redis down: every guard fails open, nothing is lost: {:?}",
+            summary.actions[0].status
+        );
+    }
+    assert_eq!(receiver.request_count(), 3);
+}

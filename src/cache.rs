@@ -152,15 +152,15 @@ impl RedisCache {
     /// # Errors
     /// The URL is invalid.
     pub fn new(url: &str) -> Result<Self, CacheError> {
-        let client = redis::Client::open(url).map_err(|error| CacheError(error.to_string()))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let connection = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+        let connection = crate::redis_client::managed_connection(url)
             .map_err(|error| CacheError(error.to_string()))?;
-        Ok(RedisCache { connection })
+        Ok(Self::with_connection(connection))
+    }
+
+    /// A cache on an existing managed connection (one per node, shared by every store).
+    #[must_use]
+    pub fn with_connection(connection: redis::aio::ConnectionManager) -> Self {
+        RedisCache { connection }
     }
 }
 

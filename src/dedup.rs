@@ -177,19 +177,21 @@ impl RedisDeduplicationStore {
     /// # Errors
     /// The URL is invalid.
     pub fn new(url: &str, prefix: impl Into<String>) -> Result<Self, DedupError> {
-        let client =
-            redis::Client::open(url).map_err(|error| DedupError::Unavailable(error.to_string()))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let connection = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+        let connection = crate::redis_client::managed_connection(url)
             .map_err(|error| DedupError::Unavailable(error.to_string()))?;
-        Ok(RedisDeduplicationStore {
+        Ok(Self::with_connection(connection, prefix))
+    }
+
+    /// A store on an existing managed connection (one per node, shared by every store).
+    #[must_use]
+    pub fn with_connection(
+        connection: redis::aio::ConnectionManager,
+        prefix: impl Into<String>,
+    ) -> Self {
+        RedisDeduplicationStore {
             connection,
             prefix: prefix.into(),
-        })
+        }
     }
 
     fn key(&self, key: &str) -> String {

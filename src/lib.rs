@@ -29,6 +29,7 @@ pub mod matcher;
 pub mod metrics;
 pub mod migrate;
 pub mod node;
+pub mod redis_client;
 pub mod report;
 pub mod retry;
 pub mod template;

@@ -427,55 +427,48 @@ async fn shutdown_signal() {
 
 /// Deduplication claims and circuit breakers: in Redis when `REDIS_URL` is set, else in process.
 fn shared_state(dedup_args: &DedupArgs) -> anyhow::Result<fraiseql_observers::node::SharedState> {
-    Ok(fraiseql_observers::node::SharedState {
-        dedup_store: match &dedup_args.redis_url {
-            Some(url) => std::sync::Arc::new(
-                fraiseql_observers::dedup::RedisDeduplicationStore::new(
-                    url,
-                    &dedup_args.redis_prefix,
-                )
-                .map_err(|error| anyhow::anyhow!("REDIS_URL: {error}"))?,
-            ),
-            None => std::sync::Arc::new(
-                fraiseql_observers::dedup::InMemoryDeduplicationStore::default(),
-            ),
-        },
+    use fraiseql_observers::{breaker, cache, dedup, limits, node};
+    use std::sync::Arc;
+    let policy = breaker::BreakerPolicy {
+        consecutive_failures: dedup_args.breaker_failures,
+        open_for: dedup_args.breaker_open_for,
+        half_open_probes: 1,
+    };
+    let Some(url) = &dedup_args.redis_url else {
+        return Ok(node::SharedState {
+            dedup_window: dedup_args.dedup_window,
+            dedup_unavailable: dedup_args.dedup_unavailable,
+            breakers: breaker::Breakers {
+                store: Arc::new(breaker::InMemoryBreakerStore::default()),
+                policy,
+            },
+            ..node::SharedState::default()
+        });
+    };
+    // One managed connection, shared by every store.
+    let connection = fraiseql_observers::redis_client::managed_connection(url)
+        .map_err(|error| anyhow::anyhow!("REDIS_URL: {error}"))?;
+    let prefix = dedup_args.redis_prefix.as_str();
+    Ok(node::SharedState {
+        dedup_store: Arc::new(dedup::RedisDeduplicationStore::with_connection(
+            connection.clone(),
+            prefix,
+        )),
         dedup_window: dedup_args.dedup_window,
         dedup_unavailable: dedup_args.dedup_unavailable,
-        breakers: fraiseql_observers::breaker::Breakers {
-            store: match &dedup_args.redis_url {
-                Some(url) => std::sync::Arc::new(
-                    fraiseql_observers::breaker::RedisBreakerStore::new(
-                        url,
-                        &dedup_args.redis_prefix,
-                    )
-                    .map_err(|error| anyhow::anyhow!("REDIS_URL: {error}"))?,
-                ),
-                None => {
-                    std::sync::Arc::new(fraiseql_observers::breaker::InMemoryBreakerStore::default())
-                }
-            },
-            policy: fraiseql_observers::breaker::BreakerPolicy {
-                consecutive_failures: dedup_args.breaker_failures,
-                open_for: dedup_args.breaker_open_for,
-                half_open_probes: 1,
-            },
+        breakers: breaker::Breakers {
+            store: Arc::new(breaker::RedisBreakerStore::with_connection(
+                connection.clone(),
+                prefix,
+            )),
+            policy,
         },
-        limits: match &dedup_args.redis_url {
-            Some(url) => std::sync::Arc::new(
-                fraiseql_observers::limits::RedisLimitStore::new(url, &dedup_args.redis_prefix)
-                    .map_err(|error| anyhow::anyhow!("REDIS_URL: {error}"))?,
-            ),
-            None => std::sync::Arc::new(fraiseql_observers::limits::InMemoryLimitStore::default()),
-        },
-        cache: match &dedup_args.redis_url {
-            Some(url) => std::sync::Arc::new(
-                fraiseql_observers::cache::RedisCache::new(url)
-                    .map_err(|error| anyhow::anyhow!("REDIS_URL: {error}"))?,
-            ),
-            None => std::sync::Arc::new(fraiseql_observers::cache::InMemoryCache::default()),
-        },
-        cache_prefix: dedup_args.redis_prefix.clone(),
+        limits: Arc::new(limits::RedisLimitStore::with_connection(
+            connection.clone(),
+            prefix,
+        )),
+        cache: Arc::new(cache::RedisCache::with_connection(connection)),
+        cache_prefix: prefix.to_owned(),
     })
 }
 

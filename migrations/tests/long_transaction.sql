@@ -44,8 +44,9 @@ SELECT pg_temp.expect_eq(
     '1:20,2:20,3:20', 'each round delivers its 20 committed rows while the long transactions run');
 SELECT pg_temp.expect(bool_and(d.object_id::int / 100 = d.round), 'each row in the round it committed in')
   FROM delivered AS d;
-SELECT pg_temp.expect_eq(pg_snapshot_xmin(snapshot)::text, (SELECT min(xid)::text FROM long_xids),
-                         'the snapshot xmin is stuck at the long transaction (an xmin watermark would stall)')
+-- At or below it: another session's older transaction on a shared server holds it back too.
+SELECT pg_temp.expect(pg_snapshot_xmin(snapshot) <= (SELECT min(xid) FROM long_xids),
+                      'the snapshot xmin is held back by the long transaction (an xmin watermark would stall)')
   FROM snapshots WHERE round = 3;
 
 -- L2 writes again and commits; L1 writes and commits: each lands in the following batch.

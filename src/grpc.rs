@@ -203,13 +203,7 @@ impl ObserverControl for Service {
         request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
         self.policy.check(&request)?;
-        let node = request.into_inner().node_id;
-        let draining = self
-            .control
-            .set_draining(Some(node.as_str()), true)
-            .await
-            .map_err(status_of)?;
-        tracing::info!(node = %node, "drain requested");
+        let draining = self.steer(&request.into_inner().node_id, true).await?;
         Ok(Response::new(pb::DrainResponse { draining }))
     }
 
@@ -218,14 +212,21 @@ impl ObserverControl for Service {
         request: Request<pb::ResumeRequest>,
     ) -> Result<Response<pb::ResumeResponse>, Status> {
         self.policy.check(&request)?;
-        let node = request.into_inner().node_id;
+        let draining = self.steer(&request.into_inner().node_id, false).await?;
+        Ok(Response::new(pb::ResumeResponse { draining }))
+    }
+}
+
+impl Service {
+    /// Drains or resumes `node` (empty: this node); whether it will be draining.
+    async fn steer(&self, node: &str, drain: bool) -> Result<bool, Status> {
         let draining = self
             .control
-            .set_draining(Some(node.as_str()), false)
+            .set_draining(Some(node), drain)
             .await
             .map_err(status_of)?;
-        tracing::info!(node = %node, "resume requested");
-        Ok(Response::new(pb::ResumeResponse { draining }))
+        tracing::info!(node, drain, "drain state requested");
+        Ok(draining)
     }
 }
 

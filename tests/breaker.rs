@@ -15,9 +15,8 @@ use fraiseql_observers::breaker::{
     conformance,
 };
 use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, ObserversConfig, load_str};
-use fraiseql_observers::dlq::InMemoryDeadLetterQueue;
 use fraiseql_observers::domain::{EntityEvent, EventKind};
-use fraiseql_observers::executor::{ActionStatus, Executor};
+use fraiseql_observers::executor::ActionStatus;
 use fraiseql_observers::jobs::{JobWorker, PostgresJobQueue, WorkOutcome};
 use fraiseql_observers::matcher::Matcher;
 use serde_json::json;
@@ -29,13 +28,16 @@ fn prefix() -> String {
     format!("fqo-test-{}:", uuid::Uuid::new_v4().simple())
 }
 
-fn config(receiver: &Receiver) -> ObserversConfig {
-    let yaml = format!(
+fn yaml(receiver: &Receiver) -> String {
+    format!(
         "observers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    retry: {{max_attempts: 8, initial_delay: 10ms, max_delay: 20ms}}\n    actions: [{{type: webhook, url: '{}'}}]\n",
         receiver.url("/orders")
-    );
+    )
+}
+
+fn config(receiver: &Receiver) -> ObserversConfig {
     load_str(
-        &yaml,
+        &yaml(receiver),
         Format::Yaml,
         "breaker.yaml",
         &LoadOptions {
@@ -96,16 +98,9 @@ async fn a_breaker_opened_by_one_node_is_seen_by_another() {
 async fn an_open_circuit_stops_calls_and_parks_the_work_in_the_job_queue() {
     let receiver = Receiver::start().await;
     receiver.script("/orders", (0..20).map(|_| Reply::status(503)));
-    let config = config(&receiver);
-    let runner = ActionRunner::new(Arc::new(config.templates))
-        .unwrap()
-        .with_breakers(breakers(Arc::new(InMemoryBreakerStore::default())));
-    let executor = Executor::new(
-        Arc::new(Matcher::new(config.observers)),
-        runner,
-        Arc::new(InMemoryDeadLetterQueue::default()),
-        &config.executor,
-    )
+    let executor = common::executor_with_runner(&yaml(&receiver), |runner| {
+        runner.with_breakers(breakers(Arc::new(InMemoryBreakerStore::default())))
+    })
     .with_job_routing();
 
     let first = executor.execute_event(&order("1")).await;

@@ -7,13 +7,9 @@ mod common;
 use std::sync::Arc;
 
 use common::Receiver;
-use fraiseql_observers::actions::ActionRunner;
 use fraiseql_observers::cache::{Cache, RedisCache, conformance};
-use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, load_str};
-use fraiseql_observers::dlq::InMemoryDeadLetterQueue;
 use fraiseql_observers::domain::{EntityEvent, EventKind};
 use fraiseql_observers::executor::{ActionStatus, Executor};
-use fraiseql_observers::matcher::Matcher;
 use serde_json::json;
 
 fn redis_cache() -> Cache {
@@ -30,24 +26,7 @@ fn executor(receiver: &Receiver, cache: Cache) -> Executor {
         "observers:\n  - name: orders\n    entity: Order\n    events: [insert, update]\n    actions:\n      - type: webhook\n        url: '{}'\n        body_template: '{{\"status\": {{{{ data.status }}}}}}'\n        cache: {{ttl: 1m}}\n",
         receiver.url("/orders")
     );
-    let config = load_str(
-        &yaml,
-        Format::Yaml,
-        "cache.yaml",
-        &LoadOptions {
-            env: &|_: &str| None,
-            missing_env: MissingEnv::Error,
-        },
-    )
-    .unwrap_or_else(|errors| panic!("{errors}"));
-    Executor::new(
-        Arc::new(Matcher::new(config.observers)),
-        ActionRunner::new(Arc::new(config.templates))
-            .unwrap()
-            .with_cache(cache),
-        Arc::new(InMemoryDeadLetterQueue::default()),
-        &config.executor,
-    )
+    common::executor_with_runner(&yaml, |runner| runner.with_cache(cache))
 }
 
 fn paid(id: &str) -> EntityEvent {

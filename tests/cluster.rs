@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::Receiver;
 use common::nodes::{
-    DEADLINE, assert_once_and_in_order, eventually, orders_config, prepare_orders,
+    DEADLINE, Writer, assert_once_and_in_order, eventually, orders_config, prepare_orders,
+    write_orders,
 };
 use common::postgres::TestDatabase;
 use fraiseql_observers::cluster::{ClusterError, ClusterSettings, LEASE_NAMESPACE};
@@ -101,19 +102,6 @@ async fn even_split(pool: &PgPool) {
         assert!(Instant::now() < deadline, "no even split: {held:?}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-}
-
-async fn write_orders(pool: &PgPool, ids: std::ops::Range<i32>, version: i32) {
-    sqlx::query(
-        "INSERT INTO orders SELECT id, $3 FROM generate_series($1, $2) AS id
-         ON CONFLICT (id) DO UPDATE SET version = excluded.version",
-    )
-    .bind(ids.start)
-    .bind(ids.end - 1)
-    .bind(version)
-    .execute(pool)
-    .await
-    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,21 +367,7 @@ async fn a_node_whose_lease_session_is_killed_stops_at_once_and_nothing_is_lost(
     let b = start(&database, &receiver, "node-b").await;
     even_split(pool).await;
 
-    let writing = CancellationToken::new();
-    let writer = tokio::spawn({
-        let (pool, writing) = (pool.clone(), writing.clone());
-        async move {
-            let mut version = 0;
-            let mut changes = 0;
-            while !writing.is_cancelled() {
-                version += 1;
-                write_orders(&pool, 0..20, version).await;
-                changes += 20;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            changes
-        }
-    });
+    let writer = Writer::start(pool.clone(), 20, false);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The server ends node a's lease session (as when its connection is cut): its locks go with it.
     let ended: bool = sqlx::query_scalar(
@@ -417,8 +391,7 @@ async fn a_node_whose_lease_session_is_killed_stops_at_once_and_nothing_is_lost(
     // Node a reconnects and takes its share back.
     even_split(pool).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    writing.cancel();
-    let changes = writer.await.unwrap();
+    let changes = writer.finish().await;
     eventually("every change delivered", || async {
         let distinct: std::collections::HashSet<String> = receiver
             .requests_to("/orders")

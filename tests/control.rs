@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::Receiver;
 use common::nodes::{
-    DEADLINE, assert_once_and_in_order, eventually, orders_config, prepare_orders,
+    DEADLINE, Writer, assert_once_and_in_order, eventually, orders_config, prepare_orders,
 };
 use common::postgres::TestDatabase;
 use fraiseql_observers::cluster::{ClusterError, ClusterHandle, ClusterSettings};
@@ -307,29 +307,7 @@ async fn a_hand_over_under_continuous_load_loses_and_repeats_nothing() {
     .await;
 
     // 40 orders updated in turn, one change per transaction, until stopped.
-    let writing = CancellationToken::new();
-    let writer = tokio::spawn({
-        let (pool, writing) = (pool.clone(), writing.clone());
-        async move {
-            let mut changes = 0_usize;
-            let mut version = 0;
-            while !writing.is_cancelled() {
-                version += 1;
-                for id in 0..40 {
-                    sqlx::query(
-                        "INSERT INTO orders VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET version = excluded.version",
-                    )
-                    .bind(id)
-                    .bind(version)
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-                    changes += 1;
-                }
-            }
-            changes
-        }
-    });
+    let writer = Writer::start(pool.clone(), 40, true);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut took = Vec::new();
     for partition in handle_a.leading().into_iter().take(2) {
@@ -354,8 +332,7 @@ async fn a_hand_over_under_continuous_load_loses_and_repeats_nothing() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!("hand-over times: {took:?}");
-    writing.cancel();
-    let changes = writer.await.unwrap();
+    let changes = writer.finish().await;
     eventually("every change delivered", || async {
         receiver.request_count() >= changes
     })

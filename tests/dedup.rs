@@ -293,39 +293,24 @@ async fn with_redis_down_breakers_limits_and_cache_let_the_call_through() {
         "observers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    retry: {{max_attempts: 1}}\n    actions: [{{type: webhook, url: '{}', rate_limit: {{per_second: 5}}, max_in_flight: 1, cache: {{ttl: 1m}}}}]\n",
         receiver.url("/orders")
     );
-    let config = fraiseql_observers::config::load_str(
-        &yaml,
-        fraiseql_observers::config::Format::Yaml,
-        "outage.yaml",
-        &fraiseql_observers::config::LoadOptions {
-            env: &|_: &str| None,
-            missing_env: fraiseql_observers::config::MissingEnv::Error,
-        },
-    )
-    .unwrap();
     let url = redis.url();
-    let runner = fraiseql_observers::actions::ActionRunner::new(Arc::new(config.templates))
-        .unwrap()
-        .with_breakers(fraiseql_observers::breaker::Breakers {
-            store: Arc::new(
-                fraiseql_observers::breaker::RedisBreakerStore::new(&url, "o:").unwrap(),
-            ),
-            policy: fraiseql_observers::breaker::BreakerPolicy::default(),
-        })
-        .with_limits(Arc::new(
-            fraiseql_observers::limits::RedisLimitStore::new(&url, "o:").unwrap(),
-        ))
-        .with_cache(fraiseql_observers::cache::Cache {
-            backend: Arc::new(fraiseql_observers::cache::RedisCache::new(&url).unwrap()),
-            prefix: "o:".into(),
-            metrics: None,
-        });
-    let node = Executor::new(
-        Arc::new(fraiseql_observers::matcher::Matcher::new(config.observers)),
-        runner,
-        Arc::new(fraiseql_observers::dlq::InMemoryDeadLetterQueue::default()),
-        &config.executor,
-    )
+    let node = common::executor_with_runner(&yaml, |runner| {
+        runner
+            .with_breakers(fraiseql_observers::breaker::Breakers {
+                store: Arc::new(
+                    fraiseql_observers::breaker::RedisBreakerStore::new(&url, "o:").unwrap(),
+                ),
+                policy: fraiseql_observers::breaker::BreakerPolicy::default(),
+            })
+            .with_limits(Arc::new(
+                fraiseql_observers::limits::RedisLimitStore::new(&url, "o:").unwrap(),
+            ))
+            .with_cache(fraiseql_observers::cache::Cache {
+                backend: Arc::new(fraiseql_observers::cache::RedisCache::new(&url).unwrap()),
+                prefix: "o:".into(),
+                metrics: None,
+            })
+    })
     .with_deduplication(dedup(
         Arc::new(RedisDeduplicationStore::new(&url, "o:").unwrap()),
         Unavailable::Process,

@@ -7,13 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Receiver, Reply};
-use fraiseql_observers::actions::ActionRunner;
-use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, load_str};
-use fraiseql_observers::dlq::InMemoryDeadLetterQueue;
 use fraiseql_observers::domain::{EntityEvent, EventKind};
 use fraiseql_observers::executor::{ActionStatus, Executor};
 use fraiseql_observers::limits::{LimitStore, RedisLimitStore, conformance};
-use fraiseql_observers::matcher::Matcher;
 use serde_json::json;
 
 fn redis(prefix: &str) -> Arc<RedisLimitStore> {
@@ -30,24 +26,7 @@ fn node(receiver: &Receiver, limits: &str, store: Arc<dyn LimitStore>) -> Execut
         "executor: {{max_concurrent_entities: 64, max_concurrent_actions: 64}}\nobservers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    actions: [{{type: webhook, url: '{}', {limits}}}]\n",
         receiver.url("/orders")
     );
-    let config = load_str(
-        &yaml,
-        Format::Yaml,
-        "limits.yaml",
-        &LoadOptions {
-            env: &|_: &str| None,
-            missing_env: MissingEnv::Error,
-        },
-    )
-    .unwrap_or_else(|errors| panic!("{errors}"));
-    Executor::new(
-        Arc::new(Matcher::new(config.observers)),
-        ActionRunner::new(Arc::new(config.templates))
-            .unwrap()
-            .with_limits(store),
-        Arc::new(InMemoryDeadLetterQueue::default()),
-        &config.executor,
-    )
+    common::executor_with_runner(&yaml, |runner| runner.with_limits(store))
 }
 
 fn orders(range: std::ops::Range<usize>) -> Vec<EntityEvent> {

@@ -211,15 +211,42 @@ pub fn executor_from_yaml(
     };
     let config = load_str(yaml, Format::Yaml, "test.yaml", &options)
         .unwrap_or_else(|errors| panic!("{errors}"));
-    let runner = ActionRunner::new(Arc::new(config.templates)).unwrap();
     let dead_letters = Arc::new(InMemoryDeadLetterQueue::default());
-    let executor = Executor::new(
+    let executor = build_executor(config, dead_letters.clone(), |runner| runner);
+    (executor, dead_letters)
+}
+
+/// An executor for `yaml` (no environment) whose action runner `customize` equips (breakers,
+/// limits, cache), dead-lettering in memory.
+pub fn executor_with_runner(
+    yaml: &str,
+    customize: impl FnOnce(ActionRunner) -> ActionRunner,
+) -> Executor {
+    let options = LoadOptions {
+        env: &|_: &str| None,
+        missing_env: MissingEnv::Error,
+    };
+    let config = load_str(yaml, Format::Yaml, "test.yaml", &options)
+        .unwrap_or_else(|errors| panic!("{errors}"));
+    build_executor(
+        config,
+        Arc::new(InMemoryDeadLetterQueue::default()),
+        customize,
+    )
+}
+
+fn build_executor(
+    config: fraiseql_observers::config::ObserversConfig,
+    dead_letters: Arc<InMemoryDeadLetterQueue>,
+    customize: impl FnOnce(ActionRunner) -> ActionRunner,
+) -> Executor {
+    let runner = customize(ActionRunner::new(Arc::new(config.templates)).unwrap());
+    Executor::new(
         Arc::new(Matcher::new(config.observers)),
         runner,
-        dead_letters.clone(),
+        dead_letters,
         &config.executor,
-    );
-    (executor, dead_letters)
+    )
 }
 
 pub mod nodes;

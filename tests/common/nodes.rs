@@ -86,3 +86,55 @@ pub fn assert_once_and_in_order(receiver: &Receiver, changes: usize) {
         );
     }
 }
+
+/// Writes version `version` of orders `ids` in one statement.
+pub async fn write_orders(pool: &PgPool, ids: std::ops::Range<i32>, version: i32) {
+    sqlx::query(
+        "INSERT INTO orders SELECT id, $3 FROM generate_series($1, $2) AS id
+         ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+    )
+    .bind(ids.start)
+    .bind(ids.end - 1)
+    .bind(version)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// A steady load: rounds of new versions of orders `0..orders` until finished.
+pub struct Writer {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<usize>,
+}
+
+impl Writer {
+    /// `one_per_transaction`: each order in its own transaction; otherwise a round per statement,
+    /// 5 ms apart.
+    pub fn start(pool: PgPool, orders: i32, one_per_transaction: bool) -> Writer {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopping = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut version, mut changes) = (0, 0_usize);
+            while !stopping.is_cancelled() {
+                version += 1;
+                if one_per_transaction {
+                    for id in 0..orders {
+                        write_orders(&pool, id..id + 1, version).await;
+                    }
+                } else {
+                    write_orders(&pool, 0..orders, version).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                changes += usize::try_from(orders).unwrap();
+            }
+            changes
+        });
+        Writer { stop, task }
+    }
+
+    /// Stops after the round in progress; how many changes were written.
+    pub async fn finish(self) -> usize {
+        self.stop.cancel();
+        self.task.await.unwrap()
+    }
+}

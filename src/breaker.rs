@@ -172,7 +172,7 @@ impl BreakerStore for InMemoryBreakerStore {
 /// clock, `failures`, `probes`), read and changed by Lua scripts so each step is atomic.
 #[derive(Clone)]
 pub struct RedisBreakerStore {
-    connection: redis::aio::ConnectionManager,
+    connection: crate::redis_client::SharedConnection,
     prefix: String,
 }
 
@@ -239,7 +239,7 @@ impl RedisBreakerStore {
     /// A store on an existing managed connection (one per node, shared by every store).
     #[must_use]
     pub fn with_connection(
-        connection: redis::aio::ConnectionManager,
+        connection: crate::redis_client::SharedConnection,
         prefix: impl Into<String>,
     ) -> Self {
         RedisBreakerStore {

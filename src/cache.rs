@@ -137,7 +137,7 @@ impl CacheBackend for InMemoryCache {
 /// The cache in Redis.
 #[derive(Clone)]
 pub struct RedisCache {
-    connection: redis::aio::ConnectionManager,
+    connection: crate::redis_client::SharedConnection,
 }
 
 impl std::fmt::Debug for RedisCache {
@@ -159,7 +159,7 @@ impl RedisCache {
 
     /// A cache on an existing managed connection (one per node, shared by every store).
     #[must_use]
-    pub fn with_connection(connection: redis::aio::ConnectionManager) -> Self {
+    pub fn with_connection(connection: crate::redis_client::SharedConnection) -> Self {
         RedisCache { connection }
     }
 }

@@ -135,7 +135,7 @@ impl DeduplicationStore for InMemoryDeduplicationStore {
 /// backoff, bounded connect and response timeouts, keys under a prefix.
 #[derive(Clone)]
 pub struct RedisDeduplicationStore {
-    connection: redis::aio::ConnectionManager,
+    connection: crate::redis_client::SharedConnection,
     prefix: String,
 }
 
@@ -185,7 +185,7 @@ impl RedisDeduplicationStore {
     /// A store on an existing managed connection (one per node, shared by every store).
     #[must_use]
     pub fn with_connection(
-        connection: redis::aio::ConnectionManager,
+        connection: crate::redis_client::SharedConnection,
         prefix: impl Into<String>,
     ) -> Self {
         RedisDeduplicationStore {

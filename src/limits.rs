@@ -120,7 +120,7 @@ impl LimitStore for InMemoryLimitStore {
 /// Limits shared through Redis.
 #[derive(Clone)]
 pub struct RedisLimitStore {
-    connection: redis::aio::ConnectionManager,
+    connection: crate::redis_client::SharedConnection,
     prefix: String,
 }
 
@@ -173,7 +173,7 @@ impl RedisLimitStore {
     /// A store on an existing managed connection (one per node, shared by every store).
     #[must_use]
     pub fn with_connection(
-        connection: redis::aio::ConnectionManager,
+        connection: crate::redis_client::SharedConnection,
         prefix: impl Into<String>,
     ) -> Self {
         RedisLimitStore {

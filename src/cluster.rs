@@ -81,6 +81,11 @@ pub enum ClusterError {
         "node id {0:?} is already in use by a live node; give every node its own id (--node-id or FRAISEQL_OBSERVERS_NODE_ID)"
     )]
     DuplicateNode(String),
+    #[error(
+        "the lease session did not answer within {}: peers end its leases after the node timeout, so every partition stops here now",
+        humantime::format_duration(*.0)
+    )]
+    Unresponsive(Duration),
 }
 
 impl ClusterError {
@@ -88,7 +93,9 @@ impl ClusterError {
     #[must_use]
     pub fn code(&self) -> ErrorCode {
         match self {
-            ClusterError::Storage(_) => ErrorCode::StorageUnavailable,
+            ClusterError::Storage(_) | ClusterError::Unresponsive(_) => {
+                ErrorCode::StorageUnavailable
+            }
             _ => ErrorCode::ConfigInvalid,
         }
     }
@@ -513,10 +520,15 @@ impl Cluster {
                 continue;
             };
             let draining = self.handle.is_draining();
-            let seen = match lease
-                .observe(&self.node_id, draining, self.settings.node_timeout)
-                .await
-            {
+            // A cut-off or stalled database connection must not keep partitions running here:
+            // past the node timeout, peers end this session and take the partitions over.
+            let observed = tokio::time::timeout(
+                self.settings.node_timeout,
+                lease.observe(&self.node_id, draining, self.settings.node_timeout),
+            )
+            .await
+            .unwrap_or(Err(ClusterError::Unresponsive(self.settings.node_timeout)));
+            let seen = match observed {
                 Ok(seen) => seen,
                 Err(error) => {
                     tracing::error!(%error, partitions = held.len(), "lease session lost: stopping every partition at once");

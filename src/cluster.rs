@@ -110,6 +110,32 @@ pub struct ClusterHandle {
     leading: Arc<std::sync::Mutex<BTreeSet<i32>>>,
     /// When the supervisor last finished a tick (liveness).
     last_tick: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    validity: LeaseValidity,
+}
+
+/// How long this node may still act on its leases: until a little before peers could end them
+/// (the node timeout, counted from the last heartbeat the database confirmed). A node paused or
+/// cut off past that point dispatches nothing more for its partitions — not even the rest of a
+/// page it had read — until a new heartbeat confirms the leases, or it finds them gone.
+#[derive(Clone, Debug, Default)]
+pub struct LeaseValidity(Arc<std::sync::Mutex<Option<std::time::Instant>>>);
+
+impl LeaseValidity {
+    /// Whether the leases are confirmed for now.
+    #[must_use]
+    pub fn holds(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|until| std::time::Instant::now() < until)
+    }
+
+    fn set(&self, until: Option<std::time::Instant>) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = until;
+    }
 }
 
 impl ClusterHandle {
@@ -138,6 +164,11 @@ impl ClusterHandle {
             .last_tick
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    /// The lease validity the executors of this node's partitions check before every attempt.
+    #[must_use]
+    pub fn validity(&self) -> LeaseValidity {
+        self.validity.clone()
     }
     fn set_leading(&self, partitions: impl Iterator<Item = i32>) {
         *self
@@ -378,9 +409,14 @@ impl PartitionRunner {
         partition: i32,
         partition_count: i32,
         stop: CancellationToken,
+        validity: LeaseValidity,
     ) -> Result<(), ListenerError> {
         let pending = Arc::new(PendingCompletions::default());
-        let executor = self.executor.clone().with_settled_sink(pending.clone());
+        let executor = self
+            .executor
+            .clone()
+            .with_settled_sink(pending.clone())
+            .with_lease(validity);
         let settings = ListenerSettings {
             partition,
             partition_count: Some(partition_count),
@@ -522,6 +558,7 @@ impl Cluster {
             let draining = self.handle.is_draining();
             // A cut-off or stalled database connection must not keep partitions running here:
             // past the node timeout, peers end this session and take the partitions over.
+            let sent = std::time::Instant::now();
             let observed = tokio::time::timeout(
                 self.settings.node_timeout,
                 lease.observe(&self.node_id, draining, self.settings.node_timeout),
@@ -529,8 +566,16 @@ impl Cluster {
             .await
             .unwrap_or(Err(ClusterError::Unresponsive(self.settings.node_timeout)));
             let seen = match observed {
-                Ok(seen) => seen,
+                Ok(seen) => {
+                    // Peers may end this session once its heartbeat is a node timeout old; the
+                    // heartbeat was written after `sent`. A fifth of it is the safety margin.
+                    self.handle
+                        .validity
+                        .set(Some(sent + self.settings.node_timeout.mul_f64(0.8)));
+                    seen
+                }
                 Err(error) => {
+                    self.handle.validity.set(None);
                     tracing::error!(%error, partitions = held.len(), "lease session lost: stopping every partition at once");
                     for partition in held.values() {
                         partition.abort.abort();
@@ -710,8 +755,12 @@ impl Cluster {
                 let stop = shutdown.child_token();
                 let runner = self.runner.clone();
                 let stopping = stop.clone();
+                let validity = self.handle.validity();
                 let abort = tasks.spawn(async move {
-                    (partition, runner.run(partition, count, stopping).await)
+                    (
+                        partition,
+                        runner.run(partition, count, stopping, validity).await,
+                    )
                 });
                 held.insert(
                     partition,

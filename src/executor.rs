@@ -57,6 +57,27 @@ pub enum ActionStatus {
     },
 }
 
+impl ActionStatus {
+    /// Whether the action needs nothing more from this page: done, handed to the job queue, or
+    /// failed for good as the observer's policy says. An attempt refused because the node's
+    /// leases are unconfirmed is left to the partition's next leader.
+    #[must_use]
+    pub fn settles(&self, on_failure: FailurePolicy) -> bool {
+        match self {
+            ActionStatus::Failed {
+                code: ErrorCode::FencedOut,
+                ..
+            } => false,
+            ActionStatus::Succeeded { .. }
+            | ActionStatus::AlreadyCompleted
+            | ActionStatus::Enqueued { .. } => true,
+            ActionStatus::Failed { dead_letter, .. } => {
+                dead_letter.is_some() || on_failure == FailurePolicy::Log
+            }
+        }
+    }
+}
+
 /// One action's part in an event's execution.
 #[derive(Clone, Debug, Serialize)]
 pub struct ActionReport {
@@ -155,6 +176,8 @@ pub struct Executor {
     job_routing: bool,
     /// Cross-node claims on side effects.
     dedup: Option<Deduplication>,
+    /// In a cluster: attempts are made only while this node's leases are confirmed.
+    lease: Option<crate::cluster::LeaseValidity>,
 }
 
 /// Claims on side effects shared by the nodes (see [`crate::dedup`]).
@@ -253,6 +276,7 @@ impl Executor {
             settled_sink: None,
             job_routing: false,
             dedup: None,
+            lease: None,
         }
     }
 
@@ -260,6 +284,15 @@ impl Executor {
     #[must_use]
     pub fn with_deduplication(mut self, dedup: Deduplication) -> Executor {
         self.dedup = Some(dedup);
+        self
+    }
+
+    /// Makes every attempt only while `lease` holds: a node paused or cut off past its lease
+    /// leaves the rest of its page to the partition's next leader (the attempt fails with
+    /// [`ErrorCode::FencedOut`], unsettled: no job, no dead letter, the checkpoint stays).
+    #[must_use]
+    pub fn with_lease(mut self, lease: crate::cluster::LeaseValidity) -> Executor {
+        self.lease = Some(lease);
         self
     }
 
@@ -544,6 +577,12 @@ impl Executor {
             Ok(success) => ActionStatus::Succeeded {
                 detail: success.detail,
             },
+            // Not ours to finish: the partition's next leader delivers it.
+            Err(error) if error.code == ErrorCode::FencedOut => ActionStatus::Failed {
+                code: error.code,
+                message: error.message,
+                dead_letter: None,
+            },
             Err(error)
                 if self.job_routing && error.code.is_transient() && remaining_attempts > 0 =>
             {
@@ -567,14 +606,7 @@ impl Executor {
                     .await
             }
         };
-        let settled = match &status {
-            ActionStatus::Succeeded { .. }
-            | ActionStatus::AlreadyCompleted
-            | ActionStatus::Enqueued { .. } => true,
-            ActionStatus::Failed { dead_letter, .. } => {
-                dead_letter.is_some() || observer.on_failure == FailurePolicy::Log
-            }
-        };
+        let settled = status.settles(observer.on_failure);
         // A handed-over action is recorded only with its job, in the checkpoint transaction.
         if settled
             && job.is_none()
@@ -616,6 +648,14 @@ impl Executor {
                     "executor closed",
                 ));
             };
+            if let Some(lease) = &self.lease
+                && !lease.holds()
+            {
+                return Err(AttemptError::new(
+                    ErrorCode::FencedOut,
+                    "this node's leases are not confirmed (no heartbeat within the node timeout): not dispatching",
+                ));
+            }
             match tokio::time::timeout(timeout, self.runner.attempt(action, context)).await {
                 Ok(result) => result,
                 Err(_) => Err(AttemptError::new(

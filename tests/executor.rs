@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::{Receiver, Reply, executor_from_yaml};
 use fraiseql_observers::dlq::DeadLetterQueue;
 use fraiseql_observers::domain::{EntityEvent, EventKind};
+use fraiseql_observers::error::ErrorCode;
 use fraiseql_observers::executor::ActionStatus;
 use serde_json::json;
 
@@ -298,4 +299,55 @@ observers:
     );
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(receiver.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_node_whose_leases_are_unconfirmed_dispatches_nothing_and_settles_nothing() {
+    let receiver = Receiver::start().await;
+    let yaml = format!(
+        r"
+observers:
+  - name: parked
+    entity: Order
+    events: [insert]
+    actions: [{{type: webhook, url: '{}'}}]
+  - name: logged
+    entity: Order
+    events: [insert]
+    on_failure: log
+    actions: [{{type: webhook, url: '{}'}}]
+",
+        receiver.url("/parked"),
+        receiver.url("/logged")
+    );
+    let (executor, dead_letters) = executor_from_yaml(&yaml, &[]);
+    // Never confirmed by a heartbeat: as after a pause or a cut past the node timeout.
+    let fenced = executor.with_lease(fraiseql_observers::cluster::LeaseValidity::default());
+    let event = EntityEvent::new(EventKind::Insert, "Order", "9", json!({}), None);
+
+    let summary = fenced.execute_event(&event).await;
+
+    assert_eq!(summary.actions.len(), 2);
+    for report in &summary.actions {
+        assert!(
+            matches!(
+                report.status,
+                ActionStatus::Failed {
+                    code: ErrorCode::FencedOut,
+                    dead_letter: None,
+                    ..
+                }
+            ),
+            "{report:?}"
+        );
+        assert!(!report.settled, "left to the next leader: {report:?}");
+        assert!(
+            report.job.is_none(),
+            "no job for a fenced action: {report:?}"
+        );
+    }
+    assert!(!summary.settled());
+    assert!(receiver.requests_to("/parked").is_empty());
+    assert!(receiver.requests_to("/logged").is_empty());
+    assert_eq!(dead_letters.count().await.unwrap(), 0);
 }

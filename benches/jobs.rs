@@ -1,7 +1,9 @@
 //! The durable job queue with trivial jobs (a `log` action at trace level, nothing listening):
 //! enqueue + claim + complete throughput with 1 and 4 workers, and pickup latency (enqueue
-//! commit → claim) with workers waiting on LISTEN. The same measurements for graphile-worker are
-//! in `benches/graphile/` (run both: `benches/run-jobs.sh`).
+//! commit → claim) with workers waiting on LISTEN. Every job is a change-log event of its own
+//! entity, as the listener enqueues them: it carries an ordering key, so each claim checks that
+//! no earlier job of the entity is unfinished (none is: nothing is held back). The same
+//! measurements for graphile-worker are in `benches/graphile/` (run both: `benches/run-jobs.sh`).
 //!
 //! Run: `cargo bench --bench jobs` (needs the local PostgreSQL). Prints one JSON line.
 
@@ -30,17 +32,19 @@ fn job_count() -> usize {
 const PICKUPS: usize = 500;
 
 fn job(index: usize) -> NewJob {
+    let mut event = EntityEvent::new(
+        EventKind::Insert,
+        "Job",
+        index.to_string(),
+        json!({"n": index}),
+        None,
+    );
+    event.position = Some(i64::try_from(index).unwrap() + 1);
     NewJob {
         queue: "default".into(),
         priority: 5,
         run_at: None,
-        event: EntityEvent::new(
-            EventKind::Insert,
-            "Job",
-            index.to_string(),
-            json!({"n": index}),
-            None,
-        ),
+        event,
         observer: "trivial".into(),
         action_index: 0,
         action_type: "log".into(),

@@ -8,6 +8,10 @@
 //! - Within [`Executor::execute_batch`], events of the same entity (type + id) are executed one
 //!   after another in batch order; different entities run concurrently, at most
 //!   `max_concurrent_entities` at once.
+//! - With job routing, an action never overtakes an earlier change of its entity that waits in
+//!   the job queue: when the queue holds an unfinished job of the same observer, action and
+//!   entity (as the caller found before the page), or an earlier event of the page was handed to
+//!   the queue, the action is handed to the queue too, behind it, instead of running inline.
 //! - At most `max_concurrent_actions` attempts are in flight in the node; a permit is held only
 //!   during an attempt, never while waiting to retry.
 //! - An action that fails for good is reported in the summary and, per its observer's
@@ -31,7 +35,7 @@ use crate::dedup::{Claim, DeduplicationStore, Unavailable};
 use crate::dlq::{DeadLetterQueue, NewDeadLetter};
 use crate::domain::EntityEvent;
 use crate::error::ErrorCode;
-use crate::jobs::NewJob;
+use crate::jobs::{NewJob, ordering_key};
 use crate::matcher::Matcher;
 use crate::retry::{AttemptError, run_with_retry};
 
@@ -254,6 +258,51 @@ impl Deduplication {
     }
 }
 
+/// What one entity's actions must not overtake while a page runs: the ordering keys that had
+/// unfinished jobs when the page started, and those of this entity the page itself handed to the
+/// queue (or could not settle) for an earlier event.
+#[derive(Debug)]
+struct QueuedAhead<'page> {
+    unfinished_jobs: &'page HashSet<String>,
+    in_page: HashSet<String>,
+}
+
+impl QueuedAhead<'_> {
+    fn holds_back(
+        &self,
+        event: &EntityEvent,
+        observer: &ObserverDefinition,
+        action: &ActionDefinition,
+    ) -> bool {
+        if self.unfinished_jobs.is_empty() && self.in_page.is_empty() {
+            return false;
+        }
+        let key = ordering_key(
+            observer.name.as_str(),
+            action.index,
+            &event.entity_type,
+            &event.entity_id,
+        );
+        self.in_page.contains(&key) || self.unfinished_jobs.contains(&key)
+    }
+
+    /// After one event of the entity: its actions that went to the queue hold back the same
+    /// actions of the entity's later events in the page. So do actions that did not settle: the
+    /// page is read again and they run again, so what follows them must not be done before.
+    fn note_page_hand_overs(&mut self, event: &EntityEvent, summary: &EventSummary) {
+        for report in &summary.actions {
+            if report.job.is_some() || !report.settled {
+                self.in_page.insert(ordering_key(
+                    &report.observer,
+                    report.action_index,
+                    &event.entity_type,
+                    &event.entity_id,
+                ));
+            }
+        }
+    }
+}
+
 /// In-page retries when a job queue can take over: at most this many attempts…
 pub const INLINE_ATTEMPTS_WITH_QUEUE: u32 = 3;
 /// …with delays of at most this, so that one failing target does not hold a page.
@@ -436,6 +485,46 @@ impl Executor {
         events: &[EntityEvent],
         completed: &HashSet<ActionKey>,
     ) -> Vec<EventSummary> {
+        self.execute_page(events, completed, &HashSet::new()).await
+    }
+
+    /// The ordering keys ([`crate::jobs::ordering_key`]) the actions of `events` could have, for
+    /// asking the job queue which of them have unfinished jobs before the page runs; each key once.
+    /// Empty without job routing (actions never wait in a queue then). A superset: observers are
+    /// taken by entity and kind, before their conditions.
+    #[must_use]
+    pub fn ordering_keys(&self, events: &[EntityEvent]) -> Vec<String> {
+        if !self.job_routing {
+            return Vec::new();
+        }
+        let mut keys = HashSet::new();
+        for event in events {
+            for observer in self.matcher.candidates(&event.entity_type, event.kind) {
+                for action in &observer.actions {
+                    keys.insert(ordering_key(
+                        observer.name.as_str(),
+                        action.index,
+                        &event.entity_type,
+                        &event.entity_id,
+                    ));
+                }
+            }
+        }
+        keys.into_iter().collect()
+    }
+
+    /// Executes a change-log page like [`execute_batch_skipping`](Self::execute_batch_skipping),
+    /// keeping per-entity order with the job queue: with job routing, an action whose ordering key
+    /// is in `unfinished_jobs` (the keys [`ordering_keys`](Self::ordering_keys) named that have a
+    /// pending or running job) is handed to the queue behind that job rather than run, and so is
+    /// every later action of the same key in the page once one was handed over (or could not
+    /// settle).
+    pub async fn execute_page(
+        &self,
+        events: &[EntityEvent],
+        completed: &HashSet<ActionKey>,
+        unfinished_jobs: &HashSet<String>,
+    ) -> Vec<EventSummary> {
         let mut groups: Vec<Vec<usize>> = Vec::new();
         let mut group_of_entity: HashMap<(&str, &str), usize> = HashMap::new();
         for (position, event) in events.iter().enumerate() {
@@ -450,10 +539,17 @@ impl Executor {
         let mut summaries: Vec<Option<EventSummary>> = vec![None; events.len()];
         let mut running = futures::stream::iter(groups.into_iter().map(|group| async move {
             let mut done = Vec::with_capacity(group.len());
+            // One entity: what its later events must queue behind.
+            let mut ahead = QueuedAhead {
+                unfinished_jobs,
+                in_page: HashSet::new(),
+            };
             for position in group {
-                let summary = self
-                    .execute_event_skipping(&events[position], completed)
-                    .await;
+                let event = &events[position];
+                let summary = self.execute_event_behind(event, completed, &ahead).await;
+                if self.job_routing {
+                    ahead.note_page_hand_overs(event, &summary);
+                }
                 done.push((position, summary));
             }
             done
@@ -469,14 +565,21 @@ impl Executor {
 
     /// Executes every action of every observer that matches `event`, all at once.
     pub async fn execute_event(&self, event: &EntityEvent) -> EventSummary {
-        self.execute_event_skipping(event, &HashSet::new()).await
+        let nothing_queued = HashSet::new();
+        let ahead = QueuedAhead {
+            unfinished_jobs: &nothing_queued,
+            in_page: HashSet::new(),
+        };
+        self.execute_event_behind(event, &HashSet::new(), &ahead)
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(event_id = %event.id, entity_type = %event.entity_type, entity_id = %event.entity_id, kind = %event.kind))]
-    async fn execute_event_skipping(
+    async fn execute_event_behind(
         &self,
         event: &EntityEvent,
         completed: &HashSet<ActionKey>,
+        ahead: &QueuedAhead<'_>,
     ) -> EventSummary {
         let started = Instant::now();
         let matched: Vec<&ObserverDefinition> = self.matcher.matching(event).collect();
@@ -492,7 +595,7 @@ impl Executor {
             .flat_map(|(observer_position, (observer, envelope))| {
                 observer.actions.iter().map(move |action| async move {
                     let report = self
-                        .execute_action(event, observer, action, envelope, completed)
+                        .execute_action(event, observer, action, envelope, completed, ahead)
                         .await;
                     (observer_position, report)
                 })
@@ -522,6 +625,7 @@ impl Executor {
         action: &ActionDefinition,
         envelope: &serde_json::Value,
         completed: &HashSet<ActionKey>,
+        ahead: &QueuedAhead<'_>,
     ) -> ActionReport {
         let started = Instant::now();
         let key = ActionKey {
@@ -532,7 +636,7 @@ impl Executor {
         if completed.contains(&key) {
             return Self::already_completed(key, action, started);
         }
-        if self.job_routing && action.delivery.mode == DeliveryMode::Async {
+        if self.goes_to_queue_first(event, observer, action, ahead) {
             return Self::enqueued(event, observer, action, key, started);
         }
         let dedup_key = Deduplication::key(event.id, observer.name.as_str(), action.index);
@@ -624,6 +728,28 @@ impl Executor {
             settled,
             job,
         }
+    }
+
+    /// With job routing, whether `action` is handed to the queue without an attempt here: it is
+    /// `mode: async`, or an earlier change of its entity waits in the queue (it must not overtake it).
+    fn goes_to_queue_first(
+        &self,
+        event: &EntityEvent,
+        observer: &ObserverDefinition,
+        action: &ActionDefinition,
+        ahead: &QueuedAhead<'_>,
+    ) -> bool {
+        if !self.job_routing {
+            return false;
+        }
+        if action.delivery.mode == DeliveryMode::Async {
+            return true;
+        }
+        let held_back = ahead.holds_back(event, observer, action);
+        if held_back {
+            tracing::debug!(observer = %observer.name, action_index = action.index, "an earlier change of this entity waits in the job queue; queued behind it");
+        }
+        held_back
     }
 
     /// Runs `action` in the page under its observer's retry policy — kept short when a job queue

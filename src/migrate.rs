@@ -56,6 +56,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0007_handover",
         sql: include_str!("../migrations/0007_handover.sql"),
     },
+    Migration {
+        version: 8,
+        name: "0008_job_order",
+        sql: include_str!("../migrations/0008_job_order.sql"),
+    },
 ];
 
 impl Migration {

@@ -588,3 +588,390 @@ async fn a_running_worker_releases_prefetched_jobs_and_finishes_the_running_one_
     );
     assert_eq!(receiver.request_count(), 1);
 }
+
+/// A job for change-log position `position` of order `entity_id`: it carries an ordering key.
+fn ordered_job(entity_id: &str, position: i64, priority: i16) -> NewJob {
+    let mut job = new_job(entity_id, priority);
+    job.event.position = Some(position);
+    job
+}
+
+fn entities(jobs: &[fraiseql_observers::jobs::Job]) -> Vec<(String, i64)> {
+    let mut claimed: Vec<(String, i64)> = jobs
+        .iter()
+        .map(|job| (job.event.entity_id.clone(), job.event.position.unwrap()))
+        .collect();
+    claimed.sort();
+    claimed
+}
+
+#[tokio::test]
+async fn a_later_job_of_an_entity_waits_while_an_earlier_one_is_pending_or_running() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    // Order 1 has three changes in the queue, order 2 one; the later changes of order 1 even
+    // have a higher priority.
+    enqueue_batch(
+        &database.pool,
+        &[
+            ordered_job("1", 10, 5),
+            ordered_job("1", 11, 9),
+            ordered_job("1", 12, 9),
+            ordered_job("2", 13, 5),
+        ],
+    )
+    .await
+    .unwrap();
+    let stored: Vec<(Option<String>, Option<i64>)> = sqlx::query_as(
+        "SELECT ordering_key, ordinal FROM fraiseql_observers.jobs ORDER BY ordinal",
+    )
+    .fetch_all(&database.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        stored[0],
+        (Some(r#"["orders",0,"Order","1"]"#.to_owned()), Some(10)),
+        "enqueue stores the ordering key and the change-log position"
+    );
+
+    let first = jobs.claim("default", 10).await.unwrap();
+    assert_eq!(
+        entities(&first),
+        [("1".to_owned(), 10), ("2".to_owned(), 13)],
+        "one job per entity: the earliest; the other entity is not held back"
+    );
+    assert!(
+        jobs.claim("default", 10).await.unwrap().is_empty(),
+        "order 1's next change waits while its first one runs"
+    );
+
+    // The first change fails and is rescheduled: pending again, but not due. The next change
+    // still waits (it is due, but an earlier job of its key is unfinished).
+    let running = first.iter().find(|job| job.event.entity_id == "1").unwrap();
+    let unavailable = AttemptError::new(ErrorCode::RemoteUnavailable, "HTTP 503: down");
+    assert!(matches!(
+        jobs.fail(running, &unavailable).await.unwrap(),
+        FailOutcome::Rescheduled { .. }
+    ));
+    assert!(
+        jobs.claim("default", 10).await.unwrap().is_empty(),
+        "a rescheduled earlier change still holds the later ones back"
+    );
+
+    sqlx::query("UPDATE fraiseql_observers.jobs SET run_at = now() WHERE id = $1")
+        .bind(running.id)
+        .execute(&database.pool)
+        .await
+        .unwrap();
+    let retried = jobs.claim("default", 10).await.unwrap();
+    assert_eq!(entities(&retried), [("1".to_owned(), 10)]);
+
+    // Completing it and claiming in one statement hands out the next change at once.
+    let other = first.iter().find(|job| job.event.entity_id == "2").unwrap();
+    let (completed, next) = jobs
+        .complete_and_claim(&[retried[0].id, other.id], "default", 10)
+        .await
+        .unwrap();
+    assert_eq!(completed.len(), 2);
+    assert_eq!(entities(&next), [("1".to_owned(), 11)]);
+    let (_, last) = jobs
+        .complete_and_claim(&[next[0].id], "default", 10)
+        .await
+        .unwrap();
+    assert_eq!(entities(&last), [("1".to_owned(), 12)]);
+}
+
+#[tokio::test]
+async fn a_completion_this_node_no_longer_holds_does_not_release_the_next_job() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    enqueue_batch(
+        &database.pool,
+        &[ordered_job("1", 1, 5), ordered_job("1", 2, 5)],
+    )
+    .await
+    .unwrap();
+    let claimed = jobs.claim("default", 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    // Another node holds the first job now (this node's claim expired and was taken over).
+    let (completed, next) = queue(&database, "b")
+        .complete_and_claim(&[claimed[0].id], "default", 10)
+        .await
+        .unwrap();
+    assert!(completed.is_empty(), "node b did not hold it");
+    assert!(
+        next.is_empty(),
+        "the first job is still running under node a: the second must wait"
+    );
+}
+
+#[tokio::test]
+async fn dead_lettered_and_cancelled_jobs_do_not_hold_later_ones_back() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    let mut notifications = sqlx::postgres::PgListener::connect_with(&database.pool)
+        .await
+        .unwrap();
+    notifications
+        .listen(fraiseql_observers::jobs::JOBS_CHANNEL)
+        .await
+        .unwrap();
+    enqueue_batch(
+        &database.pool,
+        &[
+            ordered_job("poison", 1, 5),
+            ordered_job("poison", 2, 5),
+            ordered_job("cancelled", 3, 5),
+            ordered_job("cancelled", 4, 5),
+        ],
+    )
+    .await
+    .unwrap();
+    // The insert's own notification.
+    tokio::time::timeout(Duration::from_secs(5), notifications.recv())
+        .await
+        .unwrap()
+        .unwrap();
+
+    let first = jobs.claim("default", 10).await.unwrap();
+    assert_eq!(
+        entities(&first),
+        [("cancelled".to_owned(), 3), ("poison".to_owned(), 1)]
+    );
+    // The poison change is rejected for good: dead-lettered.
+    let poison = first
+        .iter()
+        .find(|job| job.event.entity_id == "poison")
+        .unwrap();
+    let outcome = jobs
+        .fail(
+            poison,
+            &AttemptError::new(ErrorCode::RemoteRejected, "HTTP 400"),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, FailOutcome::DeadLettered { .. }),
+        "{outcome:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), notifications.recv())
+        .await
+        .expect("dead-lettering an ordered job wakes the workers for the next one")
+        .unwrap();
+    let after_poison = jobs.claim("default", 10).await.unwrap();
+    assert_eq!(
+        entities(&after_poison),
+        [("poison".to_owned(), 2)],
+        "the change after the dead-lettered one runs"
+    );
+
+    // The other entity's first job is given back and then cancelled before it runs again.
+    let cancelled = first
+        .iter()
+        .find(|job| job.event.entity_id == "cancelled")
+        .unwrap();
+    assert!(jobs.release(cancelled.id).await.unwrap());
+    let again = jobs.claim("default", 10).await.unwrap();
+    assert_eq!(
+        entities(&again),
+        [("cancelled".to_owned(), 3)],
+        "released, the first job is pending again and still first"
+    );
+    assert!(jobs.release(cancelled.id).await.unwrap());
+    assert!(jobs.cancel(cancelled.id).await.unwrap());
+    tokio::time::timeout(Duration::from_secs(5), notifications.recv())
+        .await
+        .expect("cancelling an ordered job wakes the workers for the next one")
+        .unwrap();
+    assert_eq!(
+        entities(&jobs.claim("default", 10).await.unwrap()),
+        [("cancelled".to_owned(), 4)]
+    );
+}
+
+#[tokio::test]
+async fn jobs_without_a_change_log_position_are_not_ordered() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    // Same entity, no position (not from the change log, or enqueued before ordering existed).
+    enqueue_batch(&database.pool, &[new_job("1", 5), new_job("1", 5)])
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO fraiseql_observers.jobs (id, queue, max_attempts, backoff_initial_ms, backoff_max_ms,
+                idempotency_key, event_id, observer, action_index, action_type, event)
+         SELECT gen_random_uuid(), 'default', 3, 0, 0, 'legacy:' || g, gen_random_uuid(), 'orders', 0,
+                'webhook', (SELECT event FROM fraiseql_observers.jobs LIMIT 1)
+           FROM generate_series(1, 2) AS g",
+    )
+    .execute(&database.pool)
+    .await
+    .unwrap();
+    let keys: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM fraiseql_observers.jobs WHERE ordering_key IS NOT NULL",
+    )
+    .fetch_one(&database.pool)
+    .await
+    .unwrap();
+    assert_eq!(keys, 0);
+    assert_eq!(
+        jobs.claim("default", 10).await.unwrap().len(),
+        4,
+        "unordered jobs are claimed together, as before"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_workers_run_one_entitys_jobs_one_at_a_time_in_change_order() {
+    let database = TestDatabase::migrated().await;
+    let receiver = Receiver::start().await;
+    // The target fails now and then; a failed attempt is rescheduled (with backoff) and must
+    // still come before the entity's later changes.
+    receiver.script(
+        "/jobs",
+        [503, 200, 200, 503, 503, 200, 503, 200, 200, 200, 503]
+            .into_iter()
+            .map(Reply::status),
+    );
+    let mut batch = Vec::new();
+    let mut position = 0;
+    for _change in 0..8 {
+        for entity in ["a", "b", "c"] {
+            position += 1;
+            let mut job = ordered_job(entity, position, 5);
+            job.initial_delay = Duration::from_millis(5);
+            job.max_delay = Duration::from_millis(50);
+            job.max_attempts = 20;
+            batch.push(job);
+        }
+    }
+    enqueue_batch(&database.pool, &batch).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let workers: Vec<_> = (0..4)
+        .map(|index| {
+            tokio::spawn(worker(&database, &receiver, &format!("w{index}")).run(shutdown.clone()))
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let unfinished: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM fraiseql_observers.jobs WHERE status <> 'completed'",
+        )
+        .fetch_one(&database.pool)
+        .await
+        .unwrap();
+        if unfinished == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{unfinished} jobs did not complete"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+
+    let requests = receiver.requests_to("/jobs");
+    for entity in ["a", "b", "c"] {
+        let of_entity: Vec<&common::Recorded> = requests
+            .iter()
+            .filter(|request| request.json()["entity_id"] == entity)
+            .collect();
+        let delivered: Vec<i64> = of_entity
+            .iter()
+            .filter(|request| request.status == 200)
+            .map(|request| position_of(&batch, request))
+            .collect();
+        let expected: Vec<i64> = batch
+            .iter()
+            .filter(|job| job.event.entity_id == entity)
+            .map(|job| job.event.position.unwrap())
+            .collect();
+        assert_eq!(
+            delivered, expected,
+            "entity {entity}: delivered in change order, once each"
+        );
+        // One at a time: each attempt of the entity starts after the previous one was answered.
+        for pair in of_entity.windows(2) {
+            assert!(
+                pair[1].arrived >= pair[0].answered.unwrap(),
+                "entity {entity}: two attempts overlapped"
+            );
+        }
+    }
+    assert!(
+        requests.iter().any(|request| request.status == 503),
+        "the script's failures were used"
+    );
+}
+
+/// The change-log position of the job a request delivered (found by its idempotency key).
+fn position_of(batch: &[NewJob], request: &common::Recorded) -> i64 {
+    let key = request.header("idempotency-key").unwrap();
+    batch
+        .iter()
+        .find(|job| job.idempotency_key() == key)
+        .and_then(|job| job.event.position)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_job_of_an_entity_does_not_wait_for_a_slow_job_of_another() {
+    let database = TestDatabase::migrated().await;
+    let receiver = Receiver::start().await;
+    let yaml = format!(
+        "observers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    actions: [{{type: webhook, url: '{}'}}]\n  - name: slow\n    entity: Order\n    events: [insert]\n    actions: [{{type: webhook, url: '{}', timeout: 10s}}]\n",
+        receiver.url("/jobs"),
+        receiver.url("/delay/2000")
+    );
+    let no_env = |_: &str| None;
+    let config = load_str(
+        &yaml,
+        Format::Yaml,
+        "jobs.yaml",
+        &LoadOptions {
+            env: &no_env,
+            missing_env: MissingEnv::Error,
+        },
+    )
+    .unwrap();
+    let worker = JobWorker::new(
+        queue(&database, "w"),
+        "default",
+        ActionRunner::new(Arc::new(config.templates)).unwrap(),
+        Arc::new(Matcher::new(config.observers)),
+        Duration::from_secs(10),
+    );
+    let mut slow = ordered_job("other", 1, 5);
+    slow.observer = "slow".into();
+    enqueue_batch(
+        &database.pool,
+        &[slow, ordered_job("1", 2, 5), ordered_job("1", 3, 5)],
+    )
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while receiver.requests_to("/jobs").len() < 2 || receiver.requests_to("/delay/2000").is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the jobs did not run"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let slow_call = receiver.requests_to("/delay/2000").remove(0);
+    let second_change = receiver.requests_to("/jobs").remove(1);
+    assert!(
+        slow_call
+            .answered
+            .is_none_or(|answered| second_change.arrived < answered),
+        "the entity's second job was claimed only after the slow job of another finished"
+    );
+    shutdown.cancel();
+    running.await.unwrap();
+}

@@ -1,5 +1,6 @@
 //! Routing actions through the job queue from the change-log listener: `mode: async`, hand-over
-//! of inline transient failures, atomic enqueue with the checkpoint, no re-enqueue on replay.
+//! of inline transient failures, atomic enqueue with the checkpoint, no re-enqueue on replay, and
+//! per-entity order between inline actions and jobs.
 
 mod common;
 
@@ -7,16 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::postgres::TestDatabase;
-use common::{Receiver, Reply};
+use common::{Receiver, Recorded, Reply};
 use fraiseql_observers::actions::ActionRunner;
+use fraiseql_observers::breaker::{BreakerPolicy, Breakers, InMemoryBreakerStore};
 use fraiseql_observers::checkpoint::PostgresCheckpointStore;
 use fraiseql_observers::cluster::ClusterSettings;
 use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, ObserversConfig, load_str};
 use fraiseql_observers::dlq::PostgresDeadLetterQueue;
 use fraiseql_observers::executor::{ActionStatus, Executor};
+use fraiseql_observers::jobs::{JobWorker, PostgresJobQueue};
 use fraiseql_observers::listener::{Listener, ListenerError, ListenerSettings};
 use fraiseql_observers::matcher::Matcher;
-use fraiseql_observers::node::Node;
+use fraiseql_observers::node::{Node, SharedState};
 use tokio_util::sync::CancellationToken;
 
 fn config(receiver: &Receiver, action_extra: &str) -> ObserversConfig {
@@ -243,4 +246,321 @@ async fn a_replayed_page_does_not_enqueue_again_and_a_fenced_page_enqueues_nothi
     );
     second.deliver_page().await.unwrap();
     assert_eq!(job_count(&database).await, 2);
+}
+
+/// `orders (id, version)` tracked as `Order`; an observer on inserts and updates whose webhook
+/// posts to the receiver's `/orders`, with a retry budget larger than any failure streak below.
+async fn prepare_versioned(database: &TestDatabase) {
+    sqlx::raw_sql("CREATE TABLE orders (id int PRIMARY KEY, version int NOT NULL); SELECT core.observer_track_table('orders'::regclass, 'Order');")
+        .execute(&database.pool)
+        .await
+        .unwrap();
+}
+
+fn versioned_config(
+    receiver: &Receiver,
+    workers: usize,
+    initial_delay: &str,
+    max_delay: &str,
+) -> ObserversConfig {
+    let yaml = format!(
+        "jobs: {{workers: {{default: {workers}}}}}\nobservers:\n  - name: orders\n    entity: Order\n    events: [insert, update]\n    retry: {{max_attempts: 30, initial_delay: {initial_delay}, max_delay: {max_delay}}}\n    actions:\n      - {{type: webhook, url: '{}'}}\n",
+        receiver.url("/orders")
+    );
+    let no_env = |_: &str| None;
+    load_str(
+        &yaml,
+        Format::Yaml,
+        "ordered.yaml",
+        &LoadOptions {
+            env: &no_env,
+            missing_env: MissingEnv::Error,
+        },
+    )
+    .unwrap()
+}
+
+async fn write(database: &TestDatabase, sql: &str) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&database.pool)
+        .await
+        .unwrap();
+}
+
+/// The versions of order `id` the receiver accepted (answered 200), in the order it accepted them.
+fn delivered_versions(receiver: &Receiver, id: i64) -> Vec<i64> {
+    receiver
+        .requests_to("/orders")
+        .iter()
+        .filter(|request| request.status == 200)
+        .map(Recorded::json)
+        .filter(|body| body["data"]["id"] == id)
+        .map(|body| body["data"]["version"].as_i64().unwrap())
+        .collect()
+}
+
+async fn unfinished_jobs(database: &TestDatabase) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM fraiseql_observers.jobs WHERE status IN ('pending', 'running')",
+    )
+    .fetch_one(&database.pool)
+    .await
+    .unwrap()
+}
+
+/// Each event's first action: its status and attempts.
+fn statuses(outcome: &fraiseql_observers::listener::PageOutcome) -> Vec<(ActionStatus, u32)> {
+    outcome
+        .summaries
+        .iter()
+        .map(|summary| {
+            let report = &summary.actions[0];
+            (report.status.clone(), report.attempts)
+        })
+        .collect()
+}
+
+/// Runs `workers` job workers for [`versioned_config`] concurrently until no job is pending or
+/// running.
+async fn drain_queue(database: &TestDatabase, receiver: &Receiver, workers: usize) {
+    let shutdown = CancellationToken::new();
+    let running: Vec<_> = (0..workers)
+        .map(|index| {
+            let config = versioned_config(receiver, 1, "10ms", "50ms");
+            let worker = JobWorker::new(
+                PostgresJobQueue::new(
+                    database.pool.clone(),
+                    format!("w{index}"),
+                    Duration::from_secs(30),
+                ),
+                "default",
+                ActionRunner::new(Arc::new(config.templates)).unwrap(),
+                Arc::new(Matcher::new(config.observers)),
+                Duration::from_millis(100),
+            );
+            tokio::spawn(worker.run(shutdown.clone()))
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while unfinished_jobs(database).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queue did not drain"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    for task in running {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_does_not_overtake_an_earlier_change_of_its_entity_waiting_in_the_queue() {
+    let database = TestDatabase::migrated().await;
+    prepare_versioned(&database).await;
+    let receiver = Receiver::start().await;
+    let mut listener = start_listener(
+        &database,
+        listener_parts(&database, versioned_config(&receiver, 1, "10ms", "50ms")),
+        "n",
+    )
+    .await;
+    let enqueued = ActionStatus::Enqueued {
+        queue: "default".into(),
+    };
+
+    // Order 1's first change outlasts the in-page retry: handed to the queue.
+    receiver.script("/orders", [503, 503, 503].map(Reply::status));
+    write(&database, "INSERT INTO orders VALUES (1, 1)").await;
+    let first = listener.deliver_page().await.unwrap();
+    assert_eq!(statuses(&first), [(enqueued.clone(), 3)]);
+
+    // The target is back. Order 1's next change must not be delivered before the first: it
+    // queues behind it without an attempt. Order 2 is not held back.
+    write(
+        &database,
+        "UPDATE orders SET version = 2 WHERE id = 1; INSERT INTO orders VALUES (2, 1);",
+    )
+    .await;
+    let second = listener.deliver_page().await.unwrap();
+    assert_eq!(
+        statuses(&second),
+        [
+            (enqueued.clone(), 0),
+            (
+                ActionStatus::Succeeded {
+                    detail: "HTTP 200".into()
+                },
+                1
+            )
+        ]
+    );
+    assert_eq!(delivered_versions(&receiver, 1), Vec::<i64>::new());
+    assert_eq!(delivered_versions(&receiver, 2), [1]);
+
+    // Within one page: order 3's first change is handed over after failing, so its later
+    // changes in the same page follow it into the queue, though the target answers them.
+    receiver.script("/orders", [503, 503, 503].map(Reply::status));
+    write(
+        &database,
+        "INSERT INTO orders VALUES (3, 1); UPDATE orders SET version = 2 WHERE id = 3; UPDATE orders SET version = 3 WHERE id = 3;",
+    )
+    .await;
+    let third = listener.deliver_page().await.unwrap();
+    assert_eq!(
+        statuses(&third),
+        [(enqueued.clone(), 3), (enqueued.clone(), 0), (enqueued, 0)]
+    );
+    assert_eq!(
+        receiver.request_count(),
+        3 + 1 + 3,
+        "no attempt for the queued changes"
+    );
+    // The queued changes carry their order, and the whole retry budget (nothing was spent).
+    let queued: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT ordering_key, max_attempts FROM fraiseql_observers.jobs ORDER BY ordinal",
+    )
+    .fetch_all(&database.pool)
+    .await
+    .unwrap();
+    let order_1 = r#"["orders",0,"Order","1"]"#.to_owned();
+    let order_3 = r#"["orders",0,"Order","3"]"#.to_owned();
+    assert_eq!(
+        queued,
+        [
+            (order_1.clone(), 27),
+            (order_1, 30),
+            (order_3.clone(), 27),
+            (order_3.clone(), 30),
+            (order_3, 30)
+        ]
+    );
+
+    // Workers deliver the queue in change order per entity.
+    drain_queue(&database, &receiver, 3).await;
+    assert_eq!(delivered_versions(&receiver, 1), [1, 2]);
+    assert_eq!(delivered_versions(&receiver, 2), [1]);
+    assert_eq!(delivered_versions(&receiver, 3), [1, 2, 3]);
+
+    // With the queue empty, the entity's next change runs inline again.
+    write(&database, "UPDATE orders SET version = 3 WHERE id = 1").await;
+    let fourth = listener.deliver_page().await.unwrap();
+    assert!(matches!(
+        fourth.summaries[0].actions[0].status,
+        ActionStatus::Succeeded { .. }
+    ));
+    assert_eq!(delivered_versions(&receiver, 1), [1, 2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_delivers_every_change_in_order_once_the_target_recovers() {
+    let database = TestDatabase::migrated().await;
+    prepare_versioned(&database).await;
+    let receiver = Receiver::start().await;
+    // Down for the first 12 calls — each order's first change fails its 3 inline attempts and
+    // its first attempt as a job — then up, while those jobs wait 300-600 ms for their retry.
+    receiver.script("/orders", std::iter::repeat_n(Reply::status(503), 12));
+    let shared = SharedState {
+        // No circuit breaking here: the calls themselves show the outage and the recovery.
+        breakers: Breakers {
+            store: Arc::new(InMemoryBreakerStore::default()),
+            policy: BreakerPolicy {
+                consecutive_failures: 1_000,
+                ..BreakerPolicy::default()
+            },
+        },
+        ..SharedState::default()
+    };
+    let node = Node::build_with_shared_state(
+        database.pool.clone(),
+        versioned_config(&receiver, 4, "300ms", "600ms"),
+        ListenerSettings {
+            poll_interval: Duration::from_millis(50),
+            ..ListenerSettings::default()
+        },
+        ClusterSettings::default(),
+        shared,
+    )
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(node.run_until_stopped(shutdown.clone()));
+
+    // Three orders, 25 versions each over about a second: one change per transaction, and every
+    // fifth version of all three in one transaction (one page).
+    let versions = 25;
+    write(
+        &database,
+        "INSERT INTO orders VALUES (1, 1), (2, 1), (3, 1)",
+    )
+    .await;
+    for version in 2..=versions {
+        if version % 5 == 0 {
+            write(
+                &database,
+                &format!("UPDATE orders SET version = {version} WHERE id IN (1, 2, 3)"),
+            )
+            .await;
+        } else {
+            for id in 1..=3 {
+                write(
+                    &database,
+                    &format!("UPDATE orders SET version = {version} WHERE id = {id}"),
+                )
+                .await;
+            }
+        }
+        // Spread the changes over the outage and the recovery.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+
+    let expected: Vec<i64> = (1..=versions).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_mins(1);
+    loop {
+        let done = (1..=3).all(|id| delivered_versions(&receiver, id).len() >= expected.len());
+        if done && unfinished_jobs(&database).await == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not delivered in time: {:?}",
+            (1..=3)
+                .map(|id| delivered_versions(&receiver, id))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+
+    for id in 1..=3 {
+        assert_eq!(
+            delivered_versions(&receiver, id),
+            expected,
+            "order {id}: every change delivered once, in change order"
+        );
+    }
+    let failures = receiver
+        .requests_to("/orders")
+        .iter()
+        .filter(|request| request.status == 503)
+        .count();
+    assert_eq!(failures, 12, "the outage was seen");
+    let (jobs, retried): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE attempts > 1) FROM fraiseql_observers.jobs",
+    )
+    .fetch_one(&database.pool)
+    .await
+    .unwrap();
+    assert!(
+        jobs > 3 && retried >= 3,
+        "changes queued behind the retried jobs: {jobs} jobs, {retried} retried"
+    );
+    let dead_letters: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM fraiseql_observers.dead_letters")
+            .fetch_one(&database.pool)
+            .await
+            .unwrap();
+    assert_eq!(dead_letters, 0);
 }

@@ -7,6 +7,11 @@
 //! Invariants:
 //! - A job is claimed by one worker at a time (`FOR UPDATE SKIP LOCKED`), most important first
 //!   (priority 10 → 0), then oldest `run_at`.
+//! - Jobs of one observer's action for one entity run one at a time, in change order: a job with
+//!   an ordering key (see [`ordering_key`]) is claimable only while no job with the same key and a
+//!   smaller ordinal (change-log position) is pending or running. Completed, failed
+//!   (dead-lettered) and cancelled jobs hold nothing back, so a poison event does not stall its
+//!   entity; jobs without a key are not ordered.
 //! - A claimed job is held under a visibility timeout its worker keeps extending; if the worker
 //!   dies, the job is pending again once the timeout passes (and the lost attempt is counted and
 //!   recorded). A slow job whose worker is alive keeps its claim.
@@ -17,6 +22,7 @@
 
 mod worker;
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -59,6 +65,39 @@ impl NewJob {
     pub fn idempotency_key(&self) -> String {
         format!("{}:{}:{}", self.event.id, self.observer, self.action_index)
     }
+
+    /// The key whose jobs run one at a time in [`ordinal`](Self::ordinal) order; `None` for an
+    /// event that does not come from the change log (it has no position to order by).
+    #[must_use]
+    pub fn ordering_key(&self) -> Option<String> {
+        self.event.position.map(|_| {
+            ordering_key(
+                &self.observer,
+                self.action_index,
+                &self.event.entity_type,
+                &self.event.entity_id,
+            )
+        })
+    }
+
+    /// The event's change-log position: per entity, the order the changes were made in.
+    #[must_use]
+    pub fn ordinal(&self) -> Option<i64> {
+        self.event.position
+    }
+}
+
+/// The ordering key of one observer's action for one entity: `["<observer>",<action
+/// index>,"<entity type>","<entity id>"]`, a JSON array, so that no entity id can make two keys
+/// collide.
+#[must_use]
+pub fn ordering_key(
+    observer: &str,
+    action_index: usize,
+    entity_type: &str,
+    entity_id: &str,
+) -> String {
+    serde_json::json!([observer, action_index, entity_type, entity_id]).to_string()
 }
 
 /// One failed attempt, as kept in a job's history.
@@ -226,6 +265,9 @@ impl PostgresJobQueue {
     ) -> Result<(Vec<Uuid>, Vec<Job>), JobError> {
         // Both updates see the same snapshot; they touch disjoint rows (running vs pending).
         // The outer join yields one row even when nothing was claimed, carrying the completions.
+        // A job waits while an earlier job of its ordering key is unfinished; one this statement
+        // completes (`done`, as actually updated) no longer counts, so the next job of an entity
+        // is claimed in the same round trip that completes the one before it.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "WITH done AS (
                  UPDATE fraiseql_observers.jobs AS job
@@ -237,9 +279,16 @@ impl PostgresJobQueue {
                  UPDATE fraiseql_observers.jobs AS job
                     SET status = 'running', attempts = job.attempts + 1, locked_by = $3,
                         locked_until = now() + make_interval(secs => $5), started_at = now()
-                  WHERE job.id IN (SELECT id FROM fraiseql_observers.jobs
-                                    WHERE queue = $2 AND status = 'pending' AND run_at <= now()
-                                    ORDER BY priority DESC, run_at
+                  WHERE job.id IN (SELECT candidate.id FROM fraiseql_observers.jobs AS candidate
+                                    WHERE candidate.queue = $2 AND candidate.status = 'pending'
+                                      AND candidate.run_at <= now()
+                                      AND NOT EXISTS (
+                                          SELECT FROM fraiseql_observers.jobs AS earlier
+                                           WHERE earlier.ordering_key = candidate.ordering_key
+                                             AND earlier.ordinal < candidate.ordinal
+                                             AND earlier.status IN ('pending', 'running')
+                                             AND earlier.id NOT IN (SELECT id FROM done))
+                                    ORDER BY candidate.priority DESC, candidate.run_at
                                     LIMIT $4
                                     FOR UPDATE SKIP LOCKED)
               RETURNING {JOB_COLUMNS})
@@ -371,17 +420,24 @@ impl PostgresJobQueue {
                 }),
             );
         }
-        let held = sqlx::query(
-            "UPDATE fraiseql_observers.jobs
-                SET status = 'failed', finished_at = now(), errors = errors || $3, locked_by = NULL, locked_until = NULL
-              WHERE id = $1 AND status = 'running' AND locked_by = $2",
+        // Failed for good, it no longer holds back the later jobs of its ordering key, and no
+        // insert will wake the workers for them: notify (at commit).
+        let (held, _woken): (i64, i64) = sqlx::query_as(
+            "WITH failed AS (
+                 UPDATE fraiseql_observers.jobs
+                    SET status = 'failed', finished_at = now(), errors = errors || $3, locked_by = NULL, locked_until = NULL
+                  WHERE id = $1 AND status = 'running' AND locked_by = $2
+              RETURNING ordering_key),
+             woken AS (SELECT pg_notify($4, '') FROM failed WHERE ordering_key IS NOT NULL)
+             SELECT (SELECT count(*) FROM failed), (SELECT count(*) FROM woken)",
         )
         .bind(job.id)
         .bind(&self.node_id)
         .bind(&entry_json)
-        .execute(&mut *transaction)
+        .bind(JOBS_CHANNEL)
+        .fetch_one(&mut *transaction)
         .await?;
-        if held.rows_affected() == 0 {
+        if held == 0 {
             transaction.rollback().await?;
             return Ok(FailOutcome::NotHeld);
         }
@@ -456,14 +512,20 @@ impl PostgresJobQueue {
     /// # Errors
     /// Storage failed.
     pub async fn cancel(&self, id: Uuid) -> Result<bool, JobError> {
-        let result = sqlx::query(
-            "UPDATE fraiseql_observers.jobs SET status = 'cancelled', finished_at = now()
-              WHERE id = $1 AND status = 'pending'",
+        // Like a dead-lettered job, a cancelled one lets the next job of its key run: notify.
+        let (cancelled, _woken): (i64, i64) = sqlx::query_as(
+            "WITH cancelled AS (
+                 UPDATE fraiseql_observers.jobs SET status = 'cancelled', finished_at = now()
+                  WHERE id = $1 AND status = 'pending'
+              RETURNING ordering_key),
+             woken AS (SELECT pg_notify($2, '') FROM cancelled WHERE ordering_key IS NOT NULL)
+             SELECT (SELECT count(*) FROM cancelled), (SELECT count(*) FROM woken)",
         )
         .bind(id)
-        .execute(&self.pool)
+        .bind(JOBS_CHANNEL)
+        .fetch_one(&self.pool)
         .await?;
-        Ok(result.rows_affected() == 1)
+        Ok(cancelled == 1)
     }
 
     /// Makes jobs whose claim expired (their worker died or hung) pending again, recording the
@@ -582,6 +644,8 @@ pub async fn enqueue_batch<'connection>(
     let mut indexes = Vec::with_capacity(jobs.len());
     let mut types = Vec::with_capacity(jobs.len());
     let mut events = Vec::with_capacity(jobs.len());
+    let mut ordering_keys = Vec::with_capacity(jobs.len());
+    let mut ordinals = Vec::with_capacity(jobs.len());
     let now = Utc::now();
     for job in jobs {
         ids.push(Uuid::now_v7());
@@ -597,13 +661,16 @@ pub async fn enqueue_batch<'connection>(
         indexes.push(i32::try_from(job.action_index).unwrap_or(i32::MAX));
         types.push(job.action_type.clone());
         events.push(serde_json::to_value(&job.event).unwrap_or_default());
+        ordering_keys.push(job.ordering_key());
+        ordinals.push(job.ordinal());
     }
     let inserted: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO fraiseql_observers.jobs
              (id, queue, priority, run_at, max_attempts, backoff_initial_ms, backoff_max_ms,
-              idempotency_key, event_id, observer, action_index, action_type, event)
+              idempotency_key, event_id, observer, action_index, action_type, event, ordering_key, ordinal)
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::smallint[], $4::timestamptz[], $5::int[], $6::bigint[],
-                              $7::bigint[], $8::text[], $9::uuid[], $10::text[], $11::int[], $12::text[], $13::jsonb[])
+                              $7::bigint[], $8::text[], $9::uuid[], $10::text[], $11::int[], $12::text[], $13::jsonb[],
+                              $14::text[], $15::bigint[])
          ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING id",
     )
@@ -620,14 +687,54 @@ pub async fn enqueue_batch<'connection>(
     .bind(indexes)
     .bind(types)
     .bind(events)
+    .bind(ordering_keys)
+    .bind(ordinals)
     .fetch_all(executor)
     .await?;
     Ok(inserted)
 }
 
+/// Which of `keys` (see [`ordering_key`]) have a job still pending or running — the work a later
+/// event of the same entity must not overtake. Empty `keys` ask nothing.
+///
+/// # Errors
+/// Storage failed.
+pub async fn unfinished_ordering_keys<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = Postgres>,
+    keys: &[String],
+) -> Result<HashSet<String>, JobError> {
+    if keys.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let unfinished: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT ordering_key FROM fraiseql_observers.jobs
+          WHERE ordering_key = ANY($1) AND status IN ('pending', 'running')",
+    )
+    .bind(keys)
+    .fetch_all(executor)
+    .await?;
+    Ok(unfinished.into_iter().collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ordering_keys_cannot_collide_through_separators_in_ids() {
+        assert_eq!(
+            ordering_key("orders", 0, "Order", "42"),
+            r#"["orders",0,"Order","42"]"#
+        );
+        assert_ne!(
+            ordering_key("orders", 0, "Order:1", "2"),
+            ordering_key("orders", 0, "Order", "1:2")
+        );
+        assert_ne!(
+            ordering_key("orders", 0, "Order", r#"1","x"#),
+            ordering_key("orders", 0, "Order", "1")
+        );
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_within_the_cap() {

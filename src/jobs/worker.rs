@@ -4,7 +4,9 @@
 //! The running loop keeps up to `claim_batch` attempts in flight and at most as many claimed jobs
 //! ready behind them. The next claim is sent while jobs run and carries the completions gathered
 //! so far, so one statement (one commit) both completes the last jobs and claims the next ones,
-//! and the database round trip overlaps the work instead of following it.
+//! and the database round trip overlaps the work instead of following it. When the queue had
+//! nothing more to give, each completion is sent as soon as there is one: it may make the next
+//! job of its entity (ordering key) claimable, and that claim is made in the same statement.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -342,7 +344,10 @@ impl JobWorker {
                 let room = (2 * limit)
                     .saturating_sub(running.len() + ready.len())
                     .min(limit);
-                let flush = drained && running.is_empty() && !done.is_empty();
+                // With the queue drained, completions go out as they come (with a claim): one may
+                // release the next job of its entity, which must not wait for the slowest job
+                // still running here.
+                let flush = drained && !done.is_empty();
                 if (!drained && ready.is_empty() && room > 0) || flush {
                     claim = Some(self.claim(std::mem::take(&mut done), room.max(1)));
                 }

@@ -8,7 +8,10 @@
 //! one page is walked by change-log id, the position saved after every page.
 //!
 //! Invariants:
-//! - Pages are executed one after another, so one entity's changes run in change order.
+//! - Pages are executed one after another, so one entity's changes run in change order. With job
+//!   routing, the page first asks the job queue (one query) which of its actions' ordering keys
+//!   have unfinished jobs; those actions queue behind them instead of running inline, so a change
+//!   never overtakes an earlier one of its entity that is waiting in the queue.
 //! - The checkpoint moves only after every action of the page is settled (succeeded, or failed
 //!   for good and dead-lettered/logged); the settled (event, observer, action) triples are written
 //!   in the same transaction, so a replay after a crash does not repeat them.
@@ -19,6 +22,7 @@
 
 mod decode;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,13 +35,13 @@ use uuid::Uuid;
 pub use decode::{MalformedRow, decode_row};
 
 use crate::checkpoint::{
-    BatchPosition, Checkpoint, CheckpointError, CheckpointStore, PendingCompletions,
+    ActionKey, BatchPosition, Checkpoint, CheckpointError, CheckpointStore, PendingCompletions,
 };
 use crate::dlq::{DeadLetterError, NewDeadLetter};
 use crate::domain::{EntityEvent, EventKind};
 use crate::error::ErrorCode;
 use crate::executor::{EventSummary, Executor};
-use crate::jobs::NewJob;
+use crate::jobs::{JobError, NewJob, unfinished_ordering_keys};
 
 /// The channel the change log's statement trigger notifies.
 pub const NOTIFY_CHANNEL: &str = "fraiseql_observers_change_log";
@@ -97,6 +101,8 @@ pub enum ListenerError {
     Read(#[from] sqlx::Error),
     #[error("a dead letter could not be stored: {0}")]
     DeadLetter(#[from] DeadLetterError),
+    #[error("looking up the page's unfinished jobs failed: {0}")]
+    Jobs(#[from] JobError),
     #[error(
         "{0} action(s) of this page are not settled (their dead letters could not be stored); the page will be retried"
     )]
@@ -255,12 +261,7 @@ impl Listener {
         }
         let malformed = malformed_rows.len();
 
-        let ids: Vec<Uuid> = events
-            .iter()
-            .map(|event| event.id)
-            .chain(malformed_rows.iter().map(|(id, ..)| *id))
-            .collect();
-        let completed = self.store.completed_among(&ids).await?;
+        let (completed, unfinished_jobs) = self.page_state(&events, &malformed_rows).await?;
         let mut settled = Vec::with_capacity(events.len() + malformed);
         self.dead_letter_malformed(malformed_rows, &completed, &mut settled)
             .await?;
@@ -268,7 +269,7 @@ impl Listener {
         let execute_started = std::time::Instant::now();
         let summaries = self
             .executor
-            .execute_batch_skipping(&events, &completed)
+            .execute_page(&events, &completed, &unfinished_jobs)
             .await;
         let execute_took = execute_started.elapsed();
         if let Some(metrics) = &self.metrics {
@@ -328,6 +329,35 @@ impl Listener {
             summaries,
             more: full_page,
         })
+    }
+
+    /// Before a page runs, in parallel: which of its actions already completed (the ledger), and
+    /// which of its actions' ordering keys have jobs still pending or running (the job queue;
+    /// asked only with job routing), which its actions must queue behind.
+    async fn page_state(
+        &self,
+        events: &[EntityEvent],
+        malformed_rows: &[(Uuid, i64, Value, MalformedRow)],
+    ) -> Result<(HashSet<ActionKey>, HashSet<String>), ListenerError> {
+        let ids: Vec<Uuid> = events
+            .iter()
+            .map(|event| event.id)
+            .chain(malformed_rows.iter().map(|(id, ..)| *id))
+            .collect();
+        let ordering_keys = self.executor.ordering_keys(events);
+        tokio::try_join!(
+            async {
+                self.store
+                    .completed_among(&ids)
+                    .await
+                    .map_err(ListenerError::from)
+            },
+            async {
+                unfinished_ordering_keys(&self.pool, &ordering_keys)
+                    .await
+                    .map_err(ListenerError::from)
+            },
+        )
     }
 
     /// The batch's end snapshot and the page of rows after the checkpoint.

@@ -30,6 +30,8 @@ pub struct Recorded {
     pub body: Bytes,
     pub arrived: Instant,
     pub answered: Option<Instant>,
+    /// The status it was answered with (known on arrival: replies are chosen then).
+    pub status: u16,
 }
 
 impl Recorded {
@@ -94,36 +96,39 @@ async fn handle(
     state
         .max_in_flight
         .fetch_max(now_in_flight, Ordering::SeqCst);
-    let index = {
+    // The reply is chosen and the request recorded under one lock, so the recorded order is the
+    // order replies were handed out in.
+    let (index, reply) = {
         let mut requests = state.requests.lock().unwrap();
+        let scripted = state
+            .scripts
+            .lock()
+            .unwrap()
+            .get_mut(&path)
+            .and_then(VecDeque::pop_front);
+        let reply = scripted.unwrap_or_else(|| {
+            let delay = path
+                .strip_prefix("/delay/")
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|millis| millis.parse().ok())
+                .map_or(Duration::ZERO, Duration::from_millis);
+            Reply {
+                status: 200,
+                delay,
+                headers: Vec::new(),
+            }
+        });
         requests.push(Recorded {
             method,
-            path: path.clone(),
+            path,
             headers,
             body,
             arrived: Instant::now(),
             answered: None,
+            status: reply.status,
         });
-        requests.len() - 1
+        (requests.len() - 1, reply)
     };
-    let scripted = state
-        .scripts
-        .lock()
-        .unwrap()
-        .get_mut(&path)
-        .and_then(VecDeque::pop_front);
-    let reply = scripted.unwrap_or_else(|| {
-        let delay = path
-            .strip_prefix("/delay/")
-            .and_then(|rest| rest.split('/').next())
-            .and_then(|millis| millis.parse().ok())
-            .map_or(Duration::ZERO, Duration::from_millis);
-        Reply {
-            status: 200,
-            delay,
-            headers: Vec::new(),
-        }
-    });
     tokio::time::sleep(reply.delay).await;
     state.requests.lock().unwrap()[index].answered = Some(Instant::now());
     state.in_flight.fetch_sub(1, Ordering::SeqCst);

@@ -136,7 +136,7 @@ impl World {
             format!(
                 "observers:\n  - name: orders\n    entity: Order\n    events: [insert, update]\n    \
                  retry: {{max_attempts: 100, initial_delay: 100ms, max_delay: 2s}}\n    \
-                 actions:\n      - type: webhook\n        url: '{}'\n        \
+                 actions:\n      - type: webhook\n        url: '{}'\n        timeout: 5s\n        \
                  headers: {{x-chaos-node: {id}}}\n",
                 self.receiver.url()
             ),

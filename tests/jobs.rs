@@ -9,7 +9,6 @@ use std::time::Duration;
 use common::postgres::TestDatabase;
 use common::{Receiver, Reply};
 use fraiseql_observers::actions::ActionRunner;
-use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, load_str};
 use fraiseql_observers::dlq::{DeadLetterFilter, DeadLetterQueue, PostgresDeadLetterQueue};
 use fraiseql_observers::domain::{EntityEvent, EventKind};
 use fraiseql_observers::error::ErrorCode;
@@ -373,17 +372,7 @@ fn worker_with(receiver: &Receiver, action_extra: &str, jobs: PostgresJobQueue) 
         "observers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    actions: [{{type: webhook, url: '{}'{action_extra}}}]\n",
         receiver.url("/jobs")
     );
-    let no_env = |_: &str| None;
-    let config = load_str(
-        &yaml,
-        Format::Yaml,
-        "jobs.yaml",
-        &LoadOptions {
-            env: &no_env,
-            missing_env: MissingEnv::Error,
-        },
-    )
-    .unwrap();
+    let config = common::config_from_yaml(&yaml);
     JobWorker::new(
         jobs,
         "default",
@@ -927,17 +916,7 @@ async fn the_next_job_of_an_entity_does_not_wait_for_a_slow_job_of_another() {
         receiver.url("/jobs"),
         receiver.url("/delay/2000")
     );
-    let no_env = |_: &str| None;
-    let config = load_str(
-        &yaml,
-        Format::Yaml,
-        "jobs.yaml",
-        &LoadOptions {
-            env: &no_env,
-            missing_env: MissingEnv::Error,
-        },
-    )
-    .unwrap();
+    let config = common::config_from_yaml(&yaml);
     let worker = JobWorker::new(
         queue(&database, "w"),
         "default",

@@ -13,7 +13,7 @@ use fraiseql_observers::actions::ActionRunner;
 use fraiseql_observers::breaker::{BreakerPolicy, Breakers, InMemoryBreakerStore};
 use fraiseql_observers::checkpoint::PostgresCheckpointStore;
 use fraiseql_observers::cluster::ClusterSettings;
-use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, ObserversConfig, load_str};
+use fraiseql_observers::config::ObserversConfig;
 use fraiseql_observers::dlq::PostgresDeadLetterQueue;
 use fraiseql_observers::executor::{ActionStatus, Executor};
 use fraiseql_observers::jobs::{JobWorker, PostgresJobQueue};
@@ -27,17 +27,7 @@ fn config(receiver: &Receiver, action_extra: &str) -> ObserversConfig {
         "jobs: {{workers: {{default: 2}}}}\nobservers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    retry: {{max_attempts: 6, initial_delay: 10ms, max_delay: 50ms}}\n    actions:\n      - {{type: webhook, url: '{}'{action_extra}}}\n",
         receiver.url("/orders")
     );
-    let no_env = |_: &str| None;
-    load_str(
-        &yaml,
-        Format::Yaml,
-        "routing.yaml",
-        &LoadOptions {
-            env: &no_env,
-            missing_env: MissingEnv::Error,
-        },
-    )
-    .unwrap()
+    common::config_from_yaml(&yaml)
 }
 
 async fn prepare(database: &TestDatabase) {
@@ -267,17 +257,7 @@ fn versioned_config(
         "jobs: {{workers: {{default: {workers}}}}}\nobservers:\n  - name: orders\n    entity: Order\n    events: [insert, update]\n    retry: {{max_attempts: 30, initial_delay: {initial_delay}, max_delay: {max_delay}}}\n    actions:\n      - {{type: webhook, url: '{}'}}\n",
         receiver.url("/orders")
     );
-    let no_env = |_: &str| None;
-    load_str(
-        &yaml,
-        Format::Yaml,
-        "ordered.yaml",
-        &LoadOptions {
-            env: &no_env,
-            missing_env: MissingEnv::Error,
-        },
-    )
-    .unwrap()
+    common::config_from_yaml(&yaml)
 }
 
 async fn write(database: &TestDatabase, sql: &str) {

@@ -200,6 +200,16 @@ impl Receiver {
     }
 }
 
+/// Loads an observers file from YAML with an empty environment; panics with the errors.
+pub fn config_from_yaml(yaml: &str) -> fraiseql_observers::config::ObserversConfig {
+    let no_env = |_: &str| None;
+    let options = LoadOptions {
+        env: &no_env,
+        missing_env: MissingEnv::Error,
+    };
+    load_str(yaml, Format::Yaml, "test.yaml", &options).unwrap_or_else(|errors| panic!("{errors}"))
+}
+
 /// Builds an executor from YAML, with `env` as the environment and an in-memory DLQ.
 pub fn executor_from_yaml(
     yaml: &str,

@@ -170,19 +170,10 @@ impl BreakerStore for InMemoryBreakerStore {
 
 /// Breakers shared through Redis: one hash per endpoint (`state`, `until` in ms of the Redis
 /// clock, `failures`, `probes`), read and changed by Lua scripts so each step is atomic.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct RedisBreakerStore {
     connection: crate::redis_client::SharedConnection,
     prefix: String,
-}
-
-impl std::fmt::Debug for RedisBreakerStore {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("RedisBreakerStore")
-            .field("prefix", &self.prefix)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Returns `{admission, retry_in_ms}`: 1 allowed, 2 probe, 0 refused. `ARGV`: open-for ms, probes.

@@ -135,15 +135,9 @@ impl CacheBackend for InMemoryCache {
 }
 
 /// The cache in Redis.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct RedisCache {
     connection: crate::redis_client::SharedConnection,
-}
-
-impl std::fmt::Debug for RedisCache {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("RedisCache").finish_non_exhaustive()
-    }
 }
 
 impl RedisCache {

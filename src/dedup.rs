@@ -133,19 +133,10 @@ impl DeduplicationStore for InMemoryDeduplicationStore {
 
 /// Claims shared by every node through Redis: one multiplexed connection that reconnects with
 /// backoff, bounded connect and response timeouts, keys under a prefix.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct RedisDeduplicationStore {
     connection: crate::redis_client::SharedConnection,
     prefix: String,
-}
-
-impl std::fmt::Debug for RedisDeduplicationStore {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("RedisDeduplicationStore")
-            .field("prefix", &self.prefix)
-            .finish_non_exhaustive()
-    }
 }
 
 /// `SET NX PX`, and on conflict say whether the holder is done: 1 acquired, 2 done, 0 busy.

@@ -118,19 +118,10 @@ impl LimitStore for InMemoryLimitStore {
 }
 
 /// Limits shared through Redis.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct RedisLimitStore {
     connection: crate::redis_client::SharedConnection,
     prefix: String,
-}
-
-impl std::fmt::Debug for RedisLimitStore {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("RedisLimitStore")
-            .field("prefix", &self.prefix)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Token bucket: `ARGV` per second, burst. Returns 0 when a token was taken, else the wait in ms.

@@ -46,6 +46,22 @@ pub struct SharedConnection {
     gate: Arc<Gate>,
 }
 
+/// Shows the gate, never the URL (it may carry a password).
+impl std::fmt::Debug for SharedConnection {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let closed = self
+            .gate
+            .closed_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some();
+        formatter
+            .debug_struct("SharedConnection")
+            .field("failing_fast", &closed)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Default)]
 struct Gate {
     /// Set after a connection failure: commands fail without trying until then.

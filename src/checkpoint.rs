@@ -50,33 +50,72 @@ pub struct ActionKey {
     pub action_index: usize,
 }
 
-/// Actions settled since the last checkpoint save and not yet written anywhere.
+/// Actions settled since the last checkpoint save.
 ///
-/// The executor adds to it as actions settle; the page's checkpoint save takes everything in it
-/// (so each key is written once in the common case), and a background writer flushes what a
-/// long page leaves waiting, so that a crash in the middle of a slow page repeats little.
-/// Bounded by the actions of one page.
+/// The executor adds to it as actions settle. A background writer flushes what has waited
+/// [`take_waited`](Self::take_waited) long (a slow page), so that a crash in the middle of such a
+/// page repeats little; the page's checkpoint save writes the rest, leaving out what the writer
+/// already wrote, so each key is written once. Bounded by the actions of one page.
 #[derive(Debug, Default)]
 pub struct PendingCompletions {
-    keys: Mutex<Vec<ActionKey>>,
+    state: Mutex<PendingState>,
+}
+
+#[derive(Debug, Default)]
+struct PendingState {
+    /// Not yet written, in settling order.
+    waiting: Vec<(ActionKey, std::time::Instant)>,
+    /// Written by the background writer since the last save.
+    written: HashSet<ActionKey>,
 }
 
 impl PendingCompletions {
-    pub fn push(&self, key: ActionKey) {
-        self.keys
+    fn state(&self) -> std::sync::MutexGuard<'_, PendingState> {
+        self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(key);
     }
 
-    /// Everything waiting, leaving it empty.
-    pub fn take(&self) -> Vec<ActionKey> {
-        std::mem::take(
-            &mut *self
-                .keys
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+    pub fn push(&self, key: ActionKey) {
+        self.state().waiting.push((key, std::time::Instant::now()));
+    }
+
+    /// The keys that settled at least `age` ago, no longer waiting.
+    pub fn take_waited(&self, age: std::time::Duration) -> Vec<ActionKey> {
+        let mut state = self.state();
+        let now = std::time::Instant::now();
+        let due = state
+            .waiting
+            .partition_point(|(_, settled)| now.saturating_duration_since(*settled) >= age);
+        state.waiting.drain(..due).map(|(key, _)| key).collect()
+    }
+
+    /// Notes keys the background writer stored, so the page's save leaves them out.
+    pub fn mark_written(&self, keys: Vec<ActionKey>) {
+        self.state().written.extend(keys);
+    }
+
+    /// `keys` without those the background writer already stored.
+    #[must_use]
+    pub fn unwritten(&self, mut keys: Vec<ActionKey>) -> Vec<ActionKey> {
+        let state = self.state();
+        if !state.written.is_empty() {
+            keys.retain(|key| !state.written.contains(key));
+        }
+        keys
+    }
+
+    /// The page's save (or its failure record) stored everything: start afresh.
+    pub fn clear(&self) {
+        let mut state = self.state();
+        state.waiting.clear();
+        state.written.clear();
+    }
+
+    /// Keys not yet written, for tests and shutdown.
+    #[must_use]
+    pub fn waiting(&self) -> usize {
+        self.state().waiting.len()
     }
 }
 
@@ -143,13 +182,208 @@ pub trait CheckpointStore: Send + Sync + std::fmt::Debug {
 #[derive(Clone, Debug)]
 pub struct PostgresCheckpointStore {
     pool: PgPool,
+    /// Group commit: saves without jobs go to one writer that commits every save waiting for it
+    /// (one per partition at most) in a single statement. `None`: each save commits on its own.
+    group: Option<tokio::sync::mpsc::UnboundedSender<GroupedSave>>,
 }
 
 impl PostgresCheckpointStore {
+    /// Every save commits on its own.
     #[must_use]
     pub fn new(pool: PgPool) -> PostgresCheckpointStore {
-        PostgresCheckpointStore { pool }
+        PostgresCheckpointStore { pool, group: None }
     }
+
+    /// Saves that arrive while another is being written are committed together, in one
+    /// statement and one WAL flush — each still its own compare-and-swap, so one partition fenced
+    /// out does not hold back the others. A save finds the writer idle and goes at once, so this
+    /// adds no delay. The writer stops when the last clone of the store is dropped. Needs a Tokio
+    /// runtime.
+    #[must_use]
+    pub fn with_group_commit(pool: PgPool) -> PostgresCheckpointStore {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(write_groups(pool.clone(), receiver));
+        PostgresCheckpointStore {
+            pool,
+            group: Some(sender),
+        }
+    }
+}
+
+/// One save waiting for the group writer.
+#[derive(Debug)]
+struct GroupedSave {
+    current: Checkpoint,
+    next: BatchPosition,
+    completed: Vec<ActionKey>,
+    reply: tokio::sync::oneshot::Sender<Result<Checkpoint, CheckpointError>>,
+}
+
+/// Most saves one group statement carries.
+const MAX_GROUP: usize = 256;
+
+/// Fenced saves of several partitions and their ledger rows in one statement: each partition's
+/// compare-and-swap on its own (ascending partition order, so concurrent writers lock rows in the
+/// same order), ledger rows only for the partitions whose swap succeeded.
+const SAVE_GROUP: &str = "WITH saved AS (
+         SELECT request.partition,
+                fraiseql_observers.save_checkpoint(request.partition, request.epoch, request.version,
+                    request.snapshot::pg_snapshot, request.batch_upto::pg_snapshot, request.batch_position) AS version
+           FROM unnest($1::int[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::bigint[])
+                AS request(partition, epoch, version, snapshot, batch_upto, batch_position)),
+     recorded AS (
+         INSERT INTO fraiseql_observers.processed_actions (event_id, observer, action_index)
+         SELECT completed.event_id, completed.observer, completed.action_index
+           FROM unnest($7::uuid[], $8::text[], $9::int[], $10::int[])
+                AS completed(event_id, observer, action_index, partition)
+           JOIN saved ON saved.partition = completed.partition AND saved.version IS NOT NULL
+         ON CONFLICT DO NOTHING)
+     SELECT partition, version FROM saved";
+
+/// Group statements in flight at once: while one waits for its WAL flush, the next is written.
+const GROUPS_IN_FLIGHT: usize = 2;
+
+async fn write_groups(
+    pool: PgPool,
+    mut requests: tokio::sync::mpsc::UnboundedReceiver<GroupedSave>,
+) {
+    use futures::StreamExt as _;
+    let mut held_over: Vec<GroupedSave> = Vec::new();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        let first = if !held_over.is_empty() && in_flight.len() < GROUPS_IN_FLIGHT {
+            Some(held_over.remove(0))
+        } else {
+            tokio::select! {
+                request = requests.recv(), if open && in_flight.len() < GROUPS_IN_FLIGHT => {
+                    if request.is_none() {
+                        open = false;
+                    }
+                    request
+                }
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => None,
+                else => return,
+            }
+        };
+        let Some(first) = first else { continue };
+        // Everything else already waiting, one save per partition: a partition's second save
+        // waits for the next statement.
+        let mut group = vec![first];
+        let mut partitions: HashSet<i32> = HashSet::from([group[0].current.partition]);
+        let mut waiting = std::mem::take(&mut held_over);
+        while let Ok(more) = requests.try_recv() {
+            waiting.push(more);
+        }
+        for request in waiting {
+            if group.len() < MAX_GROUP && partitions.insert(request.current.partition) {
+                group.push(request);
+            } else {
+                held_over.push(request);
+            }
+        }
+        group.sort_by_key(|request| request.current.partition);
+        in_flight.push(write_group(pool.clone(), group));
+    }
+}
+
+/// Writes one group and answers each of its saves.
+async fn write_group(pool: PgPool, group: Vec<GroupedSave>) {
+    match save_group(&pool, &group).await {
+        Ok(versions) => {
+            for request in group {
+                let partition = request.current.partition;
+                let result = match versions.get(&partition).copied().flatten() {
+                    Some(version) => Ok(Checkpoint {
+                        partition,
+                        epoch: request.current.epoch,
+                        version,
+                        position: request.next,
+                    }),
+                    None => Err(CheckpointError::FencedOut {
+                        partition,
+                        epoch: request.current.epoch,
+                        version: request.current.version,
+                    }),
+                };
+                let _ = request.reply.send(result);
+            }
+        }
+        Err(error) => {
+            let message = error.to_string();
+            for request in group {
+                let _ = request
+                    .reply
+                    .send(Err(CheckpointError::Storage(sqlx::Error::Protocol(
+                        format!("checkpoint group write failed: {message}"),
+                    ))));
+            }
+        }
+    }
+}
+
+async fn save_group(
+    pool: &PgPool,
+    group: &[GroupedSave],
+) -> Result<HashMap<i32, Option<i64>>, sqlx::Error> {
+    let mut keys: Vec<(&ActionKey, i32)> = group
+        .iter()
+        .flat_map(|request| {
+            request
+                .completed
+                .iter()
+                .map(move |key| (key, request.current.partition))
+        })
+        .collect();
+    // Ledger rows locked in one global order (see key_columns).
+    keys.sort_unstable();
+    keys.dedup_by(|a, b| a.0 == b.0);
+    let rows: Vec<(i32, Option<i64>)> = sqlx::query_as(SAVE_GROUP)
+        .bind(
+            group
+                .iter()
+                .map(|r| r.current.partition)
+                .collect::<Vec<_>>(),
+        )
+        .bind(group.iter().map(|r| r.current.epoch).collect::<Vec<_>>())
+        .bind(group.iter().map(|r| r.current.version).collect::<Vec<_>>())
+        .bind(
+            group
+                .iter()
+                .map(|r| r.next.snapshot.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            group
+                .iter()
+                .map(|r| r.next.batch_upto.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            group
+                .iter()
+                .map(|r| r.next.batch_position)
+                .collect::<Vec<_>>(),
+        )
+        .bind(keys.iter().map(|(key, _)| key.event_id).collect::<Vec<_>>())
+        .bind(
+            keys.iter()
+                .map(|(key, _)| key.observer.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            keys.iter()
+                .map(|(key, _)| i32::try_from(key.action_index).unwrap_or(i32::MAX))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            keys.iter()
+                .map(|(_, partition)| *partition)
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().collect())
 }
 
 type CheckpointRow = (i32, i64, i64, Option<String>, Option<String>, Option<i64>);
@@ -191,6 +425,53 @@ const INSERT_COMPLETED: &str =
      SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[])
      ON CONFLICT DO NOTHING";
 
+/// The fenced checkpoint write and the page's ledger rows as one statement (one round trip, one
+/// commit): the rows go in only when the compare-and-swap succeeded.
+const SAVE_WITH_COMPLETED: &str = "WITH saved AS (
+         SELECT fraiseql_observers.save_checkpoint($1, $2, $3, $4::pg_snapshot, $5::pg_snapshot, $6) AS version),
+     recorded AS (
+         INSERT INTO fraiseql_observers.processed_actions (event_id, observer, action_index)
+         SELECT completed.* FROM saved, unnest($7::uuid[], $8::text[], $9::int[]) AS completed
+          WHERE saved.version IS NOT NULL
+         ON CONFLICT DO NOTHING)
+     SELECT version FROM saved";
+
+impl PostgresCheckpointStore {
+    async fn save_in_one_statement(
+        &self,
+        current: &Checkpoint,
+        next: BatchPosition,
+        completed: &[ActionKey],
+    ) -> Result<Checkpoint, CheckpointError> {
+        let (event_ids, observers, indexes) = key_columns(completed);
+        let new_version: Option<i64> = sqlx::query_scalar(SAVE_WITH_COMPLETED)
+            .bind(current.partition)
+            .bind(current.epoch)
+            .bind(current.version)
+            .bind(&next.snapshot)
+            .bind(&next.batch_upto)
+            .bind(next.batch_position)
+            .bind(event_ids)
+            .bind(observers)
+            .bind(indexes)
+            .fetch_one(&self.pool)
+            .await?;
+        let Some(version) = new_version else {
+            return Err(CheckpointError::FencedOut {
+                partition: current.partition,
+                epoch: current.epoch,
+                version: current.version,
+            });
+        };
+        Ok(Checkpoint {
+            partition: current.partition,
+            epoch: current.epoch,
+            version,
+            position: next,
+        })
+    }
+}
+
 #[async_trait]
 impl CheckpointStore for PostgresCheckpointStore {
     async fn claim(&self, partition: i32, node: &str) -> Result<Checkpoint, CheckpointError> {
@@ -223,6 +504,24 @@ impl CheckpointStore for PostgresCheckpointStore {
         completed: &[ActionKey],
         jobs: &[NewJob],
     ) -> Result<Checkpoint, CheckpointError> {
+        if jobs.is_empty() {
+            if let Some(group) = &self.group {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                let request = GroupedSave {
+                    current: current.clone(),
+                    next,
+                    completed: completed.to_vec(),
+                    reply,
+                };
+                if group.send(request).is_ok()
+                    && let Ok(result) = answer.await
+                {
+                    return result;
+                }
+                return Err(CheckpointError::Storage(sqlx::Error::PoolClosed));
+            }
+            return self.save_in_one_statement(current, next, completed).await;
+        }
         let mut transaction = self.pool.begin().await?;
         let new_version: Option<i64> = sqlx::query_scalar(
             "SELECT fraiseql_observers.save_checkpoint($1, $2, $3, $4::pg_snapshot, $5::pg_snapshot, $6)",

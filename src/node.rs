@@ -128,7 +128,8 @@ impl Node {
             when_unavailable: shared.dedup_unavailable,
             metrics: Some(metrics.clone()),
         };
-        let store: Arc<dyn CheckpointStore> = Arc::new(PostgresCheckpointStore::new(pool.clone()));
+        let store: Arc<dyn CheckpointStore> =
+            Arc::new(PostgresCheckpointStore::with_group_commit(pool.clone()));
         let dead_letters = Arc::new(PostgresDeadLetterQueue::new(pool.clone()));
         let runner = ActionRunner::new(Arc::new(config.templates))?
             .with_breakers(shared.breakers.clone())

@@ -105,3 +105,103 @@ async fn postgres_checkpoint_store_conforms() {
     let store = fraiseql_observers::checkpoint::PostgresCheckpointStore::new(database.pool.clone());
     fraiseql_observers::checkpoint::conformance::run(&store, ["100:105:101,103", "106:106:"]).await;
 }
+
+#[tokio::test]
+async fn group_commit_checkpoint_store_conforms() {
+    let database = TestDatabase::migrated().await;
+    let store = fraiseql_observers::checkpoint::PostgresCheckpointStore::with_group_commit(
+        database.pool.clone(),
+    );
+    fraiseql_observers::checkpoint::conformance::run(&store, ["100:105:101,103", "106:106:"]).await;
+}
+
+/// Saves of many partitions at once share statements; one partition fenced out (another holder
+/// claimed it) fails alone, with its ledger rows left out, while the rest move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_saves_fence_each_partition_on_its_own() {
+    use fraiseql_observers::checkpoint::{
+        ActionKey, BatchPosition, CheckpointError, CheckpointStore, PostgresCheckpointStore,
+    };
+    let database = TestDatabase::migrated().await;
+    let store = std::sync::Arc::new(PostgresCheckpointStore::with_group_commit(
+        database.pool.clone(),
+    ));
+    let mut checkpoints = Vec::new();
+    for partition in 0..16 {
+        checkpoints.push(store.claim(partition, "node-a").await.unwrap());
+    }
+    // Partition 5 is taken over: node a's view of it is stale.
+    store.claim(5, "node-b").await.unwrap();
+    let saves = checkpoints.into_iter().map(|checkpoint| {
+        let store = store.clone();
+        async move {
+            let mut checkpoint = checkpoint;
+            let mut outcomes = Vec::new();
+            for round in 0..20_u32 {
+                let key = ActionKey {
+                    event_id: uuid::Uuid::new_v4(),
+                    observer: format!("partition-{}", checkpoint.partition),
+                    action_index: 0,
+                };
+                let next = BatchPosition {
+                    snapshot: Some(format!("{}:{}:", 100 + round, 100 + round)),
+                    batch_upto: None,
+                    batch_position: None,
+                };
+                match store
+                    .save(&checkpoint, next, std::slice::from_ref(&key))
+                    .await
+                {
+                    Ok(saved) => {
+                        assert_eq!(saved.version, checkpoint.version + 1);
+                        checkpoint = saved;
+                        outcomes.push(Ok(key));
+                    }
+                    Err(error) => outcomes.push(Err((error, key))),
+                }
+            }
+            (checkpoint, outcomes)
+        }
+    });
+    let results = futures::future::join_all(saves).await;
+    let mut recorded = Vec::new();
+    let mut refused = Vec::new();
+    for (checkpoint, outcomes) in results {
+        for outcome in outcomes {
+            match outcome {
+                Ok(key) => {
+                    assert_ne!(checkpoint.partition, 5, "the fenced partition saved");
+                    recorded.push(key.event_id);
+                }
+                Err((error, key)) => {
+                    assert!(
+                        matches!(error, CheckpointError::FencedOut { partition: 5, .. }),
+                        "only partition 5 is refused: {error}"
+                    );
+                    refused.push(key.event_id);
+                }
+            }
+        }
+        if checkpoint.partition != 5 {
+            let stored = store.load(checkpoint.partition).await.unwrap().unwrap();
+            assert_eq!(
+                stored.version, 20,
+                "partition {} saved 20 times",
+                checkpoint.partition
+            );
+            assert_eq!(stored.position.snapshot.as_deref(), Some("119:119:"));
+        }
+    }
+    assert_eq!(recorded.len(), 15 * 20);
+    assert_eq!(refused.len(), 20);
+    let completed = store.completed_among(&recorded).await.unwrap();
+    assert_eq!(
+        completed.len(),
+        recorded.len(),
+        "every saved page's ledger rows are stored"
+    );
+    assert!(
+        store.completed_among(&refused).await.unwrap().is_empty(),
+        "a refused save stores no ledger rows"
+    );
+}

@@ -43,6 +43,10 @@ use crate::error::ErrorCode;
 use crate::executor::{EventSummary, Executor};
 use crate::jobs::{JobError, NewJob, unfinished_ordering_keys};
 
+/// One row of the page statement: the batch's end, the partition's epoch, and a change (none on
+/// an empty page's single row).
+type PageRow = (String, Option<i64>, Option<i64>, Option<Value>);
+
 /// The channel the change log's statement trigger notifies.
 pub const NOTIFY_CHANNEL: &str = "fraiseql_observers_change_log";
 /// Observer name under which undecodable change-log rows are dead-lettered.
@@ -208,7 +212,15 @@ impl Listener {
     fn clear_pending(&self) {
         if let Some(pending) = &self.pending {
             // Everything in it belongs to the page just saved (pages run one at a time).
-            pending.take();
+            pending.clear();
+        }
+    }
+
+    /// `settled` without what the background writer already stored.
+    fn unwritten(&self, settled: Vec<ActionKey>) -> Vec<ActionKey> {
+        match &self.pending {
+            Some(pending) => pending.unwritten(settled),
+            None => settled,
         }
     }
 
@@ -303,6 +315,7 @@ impl Listener {
                     key.event_id, key.observer, key.action_index
                 ))
             });
+            let settled = self.unwritten(settled);
             self.store.record_completed(&settled).await?;
             self.clear_pending();
             return Err(ListenerError::Unsettled(unsettled));
@@ -311,6 +324,7 @@ impl Listener {
         let full_page = u32::try_from(row_count).unwrap_or(u32::MAX) >= self.settings.batch_size;
         let next = next_position(position, upto, full_page, last_position);
         let save_started = std::time::Instant::now();
+        let settled = self.unwritten(settled);
         self.checkpoint = self
             .store
             .save_with_jobs(&self.checkpoint, next, &settled, &jobs)
@@ -365,41 +379,48 @@ impl Listener {
         &self,
         position: &BatchPosition,
     ) -> Result<(String, Vec<(i64, Value)>), ListenerError> {
-        let mut connection = self.pool.acquire().await?;
-        // The batch's end (a new snapshot unless one is in flight) and, in the same round trip,
-        // the partition's epoch: a leader that was paused while another took the partition over
-        // finds out here, before it dispatches anything more.
-        let (upto, epoch): (String, Option<i64>) = sqlx::query_as(
-            "SELECT coalesce($2::text, pg_current_snapshot()::text),
-                    (SELECT epoch FROM fraiseql_observers.partitions WHERE partition = $1)",
+        let (partitions, partition_count) = match self.settings.partition_count {
+            Some(count) => (Some(vec![self.settings.partition]), Some(count)),
+            None => (None, None),
+        };
+        // One statement: the batch's end (a new snapshot unless one is in flight, taken by this
+        // very statement, as read_batch requires), the partition's epoch — a leader that was
+        // paused while another took the partition over finds out here, before it dispatches
+        // anything more — and the page. At least one row comes back; an empty page's has no change.
+        let page: Vec<PageRow> = sqlx::query_as(
+            "WITH batch AS (
+                 SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS upto,
+                        (SELECT epoch FROM fraiseql_observers.partitions WHERE partition = $1) AS epoch)
+             SELECT batch.upto::text, batch.epoch, change.pk_entity_change_log, to_jsonb(change)
+               FROM batch
+               LEFT JOIN LATERAL fraiseql_observers.read_batch(
+                   $3::pg_snapshot, batch.upto, $4, $5, $6, $7) AS change ON true
+              ORDER BY change.pk_entity_change_log",
         )
         .bind(self.checkpoint.partition)
         .bind(&position.batch_upto)
-        .fetch_one(&mut *connection)
+        .bind(&position.snapshot)
+        .bind(position.batch_upto.as_ref().and(position.batch_position))
+        .bind(i32::try_from(self.settings.batch_size).unwrap_or(i32::MAX))
+        .bind(partitions)
+        .bind(partition_count)
+        .fetch_all(&self.pool)
         .await?;
-        if epoch != Some(self.checkpoint.epoch) {
+        let Some((upto, epoch, ..)) = page.first() else {
+            return Err(ListenerError::Read(sqlx::Error::RowNotFound));
+        };
+        if *epoch != Some(self.checkpoint.epoch) {
             return Err(ListenerError::FencedOut(CheckpointError::FencedOut {
                 partition: self.checkpoint.partition,
                 epoch: self.checkpoint.epoch,
                 version: self.checkpoint.version,
             }));
         }
-        let (partitions, partition_count) = match self.settings.partition_count {
-            Some(count) => (Some(vec![self.settings.partition]), Some(count)),
-            None => (None, None),
-        };
-        let rows: Vec<(i64, Value)> = sqlx::query_as(
-            "SELECT change.pk_entity_change_log, to_jsonb(change)
-               FROM fraiseql_observers.read_batch($1::pg_snapshot, $2::pg_snapshot, $3, $4, $5, $6) AS change",
-        )
-        .bind(&position.snapshot)
-        .bind(&upto)
-        .bind(position.batch_upto.as_ref().and(position.batch_position))
-        .bind(i32::try_from(self.settings.batch_size).unwrap_or(i32::MAX))
-        .bind(partitions)
-        .bind(partition_count)
-        .fetch_all(&mut *connection)
-        .await?;
+        let upto = upto.clone();
+        let rows = page
+            .into_iter()
+            .filter_map(|(_, _, position, row)| Some((position?, row?)))
+            .collect();
         Ok((upto, rows))
     }
 
@@ -595,7 +616,8 @@ fn malformed_row_id(position: i64, row: &Value) -> Uuid {
         .unwrap_or_else(|| Uuid::from_u64_pair(0, position.cast_unsigned()))
 }
 
-/// How long settled actions may wait for their page's checkpoint before being written on their own.
+/// How long settled actions may wait for their page's checkpoint before being written on their own
+/// (checked as often).
 pub const EARLY_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Writes settled actions that have waited [`EARLY_FLUSH_INTERVAL`] without a checkpoint save
@@ -611,11 +633,20 @@ pub async fn flush_pending_completions(
             () = stop.cancelled() => true,
             () = tokio::time::sleep(EARLY_FLUSH_INTERVAL) => false,
         };
-        let keys = pending.take();
-        if !keys.is_empty()
-            && let Err(error) = store.record_completed(&keys).await
-        {
-            tracing::warn!(%error, "recording settled actions early failed; the checkpoint will record them");
+        // On the way out everything goes: the last page's save may never come.
+        let age = if stopping {
+            Duration::ZERO
+        } else {
+            EARLY_FLUSH_INTERVAL
+        };
+        let keys = pending.take_waited(age);
+        if !keys.is_empty() {
+            match store.record_completed(&keys).await {
+                Ok(()) => pending.mark_written(keys),
+                Err(error) => {
+                    tracing::warn!(%error, "recording settled actions early failed; the checkpoint will record them");
+                }
+            }
         }
         if stopping {
             return;

@@ -1,0 +1,759 @@
+//! End-to-end numbers: real `fraiseql-observers run` processes (the binary this build made) on the
+//! local PostgreSQL, a load generator writing through a tracked table, and a keep-alive webhook
+//! receiver in this process that records when each event arrives.
+//!
+//! Scenarios (each on its own fresh database):
+//! - latency: one node, single-row transactions at a fixed rate; commit-to-delivery p50…max;
+//! - sustained: 1, 2 and 3 nodes, the generator writing as fast as it can; events/s delivered
+//!   while it writes, latency, node RSS and CPU, checkpoint writes/s, machine CPU;
+//! - backlog: a backlog of committed changes drained by one node; events/s and peak RSS;
+//! - checkpoint store: fenced compare-and-swap saves on 16 partitions at once.
+//!
+//! Run: `cargo bench --bench e2e` (needs the local PostgreSQL; `TEST_DATABASE_URL` overrides).
+//! Knobs: `E2E_RATE` (latency, events/s, default 1000), `E2E_SECONDS` (sustained window, default
+//! 20), `E2E_BACKLOG` (default 1,000,000), `E2E_NODES` (default `1,2,3`), `E2E_ONLY`
+//! (`latency,sustained,backlog,checkpoint`). Prints a Markdown table and writes it to
+//! `target/e2e-report.md`.
+
+#[path = "../tests/common/postgres.rs"]
+#[allow(dead_code, reason = "shared with the tests")]
+mod postgres;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use fraiseql_observers::checkpoint::{BatchPosition, CheckpointStore, PostgresCheckpointStore};
+use postgres::TestDatabase;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_fraiseql-observers");
+/// Rows per commit of the as-fast-as-possible generator.
+const ROWS_PER_COMMIT: i64 = 100;
+/// Connections the as-fast-as-possible generator writes on.
+const WRITERS: usize = 2;
+/// Rows per commit while building a backlog.
+const BACKLOG_ROWS_PER_COMMIT: i64 = 10_000;
+const SAMPLE_EVERY: Duration = Duration::from_millis(200);
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().map_or(default, |value| {
+        value
+            .replace('_', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value} is not a number"))
+    })
+}
+
+fn wanted(scenario: &str) -> bool {
+    std::env::var("E2E_ONLY").map_or(true, |only| {
+        only.split(',').any(|name| name.trim() == scenario)
+    })
+}
+
+#[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+fn per_second(count: u64, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The receiver: records the arrival time of every delivered entity id.
+
+#[derive(Default)]
+struct Arrivals {
+    count: AtomicU64,
+    /// (entity id, arrival) in arrival order.
+    seen: Mutex<Vec<(i64, Instant)>>,
+}
+
+struct Receiver {
+    url: String,
+    arrivals: Arc<Arrivals>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// The entity id of a webhook body without parsing the whole envelope: `"entity_id":"<digits>"`.
+fn entity_id(body: &[u8]) -> Option<i64> {
+    const KEY: &[u8] = b"\"entity_id\":\"";
+    let start = body.windows(KEY.len()).position(|window| window == KEY)? + KEY.len();
+    let digits = body[start..]
+        .iter()
+        .take_while(|byte| byte.is_ascii_digit())
+        .count();
+    std::str::from_utf8(&body[start..start + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the receiver");
+        let address = listener.local_addr().expect("receiver address");
+        let arrivals = Arc::new(Arrivals::default());
+        let state = arrivals.clone();
+        let app = axum::Router::new().fallback(move |body: Bytes| {
+            let state = state.clone();
+            async move {
+                let now = Instant::now();
+                if let Some(id) = entity_id(&body) {
+                    state.seen.lock().expect("arrivals lock").push((id, now));
+                }
+                state.count.fetch_add(1, Ordering::Relaxed);
+                axum::http::StatusCode::OK
+            }
+        });
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("receiver serves");
+        });
+        Receiver {
+            url: format!("http://{address}/events"),
+            arrivals,
+            server,
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.arrivals.count.load(Ordering::Relaxed)
+    }
+
+    async fn wait_for(&self, count: u64, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.count() < count {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node processes and what they cost.
+
+struct Node {
+    child: Child,
+    pid: u32,
+}
+
+fn scratch_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e");
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir
+}
+
+fn write_config(receiver: &Receiver) -> PathBuf {
+    let path = scratch_dir().join("observers.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "observers:\n  - name: orders\n    entity: Order\n    events: [insert, update]\n    actions:\n      - type: webhook\n        url: {}\n",
+            receiver.url
+        ),
+    )
+    .expect("write the observers file");
+    path
+}
+
+/// The node's connection string: without TLS unless `E2E_DATABASE_TLS=1` (the database is on
+/// this host; TLS would cost both sides CPU for no protection here).
+fn database_url(database: &TestDatabase) -> String {
+    if std::env::var("E2E_DATABASE_TLS").is_ok_and(|value| value == "1") {
+        database.url.clone()
+    } else {
+        format!("{}?sslmode=disable", database.url)
+    }
+}
+
+impl Node {
+    fn spawn(database: &TestDatabase, config: &std::path::Path, index: usize) -> Node {
+        let log = std::fs::File::create(scratch_dir().join(format!("node-{index}.log")))
+            .expect("node log");
+        let child = Command::new(BINARY)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .args(["--node-id", &format!("e2e-{index}")])
+            .args([
+                "--grpc-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .env("DATABASE_URL", database_url(database))
+            .env_remove("REDIS_URL")
+            .env(
+                "RUST_LOG",
+                std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {BINARY}: {error}"));
+        let pid = child.id();
+        Node { child, pid }
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident set size in bytes.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// User + system CPU time of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// (busy, total) ticks of the whole machine.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().next() else {
+        return (0, 0);
+    };
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|value| value.parse().ok())
+        .collect();
+    let total: u64 = values.iter().sum();
+    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+fn clock_ticks_per_second() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// Samples the nodes' RSS while running; CPU from the first to the last reading.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Usage>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Usage {
+    peak_rss: u64,
+    /// CPU seconds used by all nodes together.
+    node_cpu: f64,
+    /// Share of the machine's CPU that was busy (0..=1).
+    machine_busy: f64,
+    elapsed: Duration,
+}
+
+impl Sampler {
+    fn start(pids: Vec<u32>) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let ticks = clock_ticks_per_second();
+            let started = Instant::now();
+            let cpu_at_start: u64 = pids.iter().filter_map(|pid| cpu_ticks(*pid)).sum();
+            let machine_at_start = machine_ticks();
+            let mut peak_rss = 0;
+            let mut cpu_now = cpu_at_start;
+            while !flag.load(Ordering::Relaxed) {
+                let rss: u64 = pids
+                    .iter()
+                    .filter_map(|pid| rss_bytes(*pid))
+                    .max()
+                    .unwrap_or(0);
+                peak_rss = peak_rss.max(rss);
+                cpu_now = pids.iter().filter_map(|pid| cpu_ticks(*pid)).sum();
+                tokio::time::sleep(SAMPLE_EVERY).await;
+            }
+            let machine_now = machine_ticks();
+            #[allow(clippy::cast_precision_loss, reason = "tick counts")]
+            let machine_busy = (machine_now.0 - machine_at_start.0) as f64
+                / ((machine_now.1 - machine_at_start.1).max(1)) as f64;
+            #[allow(clippy::cast_precision_loss, reason = "tick counts")]
+            let node_cpu = (cpu_now - cpu_at_start) as f64 / ticks as f64;
+            Usage {
+                peak_rss,
+                node_cpu,
+                machine_busy,
+                elapsed: started.elapsed(),
+            }
+        });
+        Sampler { stop, task }
+    }
+
+    async fn finish(self) -> Usage {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("sampler")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The database and the load generator.
+
+/// The generator's connections (no TLS, as for the nodes).
+async fn writer_pool(database: &TestDatabase) -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&database_url(database))
+        .await
+        .expect("connect the load generator")
+}
+
+async fn orders_database() -> TestDatabase {
+    let database = TestDatabase::migrated().await;
+    sqlx::raw_sql(
+        "CREATE TABLE bench_orders (id bigint PRIMARY KEY, status text NOT NULL, total int NOT NULL);
+         SELECT core.observer_track_table('bench_orders'::regclass, 'Order');",
+    )
+    .execute(&database.pool)
+    .await
+    .expect("create the tracked table");
+    database
+}
+
+/// Commit time of every entity id written, for latency.
+#[derive(Default)]
+struct Commits {
+    at: Mutex<HashMap<i64, Instant>>,
+}
+
+impl Commits {
+    fn note(&self, first: i64, count: i64, at: Instant) {
+        let mut map = self.at.lock().expect("commits lock");
+        for id in first..first + count {
+            map.insert(id, at);
+        }
+    }
+}
+
+/// Inserts `count` orders with ids from `first` in one transaction.
+async fn insert_orders(pool: &PgPool, first: i64, count: i64) {
+    sqlx::query(
+        "INSERT INTO bench_orders (id, status, total)
+         SELECT n, 'new', (n % 500)::int FROM generate_series($1::bigint, $2::bigint) AS n",
+    )
+    .bind(first)
+    .bind(first + count - 1)
+    .execute(pool)
+    .await
+    .expect("insert orders");
+}
+
+/// Writes as fast as `WRITERS` connections can until `stop`; returns how many rows.
+fn flood(
+    pool: PgPool,
+    commits: Arc<Commits>,
+    next_id: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|_| {
+                let pool = pool.clone();
+                let commits = commits.clone();
+                let next_id = next_id.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut written = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let first = i64::try_from(
+                            next_id.fetch_add(ROWS_PER_COMMIT.unsigned_abs(), Ordering::Relaxed),
+                        )
+                        .expect("ids fit i64");
+                        insert_orders(&pool, first, ROWS_PER_COMMIT).await;
+                        commits.note(first, ROWS_PER_COMMIT, Instant::now());
+                        written += ROWS_PER_COMMIT.unsigned_abs();
+                    }
+                    written
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for writer in writers {
+            total += writer.await.expect("writer");
+        }
+        total
+    })
+}
+
+/// Checkpoint writes so far, over every partition.
+async fn checkpoint_writes(pool: &PgPool) -> u64 {
+    let sum: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(checkpoint_version), 0)::bigint FROM fraiseql_observers.partitions",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("read checkpoint versions");
+    sum.unsigned_abs()
+}
+
+async fn wait_until_leading(pool: &PgPool, partitions: i64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let led: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM fraiseql_observers.partitions WHERE leader IS NOT NULL",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0);
+        if led >= partitions {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes did not lead all partitions within {limit:?} (led {led})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency statistics.
+
+struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    fn between(
+        commits: &Commits,
+        arrivals: &Arrivals,
+        window: Option<(Instant, Instant)>,
+    ) -> Latencies {
+        let at = commits.at.lock().expect("commits lock");
+        let seen = arrivals.seen.lock().expect("arrivals lock");
+        let mut values: Vec<Duration> = seen
+            .iter()
+            .filter_map(|(id, arrived)| {
+                let committed = at.get(id)?;
+                match window {
+                    Some((from, to)) if *committed < from || *committed > to => None,
+                    _ => Some(arrived.saturating_duration_since(*committed)),
+                }
+            })
+            .collect();
+        values.sort_unstable();
+        Latencies(values)
+    }
+
+    fn percentile(&self, fraction: f64) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "an index into the vector"
+        )]
+        let index = ((self.0.len() as f64 - 1.0) * fraction).round() as usize;
+        self.0[index]
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{} · {} · {} · {}",
+            millis(self.percentile(0.50)),
+            millis(self.percentile(0.95)),
+            millis(self.percentile(0.99)),
+            millis(self.0.last().copied().unwrap_or_default())
+        )
+    }
+}
+
+fn millis(duration: Duration) -> String {
+    let ms = duration.as_secs_f64() * 1000.0;
+    if ms >= 100.0 {
+        format!("{ms:.0}")
+    } else {
+        format!("{ms:.1}")
+    }
+}
+
+#[allow(clippy::cast_precision_loss, reason = "byte counts")]
+fn mebibytes(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / 1024.0 / 1024.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios.
+
+struct Report {
+    rows: Vec<String>,
+}
+
+impl Report {
+    fn row(&mut self, row: String) {
+        println!("{row}");
+        self.rows.push(row);
+    }
+}
+
+async fn latency(report: &mut Report, rate: u64) {
+    let database = orders_database().await;
+    let pool = writer_pool(&database).await;
+    let receiver = Receiver::start().await;
+    let config = write_config(&receiver);
+    let node = Node::spawn(&database, &config, 1);
+    wait_until_leading(&pool, 8, Duration::from_secs(30)).await;
+    let commits = Arc::new(Commits::default());
+    let seconds = 15;
+    let sampler = Sampler::start(vec![node.pid]);
+    let checkpoints_before = checkpoint_writes(&pool).await;
+    // Single-row transactions on a ticker; a few connections so a slow commit does not hold back
+    // the next one.
+    let period =
+        Duration::from_secs_f64(1.0 / f64::from(u32::try_from(rate).expect("rate fits u32")));
+    let total = rate * seconds;
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(8));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for id in 1..=i64::try_from(total).expect("fits i64") {
+        ticker.tick().await;
+        let permit = in_flight.clone().acquire_owned().await.expect("semaphore");
+        let pool = pool.clone();
+        let commits = commits.clone();
+        tokio::spawn(async move {
+            insert_orders(&pool, id, 1).await;
+            commits.note(id, 1, Instant::now());
+            drop(permit);
+        });
+    }
+    let delivered = receiver.wait_for(total, Duration::from_mins(2)).await;
+    let usage = sampler.finish().await;
+    let checkpoints = checkpoint_writes(&pool).await - checkpoints_before;
+    node.stop();
+    assert!(delivered, "only {} of {total} delivered", receiver.count());
+    let latencies = Latencies::between(&commits, &receiver.arrivals, None);
+    report.row(format!(
+        "| latency: {rate} events/s, one row per transaction, {seconds} s, 1 node | {} | {} | {} | {:.0} % | {:.0}/s | {:.0} % |",
+        "—",
+        latencies.summary(),
+        mebibytes(usage.peak_rss),
+        usage.node_cpu / usage.elapsed.as_secs_f64() * 100.0,
+        per_second(checkpoints, usage.elapsed),
+        usage.machine_busy * 100.0,
+    ));
+}
+
+async fn sustained(report: &mut Report, nodes: usize, seconds: u64) {
+    let database = orders_database().await;
+    let pool = writer_pool(&database).await;
+    let receiver = Receiver::start().await;
+    let config = write_config(&receiver);
+    let running: Vec<Node> = (1..=nodes)
+        .map(|index| Node::spawn(&database, &config, index))
+        .collect();
+    wait_until_leading(&pool, 8, Duration::from_secs(30)).await;
+    // Let the cluster settle its leases before measuring.
+    tokio::time::sleep(Duration::from_secs(if nodes > 1 { 6 } else { 1 })).await;
+    let commits = Arc::new(Commits::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let next_id = Arc::new(AtomicU64::new(1));
+    let generator = flood(pool.clone(), commits.clone(), next_id.clone(), stop.clone());
+    // Warm-up, then the measured window.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let window_start = Instant::now();
+    let delivered_before = receiver.count();
+    let written_before = next_id.load(Ordering::Relaxed);
+    let checkpoints_before = checkpoint_writes(&pool).await;
+    let sampler = Sampler::start(running.iter().map(|node| node.pid).collect());
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let usage = sampler.finish().await;
+    let delivered = receiver.count() - delivered_before;
+    let written = next_id.load(Ordering::Relaxed) - written_before;
+    let checkpoints = checkpoint_writes(&pool).await - checkpoints_before;
+    let window_end = Instant::now();
+    stop.store(true, Ordering::Relaxed);
+    let total = generator.await.expect("generator");
+    let drained = receiver.wait_for(total, Duration::from_mins(5)).await;
+    for node in running {
+        node.stop();
+    }
+    assert!(drained, "only {} of {total} delivered", receiver.count());
+    let latencies = Latencies::between(
+        &commits,
+        &receiver.arrivals,
+        Some((window_start, window_end)),
+    );
+    report.row(format!(
+        "| sustained: {nodes} node(s), {WRITERS} writers × {ROWS_PER_COMMIT} rows per commit, {seconds} s | **{:.0}** (written {:.0}) | {} | {} | {:.0} % | {:.0}/s | {:.0} % |",
+        per_second(delivered, usage.elapsed),
+        per_second(written, usage.elapsed),
+        latencies.summary(),
+        mebibytes(usage.peak_rss),
+        usage.node_cpu / usage.elapsed.as_secs_f64() * 100.0,
+        per_second(checkpoints, usage.elapsed),
+        usage.machine_busy * 100.0,
+    ));
+}
+
+async fn backlog(report: &mut Report, rows: u64) {
+    let database = orders_database().await;
+    let pool = writer_pool(&database).await;
+    let receiver = Receiver::start().await;
+    let config = write_config(&receiver);
+    // A node that ran once and stopped: the backlog is read the way a restarted or lagging node
+    // reads it, as batches after a saved snapshot.
+    let first_run = Node::spawn(&database, &config, 1);
+    wait_until_leading(&pool, 8, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    first_run.stop();
+    let writing = Instant::now();
+    let rows = i64::try_from(rows).expect("fits i64");
+    let mut first = 1;
+    while first <= rows {
+        let count = BACKLOG_ROWS_PER_COMMIT.min(rows - first + 1);
+        insert_orders(&pool, first, count).await;
+        first += count;
+    }
+    let written_in = writing.elapsed();
+    sqlx::query("VACUUM ANALYZE core.tb_entity_change_log")
+        .execute(&pool)
+        .await
+        .expect("vacuum the change log");
+    let started = Instant::now();
+    let node = Node::spawn(&database, &config, 1);
+    let sampler = Sampler::start(vec![node.pid]);
+    let total = rows.unsigned_abs();
+    let delivered = receiver.wait_for(total, Duration::from_mins(30)).await;
+    let drained_in = started.elapsed();
+    let usage = sampler.finish().await;
+    let checkpoints = checkpoint_writes(&pool).await;
+    node.stop();
+    assert!(delivered, "only {} of {total} delivered", receiver.count());
+    report.row(format!(
+        "| backlog: {total} changes committed first ({:.0} s to write, {BACKLOG_ROWS_PER_COMMIT} per commit), then drained by 1 node | **{:.0}** ({:.1} s) | — | {} | {:.0} % | {:.0}/s | {:.0} % |",
+        written_in.as_secs_f64(),
+        per_second(total, drained_in),
+        drained_in.as_secs_f64(),
+        mebibytes(usage.peak_rss),
+        usage.node_cpu / usage.elapsed.as_secs_f64() * 100.0,
+        per_second(checkpoints, usage.elapsed),
+        usage.machine_busy * 100.0,
+    ));
+}
+
+async fn checkpoint_store(report: &mut Report) {
+    let database = TestDatabase::migrated().await;
+    let pool = writer_pool(&database).await;
+    let store = Arc::new(PostgresCheckpointStore::with_group_commit(pool.clone()));
+    let partitions = 16;
+    let seconds = 5;
+    let snapshot: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+        .fetch_one(&pool)
+        .await
+        .expect("snapshot");
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for partition in 0..partitions {
+        let store = store.clone();
+        let snapshot = snapshot.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut checkpoint = store.claim(partition, "bench").await.expect("claim");
+            let mut own = 0_u64;
+            while Instant::now() < deadline {
+                let next = BatchPosition {
+                    snapshot: Some(snapshot.clone()),
+                    batch_upto: None,
+                    batch_position: None,
+                };
+                checkpoint = store.save(&checkpoint, next, &[]).await.expect("save");
+                own += 1;
+            }
+            own
+        }));
+    }
+    let mut saves = 0;
+    for task in tasks {
+        saves += task.await.expect("saver");
+    }
+    let elapsed = started.elapsed();
+    let written = checkpoint_writes(&pool).await;
+    assert_eq!(written, saves, "every save moved a checkpoint version");
+    report.row(format!(
+        "| checkpoint store: fenced saves on {partitions} partitions at once (group commit, as in a node), {seconds} s | **{:.0} writes/s** | — | — | — | — | — |",
+        per_second(saves, elapsed)
+    ));
+}
+
+#[tokio::main]
+async fn main() {
+    let rate = env_number("E2E_RATE", 1000);
+    let seconds = env_number("E2E_SECONDS", 20);
+    let backlog_rows = env_number("E2E_BACKLOG", 1_000_000);
+    let nodes: Vec<usize> = std::env::var("E2E_NODES")
+        .unwrap_or_else(|_| "1,2,3".to_owned())
+        .split(',')
+        .map(|count| {
+            count
+                .trim()
+                .parse()
+                .expect("E2E_NODES: comma-separated counts")
+        })
+        .collect();
+    let mut report = Report { rows: Vec::new() };
+    let header = "| scenario | events/s | commit → delivery p50 · p95 · p99 · max (ms) | node RSS (peak) | node CPU | checkpoint writes | machine CPU busy |\n|---|---|---|---|---|---|---|";
+    println!("{header}");
+    if wanted("latency") {
+        latency(&mut report, rate).await;
+    }
+    if wanted("sustained") {
+        for count in &nodes {
+            sustained(&mut report, *count, seconds).await;
+        }
+    }
+    if wanted("backlog") {
+        backlog(&mut report, backlog_rows).await;
+    }
+    if wanted("checkpoint") {
+        checkpoint_store(&mut report).await;
+    }
+    let mut markdown = String::new();
+    let _ = writeln!(markdown, "{header}");
+    for row in &report.rows {
+        let _ = writeln!(markdown, "{row}");
+    }
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../e2e-report.md");
+    std::fs::write(&path, markdown).expect("write the report");
+    println!("\nwritten to {}", path.display());
+}

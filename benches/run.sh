@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Every benchmark of this repository on this machine, in one Markdown report:
+#
+#   benches/run.sh                 # writes target/bench-report.md and prints it
+#
+# End to end (cargo bench --bench e2e: real node processes, load generator, webhook receiver), the
+# job queue beside graphile-worker (benches/run-jobs.sh; needs Node.js and npm), the concurrent
+# executor beside the sequential design it replaces (cargo bench --bench concurrency) and the
+# criterion micro-benchmarks (condition evaluation, matching, envelope serialization). Needs the
+# local PostgreSQL (TEST_DATABASE_URL overrides); the e2e knobs (E2E_*) pass through. About 10
+# minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+report=target/bench-report.md
+mkdir -p target
+
+# "name  time: [low median high]" lines of criterion → Markdown rows with the median.
+criterion_rows() {
+    awk '
+        /time:/ {
+            line = $0
+            sub(/^[ \t]+/, "", line)
+            name = line; sub(/[ \t]*time:.*/, "", name)
+            if (name == "") name = previous
+            sub(/.*time:[ \t]*\[/, "", line); sub(/\].*/, "", line)
+            split(line, parts, " ")
+            printf "| %s | %s %s |\n", name, parts[3], parts[4]
+        }
+        { if ($0 !~ /time:/ && $0 ~ /[a-z]/ && $0 !~ /^(Benchmarking|Warning|Gnuplot|Found|  [0-9])/) previous = $0 }
+    '
+}
+
+cpu=$(lscpu | awk -F: '/Model name/ {gsub(/^[ \t]+/, "", $2); print $2; exit}')
+memory=$(free -g | awk '/^Mem:/ {print $2}')
+postgres=$(psql -X -At "${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}" -c 'SHOW server_version' 2>/dev/null || echo unknown)
+
+echo "building the benchmarks…" >&2
+cargo bench --locked --no-run --quiet 2>/dev/null
+
+{
+    echo "# fraiseql-observers benchmarks"
+    echo
+    echo "$(date -u +%Y-%m-%d), $(nproc) cores ($cpu), ${memory} GiB, PostgreSQL $postgres on the same machine, $(rustc --version | cut -d' ' -f1-2)."
+    echo "Everything (PostgreSQL, nodes, load generator, receiver) shares these cores."
+    echo
+    echo "## End to end (\`cargo bench --bench e2e\`)"
+    echo
+    cargo bench --locked --quiet --bench e2e 2>/dev/null | grep '^|'
+    echo
+    echo "## Job queue beside graphile-worker (\`benches/run-jobs.sh\`)"
+    echo
+    benches/run-jobs.sh
+    echo
+    echo "## Concurrent executor beside the sequential design (\`cargo bench --bench concurrency\`)"
+    echo
+    cargo bench --locked --quiet --bench concurrency 2>/dev/null | grep '^|'
+    echo
+    echo "## Micro-benchmarks (criterion, \`--quick\`; median)"
+    echo
+    echo "| benchmark | time |"
+    echo "|---|---|"
+    cargo bench --locked --quiet --bench condition -- --quick 2>/dev/null | criterion_rows
+    cargo bench --locked --quiet --bench pipeline -- --quick 2>/dev/null | criterion_rows
+} | tee "$report"
+echo >&2
+echo "written to $report" >&2

@@ -52,79 +52,125 @@ fn new_token() -> String {
     Uuid::new_v4().simple().to_string()
 }
 
-const DONE: &str = "done";
-
 /// One node's claims, in process. Expired entries are ignored when met and swept every
-/// [`SWEEP_EVERY`] operations, so memory stays bounded by what one window holds.
+/// [`SWEEP_EVERY`] operations; done marks are also capped at [`MEMORY_DONE_CAPACITY`] (the oldest
+/// go first), so memory stays bounded however many actions complete within one window. Past the
+/// cap a replay is still caught by the completed-actions ledger, which this store only speeds up.
 #[derive(Debug, Default)]
 pub struct InMemoryDeduplicationStore {
     state: Mutex<MemoryState>,
 }
 
+#[derive(Debug)]
+enum Mark {
+    /// Claimed by the holder of this token.
+    Claimed(String),
+    Done,
+}
+
 #[derive(Debug, Default)]
 struct MemoryState {
-    entries: HashMap<String, (String, Instant)>,
+    entries: HashMap<String, (Mark, Instant)>,
+    /// Keys in the order they were marked done, for the cap.
+    done_order: std::collections::VecDeque<String>,
     operations: u64,
 }
 
 const SWEEP_EVERY: u64 = 4096;
+/// Most done marks one node keeps in memory.
+pub const MEMORY_DONE_CAPACITY: usize = 65_536;
+
+impl MemoryState {
+    fn sweep(&mut self) {
+        self.operations += 1;
+        if self.operations.is_multiple_of(SWEEP_EVERY) {
+            let now = Instant::now();
+            self.entries.retain(|_, (_, expires)| *expires > now);
+            let entries = &self.entries;
+            self.done_order
+                .retain(|key| matches!(entries.get(key), Some((Mark::Done, _))));
+        }
+    }
+
+    /// The live mark of `key`, treating an expired entry as absent.
+    fn live(&self, key: &str) -> Option<&Mark> {
+        self.entries
+            .get(key)
+            .filter(|(_, expires)| *expires > Instant::now())
+            .map(|(mark, _)| mark)
+    }
+
+    fn holds(&self, key: &str, token: &str) -> bool {
+        matches!(self.live(key), Some(Mark::Claimed(holder)) if holder == token)
+    }
+
+    fn mark_done(&mut self, key: &str, window: Duration) {
+        self.entries
+            .insert(key.to_owned(), (Mark::Done, Instant::now() + window));
+        self.done_order.push_back(key.to_owned());
+        while self.done_order.len() > MEMORY_DONE_CAPACITY {
+            let Some(oldest) = self.done_order.pop_front() else {
+                break;
+            };
+            if matches!(self.entries.get(&oldest), Some((Mark::Done, _))) {
+                self.entries.remove(&oldest);
+            }
+        }
+    }
+}
 
 impl InMemoryDeduplicationStore {
-    fn with_entries<T>(
-        &self,
-        work: impl FnOnce(&mut HashMap<String, (String, Instant)>) -> T,
-    ) -> T {
+    fn with_state<T>(&self, work: impl FnOnce(&mut MemoryState) -> T) -> T {
         let mut state = self
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        state.operations += 1;
-        if state.operations.is_multiple_of(SWEEP_EVERY) {
-            let now = Instant::now();
-            state.entries.retain(|_, (_, expires)| *expires > now);
-        }
-        work(&mut state.entries)
+        state.sweep();
+        work(&mut state)
     }
-}
 
-/// The live value of `key`, treating an expired entry as absent.
-fn live<'entries>(
-    entries: &'entries HashMap<String, (String, Instant)>,
-    key: &str,
-) -> Option<&'entries String> {
-    entries
-        .get(key)
-        .filter(|(_, expires)| *expires > Instant::now())
-        .map(|(value, _)| value)
+    /// Entries held (claims and done marks), for tests.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.with_state(|state| state.entries.len())
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[async_trait]
 impl DeduplicationStore for InMemoryDeduplicationStore {
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, DedupError> {
-        Ok(self.with_entries(|entries| match live(entries, key) {
-            Some(value) if value == DONE => Claim::Done,
-            Some(_) => Claim::Busy,
+        Ok(self.with_state(|state| match state.live(key) {
+            Some(Mark::Done) => Claim::Done,
+            Some(Mark::Claimed(_)) => Claim::Busy,
             None => {
                 let token = new_token();
-                entries.insert(key.to_owned(), (token.clone(), Instant::now() + lease));
+                state.entries.insert(
+                    key.to_owned(),
+                    (Mark::Claimed(token.clone()), Instant::now() + lease),
+                );
                 Claim::Acquired(token)
             }
         }))
     }
 
     async fn complete(&self, key: &str, token: &str, window: Duration) -> Result<(), DedupError> {
-        self.with_entries(|entries| {
-            if live(entries, key).is_some_and(|value| value == token) {
-                entries.insert(key.to_owned(), (DONE.to_owned(), Instant::now() + window));
+        self.with_state(|state| {
+            if state.holds(key, token) {
+                state.mark_done(key, window);
             }
         });
         Ok(())
     }
 
     async fn release(&self, key: &str, token: &str) -> Result<(), DedupError> {
-        self.with_entries(|entries| {
-            if live(entries, key).is_some_and(|value| value == token) {
-                entries.remove(key);
+        self.with_state(|state| {
+            if state.holds(key, token) {
+                state.entries.remove(key);
             }
         });
         Ok(())
@@ -344,6 +390,34 @@ pub mod conformance {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn in_memory_done_marks_are_capped_oldest_first() {
+        let store = InMemoryDeduplicationStore::default();
+        let window = Duration::from_mins(10);
+        let total = MEMORY_DONE_CAPACITY + 1000;
+        for index in 0..total {
+            let key = format!("event-{index}:orders:0");
+            let Claim::Acquired(token) = store.claim(&key, Duration::from_mins(1)).await.unwrap()
+            else {
+                panic!("{key} was not free");
+            };
+            store.complete(&key, &token, window).await.unwrap();
+        }
+        assert!(
+            store.len() <= MEMORY_DONE_CAPACITY,
+            "{} entries",
+            store.len()
+        );
+        let lease = Duration::from_mins(1);
+        let newest = format!("event-{}:orders:0", total - 1);
+        assert_eq!(store.claim(&newest, lease).await.unwrap(), Claim::Done);
+        let oldest = store.claim("event-0:orders:0", lease).await.unwrap();
+        assert!(
+            matches!(oldest, Claim::Acquired(_)),
+            "the oldest done mark made room: {oldest:?}"
+        );
+    }
 
     #[tokio::test]
     async fn the_in_memory_store_conforms() {

@@ -10,11 +10,6 @@ use fraiseql_observers::dlq::{DeadLetterFilter, PostgresDeadLetterQueue};
 use fraiseql_observers::error::ErrorCode;
 use fraiseql_observers::report;
 
-/// mimalloc: the pipeline allocates and frees many small JSON values and HTTP buffers per event
-/// across threads, where it costs a fraction of the system allocator's time.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "fraiseql-observers",

@@ -4,15 +4,17 @@
 //!
 //! Scenarios (each on its own fresh database):
 //! - latency: one node, single-row transactions at a fixed rate; commit-to-delivery p50…max;
-//! - sustained: 1, 2 and 3 nodes, the generator writing as fast as it can; events/s delivered
-//!   while it writes, latency, node RSS and CPU, checkpoint writes/s, machine CPU;
+//! - sustained: 1, 2 and 3 nodes, the generator writing at fixed rates stepped up until delivery
+//!   falls behind (under 97 % of what was written in the window, or p99 over 1 s); the highest rate
+//!   kept up and the first missed, with latency, node RSS and CPU, checkpoint writes/s, machine CPU;
+//! - overload: one node, the generator writing as fast as it can;
 //! - backlog: a backlog of committed changes drained by one node; events/s and peak RSS;
 //! - checkpoint store: fenced compare-and-swap saves on 16 partitions at once.
 //!
 //! Run: `cargo bench --bench e2e` (needs the local PostgreSQL; `TEST_DATABASE_URL` overrides).
 //! Knobs: `E2E_RATE` (latency, events/s, default 1000), `E2E_SECONDS` (sustained window, default
-//! 20), `E2E_BACKLOG` (default 1,000,000), `E2E_NODES` (default `1,2,3`), `E2E_ONLY`
-//! (`latency,sustained,backlog,checkpoint`). Prints a Markdown table and writes it to
+//! 10), `E2E_RATES` (the sustained steps), `E2E_BACKLOG` (default 1,000,000), `E2E_NODES` (default
+//! `1,2,3`), `E2E_ONLY` (`latency,sustained,overload,backlog,checkpoint`). Prints a Markdown table and writes it to
 //! `target/e2e-report.md`.
 
 #[path = "../tests/common/postgres.rs"]
@@ -385,6 +387,7 @@ fn flood(
     commits: Arc<Commits>,
     next_id: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    rate: Option<u64>,
 ) -> tokio::task::JoinHandle<u64> {
     tokio::spawn(async move {
         let writers: Vec<_> = (0..WRITERS)
@@ -395,7 +398,20 @@ fn flood(
                 let stop = stop.clone();
                 tokio::spawn(async move {
                     let mut written = 0;
+                    // At a fixed rate: each writer commits its share on a ticker.
+                    let mut ticker = rate.map(|rate| {
+                        #[allow(clippy::cast_precision_loss, reason = "small counts")]
+                        let period = (ROWS_PER_COMMIT.unsigned_abs() * WRITERS as u64) as f64
+                            / rate as f64;
+                        let mut ticker =
+                            tokio::time::interval(Duration::from_secs_f64(period));
+                        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                        ticker
+                    });
                     while !stop.load(Ordering::Relaxed) {
+                        if let Some(ticker) = ticker.as_mut() {
+                            ticker.tick().await;
+                        }
                         let first = i64::try_from(
                             next_id.fetch_add(ROWS_PER_COMMIT.unsigned_abs(), Ordering::Relaxed),
                         )
@@ -574,7 +590,23 @@ async fn latency(report: &mut Report, rate: u64) {
     ));
 }
 
-async fn sustained(report: &mut Report, nodes: usize, seconds: u64) {
+/// What one sustained run measured.
+struct Sustained {
+    delivered: f64,
+    written: f64,
+    p99: Duration,
+    row: String,
+}
+
+impl Sustained {
+    /// Delivery kept pace with the writers: nearly all of it within the window, and nothing
+    /// waiting long.
+    fn kept_up(&self) -> bool {
+        self.delivered >= self.written * 0.97 && self.p99 < Duration::from_secs(1)
+    }
+}
+
+async fn sustained(nodes: usize, seconds: u64, rate: Option<u64>) -> Sustained {
     let database = orders_database().await;
     let pool = writer_pool(&database).await;
     let receiver = Receiver::start().await;
@@ -588,7 +620,13 @@ async fn sustained(report: &mut Report, nodes: usize, seconds: u64) {
     let commits = Arc::new(Commits::default());
     let stop = Arc::new(AtomicBool::new(false));
     let next_id = Arc::new(AtomicU64::new(1));
-    let generator = flood(pool.clone(), commits.clone(), next_id.clone(), stop.clone());
+    let generator = flood(
+        pool.clone(),
+        commits.clone(),
+        next_id.clone(),
+        stop.clone(),
+        rate,
+    );
     // Warm-up, then the measured window.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let window_start = Instant::now();
@@ -614,8 +652,12 @@ async fn sustained(report: &mut Report, nodes: usize, seconds: u64) {
         &receiver.arrivals,
         Some((window_start, window_end)),
     );
-    report.row(format!(
-        "| sustained: {nodes} node(s), {WRITERS} writers × {ROWS_PER_COMMIT} rows per commit, {seconds} s | **{:.0}** (written {:.0}) | {} | {} | {:.0} % | {:.0}/s | {:.0} % |",
+    let load = match rate {
+        Some(rate) => format!("{rate} events/s"),
+        None => "as fast as they can".to_owned(),
+    };
+    let row = format!(
+        "| sustained: {nodes} node(s); {WRITERS} writers × {ROWS_PER_COMMIT} rows per commit, {load}; {seconds} s | **{:.0}** (written {:.0}) | {} | {} | {:.0} % | {:.0}/s | {:.0} % |",
         per_second(delivered, usage.elapsed),
         per_second(written, usage.elapsed),
         latencies.summary(),
@@ -623,7 +665,35 @@ async fn sustained(report: &mut Report, nodes: usize, seconds: u64) {
         usage.node_cpu / usage.elapsed.as_secs_f64() * 100.0,
         per_second(checkpoints, usage.elapsed),
         usage.machine_busy * 100.0,
-    ));
+    );
+    println!("{row}");
+    Sustained {
+        delivered: per_second(delivered, usage.elapsed),
+        written: per_second(written, usage.elapsed),
+        p99: latencies.percentile(0.99),
+        row,
+    }
+}
+
+/// The highest fixed rate `nodes` keep pace with, stepping up from `rates[0]`: reports that run
+/// and the first one that fell behind.
+async fn highest_sustained(report: &mut Report, nodes: usize, seconds: u64, rates: &[u64]) {
+    let mut best: Option<Sustained> = None;
+    for rate in rates {
+        let run = sustained(nodes, seconds, Some(*rate)).await;
+        if run.kept_up() {
+            best = Some(run);
+        } else {
+            if let Some(best) = best.take() {
+                report.row(best.row.replace("| sustained:", "| sustained (kept up):"));
+            }
+            report.row(run.row.replace("| sustained:", "| sustained (fell behind):"));
+            return;
+        }
+    }
+    if let Some(best) = best {
+        report.row(best.row.replace("| sustained:", "| sustained (kept up):"));
+    }
 }
 
 async fn backlog(report: &mut Report, rows: u64) {
@@ -719,7 +789,12 @@ async fn checkpoint_store(report: &mut Report) {
 #[tokio::main]
 async fn main() {
     let rate = env_number("E2E_RATE", 1000);
-    let seconds = env_number("E2E_SECONDS", 20);
+    let seconds = env_number("E2E_SECONDS", 10);
+    let rates: Vec<u64> = std::env::var("E2E_RATES")
+        .unwrap_or_else(|_| "4000,6000,8000,10000,12000,14000,16000,18000,20000".to_owned())
+        .split(',')
+        .map(|rate| rate.trim().parse().expect("E2E_RATES: comma-separated events/s"))
+        .collect();
     let backlog_rows = env_number("E2E_BACKLOG", 1_000_000);
     let nodes: Vec<usize> = std::env::var("E2E_NODES")
         .unwrap_or_else(|_| "1,2,3".to_owned())
@@ -739,8 +814,12 @@ async fn main() {
     }
     if wanted("sustained") {
         for count in &nodes {
-            sustained(&mut report, *count, seconds).await;
+            highest_sustained(&mut report, *count, seconds, &rates).await;
         }
+    }
+    if wanted("overload") {
+        let run = sustained(1, seconds, None).await;
+        report.row(run.row);
     }
     if wanted("backlog") {
         backlog(&mut report, backlog_rows).await;

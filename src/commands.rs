@@ -164,7 +164,7 @@ pub async fn dlq_retry(
                 observer.name, letter.letter.action_index
             )
         })?;
-    let runner = ActionRunner::new(Arc::new(config.templates))?;
+    let runner = ActionRunner::new(Arc::new(config.templates))?.with_database(queue.pool().clone());
     let event = &letter.letter.event;
     let envelope = event.envelope(observer.name.as_str());
     let context = ActionContext {

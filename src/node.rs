@@ -131,6 +131,7 @@ impl Node {
         let store: Arc<dyn CheckpointStore> = Arc::new(PostgresCheckpointStore::new(pool.clone()));
         let dead_letters = Arc::new(PostgresDeadLetterQueue::new(pool.clone()));
         let runner = ActionRunner::new(Arc::new(config.templates))?
+            .with_database(pool.clone())
             .with_breakers(shared.breakers.clone())
             .with_limits(shared.limits.clone())
             .with_cache(Cache {

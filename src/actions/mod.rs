@@ -6,6 +6,7 @@
 //! (event, observer, action) carries the same idempotency key, so a target can recognise a
 //! repeat.
 
+mod database;
 mod log;
 mod webhook;
 
@@ -20,6 +21,7 @@ use crate::error::ErrorCode;
 use crate::retry::AttemptError;
 use crate::template::Templates;
 
+pub use database::IDEMPOTENCY_SETTING;
 pub use webhook::{SIGNATURE_HEADER, sign_payload};
 
 /// Everything one attempt needs to know about where it comes from.
@@ -66,6 +68,8 @@ pub struct ActionRunner {
     limits: Arc<dyn crate::limits::LimitStore>,
     /// Where `cache: {ttl}` actions keep results (in process by default).
     cache: crate::cache::Cache,
+    /// The service's PostgreSQL pool, which `database` actions call their functions through.
+    database: Option<sqlx::PgPool>,
 }
 
 /// How long an idle pooled connection to a webhook target is kept.
@@ -92,7 +96,15 @@ impl ActionRunner {
                 prefix: String::new(),
                 metrics: None,
             },
+            database: None,
         })
+    }
+
+    /// Lets `database` actions call their functions through `pool`.
+    #[must_use]
+    pub fn with_database(mut self, pool: sqlx::PgPool) -> ActionRunner {
+        self.database = Some(pool);
+        self
     }
 
     /// Keeps `cache: {ttl}` results in `cache` (Redis: shared by every node).
@@ -147,6 +159,9 @@ impl ActionRunner {
                 .await
             }
             ActionKind::Log(log) => log::attempt(&self.templates, log, context),
+            ActionKind::Database(database) => {
+                database::attempt(self.database.as_ref(), &self.templates, database, context).await
+            }
         }
     }
 }

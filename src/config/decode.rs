@@ -4,10 +4,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::model::{
-    ActionDefinition, ActionKind, BackoffKind, BodyFormat, DEFAULT_ACTION_TIMEOUT, Delivery,
-    DeliveryMode, EndpointLimits, ExecutorSettings, FailurePolicy, HeaderValue, HttpMethod,
-    JobSettings, LogAction, LogLevel, ObserverDefinition, ObserverName, RateLimit, RetryPolicy,
-    Secret, SecretUrl, Setting, WebhookAction, WebhookTarget,
+    ActionDefinition, ActionKind, BackoffKind, BodyFormat, DEFAULT_ACTION_TIMEOUT, DatabaseAction,
+    DatabaseParam, Delivery, DeliveryMode, EndpointLimits, ExecutorSettings, FailurePolicy,
+    FunctionName, HeaderValue, HttpMethod, JobSettings, LogAction, LogLevel, ObserverDefinition,
+    ObserverName, RateLimit, RetryPolicy, Secret, SecretUrl, Setting, SqlType, WebhookAction,
+    WebhookTarget,
 };
 use super::tree::{Node, NodeValue, Position};
 use super::{ConfigError, ConfigErrors, LoadOptions, MissingEnv, ObserversConfig};
@@ -874,7 +875,7 @@ impl Decoder<'_> {
     }
 
     fn action(&mut self, node: &Node, path: &str, index: usize) -> Option<ActionDefinition> {
-        const TYPES: [&str; 2] = ["webhook", "log"];
+        const TYPES: &[&str] = ActionKind::TYPE_NAMES;
         let NodeValue::Map(entries) = &node.value else {
             self.expected(node, path, "an action mapping with a 'type'");
             return None;
@@ -931,8 +932,23 @@ impl Decoder<'_> {
                 let label = self.label(&fields, path);
                 (self.log(&fields, path).map(ActionKind::Log), label)
             }
+            "database" => {
+                let fields = self.fields(
+                    node,
+                    path,
+                    &[
+                        "type", "name", "function", "params", "timeout", "mode", "queue",
+                        "priority",
+                    ],
+                )?;
+                let label = self.label(&fields, path);
+                (
+                    self.database(&fields, path).map(ActionKind::Database),
+                    label,
+                )
+            }
             other => {
-                let hint = did_you_mean(other, &TYPES);
+                let hint = did_you_mean(other, TYPES);
                 self.error(
                     type_node.position,
                     &type_path,
@@ -1341,6 +1357,133 @@ impl Decoder<'_> {
             headers.push((name.to_owned(), header_value));
         }
         all_valid.then_some(headers)
+    }
+
+    /// The action's `timeout`, or the default.
+    fn action_timeout(&mut self, fields: &Fields<'_>, path: &str) -> Option<Duration> {
+        match fields.get("timeout") {
+            None => Some(DEFAULT_ACTION_TIMEOUT),
+            Some(node) => self.timeout(node, &child(path, "timeout")),
+        }
+    }
+
+    fn database(&mut self, fields: &Fields<'_>, path: &str) -> Option<DatabaseAction> {
+        let function = self
+            .required(
+                fields,
+                "function",
+                path,
+                "a schema-qualified PostgreSQL function, e.g. app.on_order_paid",
+            )
+            .and_then(|node| {
+                let function_path = child(path, "function");
+                let text = self.non_empty_string(node, &function_path)?;
+                FunctionName::parse(text.trim())
+                    .map_err(|message| self.error(node.position, &function_path, message))
+                    .ok()
+            });
+        let params = match fields.get("params") {
+            None => Some(Vec::new()),
+            Some(node) => self.database_params(node, &child(path, "params")),
+        };
+        let timeout = self.action_timeout(fields, path);
+        Some(DatabaseAction {
+            function: function?,
+            params: params?,
+            timeout: timeout?,
+        })
+    }
+
+    /// `params: ["{{ entity_id }}", {value: "{{ data.total }}", type: numeric}]`.
+    fn database_params(&mut self, node: &Node, path: &str) -> Option<Vec<DatabaseParam>> {
+        const MAX_PARAMS: usize = 100;
+        let NodeValue::List(items) = &node.value else {
+            self.expected(node, path, "a list of parameter templates");
+            return None;
+        };
+        if items.len() > MAX_PARAMS {
+            self.error(
+                node.position,
+                path,
+                format!(
+                    "expected at most {MAX_PARAMS} parameters, found {}",
+                    items.len()
+                ),
+            );
+            return None;
+        }
+        let mut params = Vec::with_capacity(items.len());
+        let mut all_valid = true;
+        for (index, item) in items.iter().enumerate() {
+            let item_path = format!("{path}[{index}]");
+            let (source_node, sql_type) = match &item.value {
+                NodeValue::String(_) => (item, Some(SqlType::text())),
+                NodeValue::Map(_) => {
+                    let Some(param_fields) = self.fields(item, &item_path, &["value", "type"])
+                    else {
+                        all_valid = false;
+                        continue;
+                    };
+                    let sql_type = match param_fields.get("type") {
+                        None => Some(SqlType::text()),
+                        Some(type_node) => {
+                            let type_path = child(&item_path, "type");
+                            self.non_empty_string(type_node, &type_path)
+                                .and_then(|text| {
+                                    SqlType::parse(text.trim())
+                                        .map_err(|message| {
+                                            self.error(type_node.position, &type_path, message);
+                                        })
+                                        .ok()
+                                })
+                        }
+                    };
+                    let Some(value) = self.required(
+                        &param_fields,
+                        "value",
+                        &item_path,
+                        "the parameter's template",
+                    ) else {
+                        all_valid = false;
+                        continue;
+                    };
+                    (value, sql_type)
+                }
+                _ => {
+                    self.expected(
+                        item,
+                        &item_path,
+                        "a template string or a mapping with 'value' and 'type'",
+                    );
+                    all_valid = false;
+                    continue;
+                }
+            };
+            let Some(sql_type) = sql_type else {
+                all_valid = false;
+                continue;
+            };
+            let value_path = if std::ptr::eq(source_node, item) {
+                item_path.clone()
+            } else {
+                child(&item_path, "value")
+            };
+            let Some(source) = self.string(source_node, &value_path) else {
+                all_valid = false;
+                continue;
+            };
+            let suffix = if sql_type.is_json() { "json" } else { "txt" };
+            match self.template(
+                format!("{value_path}.{suffix}"),
+                source,
+                source_node.position,
+                &value_path,
+            ) {
+                Some(template) => params.push(DatabaseParam { template, sql_type }),
+                None => all_valid = false,
+            }
+        }
+        all_valid.then_some(params)
     }
 
     fn log(&mut self, fields: &Fields<'_>, path: &str) -> Option<LogAction> {

@@ -265,21 +265,141 @@ pub struct LogAction {
     pub message_template: String,
 }
 
+/// Longest PostgreSQL identifier (`NAMEDATALEN - 1` bytes).
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+fn sql_identifier(part: &str, what: &str) -> Result<(), String> {
+    let mut characters = part.chars();
+    let valid = characters
+        .next()
+        .is_some_and(|first| first.is_ascii_alphabetic() || first == '_')
+        && characters
+            .all(|character| character.is_ascii_alphanumeric() || "_$".contains(character));
+    if !valid {
+        return Err(format!(
+            "expected {what} of letters, digits, '_' and '$' starting with a letter or '_', found {part:?}"
+        ));
+    }
+    if part.len() > MAX_IDENTIFIER_BYTES {
+        return Err(format!(
+            "expected {what} of at most {MAX_IDENTIFIER_BYTES} bytes, found {} bytes",
+            part.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A schema-qualified PostgreSQL function name, `schema.function`, checked when parsed and
+/// always sent double-quoted (so it is case-sensitive and can never be read as SQL).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FunctionName {
+    schema: String,
+    function: String,
+}
+
+impl FunctionName {
+    /// # Errors
+    /// What is wrong with the name, as a sentence fragment.
+    pub fn parse(text: &str) -> Result<FunctionName, String> {
+        let Some((schema, function)) = text.split_once('.') else {
+            return Err(format!(
+                "expected a schema-qualified function name such as app.on_order_paid, found {text:?}"
+            ));
+        };
+        sql_identifier(schema, "a schema name")?;
+        sql_identifier(function, "a function name")?;
+        Ok(FunctionName {
+            schema: schema.to_owned(),
+            function: function.to_owned(),
+        })
+    }
+
+    /// `"schema"."function"`: the form put into SQL.
+    #[must_use]
+    pub fn quoted(&self) -> String {
+        format!("\"{}\".\"{}\"", self.schema, self.function)
+    }
+}
+
+impl fmt::Display for FunctionName {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}.{}", self.schema, self.function)
+    }
+}
+
+/// The PostgreSQL type a parameter is cast to: a (possibly schema-qualified) type name of
+/// identifier characters, optionally an array (`text`, `numeric`, `jsonb`, `uuid`, `int8[]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SqlType(String);
+
+impl SqlType {
+    /// # Errors
+    /// What is wrong with the type name, as a sentence fragment.
+    pub fn parse(text: &str) -> Result<SqlType, String> {
+        let base = text.strip_suffix("[]").unwrap_or(text);
+        let parts: Vec<&str> = base.split('.').collect();
+        if parts.len() > 2 || parts.iter().any(|part| sql_identifier(part, "").is_err()) {
+            return Err(format!(
+                "expected a type name such as text, numeric, jsonb, uuid or int8[], found {text:?}"
+            ));
+        }
+        Ok(SqlType(text.to_ascii_lowercase()))
+    }
+
+    #[must_use]
+    pub fn text() -> SqlType {
+        SqlType("text".to_owned())
+    }
+
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether values are JSON (`json`, `jsonb`): their template inserts values as JSON.
+    #[must_use]
+    pub fn is_json(&self) -> bool {
+        matches!(self.0.as_str(), "json" | "jsonb")
+    }
+}
+
+/// One argument of a `database` action's function: a template, sent as text and cast.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatabaseParam {
+    /// Name of the value template.
+    pub template: String,
+    pub sql_type: SqlType,
+}
+
+/// A PostgreSQL function called per matched event, in its own transaction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DatabaseAction {
+    pub function: FunctionName,
+    pub params: Vec<DatabaseParam>,
+    /// Per attempt; also the transaction's `statement_timeout`.
+    pub timeout: Duration,
+}
+
 /// What an action does.
 #[derive(Clone, Debug, PartialEq)]
 #[allow(clippy::large_enum_variant, reason = "built once per configuration")]
 pub enum ActionKind {
     Webhook(WebhookAction),
     Log(LogAction),
+    Database(DatabaseAction),
 }
 
 impl ActionKind {
+    /// Every `type:` an action may have, in the order they are listed in messages.
+    pub const TYPE_NAMES: &[&str] = &["webhook", "log", "database"];
+
     /// The `type:` name in the observers file, also the `action_type` metric label.
     #[must_use]
     pub fn type_name(&self) -> &'static str {
         match self {
             ActionKind::Webhook(_) => "webhook",
             ActionKind::Log(_) => "log",
+            ActionKind::Database(_) => "database",
         }
     }
 
@@ -289,6 +409,7 @@ impl ActionKind {
         match self {
             ActionKind::Webhook(webhook) => webhook.timeout,
             ActionKind::Log(_) => DEFAULT_ACTION_TIMEOUT,
+            ActionKind::Database(database) => database.timeout,
         }
     }
 }

@@ -210,10 +210,38 @@ pub fn config_from_yaml(yaml: &str) -> fraiseql_observers::config::ObserversConf
     load_str(yaml, Format::Yaml, "test.yaml", &options).unwrap_or_else(|errors| panic!("{errors}"))
 }
 
+/// Loads an observers file from YAML with `env` as the environment, expecting it to be refused;
+/// returns every error as `file:line:column: path: message` lines.
+pub fn config_errors_from_yaml(yaml: &str, env: &[(&str, &str)]) -> Vec<String> {
+    let variables: HashMap<String, String> = env
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .collect();
+    let lookup = move |name: &str| variables.get(name).cloned();
+    let options = LoadOptions {
+        env: &lookup,
+        missing_env: MissingEnv::Error,
+    };
+    match load_str(yaml, Format::Yaml, "test.yaml", &options) {
+        Ok(_) => panic!("expected the configuration to be refused:\n{yaml}"),
+        Err(errors) => errors.errors.iter().map(ToString::to_string).collect(),
+    }
+}
+
 /// Builds an executor from YAML, with `env` as the environment and an in-memory DLQ.
 pub fn executor_from_yaml(
     yaml: &str,
     env: &[(&str, &str)],
+) -> (Executor, Arc<InMemoryDeadLetterQueue>) {
+    executor_from_yaml_with(yaml, env, |runner| runner)
+}
+
+/// [`executor_from_yaml`] with an action runner that `customize` equips (a database pool, a
+/// Redis connection).
+pub fn executor_from_yaml_with(
+    yaml: &str,
+    env: &[(&str, &str)],
+    customize: impl FnOnce(ActionRunner) -> ActionRunner,
 ) -> (Executor, Arc<InMemoryDeadLetterQueue>) {
     let variables: HashMap<String, String> = env
         .iter()
@@ -227,7 +255,7 @@ pub fn executor_from_yaml(
     let config = load_str(yaml, Format::Yaml, "test.yaml", &options)
         .unwrap_or_else(|errors| panic!("{errors}"));
     let dead_letters = Arc::new(InMemoryDeadLetterQueue::default());
-    let executor = build_executor(config, dead_letters.clone(), |runner| runner);
+    let executor = build_executor(config, dead_letters.clone(), customize);
     (executor, dead_letters)
 }
 

@@ -6,6 +6,7 @@
 //! (event, observer, action) carries the same idempotency key, so a target can recognise a
 //! repeat.
 
+mod cache;
 mod database;
 mod log;
 mod webhook;
@@ -70,6 +71,8 @@ pub struct ActionRunner {
     cache: crate::cache::Cache,
     /// The service's PostgreSQL pool, which `database` actions call their functions through.
     database: Option<sqlx::PgPool>,
+    /// The node's Redis connection, which `cache` actions remove keys through.
+    redis: Option<crate::redis_client::SharedConnection>,
 }
 
 /// How long an idle pooled connection to a webhook target is kept.
@@ -97,7 +100,15 @@ impl ActionRunner {
                 metrics: None,
             },
             database: None,
+            redis: None,
         })
+    }
+
+    /// Lets `cache` actions remove keys through the node's Redis connection.
+    #[must_use]
+    pub fn with_redis(mut self, connection: crate::redis_client::SharedConnection) -> ActionRunner {
+        self.redis = Some(connection);
+        self
     }
 
     /// Lets `database` actions call their functions through `pool`.
@@ -161,6 +172,9 @@ impl ActionRunner {
             ActionKind::Log(log) => log::attempt(&self.templates, log, context),
             ActionKind::Database(database) => {
                 database::attempt(self.database.as_ref(), &self.templates, database, context).await
+            }
+            ActionKind::Cache(cache) => {
+                cache::attempt(self.redis.as_ref(), &self.templates, cache, context).await
             }
         }
     }

@@ -4,11 +4,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::model::{
-    ActionDefinition, ActionKind, BackoffKind, BodyFormat, DEFAULT_ACTION_TIMEOUT, DatabaseAction,
-    DatabaseParam, Delivery, DeliveryMode, EndpointLimits, ExecutorSettings, FailurePolicy,
-    FunctionName, HeaderValue, HttpMethod, JobSettings, LogAction, LogLevel, ObserverDefinition,
-    ObserverName, RateLimit, RetryPolicy, Secret, SecretUrl, Setting, SqlType, WebhookAction,
-    WebhookTarget,
+    ActionDefinition, ActionKind, BackoffKind, BodyFormat, CacheAction, DEFAULT_ACTION_TIMEOUT,
+    DatabaseAction, DatabaseParam, Delivery, DeliveryMode, EndpointLimits, ExecutorSettings,
+    FailurePolicy, FunctionName, HeaderValue, HttpMethod, JobSettings, LogAction, LogLevel,
+    ObserverDefinition, ObserverName, RateLimit, RetryPolicy, Secret, SecretUrl, Setting, SqlType,
+    WebhookAction, WebhookTarget,
 };
 use super::tree::{Node, NodeValue, Position};
 use super::{ConfigError, ConfigErrors, LoadOptions, MissingEnv, ObserversConfig};
@@ -22,6 +22,30 @@ const RESERVED_HEADERS: [&str; 4] = [
     "x-fraiseql-event-id",
     "x-fraiseql-signature-256",
     "content-length",
+];
+/// The keys each action type takes besides `type`, `name`, `mode`, `queue` and `priority`, in
+/// the order of [`ActionKind::TYPE_NAMES`].
+const ACTION_KEYS: &[(&str, &[&str])] = &[
+    (
+        "webhook",
+        &[
+            "url",
+            "url_env",
+            "method",
+            "headers",
+            "body_template",
+            "body_format",
+            "signing_secret",
+            "signing_secret_env",
+            "timeout",
+            "rate_limit",
+            "max_in_flight",
+            "cache",
+        ],
+    ),
+    ("log", &["level", "message"]),
+    ("database", &["function", "params", "timeout"]),
+    ("cache", &["keys", "patterns", "timeout"]),
 ];
 const MAX_ACTION_TIMEOUT: Duration = Duration::from_mins(10);
 const MAX_ATTEMPTS_LIMIT: u32 = 100;
@@ -893,71 +917,37 @@ impl Decoder<'_> {
         };
         let type_path = child(path, "type");
         let type_name = self.string(type_node, &type_path)?;
-        let (kind, label) = match type_name {
-            "webhook" => {
-                let fields = self.fields(
-                    node,
-                    path,
-                    &[
-                        "type",
-                        "name",
-                        "url",
-                        "url_env",
-                        "method",
-                        "headers",
-                        "body_template",
-                        "body_format",
-                        "signing_secret",
-                        "signing_secret_env",
-                        "timeout",
-                        "rate_limit",
-                        "max_in_flight",
-                        "cache",
-                        "mode",
-                        "queue",
-                        "priority",
-                    ],
-                )?;
-                let label = self.label(&fields, path);
-                (self.webhook(&fields, path).map(ActionKind::Webhook), label)
-            }
-            "log" => {
-                let fields = self.fields(
-                    node,
-                    path,
-                    &[
-                        "type", "name", "level", "message", "mode", "queue", "priority",
-                    ],
-                )?;
-                let label = self.label(&fields, path);
-                (self.log(&fields, path).map(ActionKind::Log), label)
-            }
-            "database" => {
-                let fields = self.fields(
-                    node,
-                    path,
-                    &[
-                        "type", "name", "function", "params", "timeout", "mode", "queue",
-                        "priority",
-                    ],
-                )?;
-                let label = self.label(&fields, path);
-                (
-                    self.database(&fields, path).map(ActionKind::Database),
-                    label,
-                )
-            }
+        let Some((_, own_keys)) = ACTION_KEYS.iter().find(|(name, _)| *name == type_name) else {
+            let hint = did_you_mean(type_name, TYPES);
+            self.error(
+                type_node.position,
+                &type_path,
+                format!(
+                    "unknown action type {type_name:?}; {hint}expected one of: {}",
+                    TYPES.join(", ")
+                ),
+            );
+            return None;
+        };
+        let allowed: Vec<&str> = ["type", "name"]
+            .into_iter()
+            .chain(own_keys.iter().copied())
+            .chain(["mode", "queue", "priority"])
+            .collect();
+        let fields = self.fields(node, path, &allowed)?;
+        let label = self.label(&fields, path);
+        let kind = match type_name {
+            "webhook" => self.webhook(&fields, path).map(ActionKind::Webhook),
+            "log" => self.log(&fields, path).map(ActionKind::Log),
+            "database" => self.database(&fields, path).map(ActionKind::Database),
+            "cache" => self.cache(&fields, path).map(ActionKind::Cache),
             other => {
-                let hint = did_you_mean(other, TYPES);
                 self.error(
                     type_node.position,
                     &type_path,
-                    format!(
-                        "unknown action type {other:?}; {hint}expected one of: {}",
-                        TYPES.join(", ")
-                    ),
+                    format!("action type {other:?} has no decoder (a defect)"),
                 );
-                return None;
+                None
             }
         };
         let delivery = self.delivery(node, path);
@@ -1394,6 +1384,74 @@ impl Decoder<'_> {
         })
     }
 
+    fn cache(&mut self, fields: &Fields<'_>, path: &str) -> Option<CacheAction> {
+        let keys = self.template_list(fields, "keys", path, "txt");
+        let patterns = self.template_list(fields, "patterns", path, "glob");
+        let timeout = self.action_timeout(fields, path);
+        let (keys, patterns) = (keys?, patterns?);
+        if keys.is_empty() && patterns.is_empty() {
+            self.error(
+                fields.position,
+                path,
+                "expected 'keys' (exact keys) or 'patterns' (SCAN MATCH patterns), or both",
+            );
+            return None;
+        }
+        Some(CacheAction {
+            keys,
+            patterns,
+            timeout: timeout?,
+        })
+    }
+
+    /// An optional list of templates at `key` (a single string counts as a list of one).
+    fn template_list(
+        &mut self,
+        fields: &Fields<'_>,
+        key: &str,
+        path: &str,
+        suffix: &str,
+    ) -> Option<Vec<String>> {
+        const MAX_TEMPLATES: usize = 100;
+        let Some(node) = fields.get(key) else {
+            return Some(Vec::new());
+        };
+        let list_path = child(path, key);
+        let items: Vec<(String, &Node)> = match &node.value {
+            NodeValue::String(_) => vec![(list_path.clone(), node)],
+            NodeValue::List(items) if items.len() <= MAX_TEMPLATES => items
+                .iter()
+                .enumerate()
+                .map(|(index, item)| (format!("{list_path}[{index}]"), item))
+                .collect(),
+            _ => {
+                self.expected(
+                    node,
+                    &list_path,
+                    &format!("a template string or a list of at most {MAX_TEMPLATES}"),
+                );
+                return None;
+            }
+        };
+        let mut templates = Vec::with_capacity(items.len());
+        let mut all_valid = true;
+        for (item_path, item) in items {
+            let template = self.non_empty_string(item, &item_path).and_then(|source| {
+                self.template(
+                    format!("{item_path}.{suffix}"),
+                    source,
+                    item.position,
+                    &item_path,
+                )
+            });
+            match template {
+                Some(template) => templates.push(template),
+                None => all_valid = false,
+            }
+        }
+        all_valid.then_some(templates)
+    }
+
     /// `params: ["{{ entity_id }}", {value: "{{ data.total }}", type: numeric}]`.
     fn database_params(&mut self, node: &Node, path: &str) -> Option<Vec<DatabaseParam>> {
         const MAX_PARAMS: usize = 100;
@@ -1539,4 +1597,15 @@ fn indent(text: &str, prefix: &str) -> String {
         .map(|line| format!("{prefix}{line}"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_action_type_has_its_keys() {
+        let decoded: Vec<&str> = ACTION_KEYS.iter().map(|(name, _)| *name).collect();
+        assert_eq!(decoded, ActionKind::TYPE_NAMES);
+    }
 }

@@ -380,6 +380,17 @@ pub struct DatabaseAction {
     pub timeout: Duration,
 }
 
+/// Redis keys removed per matched event (the node's Redis, `REDIS_URL`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheAction {
+    /// Names of exact-key templates: each rendered key is removed with `UNLINK`.
+    pub keys: Vec<String>,
+    /// Names of `SCAN MATCH` pattern templates (values inserted with glob characters escaped):
+    /// every key matching a rendered pattern is removed.
+    pub patterns: Vec<String>,
+    pub timeout: Duration,
+}
+
 /// What an action does.
 #[derive(Clone, Debug, PartialEq)]
 #[allow(clippy::large_enum_variant, reason = "built once per configuration")]
@@ -387,11 +398,12 @@ pub enum ActionKind {
     Webhook(WebhookAction),
     Log(LogAction),
     Database(DatabaseAction),
+    Cache(CacheAction),
 }
 
 impl ActionKind {
     /// Every `type:` an action may have, in the order they are listed in messages.
-    pub const TYPE_NAMES: &[&str] = &["webhook", "log", "database"];
+    pub const TYPE_NAMES: &[&str] = &["webhook", "log", "database", "cache"];
 
     /// The `type:` name in the observers file, also the `action_type` metric label.
     #[must_use]
@@ -400,6 +412,7 @@ impl ActionKind {
             ActionKind::Webhook(_) => "webhook",
             ActionKind::Log(_) => "log",
             ActionKind::Database(_) => "database",
+            ActionKind::Cache(_) => "cache",
         }
     }
 
@@ -410,6 +423,7 @@ impl ActionKind {
             ActionKind::Webhook(webhook) => webhook.timeout,
             ActionKind::Log(_) => DEFAULT_ACTION_TIMEOUT,
             ActionKind::Database(database) => database.timeout,
+            ActionKind::Cache(cache) => cache.timeout,
         }
     }
 }

@@ -294,4 +294,5 @@ fn build_executor(
 
 pub mod nodes;
 pub mod postgres;
+pub mod redis;
 pub mod tools;

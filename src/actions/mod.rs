@@ -9,6 +9,7 @@
 mod cache;
 mod database;
 mod log;
+mod slack;
 mod webhook;
 
 use std::sync::Arc;
@@ -176,8 +177,20 @@ impl ActionRunner {
             ActionKind::Cache(cache) => {
                 cache::attempt(self.redis.as_ref(), &self.templates, cache, context).await
             }
+            ActionKind::Slack(slack) => {
+                slack::attempt(&self.http, &self.templates, slack, context).await
+            }
         }
     }
+}
+
+fn secret_missing(what: &str, variable: &str) -> AttemptError {
+    AttemptError::new(
+        ErrorCode::SecretMissing,
+        format!(
+            "{what} needs environment variable {variable}, which was not set when the configuration was loaded"
+        ),
+    )
 }
 
 fn template_failed(template: &str, error: &crate::template::TemplateError) -> AttemptError {

@@ -7,8 +7,8 @@ use super::model::{
     ActionDefinition, ActionKind, BackoffKind, BodyFormat, CacheAction, DEFAULT_ACTION_TIMEOUT,
     DatabaseAction, DatabaseParam, Delivery, DeliveryMode, EndpointLimits, ExecutorSettings,
     FailurePolicy, FunctionName, HeaderValue, HttpMethod, JobSettings, LogAction, LogLevel,
-    ObserverDefinition, ObserverName, RateLimit, RetryPolicy, Secret, SecretUrl, Setting, SqlType,
-    WebhookAction, WebhookTarget,
+    ObserverDefinition, ObserverName, RateLimit, RetryPolicy, Secret, SecretUrl, Setting,
+    SlackAction, SqlType, WebhookAction, WebhookTarget,
 };
 use super::tree::{Node, NodeValue, Position};
 use super::{ConfigError, ConfigErrors, LoadOptions, MissingEnv, ObserversConfig};
@@ -46,6 +46,17 @@ const ACTION_KEYS: &[(&str, &[&str])] = &[
     ("log", &["level", "message"]),
     ("database", &["function", "params", "timeout"]),
     ("cache", &["keys", "patterns", "timeout"]),
+    (
+        "slack",
+        &[
+            "webhook_url",
+            "webhook_url_env",
+            "text",
+            "blocks",
+            "channel",
+            "timeout",
+        ],
+    ),
 ];
 const MAX_ACTION_TIMEOUT: Duration = Duration::from_mins(10);
 const MAX_ATTEMPTS_LIMIT: u32 = 100;
@@ -941,6 +952,7 @@ impl Decoder<'_> {
             "log" => self.log(&fields, path).map(ActionKind::Log),
             "database" => self.database(&fields, path).map(ActionKind::Database),
             "cache" => self.cache(&fields, path).map(ActionKind::Cache),
+            "slack" => self.slack(&fields, path).map(ActionKind::Slack),
             other => {
                 self.error(
                     type_node.position,
@@ -1166,12 +1178,18 @@ impl Decoder<'_> {
     }
 
     fn webhook_target(&mut self, fields: &Fields<'_>, path: &str) -> Option<WebhookTarget> {
-        match (fields.get("url"), fields.get("url_env")) {
+        self.url_target(fields, path, "url")
+    }
+
+    /// An http(s) URL from `key` (literal, or with `${VAR}`) or `<key>_env` (a variable name).
+    fn url_target(&mut self, fields: &Fields<'_>, path: &str, key: &str) -> Option<WebhookTarget> {
+        let env_key = format!("{key}_env");
+        match (fields.get(key), fields.get(&env_key)) {
             (Some(node), Some(_)) => {
                 self.error(
                     node.position,
-                    &child(path, "url"),
-                    "set either 'url' or 'url_env', not both",
+                    &child(path, key),
+                    format!("set either '{key}' or '{env_key}', not both"),
                 );
                 None
             }
@@ -1179,12 +1197,12 @@ impl Decoder<'_> {
                 self.error(
                     fields.position,
                     path,
-                    "missing required key 'url' (or 'url_env')",
+                    format!("missing required key '{key}' (or '{env_key}')"),
                 );
                 None
             }
             (Some(node), None) => {
-                let url_path = child(path, "url");
+                let url_path = child(path, key);
                 let text = self.non_empty_string(node, &url_path)?;
                 let expanded = self.expand(text.trim(), node.position, &url_path)?;
                 if expanded.variables.is_empty() {
@@ -1208,7 +1226,7 @@ impl Decoder<'_> {
                 })
             }
             (None, Some(node)) => {
-                let env_path = child(path, "url_env");
+                let env_path = child(path, &env_key);
                 let variable = self.non_empty_string(node, &env_path)?.to_owned();
                 let Some(value) = self.env_variable(&variable, node.position, &env_path) else {
                     return Some(WebhookTarget::FromEnv {
@@ -1380,6 +1398,53 @@ impl Decoder<'_> {
         Some(DatabaseAction {
             function: function?,
             params: params?,
+            timeout: timeout?,
+        })
+    }
+
+    /// A required or optional text template at `key`; `suffix` chooses its escaping (`json`
+    /// inserts values as JSON, `txt` as text).
+    fn template_field(
+        &mut self,
+        fields: &Fields<'_>,
+        key: &str,
+        path: &str,
+        suffix: &str,
+    ) -> Option<String> {
+        let node = fields.get(key)?;
+        let template_path = child(path, key);
+        let source = self.string(node, &template_path)?;
+        self.template(
+            format!("{template_path}.{suffix}"),
+            source,
+            node.position,
+            &template_path,
+        )
+    }
+
+    fn slack(&mut self, fields: &Fields<'_>, path: &str) -> Option<SlackAction> {
+        let target = self.url_target(fields, path, "webhook_url");
+        let text = self
+            .required(fields, "text", path, "the message text template")
+            .and_then(|_| self.template_field(fields, "text", path, "txt"));
+        let blocks = match fields.get("blocks") {
+            None => Some(None),
+            Some(_) => self
+                .template_field(fields, "blocks", path, "json")
+                .map(Some),
+        };
+        let channel = match fields.get("channel") {
+            None => Some(None),
+            Some(node) => self
+                .non_empty_string(node, &child(path, "channel"))
+                .map(|channel| Some(channel.trim().to_owned())),
+        };
+        let timeout = self.action_timeout(fields, path);
+        Some(SlackAction {
+            target: target?,
+            text_template: text?,
+            blocks_template: blocks?,
+            channel: channel?,
             timeout: timeout?,
         })
     }

@@ -391,6 +391,20 @@ pub struct CacheAction {
     pub timeout: Duration,
 }
 
+/// A Slack message per matched event, through an incoming webhook.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlackAction {
+    /// The incoming-webhook URL (`webhook_url`, or `webhook_url_env`: it carries a token).
+    pub target: WebhookTarget,
+    /// Name of the `text` template (the message, or the notification fallback with blocks).
+    pub text_template: String,
+    /// Name of the `blocks` template: JSON that renders a Block Kit array.
+    pub blocks_template: Option<String>,
+    /// Overrides the webhook's default channel.
+    pub channel: Option<String>,
+    pub timeout: Duration,
+}
+
 /// What an action does.
 #[derive(Clone, Debug, PartialEq)]
 #[allow(clippy::large_enum_variant, reason = "built once per configuration")]
@@ -399,11 +413,12 @@ pub enum ActionKind {
     Log(LogAction),
     Database(DatabaseAction),
     Cache(CacheAction),
+    Slack(SlackAction),
 }
 
 impl ActionKind {
     /// Every `type:` an action may have, in the order they are listed in messages.
-    pub const TYPE_NAMES: &[&str] = &["webhook", "log", "database", "cache"];
+    pub const TYPE_NAMES: &[&str] = &["webhook", "log", "database", "cache", "slack"];
 
     /// The `type:` name in the observers file, also the `action_type` metric label.
     #[must_use]
@@ -413,6 +428,7 @@ impl ActionKind {
             ActionKind::Log(_) => "log",
             ActionKind::Database(_) => "database",
             ActionKind::Cache(_) => "cache",
+            ActionKind::Slack(_) => "slack",
         }
     }
 
@@ -424,6 +440,7 @@ impl ActionKind {
             ActionKind::Log(_) => DEFAULT_ACTION_TIMEOUT,
             ActionKind::Database(database) => database.timeout,
             ActionKind::Cache(cache) => cache.timeout,
+            ActionKind::Slack(slack) => slack.timeout,
         }
     }
 }

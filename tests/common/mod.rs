@@ -50,6 +50,8 @@ pub struct Reply {
     pub status: u16,
     pub delay: Duration,
     pub headers: Vec<(&'static str, String)>,
+    /// The response body; `reply <status>` when `None`.
+    pub body: Option<String>,
 }
 
 impl Reply {
@@ -58,7 +60,22 @@ impl Reply {
             status,
             delay: Duration::ZERO,
             headers: Vec::new(),
+            body: None,
         }
+    }
+
+    /// Answers `status` with `body`.
+    pub fn with_body(status: u16, body: &str) -> Reply {
+        Reply {
+            body: Some(body.to_owned()),
+            ..Reply::status(status)
+        }
+    }
+
+    /// Adds a response header.
+    pub fn header(mut self, name: &'static str, value: &str) -> Reply {
+        self.headers.push((name, value.to_owned()));
+        self
     }
 }
 
@@ -113,9 +130,8 @@ async fn handle(
                 .and_then(|millis| millis.parse().ok())
                 .map_or(Duration::ZERO, Duration::from_millis);
             Reply {
-                status: 200,
                 delay,
-                headers: Vec::new(),
+                ..Reply::status(200)
             }
         });
         requests.push(Recorded {
@@ -132,11 +148,10 @@ async fn handle(
     tokio::time::sleep(reply.delay).await;
     state.requests.lock().unwrap()[index].answered = Some(Instant::now());
     state.in_flight.fetch_sub(1, Ordering::SeqCst);
-    let mut response = (
-        StatusCode::from_u16(reply.status).unwrap(),
-        format!("reply {}", reply.status),
-    )
-        .into_response();
+    let body = reply
+        .body
+        .unwrap_or_else(|| format!("reply {}", reply.status));
+    let mut response = (StatusCode::from_u16(reply.status).unwrap(), body).into_response();
     for (name, value) in reply.headers {
         response.headers_mut().insert(name, value.parse().unwrap());
     }

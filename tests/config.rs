@@ -1851,7 +1851,7 @@ observers:
     entity: User
     events: [update]
     actions:
-      - type: sms
+      - type: fax
 executor:
   max_concurrent_actions: 0
 ";
@@ -1895,8 +1895,8 @@ executor:
         ),
         (
             "observers[3].actions[0].type",
-            at(text, "sms"),
-            "unknown action type \"sms\"",
+            at(text, "fax"),
+            "unknown action type \"fax\"",
         ),
         (
             "executor.max_concurrent_actions",

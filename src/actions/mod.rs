@@ -10,6 +10,7 @@ mod cache;
 mod database;
 mod log;
 mod slack;
+mod sms;
 mod webhook;
 
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use crate::retry::AttemptError;
 use crate::template::Templates;
 
 pub use database::IDEMPOTENCY_SETTING;
+pub use sms::IDEMPOTENCY_HEADER as SMS_IDEMPOTENCY_HEADER;
 pub use webhook::{SIGNATURE_HEADER, sign_payload};
 
 /// Everything one attempt needs to know about where it comes from.
@@ -180,6 +182,7 @@ impl ActionRunner {
             ActionKind::Slack(slack) => {
                 slack::attempt(&self.http, &self.templates, slack, context).await
             }
+            ActionKind::Sms(sms) => sms::attempt(&self.http, &self.templates, sms, context).await,
         }
     }
 }

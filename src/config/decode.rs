@@ -8,7 +8,7 @@ use super::model::{
     DatabaseAction, DatabaseParam, Delivery, DeliveryMode, EndpointLimits, ExecutorSettings,
     FailurePolicy, FunctionName, HeaderValue, HttpMethod, JobSettings, LogAction, LogLevel,
     ObserverDefinition, ObserverName, RateLimit, RetryPolicy, Secret, SecretUrl, Setting,
-    SlackAction, SqlType, WebhookAction, WebhookTarget,
+    SlackAction, SmsAction, SqlType, WebhookAction, WebhookTarget,
 };
 use super::tree::{Node, NodeValue, Position};
 use super::{ConfigError, ConfigErrors, LoadOptions, MissingEnv, ObserversConfig};
@@ -54,6 +54,20 @@ const ACTION_KEYS: &[(&str, &[&str])] = &[
             "text",
             "blocks",
             "channel",
+            "timeout",
+        ],
+    ),
+    (
+        "sms",
+        &[
+            "base_url",
+            "account_sid",
+            "account_sid_env",
+            "auth_token",
+            "auth_token_env",
+            "to",
+            "from",
+            "body",
             "timeout",
         ],
     ),
@@ -953,6 +967,7 @@ impl Decoder<'_> {
             "database" => self.database(&fields, path).map(ActionKind::Database),
             "cache" => self.cache(&fields, path).map(ActionKind::Cache),
             "slack" => self.slack(&fields, path).map(ActionKind::Slack),
+            "sms" => self.sms(&fields, path).map(ActionKind::Sms),
             other => {
                 self.error(
                     type_node.position,
@@ -962,7 +977,10 @@ impl Decoder<'_> {
                 None
             }
         };
-        let delivery = self.delivery(node, path);
+        let default_mode = kind
+            .as_ref()
+            .map_or(DeliveryMode::Inline, ActionKind::default_delivery_mode);
+        let delivery = self.delivery(node, path, default_mode);
         Some(ActionDefinition {
             index,
             label,
@@ -972,7 +990,12 @@ impl Decoder<'_> {
     }
 
     /// `mode`, `queue`, `priority` of an action (keys already checked against the allowed set).
-    fn delivery(&mut self, node: &Node, path: &str) -> Option<Delivery> {
+    fn delivery(
+        &mut self,
+        node: &Node,
+        path: &str,
+        default_mode: DeliveryMode,
+    ) -> Option<Delivery> {
         let NodeValue::Map(entries) = &node.value else {
             return None;
         };
@@ -982,7 +1005,10 @@ impl Decoder<'_> {
                 .find(|(key, _)| matches!(&key.value, NodeValue::String(text) if text == name))
                 .map(|(_, value)| value)
         };
-        let mut delivery = Delivery::default();
+        let mut delivery = Delivery {
+            mode: default_mode,
+            ..Delivery::default()
+        };
         let mut valid = true;
         if let Some(value) = get("mode") {
             match self.choice(
@@ -1420,6 +1446,58 @@ impl Decoder<'_> {
             node.position,
             &template_path,
         )
+    }
+
+    fn sms(&mut self, fields: &Fields<'_>, path: &str) -> Option<SmsAction> {
+        let base_url = match fields.get("base_url") {
+            None => url::Url::parse(super::model::DEFAULT_SMS_BASE_URL).ok(),
+            Some(node) => {
+                let url_path = child(path, "base_url");
+                self.non_empty_string(node, &url_path)
+                    .and_then(|text| self.http_url(text.trim(), node.position, &url_path, None))
+            }
+        };
+        let account_sid = self.required_secret(fields, "account_sid", path, "the account SID");
+        let auth_token = self.required_secret(fields, "auth_token", path, "the auth token");
+        let mut template = |key: &str, what: &str| {
+            self.required(fields, key, path, what)
+                .and_then(|_| self.template_field(fields, key, path, "txt"))
+        };
+        let to = template(
+            "to",
+            "the recipient's number template, e.g. \"{{ data.phone }}\"",
+        );
+        let from = template("from", "the sender number or messaging service");
+        let body = template("body", "the message text template");
+        let timeout = self.action_timeout(fields, path);
+        Some(SmsAction {
+            base_url: base_url?,
+            account_sid: account_sid?,
+            auth_token: auth_token?,
+            to_template: to?,
+            from_template: from?,
+            body_template: body?,
+            timeout: timeout?,
+        })
+    }
+
+    /// A secret that must be given, as `<key>_env` (or `key`).
+    fn required_secret(
+        &mut self,
+        fields: &Fields<'_>,
+        key: &str,
+        path: &str,
+        what: &str,
+    ) -> Option<Setting<Secret>> {
+        if fields.get(key).is_none() && fields.get(&format!("{key}_env")).is_none() {
+            self.error(
+                fields.position,
+                path,
+                format!("missing required key '{key}_env' ({what}, from the environment)"),
+            );
+            return None;
+        }
+        self.secret(fields, key, path)
     }
 
     fn slack(&mut self, fields: &Fields<'_>, path: &str) -> Option<SlackAction> {

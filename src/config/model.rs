@@ -405,6 +405,26 @@ pub struct SlackAction {
     pub timeout: Duration,
 }
 
+/// Twilio's API, the default `base_url` of `sms` actions.
+pub const DEFAULT_SMS_BASE_URL: &str = "https://api.twilio.com";
+
+/// A text message per matched event, through a Twilio-compatible Messages API.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SmsAction {
+    /// `https://api.twilio.com` unless set; messages go to
+    /// `{base_url}/2010-04-01/Accounts/{account_sid}/Messages.json`.
+    pub base_url: url::Url,
+    /// Basic-auth user and part of the path.
+    pub account_sid: Setting<Secret>,
+    /// Basic-auth password.
+    pub auth_token: Setting<Secret>,
+    /// Names of the `to`, `from` and `body` templates.
+    pub to_template: String,
+    pub from_template: String,
+    pub body_template: String,
+    pub timeout: Duration,
+}
+
 /// What an action does.
 #[derive(Clone, Debug, PartialEq)]
 #[allow(clippy::large_enum_variant, reason = "built once per configuration")]
@@ -414,11 +434,12 @@ pub enum ActionKind {
     Database(DatabaseAction),
     Cache(CacheAction),
     Slack(SlackAction),
+    Sms(SmsAction),
 }
 
 impl ActionKind {
     /// Every `type:` an action may have, in the order they are listed in messages.
-    pub const TYPE_NAMES: &[&str] = &["webhook", "log", "database", "cache", "slack"];
+    pub const TYPE_NAMES: &[&str] = &["webhook", "log", "database", "cache", "slack", "sms"];
 
     /// The `type:` name in the observers file, also the `action_type` metric label.
     #[must_use]
@@ -429,6 +450,7 @@ impl ActionKind {
             ActionKind::Database(_) => "database",
             ActionKind::Cache(_) => "cache",
             ActionKind::Slack(_) => "slack",
+            ActionKind::Sms(_) => "sms",
         }
     }
 
@@ -441,6 +463,17 @@ impl ActionKind {
             ActionKind::Database(database) => database.timeout,
             ActionKind::Cache(cache) => cache.timeout,
             ActionKind::Slack(slack) => slack.timeout,
+            ActionKind::Sms(sms) => sms.timeout,
+        }
+    }
+
+    /// Where the action runs unless its `mode` says otherwise: messages to people (SMS, email)
+    /// are slow and rate-limited, so they go through the job queue.
+    #[must_use]
+    pub fn default_delivery_mode(&self) -> DeliveryMode {
+        match self {
+            ActionKind::Sms(_) => DeliveryMode::Async,
+            _ => DeliveryMode::Inline,
         }
     }
 }

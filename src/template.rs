@@ -6,6 +6,7 @@
 //! escapes), so a hostile string in the data cannot break out of its place in a JSON body.
 //! Rendering is strict: a reference to an undefined variable is an error (OB002), not an empty
 //! string; write `{{ data.x | default(none) }}` for optional fields. Templates whose name ends in
+//! `.html` escape values as HTML (`<` becomes `&lt;`). Templates whose name ends in
 //! `.glob` are Redis `MATCH` patterns: values are inserted with `* ? [ ] \\` escaped, so only the
 //! template's own wildcards match more than one key.
 
@@ -62,8 +63,13 @@ impl Templates {
             let is_glob = std::path::Path::new(name)
                 .extension()
                 .is_some_and(|extension| extension.eq_ignore_ascii_case("glob"));
+            let is_html = std::path::Path::new(name)
+                .extension()
+                .is_some_and(|extension| extension.eq_ignore_ascii_case("html"));
             if is_json {
                 AutoEscape::Json
+            } else if is_html {
+                AutoEscape::Html
             } else if is_glob {
                 AutoEscape::Custom(GLOB_ESCAPE)
             } else {

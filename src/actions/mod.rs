@@ -8,6 +8,7 @@
 
 mod cache;
 mod database;
+mod email;
 mod log;
 mod slack;
 mod sms;
@@ -25,6 +26,7 @@ use crate::retry::AttemptError;
 use crate::template::Templates;
 
 pub use database::IDEMPOTENCY_SETTING;
+pub use email::IDEMPOTENCY_HEADER as EMAIL_IDEMPOTENCY_HEADER;
 pub use sms::IDEMPOTENCY_HEADER as SMS_IDEMPOTENCY_HEADER;
 pub use webhook::{SIGNATURE_HEADER, sign_payload};
 
@@ -183,6 +185,7 @@ impl ActionRunner {
                 slack::attempt(&self.http, &self.templates, slack, context).await
             }
             ActionKind::Sms(sms) => sms::attempt(&self.http, &self.templates, sms, context).await,
+            ActionKind::Email(email) => email::attempt(&self.templates, email, context).await,
         }
     }
 }

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use super::model::{
     ActionDefinition, ActionKind, BackoffKind, BodyFormat, CacheAction, DEFAULT_ACTION_TIMEOUT,
-    DatabaseAction, DatabaseParam, Delivery, DeliveryMode, EndpointLimits, ExecutorSettings,
-    FailurePolicy, FunctionName, HeaderValue, HttpMethod, JobSettings, LogAction, LogLevel,
-    ObserverDefinition, ObserverName, RateLimit, RetryPolicy, Secret, SecretUrl, Setting,
-    SlackAction, SmsAction, SqlType, WebhookAction, WebhookTarget,
+    DatabaseAction, DatabaseParam, Delivery, DeliveryMode, EmailAction, EmailRecipients,
+    EndpointLimits, ExecutorSettings, FailurePolicy, FunctionName, HeaderValue, HttpMethod,
+    JobSettings, LogAction, LogLevel, Mailbox, ObserverDefinition, ObserverName, RateLimit,
+    RetryPolicy, Secret, SecretUrl, Setting, SlackAction, SmsAction, SmtpCredentials, SmtpSecurity,
+    SqlType, WebhookAction, WebhookTarget,
 };
 use super::tree::{Node, NodeValue, Position};
 use super::{ConfigError, ConfigErrors, LoadOptions, MissingEnv, ObserversConfig};
@@ -68,6 +69,27 @@ const ACTION_KEYS: &[(&str, &[&str])] = &[
             "to",
             "from",
             "body",
+            "timeout",
+        ],
+    ),
+    (
+        "email",
+        &[
+            "host",
+            "port",
+            "security",
+            "username",
+            "username_env",
+            "password",
+            "password_env",
+            "from",
+            "to",
+            "to_template",
+            "cc",
+            "reply_to",
+            "subject",
+            "text",
+            "html",
             "timeout",
         ],
     ),
@@ -968,6 +990,7 @@ impl Decoder<'_> {
             "cache" => self.cache(&fields, path).map(ActionKind::Cache),
             "slack" => self.slack(&fields, path).map(ActionKind::Slack),
             "sms" => self.sms(&fields, path).map(ActionKind::Sms),
+            "email" => self.email(&fields, path).map(ActionKind::Email),
             other => {
                 self.error(
                     type_node.position,
@@ -1479,6 +1502,198 @@ impl Decoder<'_> {
             body_template: body?,
             timeout: timeout?,
         })
+    }
+
+    /// `host`, `port` (defaulting by `security`) and `security` of an SMTP server.
+    fn smtp_endpoint(
+        &mut self,
+        fields: &Fields<'_>,
+        path: &str,
+    ) -> Option<(String, u16, SmtpSecurity)> {
+        let host = self
+            .required(fields, "host", path, "the SMTP server's host name")
+            .and_then(|node| {
+                let host_path = child(path, "host");
+                let host = self.non_empty_string(node, &host_path)?.trim();
+                let valid = host.len() <= 253
+                    && host.chars().all(|character| {
+                        character.is_ascii_alphanumeric() || "-._:[]".contains(character)
+                    });
+                if !valid {
+                    self.error(
+                        node.position,
+                        &host_path,
+                        format!("expected a host name or IP address, found {host:?}"),
+                    );
+                    return None;
+                }
+                Some(host.to_owned())
+            });
+        let security = match fields.get("security") {
+            None => Some(SmtpSecurity::StartTls),
+            Some(node) => self.choice(
+                node,
+                &child(path, "security"),
+                &[
+                    ("starttls", SmtpSecurity::StartTls),
+                    ("tls", SmtpSecurity::Tls),
+                    ("plain", SmtpSecurity::Plain),
+                ],
+            ),
+        };
+        let port = match fields.get("port") {
+            None => security.map(SmtpSecurity::default_port),
+            Some(node) => self
+                .integer_in(node, &child(path, "port"), 1, 65_535)
+                .and_then(|port| u16::try_from(port).ok()),
+        };
+        Some((host?, port?, security?))
+    }
+
+    /// `username_env` and `password_env`: both, or neither for a server without AUTH (`Err`
+    /// when they are invalid, already reported).
+    fn smtp_credentials(
+        &mut self,
+        fields: &Fields<'_>,
+        path: &str,
+    ) -> Result<Option<SmtpCredentials>, ()> {
+        let username = self.secret(fields, "username", path);
+        let password = self.secret(fields, "password", path);
+        let username_given =
+            fields.get("username").is_some() || fields.get("username_env").is_some();
+        let password_given =
+            fields.get("password").is_some() || fields.get("password_env").is_some();
+        match (username, password) {
+            (Some(username), Some(password)) => Ok(Some(SmtpCredentials { username, password })),
+            (None, None) if !username_given && !password_given => Ok(None),
+            _ if username_given != password_given => {
+                self.error(
+                    fields.position,
+                    path,
+                    "set both 'username_env' and 'password_env' (or neither, for a server without AUTH)",
+                );
+                Err(())
+            }
+            _ => Err(()),
+        }
+    }
+
+    fn email(&mut self, fields: &Fields<'_>, path: &str) -> Option<EmailAction> {
+        let endpoint = self.smtp_endpoint(fields, path);
+        let credentials = self.smtp_credentials(fields, path);
+        let from = self
+            .required(fields, "from", path, "the sender address")
+            .and_then(|node| self.mailbox(node, &child(path, "from")));
+        let to = match (fields.get("to"), fields.get("to_template")) {
+            (Some(node), None) => self
+                .mailboxes(node, &child(path, "to"))
+                .map(EmailRecipients::Literal),
+            (None, Some(_)) => self
+                .template_field(fields, "to_template", path, "txt")
+                .map(EmailRecipients::Template),
+            (Some(node), Some(_)) => {
+                self.error(
+                    node.position,
+                    &child(path, "to"),
+                    "set either 'to' (addresses) or 'to_template', not both",
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    fields.position,
+                    path,
+                    "missing required key 'to' (a list of addresses) or 'to_template'",
+                );
+                None
+            }
+        };
+        let cc = match fields.get("cc") {
+            None => Some(Vec::new()),
+            Some(node) => self.mailboxes(node, &child(path, "cc")),
+        };
+        let reply_to = match fields.get("reply_to") {
+            None => Some(None),
+            Some(node) => self.mailbox(node, &child(path, "reply_to")).map(Some),
+        };
+        let subject = self
+            .required(fields, "subject", path, "the subject template")
+            .and_then(|_| self.template_field(fields, "subject", path, "txt"));
+        let text = match fields.get("text") {
+            None => Some(None),
+            Some(_) => self.template_field(fields, "text", path, "txt").map(Some),
+        };
+        let html = match fields.get("html") {
+            None => Some(None),
+            Some(_) => self.template_field(fields, "html", path, "html").map(Some),
+        };
+        if fields.get("text").is_none() && fields.get("html").is_none() {
+            self.error(
+                fields.position,
+                path,
+                "missing required key 'text' or 'html' (the body template; both make a multipart/alternative message)",
+            );
+            return None;
+        }
+        let timeout = self.action_timeout(fields, path);
+        let (host, port, security) = endpoint?;
+        Some(EmailAction {
+            host,
+            port,
+            security,
+            credentials: credentials.ok()?,
+            from: from?,
+            to: to?,
+            cc: cc?,
+            reply_to: reply_to?,
+            subject_template: subject?,
+            text_template: text?,
+            html_template: html?,
+            timeout: timeout?,
+        })
+    }
+
+    /// An email address, optionally with a display name: `Orders <orders@example.com>`.
+    fn mailbox(&mut self, node: &Node, path: &str) -> Option<Mailbox> {
+        let text = self.non_empty_string(node, path)?;
+        match text.trim().parse::<Mailbox>() {
+            Ok(mailbox) => Some(mailbox),
+            Err(error) => {
+                self.error(
+                    node.position,
+                    path,
+                    format!(
+                        "expected an email address such as \"Orders <orders@example.com>\", found {text:?} ({error})"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// One address or a list of them.
+    fn mailboxes(&mut self, node: &Node, path: &str) -> Option<Vec<Mailbox>> {
+        let items: Vec<(String, &Node)> = match &node.value {
+            NodeValue::String(_) => vec![(path.to_owned(), node)],
+            NodeValue::List(items) if !items.is_empty() => items
+                .iter()
+                .enumerate()
+                .map(|(index, item)| (format!("{path}[{index}]"), item))
+                .collect(),
+            _ => {
+                self.expected(node, path, "an email address or a non-empty list of them");
+                return None;
+            }
+        };
+        let mut mailboxes = Vec::with_capacity(items.len());
+        let mut all_valid = true;
+        for (item_path, item) in items {
+            match self.mailbox(item, &item_path) {
+                Some(mailbox) => mailboxes.push(mailbox),
+                None => all_valid = false,
+            }
+        }
+        all_valid.then_some(mailboxes)
     }
 
     /// A secret that must be given, as `<key>_env` (or `key`).

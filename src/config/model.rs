@@ -425,6 +425,65 @@ pub struct SmsAction {
     pub timeout: Duration,
 }
 
+/// How an `email` action's connection to its SMTP server is secured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmtpSecurity {
+    /// Plain connection upgraded with STARTTLS, which is required (default; port 587).
+    StartTls,
+    /// TLS from the first byte, "SMTPS" (port 465).
+    Tls,
+    /// No encryption: only for a relay on a trusted network (port 25).
+    Plain,
+}
+
+impl SmtpSecurity {
+    #[must_use]
+    pub fn default_port(self) -> u16 {
+        match self {
+            SmtpSecurity::StartTls => 587,
+            SmtpSecurity::Tls => 465,
+            SmtpSecurity::Plain => 25,
+        }
+    }
+}
+
+/// An email address with an optional display name, checked when parsed.
+pub type Mailbox = lettre::message::Mailbox;
+
+/// Who an email goes to.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EmailRecipients {
+    /// Addresses written in the file, checked at load.
+    Literal(Vec<Mailbox>),
+    /// Name of a template rendering a comma-separated list, checked when rendered.
+    Template(String),
+}
+
+/// SMTP AUTH user and password, from the environment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SmtpCredentials {
+    pub username: Setting<Secret>,
+    pub password: Setting<Secret>,
+}
+
+/// An email per matched event, sent over SMTP.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmailAction {
+    pub host: String,
+    pub port: u16,
+    pub security: SmtpSecurity,
+    pub credentials: Option<SmtpCredentials>,
+    pub from: Mailbox,
+    pub to: EmailRecipients,
+    pub cc: Vec<Mailbox>,
+    pub reply_to: Option<Mailbox>,
+    /// Names of the templates: a subject, and a text and/or HTML body (HTML escapes values).
+    pub subject_template: String,
+    pub text_template: Option<String>,
+    pub html_template: Option<String>,
+    pub timeout: Duration,
+}
+
 /// What an action does.
 #[derive(Clone, Debug, PartialEq)]
 #[allow(clippy::large_enum_variant, reason = "built once per configuration")]
@@ -435,11 +494,14 @@ pub enum ActionKind {
     Cache(CacheAction),
     Slack(SlackAction),
     Sms(SmsAction),
+    Email(EmailAction),
 }
 
 impl ActionKind {
     /// Every `type:` an action may have, in the order they are listed in messages.
-    pub const TYPE_NAMES: &[&str] = &["webhook", "log", "database", "cache", "slack", "sms"];
+    pub const TYPE_NAMES: &[&str] = &[
+        "webhook", "log", "database", "cache", "slack", "sms", "email",
+    ];
 
     /// The `type:` name in the observers file, also the `action_type` metric label.
     #[must_use]
@@ -451,6 +513,7 @@ impl ActionKind {
             ActionKind::Cache(_) => "cache",
             ActionKind::Slack(_) => "slack",
             ActionKind::Sms(_) => "sms",
+            ActionKind::Email(_) => "email",
         }
     }
 
@@ -464,6 +527,7 @@ impl ActionKind {
             ActionKind::Cache(cache) => cache.timeout,
             ActionKind::Slack(slack) => slack.timeout,
             ActionKind::Sms(sms) => sms.timeout,
+            ActionKind::Email(email) => email.timeout,
         }
     }
 
@@ -472,7 +536,7 @@ impl ActionKind {
     #[must_use]
     pub fn default_delivery_mode(&self) -> DeliveryMode {
         match self {
-            ActionKind::Sms(_) => DeliveryMode::Async,
+            ActionKind::Sms(_) | ActionKind::Email(_) => DeliveryMode::Async,
             _ => DeliveryMode::Inline,
         }
     }

@@ -296,7 +296,7 @@ fn template_errors_and_bad_addresses_are_refused_at_load() {
     assert_eq!(errors.len(), 4, "{errors:#?}");
     assert_eq!(
         errors[0],
-        "test.yaml:7:9: observers[0].actions[0]: set both 'username_env' and 'password_env' (or neither, for a server without AUTH)"
+        "test.yaml:7:9: observers[0].actions[0]: set both 'username_env' and 'password_env' (or neither, for a server without authentication)"
     );
     assert!(
         errors[1].starts_with("test.yaml:13:31: observers[0].actions[0].to[1]: expected an email address such as \"Orders <orders@example.com>\", found \"not an address\""),

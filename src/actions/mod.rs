@@ -10,6 +10,7 @@ mod cache;
 mod database;
 mod email;
 mod log;
+mod search;
 mod slack;
 mod sms;
 mod webhook;
@@ -186,6 +187,9 @@ impl ActionRunner {
             }
             ActionKind::Sms(sms) => sms::attempt(&self.http, &self.templates, sms, context).await,
             ActionKind::Email(email) => email::attempt(&self.templates, email, context).await,
+            ActionKind::Search(search) => {
+                search::attempt(&self.http, &self.templates, search, context).await
+            }
         }
     }
 }

@@ -4,12 +4,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::model::{
-    ActionDefinition, ActionKind, BackoffKind, BodyFormat, CacheAction, DEFAULT_ACTION_TIMEOUT,
-    DatabaseAction, DatabaseParam, Delivery, DeliveryMode, EmailAction, EmailRecipients,
-    EndpointLimits, ExecutorSettings, FailurePolicy, FunctionName, HeaderValue, HttpMethod,
-    JobSettings, LogAction, LogLevel, Mailbox, ObserverDefinition, ObserverName, RateLimit,
-    RetryPolicy, Secret, SecretUrl, Setting, SlackAction, SmsAction, SmtpCredentials, SmtpSecurity,
-    SqlType, WebhookAction, WebhookTarget,
+    ActionDefinition, ActionKind, BackoffKind, BasicCredentials, BodyFormat, CacheAction,
+    DEFAULT_ACTION_TIMEOUT, DatabaseAction, DatabaseParam, Delivery, DeliveryMode, EmailAction,
+    EmailRecipients, EndpointLimits, ExecutorSettings, FailurePolicy, FunctionName, HeaderValue,
+    HttpMethod, JobSettings, LogAction, LogLevel, Mailbox, ObserverDefinition, ObserverName,
+    RateLimit, RetryPolicy, SearchAction, Secret, SecretUrl, Setting, SlackAction, SmsAction,
+    SmtpSecurity, SqlType, WebhookAction, WebhookTarget,
 };
 use super::tree::{Node, NodeValue, Position};
 use super::{ConfigError, ConfigErrors, LoadOptions, MissingEnv, ObserversConfig};
@@ -90,6 +90,19 @@ const ACTION_KEYS: &[(&str, &[&str])] = &[
             "subject",
             "text",
             "html",
+            "timeout",
+        ],
+    ),
+    (
+        "search",
+        &[
+            "url",
+            "url_env",
+            "index",
+            "username",
+            "username_env",
+            "password",
+            "password_env",
             "timeout",
         ],
     ),
@@ -991,6 +1004,7 @@ impl Decoder<'_> {
             "slack" => self.slack(&fields, path).map(ActionKind::Slack),
             "sms" => self.sms(&fields, path).map(ActionKind::Sms),
             "email" => self.email(&fields, path).map(ActionKind::Email),
+            "search" => self.search(&fields, path).map(ActionKind::Search),
             other => {
                 self.error(
                     type_node.position,
@@ -1552,11 +1566,11 @@ impl Decoder<'_> {
 
     /// `username_env` and `password_env`: both, or neither for a server without AUTH (`Err`
     /// when they are invalid, already reported).
-    fn smtp_credentials(
+    fn basic_credentials(
         &mut self,
         fields: &Fields<'_>,
         path: &str,
-    ) -> Result<Option<SmtpCredentials>, ()> {
+    ) -> Result<Option<BasicCredentials>, ()> {
         let username = self.secret(fields, "username", path);
         let password = self.secret(fields, "password", path);
         let username_given =
@@ -1564,13 +1578,13 @@ impl Decoder<'_> {
         let password_given =
             fields.get("password").is_some() || fields.get("password_env").is_some();
         match (username, password) {
-            (Some(username), Some(password)) => Ok(Some(SmtpCredentials { username, password })),
+            (Some(username), Some(password)) => Ok(Some(BasicCredentials { username, password })),
             (None, None) if !username_given && !password_given => Ok(None),
             _ if username_given != password_given => {
                 self.error(
                     fields.position,
                     path,
-                    "set both 'username_env' and 'password_env' (or neither, for a server without AUTH)",
+                    "set both 'username_env' and 'password_env' (or neither, for a server without authentication)",
                 );
                 Err(())
             }
@@ -1578,9 +1592,29 @@ impl Decoder<'_> {
         }
     }
 
+    fn search(&mut self, fields: &Fields<'_>, path: &str) -> Option<SearchAction> {
+        let target = self.url_target(fields, path, "url");
+        let index = self
+            .required(
+                fields,
+                "index",
+                path,
+                "the index name template, e.g. orders",
+            )
+            .and_then(|_| self.template_field(fields, "index", path, "txt"));
+        let credentials = self.basic_credentials(fields, path);
+        let timeout = self.action_timeout(fields, path);
+        Some(SearchAction {
+            target: target?,
+            index_template: index?,
+            credentials: credentials.ok()?,
+            timeout: timeout?,
+        })
+    }
+
     fn email(&mut self, fields: &Fields<'_>, path: &str) -> Option<EmailAction> {
         let endpoint = self.smtp_endpoint(fields, path);
-        let credentials = self.smtp_credentials(fields, path);
+        let credentials = self.basic_credentials(fields, path);
         let from = self
             .required(fields, "from", path, "the sender address")
             .and_then(|node| self.mailbox(node, &child(path, "from")));

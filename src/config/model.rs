@@ -459,9 +459,9 @@ pub enum EmailRecipients {
     Template(String),
 }
 
-/// SMTP AUTH user and password, from the environment.
+/// A user and password from the environment (SMTP AUTH, HTTP basic auth).
 #[derive(Clone, Debug, PartialEq)]
-pub struct SmtpCredentials {
+pub struct BasicCredentials {
     pub username: Setting<Secret>,
     pub password: Setting<Secret>,
 }
@@ -472,7 +472,7 @@ pub struct EmailAction {
     pub host: String,
     pub port: u16,
     pub security: SmtpSecurity,
-    pub credentials: Option<SmtpCredentials>,
+    pub credentials: Option<BasicCredentials>,
     pub from: Mailbox,
     pub to: EmailRecipients,
     pub cc: Vec<Mailbox>,
@@ -481,6 +481,19 @@ pub struct EmailAction {
     pub subject_template: String,
     pub text_template: Option<String>,
     pub html_template: Option<String>,
+    pub timeout: Duration,
+}
+
+/// The entity's document indexed, updated or deleted per matched event in an
+/// Elasticsearch/OpenSearch index.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SearchAction {
+    /// The cluster's base URL (`url`, or `url_env`).
+    pub target: WebhookTarget,
+    /// Name of the index-name template.
+    pub index_template: String,
+    /// HTTP basic auth.
+    pub credentials: Option<BasicCredentials>,
     pub timeout: Duration,
 }
 
@@ -495,12 +508,13 @@ pub enum ActionKind {
     Slack(SlackAction),
     Sms(SmsAction),
     Email(EmailAction),
+    Search(SearchAction),
 }
 
 impl ActionKind {
     /// Every `type:` an action may have, in the order they are listed in messages.
     pub const TYPE_NAMES: &[&str] = &[
-        "webhook", "log", "database", "cache", "slack", "sms", "email",
+        "webhook", "log", "database", "cache", "slack", "sms", "email", "search",
     ];
 
     /// The `type:` name in the observers file, also the `action_type` metric label.
@@ -514,6 +528,7 @@ impl ActionKind {
             ActionKind::Slack(_) => "slack",
             ActionKind::Sms(_) => "sms",
             ActionKind::Email(_) => "email",
+            ActionKind::Search(_) => "search",
         }
     }
 
@@ -528,6 +543,7 @@ impl ActionKind {
             ActionKind::Slack(slack) => slack.timeout,
             ActionKind::Sms(sms) => sms.timeout,
             ActionKind::Email(email) => email.timeout,
+            ActionKind::Search(search) => search.timeout,
         }
     }
 

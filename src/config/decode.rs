@@ -613,6 +613,18 @@ impl Decoder<'_> {
                 observers.push(observer);
             }
         }
+        let cache_action = observers
+            .iter()
+            .flat_map(|observer| &observer.actions)
+            .any(|action| matches!(action.kind, ActionKind::Cache(_)));
+        if cache_action && (self.options.env)("REDIS_URL").is_none_or(|url| url.is_empty()) {
+            // A warning either way: `run --redis-url` can provide it without the variable.
+            self.warning(
+                list_node.position,
+                "observers",
+                "cache actions remove keys through the node's Redis: REDIS_URL is not set here, so run the node with REDIS_URL or --redis-url",
+            );
+        }
         for action in observers.iter().flat_map(|observer| &observer.actions) {
             jobs.workers
                 .entry(action.delivery.queue.clone())

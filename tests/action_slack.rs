@@ -109,6 +109,41 @@ async fn rate_limited_messages_wait_for_retry_after() {
 }
 
 #[tokio::test]
+async fn a_rate_limited_message_handed_to_the_job_queue_is_due_after_retry_after() {
+    let receiver = Receiver::start().await;
+    receiver.script(
+        HOOK_PATH,
+        std::iter::repeat_n(
+            Reply::with_body(429, "rate_limited").header("retry-after", "30"),
+            3,
+        ),
+    );
+    let url = receiver.url(HOOK_PATH);
+    let yaml = observer_yaml(TEXT_ONLY, "1m").replace("max_attempts: 3", "max_attempts: 5");
+    let (executor, _) = executor_from_yaml(&yaml, &[("SLACK_WEBHOOK_URL", &url)]);
+    let executor = executor.with_job_routing();
+
+    let report = &executor.execute_event(&order_paid()).await.actions[0];
+
+    assert!(
+        matches!(report.status, ActionStatus::Enqueued { .. }),
+        "{report:?}"
+    );
+    assert_eq!(
+        receiver.requests_to(HOOK_PATH).len(),
+        3,
+        "the inline attempts"
+    );
+    let job = report.job.as_ref().expect("handed over as a job");
+    let due_in = job.run_at.expect("due after Retry-After") - chrono::Utc::now();
+    assert!(
+        due_in > chrono::Duration::seconds(25) && due_in <= chrono::Duration::seconds(30),
+        "due in {due_in}"
+    );
+    assert_eq!(job.max_attempts, 2, "the attempts the policy has left");
+}
+
+#[tokio::test]
 async fn server_errors_are_retried_until_slack_accepts() {
     let receiver = Receiver::start().await;
     receiver.script(HOOK_PATH, [Reply::status(503), Reply::status(500)]);

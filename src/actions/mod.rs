@@ -1,4 +1,6 @@
-//! Actions: what an observer does about a matched event, one attempt at a time.
+//! Actions: what an observer does about a matched event, one attempt at a time: `webhook`,
+//! `log`, `database` (a PostgreSQL function), `cache` (Redis keys removed), `slack`, `sms`
+//! (Twilio-compatible), `email` (SMTP) and `search` (Elasticsearch/OpenSearch documents).
 //!
 //! [`ActionRunner::attempt`] performs exactly one attempt of one action and classifies its
 //! failure with an [`ErrorCode`](crate::error::ErrorCode); retries, timeouts, concurrency and

@@ -643,7 +643,14 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
                         &config,
                         &LoadOptions::from_process_env(MissingEnv::Error),
                     )?;
-                    commands::dlq_retry(&queue, config, id).await
+                    // Cache actions remove keys through the Redis the nodes use.
+                    let redis = std::env::var("REDIS_URL")
+                        .ok()
+                        .filter(|url| !url.is_empty())
+                        .map(|url| fraiseql_observers::redis_client::managed_connection(&url))
+                        .transpose()
+                        .map_err(|error| anyhow::anyhow!("REDIS_URL: {error}"))?;
+                    commands::dlq_retry(&queue, config, id, redis).await
                 }
                 DlqCommand::Purge { filter, all } => {
                     if filter.is_empty() && !all {

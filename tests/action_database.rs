@@ -271,3 +271,42 @@ fn template_errors_function_names_and_types_are_refused_at_load() {
         errors[2]
     );
 }
+
+#[tokio::test]
+async fn dlq_retry_calls_the_function_through_the_service_database() {
+    let database = TestDatabase::migrated().await;
+    sqlx::raw_sql(SCHEMA)
+        .execute(&database.pool)
+        .await
+        .expect("schema");
+    let queue = fraiseql_observers::dlq::PostgresDeadLetterQueue::new(database.pool.clone());
+    let event = order_paid(12.0);
+    let id = queue
+        .push(fraiseql_observers::dlq::NewDeadLetter {
+            event: event.clone(),
+            observer: "order-paid".into(),
+            action_index: 0,
+            action_type: "database".into(),
+            error_code: ErrorCode::ConnectionFailed,
+            error_message: "the database was restarting".into(),
+            attempts: 3,
+        })
+        .await
+        .unwrap();
+    let config = common::config_from_yaml(&observer_yaml(ON_ORDER_PAID));
+
+    let output = fraiseql_observers::commands::dlq_retry(&queue, config, id, None)
+        .await
+        .unwrap();
+
+    assert!(
+        output.contains("called app.on_order_paid: recorded ord-7"),
+        "{output}"
+    );
+    let key: String = sqlx::query_scalar("SELECT idempotency_key FROM app.paid_orders")
+        .fetch_one(&database.pool)
+        .await
+        .unwrap();
+    assert_eq!(key, format!("{}:order-paid:0", event.id));
+    assert_eq!(queue.count().await.unwrap(), 0);
+}

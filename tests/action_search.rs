@@ -319,6 +319,44 @@ async fn an_index_name_the_engines_refuse_fails_without_a_request() {
     assert_eq!(indices, json!([]));
 }
 
+#[tokio::test]
+async fn basic_auth_credentials_come_from_the_environment() {
+    // A plain HTTP server in place of the cluster, to see the request as sent.
+    let receiver = common::Receiver::start().await;
+    let yaml = observer_yaml().replace(
+        "        index:",
+        "        username_env: SEARCH_USER\n        password_env: SEARCH_PASSWORD\n        index:",
+    );
+    let (executor, _) = executor_from_yaml(
+        &yaml,
+        &[
+            ("SEARCH_URL", &receiver.base_url),
+            ("SEARCH_USER", "elastic"),
+            ("SEARCH_PASSWORD", "changeme"),
+        ],
+    );
+
+    let report = &executor
+        .execute_event(&order(
+            EventKind::Update,
+            "ord-7",
+            json!({"status": "paid"}),
+        ))
+        .await
+        .actions[0];
+
+    assert!(report.succeeded(), "{report:?}");
+    let requests = receiver.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].method, "PUT");
+    assert_eq!(requests[0].path, "/orders-acme/_doc/ord-7");
+    assert_eq!(
+        requests[0].header("authorization").unwrap(),
+        common::basic_auth("elastic", "changeme")
+    );
+    assert_eq!(requests[0].json(), json!({"status": "paid"}));
+}
+
 #[test]
 fn template_errors_and_missing_settings_are_refused_at_load() {
     let yaml = observer_yaml().replace("'orders-{{ tenant_id }}'", "'orders-{{ tenant_id'");

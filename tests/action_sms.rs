@@ -52,30 +52,6 @@ const ENV: [(&str, &str); 2] = [
     ("TWILIO_AUTH_TOKEN", TOKEN),
 ];
 
-/// Standard base64 of `text`, to check the basic-auth header independently of the client.
-fn base64(text: &str) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in text.as_bytes().chunks(3) {
-        let bytes = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let triple = u32::from(bytes[0]) << 16 | u32::from(bytes[1]) << 8 | u32::from(bytes[2]);
-        for position in 0..4 {
-            if position <= chunk.len() {
-                out.push(char::from(
-                    ALPHABET[(triple >> (18 - 6 * position) & 63) as usize],
-                ));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn posts_the_form_with_basic_auth_and_the_idempotency_token() {
     let receiver = Receiver::start().await;
@@ -99,7 +75,7 @@ async fn posts_the_form_with_basic_auth_and_the_idempotency_token() {
     assert_eq!(request.path, MESSAGES_PATH);
     assert_eq!(
         request.header("authorization").unwrap(),
-        format!("Basic {}", base64(&format!("{ACCOUNT}:{TOKEN}")))
+        common::basic_auth(ACCOUNT, TOKEN)
     );
     assert_eq!(
         request.header("i-twilio-idempotency-token").unwrap(),

@@ -215,6 +215,35 @@ impl Receiver {
     }
 }
 
+/// Standard base64 of `text`, to check the basic-auth header independently of the client.
+pub fn base64(text: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in text.as_bytes().chunks(3) {
+        let bytes = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let triple = u32::from(bytes[0]) << 16 | u32::from(bytes[1]) << 8 | u32::from(bytes[2]);
+        for position in 0..4 {
+            if position <= chunk.len() {
+                out.push(char::from(
+                    ALPHABET[(triple >> (18 - 6 * position) & 63) as usize],
+                ));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The `Authorization` value of HTTP basic auth, computed independently of the client.
+pub fn basic_auth(user: &str, password: &str) -> String {
+    format!("Basic {}", base64(&format!("{user}:{password}")))
+}
+
 /// Loads an observers file from YAML with an empty environment; panics with the errors.
 pub fn config_from_yaml(yaml: &str) -> fraiseql_observers::config::ObserversConfig {
     let no_env = |_: &str| None;

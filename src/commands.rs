@@ -129,7 +129,8 @@ pub async fn dlq_purge(
 }
 
 /// `dlq retry ID`: runs the letter's action again now, under its observer's retry policy, with
-/// the same idempotency key; on success the letter is removed, on failure it stays.
+/// the same idempotency key; on success the letter is removed, on failure it stays. `database`
+/// actions call their function through the queue's database; `cache` actions need `redis`.
 ///
 /// # Errors
 /// No such letter, its observer or action is no longer configured, the action failed again, or
@@ -138,6 +139,7 @@ pub async fn dlq_retry(
     queue: &PostgresDeadLetterQueue,
     config: ObserversConfig,
     id: Uuid,
+    redis: Option<crate::redis_client::SharedConnection>,
 ) -> anyhow::Result<String> {
     let letter = queue
         .get(id)
@@ -164,7 +166,11 @@ pub async fn dlq_retry(
                 observer.name, letter.letter.action_index
             )
         })?;
-    let runner = ActionRunner::new(Arc::new(config.templates))?;
+    let mut runner =
+        ActionRunner::new(Arc::new(config.templates))?.with_database(queue.pool().clone());
+    if let Some(connection) = redis {
+        runner = runner.with_redis(connection);
+    }
     let event = &letter.letter.event;
     let envelope = event.envelope(observer.name.as_str());
     let context = ActionContext {

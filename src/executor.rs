@@ -691,15 +691,8 @@ impl Executor {
                 if self.job_routing && error.code.is_transient() && remaining_attempts > 0 =>
             {
                 tracing::info!(observer = %observer.name, action_index = action.index, code = %error.code, attempts = spent, "handing over to the job queue");
-                let mut handed = Self::job_for(event, observer, action, remaining_attempts);
-                if refused {
-                    // Due when the circuit lets calls through again.
-                    handed.run_at = error.retry_after.and_then(|wait| {
-                        chrono::Duration::from_std(wait)
-                            .ok()
-                            .map(|wait| chrono::Utc::now() + wait)
-                    });
-                }
+                let handed =
+                    Self::handed_over(event, observer, action, remaining_attempts, &error, refused);
                 job = Some(handed);
                 ActionStatus::Enqueued {
                     queue: action.delivery.queue.clone(),
@@ -728,6 +721,34 @@ impl Executor {
             settled,
             job,
         }
+    }
+
+    /// The job a transiently failed action is handed over as: due when the circuit lets calls
+    /// through again (`refused`), or not before the target's `Retry-After` (up to the policy's
+    /// `max_delay`, as between job attempts).
+    fn handed_over(
+        event: &EntityEvent,
+        observer: &ObserverDefinition,
+        action: &ActionDefinition,
+        remaining_attempts: u32,
+        error: &AttemptError,
+        refused: bool,
+    ) -> NewJob {
+        let mut handed = Self::job_for(event, observer, action, remaining_attempts);
+        let not_before = if refused {
+            error.retry_after
+        } else {
+            let retry = &observer.retry;
+            error
+                .retry_after
+                .map(|asked| asked.min(retry.max_delay.max(retry.initial_delay)))
+        };
+        handed.run_at = not_before.and_then(|wait| {
+            chrono::Duration::from_std(wait)
+                .ok()
+                .map(|wait| chrono::Utc::now() + wait)
+        });
+        handed
     }
 
     /// With job routing, whether `action` is handed to the queue without an attempt here: it is

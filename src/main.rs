@@ -468,8 +468,9 @@ fn shared_state(dedup_args: &DedupArgs) -> anyhow::Result<fraiseql_observers::no
             connection.clone(),
             prefix,
         )),
-        cache: Arc::new(cache::RedisCache::with_connection(connection)),
+        cache: Arc::new(cache::RedisCache::with_connection(connection.clone())),
         cache_prefix: prefix.to_owned(),
+        redis: Some(connection),
     })
 }
 
@@ -491,6 +492,14 @@ async fn run_node(
     )?;
     for warning in &config.warnings {
         tracing::warn!(%warning, "configuration warning");
+    }
+    if dedup_args.redis_url.is_none()
+        && let Some(place) = config.actions_of_type("cache").next()
+    {
+        anyhow::bail!(
+            "{}: {place} is a cache action, which needs Redis: set REDIS_URL (or --redis-url)",
+            config.origin
+        );
     }
     let pool = commands::connect_with_size(&database.database_url, db_pool_size).await?;
     let bind = |address: std::net::SocketAddr, what: &'static str| async move {
@@ -634,7 +643,14 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
                         &config,
                         &LoadOptions::from_process_env(MissingEnv::Error),
                     )?;
-                    commands::dlq_retry(&queue, config, id).await
+                    // Cache actions remove keys through the Redis the nodes use.
+                    let redis = std::env::var("REDIS_URL")
+                        .ok()
+                        .filter(|url| !url.is_empty())
+                        .map(|url| fraiseql_observers::redis_client::managed_connection(&url))
+                        .transpose()
+                        .map_err(|error| anyhow::anyhow!("REDIS_URL: {error}"))?;
+                    commands::dlq_retry(&queue, config, id, redis).await
                 }
                 DlqCommand::Purge { filter, all } => {
                     if filter.is_empty() && !all {

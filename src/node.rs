@@ -51,6 +51,8 @@ pub struct SharedState {
     /// Where `cache: {ttl}` actions keep results, and the key prefix there.
     pub cache: Arc<dyn CacheBackend>,
     pub cache_prefix: String,
+    /// The node's Redis connection (`REDIS_URL`), which `cache` actions remove keys through.
+    pub redis: Option<crate::redis_client::SharedConnection>,
 }
 
 impl Default for SharedState {
@@ -66,6 +68,7 @@ impl Default for SharedState {
             limits: Arc::new(InMemoryLimitStore::default()),
             cache: Arc::new(InMemoryCache::default()),
             cache_prefix: String::new(),
+            redis: None,
         }
     }
 }
@@ -131,7 +134,8 @@ impl Node {
         let store: Arc<dyn CheckpointStore> =
             Arc::new(PostgresCheckpointStore::with_group_commit(pool.clone()));
         let dead_letters = Arc::new(PostgresDeadLetterQueue::new(pool.clone()));
-        let runner = ActionRunner::new(Arc::new(config.templates))?
+        let mut runner = ActionRunner::new(Arc::new(config.templates))?
+            .with_database(pool.clone())
             .with_breakers(shared.breakers.clone())
             .with_limits(shared.limits.clone())
             .with_cache(Cache {
@@ -139,6 +143,9 @@ impl Node {
                 prefix: shared.cache_prefix.clone(),
                 metrics: Some(metrics.clone()),
             });
+        if let Some(connection) = shared.redis.clone() {
+            runner = runner.with_redis(connection);
+        }
         let matcher = Arc::new(Matcher::new(config.observers));
         let executor = Executor::new(
             matcher.clone(),

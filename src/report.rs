@@ -2,7 +2,7 @@
 //!
 //! Every figure is computed from the loaded configuration; nothing here is sample output.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use serde_json::json;
@@ -22,6 +22,62 @@ struct Tally<'config> {
     secrets_from_env: usize,
     dead_lettering: usize,
     retry_policies: BTreeMap<String, usize>,
+    /// What each action type needs besides its own settings (a server, a connection).
+    needs: BTreeMap<&'static str, BTreeSet<String>>,
+}
+
+/// How many of an action's settings come from the environment.
+fn secrets_from_env(kind: &ActionKind) -> usize {
+    let url_from_env =
+        |target: &WebhookTarget| usize::from(matches!(target, WebhookTarget::FromEnv { .. }));
+    let credentials = |credentials: Option<&crate::config::BasicCredentials>| {
+        2 * usize::from(credentials.is_some())
+    };
+    match kind {
+        ActionKind::Webhook(webhook) => {
+            url_from_env(&webhook.target)
+                + usize::from(webhook.signing_secret.is_some())
+                + webhook
+                    .headers
+                    .iter()
+                    .filter(|(_, value)| matches!(value, crate::config::HeaderValue::Secret(_)))
+                    .count()
+        }
+        ActionKind::Slack(slack) => url_from_env(&slack.target),
+        ActionKind::Sms(_) => 2,
+        ActionKind::Email(email) => credentials(email.credentials.as_ref()),
+        ActionKind::Search(search) => {
+            url_from_env(&search.target) + credentials(search.credentials.as_ref())
+        }
+        ActionKind::Log(_) | ActionKind::Database(_) | ActionKind::Cache(_) => 0,
+    }
+}
+
+/// What an action relies on outside the file, for the report.
+fn needs(kind: &ActionKind) -> Option<String> {
+    match kind {
+        ActionKind::Database(database) => Some(format!(
+            "{} in the service database (DATABASE_URL)",
+            database.function
+        )),
+        ActionKind::Cache(_) => Some("Redis (REDIS_URL)".to_owned()),
+        ActionKind::Email(email) => Some(format!(
+            "SMTP {}:{} ({})",
+            email.host,
+            email.port,
+            match email.security {
+                crate::config::SmtpSecurity::StartTls => "STARTTLS",
+                crate::config::SmtpSecurity::Tls => "TLS",
+                crate::config::SmtpSecurity::Plain => "plain",
+            }
+        )),
+        ActionKind::Sms(sms) => Some(sms.base_url.as_str().trim_end_matches('/').to_owned()),
+        ActionKind::Search(search) => match &search.target {
+            WebhookTarget::Literal(url) => Some(url.as_str().trim_end_matches('/').to_owned()),
+            WebhookTarget::FromEnv { variable, .. } => Some(format!("the cluster at {variable}")),
+        },
+        ActionKind::Webhook(_) | ActionKind::Log(_) | ActionKind::Slack(_) => None,
+    }
 }
 
 fn tally(config: &ObserversConfig) -> Tally<'_> {
@@ -34,6 +90,7 @@ fn tally(config: &ObserversConfig) -> Tally<'_> {
         secrets_from_env: 0,
         dead_lettering: 0,
         retry_policies: BTreeMap::new(),
+        needs: BTreeMap::new(),
     };
     for observer in &config.observers {
         *tally.entities.entry(observer.entity.as_str()).or_default() += 1;
@@ -62,17 +119,13 @@ fn tally(config: &ObserversConfig) -> Tally<'_> {
                 .action_types
                 .entry(action.kind.type_name())
                 .or_default() += 1;
-            if let ActionKind::Webhook(webhook) = &action.kind {
-                tally.secrets_from_env +=
-                    usize::from(matches!(webhook.target, WebhookTarget::FromEnv { .. }))
-                        + usize::from(webhook.signing_secret.is_some())
-                        + webhook
-                            .headers
-                            .iter()
-                            .filter(|(_, value)| {
-                                matches!(value, crate::config::HeaderValue::Secret(_))
-                            })
-                            .count();
+            tally.secrets_from_env += secrets_from_env(&action.kind);
+            if let Some(need) = needs(&action.kind) {
+                tally
+                    .needs
+                    .entry(action.kind.type_name())
+                    .or_default()
+                    .insert(need);
             }
         }
     }
@@ -117,7 +170,17 @@ pub fn validation_report(config: &ObserversConfig) -> String {
         } else {
             "├──"
         };
-        let _ = writeln!(out, "│   {branch} {kind}: {count}");
+        let needs = tally
+            .needs
+            .get(*kind)
+            .map(|needs| {
+                format!(
+                    " — needs {}",
+                    needs.iter().cloned().collect::<Vec<_>>().join(", ")
+                )
+            })
+            .unwrap_or_default();
+        let _ = writeln!(out, "│   {branch} {kind}: {count}{needs}");
     }
     let _ = writeln!(
         out,

@@ -5,10 +5,16 @@
 //! `.json` are JSON-escaping: `{{ data.name }}` renders as a JSON value (`"Ann"`, with quotes and
 //! escapes), so a hostile string in the data cannot break out of its place in a JSON body.
 //! Rendering is strict: a reference to an undefined variable is an error (OB002), not an empty
-//! string; write `{{ data.x | default(none) }}` for optional fields.
+//! string; write `{{ data.x | default(none) }}` for optional fields. Templates whose name ends in
+//! `.html` escape values as HTML (`<` becomes `&lt;`). Templates whose name ends in
+//! `.glob` are Redis `MATCH` patterns: values are inserted with `* ? [ ] \\` escaped, so only the
+//! template's own wildcards match more than one key.
 
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::Serialize;
+
+/// The auto-escape mode of `.glob` templates.
+const GLOB_ESCAPE: &str = "glob";
 
 /// The compiled templates of one observers file.
 #[derive(Debug)]
@@ -54,11 +60,29 @@ impl Templates {
             let is_json = std::path::Path::new(name)
                 .extension()
                 .is_some_and(|extension| extension.eq_ignore_ascii_case("json"));
+            let is_glob = std::path::Path::new(name)
+                .extension()
+                .is_some_and(|extension| extension.eq_ignore_ascii_case("glob"));
+            let is_html = std::path::Path::new(name)
+                .extension()
+                .is_some_and(|extension| extension.eq_ignore_ascii_case("html"));
             if is_json {
                 AutoEscape::Json
+            } else if is_html {
+                AutoEscape::Html
+            } else if is_glob {
+                AutoEscape::Custom(GLOB_ESCAPE)
             } else {
                 AutoEscape::None
             }
+        });
+        environment.set_formatter(|output, state, value| {
+            if matches!(state.auto_escape(), AutoEscape::Custom(GLOB_ESCAPE)) && !value.is_safe() {
+                return output
+                    .write_str(&crate::cache::glob_escape(&value.to_string()))
+                    .map_err(minijinja::Error::from);
+            }
+            minijinja::escape_formatter(output, state, value)
         });
         // Bounded output: a template cannot loop or recurse its way to unbounded memory.
         environment.set_fuel(Some(100_000));
@@ -123,6 +147,18 @@ mod tests {
             .add("bad".into(), "line one\n{{ oops(".into())
             .unwrap_err();
         assert_eq!(error.line, Some(2), "{error:?}");
+    }
+
+    #[test]
+    fn glob_templates_escape_wildcards_in_values_only() {
+        let mut templates = Templates::new();
+        templates
+            .add("keys.glob".into(), "orders:{{ entity_id }}:*".into())
+            .unwrap();
+        let rendered = templates
+            .render("keys.glob", json!({"entity_id": "7*[a]?\\"}))
+            .unwrap();
+        assert_eq!(rendered, r"orders:7\*\[a\]\?\\:*");
     }
 
     #[test]

@@ -40,6 +40,44 @@ fn the_example_validates_with_a_report_counted_from_the_file() {
 }
 
 #[test]
+fn the_action_catalog_example_shows_every_type_and_what_it_needs() {
+    let output = Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
+        .args(["validate-config", "examples/actions.yaml"])
+        .env_clear()
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("├── Actions: 7"), "{stdout}");
+    for line in [
+        "│   ├── cache: 1 — needs Redis (REDIS_URL)",
+        "│   ├── database: 1 — needs app.on_order_paid in the service database (DATABASE_URL)",
+        "│   ├── email: 1 — needs SMTP smtp.example.com:587 (STARTTLS)",
+        "│   ├── search: 2 — needs the cluster at SEARCH_URL",
+        "│   ├── slack: 1",
+        "│   └── sms: 1 — needs https://api.twilio.com",
+        "├── Secrets from environment: 7",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing from:\n{stdout}");
+    }
+    for variable in [
+        "SLACK_WEBHOOK_URL",
+        "SEARCH_URL",
+        "SMTP_USER",
+        "SMTP_PASSWORD",
+        "TWILIO_ACCOUNT_SID",
+        "TWILIO_AUTH_TOKEN",
+    ] {
+        assert!(
+            stdout.contains(&format!("environment variable {variable} is not set")),
+            "{variable} reported as a warning: {stdout}"
+        );
+    }
+    assert!(stdout.contains("REDIS_URL is not set here"), "{stdout}");
+}
+
+#[test]
 fn require_env_turns_unset_secrets_into_errors() {
     let output = fraiseql_observers(&[
         "validate-config",

@@ -148,7 +148,7 @@ observers:
 fn webhook(observer: &ObserverDefinition, index: usize) -> &WebhookAction {
     match &observer.actions[index].kind {
         ActionKind::Webhook(webhook) => webhook,
-        other @ ActionKind::Log(_) => panic!("expected a webhook, found {other:?}"),
+        other => panic!("expected a webhook, found {other:?}"),
     }
 }
 
@@ -222,7 +222,7 @@ observers:
     actions:
       - type: webhok
         url: https://hooks.example.com/a
-      - type: email
+      - type: fax
         to: ops@example.com
 ";
     let errors = yaml_errors(text);
@@ -231,13 +231,19 @@ observers:
         &errors[0],
         "observers[0].actions[0].type",
         at(text, "webhok"),
-        "unknown action type \"webhok\"; did you mean 'webhook'? expected one of: webhook, log",
+        &format!(
+            "unknown action type \"webhok\"; did you mean 'webhook'? expected one of: {}",
+            ActionKind::TYPE_NAMES.join(", ")
+        ),
     );
     assert_error(
         &errors[1],
         "observers[0].actions[1].type",
-        at(text, "email"),
-        "unknown action type \"email\"; expected one of: webhook, log",
+        at(text, "fax"),
+        &format!(
+            "unknown action type \"fax\"; expected one of: {}",
+            ActionKind::TYPE_NAMES.join(", ")
+        ),
     );
 }
 
@@ -257,7 +263,10 @@ observers:
         &error,
         "observers[0].actions[0]",
         at(text, "url:"),
-        "missing required key 'type' (one of: webhook, log)",
+        &format!(
+            "missing required key 'type' (one of: {})",
+            ActionKind::TYPE_NAMES.join(", ")
+        ),
     );
 }
 
@@ -1842,7 +1851,7 @@ observers:
     entity: User
     events: [update]
     actions:
-      - type: sms
+      - type: fax
 executor:
   max_concurrent_actions: 0
 ";
@@ -1886,8 +1895,8 @@ executor:
         ),
         (
             "observers[3].actions[0].type",
-            at(text, "sms"),
-            "unknown action type \"sms\"",
+            at(text, "fax"),
+            "unknown action type \"fax\"",
         ),
         (
             "executor.max_concurrent_actions",

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::postgres::TestDatabase;
+use common::redis::PrivateRedis;
 use common::{Receiver, Reply, executor_from_yaml};
 use fraiseql_observers::dedup::{
     Claim, DeduplicationStore, RedisDeduplicationStore, Unavailable, conformance,
@@ -181,59 +182,6 @@ async fn a_change_log_row_duplicated_under_the_same_event_id_is_delivered_once()
         1,
         "two rows with one event id are one side effect"
     );
-}
-
-/// A private redis-server on a free port, killed on drop.
-struct PrivateRedis {
-    port: u16,
-    process: Option<std::process::Child>,
-}
-
-impl PrivateRedis {
-    fn start_on(port: u16) -> PrivateRedis {
-        let process = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server runs");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        PrivateRedis {
-            port,
-            process: Some(process),
-        }
-    }
-
-    fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        PrivateRedis::start_on(port)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut process) = self.process.take() {
-            let _ = process.kill();
-            let _ = process.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

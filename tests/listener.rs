@@ -531,9 +531,8 @@ async fn a_node_restarted_mid_batch_repeats_only_the_unfinished_action() {
     receiver.script(
         "/slow",
         [Reply {
-            status: 200,
             delay: Duration::from_secs(20),
-            headers: Vec::new(),
+            ..Reply::status(200)
         }],
     );
     let yaml = format!(

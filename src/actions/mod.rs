@@ -1,4 +1,6 @@
-//! Actions: what an observer does about a matched event, one attempt at a time.
+//! Actions: what an observer does about a matched event, one attempt at a time: `webhook`,
+//! `log`, `database` (a PostgreSQL function), `cache` (Redis keys removed), `slack`, `sms`
+//! (Twilio-compatible), `email` (SMTP) and `search` (Elasticsearch/OpenSearch documents).
 //!
 //! [`ActionRunner::attempt`] performs exactly one attempt of one action and classifies its
 //! failure with an [`ErrorCode`](crate::error::ErrorCode); retries, timeouts, concurrency and
@@ -6,7 +8,13 @@
 //! (event, observer, action) carries the same idempotency key, so a target can recognise a
 //! repeat.
 
+mod cache;
+mod database;
+mod email;
 mod log;
+mod search;
+mod slack;
+mod sms;
 mod webhook;
 
 use std::sync::Arc;
@@ -20,6 +28,9 @@ use crate::error::ErrorCode;
 use crate::retry::AttemptError;
 use crate::template::Templates;
 
+pub use database::IDEMPOTENCY_SETTING;
+pub use email::IDEMPOTENCY_HEADER as EMAIL_IDEMPOTENCY_HEADER;
+pub use sms::IDEMPOTENCY_HEADER as SMS_IDEMPOTENCY_HEADER;
 pub use webhook::{SIGNATURE_HEADER, sign_payload};
 
 /// Everything one attempt needs to know about where it comes from.
@@ -66,6 +77,10 @@ pub struct ActionRunner {
     limits: Arc<dyn crate::limits::LimitStore>,
     /// Where `cache: {ttl}` actions keep results (in process by default).
     cache: crate::cache::Cache,
+    /// The service's PostgreSQL pool, which `database` actions call their functions through.
+    database: Option<sqlx::PgPool>,
+    /// The node's Redis connection, which `cache` actions remove keys through.
+    redis: Option<crate::redis_client::SharedConnection>,
 }
 
 /// How long an idle pooled connection to a webhook target is kept.
@@ -92,7 +107,23 @@ impl ActionRunner {
                 prefix: String::new(),
                 metrics: None,
             },
+            database: None,
+            redis: None,
         })
+    }
+
+    /// Lets `cache` actions remove keys through the node's Redis connection.
+    #[must_use]
+    pub fn with_redis(mut self, connection: crate::redis_client::SharedConnection) -> ActionRunner {
+        self.redis = Some(connection);
+        self
+    }
+
+    /// Lets `database` actions call their functions through `pool`.
+    #[must_use]
+    pub fn with_database(mut self, pool: sqlx::PgPool) -> ActionRunner {
+        self.database = Some(pool);
+        self
     }
 
     /// Keeps `cache: {ttl}` results in `cache` (Redis: shared by every node).
@@ -147,8 +178,31 @@ impl ActionRunner {
                 .await
             }
             ActionKind::Log(log) => log::attempt(&self.templates, log, context),
+            ActionKind::Database(database) => {
+                database::attempt(self.database.as_ref(), &self.templates, database, context).await
+            }
+            ActionKind::Cache(cache) => {
+                cache::attempt(self.redis.as_ref(), &self.templates, cache, context).await
+            }
+            ActionKind::Slack(slack) => {
+                slack::attempt(&self.http, &self.templates, slack, context).await
+            }
+            ActionKind::Sms(sms) => sms::attempt(&self.http, &self.templates, sms, context).await,
+            ActionKind::Email(email) => email::attempt(&self.templates, email, context).await,
+            ActionKind::Search(search) => {
+                search::attempt(&self.http, &self.templates, search, context).await
+            }
         }
     }
+}
+
+fn secret_missing(what: &str, variable: &str) -> AttemptError {
+    AttemptError::new(
+        ErrorCode::SecretMissing,
+        format!(
+            "{what} needs environment variable {variable}, which was not set when the configuration was loaded"
+        ),
+    )
 }
 
 fn template_failed(template: &str, error: &crate::template::TemplateError) -> AttemptError {

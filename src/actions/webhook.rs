@@ -13,7 +13,7 @@ use reqwest::header::{
 };
 use sha2::Sha256;
 
-use super::{ActionContext, ActionSuccess, template_failed};
+use super::{ActionContext, ActionSuccess, secret_missing, template_failed};
 use crate::breaker::{Admission, Breakers};
 use crate::cache::{Cache, CacheScope};
 use crate::config::{BodyFormat, HeaderValue, HttpMethod, Setting, WebhookAction, WebhookTarget};
@@ -40,15 +40,6 @@ pub fn sign_payload(secret: &[u8], unix_seconds: u64, body: &[u8]) -> String {
     format!(
         "t={unix_seconds},v1={}",
         hex::encode(mac.finalize().into_bytes())
-    )
-}
-
-fn secret_missing(what: &str, variable: &str) -> AttemptError {
-    AttemptError::new(
-        ErrorCode::SecretMissing,
-        format!(
-            "{what} needs environment variable {variable}, which was not set when the configuration was loaded"
-        ),
     )
 }
 
@@ -151,7 +142,7 @@ fn build_headers(
 }
 
 /// Parses `Retry-After` as seconds or as an HTTP date.
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+pub(super) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let text = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(seconds) = text.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
@@ -164,7 +155,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     )
 }
 
-fn transport_error(error: &reqwest::Error) -> AttemptError {
+pub(super) fn transport_error(error: &reqwest::Error) -> AttemptError {
     let code = if error.is_timeout() {
         ErrorCode::ActionTimeout
     } else {
@@ -180,7 +171,7 @@ fn transport_error(error: &reqwest::Error) -> AttemptError {
     AttemptError::new(code, message)
 }
 
-async fn body_excerpt(mut response: reqwest::Response) -> String {
+pub(super) async fn body_excerpt(mut response: reqwest::Response) -> String {
     let mut excerpt = Vec::with_capacity(ERROR_BODY_EXCERPT_BYTES);
     while excerpt.len() < ERROR_BODY_EXCERPT_BYTES {
         match response.chunk().await {

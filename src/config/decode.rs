@@ -4,10 +4,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::model::{
-    ActionDefinition, ActionKind, BackoffKind, BodyFormat, DEFAULT_ACTION_TIMEOUT, Delivery,
-    DeliveryMode, EndpointLimits, ExecutorSettings, FailurePolicy, HeaderValue, HttpMethod,
-    JobSettings, LogAction, LogLevel, ObserverDefinition, ObserverName, RateLimit, RetryPolicy,
-    Secret, SecretUrl, Setting, WebhookAction, WebhookTarget,
+    ActionDefinition, ActionKind, BackoffKind, BasicCredentials, BodyFormat, CacheAction,
+    DEFAULT_ACTION_TIMEOUT, DatabaseAction, DatabaseParam, Delivery, DeliveryMode, EmailAction,
+    EmailRecipients, EndpointLimits, ExecutorSettings, FailurePolicy, FunctionName, HeaderValue,
+    HttpMethod, JobSettings, LogAction, LogLevel, Mailbox, ObserverDefinition, ObserverName,
+    RateLimit, RetryPolicy, SearchAction, Secret, SecretUrl, Setting, SlackAction, SmsAction,
+    SmtpSecurity, SqlType, WebhookAction, WebhookTarget,
 };
 use super::tree::{Node, NodeValue, Position};
 use super::{ConfigError, ConfigErrors, LoadOptions, MissingEnv, ObserversConfig};
@@ -21,6 +23,89 @@ const RESERVED_HEADERS: [&str; 4] = [
     "x-fraiseql-event-id",
     "x-fraiseql-signature-256",
     "content-length",
+];
+/// The keys each action type takes besides `type`, `name`, `mode`, `queue` and `priority`, in
+/// the order of [`ActionKind::TYPE_NAMES`].
+const ACTION_KEYS: &[(&str, &[&str])] = &[
+    (
+        "webhook",
+        &[
+            "url",
+            "url_env",
+            "method",
+            "headers",
+            "body_template",
+            "body_format",
+            "signing_secret",
+            "signing_secret_env",
+            "timeout",
+            "rate_limit",
+            "max_in_flight",
+            "cache",
+        ],
+    ),
+    ("log", &["level", "message"]),
+    ("database", &["function", "params", "timeout"]),
+    ("cache", &["keys", "patterns", "timeout"]),
+    (
+        "slack",
+        &[
+            "webhook_url",
+            "webhook_url_env",
+            "text",
+            "blocks",
+            "channel",
+            "timeout",
+        ],
+    ),
+    (
+        "sms",
+        &[
+            "base_url",
+            "account_sid",
+            "account_sid_env",
+            "auth_token",
+            "auth_token_env",
+            "to",
+            "from",
+            "body",
+            "timeout",
+        ],
+    ),
+    (
+        "email",
+        &[
+            "host",
+            "port",
+            "security",
+            "username",
+            "username_env",
+            "password",
+            "password_env",
+            "from",
+            "to",
+            "to_template",
+            "cc",
+            "reply_to",
+            "subject",
+            "text",
+            "html",
+            "timeout",
+        ],
+    ),
+    (
+        "search",
+        &[
+            "url",
+            "url_env",
+            "index",
+            "username",
+            "username_env",
+            "password",
+            "password_env",
+            "timeout",
+        ],
+    ),
 ];
 const MAX_ACTION_TIMEOUT: Duration = Duration::from_mins(10);
 const MAX_ATTEMPTS_LIMIT: u32 = 100;
@@ -528,6 +613,18 @@ impl Decoder<'_> {
                 observers.push(observer);
             }
         }
+        let cache_action = observers
+            .iter()
+            .flat_map(|observer| &observer.actions)
+            .any(|action| matches!(action.kind, ActionKind::Cache(_)));
+        if cache_action && (self.options.env)("REDIS_URL").is_none_or(|url| url.is_empty()) {
+            // A warning either way: `run --redis-url` can provide it without the variable.
+            self.warning(
+                list_node.position,
+                "observers",
+                "cache actions remove keys through the node's Redis: REDIS_URL is not set here, so run the node with REDIS_URL or --redis-url",
+            );
+        }
         for action in observers.iter().flat_map(|observer| &observer.actions) {
             jobs.workers
                 .entry(action.delivery.queue.clone())
@@ -874,7 +971,7 @@ impl Decoder<'_> {
     }
 
     fn action(&mut self, node: &Node, path: &str, index: usize) -> Option<ActionDefinition> {
-        const TYPES: [&str; 2] = ["webhook", "log"];
+        const TYPES: &[&str] = ActionKind::TYPE_NAMES;
         let NodeValue::Map(entries) = &node.value else {
             self.expected(node, path, "an action mapping with a 'type'");
             return None;
@@ -892,59 +989,47 @@ impl Decoder<'_> {
         };
         let type_path = child(path, "type");
         let type_name = self.string(type_node, &type_path)?;
-        let (kind, label) = match type_name {
-            "webhook" => {
-                let fields = self.fields(
-                    node,
-                    path,
-                    &[
-                        "type",
-                        "name",
-                        "url",
-                        "url_env",
-                        "method",
-                        "headers",
-                        "body_template",
-                        "body_format",
-                        "signing_secret",
-                        "signing_secret_env",
-                        "timeout",
-                        "rate_limit",
-                        "max_in_flight",
-                        "cache",
-                        "mode",
-                        "queue",
-                        "priority",
-                    ],
-                )?;
-                let label = self.label(&fields, path);
-                (self.webhook(&fields, path).map(ActionKind::Webhook), label)
-            }
-            "log" => {
-                let fields = self.fields(
-                    node,
-                    path,
-                    &[
-                        "type", "name", "level", "message", "mode", "queue", "priority",
-                    ],
-                )?;
-                let label = self.label(&fields, path);
-                (self.log(&fields, path).map(ActionKind::Log), label)
-            }
+        let Some((_, own_keys)) = ACTION_KEYS.iter().find(|(name, _)| *name == type_name) else {
+            let hint = did_you_mean(type_name, TYPES);
+            self.error(
+                type_node.position,
+                &type_path,
+                format!(
+                    "unknown action type {type_name:?}; {hint}expected one of: {}",
+                    TYPES.join(", ")
+                ),
+            );
+            return None;
+        };
+        let allowed: Vec<&str> = ["type", "name"]
+            .into_iter()
+            .chain(own_keys.iter().copied())
+            .chain(["mode", "queue", "priority"])
+            .collect();
+        let fields = self.fields(node, path, &allowed)?;
+        let label = self.label(&fields, path);
+        let kind = match type_name {
+            "webhook" => self.webhook(&fields, path).map(ActionKind::Webhook),
+            "log" => self.log(&fields, path).map(ActionKind::Log),
+            "database" => self.database(&fields, path).map(ActionKind::Database),
+            "cache" => self.cache(&fields, path).map(ActionKind::Cache),
+            "slack" => self.slack(&fields, path).map(ActionKind::Slack),
+            "sms" => self.sms(&fields, path).map(ActionKind::Sms),
+            "email" => self.email(&fields, path).map(ActionKind::Email),
+            "search" => self.search(&fields, path).map(ActionKind::Search),
             other => {
-                let hint = did_you_mean(other, &TYPES);
                 self.error(
                     type_node.position,
                     &type_path,
-                    format!(
-                        "unknown action type {other:?}; {hint}expected one of: {}",
-                        TYPES.join(", ")
-                    ),
+                    format!("action type {other:?} has no decoder (a defect)"),
                 );
-                return None;
+                None
             }
         };
-        let delivery = self.delivery(node, path);
+        let default_mode = kind
+            .as_ref()
+            .map_or(DeliveryMode::Inline, ActionKind::default_delivery_mode);
+        let delivery = self.delivery(node, path, default_mode);
         Some(ActionDefinition {
             index,
             label,
@@ -954,7 +1039,12 @@ impl Decoder<'_> {
     }
 
     /// `mode`, `queue`, `priority` of an action (keys already checked against the allowed set).
-    fn delivery(&mut self, node: &Node, path: &str) -> Option<Delivery> {
+    fn delivery(
+        &mut self,
+        node: &Node,
+        path: &str,
+        default_mode: DeliveryMode,
+    ) -> Option<Delivery> {
         let NodeValue::Map(entries) = &node.value else {
             return None;
         };
@@ -964,7 +1054,10 @@ impl Decoder<'_> {
                 .find(|(key, _)| matches!(&key.value, NodeValue::String(text) if text == name))
                 .map(|(_, value)| value)
         };
-        let mut delivery = Delivery::default();
+        let mut delivery = Delivery {
+            mode: default_mode,
+            ..Delivery::default()
+        };
         let mut valid = true;
         if let Some(value) = get("mode") {
             match self.choice(
@@ -1160,12 +1253,18 @@ impl Decoder<'_> {
     }
 
     fn webhook_target(&mut self, fields: &Fields<'_>, path: &str) -> Option<WebhookTarget> {
-        match (fields.get("url"), fields.get("url_env")) {
+        self.url_target(fields, path, "url")
+    }
+
+    /// An http(s) URL from `key` (literal, or with `${VAR}`) or `<key>_env` (a variable name).
+    fn url_target(&mut self, fields: &Fields<'_>, path: &str, key: &str) -> Option<WebhookTarget> {
+        let env_key = format!("{key}_env");
+        match (fields.get(key), fields.get(&env_key)) {
             (Some(node), Some(_)) => {
                 self.error(
                     node.position,
-                    &child(path, "url"),
-                    "set either 'url' or 'url_env', not both",
+                    &child(path, key),
+                    format!("set either '{key}' or '{env_key}', not both"),
                 );
                 None
             }
@@ -1173,12 +1272,12 @@ impl Decoder<'_> {
                 self.error(
                     fields.position,
                     path,
-                    "missing required key 'url' (or 'url_env')",
+                    format!("missing required key '{key}' (or '{env_key}')"),
                 );
                 None
             }
             (Some(node), None) => {
-                let url_path = child(path, "url");
+                let url_path = child(path, key);
                 let text = self.non_empty_string(node, &url_path)?;
                 let expanded = self.expand(text.trim(), node.position, &url_path)?;
                 if expanded.variables.is_empty() {
@@ -1202,7 +1301,7 @@ impl Decoder<'_> {
                 })
             }
             (None, Some(node)) => {
-                let env_path = child(path, "url_env");
+                let env_path = child(path, &env_key);
                 let variable = self.non_empty_string(node, &env_path)?.to_owned();
                 let Some(value) = self.env_variable(&variable, node.position, &env_path) else {
                     return Some(WebhookTarget::FromEnv {
@@ -1343,6 +1442,512 @@ impl Decoder<'_> {
         all_valid.then_some(headers)
     }
 
+    /// The action's `timeout`, or the default.
+    fn action_timeout(&mut self, fields: &Fields<'_>, path: &str) -> Option<Duration> {
+        match fields.get("timeout") {
+            None => Some(DEFAULT_ACTION_TIMEOUT),
+            Some(node) => self.timeout(node, &child(path, "timeout")),
+        }
+    }
+
+    fn database(&mut self, fields: &Fields<'_>, path: &str) -> Option<DatabaseAction> {
+        let function = self
+            .required(
+                fields,
+                "function",
+                path,
+                "a schema-qualified PostgreSQL function, e.g. app.on_order_paid",
+            )
+            .and_then(|node| {
+                let function_path = child(path, "function");
+                let text = self.non_empty_string(node, &function_path)?;
+                FunctionName::parse(text.trim())
+                    .map_err(|message| self.error(node.position, &function_path, message))
+                    .ok()
+            });
+        let params = match fields.get("params") {
+            None => Some(Vec::new()),
+            Some(node) => self.database_params(node, &child(path, "params")),
+        };
+        let timeout = self.action_timeout(fields, path);
+        Some(DatabaseAction {
+            function: function?,
+            params: params?,
+            timeout: timeout?,
+        })
+    }
+
+    /// A required or optional text template at `key`; `suffix` chooses its escaping (`json`
+    /// inserts values as JSON, `txt` as text).
+    fn template_field(
+        &mut self,
+        fields: &Fields<'_>,
+        key: &str,
+        path: &str,
+        suffix: &str,
+    ) -> Option<String> {
+        let node = fields.get(key)?;
+        let template_path = child(path, key);
+        let source = self.string(node, &template_path)?;
+        self.template(
+            format!("{template_path}.{suffix}"),
+            source,
+            node.position,
+            &template_path,
+        )
+    }
+
+    fn sms(&mut self, fields: &Fields<'_>, path: &str) -> Option<SmsAction> {
+        let base_url = match fields.get("base_url") {
+            None => url::Url::parse(super::model::DEFAULT_SMS_BASE_URL).ok(),
+            Some(node) => {
+                let url_path = child(path, "base_url");
+                self.non_empty_string(node, &url_path)
+                    .and_then(|text| self.http_url(text.trim(), node.position, &url_path, None))
+            }
+        };
+        let account_sid = self.required_secret(fields, "account_sid", path, "the account SID");
+        let auth_token = self.required_secret(fields, "auth_token", path, "the auth token");
+        let mut template = |key: &str, what: &str| {
+            self.required(fields, key, path, what)
+                .and_then(|_| self.template_field(fields, key, path, "txt"))
+        };
+        let to = template(
+            "to",
+            "the recipient's number template, e.g. \"{{ data.phone }}\"",
+        );
+        let from = template("from", "the sender number or messaging service");
+        let body = template("body", "the message text template");
+        let timeout = self.action_timeout(fields, path);
+        Some(SmsAction {
+            base_url: base_url?,
+            account_sid: account_sid?,
+            auth_token: auth_token?,
+            to_template: to?,
+            from_template: from?,
+            body_template: body?,
+            timeout: timeout?,
+        })
+    }
+
+    /// `host`, `port` (defaulting by `security`) and `security` of an SMTP server.
+    fn smtp_endpoint(
+        &mut self,
+        fields: &Fields<'_>,
+        path: &str,
+    ) -> Option<(String, u16, SmtpSecurity)> {
+        let host = self
+            .required(fields, "host", path, "the SMTP server's host name")
+            .and_then(|node| {
+                let host_path = child(path, "host");
+                let host = self.non_empty_string(node, &host_path)?.trim();
+                let valid = host.len() <= 253
+                    && host.chars().all(|character| {
+                        character.is_ascii_alphanumeric() || "-._:[]".contains(character)
+                    });
+                if !valid {
+                    self.error(
+                        node.position,
+                        &host_path,
+                        format!("expected a host name or IP address, found {host:?}"),
+                    );
+                    return None;
+                }
+                Some(host.to_owned())
+            });
+        let security = match fields.get("security") {
+            None => Some(SmtpSecurity::StartTls),
+            Some(node) => self.choice(
+                node,
+                &child(path, "security"),
+                &[
+                    ("starttls", SmtpSecurity::StartTls),
+                    ("tls", SmtpSecurity::Tls),
+                    ("plain", SmtpSecurity::Plain),
+                ],
+            ),
+        };
+        let port = match fields.get("port") {
+            None => security.map(SmtpSecurity::default_port),
+            Some(node) => self
+                .integer_in(node, &child(path, "port"), 1, 65_535)
+                .and_then(|port| u16::try_from(port).ok()),
+        };
+        Some((host?, port?, security?))
+    }
+
+    /// `username_env` and `password_env`: both, or neither for a server without AUTH (`Err`
+    /// when they are invalid, already reported).
+    fn basic_credentials(
+        &mut self,
+        fields: &Fields<'_>,
+        path: &str,
+    ) -> Result<Option<BasicCredentials>, ()> {
+        let username = self.secret(fields, "username", path);
+        let password = self.secret(fields, "password", path);
+        let username_given =
+            fields.get("username").is_some() || fields.get("username_env").is_some();
+        let password_given =
+            fields.get("password").is_some() || fields.get("password_env").is_some();
+        match (username, password) {
+            (Some(username), Some(password)) => Ok(Some(BasicCredentials { username, password })),
+            (None, None) if !username_given && !password_given => Ok(None),
+            _ if username_given != password_given => {
+                self.error(
+                    fields.position,
+                    path,
+                    "set both 'username_env' and 'password_env' (or neither, for a server without authentication)",
+                );
+                Err(())
+            }
+            _ => Err(()),
+        }
+    }
+
+    fn search(&mut self, fields: &Fields<'_>, path: &str) -> Option<SearchAction> {
+        let target = self.url_target(fields, path, "url");
+        let index = self
+            .required(
+                fields,
+                "index",
+                path,
+                "the index name template, e.g. orders",
+            )
+            .and_then(|_| self.template_field(fields, "index", path, "txt"));
+        let credentials = self.basic_credentials(fields, path);
+        let timeout = self.action_timeout(fields, path);
+        Some(SearchAction {
+            target: target?,
+            index_template: index?,
+            credentials: credentials.ok()?,
+            timeout: timeout?,
+        })
+    }
+
+    fn email(&mut self, fields: &Fields<'_>, path: &str) -> Option<EmailAction> {
+        let endpoint = self.smtp_endpoint(fields, path);
+        let credentials = self.basic_credentials(fields, path);
+        let from = self
+            .required(fields, "from", path, "the sender address")
+            .and_then(|node| self.mailbox(node, &child(path, "from")));
+        let to = match (fields.get("to"), fields.get("to_template")) {
+            (Some(node), None) => self
+                .mailboxes(node, &child(path, "to"))
+                .map(EmailRecipients::Literal),
+            (None, Some(_)) => self
+                .template_field(fields, "to_template", path, "txt")
+                .map(EmailRecipients::Template),
+            (Some(node), Some(_)) => {
+                self.error(
+                    node.position,
+                    &child(path, "to"),
+                    "set either 'to' (addresses) or 'to_template', not both",
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    fields.position,
+                    path,
+                    "missing required key 'to' (a list of addresses) or 'to_template'",
+                );
+                None
+            }
+        };
+        let cc = match fields.get("cc") {
+            None => Some(Vec::new()),
+            Some(node) => self.mailboxes(node, &child(path, "cc")),
+        };
+        let reply_to = match fields.get("reply_to") {
+            None => Some(None),
+            Some(node) => self.mailbox(node, &child(path, "reply_to")).map(Some),
+        };
+        let subject = self
+            .required(fields, "subject", path, "the subject template")
+            .and_then(|_| self.template_field(fields, "subject", path, "txt"));
+        let text = match fields.get("text") {
+            None => Some(None),
+            Some(_) => self.template_field(fields, "text", path, "txt").map(Some),
+        };
+        let html = match fields.get("html") {
+            None => Some(None),
+            Some(_) => self.template_field(fields, "html", path, "html").map(Some),
+        };
+        if fields.get("text").is_none() && fields.get("html").is_none() {
+            self.error(
+                fields.position,
+                path,
+                "missing required key 'text' or 'html' (the body template; both make a multipart/alternative message)",
+            );
+            return None;
+        }
+        let timeout = self.action_timeout(fields, path);
+        let (host, port, security) = endpoint?;
+        Some(EmailAction {
+            host,
+            port,
+            security,
+            credentials: credentials.ok()?,
+            from: from?,
+            to: to?,
+            cc: cc?,
+            reply_to: reply_to?,
+            subject_template: subject?,
+            text_template: text?,
+            html_template: html?,
+            timeout: timeout?,
+        })
+    }
+
+    /// An email address, optionally with a display name: `Orders <orders@example.com>`.
+    fn mailbox(&mut self, node: &Node, path: &str) -> Option<Mailbox> {
+        let text = self.non_empty_string(node, path)?;
+        match text.trim().parse::<Mailbox>() {
+            Ok(mailbox) => Some(mailbox),
+            Err(error) => {
+                self.error(
+                    node.position,
+                    path,
+                    format!(
+                        "expected an email address such as \"Orders <orders@example.com>\", found {text:?} ({error})"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// One address or a list of them.
+    fn mailboxes(&mut self, node: &Node, path: &str) -> Option<Vec<Mailbox>> {
+        let items: Vec<(String, &Node)> = match &node.value {
+            NodeValue::String(_) => vec![(path.to_owned(), node)],
+            NodeValue::List(items) if !items.is_empty() => items
+                .iter()
+                .enumerate()
+                .map(|(index, item)| (format!("{path}[{index}]"), item))
+                .collect(),
+            _ => {
+                self.expected(node, path, "an email address or a non-empty list of them");
+                return None;
+            }
+        };
+        let mut mailboxes = Vec::with_capacity(items.len());
+        let mut all_valid = true;
+        for (item_path, item) in items {
+            match self.mailbox(item, &item_path) {
+                Some(mailbox) => mailboxes.push(mailbox),
+                None => all_valid = false,
+            }
+        }
+        all_valid.then_some(mailboxes)
+    }
+
+    /// A secret that must be given, as `<key>_env` (or `key`).
+    fn required_secret(
+        &mut self,
+        fields: &Fields<'_>,
+        key: &str,
+        path: &str,
+        what: &str,
+    ) -> Option<Setting<Secret>> {
+        if fields.get(key).is_none() && fields.get(&format!("{key}_env")).is_none() {
+            self.error(
+                fields.position,
+                path,
+                format!("missing required key '{key}_env' ({what}, from the environment)"),
+            );
+            return None;
+        }
+        self.secret(fields, key, path)
+    }
+
+    fn slack(&mut self, fields: &Fields<'_>, path: &str) -> Option<SlackAction> {
+        let target = self.url_target(fields, path, "webhook_url");
+        let text = self
+            .required(fields, "text", path, "the message text template")
+            .and_then(|_| self.template_field(fields, "text", path, "txt"));
+        let blocks = match fields.get("blocks") {
+            None => Some(None),
+            Some(_) => self
+                .template_field(fields, "blocks", path, "json")
+                .map(Some),
+        };
+        let channel = match fields.get("channel") {
+            None => Some(None),
+            Some(node) => self
+                .non_empty_string(node, &child(path, "channel"))
+                .map(|channel| Some(channel.trim().to_owned())),
+        };
+        let timeout = self.action_timeout(fields, path);
+        Some(SlackAction {
+            target: target?,
+            text_template: text?,
+            blocks_template: blocks?,
+            channel: channel?,
+            timeout: timeout?,
+        })
+    }
+
+    fn cache(&mut self, fields: &Fields<'_>, path: &str) -> Option<CacheAction> {
+        let keys = self.template_list(fields, "keys", path, "txt");
+        let patterns = self.template_list(fields, "patterns", path, "glob");
+        let timeout = self.action_timeout(fields, path);
+        let (keys, patterns) = (keys?, patterns?);
+        if keys.is_empty() && patterns.is_empty() {
+            self.error(
+                fields.position,
+                path,
+                "expected 'keys' (exact keys) or 'patterns' (SCAN MATCH patterns), or both",
+            );
+            return None;
+        }
+        Some(CacheAction {
+            keys,
+            patterns,
+            timeout: timeout?,
+        })
+    }
+
+    /// An optional list of templates at `key` (a single string counts as a list of one).
+    fn template_list(
+        &mut self,
+        fields: &Fields<'_>,
+        key: &str,
+        path: &str,
+        suffix: &str,
+    ) -> Option<Vec<String>> {
+        const MAX_TEMPLATES: usize = 100;
+        let Some(node) = fields.get(key) else {
+            return Some(Vec::new());
+        };
+        let list_path = child(path, key);
+        let items: Vec<(String, &Node)> = match &node.value {
+            NodeValue::String(_) => vec![(list_path.clone(), node)],
+            NodeValue::List(items) if items.len() <= MAX_TEMPLATES => items
+                .iter()
+                .enumerate()
+                .map(|(index, item)| (format!("{list_path}[{index}]"), item))
+                .collect(),
+            _ => {
+                self.expected(
+                    node,
+                    &list_path,
+                    &format!("a template string or a list of at most {MAX_TEMPLATES}"),
+                );
+                return None;
+            }
+        };
+        let mut templates = Vec::with_capacity(items.len());
+        let mut all_valid = true;
+        for (item_path, item) in items {
+            let template = self.non_empty_string(item, &item_path).and_then(|source| {
+                self.template(
+                    format!("{item_path}.{suffix}"),
+                    source,
+                    item.position,
+                    &item_path,
+                )
+            });
+            match template {
+                Some(template) => templates.push(template),
+                None => all_valid = false,
+            }
+        }
+        all_valid.then_some(templates)
+    }
+
+    /// `params: ["{{ entity_id }}", {value: "{{ data.total }}", type: numeric}]`.
+    fn database_params(&mut self, node: &Node, path: &str) -> Option<Vec<DatabaseParam>> {
+        const MAX_PARAMS: usize = 100;
+        let NodeValue::List(items) = &node.value else {
+            self.expected(node, path, "a list of parameter templates");
+            return None;
+        };
+        if items.len() > MAX_PARAMS {
+            self.error(
+                node.position,
+                path,
+                format!(
+                    "expected at most {MAX_PARAMS} parameters, found {}",
+                    items.len()
+                ),
+            );
+            return None;
+        }
+        let mut params = Vec::with_capacity(items.len());
+        let mut all_valid = true;
+        for (index, item) in items.iter().enumerate() {
+            let item_path = format!("{path}[{index}]");
+            let (source_node, sql_type) = match &item.value {
+                NodeValue::String(_) => (item, Some(SqlType::text())),
+                NodeValue::Map(_) => {
+                    let Some(param_fields) = self.fields(item, &item_path, &["value", "type"])
+                    else {
+                        all_valid = false;
+                        continue;
+                    };
+                    let sql_type = match param_fields.get("type") {
+                        None => Some(SqlType::text()),
+                        Some(type_node) => {
+                            let type_path = child(&item_path, "type");
+                            self.non_empty_string(type_node, &type_path)
+                                .and_then(|text| {
+                                    SqlType::parse(text.trim())
+                                        .map_err(|message| {
+                                            self.error(type_node.position, &type_path, message);
+                                        })
+                                        .ok()
+                                })
+                        }
+                    };
+                    let Some(value) = self.required(
+                        &param_fields,
+                        "value",
+                        &item_path,
+                        "the parameter's template",
+                    ) else {
+                        all_valid = false;
+                        continue;
+                    };
+                    (value, sql_type)
+                }
+                _ => {
+                    self.expected(
+                        item,
+                        &item_path,
+                        "a template string or a mapping with 'value' and 'type'",
+                    );
+                    all_valid = false;
+                    continue;
+                }
+            };
+            let Some(sql_type) = sql_type else {
+                all_valid = false;
+                continue;
+            };
+            let value_path = if std::ptr::eq(source_node, item) {
+                item_path.clone()
+            } else {
+                child(&item_path, "value")
+            };
+            let Some(source) = self.string(source_node, &value_path) else {
+                all_valid = false;
+                continue;
+            };
+            let suffix = if sql_type.is_json() { "json" } else { "txt" };
+            match self.template(
+                format!("{value_path}.{suffix}"),
+                source,
+                source_node.position,
+                &value_path,
+            ) {
+                Some(template) => params.push(DatabaseParam { template, sql_type }),
+                None => all_valid = false,
+            }
+        }
+        all_valid.then_some(params)
+    }
+
     fn log(&mut self, fields: &Fields<'_>, path: &str) -> Option<LogAction> {
         let level = match fields.get("level") {
             None => Some(LogLevel::Info),
@@ -1396,4 +2001,15 @@ fn indent(text: &str, prefix: &str) -> String {
         .map(|line| format!("{prefix}{line}"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_action_type_has_its_keys() {
+        let decoded: Vec<&str> = ACTION_KEYS.iter().map(|(name, _)| *name).collect();
+        assert_eq!(decoded, ActionKind::TYPE_NAMES);
+    }
 }

@@ -122,6 +122,44 @@ pub struct ObserversConfig {
     pub warnings: Vec<ConfigError>,
 }
 
+/// Where an action is defined, for messages: `observers[2].actions[0] (observer 'order-paid')`.
+#[derive(Clone, Copy, Debug)]
+pub struct ActionPlace<'config> {
+    pub observer_index: usize,
+    pub observer: &'config ObserverDefinition,
+    pub action: &'config ActionDefinition,
+}
+
+impl fmt::Display for ActionPlace<'_> {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            formatter,
+            "observers[{}].actions[{}] (observer '{}')",
+            self.observer_index, self.action.index, self.observer.name
+        )
+    }
+}
+
+impl ObserversConfig {
+    /// Every action whose `type:` is `type_name`, in file order.
+    pub fn actions_of_type<'config>(
+        &'config self,
+        type_name: &'config str,
+    ) -> impl Iterator<Item = ActionPlace<'config>> + 'config {
+        self.observers
+            .iter()
+            .enumerate()
+            .flat_map(|(observer_index, observer)| {
+                observer.actions.iter().map(move |action| ActionPlace {
+                    observer_index,
+                    observer,
+                    action,
+                })
+            })
+            .filter(move |place| place.action.kind.type_name() == type_name)
+    }
+}
+
 /// Chooses the format from a file name: `.toml` is TOML, `.yaml`/`.yml` YAML.
 ///
 /// # Errors

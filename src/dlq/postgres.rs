@@ -19,6 +19,12 @@ impl PostgresDeadLetterQueue {
     pub fn new(pool: PgPool) -> PostgresDeadLetterQueue {
         PostgresDeadLetterQueue { pool }
     }
+
+    /// The pool the queue is stored through (the service's database).
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
 }
 
 fn storage(error: impl std::fmt::Display) -> DeadLetterError {

@@ -50,6 +50,8 @@ pub struct Reply {
     pub status: u16,
     pub delay: Duration,
     pub headers: Vec<(&'static str, String)>,
+    /// The response body; `reply <status>` when `None`.
+    pub body: Option<String>,
 }
 
 impl Reply {
@@ -58,7 +60,22 @@ impl Reply {
             status,
             delay: Duration::ZERO,
             headers: Vec::new(),
+            body: None,
         }
+    }
+
+    /// Answers `status` with `body`.
+    pub fn with_body(status: u16, body: &str) -> Reply {
+        Reply {
+            body: Some(body.to_owned()),
+            ..Reply::status(status)
+        }
+    }
+
+    /// Adds a response header.
+    pub fn header(mut self, name: &'static str, value: &str) -> Reply {
+        self.headers.push((name, value.to_owned()));
+        self
     }
 }
 
@@ -113,9 +130,8 @@ async fn handle(
                 .and_then(|millis| millis.parse().ok())
                 .map_or(Duration::ZERO, Duration::from_millis);
             Reply {
-                status: 200,
                 delay,
-                headers: Vec::new(),
+                ..Reply::status(200)
             }
         });
         requests.push(Recorded {
@@ -132,11 +148,10 @@ async fn handle(
     tokio::time::sleep(reply.delay).await;
     state.requests.lock().unwrap()[index].answered = Some(Instant::now());
     state.in_flight.fetch_sub(1, Ordering::SeqCst);
-    let mut response = (
-        StatusCode::from_u16(reply.status).unwrap(),
-        format!("reply {}", reply.status),
-    )
-        .into_response();
+    let body = reply
+        .body
+        .unwrap_or_else(|| format!("reply {}", reply.status));
+    let mut response = (StatusCode::from_u16(reply.status).unwrap(), body).into_response();
     for (name, value) in reply.headers {
         response.headers_mut().insert(name, value.parse().unwrap());
     }
@@ -200,6 +215,35 @@ impl Receiver {
     }
 }
 
+/// Standard base64 of `text`, to check the basic-auth header independently of the client.
+pub fn base64(text: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in text.as_bytes().chunks(3) {
+        let bytes = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let triple = u32::from(bytes[0]) << 16 | u32::from(bytes[1]) << 8 | u32::from(bytes[2]);
+        for position in 0..4 {
+            if position <= chunk.len() {
+                out.push(char::from(
+                    ALPHABET[(triple >> (18 - 6 * position) & 63) as usize],
+                ));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The `Authorization` value of HTTP basic auth, computed independently of the client.
+pub fn basic_auth(user: &str, password: &str) -> String {
+    format!("Basic {}", base64(&format!("{user}:{password}")))
+}
+
 /// Loads an observers file from YAML with an empty environment; panics with the errors.
 pub fn config_from_yaml(yaml: &str) -> fraiseql_observers::config::ObserversConfig {
     let no_env = |_: &str| None;
@@ -210,10 +254,38 @@ pub fn config_from_yaml(yaml: &str) -> fraiseql_observers::config::ObserversConf
     load_str(yaml, Format::Yaml, "test.yaml", &options).unwrap_or_else(|errors| panic!("{errors}"))
 }
 
+/// Loads an observers file from YAML with `env` as the environment, expecting it to be refused;
+/// returns every error as `file:line:column: path: message` lines.
+pub fn config_errors_from_yaml(yaml: &str, env: &[(&str, &str)]) -> Vec<String> {
+    let variables: HashMap<String, String> = env
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .collect();
+    let lookup = move |name: &str| variables.get(name).cloned();
+    let options = LoadOptions {
+        env: &lookup,
+        missing_env: MissingEnv::Error,
+    };
+    match load_str(yaml, Format::Yaml, "test.yaml", &options) {
+        Ok(_) => panic!("expected the configuration to be refused:\n{yaml}"),
+        Err(errors) => errors.errors.iter().map(ToString::to_string).collect(),
+    }
+}
+
 /// Builds an executor from YAML, with `env` as the environment and an in-memory DLQ.
 pub fn executor_from_yaml(
     yaml: &str,
     env: &[(&str, &str)],
+) -> (Executor, Arc<InMemoryDeadLetterQueue>) {
+    executor_from_yaml_with(yaml, env, |runner| runner)
+}
+
+/// [`executor_from_yaml`] with an action runner that `customize` equips (a database pool, a
+/// Redis connection).
+pub fn executor_from_yaml_with(
+    yaml: &str,
+    env: &[(&str, &str)],
+    customize: impl FnOnce(ActionRunner) -> ActionRunner,
 ) -> (Executor, Arc<InMemoryDeadLetterQueue>) {
     let variables: HashMap<String, String> = env
         .iter()
@@ -227,7 +299,7 @@ pub fn executor_from_yaml(
     let config = load_str(yaml, Format::Yaml, "test.yaml", &options)
         .unwrap_or_else(|errors| panic!("{errors}"));
     let dead_letters = Arc::new(InMemoryDeadLetterQueue::default());
-    let executor = build_executor(config, dead_letters.clone(), |runner| runner);
+    let executor = build_executor(config, dead_letters.clone(), customize);
     (executor, dead_letters)
 }
 
@@ -266,4 +338,5 @@ fn build_executor(
 
 pub mod nodes;
 pub mod postgres;
+pub mod redis;
 pub mod tools;

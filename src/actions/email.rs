@@ -1,0 +1,206 @@
+//! The `email` action: one message per matched event over SMTP (lettre, rustls).
+//!
+//! The message has the configured `From`, `To` (literal addresses, or a template rendering a
+//! comma-separated list), `Cc`, `Reply-To`, a rendered `Subject`, and a text body, an HTML body
+//! (values HTML-escaped), or both as `multipart/alternative`. Its `Message-ID` is derived from the
+//! action's idempotency key, and the key itself travels in `X-FraiseQL-Idempotency-Key`, so a
+//! receiving system can drop a repeat. A 4xx SMTP reply is transient (OB006), a 5xx permanent
+//! (OB008) with the server's reply as the reason; connection and TLS failures are transient.
+//! Each message uses its own connection, ended with `QUIT`.
+
+use std::str::FromStr;
+
+use lettre::message::header::{HeaderName, HeaderValue};
+use lettre::message::{Mailboxes, MultiPart, SinglePart};
+use lettre::transport::smtp::AsyncSmtpTransport;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::{AsyncTransport, Message, Tokio1Executor};
+
+use super::{ActionContext, ActionSuccess, secret_missing, template_failed};
+use crate::config::{EmailAction, EmailRecipients, Secret, Setting, SmtpSecurity};
+use crate::error::ErrorCode;
+use crate::retry::AttemptError;
+use crate::template::Templates;
+
+/// Header carrying the action's idempotency key.
+pub const IDEMPOTENCY_HEADER: &str = "X-FraiseQL-Idempotency-Key";
+
+fn render(
+    templates: &Templates,
+    name: &str,
+    context: &ActionContext<'_>,
+) -> Result<String, AttemptError> {
+    templates
+        .render(name, context.envelope)
+        .map_err(|error| template_failed(name, &error))
+}
+
+fn ready<'setting>(
+    setting: &'setting Setting<Secret>,
+    what: &str,
+) -> Result<&'setting str, AttemptError> {
+    setting
+        .ready()
+        .map(Secret::expose)
+        .map_err(|variable| secret_missing(what, variable))
+}
+
+/// `<event id>.<observer>.<action index>@fraiseql-observers`: the idempotency key as a
+/// Message-ID (every character of it is allowed there).
+fn message_id(context: &ActionContext<'_>) -> String {
+    format!(
+        "<{}.{}.{}@fraiseql-observers>",
+        context.event.id, context.observer, context.action_index
+    )
+}
+
+fn build_message(
+    templates: &Templates,
+    action: &EmailAction,
+    context: &ActionContext<'_>,
+) -> Result<Message, AttemptError> {
+    let invalid = |what: &str, error: &dyn std::fmt::Display| {
+        AttemptError::new(ErrorCode::TemplateFailed, format!("{what}: {error}"))
+    };
+    let subject = render(templates, &action.subject_template, context)?.replace(['\r', '\n'], " ");
+    let mut builder = Message::builder()
+        .from(action.from.clone())
+        .subject(subject.trim())
+        .message_id(Some(message_id(context)));
+    match &action.to {
+        EmailRecipients::Literal(recipients) => {
+            for recipient in recipients {
+                builder = builder.to(recipient.clone());
+            }
+        }
+        EmailRecipients::Template(template) => {
+            let rendered = render(templates, template, context)?;
+            let recipients = Mailboxes::from_str(rendered.trim()).map_err(|error| {
+                invalid(
+                    &format!(
+                        "template {template} rendered {rendered:?}, not a list of email addresses"
+                    ),
+                    &error,
+                )
+            })?;
+            if recipients.iter().next().is_none() {
+                return Err(invalid(
+                    &format!("template {template}"),
+                    &"rendered no recipient",
+                ));
+            }
+            for recipient in recipients {
+                builder = builder.to(recipient);
+            }
+        }
+    }
+    for copy in &action.cc {
+        builder = builder.cc(copy.clone());
+    }
+    if let Some(reply_to) = &action.reply_to {
+        builder = builder.reply_to(reply_to.clone());
+    }
+    let text = action
+        .text_template
+        .as_ref()
+        .map(|template| render(templates, template, context))
+        .transpose()?;
+    let html = action
+        .html_template
+        .as_ref()
+        .map(|template| render(templates, template, context))
+        .transpose()?;
+    let message = match (text, html) {
+        (Some(text), Some(html)) => {
+            builder.multipart(MultiPart::alternative_plain_html(text, html))
+        }
+        (None, Some(html)) => builder.singlepart(SinglePart::html(html)),
+        (Some(text), None) => builder.singlepart(SinglePart::plain(text)),
+        (None, None) => {
+            return Err(AttemptError::new(
+                ErrorCode::ConfigInvalid,
+                "an email action needs a text or an html body",
+            ));
+        }
+    };
+    let mut message = message.map_err(|error| invalid("build the message", &error))?;
+    message.headers_mut().insert_raw(HeaderValue::new(
+        HeaderName::new_from_ascii_str(IDEMPOTENCY_HEADER),
+        context.idempotency_key(),
+    ));
+    Ok(message)
+}
+
+fn transport(action: &EmailAction) -> Result<AsyncSmtpTransport<Tokio1Executor>, AttemptError> {
+    let tls_parameters = || {
+        TlsParameters::new(action.host.clone()).map_err(|error| {
+            AttemptError::new(
+                ErrorCode::ConfigInvalid,
+                format!("TLS for SMTP host {}: {error}", action.host),
+            )
+        })
+    };
+    let tls = match action.security {
+        SmtpSecurity::StartTls => Tls::Required(tls_parameters()?),
+        SmtpSecurity::Tls => Tls::Wrapper(tls_parameters()?),
+        SmtpSecurity::Plain => Tls::None,
+    };
+    let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(action.host.clone())
+        .port(action.port)
+        .tls(tls)
+        .timeout(Some(action.timeout));
+    if let Some(credentials) = &action.credentials {
+        builder = builder.credentials(Credentials::new(
+            ready(&credentials.username, "the SMTP username")?.to_owned(),
+            ready(&credentials.password, "the SMTP password")?.to_owned(),
+        ));
+    }
+    Ok(builder.build())
+}
+
+fn smtp_failed(server: &str, error: &lettre::transport::smtp::Error) -> AttemptError {
+    let code = if error.is_permanent() {
+        ErrorCode::RemoteRejected
+    } else if error.is_transient() {
+        ErrorCode::RemoteUnavailable
+    } else if error.is_timeout() {
+        ErrorCode::ActionTimeout
+    } else if error.is_client() {
+        ErrorCode::Internal
+    } else {
+        ErrorCode::ConnectionFailed
+    };
+    let mut message = format!("SMTP {server}: {error}");
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    AttemptError::new(code, message)
+}
+
+pub(super) async fn attempt(
+    templates: &Templates,
+    action: &EmailAction,
+    context: &ActionContext<'_>,
+) -> Result<ActionSuccess, AttemptError> {
+    let message = build_message(templates, action, context)?;
+    let recipients = message.envelope().to().len();
+    let transport = transport(action)?;
+    let server = format!("{}:{}", action.host, action.port);
+    let response = transport
+        .send(message)
+        .await
+        .map_err(|error| smtp_failed(&server, &error))?;
+    let reply: Vec<&str> = response.message().collect();
+    Ok(ActionSuccess {
+        detail: format!(
+            "SMTP {} to {recipients} recipient{}: {}",
+            response.code(),
+            if recipients == 1 { "" } else { "s" },
+            reply.join(" ")
+        ),
+    })
+}

@@ -1,0 +1,97 @@
+//! The `slack` action: one message per matched event through a Slack incoming webhook.
+//!
+//! The payload is `{"text": …, "blocks": […], "channel": …}`: `text` is a text template (also
+//! the notification fallback when `blocks` are given), `blocks` a JSON template that must render a
+//! Block Kit array, `channel` an optional override. Slack answers 200 `ok`; a 429 carries
+//! `Retry-After`, which the retry honours (OB007); other 4xx (`invalid_payload`,
+//! `channel_not_found`, `no_service`) are permanent with Slack's answer as the reason (OB008);
+//! 5xx are transient (OB006). Incoming webhooks take no idempotency key, so a retried message
+//! can be posted twice if Slack received it but its answer was lost.
+
+use reqwest::header::{CONTENT_TYPE, HeaderValue};
+use serde_json::{Map, Value};
+
+use super::webhook::{body_excerpt, retry_after, transport_error};
+use super::{ActionContext, ActionSuccess, secret_missing, template_failed};
+use crate::config::{Setting, SlackAction, WebhookTarget};
+use crate::error::ErrorCode;
+use crate::retry::AttemptError;
+use crate::template::Templates;
+
+fn payload(
+    templates: &Templates,
+    action: &SlackAction,
+    context: &ActionContext<'_>,
+) -> Result<Value, AttemptError> {
+    let mut payload = Map::new();
+    let text = templates
+        .render(&action.text_template, context.envelope)
+        .map_err(|error| template_failed(&action.text_template, &error))?;
+    payload.insert("text".into(), Value::String(text));
+    if let Some(template) = &action.blocks_template {
+        let rendered = templates
+            .render(template, context.envelope)
+            .map_err(|error| template_failed(template, &error))?;
+        let blocks: Value = serde_json::from_str(&rendered).map_err(|error| {
+            AttemptError::new(
+                ErrorCode::TemplateFailed,
+                format!("template {template} rendered invalid JSON ({error}); values are inserted as JSON, so write {{{{ data.name }}}} without quotes around it"),
+            )
+        })?;
+        if !blocks.is_array() {
+            return Err(AttemptError::new(
+                ErrorCode::TemplateFailed,
+                format!("template {template} must render a JSON array of Block Kit blocks"),
+            ));
+        }
+        payload.insert("blocks".into(), blocks);
+    }
+    if let Some(channel) = &action.channel {
+        payload.insert("channel".into(), Value::String(channel.clone()));
+    }
+    Ok(Value::Object(payload))
+}
+
+pub(super) async fn attempt(
+    http: &reqwest::Client,
+    templates: &Templates,
+    action: &SlackAction,
+    context: &ActionContext<'_>,
+) -> Result<ActionSuccess, AttemptError> {
+    let url = match &action.target {
+        WebhookTarget::Literal(url) => url.clone(),
+        WebhookTarget::FromEnv {
+            url: Setting::Ready(url),
+            ..
+        } => url.0.clone(),
+        WebhookTarget::FromEnv {
+            url: Setting::MissingEnv(variable),
+            ..
+        } => return Err(secret_missing("the Slack webhook URL", variable)),
+    };
+    let body = serde_json::to_vec(&payload(templates, action, context)?).map_err(|error| {
+        AttemptError::new(
+            ErrorCode::Internal,
+            format!("serialize Slack payload: {error}"),
+        )
+    })?;
+    let response = http
+        .post(url)
+        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+        .body(body)
+        .timeout(action.timeout)
+        .send()
+        .await
+        .map_err(|error| transport_error(&error))?;
+    let status = response.status().as_u16();
+    let Some(code) = ErrorCode::from_http_status(status) else {
+        return Ok(ActionSuccess {
+            detail: format!("Slack HTTP {status}"),
+        });
+    };
+    let wait = retry_after(response.headers());
+    let excerpt = body_excerpt(response).await;
+    let mut error = AttemptError::new(code, format!("Slack HTTP {status}: {}", excerpt.trim()));
+    error.retry_after = wait;
+    Err(error)
+}

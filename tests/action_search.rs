@@ -1,0 +1,374 @@
+//! The `search` action against a real OpenSearch-API server (osmem-server, one per test): the
+//! document indexed and deleted as the server stores it, a mapping conflict dead-lettered with the
+//! engine's reason, a 429 read-only block rescheduled by the job queue and then indexed,
+//! templates checked at load.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::postgres::TestDatabase;
+use common::{config_errors_from_yaml, config_from_yaml, executor_from_yaml};
+use fraiseql_observers::actions::ActionRunner;
+use fraiseql_observers::dlq::{DeadLetterFilter, DeadLetterQueue, PostgresDeadLetterQueue};
+use fraiseql_observers::domain::{EntityEvent, EventKind};
+use fraiseql_observers::error::ErrorCode;
+use fraiseql_observers::executor::ActionStatus;
+use fraiseql_observers::jobs::{JobWorker, NewJob, PostgresJobQueue, WorkOutcome};
+use fraiseql_observers::matcher::Matcher;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// An in-memory OpenSearch-compatible server on a free port; it exits when dropped.
+struct SearchPeer {
+    url: String,
+    process: Child,
+    http: reqwest::Client,
+}
+
+impl SearchPeer {
+    fn start() -> SearchPeer {
+        let binary = common::tools::py_tools()
+            .root()
+            .join("osmem_server/bin/osmem-server");
+        let mut process = Command::new(binary)
+            .args(["--addr", "127.0.0.1:0", "--no-ja"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("osmem-server runs");
+        let mut line = String::new();
+        BufReader::new(process.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let ready: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|error| panic!("osmem-server did not start ({error}): {line:?}"));
+        SearchPeer {
+            url: ready["url"].as_str().unwrap().to_owned(),
+            process,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    /// The stored document, or `None`.
+    async fn document(&self, index: &str, id: &str) -> Option<Value> {
+        let (status, body) = self
+            .request(reqwest::Method::GET, &format!("/{index}/_doc/{id}"), None)
+            .await;
+        (status == 200).then(|| body["_source"].clone())
+    }
+}
+
+impl Drop for SearchPeer {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+fn order(kind: EventKind, id: &str, data: Value) -> EntityEvent {
+    let mut event = EntityEvent::new(kind, "Order", id, data, None);
+    event.tenant_id = Some("acme".into());
+    event
+}
+
+const OBSERVER_YAML: &str = "
+observers:
+  - name: order-search
+    entity: Order
+    events: [insert, update, delete]
+    actions:
+      - type: search
+        url_env: SEARCH_URL
+        index: 'orders-{{ tenant_id }}'
+    retry: {max_attempts: 3, initial_delay: 10ms, max_delay: 50ms}
+";
+
+fn observer_yaml() -> String {
+    OBSERVER_YAML.to_owned()
+}
+
+#[tokio::test]
+async fn indexes_updates_and_deletes_the_entity_document() {
+    let search = SearchPeer::start();
+    let (executor, dead_letters) =
+        executor_from_yaml(&observer_yaml(), &[("SEARCH_URL", &search.url)]);
+    let document =
+        json!({"id": "ord/7", "status": "new", "total": 250, "lines": [{"sku": "a", "qty": 2}]});
+
+    let report = &executor
+        .execute_event(&order(EventKind::Insert, "ord/7", document.clone()))
+        .await
+        .actions[0];
+
+    assert_eq!(report.action_type, "search");
+    assert_eq!(
+        report.status,
+        ActionStatus::Succeeded {
+            detail: "index orders-acme/ord/7: HTTP 201 created".into()
+        }
+    );
+    // The id is one path segment: the slash is percent-encoded.
+    assert_eq!(
+        search.document("orders-acme", "ord%2F7").await,
+        Some(document)
+    );
+
+    let updated = json!({"id": "ord/7", "status": "paid", "total": 250});
+    let report = &executor
+        .execute_event(&order(EventKind::Update, "ord/7", updated.clone()))
+        .await
+        .actions[0];
+    assert!(report.succeeded(), "{report:?}");
+    assert_eq!(
+        search.document("orders-acme", "ord%2F7").await,
+        Some(updated.clone())
+    );
+
+    let report = &executor
+        .execute_event(&order(EventKind::Delete, "ord/7", updated.clone()))
+        .await
+        .actions[0];
+    assert_eq!(
+        report.status,
+        ActionStatus::Succeeded {
+            detail: "delete orders-acme/ord/7: HTTP 200 deleted".into()
+        }
+    );
+    assert_eq!(search.document("orders-acme", "ord%2F7").await, None);
+
+    // Deleting again (a replay) finds nothing, which is what was wanted.
+    let report = &executor
+        .execute_event(&order(EventKind::Delete, "ord/7", updated))
+        .await
+        .actions[0];
+    assert_eq!(
+        report.status,
+        ActionStatus::Succeeded {
+            detail: "delete orders-acme/ord/7: HTTP 404 not_found".into()
+        }
+    );
+    assert_eq!(dead_letters.count().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_mapping_conflict_is_permanent_with_the_engines_reason() {
+    let search = SearchPeer::start();
+    let (status, _) = search
+        .request(
+            reqwest::Method::PUT,
+            "/orders-acme",
+            Some(json!({"mappings": {"properties": {"total": {"type": "integer"}}}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (executor, dead_letters) =
+        executor_from_yaml(&observer_yaml(), &[("SEARCH_URL", &search.url)]);
+
+    let report = &executor
+        .execute_event(&order(
+            EventKind::Insert,
+            "ord-7",
+            json!({"total": "a lot"}),
+        ))
+        .await
+        .actions[0];
+
+    assert_eq!(report.attempts, 1);
+    let ActionStatus::Failed { code, message, .. } = &report.status else {
+        panic!("expected a failure: {report:?}");
+    };
+    assert_eq!(*code, ErrorCode::RemoteRejected);
+    assert!(
+        message.starts_with("index orders-acme/ord-7: HTTP 400: mapper_parsing_exception: failed to parse field [total]"),
+        "{message}"
+    );
+    let letters = dead_letters
+        .list(&DeadLetterFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].letter.action_type, "search");
+    assert_eq!(letters[0].letter.error_message, *message);
+    assert_eq!(search.document("orders-acme", "ord-7").await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_block_is_transient_and_the_job_is_indexed_once_it_lifts() {
+    let search = SearchPeer::start();
+    let database = TestDatabase::migrated().await;
+    search
+        .request(reqwest::Method::PUT, "/orders-acme", Some(json!({})))
+        .await;
+    let block = |blocked: bool| {
+        search.request(
+            reqwest::Method::PUT,
+            "/orders-acme/_settings",
+            Some(json!({"index.blocks.read_only_allow_delete": blocked})),
+        )
+    };
+    assert_eq!(block(true).await.0, 200);
+    let config = config_from_yaml(
+        &observer_yaml().replace("url_env: SEARCH_URL", &format!("url: '{}'", search.url)),
+    );
+    let jobs = PostgresJobQueue::new(database.pool.clone(), "node-a", Duration::from_secs(30));
+    let worker = JobWorker::new(
+        jobs.clone(),
+        "default",
+        ActionRunner::new(Arc::new(config.templates)).unwrap(),
+        Arc::new(Matcher::new(config.observers)),
+        Duration::from_millis(100),
+    );
+    let event = order(EventKind::Insert, "ord-7", json!({"status": "new"}));
+    let id = jobs
+        .enqueue(&NewJob {
+            queue: "default".into(),
+            priority: 5,
+            run_at: None,
+            event,
+            observer: "order-search".into(),
+            action_index: 0,
+            action_type: "search".into(),
+            max_attempts: 5,
+            initial_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let running = CancellationToken::new();
+
+    assert_eq!(
+        worker.try_execute_one(&running).await.unwrap(),
+        WorkOutcome::Rescheduled(id)
+    );
+    let errors: Value =
+        sqlx::query_scalar("SELECT errors FROM fraiseql_observers.jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&database.pool)
+            .await
+            .unwrap();
+    assert_eq!(errors[0]["code"], "OB007", "{errors}");
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("TOO_MANY_REQUESTS/12"),
+        "{errors}"
+    );
+    assert_eq!(search.document("orders-acme", "ord-7").await, None);
+
+    assert_eq!(block(false).await.0, 200);
+    sqlx::query("UPDATE fraiseql_observers.jobs SET run_at = now()")
+        .execute(&database.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        worker.try_execute_one(&running).await.unwrap(),
+        WorkOutcome::Completed(id)
+    );
+    assert_eq!(
+        search.document("orders-acme", "ord-7").await,
+        Some(json!({"status": "new"}))
+    );
+    let letters = PostgresDeadLetterQueue::new(database.pool.clone())
+        .count()
+        .await
+        .unwrap();
+    assert_eq!(letters, 0);
+}
+
+#[tokio::test]
+async fn an_index_name_the_engines_refuse_fails_without_a_request() {
+    let search = SearchPeer::start();
+    let yaml = observer_yaml().replace("'orders-{{ tenant_id }}'", "'Orders {{ tenant_id }}'");
+    let (executor, _) = executor_from_yaml(&yaml, &[("SEARCH_URL", &search.url)]);
+
+    let report = &executor
+        .execute_event(&order(EventKind::Insert, "ord-7", json!({})))
+        .await
+        .actions[0];
+
+    let ActionStatus::Failed { code, message, .. } = &report.status else {
+        panic!("expected a failure: {report:?}");
+    };
+    assert_eq!(*code, ErrorCode::TemplateFailed);
+    assert!(message.contains("\"Orders acme\""), "{message}");
+    let (_, indices) = search
+        .request(reqwest::Method::GET, "/_cat/indices?format=json", None)
+        .await;
+    assert_eq!(indices, json!([]));
+}
+
+#[tokio::test]
+async fn basic_auth_credentials_come_from_the_environment() {
+    // A plain HTTP server in place of the cluster, to see the request as sent.
+    let receiver = common::Receiver::start().await;
+    let yaml = observer_yaml().replace(
+        "        index:",
+        "        username_env: SEARCH_USER\n        password_env: SEARCH_PASSWORD\n        index:",
+    );
+    let (executor, _) = executor_from_yaml(
+        &yaml,
+        &[
+            ("SEARCH_URL", &receiver.base_url),
+            ("SEARCH_USER", "elastic"),
+            ("SEARCH_PASSWORD", "changeme"),
+        ],
+    );
+
+    let report = &executor
+        .execute_event(&order(
+            EventKind::Update,
+            "ord-7",
+            json!({"status": "paid"}),
+        ))
+        .await
+        .actions[0];
+
+    assert!(report.succeeded(), "{report:?}");
+    let requests = receiver.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].method, "PUT");
+    assert_eq!(requests[0].path, "/orders-acme/_doc/ord-7");
+    assert_eq!(
+        requests[0].header("authorization").unwrap(),
+        common::basic_auth("elastic", "changeme")
+    );
+    assert_eq!(requests[0].json(), json!({"status": "paid"}));
+}
+
+#[test]
+fn template_errors_and_missing_settings_are_refused_at_load() {
+    let yaml = observer_yaml().replace("'orders-{{ tenant_id }}'", "'orders-{{ tenant_id'");
+    let errors = config_errors_from_yaml(&yaml, &[]);
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert_eq!(
+        errors[0],
+        "test.yaml:8:18: observers[0].actions[0].url_env: environment variable SEARCH_URL is not set (or is empty)"
+    );
+    assert!(
+        errors[1].starts_with("test.yaml:9:16: observers[0].actions[0].index: invalid template (line 1 of the template): syntax error"),
+        "{}",
+        errors[1]
+    );
+}

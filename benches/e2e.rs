@@ -401,10 +401,9 @@ fn flood(
                     // At a fixed rate: each writer commits its share on a ticker.
                     let mut ticker = rate.map(|rate| {
                         #[allow(clippy::cast_precision_loss, reason = "small counts")]
-                        let period = (ROWS_PER_COMMIT.unsigned_abs() * WRITERS as u64) as f64
-                            / rate as f64;
-                        let mut ticker =
-                            tokio::time::interval(Duration::from_secs_f64(period));
+                        let period =
+                            (ROWS_PER_COMMIT.unsigned_abs() * WRITERS as u64) as f64 / rate as f64;
+                        let mut ticker = tokio::time::interval(Duration::from_secs_f64(period));
                         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                         ticker
                     });
@@ -666,7 +665,8 @@ async fn sustained(nodes: usize, seconds: u64, rate: Option<u64>) -> Sustained {
         per_second(checkpoints, usage.elapsed),
         usage.machine_busy * 100.0,
     );
-    println!("{row}");
+    // Progress only: the report keeps the rows that matter.
+    eprintln!("{row}");
     Sustained {
         delivered: per_second(delivered, usage.elapsed),
         written: per_second(written, usage.elapsed),
@@ -687,7 +687,10 @@ async fn highest_sustained(report: &mut Report, nodes: usize, seconds: u64, rate
             if let Some(best) = best.take() {
                 report.row(best.row.replace("| sustained:", "| sustained (kept up):"));
             }
-            report.row(run.row.replace("| sustained:", "| sustained (fell behind):"));
+            report.row(
+                run.row
+                    .replace("| sustained:", "| sustained (fell behind):"),
+            );
             return;
         }
     }
@@ -793,7 +796,11 @@ async fn main() {
     let rates: Vec<u64> = std::env::var("E2E_RATES")
         .unwrap_or_else(|_| "4000,6000,8000,10000,12000,14000,16000,18000,20000".to_owned())
         .split(',')
-        .map(|rate| rate.trim().parse().expect("E2E_RATES: comma-separated events/s"))
+        .map(|rate| {
+            rate.trim()
+                .parse()
+                .expect("E2E_RATES: comma-separated events/s")
+        })
         .collect();
     let backlog_rows = env_number("E2E_BACKLOG", 1_000_000);
     let nodes: Vec<usize> = std::env::var("E2E_NODES")

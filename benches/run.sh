@@ -7,7 +7,7 @@
 # job queue beside graphile-worker (benches/run-jobs.sh; needs Node.js and npm), the concurrent
 # executor beside the sequential design it replaces (cargo bench --bench concurrency) and the
 # criterion micro-benchmarks (condition evaluation, matching, envelope serialization). Needs the
-# local PostgreSQL (TEST_DATABASE_URL overrides); the e2e knobs (E2E_*) pass through. About 10
+# local PostgreSQL (TEST_DATABASE_URL overrides); the e2e knobs (E2E_*) pass through. About 12
 # minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -323,11 +323,18 @@ async fn a_hand_over_under_continuous_load_loses_and_repeats_nothing() {
         .unwrap();
         assert_eq!(moved.previous_leader.as_deref(), Some("node-a"));
         assert_eq!(moved.leader, "node-b");
-        assert!(
-            handle_b
-                .leading()
-                .contains(&i32::try_from(partition).unwrap())
-        );
+        // The answer follows the partition row (node b's claim committed); node b's own view
+        // of what it leads follows a moment later.
+        let handle = handle_b.clone();
+        eventually("node b to report leading the partition", || {
+            let handle = handle.clone();
+            async move {
+                handle
+                    .leading()
+                    .contains(&i32::try_from(partition).unwrap())
+            }
+        })
+        .await;
         took.push(moved.took);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -371,4 +371,95 @@ fn template_errors_and_missing_settings_are_refused_at_load() {
         "{}",
         errors[1]
     );
+
+    let yaml = observer_yaml().replace(
+        "index: 'orders-{{ tenant_id }}'",
+        "index: 'orders-{{ tenant_id }}'\n        bulk: {max_documents: 0, max_wait: 5s, size: 3}",
+    );
+    let errors = config_errors_from_yaml(&yaml, &[("SEARCH_URL", "http://127.0.0.1:9200")]);
+    let text = errors.join("\n");
+    assert!(
+        text.contains("observers[0].actions[0].bulk.size: unknown key 'size'"),
+        "{text}"
+    );
+    assert!(
+        text.contains("observers[0].actions[0].bulk.max_documents"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn with_bulk_concurrent_events_share_requests_and_each_gets_its_items_outcome() {
+    let search = SearchPeer::start();
+    let (status, _) = search
+        .request(
+            reqwest::Method::PUT,
+            "/orders-acme",
+            Some(json!({"mappings": {"properties": {"total": {"type": "integer"}}}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let yaml = OBSERVER_YAML.replace(
+        "index: 'orders-{{ tenant_id }}'",
+        "index: 'orders-{{ tenant_id }}'\n        bulk: {max_documents: 50, max_wait: 100ms}",
+    );
+    let (executor, dead_letters) = executor_from_yaml(&yaml, &[("SEARCH_URL", &search.url)]);
+    let mut events: Vec<EntityEvent> = (0..20)
+        .map(|n| {
+            order(
+                EventKind::Insert,
+                &format!("ord-{n}"),
+                json!({"id": n, "total": n * 10}),
+            )
+        })
+        .collect();
+    // In the same requests: a delete of a document that is not there (already gone: success)
+    // and a document the index's mapping refuses (permanent, dead-lettered with the reason).
+    events.push(order(EventKind::Delete, "ord-gone", json!({"id": "gone"})));
+    events.push(order(
+        EventKind::Insert,
+        "ord-bad",
+        json!({"id": "bad", "total": "a lot"}),
+    ));
+
+    let summaries = executor.execute_batch(&events).await;
+
+    let details: Vec<String> = summaries
+        .iter()
+        .map(|summary| match &summary.actions[0].status {
+            ActionStatus::Succeeded { detail } => detail.clone(),
+            ActionStatus::Failed { message, .. } => message.clone(),
+            other => panic!("unexpected outcome: {other:?}"),
+        })
+        .collect();
+    let shared = details
+        .iter()
+        .filter(|detail| {
+            detail.contains("in a _bulk request of") && !detail.contains("in a _bulk request of 1)")
+        })
+        .count();
+    assert!(
+        shared >= 2,
+        "operations went in one request each: {details:#?}"
+    );
+    for (n, summary) in summaries.iter().take(20).enumerate() {
+        assert!(summary.actions[0].succeeded(), "{:?}", summary.actions[0]);
+        assert_eq!(
+            search.document("orders-acme", &format!("ord-{n}")).await,
+            Some(json!({"id": n, "total": n * 10}))
+        );
+    }
+    let gone = &summaries[20].actions[0];
+    assert!(gone.succeeded(), "{gone:?}");
+    assert!(details[20].contains("HTTP 404"), "{}", details[20]);
+    let bad = &summaries[21].actions[0];
+    let ActionStatus::Failed { code, message, .. } = &bad.status else {
+        panic!("expected a failure: {bad:?}");
+    };
+    assert_eq!(*code, ErrorCode::RemoteRejected);
+    assert_eq!(bad.attempts, 1, "a refused document is not retried");
+    assert!(message.contains("index orders-acme/ord-bad"), "{message}");
+    assert!(message.contains("mapper_parsing_exception"), "{message}");
+    assert_eq!(dead_letters.count().await.unwrap(), 1);
+    assert_eq!(search.document("orders-acme", "ord-bad").await, None);
 }

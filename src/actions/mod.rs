@@ -81,6 +81,8 @@ pub struct ActionRunner {
     database: Option<sqlx::PgPool>,
     /// The node's Redis connection, which `cache` actions remove keys through.
     redis: Option<crate::redis_client::SharedConnection>,
+    /// `_bulk` writers of `search` actions with `bulk`.
+    search_bulk: search::BulkWriters,
 }
 
 /// How long an idle pooled connection to a webhook target is kept.
@@ -109,6 +111,7 @@ impl ActionRunner {
             },
             database: None,
             redis: None,
+            search_bulk: search::BulkWriters::default(),
         })
     }
 
@@ -190,7 +193,14 @@ impl ActionRunner {
             ActionKind::Sms(sms) => sms::attempt(&self.http, &self.templates, sms, context).await,
             ActionKind::Email(email) => email::attempt(&self.templates, email, context).await,
             ActionKind::Search(search) => {
-                search::attempt(&self.http, &self.templates, search, context).await
+                search::attempt(
+                    &self.http,
+                    &self.templates,
+                    search,
+                    context,
+                    &self.search_bulk,
+                )
+                .await
             }
         }
     }

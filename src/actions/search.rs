@@ -7,12 +7,21 @@
 //! sent as one percent-encoded path segment. A 4xx is permanent with the engine's error `type:
 //! reason` (OB008); 429, including a read-only block when disk is full (OB007, honouring
 //! `Retry-After`), and 5xx (OB006) are transient.
+//!
+//! With `bulk`, the operations of concurrent events go to the cluster together: one writer per
+//! cluster (and credentials) collects what arrives within `max_wait`, up to `max_documents`, and
+//! sends one `POST /_bulk`; each event's outcome is its own item's status, classified as above.
+//! An operation whose attempt gave up (timed out) before its request left is dropped, so a
+//! retry cannot be overtaken by a stale copy of itself.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
 use super::webhook::{body_excerpt, retry_after, transport_error};
 use super::{ActionContext, ActionSuccess, secret_missing, template_failed};
-use crate::config::{SearchAction, Secret, Setting, WebhookTarget};
+use crate::config::{SearchAction, SearchBulk, Secret, Setting, WebhookTarget};
 use crate::domain::EventKind;
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
@@ -75,11 +84,301 @@ fn ready<'setting>(
         .map_err(|variable| secret_missing(what, variable))
 }
 
+/// One operation waiting for a `_bulk` request.
+struct BulkOperation {
+    /// The NDJSON lines: the action line, and the document for an index.
+    lines: String,
+    deleting: bool,
+    label: String,
+    reply: tokio::sync::oneshot::Sender<Result<ActionSuccess, AttemptError>>,
+}
+
+/// The node's `_bulk` writers, one per cluster URL, credentials and batching settings.
+#[derive(Clone, Debug, Default)]
+pub struct BulkWriters {
+    writers: Arc<Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<BulkOperation>>>>,
+}
+
+/// What a `_bulk` request needs besides its operations.
+struct BulkTarget {
+    url: url::Url,
+    credentials: Option<(String, String)>,
+    settings: SearchBulk,
+    timeout: std::time::Duration,
+}
+
+impl BulkWriters {
+    fn sender(
+        &self,
+        http: &reqwest::Client,
+        target: BulkTarget,
+    ) -> tokio::sync::mpsc::UnboundedSender<BulkOperation> {
+        let key = format!(
+            "{}|{}|{}|{:?}|{:?}",
+            target.url,
+            target
+                .credentials
+                .as_ref()
+                .map_or("", |(user, _)| user.as_str()),
+            target.settings.max_documents,
+            target.settings.max_wait,
+            target.timeout
+        );
+        let mut writers = self
+            .writers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(sender) = writers.get(&key).filter(|sender| !sender.is_closed()) {
+            return sender.clone();
+        }
+        let (sender, operations) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(write_bulk(http.clone(), target, operations));
+        writers.insert(key, sender.clone());
+        sender
+    }
+}
+
+/// Sends what arrives as `_bulk` requests, one at a time, until every sender is gone.
+async fn write_bulk(
+    http: reqwest::Client,
+    target: BulkTarget,
+    mut operations: tokio::sync::mpsc::UnboundedReceiver<BulkOperation>,
+) {
+    while let Some(first) = operations.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + target.settings.max_wait;
+        while batch.len() < target.settings.max_documents {
+            match tokio::time::timeout_at(deadline, operations.recv()).await {
+                Ok(Some(operation)) => batch.push(operation),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        // An attempt that gave up is retried on its own; its stale copy must not be sent.
+        batch.retain(|operation| !operation.reply.is_closed());
+        if !batch.is_empty() {
+            send_bulk(&http, &target, batch).await;
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct BulkAnswer {
+    items: Vec<HashMap<String, BulkItem>>,
+}
+
+#[derive(Deserialize)]
+struct BulkItem {
+    status: u16,
+    result: Option<String>,
+    error: Option<EngineErrorBody>,
+}
+
+async fn send_bulk(http: &reqwest::Client, target: &BulkTarget, batch: Vec<BulkOperation>) {
+    let count = batch.len();
+    let body: String = batch
+        .iter()
+        .map(|operation| operation.lines.as_str())
+        .collect();
+    let mut request = http
+        .post(target.url.clone())
+        .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
+        .body(body)
+        .timeout(target.timeout);
+    if let Some((username, password)) = &target.credentials {
+        request = request.basic_auth(username, Some(password));
+    }
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(error) => {
+            for operation in batch {
+                let _ = operation.reply.send(Err(transport_error(&error)));
+            }
+            return;
+        }
+    };
+    let status = response.status().as_u16();
+    let wait = retry_after(response.headers());
+    if let Some(code) = ErrorCode::from_http_status(status) {
+        let reason = engine_reason(&body_excerpt(response).await);
+        for operation in batch {
+            let mut error = AttemptError::new(
+                code,
+                format!(
+                    "{} (in a _bulk request of {count}): HTTP {status}: {reason}",
+                    operation.label
+                ),
+            );
+            error.retry_after = wait;
+            let _ = operation.reply.send(Err(error));
+        }
+        return;
+    }
+    // The whole answer: one item per operation (bounded by max_documents).
+    let answer = match response.bytes().await {
+        Ok(answer) => answer,
+        Err(error) => {
+            for operation in batch {
+                let _ = operation.reply.send(Err(transport_error(&error)));
+            }
+            return;
+        }
+    };
+    let items = match serde_json::from_slice::<BulkAnswer>(&answer) {
+        Ok(answer) if answer.items.len() == count => answer.items,
+        _ => {
+            let excerpt: String = String::from_utf8_lossy(&answer).chars().take(512).collect();
+            for operation in batch {
+                let _ = operation.reply.send(Err(AttemptError::new(
+                    ErrorCode::RemoteUnavailable,
+                    format!(
+                        "{}: the _bulk answer does not list one item per operation ({count}): {}",
+                        operation.label,
+                        excerpt.trim()
+                    ),
+                )));
+            }
+            return;
+        }
+    };
+    for (operation, item) in batch.into_iter().zip(items) {
+        let Some(item) = item.into_values().next() else {
+            continue;
+        };
+        let outcome = item_outcome(&operation, item, count);
+        let _ = operation.reply.send(outcome);
+    }
+}
+
+/// One `_bulk` item's outcome, classified like a single request's.
+fn item_outcome(
+    operation: &BulkOperation,
+    item: BulkItem,
+    count: usize,
+) -> Result<ActionSuccess, AttemptError> {
+    let status = item.status;
+    let code = match ErrorCode::from_http_status(status) {
+        Some(ErrorCode::RemoteRejected) if operation.deleting && status == 404 => None,
+        other => other,
+    };
+    match code {
+        None => Ok(ActionSuccess {
+            detail: format!(
+                "{}: HTTP {status} {} (in a _bulk request of {count})",
+                operation.label,
+                item.result.as_deref().unwrap_or("ok")
+            ),
+        }),
+        Some(code) => {
+            let reason = match item.error {
+                Some(EngineErrorBody {
+                    kind: Some(kind),
+                    reason: Some(reason),
+                }) => format!("{kind}: {reason}"),
+                _ => "no reason given".to_owned(),
+            };
+            Err(AttemptError::new(
+                code,
+                format!(
+                    "{} (in a _bulk request of {count}): HTTP {status}: {reason}",
+                    operation.label
+                ),
+            ))
+        }
+    }
+}
+
+/// `type: reason` of an engine's error answer, else the answer itself.
+fn engine_reason(excerpt: &str) -> String {
+    match serde_json::from_str::<EngineError>(excerpt) {
+        Ok(EngineError {
+            error:
+                EngineErrorBody {
+                    kind: Some(kind),
+                    reason: Some(reason),
+                },
+        }) => format!("{kind}: {reason}"),
+        _ => excerpt.trim().to_owned(),
+    }
+}
+
+/// The operation as `_bulk` lines, handed to the cluster's writer; its item's outcome.
+async fn attempt_bulk(
+    http: &reqwest::Client,
+    writers: &BulkWriters,
+    mut base: url::Url,
+    settings: SearchBulk,
+    action: &SearchAction,
+    context: &ActionContext<'_>,
+    index: &str,
+) -> Result<ActionSuccess, AttemptError> {
+    let entity_id = context.event.entity_id.as_str();
+    let deleting = context.event.kind == EventKind::Delete;
+    let operation = if deleting { "delete" } else { "index" };
+    let meta = serde_json::json!({ operation: {"_index": index, "_id": entity_id} });
+    let mut lines = format!("{meta}\n");
+    if !deleting {
+        lines.push_str(
+            &serde_json::to_string(&context.event.data).map_err(|error| {
+                AttemptError::new(
+                    ErrorCode::MalformedEvent,
+                    format!("the document does not serialize: {error}"),
+                )
+            })?,
+        );
+        lines.push('\n');
+    }
+    let credentials = match &action.credentials {
+        Some(credentials) => Some((
+            ready(&credentials.username, "the search username")?.to_owned(),
+            ready(&credentials.password, "the search password")?.to_owned(),
+        )),
+        None => None,
+    };
+    base.path_segments_mut()
+        .map_err(|()| {
+            AttemptError::new(
+                ErrorCode::ConfigInvalid,
+                "the search cluster URL cannot take a path",
+            )
+        })?
+        .pop_if_empty()
+        .push("_bulk");
+    let sender = writers.sender(
+        http,
+        BulkTarget {
+            url: base,
+            credentials,
+            settings,
+            timeout: action.timeout,
+        },
+    );
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let sent = sender.send(BulkOperation {
+        lines,
+        deleting,
+        label: format!("{operation} {index}/{entity_id}"),
+        reply,
+    });
+    if sent.is_err() {
+        return Err(AttemptError::new(
+            ErrorCode::ShuttingDown,
+            "the _bulk writer stopped",
+        ));
+    }
+    answer.await.unwrap_or_else(|_| {
+        Err(AttemptError::new(
+            ErrorCode::ShuttingDown,
+            "the _bulk writer stopped",
+        ))
+    })
+}
+
 pub(super) async fn attempt(
     http: &reqwest::Client,
     templates: &Templates,
     action: &SearchAction,
     context: &ActionContext<'_>,
+    writers: &BulkWriters,
 ) -> Result<ActionSuccess, AttemptError> {
     let mut url = match &action.target {
         WebhookTarget::Literal(url) => url.clone(),
@@ -97,6 +396,9 @@ pub(super) async fn attempt(
         .map_err(|error| template_failed(&action.index_template, &error))?;
     let index = index.trim();
     check_index(&action.index_template, index)?;
+    if let Some(settings) = action.bulk {
+        return attempt_bulk(http, writers, url, settings, action, context, index).await;
+    }
     let entity_id = context.event.entity_id.as_str();
     url.path_segments_mut()
         .map_err(|()| {
@@ -141,16 +443,7 @@ pub(super) async fn attempt(
             detail: format!("{operation} {index}/{entity_id}: HTTP {status} {result}"),
         });
     };
-    let reason = match serde_json::from_str::<EngineError>(&excerpt) {
-        Ok(EngineError {
-            error:
-                EngineErrorBody {
-                    kind: Some(kind),
-                    reason: Some(reason),
-                },
-        }) => format!("{kind}: {reason}"),
-        _ => excerpt.trim().to_owned(),
-    };
+    let reason = engine_reason(&excerpt);
     let mut error = AttemptError::new(
         code,
         format!("{operation} {index}/{entity_id}: HTTP {status}: {reason}"),

@@ -8,8 +8,8 @@ use super::model::{
     DEFAULT_ACTION_TIMEOUT, DatabaseAction, DatabaseParam, Delivery, DeliveryMode, EmailAction,
     EmailRecipients, EndpointLimits, ExecutorSettings, FailurePolicy, FunctionName, HeaderValue,
     HttpMethod, JobSettings, LogAction, LogLevel, Mailbox, ObserverDefinition, ObserverName,
-    RateLimit, RetryPolicy, SearchAction, Secret, SecretUrl, Setting, SlackAction, SmsAction,
-    SmtpSecurity, SqlType, WebhookAction, WebhookTarget,
+    RateLimit, RetryPolicy, SearchAction, SearchBulk, Secret, SecretUrl, Setting, SlackAction,
+    SmsAction, SmtpSecurity, SqlType, WebhookAction, WebhookTarget,
 };
 use super::tree::{Node, NodeValue, Position};
 use super::{ConfigError, ConfigErrors, LoadOptions, MissingEnv, ObserversConfig};
@@ -104,6 +104,7 @@ const ACTION_KEYS: &[(&str, &[&str])] = &[
             "password",
             "password_env",
             "timeout",
+            "bulk",
         ],
     ),
 ];
@@ -1616,12 +1617,48 @@ impl Decoder<'_> {
             .and_then(|_| self.template_field(fields, "index", path, "txt"));
         let credentials = self.basic_credentials(fields, path);
         let timeout = self.action_timeout(fields, path);
+        let bulk = match fields.get("bulk") {
+            None => Ok(None),
+            Some(node) => self.search_bulk(node, &child(path, "bulk")),
+        };
         Some(SearchAction {
             target: target?,
             index_template: index?,
             credentials: credentials.ok()?,
             timeout: timeout?,
+            bulk: bulk.ok()?,
         })
+    }
+
+    /// `bulk: true | false | {max_documents, max_wait}`; `Err` when invalid (reported).
+    fn search_bulk(&mut self, node: &Node, path: &str) -> Result<Option<SearchBulk>, ()> {
+        if let NodeValue::Bool(enabled) = node.value {
+            return Ok(enabled.then(SearchBulk::default));
+        }
+        let fields = self
+            .fields(node, path, &["max_documents", "max_wait"])
+            .ok_or(())?;
+        let mut bulk = SearchBulk::default();
+        if let Some(max) = fields.get("max_documents") {
+            bulk.max_documents = self
+                .integer_in(max, &child(path, "max_documents"), 1, 10_000)
+                .and_then(|max| usize::try_from(max).ok())
+                .ok_or(())?;
+        }
+        if let Some(wait) = fields.get("max_wait") {
+            let wait_path = child(path, "max_wait");
+            let wait = self.duration(wait, &wait_path).ok_or(())?;
+            if wait > Duration::from_secs(1) {
+                self.error(
+                    node.position,
+                    &wait_path,
+                    "at most 1s: every operation of a request waits this long at worst",
+                );
+                return Err(());
+            }
+            bulk.max_wait = wait;
+        }
+        Ok(Some(bulk))
     }
 
     fn email(&mut self, fields: &Fields<'_>, path: &str) -> Option<EmailAction> {

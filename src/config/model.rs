@@ -495,6 +495,26 @@ pub struct SearchAction {
     /// HTTP basic auth.
     pub credentials: Option<BasicCredentials>,
     pub timeout: Duration,
+    /// `Some`: operations of concurrent events go to the cluster together, as `_bulk` requests.
+    pub bulk: Option<SearchBulk>,
+}
+
+/// How a search action batches its operations into `_bulk` requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SearchBulk {
+    /// Most operations per request.
+    pub max_documents: usize,
+    /// Longest an operation waits for others to join its request.
+    pub max_wait: Duration,
+}
+
+impl Default for SearchBulk {
+    fn default() -> Self {
+        SearchBulk {
+            max_documents: 500,
+            max_wait: Duration::from_millis(5),
+        }
+    }
 }
 
 /// What an action does.

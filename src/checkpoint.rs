@@ -425,6 +425,42 @@ const INSERT_COMPLETED: &str =
      SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[])
      ON CONFLICT DO NOTHING";
 
+/// How long a completed action stays in the ledger. It is read only while its event can be read
+/// again — its page not yet checkpointed — which is seconds in the common case; a day covers a
+/// partition stuck on a failing page for a long time.
+pub const LEDGER_RETENTION: std::time::Duration = std::time::Duration::from_hours(24);
+/// Rows one pruning statement deletes, so that no statement holds locks or writes WAL for long.
+const PRUNE_BATCH: i64 = 10_000;
+
+/// Deletes ledger rows older than `older_than`, in batches; how many.
+///
+/// # Errors
+/// Storage failed (what was deleted before stays deleted).
+pub async fn prune_completed(
+    pool: &PgPool,
+    older_than: std::time::Duration,
+) -> Result<u64, sqlx::Error> {
+    let mut pruned = 0;
+    loop {
+        let deleted = sqlx::query(
+            "DELETE FROM fraiseql_observers.processed_actions
+              WHERE ctid = ANY (ARRAY(
+                    SELECT ctid FROM fraiseql_observers.processed_actions
+                     WHERE completed_at < now() - make_interval(secs => $1)
+                     LIMIT $2))",
+        )
+        .bind(older_than.as_secs_f64())
+        .bind(PRUNE_BATCH)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        pruned += deleted;
+        if deleted < PRUNE_BATCH.unsigned_abs() {
+            return Ok(pruned);
+        }
+    }
+}
+
 /// The fenced checkpoint write and the page's ledger rows as one statement (one round trip, one
 /// commit): the rows go in only when the compare-and-swap succeeded.
 const SAVE_WITH_COMPLETED: &str = "WITH saved AS (

@@ -250,14 +250,33 @@ impl Node {
         for worker in self.workers {
             tasks.spawn(worker.run(stop_workers.clone()));
         }
-        let (jobs, retention, pruning) =
-            (self.jobs, self.job_settings.retention, stop_workers.clone());
+        let (jobs, retention, pruning, ledger) = (
+            self.jobs,
+            self.job_settings.retention,
+            stop_workers.clone(),
+            self.pool.clone(),
+        );
         tasks.spawn(async move {
             loop {
                 match jobs.prune_finished(retention).await {
                     Ok(0) => {}
                     Ok(pruned) => tracing::info!(pruned, "pruned finished jobs past retention"),
                     Err(error) => tracing::warn!(%error, "pruning finished jobs failed"),
+                }
+                match crate::checkpoint::prune_completed(
+                    &ledger,
+                    crate::checkpoint::LEDGER_RETENTION,
+                )
+                .await
+                {
+                    Ok(0) => {}
+                    Ok(pruned) => tracing::info!(
+                        pruned,
+                        "pruned completed actions past the ledger's retention"
+                    ),
+                    Err(error) => {
+                        tracing::warn!(%error, "pruning the completed-actions ledger failed");
+                    }
                 }
                 tokio::select! {
                     () = pruning.cancelled() => return,

@@ -205,3 +205,42 @@ async fn grouped_saves_fence_each_partition_on_its_own() {
         "a refused save stores no ledger rows"
     );
 }
+
+#[tokio::test]
+async fn the_ledger_is_pruned_past_its_retention_only() {
+    use fraiseql_observers::checkpoint::{
+        ActionKey, CheckpointStore, PostgresCheckpointStore, prune_completed,
+    };
+    let database = TestDatabase::migrated().await;
+    let store = PostgresCheckpointStore::new(database.pool.clone());
+    let keys: Vec<ActionKey> = (0..25_000)
+        .map(|n| ActionKey {
+            event_id: uuid::Uuid::from_u128(n),
+            observer: "orders".into(),
+            action_index: 0,
+        })
+        .collect();
+    store.record_completed(&keys).await.unwrap();
+    // The first 23,000 completed two days ago; the rest just now.
+    sqlx::query(
+        "UPDATE fraiseql_observers.processed_actions SET completed_at = now() - interval '2 days'
+          WHERE event_id < $1",
+    )
+    .bind(uuid::Uuid::from_u128(23_000))
+    .execute(&database.pool)
+    .await
+    .unwrap();
+
+    let pruned = prune_completed(&database.pool, std::time::Duration::from_hours(24))
+        .await
+        .unwrap();
+
+    assert_eq!(pruned, 23_000, "old rows go, over several batches");
+    let ids: Vec<uuid::Uuid> = keys.iter().map(|key| key.event_id).collect();
+    let left = store.completed_among(&ids).await.unwrap();
+    assert_eq!(left.len(), 2_000);
+    assert!(
+        left.iter()
+            .all(|key| key.event_id >= uuid::Uuid::from_u128(23_000))
+    );
+}

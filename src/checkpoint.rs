@@ -210,12 +210,37 @@ impl PostgresCheckpointStore {
     }
 }
 
-/// One save waiting for the group writer.
+/// One fenced save: from `current` to `next`, with the page's ledger rows.
 #[derive(Debug)]
-struct GroupedSave {
+struct SaveRequest {
     current: Checkpoint,
     next: BatchPosition,
     completed: Vec<ActionKey>,
+}
+
+impl SaveRequest {
+    /// The saved checkpoint, given the version the compare-and-swap returned (`None`: fenced out).
+    fn outcome(self, version: Option<i64>) -> Result<Checkpoint, CheckpointError> {
+        match version {
+            Some(version) => Ok(Checkpoint {
+                partition: self.current.partition,
+                epoch: self.current.epoch,
+                version,
+                position: self.next,
+            }),
+            None => Err(CheckpointError::FencedOut {
+                partition: self.current.partition,
+                epoch: self.current.epoch,
+                version: self.current.version,
+            }),
+        }
+    }
+}
+
+/// One save waiting for the group writer.
+#[derive(Debug)]
+struct GroupedSave {
+    request: SaveRequest,
     reply: tokio::sync::oneshot::Sender<Result<Checkpoint, CheckpointError>>,
 }
 
@@ -270,49 +295,40 @@ async fn write_groups(
         // Everything else already waiting, one save per partition: a partition's second save
         // waits for the next statement.
         let mut group = vec![first];
-        let mut partitions: HashSet<i32> = HashSet::from([group[0].current.partition]);
+        let mut partitions: HashSet<i32> = HashSet::from([group[0].request.current.partition]);
         let mut waiting = std::mem::take(&mut held_over);
         while let Ok(more) = requests.try_recv() {
             waiting.push(more);
         }
         for request in waiting {
-            if group.len() < MAX_GROUP && partitions.insert(request.current.partition) {
+            if group.len() < MAX_GROUP && partitions.insert(request.request.current.partition) {
                 group.push(request);
             } else {
                 held_over.push(request);
             }
         }
-        group.sort_by_key(|request| request.current.partition);
+        group.sort_by_key(|save| save.request.current.partition);
         in_flight.push(write_group(pool.clone(), group));
     }
 }
 
 /// Writes one group and answers each of its saves.
 async fn write_group(pool: PgPool, group: Vec<GroupedSave>) {
-    match save_group(&pool, &group).await {
+    let requests: Vec<&SaveRequest> = group.iter().map(|save| &save.request).collect();
+    match save_group(&pool, &requests).await {
         Ok(versions) => {
-            for request in group {
-                let partition = request.current.partition;
-                let result = match versions.get(&partition).copied().flatten() {
-                    Some(version) => Ok(Checkpoint {
-                        partition,
-                        epoch: request.current.epoch,
-                        version,
-                        position: request.next,
-                    }),
-                    None => Err(CheckpointError::FencedOut {
-                        partition,
-                        epoch: request.current.epoch,
-                        version: request.current.version,
-                    }),
-                };
-                let _ = request.reply.send(result);
+            for save in group {
+                let version = versions
+                    .get(&save.request.current.partition)
+                    .copied()
+                    .flatten();
+                let _ = save.reply.send(save.request.outcome(version));
             }
         }
         Err(error) => {
             let message = error.to_string();
-            for request in group {
-                let _ = request
+            for save in group {
+                let _ = save
                     .reply
                     .send(Err(CheckpointError::Storage(sqlx::Error::Protocol(
                         format!("checkpoint group write failed: {message}"),
@@ -322,9 +338,10 @@ async fn write_group(pool: PgPool, group: Vec<GroupedSave>) {
     }
 }
 
+/// The new version of each partition's checkpoint (`None`: fenced out).
 async fn save_group(
     pool: &PgPool,
-    group: &[GroupedSave],
+    group: &[&SaveRequest],
 ) -> Result<HashMap<i32, Option<i64>>, sqlx::Error> {
     let mut keys: Vec<(&ActionKey, i32)> = group
         .iter()
@@ -461,53 +478,6 @@ pub async fn prune_completed(
     }
 }
 
-/// The fenced checkpoint write and the page's ledger rows as one statement (one round trip, one
-/// commit): the rows go in only when the compare-and-swap succeeded.
-const SAVE_WITH_COMPLETED: &str = "WITH saved AS (
-         SELECT fraiseql_observers.save_checkpoint($1, $2, $3, $4::pg_snapshot, $5::pg_snapshot, $6) AS version),
-     recorded AS (
-         INSERT INTO fraiseql_observers.processed_actions (event_id, observer, action_index)
-         SELECT completed.* FROM saved, unnest($7::uuid[], $8::text[], $9::int[]) AS completed
-          WHERE saved.version IS NOT NULL
-         ON CONFLICT DO NOTHING)
-     SELECT version FROM saved";
-
-impl PostgresCheckpointStore {
-    async fn save_in_one_statement(
-        &self,
-        current: &Checkpoint,
-        next: BatchPosition,
-        completed: &[ActionKey],
-    ) -> Result<Checkpoint, CheckpointError> {
-        let (event_ids, observers, indexes) = key_columns(completed);
-        let new_version: Option<i64> = sqlx::query_scalar(SAVE_WITH_COMPLETED)
-            .bind(current.partition)
-            .bind(current.epoch)
-            .bind(current.version)
-            .bind(&next.snapshot)
-            .bind(&next.batch_upto)
-            .bind(next.batch_position)
-            .bind(event_ids)
-            .bind(observers)
-            .bind(indexes)
-            .fetch_one(&self.pool)
-            .await?;
-        let Some(version) = new_version else {
-            return Err(CheckpointError::FencedOut {
-                partition: current.partition,
-                epoch: current.epoch,
-                version: current.version,
-            });
-        };
-        Ok(Checkpoint {
-            partition: current.partition,
-            epoch: current.epoch,
-            version,
-            position: next,
-        })
-    }
-}
-
 #[async_trait]
 impl CheckpointStore for PostgresCheckpointStore {
     async fn claim(&self, partition: i32, node: &str) -> Result<Checkpoint, CheckpointError> {
@@ -541,22 +511,24 @@ impl CheckpointStore for PostgresCheckpointStore {
         jobs: &[NewJob],
     ) -> Result<Checkpoint, CheckpointError> {
         if jobs.is_empty() {
-            if let Some(group) = &self.group {
-                let (reply, answer) = tokio::sync::oneshot::channel();
-                let request = GroupedSave {
-                    current: current.clone(),
-                    next,
-                    completed: completed.to_vec(),
-                    reply,
-                };
-                if group.send(request).is_ok()
-                    && let Ok(result) = answer.await
-                {
-                    return result;
-                }
-                return Err(CheckpointError::Storage(sqlx::Error::PoolClosed));
+            // One statement: alone, or grouped with other partitions' saves.
+            let request = SaveRequest {
+                current: current.clone(),
+                next,
+                completed: completed.to_vec(),
+            };
+            let Some(group) = &self.group else {
+                let versions = save_group(&self.pool, &[&request]).await?;
+                let version = versions.get(&current.partition).copied().flatten();
+                return request.outcome(version);
+            };
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if group.send(GroupedSave { request, reply }).is_ok()
+                && let Ok(result) = answer.await
+            {
+                return result;
             }
-            return self.save_in_one_statement(current, next, completed).await;
+            return Err(CheckpointError::Storage(sqlx::Error::PoolClosed));
         }
         let mut transaction = self.pool.begin().await?;
         let new_version: Option<i64> = sqlx::query_scalar(

@@ -69,6 +69,18 @@ impl SearchPeer {
         (status, response.json().await.unwrap())
     }
 
+    /// Creates index `orders-acme` with `total` mapped as an integer.
+    async fn map_total_as_integer(&self) {
+        let (status, _) = self
+            .request(
+                reqwest::Method::PUT,
+                "/orders-acme",
+                Some(json!({"mappings": {"properties": {"total": {"type": "integer"}}}})),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+
     /// The stored document, or `None`.
     async fn document(&self, index: &str, id: &str) -> Option<Value> {
         let (status, body) = self
@@ -173,14 +185,7 @@ async fn indexes_updates_and_deletes_the_entity_document() {
 #[tokio::test]
 async fn a_mapping_conflict_is_permanent_with_the_engines_reason() {
     let search = SearchPeer::start();
-    let (status, _) = search
-        .request(
-            reqwest::Method::PUT,
-            "/orders-acme",
-            Some(json!({"mappings": {"properties": {"total": {"type": "integer"}}}})),
-        )
-        .await;
-    assert_eq!(status, 200);
+    search.map_total_as_integer().await;
     let (executor, dead_letters) =
         executor_from_yaml(&observer_yaml(), &[("SEARCH_URL", &search.url)]);
 
@@ -391,14 +396,7 @@ fn template_errors_and_missing_settings_are_refused_at_load() {
 #[tokio::test]
 async fn with_bulk_concurrent_events_share_requests_and_each_gets_its_items_outcome() {
     let search = SearchPeer::start();
-    let (status, _) = search
-        .request(
-            reqwest::Method::PUT,
-            "/orders-acme",
-            Some(json!({"mappings": {"properties": {"total": {"type": "integer"}}}})),
-        )
-        .await;
-    assert_eq!(status, 200);
+    search.map_total_as_integer().await;
     let yaml = OBSERVER_YAML.replace(
         "index: 'orders-{{ tenant_id }}'",
         "index: 'orders-{{ tenant_id }}'\n        bulk: {max_documents: 50, max_wait: 100ms}",

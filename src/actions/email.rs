@@ -17,34 +17,14 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncTransport, Message, Tokio1Executor};
 
-use super::{ActionContext, ActionSuccess, secret_missing, template_failed};
-use crate::config::{EmailAction, EmailRecipients, Secret, Setting, SmtpSecurity};
+use super::{ActionContext, ActionSuccess, render, secret_value};
+use crate::config::{EmailAction, EmailRecipients, SmtpSecurity};
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
 use crate::template::Templates;
 
 /// Header carrying the action's idempotency key.
 pub const IDEMPOTENCY_HEADER: &str = "X-FraiseQL-Idempotency-Key";
-
-fn render(
-    templates: &Templates,
-    name: &str,
-    context: &ActionContext<'_>,
-) -> Result<String, AttemptError> {
-    templates
-        .render(name, context.envelope)
-        .map_err(|error| template_failed(name, &error))
-}
-
-fn ready<'setting>(
-    setting: &'setting Setting<Secret>,
-    what: &str,
-) -> Result<&'setting str, AttemptError> {
-    setting
-        .ready()
-        .map(Secret::expose)
-        .map_err(|variable| secret_missing(what, variable))
-}
 
 /// `<event id>.<observer>.<action index>@fraiseql-observers`: the idempotency key as a
 /// Message-ID (every character of it is allowed there).
@@ -152,8 +132,8 @@ fn transport(action: &EmailAction) -> Result<AsyncSmtpTransport<Tokio1Executor>,
         .timeout(Some(action.timeout));
     if let Some(credentials) = &action.credentials {
         builder = builder.credentials(Credentials::new(
-            ready(&credentials.username, "the SMTP username")?.to_owned(),
-            ready(&credentials.password, "the SMTP password")?.to_owned(),
+            secret_value(&credentials.username, "the SMTP username")?.to_owned(),
+            secret_value(&credentials.password, "the SMTP password")?.to_owned(),
         ));
     }
     Ok(builder.build())

@@ -215,6 +215,44 @@ fn secret_missing(what: &str, variable: &str) -> AttemptError {
     )
 }
 
+/// Template `name` rendered against the event's envelope.
+fn render(
+    templates: &Templates,
+    name: &str,
+    context: &ActionContext<'_>,
+) -> Result<String, AttemptError> {
+    templates
+        .render(name, context.envelope)
+        .map_err(|error| template_failed(name, &error))
+}
+
+/// A secret's value, or OB003 naming `what` and the unset variable.
+fn secret_value<'setting>(
+    setting: &'setting crate::config::Setting<crate::config::Secret>,
+    what: &str,
+) -> Result<&'setting str, AttemptError> {
+    setting
+        .ready()
+        .map(crate::config::Secret::expose)
+        .map_err(|variable| secret_missing(what, variable))
+}
+
+/// The URL of a literal or `*_env` target, or OB003 naming `what` and the unset variable.
+fn target_url(target: &crate::config::WebhookTarget, what: &str) -> Result<url::Url, AttemptError> {
+    use crate::config::{Setting, WebhookTarget};
+    match target {
+        WebhookTarget::Literal(url) => Ok(url.clone()),
+        WebhookTarget::FromEnv {
+            url: Setting::Ready(url),
+            ..
+        } => Ok(url.0.clone()),
+        WebhookTarget::FromEnv {
+            url: Setting::MissingEnv(variable),
+            ..
+        } => Err(secret_missing(what, variable)),
+    }
+}
+
 fn template_failed(template: &str, error: &crate::template::TemplateError) -> AttemptError {
     AttemptError::new(
         ErrorCode::TemplateFailed,

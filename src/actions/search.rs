@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 
 use super::webhook::{body_excerpt, retry_after, transport_error};
-use super::{ActionContext, ActionSuccess, secret_missing, template_failed};
-use crate::config::{SearchAction, SearchBulk, Secret, Setting, WebhookTarget};
+use super::{ActionContext, ActionSuccess, render, secret_value, target_url};
+use crate::config::{SearchAction, SearchBulk};
 use crate::domain::EventKind;
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
@@ -72,16 +72,6 @@ fn check_index(template: &str, index: &str) -> Result<(), AttemptError> {
             format!("template {template} rendered the index name {index:?}, which {problem}"),
         )),
     }
-}
-
-fn ready<'setting>(
-    setting: &'setting Setting<Secret>,
-    what: &str,
-) -> Result<&'setting str, AttemptError> {
-    setting
-        .ready()
-        .map(Secret::expose)
-        .map_err(|variable| secret_missing(what, variable))
 }
 
 /// One operation waiting for a `_bulk` request.
@@ -256,11 +246,7 @@ fn item_outcome(
     count: usize,
 ) -> Result<ActionSuccess, AttemptError> {
     let status = item.status;
-    let code = match ErrorCode::from_http_status(status) {
-        Some(ErrorCode::RemoteRejected) if operation.deleting && status == 404 => None,
-        other => other,
-    };
-    match code {
+    match failure_code(status, operation.deleting) {
         None => Ok(ActionSuccess {
             detail: format!(
                 "{}: HTTP {status} {} (in a _bulk request of {count})",
@@ -287,6 +273,43 @@ fn item_outcome(
     }
 }
 
+/// What a status means for an operation: `None` done (for a delete, 404 too: already gone), else
+/// the failure's code.
+fn failure_code(status: u16, deleting: bool) -> Option<ErrorCode> {
+    match ErrorCode::from_http_status(status) {
+        Some(ErrorCode::RemoteRejected) if deleting && status == 404 => None,
+        other => other,
+    }
+}
+
+/// The cluster's basic-auth user and password, when it has them.
+fn credentials(action: &SearchAction) -> Result<Option<(&str, &str)>, AttemptError> {
+    action
+        .credentials
+        .as_ref()
+        .map(|credentials| {
+            Ok((
+                secret_value(&credentials.username, "the search username")?,
+                secret_value(&credentials.password, "the search password")?,
+            ))
+        })
+        .transpose()
+}
+
+/// The cluster's URL with `segments` appended (each percent-encoded as one segment).
+fn cluster_url(mut base: url::Url, segments: &[&str]) -> Result<url::Url, AttemptError> {
+    base.path_segments_mut()
+        .map_err(|()| {
+            AttemptError::new(
+                ErrorCode::ConfigInvalid,
+                "the search cluster URL cannot take a path",
+            )
+        })?
+        .pop_if_empty()
+        .extend(segments);
+    Ok(base)
+}
+
 /// `type: reason` of an engine's error answer, else the answer itself.
 fn engine_reason(excerpt: &str) -> String {
     match serde_json::from_str::<EngineError>(excerpt) {
@@ -305,7 +328,7 @@ fn engine_reason(excerpt: &str) -> String {
 async fn attempt_bulk(
     http: &reqwest::Client,
     writers: &BulkWriters,
-    mut base: url::Url,
+    base: url::Url,
     settings: SearchBulk,
     action: &SearchAction,
     context: &ActionContext<'_>,
@@ -327,26 +350,12 @@ async fn attempt_bulk(
         );
         lines.push('\n');
     }
-    let credentials = match &action.credentials {
-        Some(credentials) => Some((
-            ready(&credentials.username, "the search username")?.to_owned(),
-            ready(&credentials.password, "the search password")?.to_owned(),
-        )),
-        None => None,
-    };
-    base.path_segments_mut()
-        .map_err(|()| {
-            AttemptError::new(
-                ErrorCode::ConfigInvalid,
-                "the search cluster URL cannot take a path",
-            )
-        })?
-        .pop_if_empty()
-        .push("_bulk");
+    let credentials =
+        credentials(action)?.map(|(username, password)| (username.to_owned(), password.to_owned()));
     let sender = writers.sender(
         http,
         BulkTarget {
-            url: base,
+            url: cluster_url(base, &["_bulk"])?,
             credentials,
             settings,
             timeout: action.timeout,
@@ -380,46 +389,23 @@ pub(super) async fn attempt(
     context: &ActionContext<'_>,
     writers: &BulkWriters,
 ) -> Result<ActionSuccess, AttemptError> {
-    let mut url = match &action.target {
-        WebhookTarget::Literal(url) => url.clone(),
-        WebhookTarget::FromEnv {
-            url: Setting::Ready(url),
-            ..
-        } => url.0.clone(),
-        WebhookTarget::FromEnv {
-            url: Setting::MissingEnv(variable),
-            ..
-        } => return Err(secret_missing("the search cluster URL", variable)),
-    };
-    let index = templates
-        .render(&action.index_template, context.envelope)
-        .map_err(|error| template_failed(&action.index_template, &error))?;
+    let url = target_url(&action.target, "the search cluster URL")?;
+    let index = render(templates, &action.index_template, context)?;
     let index = index.trim();
     check_index(&action.index_template, index)?;
     if let Some(settings) = action.bulk {
         return attempt_bulk(http, writers, url, settings, action, context, index).await;
     }
     let entity_id = context.event.entity_id.as_str();
-    url.path_segments_mut()
-        .map_err(|()| {
-            AttemptError::new(
-                ErrorCode::ConfigInvalid,
-                "the search cluster URL cannot take a path",
-            )
-        })?
-        .pop_if_empty()
-        .extend([index, "_doc", entity_id]);
+    let url = cluster_url(url, &[index, "_doc", entity_id])?;
     let deleting = context.event.kind == EventKind::Delete;
     let mut request = if deleting {
         http.delete(url)
     } else {
         http.put(url).json(&context.event.data)
     };
-    if let Some(credentials) = &action.credentials {
-        request = request.basic_auth(
-            ready(&credentials.username, "the search username")?,
-            Some(ready(&credentials.password, "the search password")?),
-        );
+    if let Some((username, password)) = credentials(action)? {
+        request = request.basic_auth(username, Some(password));
     }
     let response = request
         .timeout(action.timeout)
@@ -430,11 +416,7 @@ pub(super) async fn attempt(
     let wait = retry_after(response.headers());
     let excerpt = body_excerpt(response).await;
     let operation = if deleting { "delete" } else { "index" };
-    let code = match ErrorCode::from_http_status(status) {
-        Some(ErrorCode::RemoteRejected) if deleting && status == 404 => None,
-        other => other,
-    };
-    let Some(code) = code else {
+    let Some(code) = failure_code(status, deleting) else {
         let result = serde_json::from_str::<EngineAnswer>(&excerpt)
             .ok()
             .and_then(|answer| answer.result)

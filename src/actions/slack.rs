@@ -12,8 +12,8 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::{Map, Value};
 
 use super::webhook::{body_excerpt, retry_after, transport_error};
-use super::{ActionContext, ActionSuccess, secret_missing, template_failed};
-use crate::config::{Setting, SlackAction, WebhookTarget};
+use super::{ActionContext, ActionSuccess, render, target_url};
+use crate::config::SlackAction;
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
 use crate::template::Templates;
@@ -24,14 +24,10 @@ fn payload(
     context: &ActionContext<'_>,
 ) -> Result<Value, AttemptError> {
     let mut payload = Map::new();
-    let text = templates
-        .render(&action.text_template, context.envelope)
-        .map_err(|error| template_failed(&action.text_template, &error))?;
+    let text = render(templates, &action.text_template, context)?;
     payload.insert("text".into(), Value::String(text));
     if let Some(template) = &action.blocks_template {
-        let rendered = templates
-            .render(template, context.envelope)
-            .map_err(|error| template_failed(template, &error))?;
+        let rendered = render(templates, template, context)?;
         let blocks: Value = serde_json::from_str(&rendered).map_err(|error| {
             AttemptError::new(
                 ErrorCode::TemplateFailed,
@@ -58,17 +54,7 @@ pub(super) async fn attempt(
     action: &SlackAction,
     context: &ActionContext<'_>,
 ) -> Result<ActionSuccess, AttemptError> {
-    let url = match &action.target {
-        WebhookTarget::Literal(url) => url.clone(),
-        WebhookTarget::FromEnv {
-            url: Setting::Ready(url),
-            ..
-        } => url.0.clone(),
-        WebhookTarget::FromEnv {
-            url: Setting::MissingEnv(variable),
-            ..
-        } => return Err(secret_missing("the Slack webhook URL", variable)),
-    };
+    let url = target_url(&action.target, "the Slack webhook URL")?;
     let body = serde_json::to_vec(&payload(templates, action, context)?).map_err(|error| {
         AttemptError::new(
             ErrorCode::Internal,

@@ -9,8 +9,8 @@
 use serde::Deserialize;
 
 use super::webhook::{body_excerpt, retry_after, transport_error};
-use super::{ActionContext, ActionSuccess, secret_missing, template_failed};
-use crate::config::{Secret, Setting, SmsAction};
+use super::{ActionContext, ActionSuccess, render, secret_value};
+use crate::config::SmsAction;
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
 use crate::template::Templates;
@@ -25,16 +25,6 @@ struct TwilioAnswer {
     status: Option<serde_json::Value>,
     code: Option<serde_json::Value>,
     message: Option<String>,
-}
-
-fn ready<'setting>(
-    setting: &'setting Setting<Secret>,
-    what: &str,
-) -> Result<&'setting str, AttemptError> {
-    setting
-        .ready()
-        .map(Secret::expose)
-        .map_err(|variable| secret_missing(what, variable))
 }
 
 /// `{base_url}/2010-04-01/Accounts/{sid}/Messages.json`, the SID percent-encoded as a segment.
@@ -52,24 +42,14 @@ fn messages_url(base_url: &url::Url, account_sid: &str) -> Result<url::Url, Atte
     Ok(url)
 }
 
-fn render(
-    templates: &Templates,
-    name: &str,
-    context: &ActionContext<'_>,
-) -> Result<String, AttemptError> {
-    templates
-        .render(name, context.envelope)
-        .map_err(|error| template_failed(name, &error))
-}
-
 pub(super) async fn attempt(
     http: &reqwest::Client,
     templates: &Templates,
     action: &SmsAction,
     context: &ActionContext<'_>,
 ) -> Result<ActionSuccess, AttemptError> {
-    let account_sid = ready(&action.account_sid, "the SMS account SID")?;
-    let auth_token = ready(&action.auth_token, "the SMS auth token")?;
+    let account_sid = secret_value(&action.account_sid, "the SMS account SID")?;
+    let auth_token = secret_value(&action.auth_token, "the SMS auth token")?;
     let to = render(templates, &action.to_template, context)?;
     let from = render(templates, &action.from_template, context)?;
     let body = render(templates, &action.body_template, context)?;

@@ -13,10 +13,10 @@ use reqwest::header::{
 };
 use sha2::Sha256;
 
-use super::{ActionContext, ActionSuccess, secret_missing, template_failed};
+use super::{ActionContext, ActionSuccess, secret_missing, target_url, template_failed};
 use crate::breaker::{Admission, Breakers};
 use crate::cache::{Cache, CacheScope};
-use crate::config::{BodyFormat, HeaderValue, HttpMethod, Setting, WebhookAction, WebhookTarget};
+use crate::config::{BodyFormat, HeaderValue, HttpMethod, Setting, WebhookAction};
 use crate::error::ErrorCode;
 use crate::limits::{LimitStore, wait_for_slot, wait_for_token};
 use crate::retry::AttemptError;
@@ -198,19 +198,7 @@ pub(super) async fn attempt(
     action: &WebhookAction,
     context: &ActionContext<'_>,
 ) -> Result<ActionSuccess, AttemptError> {
-    let url = match &action.target {
-        WebhookTarget::Literal(url) => url.clone(),
-        WebhookTarget::FromEnv {
-            url: Setting::Ready(url),
-            ..
-        } => url.0.clone(),
-        WebhookTarget::FromEnv {
-            url: Setting::MissingEnv(variable),
-            ..
-        } => {
-            return Err(secret_missing("the webhook URL", variable));
-        }
-    };
+    let url = target_url(&action.target, "the webhook URL")?;
     let body = render_body(templates, action, context)?;
     let headers = build_headers(action, context, &body)?;
     let cached = match action.cache_ttl {

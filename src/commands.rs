@@ -145,6 +145,13 @@ pub async fn dlq_retry(
         .get(id)
         .await?
         .with_context(|| format!("no dead letter with id {id}"))?;
+    anyhow::ensure!(
+        !letter.event_is_unreadable(),
+        "dead letter {id} holds no event that can be sent again ({}); purge it, or replay the change from the change log",
+        letter.letter.event.data[crate::dlq::EVENT_OMITTED]
+            .as_str()
+            .unwrap_or("its stored event does not decode")
+    );
     let observer = config
         .observers
         .iter()

@@ -69,6 +69,14 @@ enum Command {
         /// How often to look for changes when no notification arrives.
         #[arg(long, env = "FRAISEQL_OBSERVERS_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
         poll_interval: std::time::Duration,
+        /// Largest change-log row accepted (bytes of JSON; `KiB`/`MiB` suffixes allowed); a
+        /// larger row is dead-lettered with an excerpt.
+        #[arg(long, env = "FRAISEQL_OBSERVERS_MAX_ROW_BYTES", default_value = "8MiB", value_parser = parse_row_bytes)]
+        max_row_bytes: u32,
+        /// Row text one page may hold (bytes; `KiB`/`MiB` suffixes allowed); a page always holds
+        /// at least one row.
+        #[arg(long, env = "FRAISEQL_OBSERVERS_MAX_PAGE_BYTES", default_value = "16MiB", value_parser = parse_page_bytes)]
+        max_page_bytes: u64,
         /// Database connections the node may open.
         #[arg(long, env = "FRAISEQL_OBSERVERS_DB_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(4..=1000))]
         db_pool_size: u32,
@@ -576,6 +584,46 @@ async fn run_node(
     }
 }
 
+/// A size in bytes: a number with an optional `B`, `KiB`, `MiB` or `GiB` suffix (`KB`, `MB`,
+/// `GB` are read as the same powers of two).
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let digits_end = trimmed
+        .find(|character: char| !character.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(digits_end);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("expected a size such as 8MiB or 1048576, found {text:?}"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?} (use B, KiB, MiB or GiB)"
+            ));
+        }
+    };
+    number
+        .checked_mul(scale)
+        .filter(|bytes| *bytes > 0)
+        .ok_or_else(|| format!("{text:?} must be at least 1 byte and fit in 64 bits"))
+}
+
+fn parse_row_bytes(text: &str) -> Result<u32, String> {
+    let bytes = parse_bytes(text)?;
+    u32::try_from(bytes)
+        .ok()
+        .filter(|bytes| *bytes <= 1 << 30)
+        .ok_or_else(|| format!("{text:?} is over the largest row limit, 1GiB"))
+}
+
+fn parse_page_bytes(text: &str) -> Result<u64, String> {
+    parse_bytes(text)
+}
+
 async fn database_command(command: Command) -> anyhow::Result<String> {
     match command {
         Command::ValidateConfig { .. } => anyhow::bail!("validate-config needs no database"),
@@ -587,6 +635,8 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             node_timeout,
             batch_size,
             poll_interval,
+            max_row_bytes,
+            max_page_bytes,
             db_pool_size,
             shutdown_timeout,
             endpoints,
@@ -596,6 +646,8 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             let settings = fraiseql_observers::listener::ListenerSettings {
                 batch_size,
                 poll_interval,
+                max_row_bytes,
+                max_page_bytes,
                 node_id: node_id.unwrap_or_else(fraiseql_observers::listener::default_node_id),
                 ..fraiseql_observers::listener::ListenerSettings::default()
             };

@@ -56,6 +56,7 @@ fn settings(batch_size: u32, node_id: &str) -> ListenerSettings {
         batch_size,
         poll_interval: Duration::from_millis(50),
         node_id: node_id.to_owned(),
+        ..ListenerSettings::default()
     }
 }
 

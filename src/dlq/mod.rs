@@ -17,8 +17,10 @@ use uuid::Uuid;
 use crate::domain::EntityEvent;
 use crate::error::ErrorCode;
 
-pub use postgres::PostgresDeadLetterQueue;
 pub(crate) use postgres::insert_dead_letter;
+pub use postgres::{
+    EVENT_OMITTED, FULL_EVENT_BYTES, LISTED_EVENT_BYTES, PostgresDeadLetterQueue, placeholder_event,
+};
 
 /// An action that failed for good, as handed to the queue.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -39,6 +41,15 @@ pub struct DeadLetter {
     pub created_at: DateTime<Utc>,
     #[serde(flatten)]
     pub letter: NewDeadLetter,
+}
+
+impl DeadLetter {
+    /// Whether the letter's event is only a stand-in (its stored event did not decode, or a
+    /// listing abbreviated it): such a letter can be shown and purged, but not retried.
+    #[must_use]
+    pub fn event_is_unreadable(&self) -> bool {
+        self.letter.event.data.get(EVENT_OMITTED).is_some()
+    }
 }
 
 /// Which dead letters a listing or purge concerns; every set field must match.

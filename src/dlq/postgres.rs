@@ -1,4 +1,11 @@
 //! The dead-letter queue in PostgreSQL (`fraiseql_observers.dead_letters`), shared by every node.
+//!
+//! Letters hold hostile data as often as not, so the store bounds what it writes and reads: an
+//! event whose JSON is over [`FULL_EVENT_BYTES`] is stored without the `changes` map's values (they
+//! repeat the images; the field names are kept and the values rebuilt from the images on read),
+//! a listing abbreviates events over [`LISTED_EVENT_BYTES`] (`get` returns them whole), and a
+//! stored event that no longer decodes is shown as such in its own letter instead of failing the
+//! whole listing.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -6,7 +13,20 @@ use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use super::{DeadLetter, DeadLetterError, DeadLetterFilter, DeadLetterQueue, NewDeadLetter};
+use crate::domain::{EntityEvent, EventKind, FieldChange};
 use crate::error::ErrorCode;
+
+/// Events whose JSON is larger than this are stored with only the names of their changed fields.
+pub const FULL_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Events stored larger than this (as PostgreSQL stores them) are abbreviated in listings.
+pub const LISTED_EVENT_BYTES: i32 = 256 * 1024;
+
+/// The key under which a compacted event lists its changed fields (instead of `changes`).
+const CHANGED_FIELDS: &str = "changed_fields";
+
+/// The key under which an abbreviated or unreadable event says why its data is missing.
+pub const EVENT_OMITTED: &str = "event_omitted";
 
 /// Dead letters stored in the service's schema; survives restarts, visible to the CLI.
 #[derive(Clone, Debug)]
@@ -34,9 +54,104 @@ fn storage(error: impl std::fmt::Display) -> DeadLetterError {
 /// The columns a [`DeadLetter`] is read from, as a `SELECT` prefix.
 macro_rules! select_letters {
     () => {
-        "SELECT id, created_at, observer, action_index, action_type, error_code, error_message, attempts, event
+        "SELECT id, created_at, observer, action_index, action_type, error_code, error_message, attempts,
+                event::text AS event, entity_type, event_id
            FROM fraiseql_observers.dead_letters"
     };
+}
+
+/// As [`select_letters`], with events stored larger than [`LISTED_EVENT_BYTES`] replaced by
+/// their identity and a note of their size.
+fn list_letters() -> String {
+    format!(
+        "SELECT id, created_at, observer, action_index, action_type, error_code, error_message, attempts,
+                CASE WHEN pg_column_size(event) <= {LISTED_EVENT_BYTES} THEN event::text
+                     ELSE (event - 'data' - 'before' - 'changes' - '{CHANGED_FIELDS}'
+                           || jsonb_build_object(
+                                  'data', jsonb_build_object('{EVENT_OMITTED}',
+                                      format('%s bytes stored; dlq show prints it whole',
+                                             pg_column_size(event))),
+                                  'changes', '{{}}'::jsonb))::text
+                END AS event, entity_type, event_id
+           FROM fraiseql_observers.dead_letters"
+    )
+}
+
+/// The event as stored: whole, or — over [`FULL_EVENT_BYTES`] — with `changes` reduced to the
+/// changed fields' names (their old and new values are the images' values).
+fn stored_event(event: &EntityEvent) -> Result<serde_json::Value, serde_json::Error> {
+    let mut value = serde_json::to_value(event)?;
+    let whole = serde_json::to_vec(&value).map_or(0, |bytes| bytes.len());
+    if whole > FULL_EVENT_BYTES
+        && let Some(object) = value.as_object_mut()
+    {
+        let names: Vec<serde_json::Value> = event
+            .changes
+            .keys()
+            .cloned()
+            .map(serde_json::Value::String)
+            .collect();
+        object.insert("changes".to_owned(), serde_json::json!({}));
+        object.insert(CHANGED_FIELDS.to_owned(), serde_json::Value::Array(names));
+    }
+    Ok(value)
+}
+
+/// The stored event back: the `changes` of a compacted one rebuilt from its images.
+fn read_event(text: &str) -> Result<EntityEvent, serde_json::Error> {
+    let mut value: serde_json::Value = serde_json::from_str(text)?;
+    let changed_fields = value
+        .as_object_mut()
+        .and_then(|object| object.remove(CHANGED_FIELDS));
+    let mut event: EntityEvent = serde_json::from_value(value)?;
+    if let Some(serde_json::Value::Array(names)) = changed_fields {
+        let field = |image: Option<&serde_json::Value>, name: &str| {
+            image
+                .and_then(|image| image.get(name))
+                .cloned()
+                .unwrap_or(serde_json::Value::Null)
+        };
+        for name in names.iter().filter_map(serde_json::Value::as_str) {
+            let change = FieldChange {
+                old: field(event.before.as_ref(), name),
+                new: field(Some(&event.data), name),
+            };
+            event.changes.insert(name.to_owned(), change);
+        }
+    }
+    Ok(event)
+}
+
+fn unreadable_event(row: &sqlx::postgres::PgRow, problem: &str) -> EntityEvent {
+    let entity_type: Option<String> = row.try_get("entity_type").ok().flatten();
+    let event_id: Option<Uuid> = row.try_get("event_id").ok().flatten();
+    placeholder_event(event_id, entity_type, problem)
+}
+
+/// Stands in for a stored event that no longer decodes (written by an older version, or edited
+/// by hand): its identity as far as it is known and the reason under [`EVENT_OMITTED`], so that
+/// a letter holding it can be listed, shown and purged — and is never sent anywhere
+/// ([`super::DeadLetter::event_is_unreadable`]).
+#[must_use]
+pub fn placeholder_event(
+    event_id: Option<Uuid>,
+    entity_type: Option<String>,
+    problem: &str,
+) -> EntityEvent {
+    EntityEvent {
+        id: event_id.unwrap_or_default(),
+        kind: EventKind::Custom,
+        entity_type: entity_type.unwrap_or_else(|| "(unknown)".to_owned()),
+        entity_id: "(unreadable)".to_owned(),
+        data: serde_json::json!({ EVENT_OMITTED: format!("the stored event does not decode: {problem}") }),
+        before: None,
+        changes: std::collections::BTreeMap::new(),
+        tenant_id: None,
+        actor: None,
+        timestamp: DateTime::<Utc>::UNIX_EPOCH,
+        position: None,
+        trace_id: None,
+    }
 }
 
 fn push_filter(builder: &mut QueryBuilder<Postgres>, filter: &DeadLetterFilter) {
@@ -75,8 +190,8 @@ pub(crate) async fn insert_dead_letter<'connection>(
     letter: &NewDeadLetter,
 ) -> Result<Uuid, sqlx::Error> {
     let id = Uuid::now_v7();
-    let event = serde_json::to_value(&letter.event)
-        .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+    let event =
+        stored_event(&letter.event).map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
     sqlx::query(
         "INSERT INTO fraiseql_observers.dead_letters
              (id, observer, action_index, action_type, error_code, error_message, attempts, event, entity_type, event_id)
@@ -101,7 +216,12 @@ fn letter_from_row(row: &sqlx::postgres::PgRow) -> Result<DeadLetter, DeadLetter
     let code: String = row.try_get("error_code").map_err(storage)?;
     let error_code: ErrorCode = serde_json::from_value(serde_json::Value::String(code.clone()))
         .map_err(|_| storage(format!("unknown error code {code:?} in dead_letters")))?;
-    let event: serde_json::Value = row.try_get("event").map_err(storage)?;
+    let event_text: String = row.try_get("event").map_err(storage)?;
+    let event = read_event(&event_text).unwrap_or_else(|error| {
+        let problem = error.to_string();
+        tracing::warn!(%problem, "a dead letter's stored event does not decode");
+        unreadable_event(row, &problem)
+    });
     let action_index: i32 = row.try_get("action_index").map_err(storage)?;
     let attempts: i32 = row.try_get("attempts").map_err(storage)?;
     Ok(DeadLetter {
@@ -110,8 +230,7 @@ fn letter_from_row(row: &sqlx::postgres::PgRow) -> Result<DeadLetter, DeadLetter
             .try_get::<DateTime<Utc>, _>("created_at")
             .map_err(storage)?,
         letter: NewDeadLetter {
-            event: serde_json::from_value(event)
-                .map_err(|error| storage(format!("stored event: {error}")))?,
+            event,
             observer: row.try_get("observer").map_err(storage)?,
             action_index: usize::try_from(action_index).map_err(storage)?,
             action_type: row.try_get("action_type").map_err(storage)?,
@@ -131,7 +250,7 @@ impl DeadLetterQueue for PostgresDeadLetterQueue {
     }
 
     async fn list(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, DeadLetterError> {
-        let mut builder = QueryBuilder::new(select_letters!());
+        let mut builder = QueryBuilder::new(list_letters());
         push_filter(&mut builder, filter);
         let rows = builder
             .build()

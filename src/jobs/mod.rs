@@ -176,12 +176,14 @@ pub fn backoff_delay(attempts: u32, initial: Duration, max: Duration) -> Duratio
     base.saturating_add(jitter).min(max.max(base))
 }
 
-const JOB_COLUMNS: &str = "id, queue, priority, attempts, max_attempts, backoff_initial_ms, backoff_max_ms, idempotency_key, event, observer, action_index, action_type, errors";
+/// The claimed row's columns; the event comes as text so that one that does not decode fails
+/// alone ([`PostgresJobQueue::fail_unreadable`]) instead of the whole claim.
+const JOB_COLUMNS: &str = "id, queue, priority, attempts, max_attempts, backoff_initial_ms, backoff_max_ms, idempotency_key, event::text AS event, observer, action_index, action_type, errors";
 
 fn job_from_row(row: &sqlx::postgres::PgRow) -> Result<Job, JobError> {
     let id: Uuid = row.try_get("id")?;
     let corrupt = |problem: String| JobError::Corrupt { id, problem };
-    let event: serde_json::Value = row.try_get("event")?;
+    let event: String = row.try_get("event")?;
     let errors: serde_json::Value = row.try_get("errors")?;
     let non_negative = |value: i64| u64::try_from(value).unwrap_or(0);
     Ok(Job {
@@ -193,7 +195,7 @@ fn job_from_row(row: &sqlx::postgres::PgRow) -> Result<Job, JobError> {
         initial_delay: Duration::from_millis(non_negative(row.try_get("backoff_initial_ms")?)),
         max_delay: Duration::from_millis(non_negative(row.try_get("backoff_max_ms")?)),
         idempotency_key: row.try_get("idempotency_key")?,
-        event: serde_json::from_value(event).map_err(|error| corrupt(format!("event: {error}")))?,
+        event: serde_json::from_str(&event).map_err(|error| corrupt(format!("event: {error}")))?,
         observer: row.try_get("observer")?,
         action_index: usize::try_from(row.try_get::<i32, _>("action_index")?).unwrap_or(0),
         action_type: row.try_get("action_type")?,
@@ -309,7 +311,13 @@ impl PostgresJobQueue {
         let mut jobs = Vec::with_capacity(rows.len());
         for row in &rows {
             if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
-                jobs.push(job_from_row(row)?);
+                match job_from_row(row) {
+                    Ok(job) => jobs.push(job),
+                    Err(JobError::Corrupt { id, problem }) => {
+                        self.fail_unreadable(id, &problem).await?;
+                    }
+                    Err(error) => return Err(error),
+                }
             }
         }
         jobs.sort_by_key(|job| std::cmp::Reverse(job.priority));
@@ -378,6 +386,58 @@ impl PostgresJobQueue {
         .bind(self.visibility_timeout.as_secs_f64())
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    /// Fails for good a claimed job whose stored row does not decode (its event nests too deep
+    /// for the parser, say), with a dead letter naming the problem, so that it neither fails the
+    /// rest of its claim nor comes back at every rescue. The letter's event is a stand-in
+    /// ([`crate::dlq::placeholder_event`]): it is never sent anywhere.
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub async fn fail_unreadable(&self, id: Uuid, problem: &str) -> Result<(), JobError> {
+        tracing::warn!(job = %id, %problem, "a claimed job's stored row does not decode; dead-lettered");
+        let entry = JobAttemptError {
+            attempt: 0,
+            code: ErrorCode::MalformedEvent,
+            message: format!("the stored job does not decode: {problem}"),
+            at: Utc::now(),
+        };
+        let entry_json = serde_json::to_value(std::slice::from_ref(&entry)).unwrap_or_default();
+        let mut transaction = self.pool.begin().await?;
+        let failed: Option<(Option<Uuid>, String, i32, String, i32)> = sqlx::query_as(
+            "WITH failed AS (
+                 UPDATE fraiseql_observers.jobs
+                    SET status = 'failed', finished_at = now(), errors = errors || $3,
+                        locked_by = NULL, locked_until = NULL
+                  WHERE id = $1 AND status = 'running' AND locked_by = $2
+              RETURNING event_id, observer, action_index, action_type, attempts, ordering_key),
+             woken AS (SELECT pg_notify($4, '') FROM failed WHERE ordering_key IS NOT NULL)
+             SELECT event_id, observer, action_index, action_type, attempts
+               FROM failed LEFT JOIN (SELECT count(*) FROM woken) AS notified ON true",
+        )
+        .bind(id)
+        .bind(&self.node_id)
+        .bind(&entry_json)
+        .bind(JOBS_CHANNEL)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        let Some((event_id, observer, action_index, action_type, attempts)) = failed else {
+            transaction.rollback().await?;
+            return Ok(());
+        };
+        let letter = crate::dlq::NewDeadLetter {
+            event: crate::dlq::placeholder_event(event_id, None, &entry.message),
+            observer,
+            action_index: usize::try_from(action_index).unwrap_or(0),
+            action_type,
+            error_code: ErrorCode::MalformedEvent,
+            error_message: entry.message,
+            attempts: u32::try_from(attempts).unwrap_or(0),
+        };
+        crate::dlq::insert_dead_letter(&mut *transaction, &letter).await?;
+        transaction.commit().await?;
+        Ok(())
     }
 
     /// Records a failed attempt: reschedules the same row with backoff, or — permanent error or

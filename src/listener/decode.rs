@@ -1,9 +1,17 @@
 //! Turning a change-log row (as `to_jsonb(row)`) into an [`EntityEvent`], or saying exactly what
 //! is wrong with it. Pure: no I/O.
 //!
-//! Rows are read as JSON so that FraiseQL tables whose columns have other types (a `uuid`
+//! Rows are read as JSON text so that FraiseQL tables whose columns have other types (a `uuid`
 //! `object_id`, a `uuid` `tenant_id`) decode the same way, and so that a row that does not
-//! decode can be kept whole in the dead-letter queue.
+//! decode can be kept in the dead-letter queue.
+//!
+//! Whoever can write a tracked table can put any JSON in it, so a row is bounded before it is
+//! parsed ([`parse_row_text`]): larger than the row limit (the page statement then sends only an
+//! excerpt) or nested deeper than [`MAX_ROW_DEPTH`], it is refused with its size or depth named,
+//! and its dead letter carries an excerpt instead of the row. The depth bound leaves room under
+//! the JSON parser's own recursion limit (128) for the levels an event adds around the images
+//! (`changes.<field>.new`, a dead letter's or a job's envelope), so every event that is accepted
+//! can be stored, listed and run again.
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
@@ -18,6 +26,90 @@ pub struct MalformedRow {
     pub position: i64,
     pub column: &'static str,
     pub problem: String,
+}
+
+/// How deep a change-log row (as `to_jsonb(row)`, the row itself being one level) may nest.
+pub const MAX_ROW_DEPTH: usize = 64;
+
+/// Default bound of one change-log row, in bytes of its JSON text (`--max-row-bytes`).
+pub const DEFAULT_MAX_ROW_BYTES: u32 = 8 * 1024 * 1024;
+
+/// Characters of a refused row kept in its dead letter.
+pub const ROW_EXCERPT_CHARS: usize = 16 * 1024;
+
+/// Whether the JSON `text` nests deeper than `limit` levels of objects and arrays. A single pass
+/// over the bytes that stops at the first level past the limit; brackets inside strings do not
+/// count.
+#[must_use]
+pub fn nests_deeper_than(text: &str, limit: usize) -> bool {
+    let mut depth = 0_usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for byte in text.bytes() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// At most [`ROW_EXCERPT_CHARS`] characters of `text`, cut on a character boundary.
+#[must_use]
+pub fn excerpt(text: &str) -> &str {
+    match text.char_indices().nth(ROW_EXCERPT_CHARS) {
+        Some((cut, _)) => &text[..cut],
+        None => text,
+    }
+}
+
+/// Parses a change-log row's JSON text after checking its bounds: `size` is the row's length in
+/// bytes as the database measured it (`text` is only an excerpt when that is over `max_bytes`).
+///
+/// # Errors
+/// The row is over `max_bytes`, nests deeper than [`MAX_ROW_DEPTH`], or is not JSON; the error
+/// names the row's position and the bound.
+pub fn parse_row_text(
+    position: i64,
+    size: u64,
+    text: &str,
+    max_bytes: u32,
+) -> Result<Value, MalformedRow> {
+    let refused = |problem: String| MalformedRow {
+        position,
+        column: "(row)",
+        problem,
+    };
+    if size > u64::from(max_bytes) {
+        return Err(refused(format!(
+            "the row is {size} bytes of JSON, over the limit of {max_bytes} (--max-row-bytes); \
+             its dead letter keeps the first {ROW_EXCERPT_CHARS} characters"
+        )));
+    }
+    if nests_deeper_than(text, MAX_ROW_DEPTH) {
+        return Err(refused(format!(
+            "the row nests deeper than {MAX_ROW_DEPTH} levels of objects and arrays; \
+             its dead letter keeps the first {ROW_EXCERPT_CHARS} characters"
+        )));
+    }
+    serde_json::from_str(text).map_err(|error| refused(format!("the row is not JSON: {error}")))
 }
 
 fn describe(value: &Value) -> &'static str {
@@ -258,6 +350,48 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    /// `{"a":{"a":…{"a":1}…}}` nested `depth` objects deep.
+    fn nested(depth: usize) -> String {
+        format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth))
+    }
+
+    #[test]
+    fn depth_is_counted_outside_strings_only() {
+        assert!(!nests_deeper_than(&nested(64), 64));
+        assert!(nests_deeper_than(&nested(65), 64));
+        assert!(nests_deeper_than("[[[1]]]", 2));
+        assert!(!nests_deeper_than(r#"{"a":"[[[[{{{{\"]]]"}"#, 1));
+        assert!(!nests_deeper_than(r#"[{}, {}, [], {"x": [1]}]"#, 3));
+    }
+
+    #[test]
+    fn rows_over_the_size_or_depth_bound_are_refused_with_the_bound_named() {
+        let deep = format!(r#"{{"object_data": {}}}"#, nested(200));
+        let error = parse_row_text(9, deep.len() as u64, &deep, 1 << 20).unwrap_err();
+        assert_eq!(error.column, "(row)");
+        assert!(error.problem.contains("deeper than 64 levels"), "{error}");
+        assert!(
+            error.to_string().starts_with("change-log row 9:"),
+            "{error}"
+        );
+
+        let error = parse_row_text(9, 50 << 20, "{\"id\": 1", 8 << 20).unwrap_err();
+        assert!(
+            error.problem.contains("52428800 bytes") && error.problem.contains("8388608"),
+            "{error}"
+        );
+
+        let within = format!(r#"{{"object_data": {}}}"#, nested(63));
+        assert!(parse_row_text(9, within.len() as u64, &within, 1 << 20).is_ok());
+    }
+
+    #[test]
+    fn an_excerpt_is_cut_on_a_character_boundary() {
+        let text = "é".repeat(ROW_EXCERPT_CHARS + 10);
+        assert_eq!(excerpt(&text).chars().count(), ROW_EXCERPT_CHARS);
+        assert_eq!(excerpt("short"), "short");
     }
 
     #[test]

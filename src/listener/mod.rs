@@ -15,8 +15,10 @@
 //! - The checkpoint moves only after every action of the page is settled (succeeded, or failed
 //!   for good and dead-lettered/logged); the settled (event, observer, action) triples are written
 //!   in the same transaction, so a replay after a crash does not repeat them.
-//! - A row that cannot be decoded goes to the dead-letter queue with its reason and the raw row;
-//!   the rest of the page flows on.
+//! - A row that cannot be decoded goes to the dead-letter queue with its reason and the raw row
+//!   (an excerpt of it when it is over the row limit or nests too deep); the rest of the page
+//!   flows on. A page holds at most `max_page_bytes` of row text (and always at least one row),
+//!   so no row and no page can exhaust the node's memory.
 //! - Every checkpoint write is fenced by the lease epoch: after another node claims the
 //!   partition, this listener stops with [`ListenerError::FencedOut`].
 
@@ -32,7 +34,10 @@ use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub use decode::{MalformedRow, decode_row};
+pub use decode::{
+    DEFAULT_MAX_ROW_BYTES, MAX_ROW_DEPTH, MalformedRow, ROW_EXCERPT_CHARS, decode_row,
+    nests_deeper_than, parse_row_text,
+};
 
 use crate::checkpoint::{
     ActionKey, BatchPosition, Checkpoint, CheckpointError, CheckpointStore, PendingCompletions,
@@ -43,9 +48,41 @@ use crate::error::ErrorCode;
 use crate::executor::{EventSummary, Executor};
 use crate::jobs::{JobError, NewJob, unfinished_ordering_keys};
 
-/// One row of the page statement: the batch's end, the partition's epoch, and a change (none on
-/// an empty page's single row).
-type PageRow = (String, Option<i64>, Option<i64>, Option<Value>);
+/// One row of the page statement: the batch's end, the partition's epoch, how many rows the
+/// batch reader returned, and a change (none on an empty page's single row): its position, its
+/// size in bytes of JSON text and the text (an excerpt when the size is over the row limit).
+type PageRow = (
+    String,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+);
+
+/// A change-log row as read: its position, its size as JSON text, and the text (whole, or an
+/// excerpt when the row is over the row limit).
+struct RawRow {
+    position: i64,
+    size: u64,
+    text: String,
+}
+
+/// A row that is not an event: the identity it is dead-lettered under, its position, what its
+/// dead letter keeps of it, and why.
+type MalformedEntry = (Uuid, i64, Value, MalformedRow);
+
+/// A refused row's identity columns, each cut short: id, object type, object id, kind.
+type RowIdentity = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// Default bound of the row text one page holds (`--max-page-bytes`); a page always holds at
+/// least one row.
+pub const DEFAULT_MAX_PAGE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The channel the change log's statement trigger notifies.
 pub const NOTIFY_CHANNEL: &str = "fraiseql_observers_change_log";
@@ -71,6 +108,12 @@ pub struct ListenerSettings {
     pub poll_interval: Duration,
     /// This node's name, recorded as the partition's leader.
     pub node_id: String,
+    /// Largest change-log row accepted, in bytes of JSON text; a larger one is dead-lettered
+    /// with an excerpt.
+    pub max_row_bytes: u32,
+    /// Row text one page may hold: a page ends before the row that would pass this (it always
+    /// holds one row, so at most this plus one row).
+    pub max_page_bytes: u64,
 }
 
 impl Default for ListenerSettings {
@@ -81,6 +124,8 @@ impl Default for ListenerSettings {
             batch_size: DEFAULT_BATCH_SIZE,
             poll_interval: DEFAULT_POLL_INTERVAL,
             node_id: default_node_id(),
+            max_row_bytes: DEFAULT_MAX_ROW_BYTES,
+            max_page_bytes: DEFAULT_MAX_PAGE_BYTES,
         }
     }
 }
@@ -239,7 +284,7 @@ impl Listener {
     pub async fn deliver_page(&mut self) -> Result<PageOutcome, ListenerError> {
         let position = self.checkpoint.position.clone();
         let page_started = std::time::Instant::now();
-        let (upto, rows) = self.read_page(&position).await?;
+        let (upto, rows, cut_short) = self.read_page(&position).await?;
         let read_took = page_started.elapsed();
         if rows.is_empty() && position.batch_upto.is_none() {
             // Nothing of ours committed since the checkpoint's snapshot. Keeping that snapshot is
@@ -260,17 +305,8 @@ impl Listener {
         }
 
         let row_count = rows.len();
-        let last_position = rows.last().map(|(position, _)| *position);
-        let mut events = Vec::with_capacity(row_count);
-        let mut malformed_rows = Vec::new();
-        for (position, row) in rows {
-            match decode_row(position, &row) {
-                Ok(event) => events.push(event),
-                Err(problem) => {
-                    malformed_rows.push((malformed_row_id(position, &row), position, row, problem));
-                }
-            }
-        }
+        let last_position = rows.last().map(|row| row.position);
+        let (events, malformed_rows) = self.decode_page(rows).await?;
         let malformed = malformed_rows.len();
 
         let (completed, unfinished_jobs) = self.page_state(&events, &malformed_rows).await?;
@@ -321,7 +357,8 @@ impl Listener {
             return Err(ListenerError::Unsettled(unsettled));
         }
 
-        let full_page = u32::try_from(row_count).unwrap_or(u32::MAX) >= self.settings.batch_size;
+        let full_page =
+            cut_short || u32::try_from(row_count).unwrap_or(u32::MAX) >= self.settings.batch_size;
         let next = next_position(position, upto, full_page, last_position);
         let save_started = std::time::Instant::now();
         let settled = self.unwritten(settled);
@@ -345,13 +382,45 @@ impl Listener {
         })
     }
 
+    /// The page's rows as events, and the rows that are not events (each with its identity, its
+    /// position, what its dead letter keeps of it, and why).
+    async fn decode_page(
+        &self,
+        rows: Vec<RawRow>,
+    ) -> Result<(Vec<EntityEvent>, Vec<MalformedEntry>), ListenerError> {
+        let mut events = Vec::with_capacity(rows.len());
+        let mut malformed_rows = Vec::new();
+        for raw in rows {
+            let position = raw.position;
+            let decoded =
+                parse_row_text(position, raw.size, &raw.text, self.settings.max_row_bytes)
+                    .map_err(|problem| (None, problem))
+                    .and_then(|row| match decode_row(position, &row) {
+                        Ok(event) => Ok(event),
+                        Err(problem) => Err((Some(row), problem)),
+                    });
+            match decoded {
+                Ok(event) => events.push(event),
+                Err((Some(row), problem)) => {
+                    malformed_rows.push((malformed_row_id(position, &row), position, row, problem));
+                }
+                Err((None, problem)) => {
+                    // Not parsed: keep the row's identity and an excerpt, never the row itself.
+                    let row = self.refused_row(&raw).await?;
+                    malformed_rows.push((malformed_row_id(position, &row), position, row, problem));
+                }
+            }
+        }
+        Ok((events, malformed_rows))
+    }
+
     /// Before a page runs, in parallel: which of its actions already completed (the ledger), and
     /// which of its actions' ordering keys have jobs still pending or running (the job queue;
     /// asked only with job routing), which its actions must queue behind.
     async fn page_state(
         &self,
         events: &[EntityEvent],
-        malformed_rows: &[(Uuid, i64, Value, MalformedRow)],
+        malformed_rows: &[MalformedEntry],
     ) -> Result<(HashSet<ActionKey>, HashSet<String>), ListenerError> {
         let ids: Vec<Uuid> = events
             .iter()
@@ -374,11 +443,12 @@ impl Listener {
         )
     }
 
-    /// The batch's end snapshot and the page of rows after the checkpoint.
+    /// The batch's end snapshot, the page of rows after the checkpoint, and whether the page was
+    /// cut short by the byte bound (more rows of the batch follow it).
     async fn read_page(
         &self,
         position: &BatchPosition,
-    ) -> Result<(String, Vec<(i64, Value)>), ListenerError> {
+    ) -> Result<(String, Vec<RawRow>, bool), ListenerError> {
         let (partitions, partition_count) = match self.settings.partition_count {
             Some(count) => (Some(vec![self.settings.partition]), Some(count)),
             None => (None, None),
@@ -386,16 +456,28 @@ impl Listener {
         // One statement: the batch's end (a new snapshot unless one is in flight, taken by this
         // very statement, as read_batch requires), the partition's epoch — a leader that was
         // paused while another took the partition over finds out here, before it dispatches
-        // anything more — and the page. At least one row comes back; an empty page's has no change.
+        // anything more — and the page. At least one row comes back; an empty page's has no
+        // change. Each row comes as JSON text with its size; a row over the row limit comes as
+        // an excerpt, and the page ends before the row that would take its text past the page
+        // limit (the first row always comes).
         let page: Vec<PageRow> = sqlx::query_as(
             "WITH batch AS (
                  SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS upto,
-                        (SELECT epoch FROM fraiseql_observers.partitions WHERE partition = $1) AS epoch)
-             SELECT batch.upto::text, batch.epoch, change.pk_entity_change_log, to_jsonb(change)
+                        (SELECT epoch FROM fraiseql_observers.partitions WHERE partition = $1) AS epoch),
+             page AS (
+                 SELECT change.pk_entity_change_log AS position, to_jsonb(change)::text AS body
+                   FROM batch, fraiseql_observers.read_batch(
+                        $3::pg_snapshot, batch.upto, $4, $5, $6, $7) AS change),
+             sized AS (
+                 SELECT position, body, octet_length(body)::bigint AS size,
+                        sum(octet_length(body)) OVER (ORDER BY position) AS running,
+                        count(*) OVER () AS returned
+                   FROM page)
+             SELECT batch.upto::text, batch.epoch, sized.returned, sized.position, sized.size,
+                    CASE WHEN sized.size <= $8 THEN sized.body ELSE left(sized.body, $9) END
                FROM batch
-               LEFT JOIN LATERAL fraiseql_observers.read_batch(
-                   $3::pg_snapshot, batch.upto, $4, $5, $6, $7) AS change ON true
-              ORDER BY change.pk_entity_change_log",
+               LEFT JOIN sized ON sized.running - sized.size < $10
+              ORDER BY sized.position",
         )
         .bind(self.checkpoint.partition)
         .bind(&position.batch_upto)
@@ -404,9 +486,12 @@ impl Listener {
         .bind(i32::try_from(self.settings.batch_size).unwrap_or(i32::MAX))
         .bind(partitions)
         .bind(partition_count)
+        .bind(i64::from(self.settings.max_row_bytes))
+        .bind(i32::try_from(ROW_EXCERPT_CHARS).unwrap_or(i32::MAX))
+        .bind(i64::try_from(self.settings.max_page_bytes.max(1)).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
-        let Some((upto, epoch, ..)) = page.first() else {
+        let Some((upto, epoch, returned, ..)) = page.first() else {
             return Err(ListenerError::Read(sqlx::Error::RowNotFound));
         };
         if *epoch != Some(self.checkpoint.epoch) {
@@ -417,18 +502,51 @@ impl Listener {
             }));
         }
         let upto = upto.clone();
-        let rows = page
+        let returned = returned.unwrap_or(0);
+        let rows: Vec<RawRow> = page
             .into_iter()
-            .filter_map(|(_, _, position, row)| Some((position?, row?)))
+            .filter_map(|(_, _, _, position, size, text)| {
+                Some(RawRow {
+                    position: position?,
+                    size: u64::try_from(size?).unwrap_or(0),
+                    text: text?,
+                })
+            })
             .collect();
-        Ok((upto, rows))
+        let cut_short = i64::try_from(rows.len()).unwrap_or(i64::MAX) < returned;
+        Ok((upto, rows, cut_short))
+    }
+
+    /// What a dead letter keeps of a row refused before parsing (over the row limit, or nested
+    /// too deep): its identity columns (each cut to 256 characters) read again by position, its
+    /// size, and an excerpt of its text.
+    async fn refused_row(&self, raw: &RawRow) -> Result<Value, ListenerError> {
+        let identity: Option<RowIdentity> = sqlx::query_as(
+            "SELECT left(id::text, 256), left(object_type::text, 256),
+                        left(object_id::text, 256), left(modification_type::text, 256)
+                   FROM core.tb_entity_change_log WHERE pk_entity_change_log = $1",
+        )
+        .bind(raw.position)
+        .fetch_optional(&self.pool)
+        .await?;
+        let (id, object_type, object_id, modification_type) =
+            identity.unwrap_or((None, None, None, None));
+        Ok(serde_json::json!({
+            "pk_entity_change_log": raw.position,
+            "id": id,
+            "object_type": object_type,
+            "object_id": object_id,
+            "modification_type": modification_type,
+            "row_bytes": raw.size,
+            "row_excerpt": decode::excerpt(&raw.text),
+        }))
     }
 
     /// Dead-letters the rows that did not decode, unless a previous reading of the page already
     /// did; notes each as settled.
     async fn dead_letter_malformed(
         &self,
-        malformed_rows: Vec<(Uuid, i64, Value, MalformedRow)>,
+        malformed_rows: Vec<MalformedEntry>,
         completed: &std::collections::HashSet<crate::checkpoint::ActionKey>,
         settled: &mut Vec<crate::checkpoint::ActionKey>,
     ) -> Result<(), ListenerError> {

@@ -17,8 +17,9 @@ use common::postgres::TestDatabase;
 use fraiseql_observers::actions::ActionRunner;
 use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, load_str};
 use fraiseql_observers::domain::{EntityEvent, EventKind};
-use fraiseql_observers::jobs::{JobWorker, NewJob, PostgresJobQueue, enqueue_batch};
+use fraiseql_observers::jobs::{NewJob, PostgresJobQueue, enqueue_batch};
 use fraiseql_observers::matcher::Matcher;
+use fraiseql_observers::worker::JobWorker;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -78,7 +79,7 @@ fn worker(database: &TestDatabase, node: &str) -> JobWorker {
         std::env::var("CLAIM_BATCH")
             .ok()
             .and_then(|batch| batch.parse().ok())
-            .unwrap_or(fraiseql_observers::jobs::DEFAULT_CLAIM_BATCH),
+            .unwrap_or(fraiseql_observers::worker::DEFAULT_CLAIM_BATCH),
     )
 }
 

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
+pub use crate::template::glob_escape;
+
 #[derive(Debug, thiserror::Error)]
 #[error("cache unavailable: {0}")]
 pub struct CacheError(String);
@@ -28,19 +30,6 @@ pub trait CacheBackend: Send + Sync + std::fmt::Debug {
     /// Removes every key matching `pattern` (`*` wildcards; other glob characters escaped by
     /// [`glob_escape`]); how many.
     async fn invalidate(&self, pattern: &str) -> Result<u64, CacheError>;
-}
-
-/// Escapes the glob characters of a literal key part.
-#[must_use]
-pub fn glob_escape(part: &str) -> String {
-    let mut escaped = String::with_capacity(part.len());
-    for character in part.chars() {
-        if matches!(character, '*' | '?' | '[' | ']' | '\\') {
-            escaped.push('\\');
-        }
-        escaped.push(character);
-    }
-    escaped
 }
 
 /// Whether `key` matches a pattern of literal text (with `\\` escapes) and `*` wildcards.

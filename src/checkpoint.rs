@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+pub use crate::domain::ActionKey;
 use crate::error::ErrorCode;
 use crate::jobs::NewJob;
 
@@ -40,14 +41,6 @@ pub struct Checkpoint {
     /// Bumped by every save; part of the compare-and-swap.
     pub version: i64,
     pub position: BatchPosition,
-}
-
-/// One action of one event for one observer: the unit of effectively-once.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ActionKey {
-    pub event_id: Uuid,
-    pub observer: String,
-    pub action_index: usize,
 }
 
 /// Actions settled since the last checkpoint save.

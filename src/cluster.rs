@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint::{CheckpointStore, PendingCompletions};
 use crate::error::ErrorCode;
 use crate::executor::Executor;
+pub use crate::lease::LeaseValidity;
 use crate::listener::{Listener, ListenerError, ListenerSettings, flush_pending_completions};
 use crate::metrics::Metrics;
 
@@ -111,31 +112,6 @@ pub struct ClusterHandle {
     /// When the supervisor last finished a tick (liveness).
     last_tick: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     validity: LeaseValidity,
-}
-
-/// How long this node may still act on its leases: until a little before peers could end them
-/// (the node timeout, counted from the last heartbeat the database confirmed). A node paused or
-/// cut off past that point dispatches nothing more for its partitions — not even the rest of a
-/// page it had read — until a new heartbeat confirms the leases, or it finds them gone.
-#[derive(Clone, Debug, Default)]
-pub struct LeaseValidity(Arc<std::sync::Mutex<Option<std::time::Instant>>>);
-
-impl LeaseValidity {
-    /// Whether the leases are confirmed for now.
-    #[must_use]
-    pub fn holds(&self) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_some_and(|until| std::time::Instant::now() < until)
-    }
-
-    fn set(&self, until: Option<std::time::Instant>) {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = until;
-    }
 }
 
 impl ClusterHandle {

@@ -423,3 +423,57 @@ mod tests {
         assert_eq!(EventKind::parse("upsert"), Err("upsert".to_owned()));
     }
 }
+
+/// One action of one event for one observer: the unit of effectively-once, and the one source of
+/// the text `<event id>:<observer>:<action index>` that receivers see as the idempotency key, the
+/// job queue stores as a job's identity, and the deduplication store claims.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ActionKey {
+    pub event_id: Uuid,
+    pub observer: String,
+    pub action_index: usize,
+}
+
+impl ActionKey {
+    #[must_use]
+    pub fn new(event_id: Uuid, observer: impl Into<String>, action_index: usize) -> ActionKey {
+        ActionKey {
+            event_id,
+            observer: observer.into(),
+            action_index,
+        }
+    }
+}
+
+impl std::fmt::Display for ActionKey {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "{}:{}:{}",
+            self.event_id, self.observer, self.action_index
+        )
+    }
+}
+
+impl std::str::FromStr for ActionKey {
+    type Err = String;
+
+    /// Parses `<event id>:<observer>:<action index>` (observer names hold no `:`, and neither
+    /// does a UUID, but the observer is taken as everything between the first and the last `:`).
+    fn from_str(text: &str) -> Result<ActionKey, String> {
+        let (event_id, rest) = text.split_once(':').ok_or_else(|| {
+            format!("expected <event id>:<observer>:<action index>, found {text:?}")
+        })?;
+        let (observer, action_index) = rest.rsplit_once(':').ok_or_else(|| {
+            format!("expected <event id>:<observer>:<action index>, found {text:?}")
+        })?;
+        Ok(ActionKey {
+            event_id: Uuid::parse_str(event_id)
+                .map_err(|error| format!("the event id of {text:?} is not a UUID ({error})"))?,
+            observer: observer.to_owned(),
+            action_index: action_index.parse().map_err(|error| {
+                format!("the action index of {text:?} is not a number ({error})")
+            })?,
+        })
+    }
+}

@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use serde::Serialize;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -35,136 +34,11 @@ use crate::dedup::{Claim, DeduplicationStore, Unavailable};
 use crate::dlq::{DeadLetterQueue, NewDeadLetter};
 use crate::domain::EntityEvent;
 use crate::error::ErrorCode;
-use crate::jobs::{NewJob, ordering_key};
 use crate::matcher::Matcher;
+use crate::outcome::{NewJob, ordering_key};
 use crate::retry::{AttemptError, run_with_retry};
 
-/// How one action ended.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "status", rename_all = "snake_case")]
-pub enum ActionStatus {
-    Succeeded {
-        detail: String,
-    },
-    /// Completed before (a replay after a crash or a failover); not run again.
-    AlreadyCompleted,
-    /// Handed to the job queue (`mode: async`, or a transient failure that outlasted the in-page
-    /// retries); the job is in [`ActionReport::job`] until the page's checkpoint stores it.
-    Enqueued {
-        queue: String,
-    },
-    Failed {
-        code: ErrorCode,
-        message: String,
-        /// The id of the dead letter it was parked as, when it was.
-        dead_letter: Option<Uuid>,
-    },
-}
-
-impl ActionStatus {
-    /// Whether the action needs nothing more from this page: done, handed to the job queue, or
-    /// failed for good as the observer's policy says. An attempt refused because the node's
-    /// leases are unconfirmed is left to the partition's next leader.
-    #[must_use]
-    pub fn settles(&self, on_failure: FailurePolicy) -> bool {
-        match self {
-            ActionStatus::Failed {
-                code: ErrorCode::FencedOut,
-                ..
-            } => false,
-            ActionStatus::Succeeded { .. }
-            | ActionStatus::AlreadyCompleted
-            | ActionStatus::Enqueued { .. } => true,
-            ActionStatus::Failed { dead_letter, .. } => {
-                dead_letter.is_some() || on_failure == FailurePolicy::Log
-            }
-        }
-    }
-}
-
-/// One action's part in an event's execution.
-#[derive(Clone, Debug, Serialize)]
-pub struct ActionReport {
-    pub observer: String,
-    pub action_index: usize,
-    pub action_type: &'static str,
-    #[serde(flatten)]
-    pub status: ActionStatus,
-    pub attempts: u32,
-    #[serde(serialize_with = "serialize_millis")]
-    pub duration: Duration,
-    /// Nothing is left to do: the action succeeded (now or before), or failed for good and was
-    /// dead-lettered or, per `on_failure: log`, logged. An unsettled action (its dead letter could
-    /// not be stored) must run again; the listener does not move its checkpoint past it.
-    pub settled: bool,
-    /// The job to enqueue with the page's checkpoint, for [`ActionStatus::Enqueued`].
-    #[serde(skip)]
-    pub job: Option<NewJob>,
-}
-
-impl ActionReport {
-    #[must_use]
-    pub fn succeeded(&self) -> bool {
-        matches!(
-            self.status,
-            ActionStatus::Succeeded { .. } | ActionStatus::AlreadyCompleted
-        )
-    }
-}
-
-/// What happened to one event.
-#[derive(Clone, Debug, Serialize)]
-pub struct EventSummary {
-    pub event_id: Uuid,
-    pub matched_observers: Vec<String>,
-    pub actions: Vec<ActionReport>,
-    #[serde(serialize_with = "serialize_millis")]
-    pub duration: Duration,
-}
-
-impl EventSummary {
-    #[must_use]
-    pub fn failed_actions(&self) -> usize {
-        self.actions
-            .iter()
-            .filter(|report| !report.succeeded())
-            .count()
-    }
-
-    /// Whether every action of the event is settled (see [`ActionReport::settled`]).
-    #[must_use]
-    pub fn settled(&self) -> bool {
-        self.actions.iter().all(|report| report.settled)
-    }
-
-    /// The jobs this event's actions were handed over as.
-    pub fn jobs(&self) -> impl Iterator<Item = &NewJob> + '_ {
-        self.actions.iter().filter_map(|report| report.job.as_ref())
-    }
-
-    /// The keys of the settled actions, for the completed-actions ledger.
-    pub fn settled_keys(&self) -> impl Iterator<Item = ActionKey> + '_ {
-        self.actions
-            .iter()
-            .filter(|report| report.settled)
-            .map(|report| ActionKey {
-                event_id: self.event_id,
-                observer: report.observer.clone(),
-                action_index: report.action_index,
-            })
-    }
-}
-
-#[allow(
-    clippy::trivially_copy_pass_by_ref,
-    reason = "serde's serialize_with passes a reference"
-)]
-fn serialize_millis<S: serde::Serializer>(
-    duration: &Duration,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    serializer.serialize_f64(duration.as_secs_f64() * 1000.0)
-}
+pub use crate::outcome::{ActionReport, ActionStatus, EventSummary};
 
 /// Runs the actions of matched observers.
 #[derive(Debug, Clone)]
@@ -181,7 +55,7 @@ pub struct Executor {
     /// Cross-node claims on side effects.
     dedup: Option<Deduplication>,
     /// In a cluster: attempts are made only while this node's leases are confirmed.
-    lease: Option<crate::cluster::LeaseValidity>,
+    lease: Option<crate::lease::LeaseValidity>,
 }
 
 /// Claims on side effects shared by the nodes (see [`crate::dedup`]).
@@ -340,7 +214,7 @@ impl Executor {
     /// leaves the rest of its page to the partition's next leader (the attempt fails with
     /// [`ErrorCode::FencedOut`], unsettled: no job, no dead letter, the checkpoint stays).
     #[must_use]
-    pub fn with_lease(mut self, lease: crate::cluster::LeaseValidity) -> Executor {
+    pub fn with_lease(mut self, lease: crate::lease::LeaseValidity) -> Executor {
         self.lease = Some(lease);
         self
     }

@@ -24,11 +24,12 @@ use crate::dedup::{DeduplicationStore, InMemoryDeduplicationStore, Unavailable};
 use crate::dlq::PostgresDeadLetterQueue;
 use crate::executor::{Deduplication, Executor};
 use crate::grpc::GrpcEndpoint;
-use crate::jobs::{JobWorker, PostgresJobQueue};
+use crate::jobs::PostgresJobQueue;
 use crate::limits::{InMemoryLimitStore, LimitStore};
 use crate::listener::{ListenerSettings, notification_fanout};
 use crate::matcher::Matcher;
 use crate::metrics::Metrics;
+use crate::worker::JobWorker;
 
 /// How often idle job workers look for work when no notification arrives.
 const JOB_POLL_INTERVAL: Duration = Duration::from_secs(1);

@@ -79,7 +79,7 @@ impl Templates {
         environment.set_formatter(|output, state, value| {
             if matches!(state.auto_escape(), AutoEscape::Custom(GLOB_ESCAPE)) && !value.is_safe() {
                 return output
-                    .write_str(&crate::cache::glob_escape(&value.to_string()))
+                    .write_str(&glob_escape(&value.to_string()))
                     .map_err(minijinja::Error::from);
             }
             minijinja::escape_formatter(output, state, value)
@@ -107,6 +107,19 @@ impl Templates {
         let template = self.environment.get_template(name)?;
         Ok(template.render(context)?)
     }
+}
+
+/// Escapes the glob characters of a literal key part.
+#[must_use]
+pub fn glob_escape(part: &str) -> String {
+    let mut escaped = String::with_capacity(part.len());
+    for character in part.chars() {
+        if matches!(character, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(character);
+    }
+    escaped
 }
 
 #[cfg(test)]

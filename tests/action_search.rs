@@ -17,8 +17,9 @@ use fraiseql_observers::dlq::{DeadLetterFilter, DeadLetterQueue, PostgresDeadLet
 use fraiseql_observers::domain::{EntityEvent, EventKind};
 use fraiseql_observers::error::ErrorCode;
 use fraiseql_observers::executor::ActionStatus;
-use fraiseql_observers::jobs::{JobWorker, NewJob, PostgresJobQueue, WorkOutcome};
+use fraiseql_observers::jobs::{NewJob, PostgresJobQueue};
 use fraiseql_observers::matcher::Matcher;
+use fraiseql_observers::worker::{JobWorker, WorkOutcome};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 

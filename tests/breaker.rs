@@ -17,8 +17,9 @@ use fraiseql_observers::breaker::{
 use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, ObserversConfig, load_str};
 use fraiseql_observers::domain::{EntityEvent, EventKind};
 use fraiseql_observers::executor::ActionStatus;
-use fraiseql_observers::jobs::{JobWorker, PostgresJobQueue, WorkOutcome};
+use fraiseql_observers::jobs::PostgresJobQueue;
 use fraiseql_observers::matcher::Matcher;
+use fraiseql_observers::worker::{JobWorker, WorkOutcome};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 

@@ -12,11 +12,10 @@ use fraiseql_observers::actions::ActionRunner;
 use fraiseql_observers::dlq::{DeadLetterFilter, DeadLetterQueue, PostgresDeadLetterQueue};
 use fraiseql_observers::domain::{EntityEvent, EventKind};
 use fraiseql_observers::error::ErrorCode;
-use fraiseql_observers::jobs::{
-    FailOutcome, JobWorker, NewJob, PostgresJobQueue, WorkOutcome, enqueue_batch,
-};
+use fraiseql_observers::jobs::{FailOutcome, NewJob, PostgresJobQueue, enqueue_batch};
 use fraiseql_observers::matcher::Matcher;
 use fraiseql_observers::retry::AttemptError;
+use fraiseql_observers::worker::{JobWorker, WorkOutcome};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

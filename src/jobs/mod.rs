@@ -1,4 +1,5 @@
-//! The durable job queue in PostgreSQL (`fraiseql_observers.jobs`) and its workers.
+//! The durable job queue in PostgreSQL (`fraiseql_observers.jobs`): the store its workers
+//! ([`crate::worker`]) and the checkpoint's enqueue go through.
 //!
 //! A job is one action of one event for one observer, run outside the change-log page: slow
 //! actions, and retries that must wait longer than a page should. Its identity is the action's
@@ -20,8 +21,6 @@
 //!   whole history, in one transaction.
 //! - Only the worker holding the claim can complete, fail or release a job.
 
-mod worker;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -30,10 +29,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Postgres, Row};
 use uuid::Uuid;
 
-pub use worker::{DEFAULT_CLAIM_BATCH, JobWorker, WorkOutcome};
-
 use crate::domain::EntityEvent;
 use crate::error::ErrorCode;
+pub use crate::outcome::{NewJob, ordering_key};
 use crate::retry::AttemptError;
 
 /// The channel the jobs table notifies on insert.
@@ -41,64 +39,6 @@ pub const JOBS_CHANNEL: &str = "fraiseql_observers_jobs";
 /// Default time a claim lasts without a heartbeat.
 pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_PRIORITY: i16 = 5;
-
-/// Work to enqueue.
-#[derive(Clone, Debug)]
-pub struct NewJob {
-    pub queue: String,
-    /// 0 (least) to 10 (most important).
-    pub priority: i16,
-    /// Not before this moment (`None`: now).
-    pub run_at: Option<DateTime<Utc>>,
-    pub event: EntityEvent,
-    pub observer: String,
-    pub action_index: usize,
-    pub action_type: String,
-    pub max_attempts: u32,
-    pub initial_delay: Duration,
-    pub max_delay: Duration,
-}
-
-impl NewJob {
-    /// `<event id>:<observer>:<action index>`, the job's identity.
-    #[must_use]
-    pub fn idempotency_key(&self) -> String {
-        format!("{}:{}:{}", self.event.id, self.observer, self.action_index)
-    }
-
-    /// The key whose jobs run one at a time in [`ordinal`](Self::ordinal) order; `None` for an
-    /// event that does not come from the change log (it has no position to order by).
-    #[must_use]
-    pub fn ordering_key(&self) -> Option<String> {
-        self.event.position.map(|_| {
-            ordering_key(
-                &self.observer,
-                self.action_index,
-                &self.event.entity_type,
-                &self.event.entity_id,
-            )
-        })
-    }
-
-    /// The event's change-log position: per entity, the order the changes were made in.
-    #[must_use]
-    pub fn ordinal(&self) -> Option<i64> {
-        self.event.position
-    }
-}
-
-/// The ordering key of one observer's action for one entity: `["<observer>",<action
-/// index>,"<entity type>","<entity id>"]`, a JSON array, so that no entity id can make two keys
-/// collide.
-#[must_use]
-pub fn ordering_key(
-    observer: &str,
-    action_index: usize,
-    entity_type: &str,
-    entity_id: &str,
-) -> String {
-    serde_json::json!([observer, action_index, entity_type, entity_id]).to_string()
-}
 
 /// One failed attempt, as kept in a job's history.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,9 +18,9 @@ use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{FailOutcome, JOBS_CHANNEL, Job, JobError, PostgresJobQueue};
 use crate::actions::{ActionContext, ActionRunner};
 use crate::error::ErrorCode;
+use crate::jobs::{FailOutcome, JOBS_CHANNEL, Job, JobError, PostgresJobQueue};
 use crate::matcher::Matcher;
 use crate::retry::AttemptError;
 

@@ -1,12 +1,14 @@
 //! Integration tests for the observers-file loader (`fraiseql_observers::config`).
 //!
 //! Every error test checks the error's path, its position (line and column, computed from the
-//! fixture text by [`at`] / [`after`]) and a distinctive part of its message. The environment
-//! is never touched: variables come from a closure over a map.
+//! fixture text by [`at`] / [`after`]) and a distinctive part of its message. Most error cases
+//! are rows of one table per section ([`ErrorCase`], run by [`check_error_cases`]); a failing
+//! row is reported by its name with every error its fixture produced. The environment is never
+//! touched: variables come from a closure over a map.
 
 #![allow(clippy::too_many_lines)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -161,28 +163,153 @@ fn read_manifest_file(relative: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Error-case tables
+// ---------------------------------------------------------------------------------------------
+
+/// Where an expected error is in its case's fixture.
+#[derive(Clone, Copy, Debug)]
+enum Place {
+    /// At the needle, which must occur exactly once ([`at`]).
+    At(&'static str),
+    /// At the n-th (0-based) occurrence of the needle ([`at_nth`]).
+    AtNth(&'static str, usize),
+    /// Just after the needle, which must occur exactly once ([`after`]).
+    After(&'static str),
+    /// At this line and column, where there is nothing to point at (an empty file).
+    Exactly(usize, usize),
+}
+
+use Place::{After, At, AtNth, Exactly};
+
+impl Place {
+    fn in_fixture(self, text: &str) -> Position {
+        match self {
+            At(needle) => at(text, needle),
+            AtNth(needle, occurrence) => at_nth(text, needle, occurrence),
+            After(needle) => after(text, needle),
+            Exactly(line, column) => pos(line, column),
+        }
+    }
+}
+
+/// An expected error: its path, its place and a distinctive part of its message.
+type Expected<'a> = (&'a str, Place, &'a str);
+
+/// A fixture that must fail to load with exactly the `expected` errors, in that order.
+struct ErrorCase<'a> {
+    /// Short and unique within its table: a failure report starts with it.
+    name: &'static str,
+    fixture: String,
+    format: Format,
+    /// The whole environment; a missing variable is an error.
+    vars: &'static [(&'static str, &'static str)],
+    expected: Vec<Expected<'a>>,
+}
+
+impl<'a> ErrorCase<'a> {
+    fn yaml(name: &'static str, fixture: impl Into<String>, expected: Vec<Expected<'a>>) -> Self {
+        Self {
+            name,
+            fixture: fixture.into(),
+            format: Format::Yaml,
+            vars: &[],
+            expected,
+        }
+    }
+
+    fn toml(name: &'static str, fixture: impl Into<String>, expected: Vec<Expected<'a>>) -> Self {
+        Self {
+            format: Format::Toml,
+            ..Self::yaml(name, fixture, expected)
+        }
+    }
+
+    fn with_env(self, vars: &'static [(&'static str, &'static str)]) -> Self {
+        Self { vars, ..self }
+    }
+
+    /// Loads the fixture and checks its errors with [`assert_error`]; on a mismatch, returns
+    /// a report with the case's name, the failed check and every error the fixture produced.
+    fn check(&self) -> Result<(), String> {
+        let errors = match load_with(&self.fixture, self.format, self.vars, MissingEnv::Error) {
+            Ok(config) => {
+                return Err(format!(
+                    "case {:?}: expected errors, the file loaded: {:?}",
+                    self.name, config.observers
+                ));
+            }
+            Err(errors) => errors.errors,
+        };
+        let checks = std::panic::catch_unwind(|| {
+            assert_eq!(errors.len(), self.expected.len(), "number of errors");
+            for (error, &(path, place, message_part)) in errors.iter().zip(&self.expected) {
+                assert_error(error, path, place.in_fixture(&self.fixture), message_part);
+            }
+        });
+        checks.map_err(|panic| {
+            let failed_check = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            format!(
+                "case {:?}: {failed_check}\n  the fixture's errors:\n{}",
+                self.name,
+                list(&errors)
+            )
+        })
+    }
+}
+
+/// Checks every case, then fails once, naming each case that did not pass.
+fn check_error_cases(cases: &[ErrorCase]) {
+    let mut names = HashSet::new();
+    for case in cases {
+        assert!(
+            names.insert(case.name),
+            "two cases are named {:?}",
+            case.name
+        );
+    }
+    let failures: Vec<String> = cases.iter().filter_map(|case| case.check().err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} error cases failed:\n\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Unknown keys and types
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn unknown_top_level_key() {
-    let text = "\
+fn unknown_keys_and_action_types() {
+    let type_names = ActionKind::TYPE_NAMES.join(", ");
+    let misspelled_type = format!(
+        "unknown action type \"webhok\"; did you mean 'webhook'? expected one of: {type_names}"
+    );
+    let unknown_type = format!("unknown action type \"fax\"; expected one of: {type_names}");
+    let missing_type = format!("missing required key 'type' (one of: {type_names})");
+    check_error_cases(&[
+        ErrorCase::yaml(
+            "unknown top-level key",
+            "\
 observers: []
 executer:
   max_concurrent_actions: 4
-";
-    let error = only_error(text);
-    assert_error(
-        &error,
-        "executer",
-        at(text, "executer"),
-        "unknown key 'executer'; did you mean 'executor'? expected one of: observers, executor",
-    );
-}
-
-#[test]
-fn unknown_observer_key_suggests_the_near_one() {
-    let text = "\
+",
+            vec![(
+                "executer",
+                At("executer"),
+                "unknown key 'executer'; did you mean 'executor'? expected one of: observers, executor",
+            )],
+        ),
+        ErrorCase::yaml(
+            "unknown observer key suggests the near one",
+            "\
 observers:
   - name: typo
     entity: Order
@@ -190,31 +317,25 @@ observers:
     event_type: insert
     actions:
       - type: log
-";
-    let error = only_error(text);
-    assert_error(
-        &error,
-        "observers[0].evnts",
-        at(text, "evnts"),
-        "unknown key 'evnts'; did you mean 'events'? expected one of: name, description, entity",
-    );
-}
-
-#[test]
-fn unknown_action_key() {
-    let text = webhook_fixture("        retries: 3\n");
-    let error = only_error(&text);
-    assert_error(
-        &error,
-        "observers[0].actions[0].retries",
-        at(&text, "retries"),
-        "unknown key 'retries'; expected one of: type, name, url, url_env, method, headers",
-    );
-}
-
-#[test]
-fn unknown_action_type() {
-    let text = "\
+",
+            vec![(
+                "observers[0].evnts",
+                At("evnts"),
+                "unknown key 'evnts'; did you mean 'events'? expected one of: name, description, entity",
+            )],
+        ),
+        ErrorCase::yaml(
+            "unknown action key",
+            webhook_fixture("        retries: 3\n"),
+            vec![(
+                "observers[0].actions[0].retries",
+                At("retries"),
+                "unknown key 'retries'; expected one of: type, name, url, url_env, method, headers",
+            )],
+        ),
+        ErrorCase::yaml(
+            "unknown action types",
+            "\
 observers:
   - name: types
     entity: Order
@@ -224,32 +345,19 @@ observers:
         url: https://hooks.example.com/a
       - type: fax
         to: ops@example.com
-";
-    let errors = yaml_errors(text);
-    assert_eq!(errors.len(), 2, "{}", list(&errors));
-    assert_error(
-        &errors[0],
-        "observers[0].actions[0].type",
-        at(text, "webhok"),
-        &format!(
-            "unknown action type \"webhok\"; did you mean 'webhook'? expected one of: {}",
-            ActionKind::TYPE_NAMES.join(", ")
+",
+            vec![
+                (
+                    "observers[0].actions[0].type",
+                    At("webhok"),
+                    &misspelled_type,
+                ),
+                ("observers[0].actions[1].type", At("fax"), &unknown_type),
+            ],
         ),
-    );
-    assert_error(
-        &errors[1],
-        "observers[0].actions[1].type",
-        at(text, "fax"),
-        &format!(
-            "unknown action type \"fax\"; expected one of: {}",
-            ActionKind::TYPE_NAMES.join(", ")
-        ),
-    );
-}
-
-#[test]
-fn missing_action_type() {
-    let text = "\
+        ErrorCase::yaml(
+            "missing action type",
+            "\
 observers:
   - name: untyped
     entity: Order
@@ -257,17 +365,10 @@ observers:
     actions:
       - url: https://hooks.example.com/a
         method: PUT
-";
-    let error = only_error(text);
-    assert_error(
-        &error,
-        "observers[0].actions[0]",
-        at(text, "url:"),
-        &format!(
-            "missing required key 'type' (one of: {})",
-            ActionKind::TYPE_NAMES.join(", ")
+",
+            vec![("observers[0].actions[0]", At("url:"), &missing_type)],
         ),
-    );
+    ]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -306,8 +407,11 @@ observers:
 }
 
 #[test]
-fn duplicate_observer_name_is_reported_even_when_the_duplicate_is_invalid() {
-    let text = "\
+fn observer_definition_errors() {
+    check_error_cases(&[
+        ErrorCase::yaml(
+            "duplicate name reported even when the duplicate is invalid",
+            "\
 observers:
   - name: dup
     entity: Order
@@ -318,104 +422,89 @@ observers:
     events: [nope]
     actions:
       - type: log
-";
-    let errors = yaml_errors(text);
-    assert_eq!(errors.len(), 3, "{}", list(&errors));
-    // The observer mapping starts at its first key, left of the name's value on the same line.
-    assert_error(
-        &errors[0],
-        "observers[1]",
-        at_nth(text, "name: dup", 1),
-        "missing required key 'entity'",
-    );
-    assert_error(
-        &errors[1],
-        "observers[1].name",
-        at_nth(text, "dup", 1),
-        "duplicate observer name 'dup' (first defined at line 2)",
-    );
-    assert_error(
-        &errors[2],
-        "observers[1].events[0]",
-        at(text, "nope"),
-        "expected one of insert, update, delete, custom, found \"nope\"",
-    );
-}
-
-#[test]
-fn missing_name() {
-    let text = "\
+",
+            vec![
+                // The observer mapping starts at its first key, left of the name's value on the
+                // same line.
+                (
+                    "observers[1]",
+                    AtNth("name: dup", 1),
+                    "missing required key 'entity'",
+                ),
+                (
+                    "observers[1].name",
+                    AtNth("dup", 1),
+                    "duplicate observer name 'dup' (first defined at line 2)",
+                ),
+                (
+                    "observers[1].events[0]",
+                    At("nope"),
+                    "expected one of insert, update, delete, custom, found \"nope\"",
+                ),
+            ],
+        ),
+        ErrorCase::yaml(
+            "missing name",
+            "\
 observers:
   - entity: Order
     events: [insert]
     actions:
       - type: log
-";
-    let error = only_error(text);
-    assert_error(
-        &error,
-        "observers[0]",
-        at(text, "entity"),
-        "missing required key 'name' (a unique observer name)",
-    );
-}
-
-#[test]
-fn missing_entity() {
-    let text = "\
+",
+            vec![(
+                "observers[0]",
+                At("entity"),
+                "missing required key 'name' (a unique observer name)",
+            )],
+        ),
+        ErrorCase::yaml(
+            "missing entity",
+            "\
 observers:
   - name: no-entity
     events: [insert]
     actions:
       - type: log
-";
-    let error = only_error(text);
-    assert_error(
-        &error,
-        "observers[0]",
-        at(text, "name"),
-        "missing required key 'entity' (the entity type it watches, e.g. Order)",
-    );
-}
-
-#[test]
-fn missing_actions() {
-    let text = "\
+",
+            vec![(
+                "observers[0]",
+                At("name"),
+                "missing required key 'entity' (the entity type it watches, e.g. Order)",
+            )],
+        ),
+        ErrorCase::yaml(
+            "missing actions",
+            "\
 observers:
   - name: no-actions
     entity: Order
     events: [insert]
-";
-    let error = only_error(text);
-    assert_error(
-        &error,
-        "observers[0]",
-        at(text, "name"),
-        "missing required key 'actions' (a list of actions)",
-    );
-}
-
-#[test]
-fn missing_events() {
-    let text = "\
+",
+            vec![(
+                "observers[0]",
+                At("name"),
+                "missing required key 'actions' (a list of actions)",
+            )],
+        ),
+        ErrorCase::yaml(
+            "missing events",
+            "\
 observers:
   - name: no-events
     entity: Order
     actions:
       - type: log
-";
-    let error = only_error(text);
-    assert_error(
-        &error,
-        "observers[0]",
-        at(text, "name"),
-        "missing required key 'events' (e.g. [insert, update]) or 'event_type'",
-    );
-}
-
-#[test]
-fn events_and_event_type_together() {
-    let text = "\
+",
+            vec![(
+                "observers[0]",
+                At("name"),
+                "missing required key 'events' (e.g. [insert, update]) or 'event_type'",
+            )],
+        ),
+        ErrorCase::yaml(
+            "events and event_type together",
+            "\
 observers:
   - name: both
     entity: Order
@@ -423,19 +512,16 @@ observers:
     event_type: update
     actions:
       - type: log
-";
-    let error = only_error(text);
-    assert_error(
-        &error,
-        "observers[0].events",
-        at(text, "[insert]"),
-        "set either 'events' or 'event_type', not both",
-    );
-}
-
-#[test]
-fn bad_event_kind() {
-    let text = "\
+",
+            vec![(
+                "observers[0].events",
+                At("[insert]"),
+                "set either 'events' or 'event_type', not both",
+            )],
+        ),
+        ErrorCase::yaml(
+            "bad event kinds",
+            "\
 observers:
   - name: listed
     entity: Order
@@ -447,21 +533,94 @@ observers:
     event_type: remove
     actions:
       - type: log
-";
-    let errors = yaml_errors(text);
-    assert_eq!(errors.len(), 2, "{}", list(&errors));
-    assert_error(
-        &errors[0],
-        "observers[0].events[1]",
-        at(text, "updte"),
-        "did you mean 'update'? expected one of insert, update, delete, custom, found \"updte\"",
-    );
-    assert_error(
-        &errors[1],
-        "observers[1].event_type",
-        at(text, "remove"),
-        "expected one of insert, update, delete, custom, found \"remove\"",
-    );
+",
+            vec![
+                (
+                    "observers[0].events[1]",
+                    At("updte"),
+                    "did you mean 'update'? expected one of insert, update, delete, custom, found \"updte\"",
+                ),
+                (
+                    "observers[1].event_type",
+                    At("remove"),
+                    "expected one of insert, update, delete, custom, found \"remove\"",
+                ),
+            ],
+        ),
+        ErrorCase::yaml(
+            "empty events list",
+            "\
+observers:
+  - name: nothing
+    entity: Order
+    events: []
+    actions:
+      - type: log
+",
+            vec![(
+                "observers[0].events",
+                At("[]"),
+                "expected at least one event kind",
+            )],
+        ),
+        ErrorCase::yaml(
+            "empty actions list",
+            "\
+observers:
+  - name: idle
+    entity: Order
+    events: [insert]
+    actions: []
+",
+            vec![(
+                "observers[0].actions",
+                At("[]"),
+                "expected at least one action",
+            )],
+        ),
+        ErrorCase::yaml(
+            "observer name with a space",
+            "\
+observers:
+  - name: order paid
+    entity: Order
+    events: [insert]
+    actions:
+      - type: log
+",
+            vec![(
+                "observers[0].name",
+                At("order paid"),
+                "expected only letters, digits, '_', '-' and '.', found ' '",
+            )],
+        ),
+        ErrorCase::yaml(
+            "observer name of 129 characters",
+            named_observer_fixture(&"n".repeat(129)),
+            vec![(
+                "observers[0].name",
+                After("name: "),
+                "expected at most 128 characters",
+            )],
+        ),
+        ErrorCase::yaml(
+            "invalid on_failure",
+            "\
+observers:
+  - name: failing
+    entity: Order
+    events: [insert]
+    on_failure: retry
+    actions:
+      - type: log
+",
+            vec![(
+                "observers[0].on_failure",
+                At("retry"),
+                "expected one of dlq, log, found \"retry\"",
+            )],
+        ),
+    ]);
 }
 
 #[test]
@@ -487,67 +646,10 @@ observers:
     assert_eq!(config.observers[1].events, [EventKind::Delete]);
 }
 
-#[test]
-fn empty_events_list() {
-    let text = "\
-observers:
-  - name: nothing
-    entity: Order
-    events: []
-    actions:
-      - type: log
-";
-    let error = only_error(text);
-    assert_error(
-        &error,
-        "observers[0].events",
-        at(text, "[]"),
-        "expected at least one event kind",
-    );
-}
-
-#[test]
-fn empty_actions_list() {
-    let text = "\
-observers:
-  - name: idle
-    entity: Order
-    events: [insert]
-    actions: []
-";
-    let error = only_error(text);
-    assert_error(
-        &error,
-        "observers[0].actions",
-        at(text, "[]"),
-        "expected at least one action",
-    );
-}
-
-#[test]
-fn observer_name_with_a_space() {
-    let text = "\
-observers:
-  - name: order paid
-    entity: Order
-    events: [insert]
-    actions:
-      - type: log
-";
-    let error = only_error(text);
-    assert_error(
-        &error,
-        "observers[0].name",
-        at(text, "order paid"),
-        "expected only letters, digits, '_', '-' and '.', found ' '",
-    );
-}
-
-#[test]
-fn observer_name_too_long() {
-    let fixture = |name: &str| {
-        format!(
-            "\
+/// One observer called `name`, with one log action.
+fn named_observer_fixture(name: &str) -> String {
+    format!(
+        "\
 observers:
   - name: {name}
     entity: Order
@@ -555,40 +657,14 @@ observers:
     actions:
       - type: log
 "
-        )
-    };
-    let longest = "n".repeat(128);
-    let config = yaml_ok(&fixture(&longest));
-    assert_eq!(config.observers[0].name.as_str(), longest);
-
-    let text = fixture(&"n".repeat(129));
-    let error = only_error(&text);
-    assert_error(
-        &error,
-        "observers[0].name",
-        after(&text, "name: "),
-        "expected at most 128 characters",
-    );
+    )
 }
 
 #[test]
-fn invalid_on_failure() {
-    let text = "\
-observers:
-  - name: failing
-    entity: Order
-    events: [insert]
-    on_failure: retry
-    actions:
-      - type: log
-";
-    let error = only_error(text);
-    assert_error(
-        &error,
-        "observers[0].on_failure",
-        at(text, "retry"),
-        "expected one of dlq, log, found \"retry\"",
-    );
+fn observer_name_of_128_characters_is_accepted() {
+    let longest = "n".repeat(128);
+    let config = yaml_ok(&named_observer_fixture(&longest));
+    assert_eq!(config.observers[0].name.as_str(), longest);
 }
 
 #[test]
@@ -623,61 +699,47 @@ observers:
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn duration_as_a_bare_integer() {
-    let text = webhook_fixture("        timeout: 5\n");
-    let error = only_error(&text);
-    assert_error(
-        &error,
-        "observers[0].actions[0].timeout",
-        after(&text, "timeout: "),
-        "expected a duration with a unit such as \"5s\" or \"250ms\", found the bare number 5",
-    );
-}
-
-#[test]
-fn duration_that_does_not_parse() {
-    let text = webhook_fixture("        timeout: soon\n");
-    let error = only_error(&text);
-    assert_error(
-        &error,
-        "observers[0].actions[0].timeout",
-        at(&text, "soon"),
-        "expected a duration such as \"5s\", \"250ms\" or \"1m 30s\", found \"soon\"",
-    );
-}
-
-#[test]
-fn zero_timeout() {
-    let text = webhook_fixture("        timeout: 0s\n");
-    let error = only_error(&text);
-    assert_error(
-        &error,
-        "observers[0].actions[0].timeout",
-        at(&text, "0s"),
-        "expected a timeout above 0 and at most 10m, found 0s",
-    );
-}
-
-#[test]
-fn timeout_over_ten_minutes() {
-    let text = webhook_fixture("        timeout: 10m 1s\n");
-    let error = only_error(&text);
-    assert_error(
-        &error,
-        "observers[0].actions[0].timeout",
-        at(&text, "10m 1s"),
-        "expected a timeout above 0 and at most 10m, found 10m 1s",
-    );
-    let config = yaml_ok(&webhook_fixture("        timeout: 10m\n"));
-    assert_eq!(
-        webhook(&config.observers[0], 0).timeout,
-        Duration::from_mins(10)
-    );
-}
-
-#[test]
-fn retry_durations_are_checked() {
-    let text = "\
+fn duration_and_retry_errors() {
+    check_error_cases(&[
+        ErrorCase::yaml(
+            "duration as a bare integer",
+            webhook_fixture("        timeout: 5\n"),
+            vec![(
+                "observers[0].actions[0].timeout",
+                After("timeout: "),
+                "expected a duration with a unit such as \"5s\" or \"250ms\", found the bare number 5",
+            )],
+        ),
+        ErrorCase::yaml(
+            "duration that does not parse",
+            webhook_fixture("        timeout: soon\n"),
+            vec![(
+                "observers[0].actions[0].timeout",
+                At("soon"),
+                "expected a duration such as \"5s\", \"250ms\" or \"1m 30s\", found \"soon\"",
+            )],
+        ),
+        ErrorCase::yaml(
+            "zero timeout",
+            webhook_fixture("        timeout: 0s\n"),
+            vec![(
+                "observers[0].actions[0].timeout",
+                At("0s"),
+                "expected a timeout above 0 and at most 10m, found 0s",
+            )],
+        ),
+        ErrorCase::yaml(
+            "timeout over ten minutes",
+            webhook_fixture("        timeout: 10m 1s\n"),
+            vec![(
+                "observers[0].actions[0].timeout",
+                At("10m 1s"),
+                "expected a timeout above 0 and at most 10m, found 10m 1s",
+            )],
+        ),
+        ErrorCase::yaml(
+            "retry durations",
+            "\
 observers:
   - name: retried
     entity: Order
@@ -687,26 +749,23 @@ observers:
       max_delay: later
     actions:
       - type: log
-";
-    let errors = yaml_errors(text);
-    assert_eq!(errors.len(), 2, "{}", list(&errors));
-    assert_error(
-        &errors[0],
-        "observers[0].retry.initial_delay",
-        at(text, "100"),
-        "found the bare number 100",
-    );
-    assert_error(
-        &errors[1],
-        "observers[0].retry.max_delay",
-        at(text, "later"),
-        "found \"later\"",
-    );
-}
-
-#[test]
-fn initial_delay_longer_than_max_delay() {
-    let text = "\
+",
+            vec![
+                (
+                    "observers[0].retry.initial_delay",
+                    At("100"),
+                    "found the bare number 100",
+                ),
+                (
+                    "observers[0].retry.max_delay",
+                    At("later"),
+                    "found \"later\"",
+                ),
+            ],
+        ),
+        ErrorCase::yaml(
+            "initial_delay longer than max_delay",
+            "\
 observers:
   - name: flow
     entity: Order
@@ -721,27 +780,24 @@ observers:
       initial_delay: 45s
     actions:
       - type: log
-";
-    let errors = yaml_errors(text);
-    assert_eq!(errors.len(), 2, "{}", list(&errors));
-    // The error points at the retry mapping itself.
-    assert_error(
-        &errors[0],
-        "observers[0].retry",
-        at(text, "{initial_delay"),
-        "initial_delay (1m) is longer than max_delay (10s)",
-    );
-    assert_error(
-        &errors[1],
-        "observers[1].retry",
-        at(text, "initial_delay: 45s"),
-        "initial_delay (45s) is longer than max_delay (30s)",
-    );
-}
-
-#[test]
-fn max_attempts_out_of_range() {
-    let text = "\
+",
+            vec![
+                // The error points at the retry mapping itself.
+                (
+                    "observers[0].retry",
+                    At("{initial_delay"),
+                    "initial_delay (1m) is longer than max_delay (10s)",
+                ),
+                (
+                    "observers[1].retry",
+                    At("initial_delay: 45s"),
+                    "initial_delay (45s) is longer than max_delay (30s)",
+                ),
+            ],
+        ),
+        ErrorCase::yaml(
+            "max_attempts out of range",
+            "\
 observers:
   - name: none
     entity: Order
@@ -755,20 +811,29 @@ observers:
     retry: {max_attempts: 101}
     actions:
       - type: log
-";
-    let errors = yaml_errors(text);
-    assert_eq!(errors.len(), 2, "{}", list(&errors));
-    assert_error(
-        &errors[0],
-        "observers[0].retry.max_attempts",
-        at(text, "0}"),
-        "expected an integer from 1 to 100, found 0",
-    );
-    assert_error(
-        &errors[1],
-        "observers[1].retry.max_attempts",
-        at(text, "101"),
-        "expected an integer from 1 to 100, found 101",
+",
+            vec![
+                (
+                    "observers[0].retry.max_attempts",
+                    At("0}"),
+                    "expected an integer from 1 to 100, found 0",
+                ),
+                (
+                    "observers[1].retry.max_attempts",
+                    At("101"),
+                    "expected an integer from 1 to 100, found 101",
+                ),
+            ],
+        ),
+    ]);
+}
+
+#[test]
+fn timeout_of_ten_minutes_is_accepted() {
+    let config = yaml_ok(&webhook_fixture("        timeout: 10m\n"));
+    assert_eq!(
+        webhook(&config.observers[0], 0).timeout,
+        Duration::from_mins(10)
     );
 }
 
@@ -815,53 +880,48 @@ observers:
 }
 
 #[test]
-fn url_not_absolute() {
-    let text = url_fixture("hooks.example.com/orders");
-    let error = only_error(&text);
-    assert_error(
-        &error,
-        "observers[0].actions[0].url",
-        at(&text, "'hooks"),
-        "expected an absolute http:// or https:// URL, found \"hooks.example.com/orders\" (relative URL without a base)",
-    );
-}
-
-#[test]
-fn url_with_ftp_scheme() {
-    let text = url_fixture("ftp://files.example.com/orders");
-    let error = only_error(&text);
-    assert_error(
-        &error,
-        "observers[0].actions[0].url",
-        at(&text, "'ftp"),
-        "expected an http:// or https:// URL with a host, found \"ftp://files.example.com/orders\" (scheme \"ftp\")",
-    );
-}
-
-#[test]
-fn url_without_host() {
-    let text = url_fixture("http://");
-    let error = only_error(&text);
-    assert_error(
-        &error,
-        "observers[0].actions[0].url",
-        at(&text, "'http://'"),
-        "expected an absolute http:// or https:// URL, found \"http://\" (empty host)",
-    );
-    // A scheme that parses without a host is refused too.
-    let text = url_fixture("mailto:ops@example.com");
-    let error = only_error(&text);
-    assert_error(
-        &error,
-        "observers[0].actions[0].url",
-        at(&text, "'mailto"),
-        "with a host, found \"mailto:ops@example.com\" (scheme \"mailto\")",
-    );
-}
-
-#[test]
-fn missing_url() {
-    let text = "\
+fn webhook_target_errors() {
+    check_error_cases(&[
+        ErrorCase::yaml(
+            "url not absolute",
+            url_fixture("hooks.example.com/orders"),
+            vec![(
+                "observers[0].actions[0].url",
+                At("'hooks"),
+                "expected an absolute http:// or https:// URL, found \"hooks.example.com/orders\" (relative URL without a base)",
+            )],
+        ),
+        ErrorCase::yaml(
+            "url with ftp scheme",
+            url_fixture("ftp://files.example.com/orders"),
+            vec![(
+                "observers[0].actions[0].url",
+                At("'ftp"),
+                "expected an http:// or https:// URL with a host, found \"ftp://files.example.com/orders\" (scheme \"ftp\")",
+            )],
+        ),
+        ErrorCase::yaml(
+            "url without host",
+            url_fixture("http://"),
+            vec![(
+                "observers[0].actions[0].url",
+                At("'http://'"),
+                "expected an absolute http:// or https:// URL, found \"http://\" (empty host)",
+            )],
+        ),
+        // A scheme that parses without a host is refused too.
+        ErrorCase::yaml(
+            "url with a scheme that has no host",
+            url_fixture("mailto:ops@example.com"),
+            vec![(
+                "observers[0].actions[0].url",
+                At("'mailto"),
+                "with a host, found \"mailto:ops@example.com\" (scheme \"mailto\")",
+            )],
+        ),
+        ErrorCase::yaml(
+            "missing url",
+            "\
 observers:
   - name: nowhere
     entity: Order
@@ -869,33 +929,33 @@ observers:
     actions:
       - type: webhook
         method: POST
-";
-    let error = only_error(text);
-    assert_error(
-        &error,
-        "observers[0].actions[0]",
-        at(text, "type: webhook"),
-        "missing required key 'url' (or 'url_env')",
-    );
-}
-
-#[test]
-fn url_and_url_env_together() {
-    let text = webhook_fixture("        url_env: HOOK_URL\n");
-    let error = load_with(
-        &text,
-        Format::Yaml,
-        &[("HOOK_URL", "https://hooks.example.com/x")],
-        MissingEnv::Error,
-    )
-    .unwrap_err();
-    assert_eq!(error.errors.len(), 1, "{error}");
-    assert_error(
-        &error.errors[0],
-        "observers[0].actions[0].url",
-        at(&text, "https://hooks.example.com/orders"),
-        "set either 'url' or 'url_env', not both",
-    );
+",
+            vec![(
+                "observers[0].actions[0]",
+                At("type: webhook"),
+                "missing required key 'url' (or 'url_env')",
+            )],
+        ),
+        ErrorCase::yaml(
+            "url and url_env together",
+            webhook_fixture("        url_env: HOOK_URL\n"),
+            vec![(
+                "observers[0].actions[0].url",
+                At("https://hooks.example.com/orders"),
+                "set either 'url' or 'url_env', not both",
+            )],
+        )
+        .with_env(&[("HOOK_URL", "https://hooks.example.com/x")]),
+        ErrorCase::yaml(
+            "url_env missing when running",
+            URL_ENV_FIXTURE,
+            vec![(
+                "observers[0].actions[0].url_env",
+                At("HOOK_URL"),
+                "environment variable HOOK_URL is not set",
+            )],
+        ),
+    ]);
 }
 
 const URL_ENV_FIXTURE: &str = "\
@@ -907,20 +967,6 @@ observers:
       - type: webhook
         url_env: HOOK_URL
 ";
-
-#[test]
-fn url_env_missing_is_an_error_when_running() {
-    let errors = load_with(URL_ENV_FIXTURE, Format::Yaml, &[], MissingEnv::Error)
-        .unwrap_err()
-        .errors;
-    assert_eq!(errors.len(), 1, "{}", list(&errors));
-    assert_error(
-        &errors[0],
-        "observers[0].actions[0].url_env",
-        at(URL_ENV_FIXTURE, "HOOK_URL"),
-        "environment variable HOOK_URL is not set",
-    );
-}
 
 #[test]
 fn url_env_missing_is_a_warning_when_validating() {
@@ -1033,8 +1079,77 @@ observers:
 }
 
 #[test]
-fn missing_variables_in_header_and_signing_secret() {
-    let text = "\
+fn variable_expansion_and_secret_errors() {
+    let unterminated = "unterminated '${' (write '$${' for a literal '${')";
+    check_error_cases(&[
+        ErrorCase::yaml(
+            "missing variables in header and signing secret",
+            MISSING_VARIABLES_FIXTURE,
+            vec![
+                (
+                    "observers[0].actions[0].headers.Authorization",
+                    At("'Bearer"),
+                    "environment variable API_TOKEN is not set",
+                ),
+                (
+                    "observers[0].actions[0].signing_secret",
+                    At("'${SIGNING_KEY}'"),
+                    "environment variable SIGNING_KEY is not set",
+                ),
+            ],
+        ),
+        ErrorCase::yaml(
+            "unterminated variable references",
+            "\
+observers:
+  - name: broken
+    entity: Order
+    events: [insert]
+    actions:
+      - type: webhook
+        url: 'https://${HOOK_HOST/orders'
+        headers:
+          Authorization: 'Bearer ${API_TOKEN'
+        signing_secret: '${SIGNING_KEY'
+",
+            vec![
+                ("observers[0].actions[0].url", At("'https"), unterminated),
+                (
+                    "observers[0].actions[0].headers.Authorization",
+                    At("'Bearer"),
+                    unterminated,
+                ),
+                (
+                    "observers[0].actions[0].signing_secret",
+                    At("'${SIGNING_KEY'"),
+                    unterminated,
+                ),
+            ],
+        )
+        .with_env(&[("HOOK_HOST", "h"), ("API_TOKEN", "t"), ("SIGNING_KEY", "k")]),
+        ErrorCase::yaml(
+            "invalid variable name",
+            url_fixture("https://${1HOST}/orders"),
+            vec![(
+                "observers[0].actions[0].url",
+                At("'https"),
+                "expected an environment variable name inside '${…}', found \"1HOST\"",
+            )],
+        ),
+        ErrorCase::yaml(
+            "signing_secret and signing_secret_env together",
+            webhook_fixture("        signing_secret: '${KEY}'\n        signing_secret_env: KEY\n"),
+            vec![(
+                "observers[0].actions[0].signing_secret",
+                At("'${KEY}'"),
+                "set either 'signing_secret' or 'signing_secret_env', not both",
+            )],
+        )
+        .with_env(&[("KEY", "k")]),
+    ]);
+}
+
+const MISSING_VARIABLES_FIXTURE: &str = "\
 observers:
   - name: expanded
     entity: Order
@@ -1046,25 +1161,16 @@ observers:
           Authorization: 'Bearer ${API_TOKEN}'
         signing_secret: '${SIGNING_KEY}'
 ";
-    let errors = load_with(text, Format::Yaml, &[], MissingEnv::Error)
-        .unwrap_err()
-        .errors;
-    assert_eq!(errors.len(), 2, "{}", list(&errors));
-    assert_error(
-        &errors[0],
-        "observers[0].actions[0].headers.Authorization",
-        at(text, "'Bearer"),
-        "environment variable API_TOKEN is not set",
-    );
-    assert_error(
-        &errors[1],
-        "observers[0].actions[0].signing_secret",
-        at(text, "'${SIGNING_KEY}'"),
-        "environment variable SIGNING_KEY is not set",
-    );
 
-    let config = load_with(text, Format::Yaml, &[], MissingEnv::Warn)
-        .unwrap_or_else(|errors| panic!("{errors}"));
+#[test]
+fn missing_variables_in_header_and_signing_secret_are_warnings_when_validating() {
+    let config = load_with(
+        MISSING_VARIABLES_FIXTURE,
+        Format::Yaml,
+        &[],
+        MissingEnv::Warn,
+    )
+    .unwrap_or_else(|errors| panic!("{errors}"));
     assert_eq!(config.warnings.len(), 2, "{}", list(&config.warnings));
     let action = webhook(&config.observers[0], 0);
     assert_eq!(
@@ -1074,62 +1180,6 @@ observers:
     assert_eq!(
         action.signing_secret,
         Some(Setting::MissingEnv("SIGNING_KEY".into()))
-    );
-}
-
-#[test]
-fn unterminated_variable_reference() {
-    let text = "\
-observers:
-  - name: broken
-    entity: Order
-    events: [insert]
-    actions:
-      - type: webhook
-        url: 'https://${HOOK_HOST/orders'
-        headers:
-          Authorization: 'Bearer ${API_TOKEN'
-        signing_secret: '${SIGNING_KEY'
-";
-    let errors = load_with(
-        text,
-        Format::Yaml,
-        &[("HOOK_HOST", "h"), ("API_TOKEN", "t"), ("SIGNING_KEY", "k")],
-        MissingEnv::Error,
-    )
-    .unwrap_err()
-    .errors;
-    assert_eq!(errors.len(), 3, "{}", list(&errors));
-    let message = "unterminated '${' (write '$${' for a literal '${')";
-    assert_error(
-        &errors[0],
-        "observers[0].actions[0].url",
-        at(text, "'https"),
-        message,
-    );
-    assert_error(
-        &errors[1],
-        "observers[0].actions[0].headers.Authorization",
-        at(text, "'Bearer"),
-        message,
-    );
-    assert_error(
-        &errors[2],
-        "observers[0].actions[0].signing_secret",
-        at(text, "'${SIGNING_KEY'"),
-        message,
-    );
-}
-
-#[test]
-fn invalid_variable_name() {
-    let text = url_fixture("https://${1HOST}/orders");
-    let error = only_error(&text);
-    assert_error(
-        &error,
-        "observers[0].actions[0].url",
-        at(&text, "'https"),
-        "expected an environment variable name inside '${…}', found \"1HOST\"",
     );
 }
 
@@ -1147,22 +1197,6 @@ fn signing_secret_in_clear_is_a_warning_that_does_not_echo_it() {
     );
     assert!(!warning.to_string().contains("written-in-the-file"));
     assert!(!format!("{:?}", config.observers).contains("written-in-the-file"));
-}
-
-#[test]
-fn signing_secret_and_signing_secret_env_together() {
-    let text =
-        webhook_fixture("        signing_secret: '${KEY}'\n        signing_secret_env: KEY\n");
-    let error = load_with(&text, Format::Yaml, &[("KEY", "k")], MissingEnv::Error)
-        .unwrap_err()
-        .errors;
-    assert_eq!(error.len(), 1, "{}", list(&error));
-    assert_error(
-        &error[0],
-        "observers[0].actions[0].signing_secret",
-        at(&text, "'${KEY}'"),
-        "set either 'signing_secret' or 'signing_secret_env', not both",
-    );
 }
 
 const SECRET_VALUES: [&str; 4] = [
@@ -1361,41 +1395,38 @@ fn the_scheme_of_a_url_from_the_environment_is_not_echoed() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn reserved_headers() {
-    let text = webhook_fixture(
-        "        headers:\n          Idempotency-Key: fixed\n          x-fraiseql-signature-256: forged\n          X-Team: billing\n",
-    );
-    let errors = yaml_errors(&text);
-    assert_eq!(errors.len(), 2, "{}", list(&errors));
-    assert_error(
-        &errors[0],
-        "observers[0].actions[0].headers.Idempotency-Key",
-        at(&text, "Idempotency-Key"),
-        "header \"Idempotency-Key\" is set by the service and cannot be configured",
-    );
-    assert_error(
-        &errors[1],
-        "observers[0].actions[0].headers.x-fraiseql-signature-256",
-        at(&text, "x-fraiseql-signature-256"),
-        "header \"x-fraiseql-signature-256\" is set by the service and cannot be configured",
-    );
-}
-
-#[test]
-fn invalid_header_name() {
-    let text = webhook_fixture("        headers:\n          Bad Header: x\n");
-    let error = only_error(&text);
-    assert_error(
-        &error,
-        "observers[0].actions[0].headers.Bad Header",
-        at(&text, "Bad Header"),
-        "\"Bad Header\" is not a valid HTTP header name",
-    );
-}
-
-#[test]
-fn invalid_body_template_names_the_template_line() {
-    let text = "\
+fn header_template_and_choice_errors() {
+    check_error_cases(&[
+        ErrorCase::yaml(
+            "reserved headers",
+            webhook_fixture(
+                "        headers:\n          Idempotency-Key: fixed\n          x-fraiseql-signature-256: forged\n          X-Team: billing\n",
+            ),
+            vec![
+                (
+                    "observers[0].actions[0].headers.Idempotency-Key",
+                    At("Idempotency-Key"),
+                    "header \"Idempotency-Key\" is set by the service and cannot be configured",
+                ),
+                (
+                    "observers[0].actions[0].headers.x-fraiseql-signature-256",
+                    At("x-fraiseql-signature-256"),
+                    "header \"x-fraiseql-signature-256\" is set by the service and cannot be configured",
+                ),
+            ],
+        ),
+        ErrorCase::yaml(
+            "invalid header name",
+            webhook_fixture("        headers:\n          Bad Header: x\n"),
+            vec![(
+                "observers[0].actions[0].headers.Bad Header",
+                At("Bad Header"),
+                "\"Bad Header\" is not a valid HTTP header name",
+            )],
+        ),
+        ErrorCase::yaml(
+            "invalid templates name the template line",
+            "\
 observers:
   - name: templated
     entity: Order
@@ -1406,21 +1437,74 @@ observers:
         body_template: \"{\\\"order\\\": {{ entity_id }}}\\n{{ oops(\"
       - type: log
         message: '{% if %}'
-";
-    let errors = yaml_errors(text);
-    assert_eq!(errors.len(), 2, "{}", list(&errors));
-    assert_error(
-        &errors[0],
-        "observers[0].actions[0].body_template",
-        after(text, "body_template: "),
-        "invalid template (line 2 of the template): syntax error",
-    );
-    assert_error(
-        &errors[1],
-        "observers[0].actions[1].message",
-        at(text, "'{% if %}'"),
-        "invalid template (line 1 of the template): syntax error",
-    );
+",
+            vec![
+                (
+                    "observers[0].actions[0].body_template",
+                    After("body_template: "),
+                    "invalid template (line 2 of the template): syntax error",
+                ),
+                (
+                    "observers[0].actions[1].message",
+                    At("'{% if %}'"),
+                    "invalid template (line 1 of the template): syntax error",
+                ),
+            ],
+        ),
+        ErrorCase::yaml(
+            "invalid method",
+            webhook_fixture("        method: FETCH\n"),
+            vec![(
+                "observers[0].actions[0].method",
+                At("FETCH"),
+                "expected one of POST, PUT, PATCH, DELETE, GET, found \"FETCH\"",
+            )],
+        ),
+        ErrorCase::yaml(
+            "invalid method suggests the near one",
+            webhook_fixture("        method: POTS\n"),
+            vec![(
+                "observers[0].actions[0].method",
+                At("POTS"),
+                "did you mean 'POST'?",
+            )],
+        ),
+        ErrorCase::yaml(
+            "invalid body format",
+            webhook_fixture("        body_format: xml\n"),
+            vec![(
+                "observers[0].actions[0].body_format",
+                At("xml"),
+                "expected one of json, text, found \"xml\"",
+            )],
+        ),
+        ErrorCase::yaml(
+            "invalid log levels",
+            "\
+observers:
+  - name: logged
+    entity: Order
+    events: [insert]
+    actions:
+      - type: log
+        level: verbose
+      - type: log
+        level: eror
+",
+            vec![
+                (
+                    "observers[0].actions[0].level",
+                    At("verbose"),
+                    "expected one of trace, debug, info, warn, error, found \"verbose\"",
+                ),
+                (
+                    "observers[0].actions[1].level",
+                    At("eror"),
+                    "did you mean 'error'? expected one of trace, debug, info, warn, error, found \"eror\"",
+                ),
+            ],
+        ),
+    ]);
 }
 
 #[test]
@@ -1455,120 +1539,105 @@ observers:
     );
 }
 
-#[test]
-fn invalid_method() {
-    let text = webhook_fixture("        method: FETCH\n");
-    let error = only_error(&text);
-    assert_error(
-        &error,
-        "observers[0].actions[0].method",
-        at(&text, "FETCH"),
-        "expected one of POST, PUT, PATCH, DELETE, GET, found \"FETCH\"",
-    );
-}
-
-#[test]
-fn invalid_method_suggests_the_near_one() {
-    let text = webhook_fixture("        method: POTS\n");
-    let error = only_error(&text);
-    assert_error(
-        &error,
-        "observers[0].actions[0].method",
-        at(&text, "POTS"),
-        "did you mean 'POST'?",
-    );
-}
-
-#[test]
-fn invalid_body_format() {
-    let text = webhook_fixture("        body_format: xml\n");
-    let error = only_error(&text);
-    assert_error(
-        &error,
-        "observers[0].actions[0].body_format",
-        at(&text, "xml"),
-        "expected one of json, text, found \"xml\"",
-    );
-}
-
-#[test]
-fn invalid_log_level() {
-    let text = "\
-observers:
-  - name: logged
-    entity: Order
-    events: [insert]
-    actions:
-      - type: log
-        level: verbose
-      - type: log
-        level: eror
-";
-    let errors = yaml_errors(text);
-    assert_eq!(errors.len(), 2, "{}", list(&errors));
-    assert_error(
-        &errors[0],
-        "observers[0].actions[0].level",
-        at(text, "verbose"),
-        "expected one of trace, debug, info, warn, error, found \"verbose\"",
-    );
-    assert_error(
-        &errors[1],
-        "observers[0].actions[1].level",
-        at(text, "eror"),
-        "did you mean 'error'? expected one of trace, debug, info, warn, error, found \"eror\"",
-    );
-}
-
 // ---------------------------------------------------------------------------------------------
 // Whole-file problems
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn root_that_is_not_a_mapping() {
-    let error = only_error("- name: a\n- name: b\n");
-    assert_eq!(error.path, "");
-    assert_eq!(error.position, Some(pos(1, 1)));
-    assert!(
-        error.message.contains("expected a mapping, found a list"),
-        "{error}"
-    );
+fn whole_file_errors() {
+    let mut cases = vec![
+        ErrorCase::yaml(
+            "root is a list",
+            "- name: a\n- name: b\n",
+            vec![("", Exactly(1, 1), "expected a mapping, found a list")],
+        ),
+        ErrorCase::yaml(
+            "root is a string",
+            "just some text\n",
+            vec![(
+                "",
+                Exactly(1, 1),
+                "expected a mapping, found the string \"just some text\"",
+            )],
+        ),
+        ErrorCase::yaml(
+            "observers is a mapping",
+            "observers: {name: a}\n",
+            vec![(
+                "observers",
+                At("{"),
+                "expected a list of observers, found a mapping",
+            )],
+        ),
+        ErrorCase::yaml(
+            "yaml syntax error",
+            "\
+observers:
+  - name: a
+    entity: Order: Item
+",
+            vec![(
+                "",
+                At(": Item"),
+                "syntax error: mapping values are not allowed",
+            )],
+        ),
+        ErrorCase::toml(
+            "toml syntax error",
+            "\
+[[observers]]
+name = \"a\"
+entity = Order
+",
+            vec![(
+                "",
+                At("Order"),
+                "syntax error: string values must be quoted",
+            )],
+        ),
+        ErrorCase::toml(
+            "toml errors have positions",
+            "\
+[[observers]]
+name = \"toml-hook\"
+events = [\"insert\"]
 
-    let error = only_error("just some text\n");
-    assert_eq!(error.path, "");
-    assert_eq!(error.position, Some(pos(1, 1)));
-    assert!(
-        error
-            .message
-            .contains("expected a mapping, found the string \"just some text\""),
-        "{error}"
-    );
+[[observers.actions]]
+type = \"webhook\"
+url = \"https://hooks.example.com/orders\"
+timeout = 5
+",
+            vec![
+                (
+                    "observers[0]",
+                    At("[[observers]]"),
+                    "missing required key 'entity'",
+                ),
+                (
+                    "observers[0].actions[0].timeout",
+                    At("5\n"),
+                    "found the bare number 5",
+                ),
+            ],
+        ),
+    ];
+    let empty_files = [
+        ("empty file", ""),
+        ("file with only a comment", "# nothing but a comment\n"),
+        ("file with only blank lines", "\n\n"),
+    ];
+    cases.extend(empty_files.map(|(name, fixture)| {
+        ErrorCase::yaml(
+            name,
+            fixture,
+            vec![("", Exactly(1, 1), "the file is empty")],
+        )
+    }));
+    check_error_cases(&cases);
 }
 
 #[test]
-fn empty_file() {
-    for text in ["", "# nothing but a comment\n", "\n\n"] {
-        let error = only_error(text);
-        assert_eq!(error.path, "", "{text:?}");
-        assert_eq!(error.position, Some(pos(1, 1)), "{text:?}");
-        assert!(
-            error.message.contains("the file is empty"),
-            "{text:?}: {error}"
-        );
-    }
-}
-
-#[test]
-fn observers_not_a_list_and_no_observers() {
-    let text = "observers: {name: a}\n";
-    let error = only_error(text);
-    assert_error(
-        &error,
-        "observers",
-        at(text, "{"),
-        "expected a list of observers, found a mapping",
-    );
-
+fn empty_observers_list_is_a_warning() {
     let text = "observers: []\n";
     let config = yaml_ok(text);
     assert!(config.observers.is_empty());
@@ -1582,76 +1651,11 @@ fn observers_not_a_list_and_no_observers() {
 }
 
 #[test]
-fn yaml_syntax_error_has_a_position() {
-    let text = "\
-observers:
-  - name: a
-    entity: Order: Item
-";
-    let error = only_error(text);
-    assert_error(
-        &error,
-        "",
-        at(text, ": Item"),
-        "syntax error: mapping values are not allowed",
-    );
-}
-
-#[test]
 fn yaml_aliases_and_multiple_documents_are_refused() {
     let error = only_error("observers: &list []\nexecutor: *list\n");
     assert!(error.message.contains("aliases"), "{error}");
     let error = only_error("observers: []\n---\nobservers: []\n");
     assert!(error.message.contains("single YAML document"), "{error}");
-}
-
-#[test]
-fn toml_syntax_error_has_a_position() {
-    let text = "\
-[[observers]]
-name = \"a\"
-entity = Order
-";
-    let errors = load_with(text, Format::Toml, &[], MissingEnv::Error)
-        .unwrap_err()
-        .errors;
-    assert_eq!(errors.len(), 1, "{}", list(&errors));
-    assert_error(
-        &errors[0],
-        "",
-        at(text, "Order"),
-        "syntax error: string values must be quoted",
-    );
-}
-
-#[test]
-fn toml_errors_have_positions() {
-    let text = "\
-[[observers]]
-name = \"toml-hook\"
-events = [\"insert\"]
-
-[[observers.actions]]
-type = \"webhook\"
-url = \"https://hooks.example.com/orders\"
-timeout = 5
-";
-    let errors = load_with(text, Format::Toml, &[], MissingEnv::Error)
-        .unwrap_err()
-        .errors;
-    assert_eq!(errors.len(), 2, "{}", list(&errors));
-    assert_error(
-        &errors[0],
-        "observers[0]",
-        at(text, "[[observers]]"),
-        "missing required key 'entity'",
-    );
-    assert_error(
-        &errors[1],
-        "observers[0].actions[0].timeout",
-        at(text, "5\n"),
-        "found the bare number 5",
-    );
 }
 
 #[test]
@@ -2085,43 +2089,43 @@ observers:
 }
 
 #[test]
-fn invalid_executor_setting() {
-    let text = "\
+fn executor_setting_errors() {
+    check_error_cases(&[
+        ErrorCase::yaml(
+            "max_concurrent_entities out of range",
+            "\
 executor:
   max_concurrent_entities: 100001
 observers: []
-";
-    let error = only_error(text);
-    assert_error(
-        &error,
-        "executor.max_concurrent_entities",
-        at(text, "100001"),
-        "expected an integer from 1 to 100000, found 100001",
-    );
-}
-
-#[test]
-fn every_executor_problem_is_collected() {
-    let text = "\
+",
+            vec![(
+                "executor.max_concurrent_entities",
+                At("100001"),
+                "expected an integer from 1 to 100000, found 100001",
+            )],
+        ),
+        ErrorCase::yaml(
+            "every executor problem is collected",
+            "\
 executor:
   max_concurrent_actions: 0
   max_concurrent_entities: many
 observers: []
-";
-    let errors = yaml_errors(text);
-    assert_eq!(errors.len(), 2, "{}", list(&errors));
-    assert_error(
-        &errors[0],
-        "executor.max_concurrent_actions",
-        after(text, "max_concurrent_actions: "),
-        "found 0",
-    );
-    assert_error(
-        &errors[1],
-        "executor.max_concurrent_entities",
-        at(text, "many"),
-        "expected an integer from 1 to 100000, found the string \"many\"",
-    );
+",
+            vec![
+                (
+                    "executor.max_concurrent_actions",
+                    After("max_concurrent_actions: "),
+                    "found 0",
+                ),
+                (
+                    "executor.max_concurrent_entities",
+                    At("many"),
+                    "expected an integer from 1 to 100000, found the string \"many\"",
+                ),
+            ],
+        ),
+    ]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2275,40 +2279,38 @@ fn async_delivery_names_its_queue_and_priority_and_the_queue_gets_a_worker() {
 }
 
 #[test]
-fn bad_delivery_settings_are_each_reported() {
-    let text = "jobs: {workers: {default: -1}, visibility_timeout: 10ms}\nobservers:\n  - name: a\n    entity: Order\n    events: [insert]\n    actions:\n      - {type: log, mode: later, queue: 'no spaces', priority: 11}\n";
-    let errors = yaml_errors(text);
-    assert_eq!(errors.len(), 5, "{}", list(&errors));
-    assert_error(
-        &errors[0],
-        "jobs.workers.default",
-        after(text, "default: "),
-        "expected an integer from 0 to 256",
-    );
-    assert_error(
-        &errors[1],
-        "jobs.visibility_timeout",
-        after(text, "visibility_timeout: "),
-        "expected at least 1s",
-    );
-    assert_error(
-        &errors[2],
-        "observers[0].actions[0].mode",
-        after(text, "mode: "),
-        "expected one of inline, async",
-    );
-    assert_error(
-        &errors[3],
-        "observers[0].actions[0].queue",
-        after(text, "queue: "),
-        "expected a queue name",
-    );
-    assert_error(
-        &errors[4],
-        "observers[0].actions[0].priority",
-        after(text, "priority: "),
-        "expected an integer from 0 to 10",
-    );
+fn delivery_setting_errors() {
+    check_error_cases(&[ErrorCase::yaml(
+        "bad delivery settings are each reported",
+        "jobs: {workers: {default: -1}, visibility_timeout: 10ms}\nobservers:\n  - name: a\n    entity: Order\n    events: [insert]\n    actions:\n      - {type: log, mode: later, queue: 'no spaces', priority: 11}\n",
+        vec![
+            (
+                "jobs.workers.default",
+                After("default: "),
+                "expected an integer from 0 to 256",
+            ),
+            (
+                "jobs.visibility_timeout",
+                After("visibility_timeout: "),
+                "expected at least 1s",
+            ),
+            (
+                "observers[0].actions[0].mode",
+                After("mode: "),
+                "expected one of inline, async",
+            ),
+            (
+                "observers[0].actions[0].queue",
+                After("queue: "),
+                "expected a queue name",
+            ),
+            (
+                "observers[0].actions[0].priority",
+                After("priority: "),
+                "expected an integer from 0 to 10",
+            ),
+        ],
+    )]);
 }
 
 #[test]

@@ -317,6 +317,7 @@ impl Breakers {
 
 /// Behaviour every store has.
 #[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance {
     use super::{Admission, BreakerPolicy, BreakerStore};
     use std::time::Duration;

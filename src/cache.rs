@@ -321,6 +321,7 @@ impl Cache {
 }
 
 #[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance {
     use super::{Cache, CacheScope};
     use std::time::Duration;

@@ -715,6 +715,7 @@ impl CheckpointStore for InMemoryCheckpointStore {
 /// The behaviour every [`CheckpointStore`] must have. `snapshots` are two valid snapshot texts
 /// for the store (any strings for the in-memory one; `pg_snapshot` texts for PostgreSQL).
 #[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance {
     use super::{ActionKey, BatchPosition, CheckpointError, CheckpointStore};
 

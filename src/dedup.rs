@@ -298,6 +298,7 @@ impl std::str::FromStr for Unavailable {
 
 /// Conformance suite every store passes (used by the unit tests and `tests/dedup.rs`).
 #[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance {
     use super::{Claim, DeduplicationStore};
     use std::time::Duration;

@@ -295,6 +295,29 @@ pub struct EntityKey<'event> {
 }
 
 #[cfg(test)]
+mod action_key_tests {
+    use super::ActionKey;
+
+    #[test]
+    fn the_action_identity_reads_back_what_it_writes() {
+        let key = ActionKey::new(
+            uuid::Uuid::parse_str("0194f8a2-7c1e-7b3a-9c1d-2b9f7e1a0c11").unwrap(),
+            "order-paid.v2",
+            3,
+        );
+        let text = key.to_string();
+        assert_eq!(text, "0194f8a2-7c1e-7b3a-9c1d-2b9f7e1a0c11:order-paid.v2:3");
+        assert_eq!(text.parse::<ActionKey>().unwrap(), key);
+        assert!("nope".parse::<ActionKey>().is_err());
+        assert!(
+            "0194f8a2-7c1e-7b3a-9c1d-2b9f7e1a0c11:x:y"
+                .parse::<ActionKey>()
+                .is_err()
+        );
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use serde_json::json;
 

@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::Semaphore;
-use uuid::Uuid;
 
 use crate::actions::{ActionContext, ActionRunner};
 use crate::checkpoint::{ActionKey, PendingCompletions};
@@ -80,12 +79,6 @@ pub enum Gate {
 }
 
 impl Deduplication {
-    /// The claim key of one action of one event: its identity, never a time bucket.
-    #[must_use]
-    pub fn key(event_id: Uuid, observer: &str, action_index: usize) -> String {
-        format!("{event_id}:{observer}:{action_index}")
-    }
-
     /// Claims `key` for `lease`.
     pub async fn gate(&self, key: &str, lease: Duration) -> Gate {
         let outcome = |name: &str| {
@@ -502,18 +495,15 @@ impl Executor {
         ahead: &QueuedAhead<'_>,
     ) -> ActionReport {
         let started = Instant::now();
-        let key = ActionKey {
-            event_id: event.id,
-            observer: observer.name.to_string(),
-            action_index: action.index,
-        };
+        let key = ActionKey::new(event.id, observer.name.as_str(), action.index);
         if completed.contains(&key) {
             return Self::already_completed(key, action, started);
         }
         if self.goes_to_queue_first(event, observer, action, ahead) {
             return Self::enqueued(event, observer, action, key, started);
         }
-        let dedup_key = Deduplication::key(event.id, observer.name.as_str(), action.index);
+        // The claim key is the action's identity, never a time bucket.
+        let dedup_key = key.to_string();
         let token = match &self.dedup {
             None => None,
             Some(dedup) => match dedup

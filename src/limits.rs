@@ -262,6 +262,7 @@ pub async fn wait_for_slot(
 
 /// Behaviour every store has.
 #[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance {
     use super::{LimitStore, RateLimit};
     use std::time::{Duration, Instant};

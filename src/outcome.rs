@@ -123,10 +123,8 @@ impl EventSummary {
         self.actions
             .iter()
             .filter(|report| report.settled)
-            .map(|report| ActionKey {
-                event_id: self.event_id,
-                observer: report.observer.clone(),
-                action_index: report.action_index,
+            .map(|report| {
+                ActionKey::new(self.event_id, report.observer.as_str(), report.action_index)
             })
     }
 }
@@ -160,10 +158,17 @@ pub struct NewJob {
 }
 
 impl NewJob {
-    /// `<event id>:<observer>:<action index>`, the job's identity.
+    /// The job's identity: the action it runs.
+    #[must_use]
+    pub fn action_key(&self) -> ActionKey {
+        ActionKey::new(self.event.id, self.observer.as_str(), self.action_index)
+    }
+
+    /// `<event id>:<observer>:<action index>` ([`ActionKey`]'s text), the job's identity in the
+    /// queue.
     #[must_use]
     pub fn idempotency_key(&self) -> String {
-        format!("{}:{}:{}", self.event.id, self.observer, self.action_index)
+        self.action_key().to_string()
     }
 
     /// The key whose jobs run one at a time in [`ordinal`](Self::ordinal) order; `None` for an

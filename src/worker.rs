@@ -239,8 +239,7 @@ impl JobWorker {
         let Some(dedup) = &self.dedup else {
             return self.attempt(job).await;
         };
-        let key =
-            crate::executor::Deduplication::key(job.event.id, &job.observer, job.action_index);
+        let key = job.action_key().to_string();
         let lease = self
             .queue
             .visibility_timeout()

@@ -12,6 +12,7 @@ use common::{Receiver, Reply, executor_from_yaml};
 use fraiseql_observers::dedup::{
     Claim, DeduplicationStore, RedisDeduplicationStore, Unavailable, conformance,
 };
+use fraiseql_observers::domain::ActionKey;
 use fraiseql_observers::domain::{EntityEvent, EventKind};
 use fraiseql_observers::error::ErrorCode;
 use fraiseql_observers::executor::{ActionStatus, Deduplication, Executor, Gate};
@@ -127,7 +128,7 @@ async fn a_failed_attempt_gives_the_claim_back_so_a_retry_runs() {
         second.actions[0].status
     );
     assert_eq!(receiver.request_count(), 2);
-    let key = Deduplication::key(event.id, "orders", 0);
+    let key = ActionKey::new(event.id, "orders", 0).to_string();
     assert_eq!(
         store.claim(&key, Duration::from_secs(5)).await.unwrap(),
         Claim::Done

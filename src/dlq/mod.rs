@@ -218,6 +218,7 @@ impl DeadLetterQueue for InMemoryDeadLetterQueue {
 
 /// The behaviour every [`DeadLetterQueue`] implementation must have.
 #[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance {
     use serde_json::json;
 

@@ -68,6 +68,14 @@ pub struct Job {
     pub errors: Vec<JobAttemptError>,
 }
 
+impl Job {
+    /// The action the job runs: its identity, as its idempotency key and dedup claim spell it.
+    #[must_use]
+    pub fn action_key(&self) -> crate::domain::ActionKey {
+        crate::domain::ActionKey::new(self.event.id, self.observer.as_str(), self.action_index)
+    }
+}
+
 /// What happened to a failed job.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FailOutcome {

@@ -343,14 +343,8 @@ impl Listener {
             // Keep what did settle, so the retried page does not repeat it — but not the actions
             // handed to the job queue: their jobs are not stored yet, the retried page hands them
             // over again.
-            let handed_over: std::collections::HashSet<String> =
-                jobs.iter().map(NewJob::idempotency_key).collect();
-            settled.retain(|key| {
-                !handed_over.contains(&format!(
-                    "{}:{}:{}",
-                    key.event_id, key.observer, key.action_index
-                ))
-            });
+            let handed_over: HashSet<ActionKey> = jobs.iter().map(NewJob::action_key).collect();
+            settled.retain(|key| !handed_over.contains(key));
             let settled = self.unwritten(settled);
             self.store.record_completed(&settled).await?;
             self.clear_pending();

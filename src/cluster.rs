@@ -20,13 +20,12 @@
 //! lock (checked every tick); a partition listener is started only after its lock is taken and
 //! the lock is released only after its listener has stopped.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use sqlx::postgres::PgConnection;
-use sqlx::{Connection, PgPool, Row};
+use sqlx::PgPool;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -35,17 +34,13 @@ use crate::error::ErrorCode;
 use crate::executor::Executor;
 pub use crate::lease::LeaseValidity;
 use crate::listener::{Listener, ListenerError, ListenerSettings, flush_pending_completions};
+pub use crate::membership::LEASE_NAMESPACE;
+use crate::membership::{self, LeaseSession, MembershipError, Observation};
 use crate::metrics::Metrics;
 
-/// First key of every partition lock (`pg_try_advisory_lock(LEASE_NAMESPACE, partition)`).
-pub const LEASE_NAMESPACE: i32 = 0x4651_4F42;
 pub const DEFAULT_PARTITIONS: u32 = 8;
 pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_TICK: Duration = Duration::from_millis(500);
-/// Server-side bounds on how long a vanished client's session (and its locks) survives.
-const SESSION_SETTINGS: &str = "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
-     SET tcp_keepalives_count = 3; SET tcp_user_timeout = 10000; SET idle_session_timeout = 0; \
-     SET statement_timeout = 5000";
 
 /// How a node takes part in the cluster.
 #[derive(Clone, Debug)]
@@ -70,8 +65,10 @@ impl Default for ClusterSettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("cluster storage failed: {0}")]
-    Storage(#[from] sqlx::Error),
+    #[error(transparent)]
+    Storage(MembershipError),
+    #[error("starting a partition failed: {0}")]
+    Partition(#[from] ListenerError),
     #[error("partition count refused: {0}")]
     PartitionCount(String),
     #[error(
@@ -97,7 +94,18 @@ impl ClusterError {
             ClusterError::Storage(_) | ClusterError::Unresponsive(_) => {
                 ErrorCode::StorageUnavailable
             }
+            ClusterError::Partition(error) => error.code(),
             _ => ErrorCode::ConfigInvalid,
+        }
+    }
+}
+
+impl From<MembershipError> for ClusterError {
+    fn from(error: MembershipError) -> Self {
+        match error {
+            MembershipError::DuplicateNode(node) => ClusterError::DuplicateNode(node),
+            MembershipError::PartitionCount(refusal) => ClusterError::PartitionCount(refusal),
+            storage @ MembershipError::Storage(_) => ClusterError::Storage(storage),
         }
     }
 }
@@ -156,214 +164,6 @@ impl ClusterHandle {
 
 /// How long a partition received through a hand-over is kept when the node gives back excess.
 const HANDOVER_PIN: Duration = Duration::from_mins(1);
-
-/// What one tick saw.
-#[derive(Debug)]
-struct Observation {
-    pid: i32,
-    /// Partition locks this session holds.
-    mine: HashSet<i32>,
-    /// Partition locks held by anyone.
-    taken: HashSet<i32>,
-    /// Other live nodes that are not draining.
-    other_nodes: usize,
-    /// Pending hand-over requests: partition → target node.
-    handovers: HashMap<i32, String>,
-    /// A drain (`true`) or resume (`false`) asked for this node through the control plane.
-    drain_request: Option<bool>,
-}
-
-/// The dedicated connection holding this node's partition locks.
-struct LeaseSession {
-    connection: PgConnection,
-    pid: i32,
-    /// Which of this node's sessions (they are numbered as they are opened).
-    generation: u64,
-}
-
-impl LeaseSession {
-    async fn open(
-        pool: &PgPool,
-        node_id: &str,
-        generation: u64,
-    ) -> Result<LeaseSession, ClusterError> {
-        let options = pool
-            .connect_options()
-            .as_ref()
-            .clone()
-            .application_name(&format!("fraiseql-observers lease {node_id}"));
-        let mut connection = PgConnection::connect_with(&options).await?;
-        sqlx::raw_sql(SESSION_SETTINGS)
-            .execute(&mut connection)
-            .await?;
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut connection)
-            .await?;
-        // Another live node under the same id would share our row and fight over it.
-        let other_alive: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM fraiseql_observers.nodes AS node
-                              JOIN pg_stat_activity AS activity
-                                ON activity.pid = node.lease_pid AND activity.backend_start = node.lease_started
-                             WHERE node.node_id = $1 AND node.lease_pid <> pg_backend_pid())",
-        )
-        .bind(node_id)
-        .fetch_one(&mut connection)
-        .await?;
-        if other_alive {
-            return Err(ClusterError::DuplicateNode(node_id.to_owned()));
-        }
-        Ok(LeaseSession {
-            connection,
-            pid,
-            generation,
-        })
-    }
-
-    /// Heartbeat, end stale nodes' sessions, and read the lease picture — one statement.
-    async fn observe(
-        &mut self,
-        node_id: &str,
-        draining: bool,
-        node_timeout: Duration,
-    ) -> Result<Observation, ClusterError> {
-        let row = sqlx::query(
-            "WITH beat AS (
-                 INSERT INTO fraiseql_observers.nodes AS node (node_id, lease_pid, lease_started, version, draining)
-                 SELECT $1, pg_backend_pid(), backend_start, $2, $3
-                   FROM pg_stat_activity WHERE pid = pg_backend_pid()
-                 ON CONFLICT (node_id) DO UPDATE
-                    SET heartbeat_at = now(), lease_pid = excluded.lease_pid,
-                        lease_started = excluded.lease_started, version = excluded.version,
-                        draining = excluded.draining
-                 RETURNING 1),
-             stale AS (
-                 DELETE FROM fraiseql_observers.nodes AS node
-                  WHERE node_id <> $1
-                    AND (heartbeat_at < now() - make_interval(secs => $4)
-                         OR NOT EXISTS (SELECT 1 FROM pg_stat_activity AS activity
-                                         WHERE activity.pid = node.lease_pid
-                                           AND activity.backend_start = node.lease_started))
-              RETURNING node_id, lease_pid, lease_started)
-             SELECT pg_backend_pid() AS pid,
-                    ARRAY(SELECT objid::bigint FROM pg_locks
-                           WHERE locktype = 'advisory' AND classid = $5::bigint::oid AND objsubid = 2
-                             AND granted AND pid = pg_backend_pid()) AS mine,
-                    ARRAY(SELECT objid::bigint FROM pg_locks
-                           WHERE locktype = 'advisory' AND classid = $5::bigint::oid AND objsubid = 2
-                             AND granted
-                             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) AS taken,
-                    (SELECT count(*) FROM fraiseql_observers.nodes AS node
-                      WHERE node_id <> $1 AND NOT draining
-                        AND heartbeat_at >= now() - make_interval(secs => $4)
-                        AND EXISTS (SELECT 1 FROM pg_stat_activity AS activity
-                                     WHERE activity.pid = node.lease_pid
-                                       AND activity.backend_start = node.lease_started)) AS other_nodes,
-                    ARRAY(SELECT partition FROM fraiseql_observers.partitions
-                           WHERE handover_to IS NOT NULL AND handover_requested_at > now() - interval '1 minute'
-                           ORDER BY partition) AS handover_partitions,
-                    ARRAY(SELECT handover_to FROM fraiseql_observers.partitions
-                           WHERE handover_to IS NOT NULL AND handover_requested_at > now() - interval '1 minute'
-                           ORDER BY partition) AS handover_targets,
-                    (SELECT drain_request FROM fraiseql_observers.nodes WHERE node_id = $1) AS drain_request,
-                    -- In the select list, so that only the joined sessions are ended (a
-                    -- volatile call in WHERE could be pushed down to every session).
-                    ARRAY(SELECT stale.node_id || CASE WHEN pg_terminate_backend(activity.pid) THEN '' ELSE ' (already gone)' END
-                            FROM stale JOIN pg_stat_activity AS activity
-                              ON activity.pid = stale.lease_pid AND activity.backend_start = stale.lease_started) AS ended",
-        )
-        .bind(node_id)
-        .bind(env!("CARGO_PKG_VERSION"))
-        .bind(draining)
-        .bind(node_timeout.as_secs_f64())
-        .bind(i64::from(LEASE_NAMESPACE))
-        .fetch_one(&mut self.connection)
-        .await?;
-        let ended: Vec<String> = row.try_get("ended")?;
-        for node in ended {
-            tracing::warn!(%node, "node missed its heartbeats; its lease session was ended so that its partitions can be taken over");
-        }
-        let partitions = |column: &str| -> Result<HashSet<i32>, sqlx::Error> {
-            let values: Vec<i64> = row.try_get(column)?;
-            Ok(values
-                .into_iter()
-                .filter_map(|value| i32::try_from(value).ok())
-                .collect())
-        };
-        let handover_partitions: Vec<i32> = row.try_get("handover_partitions")?;
-        let handover_targets: Vec<String> = row.try_get("handover_targets")?;
-        Ok(Observation {
-            drain_request: row.try_get("drain_request")?,
-            handovers: handover_partitions
-                .into_iter()
-                .zip(handover_targets)
-                .collect(),
-            pid: row.try_get("pid")?,
-            mine: partitions("mine")?,
-            taken: partitions("taken")?,
-            other_nodes: usize::try_from(row.try_get::<i64, _>("other_nodes")?).unwrap_or(0),
-        })
-    }
-
-    async fn try_lock(&mut self, partition: i32) -> Result<bool, ClusterError> {
-        Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-            .bind(LEASE_NAMESPACE)
-            .bind(partition)
-            .fetch_one(&mut self.connection)
-            .await?)
-    }
-
-    /// The drain or resume request `request` has been applied.
-    async fn clear_drain_request(
-        &mut self,
-        node_id: &str,
-        request: bool,
-    ) -> Result<(), ClusterError> {
-        sqlx::query(
-            "UPDATE fraiseql_observers.nodes SET drain_request = NULL WHERE node_id = $1 AND drain_request = $2",
-        )
-        .bind(node_id)
-        .bind(request)
-        .execute(&mut self.connection)
-        .await?;
-        Ok(())
-    }
-
-    /// The hand-over request for `partition` to this node is fulfilled.
-    async fn clear_handover(&mut self, partition: i32, node_id: &str) -> Result<(), ClusterError> {
-        sqlx::query(
-            "UPDATE fraiseql_observers.partitions SET handover_to = NULL, handover_requested_at = NULL
-              WHERE partition = $1 AND handover_to = $2",
-        )
-        .bind(partition)
-        .bind(node_id)
-        .execute(&mut self.connection)
-        .await?;
-        Ok(())
-    }
-
-    async fn unlock(&mut self, partition: i32) -> Result<(), ClusterError> {
-        let _: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1, $2)")
-            .bind(LEASE_NAMESPACE)
-            .bind(partition)
-            .fetch_one(&mut self.connection)
-            .await?;
-        Ok(())
-    }
-
-    /// Leaves the cluster: the row goes, and closing the session releases every lock.
-    async fn leave(mut self, node_id: &str) {
-        let left = sqlx::query(
-            "DELETE FROM fraiseql_observers.nodes WHERE node_id = $1 AND lease_pid = pg_backend_pid()",
-        )
-        .bind(node_id)
-        .execute(&mut self.connection)
-        .await;
-        if let Err(error) = left {
-            tracing::warn!(%error, "leaving the cluster table failed; the row expires");
-        }
-        let _ = self.connection.close().await;
-    }
-}
 
 /// Starts the listener of a leased partition.
 #[derive(Clone, Debug)]
@@ -458,18 +258,7 @@ impl Cluster {
         metrics: Arc<Metrics>,
     ) -> Result<Cluster, ClusterError> {
         let requested = i32::try_from(settings.partitions).unwrap_or(i32::MAX);
-        let registered: Result<i32, sqlx::Error> =
-            sqlx::query_scalar("SELECT fraiseql_observers.register_partition_count($1)")
-                .bind(requested)
-                .fetch_one(&pool)
-                .await;
-        match registered {
-            Ok(_) => {}
-            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("22023") => {
-                return Err(ClusterError::PartitionCount(error.message().to_owned()));
-            }
-            Err(error) => return Err(error.into()),
-        }
+        membership::register_partition_count(&pool, requested).await?;
         Ok(Cluster {
             pool,
             node_id: runner.listener.node_id.clone(),
@@ -521,7 +310,7 @@ impl Cluster {
                 sessions_opened += 1;
                 match LeaseSession::open(&self.pool, &self.node_id, sessions_opened).await {
                     Ok(opened) => session = Some(opened),
-                    Err(error @ ClusterError::DuplicateNode(_)) => break Err(error),
+                    Err(error @ MembershipError::DuplicateNode(_)) => break Err(error.into()),
                     Err(error) => {
                         tracing::warn!(%error, "opening the lease session failed; retrying");
                         continue;
@@ -540,7 +329,8 @@ impl Cluster {
                 lease.observe(&self.node_id, draining, self.settings.node_timeout),
             )
             .await
-            .unwrap_or(Err(ClusterError::Unresponsive(self.settings.node_timeout)));
+            .map_err(|_| ClusterError::Unresponsive(self.settings.node_timeout))
+            .and_then(|observed| observed.map_err(ClusterError::from));
             let seen = match observed {
                 Ok(seen) => {
                     // Peers may end this session once its heartbeat is a node timeout old; the

@@ -27,6 +27,7 @@ pub mod lease;
 pub mod limits;
 pub mod listener;
 pub mod matcher;
+pub mod membership;
 pub mod metrics;
 pub mod migrate;
 pub mod node;

@@ -32,6 +32,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "dlq",
             "jobs",
             "checkpoint",
+            "membership",
             "dedup",
             "breaker",
             "limits",

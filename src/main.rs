@@ -136,6 +136,10 @@ struct EndpointArgs {
         default_value = "0.0.0.0:9090"
     )]
     http_listen: std::net::SocketAddr,
+    /// How often the /metrics gauges read from the database (backlog, checkpoint age, dead
+    /// letters, jobs) are refreshed, at least 1s; a scrape shows the last refresh and runs no query.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_METRICS_REFRESH_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
+    metrics_refresh_interval: std::time::Duration,
     /// Serve mutating control calls on a non-loopback address without a token.
     #[arg(long)]
     insecure_control_plane: bool,
@@ -501,6 +505,11 @@ async fn run_node(
             config.origin
         );
     }
+    anyhow::ensure!(
+        endpoints.metrics_refresh_interval >= std::time::Duration::from_secs(1),
+        "--metrics-refresh-interval must be at least 1s, found {}",
+        humantime::format_duration(endpoints.metrics_refresh_interval)
+    );
     let pool = commands::connect_with_size(&database.database_url, db_pool_size).await?;
     let bind = |address: std::net::SocketAddr, what: &'static str| async move {
         tokio::net::TcpListener::bind(address)
@@ -543,6 +552,7 @@ async fn run_node(
         pool, config, settings, cluster, shared,
     )
     .await?
+    .with_gauge_refresh_interval(endpoints.metrics_refresh_interval)
     .with_endpoints(fraiseql_observers::node::Endpoints {
         grpc: Some(fraiseql_observers::grpc::GrpcEndpoint {
             listener: grpc,

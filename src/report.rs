@@ -336,12 +336,16 @@ pub fn node_status_text(status: &crate::control::NodeStatus) -> String {
 #[must_use]
 pub fn cluster_status_text(cluster: &crate::control::ClusterState) -> String {
     let mut out = String::new();
+    let dead_letters = if cluster.dead_letters >= crate::control::DEAD_LETTER_COUNT_CAP {
+        format!("{}+", crate::control::DEAD_LETTER_COUNT_CAP)
+    } else {
+        cluster.dead_letters.to_string()
+    };
     let _ = writeln!(
         out,
-        "Cluster: {} live node(s), {} partitions, {} dead letter(s)",
+        "Cluster: {} live node(s), {} partitions, {dead_letters} dead letter(s)",
         cluster.nodes.len(),
         cluster.partition_count,
-        cluster.dead_letters
     );
     for node in &cluster.nodes {
         let partitions: Vec<String> = node.partitions.iter().map(u32::to_string).collect();

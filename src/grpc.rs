@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::control::{self, Control, ControlError};
+use crate::escape::escape_control;
 
 #[allow(
     clippy::pedantic,
@@ -385,9 +386,10 @@ pub fn authorized<T>(message: T, token: Option<&str>) -> anyhow::Result<Request<
     Ok(request)
 }
 
+/// A node's refusal or failure as an error; its message is the server's text, escaped.
 #[allow(clippy::needless_pass_by_value, reason = "used as map_err(remote)")]
 fn remote(status: Status) -> anyhow::Error {
-    anyhow::anyhow!("{}: {}", status.code(), status.message())
+    anyhow::anyhow!("{}: {}", status.code(), escape_control(status.message()))
 }
 
 fn partition_from(partition: pb::PartitionStatus) -> control::PartitionState {

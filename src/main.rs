@@ -8,6 +8,7 @@ use fraiseql_observers::commands;
 use fraiseql_observers::config::{self, LoadOptions, MissingEnv};
 use fraiseql_observers::dlq::{DeadLetterFilter, PostgresDeadLetterQueue};
 use fraiseql_observers::error::ErrorCode;
+use fraiseql_observers::escape::escape_control;
 use fraiseql_observers::report;
 
 #[derive(Parser)]
@@ -17,7 +18,8 @@ use fraiseql_observers::report;
     about = "Turns PostgreSQL changes into reliable side effects"
 )]
 struct Cli {
-    /// Log line format.
+    /// Log line format. In `text`, control characters in logged values (event data, a target's
+    /// error) are escaped, so every event is one line.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "FRAISEQL_OBSERVERS_LOG_FORMAT")]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -372,7 +374,10 @@ fn init_logging(format: LogFormat) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
+        // Field values may hold event data or a receiver's words: escaped, one event per line.
+        LogFormat::Text => builder
+            .fmt_fields(fraiseql_observers::escape::EscapedLogFields)
+            .init(),
         LogFormat::Json => builder.json().init(),
     }
 }
@@ -702,8 +707,8 @@ async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
             .await?;
             Ok(format!(
                 "partition {partition}: {} → {} (epoch {}) in {:.2} s\n",
-                moved.previous_leader.as_deref().unwrap_or("(none)"),
-                moved.leader,
+                escape_control(moved.previous_leader.as_deref().unwrap_or("(none)")),
+                escape_control(&moved.leader),
                 moved.epoch,
                 moved.took.as_secs_f64()
             ))

@@ -15,6 +15,7 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::config::Secret;
 use crate::control::{self, Control, ControlError};
 use crate::escape::escape_control;
 
@@ -37,7 +38,8 @@ use pb::observer_control_server::{ObserverControl, ObserverControlServer};
 #[derive(Clone, Debug)]
 pub struct MutationPolicy {
     /// `FRAISEQL_OBSERVERS_CONTROL_TOKEN`: required as `authorization: Bearer …` when set.
-    pub token: Option<String>,
+    /// A [`Secret`], so the policy never prints it.
+    pub token: Option<Secret>,
     /// Without a token: serve mutating calls anyway (loopback address, or explicitly insecure).
     pub open_without_token: bool,
 }
@@ -47,7 +49,7 @@ impl MutationPolicy {
     #[must_use]
     pub fn for_address(token: Option<String>, address: SocketAddr, insecure: bool) -> Self {
         MutationPolicy {
-            token: token.filter(|token| !token.is_empty()),
+            token: token.filter(|token| !token.is_empty()).map(Secret::new),
             open_without_token: address.ip().is_loopback() || insecure,
         }
     }
@@ -68,7 +70,7 @@ impl MutationPolicy {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
             .unwrap_or_default();
-        if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+        if bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes())) {
             Ok(())
         } else {
             Err(Status::unauthenticated(
@@ -589,6 +591,16 @@ mod tests {
                 .check(&with_authorization(None))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_policy_never_prints_its_token() {
+        let loopback: SocketAddr = "127.0.0.1:50051".parse().unwrap();
+        let policy = MutationPolicy::for_address(Some("s3cret-t0ken".into()), loopback, false);
+        for printed in [format!("{policy:?}"), format!("{policy:#?}")] {
+            assert!(!printed.contains("s3cret-t0ken"), "{printed}");
+            assert!(printed.contains("redacted"), "{printed}");
+        }
     }
 
     #[test]

@@ -330,6 +330,33 @@ pub struct Target {
     pub ca_pem: Option<Vec<u8>>,
 }
 
+impl Target {
+    /// The host a bearer token sent to this target would reach in plaintext, if any: the endpoint
+    /// is `http://…` or a bare `host:port` (anything but `https://`) and its host is not a
+    /// loopback address (`localhost`, 127.0.0.0/8, `::1`). A host name is taken as not loopback
+    /// without resolving it; an endpoint that does not parse is `None` (it cannot be reached).
+    #[must_use]
+    pub fn plaintext_host_beyond_loopback(&self) -> Option<String> {
+        let endpoint = self.endpoint.trim();
+        let (scheme, _) = endpoint.split_once("://").unwrap_or(("http", endpoint));
+        if !scheme.eq_ignore_ascii_case("http") {
+            return None;
+        }
+        let with_scheme = if endpoint.contains("://") {
+            endpoint.to_owned()
+        } else {
+            format!("http://{endpoint}")
+        };
+        let url = url::Url::parse(&with_scheme).ok()?;
+        let loopback = match url.host()? {
+            url::Host::Domain(name) => name.eq_ignore_ascii_case("localhost"),
+            url::Host::Ipv4(address) => address.is_loopback(),
+            url::Host::Ipv6(address) => address.to_canonical().is_loopback(),
+        };
+        (!loopback).then(|| url.host_str().unwrap_or_default().to_owned())
+    }
+}
+
 impl From<&str> for Target {
     fn from(endpoint: &str) -> Self {
         Target {
@@ -600,6 +627,27 @@ mod tests {
         for printed in [format!("{policy:?}"), format!("{policy:#?}")] {
             assert!(!printed.contains("s3cret-t0ken"), "{printed}");
             assert!(printed.contains("redacted"), "{printed}");
+        }
+    }
+
+    #[test]
+    fn a_token_reaches_a_host_in_plaintext_only_over_http_beyond_loopback() {
+        let host = |endpoint: &str| Target::from(endpoint).plaintext_host_beyond_loopback();
+        for (endpoint, expected) in [
+            ("10.0.0.7:50051", Some("10.0.0.7")),
+            ("http://node-a.internal:50051", Some("node-a.internal")),
+            ("HTTP://[2001:db8::1]:50051", Some("[2001:db8::1]")),
+            ("0.0.0.0:50051", Some("0.0.0.0")),
+            ("https://node-a.internal:50051", None),
+            ("127.0.0.1:50051", None),
+            ("127.8.9.10:50051", None),
+            ("http://localhost:50051", None),
+            ("LOCALHOST:50051", None),
+            ("[::1]:50051", None),
+            ("http://[::ffff:127.0.0.1]:50051", None),
+            ("http://", None),
+        ] {
+            assert_eq!(host(endpoint).as_deref(), expected, "{endpoint}");
         }
     }
 

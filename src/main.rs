@@ -204,7 +204,9 @@ struct ControlArgs {
         default_value = "127.0.0.1:50051"
     )]
     endpoint: String,
-    /// Bearer token for mutating calls.
+    /// Bearer token for mutating calls (hand-over, drain, resume). Sent in plaintext unless the
+    /// endpoint is `https://`: the CLI then warns on stderr when the host is not a loopback
+    /// address, since anyone on the way can read and replay the token.
     #[arg(long, env = "FRAISEQL_OBSERVERS_CONTROL_TOKEN", hide_env_values = true)]
     control_token: Option<String>,
     /// CA certificate (PEM) to trust for an `https://` endpoint (default: the system's roots).
@@ -226,6 +228,23 @@ impl ControlArgs {
             endpoint: self.endpoint.clone(),
             ca_pem,
         })
+    }
+
+    /// The target of a mutating call, which carries the token: warns on stderr when the token
+    /// would cross the network in plaintext.
+    fn mutation_target(&self) -> anyhow::Result<fraiseql_observers::grpc::Target> {
+        let target = self.target()?;
+        if self
+            .control_token
+            .as_deref()
+            .is_some_and(|token| !token.is_empty())
+            && let Some(host) = target.plaintext_host_beyond_loopback()
+        {
+            eprintln!(
+                "warning: the control token is sent in plaintext to {host}, which is not a loopback address; anyone on the network path can read and reuse it. Use an https:// endpoint (the node's --grpc-tls-cert) or reach the node over a private network."
+            );
+        }
+        Ok(target)
     }
 }
 
@@ -698,7 +717,7 @@ async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
             control,
         } => {
             let moved = grpc::request_handover(
-                control.target()?,
+                control.mutation_target()?,
                 control.control_token.as_deref(),
                 partition,
                 &to,
@@ -715,7 +734,7 @@ async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
         }
         ClusterCommand::Drain { node, control } => {
             grpc::request_drain(
-                control.target()?,
+                control.mutation_target()?,
                 control.control_token.as_deref(),
                 node.as_deref(),
                 true,
@@ -728,7 +747,7 @@ async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
         }
         ClusterCommand::Resume { node, control } => {
             grpc::request_drain(
-                control.target()?,
+                control.mutation_target()?,
                 control.control_token.as_deref(),
                 node.as_deref(),
                 false,

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::actions::{ActionContext, ActionRunner};
 use crate::config::ObserversConfig;
 use crate::dlq::{DeadLetter, DeadLetterFilter, DeadLetterQueue, PostgresDeadLetterQueue};
+use crate::escape::{escape_control, json_for_terminal};
 use crate::retry::run_with_retry;
 
 /// Connects to the service's database.
@@ -84,24 +85,31 @@ pub async fn dlq_list(
         "{:<36}  {:<20}  {:<12}  {:<7}  {:>8}  {:<12}  error",
         "id", "observer", "entity", "code", "attempts", "age"
     );
+    // Observer, entity and error come from the change log and the targets: escaped, so each
+    // letter is one row and nothing reaches the terminal as a control sequence.
     for letter in &letters {
         let message: String = letter.letter.error_message.chars().take(60).collect();
         let _ = writeln!(
             out,
             "{:<36}  {:<20}  {:<12}  {:<7}  {:>8}  {:<12}  {}",
             letter.id,
-            format!("{}[{}]", letter.letter.observer, letter.letter.action_index),
-            letter.letter.event.entity_type,
+            format!(
+                "{}[{}]",
+                escape_control(&letter.letter.observer),
+                letter.letter.action_index
+            ),
+            escape_control(&letter.letter.event.entity_type),
             letter.letter.error_code.as_str(),
             letter.letter.attempts,
             age(letter),
-            message.replace('\n', " ")
+            escape_control(&message)
         );
     }
     Ok(out)
 }
 
-/// `dlq show ID`: everything stored for one dead letter.
+/// `dlq show ID`: everything stored for one dead letter, as JSON whose strings hold no raw
+/// control characters (see [`json_for_terminal`]).
 ///
 /// # Errors
 /// No such letter, or the database failed.
@@ -110,7 +118,8 @@ pub async fn dlq_show(queue: &PostgresDeadLetterQueue, id: Uuid) -> anyhow::Resu
         .get(id)
         .await?
         .with_context(|| format!("no dead letter with id {id}"))?;
-    Ok(format!("{:#}\n", serde_json::to_value(&letter)?))
+    let json = format!("{:#}\n", serde_json::to_value(&letter)?);
+    Ok(json_for_terminal(&json).into_owned())
 }
 
 /// `dlq purge`: deletes the letters matching `filter`.
@@ -202,12 +211,14 @@ pub async fn dlq_retry(
             queue.remove(id).await?;
             Ok(format!(
                 "✓ retried {id}: {} after {} attempt(s); removed from the dead-letter queue\n",
-                success.detail, outcome.attempts
+                escape_control(&success.detail),
+                outcome.attempts
             ))
         }
         Err(error) => anyhow::bail!(
-            "retry of {id} failed again after {} attempt(s): {error}; the letter stays",
-            outcome.attempts
+            "retry of {id} failed again after {} attempt(s): {}; the letter stays",
+            outcome.attempts,
+            escape_control(&error.to_string())
         ),
     }
 }

@@ -2,19 +2,32 @@
 //! node — its status, the cluster's status (from the shared database), hand-over of a partition
 //! to a named node, drain and resume, readiness and liveness. Plain types; only `grpc` knows
 //! tonic.
+//!
+//! The gauges of `/metrics` that are read from the database are refreshed by one background task
+//! at a bounded interval ([`Control::refresh_gauges_every`]); a scrape renders what that task last
+//! read and runs no query, so however often `/metrics` is scraped, the database sees one read-only
+//! transaction per interval, under a statement timeout.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use sqlx::{PgPool, Row};
+use sqlx::{PgPool, Postgres, Row};
+use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{ClusterHandle, LEASE_NAMESPACE};
 use crate::jobs::{PostgresJobQueue, QueueStats};
-use crate::metrics::{Metrics, PartitionLabel, QueueLabels};
+use crate::metrics::{Metrics, OutcomeLabel, PartitionLabel, QueueLabels};
 
 /// Backlog counts stop here, so a status call stays cheap on a huge backlog.
 pub const BACKLOG_CAP: i64 = 1_000_000;
+/// Dead-letter counts stop here (cluster status, `/metrics`): a flood of dead letters costs a
+/// bounded read. A count at the cap means "at least this many".
+pub const DEAD_LETTER_COUNT_CAP: i64 = 100_000;
+/// How often the database-read gauges of `/metrics` are refreshed by default.
+pub const DEFAULT_GAUGE_REFRESH_INTERVAL: Duration = Duration::from_secs(15);
+/// The server cancels a gauge refresh's statement after this (`statement_timeout`).
+pub const GAUGE_REFRESH_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a hand-over waits for the target by default.
 pub const DEFAULT_HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -66,6 +79,7 @@ pub struct ClusterState {
     pub partition_count: u32,
     pub nodes: Vec<NodeState>,
     pub partitions: Vec<PartitionState>,
+    /// Counted up to [`DEAD_LETTER_COUNT_CAP`].
     pub dead_letters: i64,
 }
 
@@ -103,6 +117,9 @@ pub struct Control {
     jobs: PostgresJobQueue,
     /// A supervisor tick older than this means the node's loops are stuck.
     stuck_after: Duration,
+    /// Every partition as the last gauge refresh read it; a scrape shows those this node leads
+    /// at that moment. The lock also keeps concurrent scrapes from interleaving.
+    partition_gauges: Arc<Mutex<Vec<PartitionState>>>,
 }
 
 impl Control {
@@ -126,6 +143,7 @@ impl Control {
             metrics,
             jobs,
             stuck_after,
+            partition_gauges: Arc::default(),
         }
     }
 
@@ -145,8 +163,7 @@ impl Control {
     /// The database could not be read.
     pub async fn status(&self) -> Result<NodeStatus, ControlError> {
         let leading = self.handle.leading();
-        let leases = self
-            .partition_states()
+        let leases = partition_states(&self.pool, self.partitions)
             .await?
             .into_iter()
             .filter(|state| leading.contains(&i32::try_from(state.partition).unwrap_or(-1)))
@@ -175,7 +192,7 @@ impl Control {
     /// # Errors
     /// The database could not be read.
     pub async fn cluster_status(&self) -> Result<ClusterState, ControlError> {
-        let partitions = self.partition_states().await?;
+        let partitions = partition_states(&self.pool, self.partitions).await?;
         let rows = sqlx::query(
             "SELECT node_id, version, draining,
                     extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age,
@@ -209,62 +226,13 @@ impl Control {
                 uptime_seconds: uptime.max(0.0) as u64,
             });
         }
-        let dead_letters: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM fraiseql_observers.dead_letters")
-                .fetch_one(&self.pool)
-                .await?;
+        let dead_letters = count_dead_letters(&self.pool).await?;
         Ok(ClusterState {
             partition_count: self.partitions,
             nodes,
             partitions,
             dead_letters,
         })
-    }
-
-    /// Every partition: its current lock holder, epoch, checkpoint and backlog.
-    async fn partition_states(&self) -> Result<Vec<PartitionState>, ControlError> {
-        let rows = sqlx::query(
-            "WITH locks AS (
-                 SELECT objid::bigint AS partition, pid FROM pg_locks
-                  WHERE locktype = 'advisory' AND classid = $2::bigint::oid AND objsubid = 2 AND granted
-                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
-             SELECT p.partition, node.node_id AS leader, coalesce(part.epoch, 0) AS epoch,
-                    coalesce(part.snapshot::text, '(start of the log)')
-                        || CASE WHEN part.batch_upto IS NULL THEN ''
-                                ELSE ' (batch to ' || part.batch_upto::text || ' at row '
-                                     || coalesce(part.batch_position::text, '-') || ')' END AS checkpoint,
-                    extract(epoch FROM now() - part.updated_at)::float8 AS age,
-                    (SELECT count(*) FROM (
-                         SELECT 1 FROM core.tb_entity_change_log AS log
-                          WHERE log.txid IS NOT NULL
-                            AND log.entity_hash % $1 = p.partition
-                            AND (part.snapshot IS NULL
-                                 OR (log.txid >= pg_snapshot_xmin(part.snapshot)
-                                     AND NOT pg_visible_in_snapshot(log.txid, part.snapshot)))
-                          LIMIT $3) AS pending) AS backlog
-               FROM generate_series(0, $1 - 1) AS p (partition)
-               LEFT JOIN fraiseql_observers.partitions AS part ON part.partition = p.partition
-               LEFT JOIN locks ON locks.partition = p.partition
-               LEFT JOIN fraiseql_observers.nodes AS node ON node.lease_pid = locks.pid
-              ORDER BY p.partition",
-        )
-        .bind(i32::try_from(self.partitions).unwrap_or(i32::MAX))
-        .bind(i64::from(LEASE_NAMESPACE))
-        .bind(BACKLOG_CAP)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(PartitionState {
-                    partition: u32::try_from(row.try_get::<i32, _>("partition")?).unwrap_or(0),
-                    leader: row.try_get("leader")?,
-                    epoch: row.try_get("epoch")?,
-                    checkpoint: row.try_get("checkpoint")?,
-                    backlog: u64::try_from(row.try_get::<i64, _>("backlog")?).unwrap_or(0),
-                    checkpoint_age_seconds: row.try_get("age")?,
-                })
-            })
-            .collect()
     }
 
     /// Moves `partition` to `target`: the leader finishes its page, saves the checkpoint and
@@ -351,7 +319,7 @@ impl Control {
     }
 
     async fn partition_state(&self, partition: u32) -> Result<PartitionState, ControlError> {
-        self.partition_states()
+        partition_states(&self.pool, self.partitions)
             .await?
             .into_iter()
             .find(|state| state.partition == partition)
@@ -435,16 +403,86 @@ impl Control {
         Ok(())
     }
 
-    /// Refreshes the gauges read from the database and renders every metric.
+    /// Reads the gauges that come from the database — every partition's backlog and checkpoint
+    /// age, dead letters, job depths — in one read-only transaction under
+    /// [`GAUGE_REFRESH_STATEMENT_TIMEOUT`], and keeps them for [`Control::render_metrics`].
+    /// Counted in `database_gauge_refreshes_total` by outcome; a failed refresh keeps the values
+    /// read before.
     ///
     /// # Errors
-    /// The database could not be read.
-    pub async fn render_metrics(&self) -> Result<String, ControlError> {
+    /// The database could not be read in time.
+    pub async fn refresh_gauges(&self) -> Result<(), ControlError> {
+        let read = self.read_gauges().await;
+        self.metrics
+            .gauge_refreshes
+            .get_or_create(&OutcomeLabel {
+                outcome: if read.is_ok() { "succeeded" } else { "failed" }.to_owned(),
+            })
+            .inc();
+        let (states, dead_letters, depths) = read?;
+        let mut partition_gauges = self
+            .partition_gauges
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *partition_gauges = states;
+        self.metrics.dead_letters.set(dead_letters);
+        self.metrics.jobs.clear();
+        for (queue, status, count) in depths {
+            self.metrics
+                .jobs
+                .get_or_create(&QueueLabels { queue, status })
+                .set(count);
+        }
+        Ok(())
+    }
+
+    async fn read_gauges(
+        &self,
+    ) -> Result<(Vec<PartitionState>, i64, Vec<(String, String, i64)>), ControlError> {
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+            .bind(GAUGE_REFRESH_STATEMENT_TIMEOUT.as_millis().to_string())
+            .execute(&mut *transaction)
+            .await?;
+        let states = partition_states(&mut *transaction, self.partitions).await?;
+        let dead_letters = count_dead_letters(&mut *transaction).await?;
+        let depths = sqlx::query_as(
+            "SELECT queue, status, count(*) FROM fraiseql_observers.jobs
+              WHERE status IN ('pending', 'running', 'failed')
+              GROUP BY queue, status ORDER BY queue, status",
+        )
+        .fetch_all(&mut *transaction)
+        .await?;
+        transaction.rollback().await?;
+        Ok((states, dead_letters, depths))
+    }
+
+    /// Refreshes the database-read gauges now and then every `interval` until `shutdown`; a
+    /// failed refresh is logged and tried again at the next interval.
+    pub async fn refresh_gauges_every(&self, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            if let Err(error) = self.refresh_gauges().await {
+                tracing::warn!(%error, "refreshing the database-read metrics failed; /metrics shows the previous values");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// Renders every metric, the database-read gauges as the last refresh left them (per
+    /// partition: those this node leads now). Runs no query.
+    #[must_use]
+    pub fn render_metrics(&self) -> String {
         let leading = self.handle.leading();
-        let states = self.partition_states().await?;
+        let partition_gauges = self
+            .partition_gauges
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.metrics.partition_backlog.clear();
         self.metrics.partition_checkpoint_age.clear();
-        for state in states {
+        for state in partition_gauges.iter() {
             if !leading.contains(&i32::try_from(state.partition).unwrap_or(-1)) {
                 continue;
             }
@@ -462,18 +500,68 @@ impl Control {
                     .set(age);
             }
         }
-        let dead_letters: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM fraiseql_observers.dead_letters")
-                .fetch_one(&self.pool)
-                .await?;
-        self.metrics.dead_letters.set(dead_letters);
-        self.metrics.jobs.clear();
-        for (queue, status, count) in self.jobs.depths().await? {
-            self.metrics
-                .jobs
-                .get_or_create(&QueueLabels { queue, status })
-                .set(count);
-        }
-        Ok(self.metrics.render())
+        self.metrics.render()
     }
+}
+
+/// Dead letters, counted up to [`DEAD_LETTER_COUNT_CAP`].
+async fn count_dead_letters<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = Postgres>,
+) -> Result<i64, ControlError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM fraiseql_observers.dead_letters LIMIT $1) AS letters",
+    )
+    .bind(DEAD_LETTER_COUNT_CAP)
+    .fetch_one(executor)
+    .await?)
+}
+
+/// Every partition: its current lock holder, epoch, checkpoint and backlog (capped at
+/// [`BACKLOG_CAP`]).
+async fn partition_states<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = Postgres>,
+    partitions: u32,
+) -> Result<Vec<PartitionState>, ControlError> {
+    let rows = sqlx::query(
+        "WITH locks AS (
+             SELECT objid::bigint AS partition, pid FROM pg_locks
+              WHERE locktype = 'advisory' AND classid = $2::bigint::oid AND objsubid = 2 AND granted
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+         SELECT p.partition, node.node_id AS leader, coalesce(part.epoch, 0) AS epoch,
+                coalesce(part.snapshot::text, '(start of the log)')
+                    || CASE WHEN part.batch_upto IS NULL THEN ''
+                            ELSE ' (batch to ' || part.batch_upto::text || ' at row '
+                                 || coalesce(part.batch_position::text, '-') || ')' END AS checkpoint,
+                extract(epoch FROM now() - part.updated_at)::float8 AS age,
+                (SELECT count(*) FROM (
+                     SELECT 1 FROM core.tb_entity_change_log AS log
+                      WHERE log.txid IS NOT NULL
+                        AND log.entity_hash % $1 = p.partition
+                        AND (part.snapshot IS NULL
+                             OR (log.txid >= pg_snapshot_xmin(part.snapshot)
+                                 AND NOT pg_visible_in_snapshot(log.txid, part.snapshot)))
+                      LIMIT $3) AS pending) AS backlog
+           FROM generate_series(0, $1 - 1) AS p (partition)
+           LEFT JOIN fraiseql_observers.partitions AS part ON part.partition = p.partition
+           LEFT JOIN locks ON locks.partition = p.partition
+           LEFT JOIN fraiseql_observers.nodes AS node ON node.lease_pid = locks.pid
+          ORDER BY p.partition",
+    )
+    .bind(i32::try_from(partitions).unwrap_or(i32::MAX))
+    .bind(i64::from(LEASE_NAMESPACE))
+    .bind(BACKLOG_CAP)
+    .fetch_all(executor)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(PartitionState {
+                partition: u32::try_from(row.try_get::<i32, _>("partition")?).unwrap_or(0),
+                leader: row.try_get("leader")?,
+                epoch: row.try_get("epoch")?,
+                checkpoint: row.try_get("checkpoint")?,
+                backlog: u64::try_from(row.try_get::<i64, _>("backlog")?).unwrap_or(0),
+                checkpoint_age_seconds: row.try_get("age")?,
+            })
+        })
+        .collect()
 }

@@ -15,7 +15,9 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::config::Secret;
 use crate::control::{self, Control, ControlError};
+use crate::escape::escape_control;
 
 #[allow(
     clippy::pedantic,
@@ -36,7 +38,8 @@ use pb::observer_control_server::{ObserverControl, ObserverControlServer};
 #[derive(Clone, Debug)]
 pub struct MutationPolicy {
     /// `FRAISEQL_OBSERVERS_CONTROL_TOKEN`: required as `authorization: Bearer …` when set.
-    pub token: Option<String>,
+    /// A [`Secret`], so the policy never prints it.
+    pub token: Option<Secret>,
     /// Without a token: serve mutating calls anyway (loopback address, or explicitly insecure).
     pub open_without_token: bool,
 }
@@ -46,7 +49,7 @@ impl MutationPolicy {
     #[must_use]
     pub fn for_address(token: Option<String>, address: SocketAddr, insecure: bool) -> Self {
         MutationPolicy {
-            token: token.filter(|token| !token.is_empty()),
+            token: token.filter(|token| !token.is_empty()).map(Secret::new),
             open_without_token: address.ip().is_loopback() || insecure,
         }
     }
@@ -67,7 +70,7 @@ impl MutationPolicy {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
             .unwrap_or_default();
-        if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+        if bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes())) {
             Ok(())
         } else {
             Err(Status::unauthenticated(
@@ -327,6 +330,33 @@ pub struct Target {
     pub ca_pem: Option<Vec<u8>>,
 }
 
+impl Target {
+    /// The host a bearer token sent to this target would reach in plaintext, if any: the endpoint
+    /// is `http://…` or a bare `host:port` (anything but `https://`) and its host is not a
+    /// loopback address (`localhost`, 127.0.0.0/8, `::1`). A host name is taken as not loopback
+    /// without resolving it; an endpoint that does not parse is `None` (it cannot be reached).
+    #[must_use]
+    pub fn plaintext_host_beyond_loopback(&self) -> Option<String> {
+        let endpoint = self.endpoint.trim();
+        let (scheme, _) = endpoint.split_once("://").unwrap_or(("http", endpoint));
+        if !scheme.eq_ignore_ascii_case("http") {
+            return None;
+        }
+        let with_scheme = if endpoint.contains("://") {
+            endpoint.to_owned()
+        } else {
+            format!("http://{endpoint}")
+        };
+        let url = url::Url::parse(&with_scheme).ok()?;
+        let loopback = match url.host()? {
+            url::Host::Domain(name) => name.eq_ignore_ascii_case("localhost"),
+            url::Host::Ipv4(address) => address.is_loopback(),
+            url::Host::Ipv6(address) => address.to_canonical().is_loopback(),
+        };
+        (!loopback).then(|| url.host_str().unwrap_or_default().to_owned())
+    }
+}
+
 impl From<&str> for Target {
     fn from(endpoint: &str) -> Self {
         Target {
@@ -385,9 +415,10 @@ pub fn authorized<T>(message: T, token: Option<&str>) -> anyhow::Result<Request<
     Ok(request)
 }
 
+/// A node's refusal or failure as an error; its message is the server's text, escaped.
 #[allow(clippy::needless_pass_by_value, reason = "used as map_err(remote)")]
 fn remote(status: Status) -> anyhow::Error {
-    anyhow::anyhow!("{}: {}", status.code(), status.message())
+    anyhow::anyhow!("{}: {}", status.code(), escape_control(status.message()))
 }
 
 fn partition_from(partition: pb::PartitionStatus) -> control::PartitionState {
@@ -587,6 +618,37 @@ mod tests {
                 .check(&with_authorization(None))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_policy_never_prints_its_token() {
+        let loopback: SocketAddr = "127.0.0.1:50051".parse().unwrap();
+        let policy = MutationPolicy::for_address(Some("s3cret-t0ken".into()), loopback, false);
+        for printed in [format!("{policy:?}"), format!("{policy:#?}")] {
+            assert!(!printed.contains("s3cret-t0ken"), "{printed}");
+            assert!(printed.contains("redacted"), "{printed}");
+        }
+    }
+
+    #[test]
+    fn a_token_reaches_a_host_in_plaintext_only_over_http_beyond_loopback() {
+        let host = |endpoint: &str| Target::from(endpoint).plaintext_host_beyond_loopback();
+        for (endpoint, expected) in [
+            ("10.0.0.7:50051", Some("10.0.0.7")),
+            ("http://node-a.internal:50051", Some("node-a.internal")),
+            ("HTTP://[2001:db8::1]:50051", Some("[2001:db8::1]")),
+            ("0.0.0.0:50051", Some("0.0.0.0")),
+            ("https://node-a.internal:50051", None),
+            ("127.0.0.1:50051", None),
+            ("127.8.9.10:50051", None),
+            ("http://localhost:50051", None),
+            ("LOCALHOST:50051", None),
+            ("[::1]:50051", None),
+            ("http://[::ffff:127.0.0.1]:50051", None),
+            ("http://", None),
+        ] {
+            assert_eq!(host(endpoint).as_deref(), expected, "{endpoint}");
+        }
     }
 
     #[test]

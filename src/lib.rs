@@ -19,6 +19,7 @@ pub mod demo;
 pub mod dlq;
 pub mod domain;
 pub mod error;
+pub mod escape;
 pub mod executor;
 pub mod grpc;
 pub mod http;

@@ -8,6 +8,7 @@ use fraiseql_observers::commands;
 use fraiseql_observers::config::{self, LoadOptions, MissingEnv};
 use fraiseql_observers::dlq::{DeadLetterFilter, PostgresDeadLetterQueue};
 use fraiseql_observers::error::ErrorCode;
+use fraiseql_observers::escape::escape_control;
 use fraiseql_observers::report;
 
 #[derive(Parser)]
@@ -17,7 +18,8 @@ use fraiseql_observers::report;
     about = "Turns PostgreSQL changes into reliable side effects"
 )]
 struct Cli {
-    /// Log line format.
+    /// Log line format. In `text`, control characters in logged values (event data, a target's
+    /// error) are escaped, so every event is one line.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "FRAISEQL_OBSERVERS_LOG_FORMAT")]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -144,6 +146,10 @@ struct EndpointArgs {
         default_value = "0.0.0.0:9090"
     )]
     http_listen: std::net::SocketAddr,
+    /// How often the /metrics gauges read from the database (backlog, checkpoint age, dead
+    /// letters, jobs) are refreshed, at least 1s; a scrape shows the last refresh and runs no query.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_METRICS_REFRESH_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
+    metrics_refresh_interval: std::time::Duration,
     /// Serve mutating control calls on a non-loopback address without a token.
     #[arg(long)]
     insecure_control_plane: bool,
@@ -206,7 +212,9 @@ struct ControlArgs {
         default_value = "127.0.0.1:50051"
     )]
     endpoint: String,
-    /// Bearer token for mutating calls.
+    /// Bearer token for mutating calls (hand-over, drain, resume). Sent in plaintext unless the
+    /// endpoint is `https://`: the CLI then warns on stderr when the host is not a loopback
+    /// address, since anyone on the way can read and replay the token.
     #[arg(long, env = "FRAISEQL_OBSERVERS_CONTROL_TOKEN", hide_env_values = true)]
     control_token: Option<String>,
     /// CA certificate (PEM) to trust for an `https://` endpoint (default: the system's roots).
@@ -228,6 +236,23 @@ impl ControlArgs {
             endpoint: self.endpoint.clone(),
             ca_pem,
         })
+    }
+
+    /// The target of a mutating call, which carries the token: warns on stderr when the token
+    /// would cross the network in plaintext.
+    fn mutation_target(&self) -> anyhow::Result<fraiseql_observers::grpc::Target> {
+        let target = self.target()?;
+        if self
+            .control_token
+            .as_deref()
+            .is_some_and(|token| !token.is_empty())
+            && let Some(host) = target.plaintext_host_beyond_loopback()
+        {
+            eprintln!(
+                "warning: the control token is sent in plaintext to {host}, which is not a loopback address; anyone on the network path can read and reuse it. Use an https:// endpoint (the node's --grpc-tls-cert) or reach the node over a private network."
+            );
+        }
+        Ok(target)
     }
 }
 
@@ -376,7 +401,10 @@ fn init_logging(format: LogFormat) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
+        // Field values may hold event data or a receiver's words: escaped, one event per line.
+        LogFormat::Text => builder
+            .fmt_fields(fraiseql_observers::escape::EscapedLogFields)
+            .init(),
         LogFormat::Json => builder.json().init(),
     }
 }
@@ -509,6 +537,11 @@ async fn run_node(
             config.origin
         );
     }
+    anyhow::ensure!(
+        endpoints.metrics_refresh_interval >= std::time::Duration::from_secs(1),
+        "--metrics-refresh-interval must be at least 1s, found {}",
+        humantime::format_duration(endpoints.metrics_refresh_interval)
+    );
     let pool = commands::connect_with_size(&database.database_url, db_pool_size).await?;
     let bind = |address: std::net::SocketAddr, what: &'static str| async move {
         tokio::net::TcpListener::bind(address)
@@ -551,6 +584,7 @@ async fn run_node(
         pool, config, settings, cluster, shared,
     )
     .await?
+    .with_gauge_refresh_interval(endpoints.metrics_refresh_interval)
     .with_endpoints(fraiseql_observers::node::Endpoints {
         grpc: Some(fraiseql_observers::grpc::GrpcEndpoint {
             listener: grpc,
@@ -735,7 +769,7 @@ async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
             control,
         } => {
             let moved = grpc::request_handover(
-                control.target()?,
+                control.mutation_target()?,
                 control.control_token.as_deref(),
                 partition,
                 &to,
@@ -744,15 +778,15 @@ async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
             .await?;
             Ok(format!(
                 "partition {partition}: {} → {} (epoch {}) in {:.2} s\n",
-                moved.previous_leader.as_deref().unwrap_or("(none)"),
-                moved.leader,
+                escape_control(moved.previous_leader.as_deref().unwrap_or("(none)")),
+                escape_control(&moved.leader),
                 moved.epoch,
                 moved.took.as_secs_f64()
             ))
         }
         ClusterCommand::Drain { node, control } => {
             grpc::request_drain(
-                control.target()?,
+                control.mutation_target()?,
                 control.control_token.as_deref(),
                 node.as_deref(),
                 true,
@@ -765,7 +799,7 @@ async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
         }
         ClusterCommand::Resume { node, control } => {
             grpc::request_drain(
-                control.target()?,
+                control.mutation_target()?,
                 control.control_token.as_deref(),
                 node.as_deref(),
                 false,

@@ -1,6 +1,7 @@
 //! The node's Prometheus metrics: counters and histograms updated where the work happens
-//! (listener pages, job workers, the lease supervisor), gauges read from the database when
-//! scraped. Rendered as OpenMetrics text by the HTTP endpoint (`/metrics`).
+//! (listener pages, job workers, the lease supervisor), gauges read from the database by the
+//! control façade's background refresh (never by a scrape). Rendered as OpenMetrics text by the
+//! HTTP endpoint (`/metrics`).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -58,6 +59,8 @@ pub struct Metrics {
     pub jobs: Family<QueueLabels, Gauge>,
     pub dedup: Family<OutcomeLabel, Counter>,
     pub cache: Family<OutcomeLabel, Counter>,
+    /// Refreshes of the database-read gauges, `succeeded` or `failed`.
+    pub gauge_refreshes: Family<OutcomeLabel, Counter>,
     /// Succeeded, failed, enqueued: plain totals for the status call.
     totals: [AtomicU64; 3],
 }
@@ -93,6 +96,7 @@ impl Metrics {
             jobs: Family::default(),
             dedup: Family::default(),
             cache: Family::default(),
+            gauge_refreshes: Family::default(),
             totals: Default::default(),
         };
         registry.register(
@@ -137,22 +141,22 @@ impl Metrics {
         );
         registry.register(
             "partition_backlog_rows",
-            "Change-log rows committed after the checkpoint, per partition this node leads (capped at 1,000,000)",
+            "Change-log rows committed after the checkpoint, per partition this node leads (capped at 1,000,000; as of the last database gauge refresh)",
             metrics.partition_backlog.clone(),
         );
         registry.register(
             "partition_checkpoint_age_seconds",
-            "Seconds since the checkpoint was written, per partition this node leads",
+            "Seconds since the checkpoint was written, per partition this node leads (as of the last database gauge refresh)",
             metrics.partition_checkpoint_age.clone(),
         );
         registry.register(
             "dead_letters",
-            "Dead letters waiting in the database (cluster-wide)",
+            "Dead letters waiting in the database, cluster-wide (counted up to 100,000; as of the last database gauge refresh)",
             metrics.dead_letters.clone(),
         );
         registry.register(
             "jobs",
-            "Jobs in the durable queue by queue and status (cluster-wide)",
+            "Jobs in the durable queue by queue and status, cluster-wide (as of the last database gauge refresh)",
             metrics.jobs.clone(),
         );
         registry.register(
@@ -164,6 +168,11 @@ impl Metrics {
             "cache_operations",
             "Action result cache: hit, miss, store, invalidated, error",
             metrics.cache.clone(),
+        );
+        registry.register(
+            "database_gauge_refreshes",
+            "Reads of the database-backed gauges (backlog, checkpoint age, dead letters, jobs) by the background refresh: succeeded, failed",
+            metrics.gauge_refreshes.clone(),
         );
         Metrics {
             registry,

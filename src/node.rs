@@ -97,6 +97,8 @@ pub struct Node {
     workers: Vec<JobWorker>,
     jobs: PostgresJobQueue,
     job_settings: JobSettings,
+    /// How often the database-read gauges of `/metrics` are refreshed (with an HTTP endpoint).
+    gauge_refresh_interval: Duration,
 }
 
 impl Node {
@@ -210,6 +212,7 @@ impl Node {
             workers,
             jobs,
             job_settings: config.jobs,
+            gauge_refresh_interval: crate::control::DEFAULT_GAUGE_REFRESH_INTERVAL,
         })
     }
 
@@ -229,6 +232,14 @@ impl Node {
     #[must_use]
     pub fn with_endpoints(mut self, endpoints: Endpoints) -> Node {
         self.endpoints = endpoints;
+        self
+    }
+
+    /// Refreshes the database-read gauges of `/metrics` this often (default
+    /// [`DEFAULT_GAUGE_REFRESH_INTERVAL`](crate::control::DEFAULT_GAUGE_REFRESH_INTERVAL)).
+    #[must_use]
+    pub fn with_gauge_refresh_interval(mut self, interval: Duration) -> Node {
+        self.gauge_refresh_interval = interval;
         self
     }
 
@@ -294,6 +305,9 @@ impl Node {
             });
         }
         if let Some(listener) = self.endpoints.http {
+            let (control, stop) = (self.control.clone(), stop_workers.clone());
+            let interval = self.gauge_refresh_interval;
+            tasks.spawn(async move { control.refresh_gauges_every(interval, stop).await });
             let (control, stop) = (self.control.clone(), stop_workers.clone());
             tasks.spawn(async move {
                 if let Err(error) = crate::http::serve(listener, control, stop).await {

@@ -1,4 +1,5 @@
-//! Human and JSON renderings of what the CLI shows: the `validate-config` report.
+//! Human and JSON renderings of what the CLI shows: the `validate-config` report and the
+//! `status` and `cluster status` trees.
 //!
 //! Every figure is computed from the loaded configuration; nothing here is sample output.
 
@@ -11,6 +12,7 @@ use crate::config::{
     ActionKind, BackoffKind, ConfigErrors, FailurePolicy, ObserversConfig, WebhookTarget,
 };
 use crate::domain::EventKind;
+use crate::escape::escape_control;
 
 /// Counts of what a configuration defines.
 struct Tally<'config> {
@@ -264,15 +266,16 @@ fn seconds(age: Option<f64>) -> String {
     age.map_or_else(|| "never".to_owned(), |age| format!("{age:.1}s ago"))
 }
 
-/// `status`: one node, as a tree.
+/// `status`: one node, as a tree. Every string the node sent is escaped: the answer comes over
+/// the network and its checkpoints and queue names from the database.
 #[must_use]
 pub fn node_status_text(status: &crate::control::NodeStatus) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "Node {} (fraiseql-observers {}), up {}s{}",
-        status.node_id,
-        status.version,
+        escape_control(&status.node_id),
+        escape_control(&status.version),
         status.uptime_seconds,
         if status.draining { ", DRAINING" } else { "" }
     );
@@ -295,7 +298,7 @@ pub fn node_status_text(status: &crate::control::NodeStatus) -> String {
             lease.epoch,
             lease.backlog,
             seconds(lease.checkpoint_age_seconds),
-            lease.checkpoint
+            escape_control(&lease.checkpoint)
         );
     }
     let counters = &status.counters;
@@ -326,30 +329,37 @@ pub fn node_status_text(status: &crate::control::NodeStatus) -> String {
         let _ = writeln!(
             out,
             "    {branch} {}: {} pending, {} running, {} failed",
-            queue.queue, queue.pending, queue.running, queue.failed
+            escape_control(&queue.queue),
+            queue.pending,
+            queue.running,
+            queue.failed
         );
     }
     out
 }
 
-/// `cluster status`: every node and every partition.
+/// `cluster status`: every node and every partition, strings escaped as in [`node_status_text`].
 #[must_use]
 pub fn cluster_status_text(cluster: &crate::control::ClusterState) -> String {
     let mut out = String::new();
+    let dead_letters = if cluster.dead_letters >= crate::control::DEAD_LETTER_COUNT_CAP {
+        format!("{}+", crate::control::DEAD_LETTER_COUNT_CAP)
+    } else {
+        cluster.dead_letters.to_string()
+    };
     let _ = writeln!(
         out,
-        "Cluster: {} live node(s), {} partitions, {} dead letter(s)",
+        "Cluster: {} live node(s), {} partitions, {dead_letters} dead letter(s)",
         cluster.nodes.len(),
         cluster.partition_count,
-        cluster.dead_letters
     );
     for node in &cluster.nodes {
         let partitions: Vec<String> = node.partitions.iter().map(u32::to_string).collect();
         let _ = writeln!(
             out,
             "├── {} (v{}, up {}s, heartbeat {:.1}s ago{}): partitions [{}]",
-            node.node_id,
-            node.version,
+            escape_control(&node.node_id),
+            escape_control(&node.version),
             node.uptime_seconds,
             node.heartbeat_age_seconds,
             if node.draining { ", draining" } else { "" },
@@ -367,12 +377,54 @@ pub fn cluster_status_text(cluster: &crate::control::ClusterState) -> String {
             out,
             "    {:>9}  {:<24} {:>6} {:>9}  {:<14} {}",
             partition.partition,
-            partition.leader.as_deref().unwrap_or("(none)"),
+            escape_control(partition.leader.as_deref().unwrap_or("(none)")),
             partition.epoch,
             partition.backlog,
             seconds(partition.checkpoint_age_seconds),
-            partition.checkpoint
+            escape_control(&partition.checkpoint)
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{ClusterState, NodeState, PartitionState};
+
+    #[test]
+    fn cluster_status_shows_what_nodes_report_escaped_one_line_each() {
+        let hostile = "node-a\n├── node-z (v9, up 0s, heartbeat 0.0s ago): partitions [0]\u{1b}[2K";
+        let cluster = ClusterState {
+            partition_count: 1,
+            nodes: vec![NodeState {
+                node_id: hostile.to_owned(),
+                version: "0.1.0\r".to_owned(),
+                draining: false,
+                heartbeat_age_seconds: 0.1,
+                uptime_seconds: 5,
+                partitions: vec![0],
+            }],
+            partitions: vec![PartitionState {
+                partition: 0,
+                leader: Some(hostile.to_owned()),
+                epoch: 1,
+                checkpoint: "1:2:\u{202e}".to_owned(),
+                backlog: 0,
+                checkpoint_age_seconds: None,
+            }],
+            dead_letters: crate::control::DEAD_LETTER_COUNT_CAP,
+        };
+        let text = cluster_status_text(&cluster);
+        assert_eq!(text.lines().count(), 5, "{text}");
+        assert!(!text.contains(['\u{1b}', '\r', '\u{202e}']), "{text}");
+        assert!(
+            text.contains(r"├── node-a\n├── node-z (v9, up 0s, heartbeat 0.0s ago): partitions [0]\u{1b}[2K (v0.1.0\r,"),
+            "{text}"
+        );
+        assert!(
+            text.starts_with("Cluster: 1 live node(s), 1 partitions, 100000+ dead letter(s)\n"),
+            "{text}"
+        );
+    }
 }

@@ -182,3 +182,42 @@ fn an_unknown_extension_or_missing_file_is_a_clear_error() {
             .contains("does-not-exist.yaml: cannot read the file")
     );
 }
+
+/// A mutating cluster command as a user runs it, the token in the environment.
+fn cluster_drain_with_token(endpoint: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
+        .args(["cluster", "drain", "--endpoint", endpoint])
+        .env("FRAISEQL_OBSERVERS_CONTROL_TOKEN", "t0ken-never-printed")
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("the binary runs")
+}
+
+#[test]
+fn a_token_sent_in_plaintext_beyond_loopback_is_warned_about() {
+    // TEST-NET-1: not this machine; the call fails (unreachable or timed out) after the warning.
+    let output = cluster_drain_with_token("192.0.2.1:50051");
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "warning: the control token is sent in plaintext to 192.0.2.1, which is not a loopback address"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("t0ken-never-printed"), "{stderr}");
+
+    // Loopback: nothing crosses the network, no warning.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let output = cluster_drain_with_token(&closed.to_string());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach the control plane"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("warning"), "{stderr}");
+}

@@ -288,3 +288,137 @@ async fn run_delivers_changes_and_stops_cleanly_on_sigterm() {
             .unwrap();
     assert_eq!(processed, 3, "every completed action is in the ledger");
 }
+
+/// The characters a hostile writer or receiver uses against a terminal or a line-oriented reader.
+fn raw_controls(text: &str) -> Vec<char> {
+    text.chars()
+        .filter(|character| {
+            (character.is_control() && *character != '\n') || *character == '\u{202e}'
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_dead_letter_with_control_sequences_lists_as_one_escaped_row() {
+    let database = TestDatabase::migrated().await;
+    let queue = PostgresDeadLetterQueue::new(database.pool.clone());
+    let hostile_error =
+        "HTTP 500: \u{1b}[2J\u{1b}[31mboom\r\nFAKE 00000000-0000-0000-0000-000000000000  x\u{9b}1m";
+    let hostile_entity = "Ord\u{1b}]0;pwned\u{7}\nX\u{202e}";
+    let id = queue
+        .push(NewDeadLetter {
+            event: EntityEvent::new(EventKind::Insert, hostile_entity, "17", json!({}), None),
+            error_message: hostile_error.to_owned(),
+            ..letter("orders")
+        })
+        .await
+        .unwrap();
+
+    let (status, stdout, stderr) = run(&database, &["dlq", "list"]);
+    assert_eq!(status, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "a title, a header and one row:\n{stdout}");
+    assert!(lines[2].starts_with(&id.to_string()), "{stdout}");
+    assert_eq!(raw_controls(&stdout), Vec::<char>::new(), "{stdout:?}");
+    assert!(
+        lines[2].contains(r"Ord\u{1b}]0;pwned\u{7}\nX\u{202e}"),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].contains(r"HTTP 500: \u{1b}[2J\u{1b}[31mboom\r\nFAKE"),
+        "{stdout}"
+    );
+
+    // `dlq show` stays JSON, every control character escaped, decoding to the stored text.
+    let (status, stdout, _) = run(&database, &["dlq", "show", &id.to_string()]);
+    assert_eq!(status, Some(0));
+    assert_eq!(raw_controls(&stdout), Vec::<char>::new(), "{stdout:?}");
+    let shown: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(shown["error_message"], hostile_error);
+    assert_eq!(shown["event"]["entity_type"], hostile_entity);
+
+    // `--json` is the exact JSON.
+    let (_, stdout, _) = run(&database, &["dlq", "list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(listed[0]["error_message"], hostile_error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_action_writes_one_text_line_whatever_the_data_holds() {
+    let database = TestDatabase::migrated().await;
+    sqlx::raw_sql(
+        "CREATE TABLE notes (id int PRIMARY KEY, note text);
+         SELECT core.observer_track_table('notes'::regclass, 'Note');
+         INSERT INTO notes VALUES (1, E'fine\\nFAKE level=ERROR admin logged in\\r\\n\\x1b[2J');",
+    )
+    .execute(&database.pool)
+    .await
+    .unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let config = directory.path().join("observers.yaml");
+    std::fs::write(
+        &config,
+        "observers:\n  - name: notes\n    entity: Note\n    events: [insert]\n    actions: [{type: log, level: info, message: 'note {{ entity_id }}: {{ data.note }}'}]\n",
+    )
+    .unwrap();
+    let node = Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
+        .args([
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--log-format",
+            "text",
+            "--partitions",
+            "1",
+            "--poll-interval",
+            "200ms",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .env("DATABASE_URL", &database.url)
+        .env("RUST_LOG", "warn,fraiseql_observers::observer_log=info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let settled: Option<i64> =
+            sqlx::query_scalar("SELECT count(*) FROM fraiseql_observers.processed_actions")
+                .fetch_optional(&database.pool)
+                .await
+                .unwrap_or(None);
+        if settled.unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the log action did not run"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let terminated = Command::new("kill")
+        .args(["-TERM", &node.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    let output = node.wait_with_output().unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let logged: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("observer_log"))
+        .collect();
+    assert_eq!(logged.len(), 1, "{stderr}");
+    assert!(
+        logged[0].contains(r"note 1: fine\nFAKE level=ERROR admin logged in\r\n\u{1b}[2J"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.lines().all(|line| !line.starts_with("FAKE")),
+        "a forged line: {stderr}"
+    );
+    assert_eq!(raw_controls(&stderr), Vec::<char>::new(), "{stderr:?}");
+}

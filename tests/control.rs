@@ -14,6 +14,10 @@ use common::nodes::{
 };
 use common::postgres::TestDatabase;
 use fraiseql_observers::cluster::{ClusterError, ClusterHandle, ClusterSettings};
+use fraiseql_observers::control::{Control, DEFAULT_GAUGE_REFRESH_INTERVAL};
+use fraiseql_observers::dlq::{DeadLetterQueue, NewDeadLetter, PostgresDeadLetterQueue};
+use fraiseql_observers::domain::{EntityEvent, EventKind};
+use fraiseql_observers::error::ErrorCode;
 use fraiseql_observers::grpc::{self, GrpcEndpoint, MutationPolicy, Target, TlsIdentity};
 use fraiseql_observers::listener::ListenerSettings;
 use fraiseql_observers::node::{Endpoints, Node};
@@ -24,6 +28,7 @@ struct RunningNode {
     grpc: SocketAddr,
     http: SocketAddr,
     handle: ClusterHandle,
+    control: Control,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), ClusterError>>,
 }
@@ -59,6 +64,25 @@ async fn start_with_tls(
     token: Option<&str>,
     tls: Option<TlsIdentity>,
 ) -> RunningNode {
+    start_node(
+        database,
+        receiver,
+        node_id,
+        token,
+        tls,
+        DEFAULT_GAUGE_REFRESH_INTERVAL,
+    )
+    .await
+}
+
+async fn start_node(
+    database: &TestDatabase,
+    receiver: &Receiver,
+    node_id: &str,
+    token: Option<&str>,
+    tls: Option<TlsIdentity>,
+    gauge_refresh_interval: Duration,
+) -> RunningNode {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_address, http_address) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
@@ -78,6 +102,7 @@ async fn start_with_tls(
     )
     .await
     .unwrap()
+    .with_gauge_refresh_interval(gauge_refresh_interval)
     .with_endpoints(Endpoints {
         grpc: Some(GrpcEndpoint {
             listener: grpc,
@@ -86,13 +111,14 @@ async fn start_with_tls(
         }),
         http: Some(http),
     });
-    let handle = node.handle();
+    let (handle, control) = (node.handle(), node.control());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(node.run_until_stopped(shutdown.clone()));
     RunningNode {
         grpc: grpc_address,
         http: http_address,
         handle,
+        control,
         shutdown,
         task,
     }
@@ -236,6 +262,139 @@ async fn metrics_parse_as_openmetrics_and_count_what_happened() {
         8
     );
     assert!(value("fraiseql_observers_dead_letters", None).abs() < f64::EPSILON);
+    node.stop().await;
+}
+
+/// One sample of a scrape, by its name and labels as written (`name{label="value"}`).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map(|value| value.parse().unwrap())
+}
+
+async fn scrape(node: &RunningNode) -> (f64, f64) {
+    let text = reqwest::get(format!("http://{}/metrics", node.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    (
+        sample(&text, "fraiseql_observers_dead_letters").expect("dead_letters"),
+        sample(
+            &text,
+            r#"fraiseql_observers_database_gauge_refreshes_total{outcome="succeeded"}"#,
+        )
+        .unwrap_or(0.0),
+    )
+}
+
+/// Scrapes until `condition` holds of (dead letters, successful refreshes); fails after
+/// [`DEADLINE`].
+async fn scrape_until(
+    node: &RunningNode,
+    what: &str,
+    condition: impl Fn((f64, f64)) -> bool,
+) -> (f64, f64) {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let seen = scrape(node).await;
+        if condition(seen) {
+            return seen;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn push_dead_letters(database: &TestDatabase, count: usize) {
+    let queue = PostgresDeadLetterQueue::new(database.pool.clone());
+    for _ in 0..count {
+        queue
+            .push(NewDeadLetter {
+                event: EntityEvent::new(
+                    EventKind::Insert,
+                    "Order",
+                    "1",
+                    serde_json::json!({}),
+                    None,
+                ),
+                observer: "orders".to_owned(),
+                action_index: 0,
+                action_type: "webhook".to_owned(),
+                error_code: ErrorCode::RemoteUnavailable,
+                error_message: "HTTP 503".to_owned(),
+                attempts: 3,
+            })
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_read_the_gauges_of_the_last_refresh_and_run_no_query() {
+    let database = TestDatabase::migrated().await;
+    prepare_orders(&database.pool).await;
+    let receiver = Receiver::start().await;
+    // Longer than the test: only the refresh at start runs by itself.
+    let node = start_node(
+        &database,
+        &receiver,
+        "node-a",
+        None,
+        None,
+        Duration::from_hours(1),
+    )
+    .await;
+    let refreshed = scrape_until(&node, "the refresh at start", |(_, refreshes)| {
+        refreshes >= 1.0
+    })
+    .await;
+    assert_eq!(refreshed, (0.0, 1.0));
+
+    push_dead_letters(&database, 3).await;
+    for _ in 0..50 {
+        assert_eq!(
+            scrape(&node).await,
+            (0.0, 1.0),
+            "a scrape neither counts dead letters nor refreshes"
+        );
+    }
+    node.control.refresh_gauges().await.unwrap();
+    assert_eq!(scrape(&node).await, (3.0, 2.0));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gauges_are_refreshed_in_the_background_at_the_interval() {
+    let database = TestDatabase::migrated().await;
+    prepare_orders(&database.pool).await;
+    let receiver = Receiver::start().await;
+    let node = start_node(
+        &database,
+        &receiver,
+        "node-a",
+        None,
+        None,
+        Duration::from_millis(200),
+    )
+    .await;
+    scrape_until(&node, "the refresh at start", |(_, refreshes)| {
+        refreshes >= 1.0
+    })
+    .await;
+    push_dead_letters(&database, 2).await;
+    let seen = scrape_until(
+        &node,
+        "the dead letters in /metrics",
+        |(dead_letters, _)| dead_letters > 0.0,
+    )
+    .await;
+    assert!((seen.0 - 2.0).abs() < f64::EPSILON, "{seen:?}");
+    assert!(seen.1 >= 2.0, "seen by a later refresh: {seen:?}");
     node.stop().await;
 }
 

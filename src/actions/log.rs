@@ -1,4 +1,6 @@
-//! The `log` action: one structured log line per matched event.
+//! The `log` action: one structured log line per matched event. The message is rendered from
+//! event data; the text log format escapes its control characters (`escape::EscapedLogFields`),
+//! so the data cannot end the line and forge another.
 
 use super::{ActionContext, ActionSuccess, template_failed};
 use crate::config::{LogAction, LogLevel};

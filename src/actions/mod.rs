@@ -75,8 +75,11 @@ pub struct ActionRunner {
     breakers: Option<crate::breaker::Breakers>,
     /// Where `rate_limit` / `max_in_flight` of actions are counted (in process by default).
     limits: Arc<dyn crate::limits::LimitStore>,
-    /// Where `cache: {ttl}` actions keep results (in process by default).
+    /// Where `cache: {ttl}` actions keep results (in process by default). Its prefix is the
+    /// node's Redis key prefix, shared with deduplication, breakers and limits.
     cache: crate::cache::Cache,
+    /// The keys under that prefix: `cache` actions leave them alone.
+    service_keys: crate::config::ServiceKeyspace,
     /// The service's PostgreSQL pool, which `database` actions call their functions through.
     database: Option<sqlx::PgPool>,
     /// The node's Redis connection, which `cache` actions remove keys through.
@@ -109,6 +112,7 @@ impl ActionRunner {
                 prefix: String::new(),
                 metrics: None,
             },
+            service_keys: crate::config::ServiceKeyspace::new(""),
             database: None,
             redis: None,
             search_bulk: search::BulkWriters::default(),
@@ -129,9 +133,11 @@ impl ActionRunner {
         self
     }
 
-    /// Keeps `cache: {ttl}` results in `cache` (Redis: shared by every node).
+    /// Keeps `cache: {ttl}` results in `cache` (Redis: shared by every node). Its prefix is taken
+    /// as the node's Redis key prefix, under which `cache` actions remove nothing.
     #[must_use]
     pub fn with_cache(mut self, cache: crate::cache::Cache) -> ActionRunner {
+        self.service_keys = crate::config::ServiceKeyspace::new(&cache.prefix);
         self.cache = cache;
         self
     }
@@ -185,7 +191,14 @@ impl ActionRunner {
                 database::attempt(self.database.as_ref(), &self.templates, database, context).await
             }
             ActionKind::Cache(cache) => {
-                cache::attempt(self.redis.as_ref(), &self.templates, cache, context).await
+                cache::attempt(
+                    self.redis.as_ref(),
+                    &self.service_keys,
+                    &self.templates,
+                    cache,
+                    context,
+                )
+                .await
             }
             ActionKind::Slack(slack) => {
                 slack::attempt(&self.http, &self.templates, slack, context).await

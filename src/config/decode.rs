@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use super::keyspace::{DEFAULT_REDIS_PREFIX, REDIS_PREFIX_ENV, ServiceKeyspace};
 use super::model::{
     ActionDefinition, ActionKind, BackoffKind, BasicCredentials, BodyFormat, CacheAction,
     DEFAULT_ACTION_TIMEOUT, DatabaseAction, DatabaseParam, Delivery, DeliveryMode, EmailAction,
@@ -1830,6 +1831,7 @@ impl Decoder<'_> {
         let patterns = self.template_list(fields, "patterns", path, "glob");
         let timeout = self.action_timeout(fields, path);
         let (keys, patterns) = (keys?, patterns?);
+        self.confine_cache_keys(fields, path);
         if keys.is_empty() && patterns.is_empty() {
             self.error(
                 fields.position,
@@ -1843,6 +1845,41 @@ impl Decoder<'_> {
             patterns,
             timeout: timeout?,
         })
+    }
+
+    /// Refuses exact keys and patterns that reach the service's own Redis keys (see
+    /// [`ServiceKeyspace`]), under the prefix the environment gives the node.
+    fn confine_cache_keys(&mut self, fields: &Fields<'_>, path: &str) {
+        let prefix =
+            (self.options.env)(REDIS_PREFIX_ENV).unwrap_or_else(|| DEFAULT_REDIS_PREFIX.to_owned());
+        let keyspace = ServiceKeyspace::new(&prefix);
+        for (key, is_pattern) in [("keys", false), ("patterns", true)] {
+            let Some(node) = fields.get(key) else {
+                continue;
+            };
+            let list_path = child(path, key);
+            let items: Vec<(String, &Node)> = match &node.value {
+                NodeValue::List(items) => items
+                    .iter()
+                    .enumerate()
+                    .map(|(index, item)| (format!("{list_path}[{index}]"), item))
+                    .collect(),
+                _ => vec![(list_path, node)],
+            };
+            for (item_path, item) in items {
+                let NodeValue::String(source) = &item.value else {
+                    continue;
+                };
+                let problem = if is_pattern {
+                    keyspace.pattern_template_problem(source)
+                } else {
+                    keyspace.key_template_problem(source)
+                };
+                if let Some(problem) = problem {
+                    self.error(item.position, &item_path, problem);
+                }
+            }
+        }
     }
 
     /// An optional list of templates at `key` (a single string counts as a list of one).

@@ -5,7 +5,8 @@
 //! (values HTML-escaped), or both as `multipart/alternative`. Its `Message-ID` is derived from the
 //! action's idempotency key, and the key itself travels in `X-FraiseQL-Idempotency-Key`, so a
 //! receiving system can drop a repeat. A 4xx SMTP reply is transient (OB006), a 5xx permanent
-//! (OB008) with the server's reply as the reason; connection and TLS failures are transient.
+//! (OB008) with the server's reply as the reason (the credentials blanked, should it quote them);
+//! connection and TLS failures are transient.
 //! Each message uses its own connection, ended with `QUIT`.
 
 use std::str::FromStr;
@@ -17,7 +18,7 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncTransport, Message, Tokio1Executor};
 
-use super::{ActionContext, ActionSuccess, render, secret_value};
+use super::{ActionContext, ActionSuccess, Secrets, error_chain, render, secret_value};
 use crate::config::{EmailAction, EmailRecipients, SmtpSecurity};
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
@@ -112,7 +113,10 @@ fn build_message(
     Ok(message)
 }
 
-fn transport(action: &EmailAction) -> Result<AsyncSmtpTransport<Tokio1Executor>, AttemptError> {
+/// The SMTP client for `action`, and the credentials it uses (kept out of errors).
+fn transport(
+    action: &EmailAction,
+) -> Result<(AsyncSmtpTransport<Tokio1Executor>, Secrets), AttemptError> {
     let tls_parameters = || {
         TlsParameters::new(action.host.clone()).map_err(|error| {
             AttemptError::new(
@@ -130,16 +134,24 @@ fn transport(action: &EmailAction) -> Result<AsyncSmtpTransport<Tokio1Executor>,
         .port(action.port)
         .tls(tls)
         .timeout(Some(action.timeout));
+    let mut secrets = Secrets::default();
     if let Some(credentials) = &action.credentials {
-        builder = builder.credentials(Credentials::new(
-            secret_value(&credentials.username, "the SMTP username")?.to_owned(),
-            secret_value(&credentials.password, "the SMTP password")?.to_owned(),
-        ));
+        let username = secret_value(&credentials.username, "the SMTP username")?;
+        let password = secret_value(&credentials.password, "the SMTP password")?;
+        secrets.add(username);
+        secrets.add(password);
+        builder = builder.credentials(Credentials::new(username.to_owned(), password.to_owned()));
     }
-    Ok(builder.build())
+    Ok((builder.build(), secrets))
 }
 
-fn smtp_failed(server: &str, error: &lettre::transport::smtp::Error) -> AttemptError {
+/// A failed SMTP exchange, classified, with the credentials blanked should the server's reply
+/// or a cause quote them.
+fn smtp_failed(
+    server: &str,
+    error: &lettre::transport::smtp::Error,
+    secrets: &Secrets,
+) -> AttemptError {
     let code = if error.is_permanent() {
         ErrorCode::RemoteRejected
     } else if error.is_transient() {
@@ -151,14 +163,10 @@ fn smtp_failed(server: &str, error: &lettre::transport::smtp::Error) -> AttemptE
     } else {
         ErrorCode::ConnectionFailed
     };
-    let mut message = format!("SMTP {server}: {error}");
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    AttemptError::new(code, message)
+    AttemptError::new(
+        code,
+        secrets.redact(&format!("SMTP {server}: {}", error_chain(error))),
+    )
 }
 
 pub(super) async fn attempt(
@@ -168,12 +176,12 @@ pub(super) async fn attempt(
 ) -> Result<ActionSuccess, AttemptError> {
     let message = build_message(templates, action, context)?;
     let recipients = message.envelope().to().len();
-    let transport = transport(action)?;
+    let (transport, secrets) = transport(action)?;
     let server = format!("{}:{}", action.host, action.port);
     let response = transport
         .send(message)
         .await
-        .map_err(|error| smtp_failed(&server, &error))?;
+        .map_err(|error| smtp_failed(&server, &error, &secrets))?;
     let reply: Vec<&str> = response.message().collect();
     Ok(ActionSuccess {
         detail: format!(

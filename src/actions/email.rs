@@ -1,13 +1,13 @@
 //! The `email` action: one message per matched event over SMTP (lettre, rustls).
 //!
-//! The message has the configured `From`, `To` (literal addresses, or a template rendering a
-//! comma-separated list), `Cc`, `Reply-To`, a rendered `Subject`, and a text body, an HTML body
-//! (values HTML-escaped), or both as `multipart/alternative`. Its `Message-ID` is derived from the
-//! action's idempotency key, and the key itself travels in `X-FraiseQL-Idempotency-Key`, so a
-//! receiving system can drop a repeat. A 4xx SMTP reply is transient (OB006), a 5xx permanent
-//! (OB008) with the server's reply as the reason (the credentials blanked, should it quote them);
-//! connection and TLS failures are transient.
-//! Each message uses its own connection, ended with `QUIT`.
+//! The message has the configured `From`, `To` (literal addresses, or a template rendering one
+//! address — a comma-separated list only with `to_list: true`), `Cc`, `Reply-To`, a rendered
+//! `Subject`, and a text body, an HTML body (values HTML-escaped), or both as
+//! `multipart/alternative`. Its `Message-ID` is derived from the action's idempotency key, and the
+//! key itself travels in `X-FraiseQL-Idempotency-Key`, so a receiving system can drop a repeat. A
+//! 4xx SMTP reply is transient (OB006), a 5xx permanent (OB008) with the server's reply as the
+//! reason (the credentials blanked, should it quote them); connection and TLS failures are
+//! transient. Each message uses its own connection, ended with `QUIT`.
 
 use std::str::FromStr;
 
@@ -18,7 +18,7 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncTransport, Message, Tokio1Executor};
 
-use super::{ActionContext, ActionSuccess, Secrets, error_chain, render, secret_value};
+use super::{ActionContext, ActionSuccess, Secrets, error_chain, quoted, render, secret_value};
 use crate::config::{EmailAction, EmailRecipients, SmtpSecurity};
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
@@ -34,6 +34,49 @@ fn message_id(context: &ActionContext<'_>) -> String {
         "<{}.{}.{}@fraiseql-observers>",
         context.event.id, context.observer, context.action_index
     )
+}
+
+/// The recipients a `to_template` renders for this event: exactly one address, or, with
+/// `to_list: true`, a comma-separated list of at least one. Values come from event data, so
+/// without `to_list` a value such as `ann@example.com, eve@example.net` must not add a recipient:
+/// such a rendering is a permanent failure (OB002) and nothing is sent.
+fn rendered_recipients(
+    templates: &Templates,
+    template: &str,
+    list: bool,
+    context: &ActionContext<'_>,
+) -> Result<Mailboxes, AttemptError> {
+    let rendered = render(templates, template, context)?;
+    let recipients = Mailboxes::from_str(rendered.trim()).map_err(|error| {
+        AttemptError::new(
+            ErrorCode::TemplateFailed,
+            format!(
+                "template {template} rendered {}, not {}: {error}",
+                quoted(&rendered),
+                if list {
+                    "a list of email addresses"
+                } else {
+                    "an email address"
+                }
+            ),
+        )
+    })?;
+    match recipients.iter().count() {
+        0 => Err(AttemptError::new(
+            ErrorCode::TemplateFailed,
+            format!("template {template} rendered no recipient"),
+        )),
+        1 => Ok(recipients),
+        _ if list => Ok(recipients),
+        count => Err(AttemptError::new(
+            ErrorCode::TemplateFailed,
+            format!(
+                "template {template} rendered {count} addresses ({}) where one is expected; \
+                 set to_list: true if its values may name several recipients",
+                quoted(&rendered)
+            ),
+        )),
+    }
 }
 
 fn build_message(
@@ -55,23 +98,11 @@ fn build_message(
                 builder = builder.to(recipient.clone());
             }
         }
-        EmailRecipients::Template(template) => {
-            let rendered = render(templates, template, context)?;
-            let recipients = Mailboxes::from_str(rendered.trim()).map_err(|error| {
-                invalid(
-                    &format!(
-                        "template {template} rendered {rendered:?}, not a list of email addresses"
-                    ),
-                    &error,
-                )
-            })?;
-            if recipients.iter().next().is_none() {
-                return Err(invalid(
-                    &format!("template {template}"),
-                    &"rendered no recipient",
-                ));
-            }
-            for recipient in recipients {
+        EmailRecipients::Template {
+            name: template,
+            list,
+        } => {
+            for recipient in rendered_recipients(templates, template, *list, context)? {
                 builder = builder.to(recipient);
             }
         }

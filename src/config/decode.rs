@@ -86,6 +86,7 @@ const ACTION_KEYS: &[(&str, &[&str])] = &[
             "from",
             "to",
             "to_template",
+            "to_list",
             "cc",
             "reply_to",
             "subject",
@@ -1672,9 +1673,17 @@ impl Decoder<'_> {
             (Some(node), None) => self
                 .mailboxes(node, &child(path, "to"))
                 .map(EmailRecipients::Literal),
-            (None, Some(_)) => self
-                .template_field(fields, "to_template", path, "txt")
-                .map(EmailRecipients::Template),
+            (None, Some(_)) => {
+                let list = match fields.get("to_list") {
+                    None => Some(false),
+                    Some(node) => self.boolean(node, &child(path, "to_list")),
+                };
+                let name = self.template_field(fields, "to_template", path, "txt");
+                Some(EmailRecipients::Template {
+                    name: name?,
+                    list: list?,
+                })
+            }
             (Some(node), Some(_)) => {
                 self.error(
                     node.position,
@@ -1692,6 +1701,13 @@ impl Decoder<'_> {
                 None
             }
         };
+        if let (Some(_), Some(node)) = (fields.get("to"), fields.get("to_list")) {
+            self.error(
+                node.position,
+                &child(path, "to_list"),
+                "'to_list' applies to 'to_template'; a literal 'to' lists its addresses itself",
+            );
+        }
         let cc = match fields.get("cc") {
             None => Some(Vec::new()),
             Some(node) => self.mailboxes(node, &child(path, "cc")),

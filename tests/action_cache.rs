@@ -1,6 +1,7 @@
 //! The `cache` action against real Redis: exact keys and `SCAN MATCH` patterns removed (the shared
 //! server, a key prefix per test), a command Redis refuses (permanent), a paused server (transient,
-//! then done), and templates checked at load.
+//! then done), templates checked at load, and the service's own keys (deduplication, breakers,
+//! limits, cached results) out of reach, at load and when running.
 
 mod common;
 
@@ -258,4 +259,146 @@ fn template_errors_and_empty_actions_are_refused_at_load() {
             "test.yaml:7:9: observers[0].actions[0]: expected 'keys' (exact keys) or 'patterns' (SCAN MATCH patterns), or both"
         ]
     );
+}
+
+#[test]
+fn patterns_and_keys_that_reach_the_services_own_keys_are_refused_at_load() {
+    let yaml = observer_yaml(
+        "        keys: ['fraiseql_observers:dedup:x', 'order:{{ entity_id }}', '{{ data.key }}']\n        patterns: ['*', '{{ entity_type }}:*', 'orders:{{ entity_id }}:*']",
+        QUICK_RETRY,
+    );
+    let errors = config_errors_from_yaml(&yaml, &[]);
+    assert_eq!(
+        errors,
+        [
+            "test.yaml:8:16: observers[0].actions[0].keys[0]: the key starts with the service's own Redis prefix (\"fraiseql_observers:\"), where it keeps deduplication claims, circuit breakers, limits and cached results; cache actions may not remove those keys",
+            "test.yaml:9:20: observers[0].actions[0].patterns[0]: the pattern can match keys under the service's own Redis prefix (\"fraiseql_observers:\"), where it keeps deduplication claims, circuit breakers, limits and cached results; begin it with fixed text outside that prefix, such as \"orders:\"",
+            "test.yaml:9:25: observers[0].actions[0].patterns[1]: the pattern could match keys under the service's own Redis prefix (\"fraiseql_observers:\") for an event whose inserted value starts that way (values can be any text); begin it with fixed text outside that prefix, such as \"orders:{{ entity_id }}:*\"",
+        ]
+    );
+
+    // The prefix the node is given in the environment is the one checked.
+    let yaml = observer_yaml(
+        "        patterns: ['fraiseql_observers:*', 'myapp:{{ entity_id }}']",
+        QUICK_RETRY,
+    );
+    let errors = config_errors_from_yaml(&yaml, &[("FRAISEQL_OBSERVERS_REDIS_PREFIX", "myapp:")]);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].starts_with(
+            "test.yaml:8:44: observers[0].actions[0].patterns[1]: the pattern can match keys under the service's own Redis prefix (\"myapp:\")"
+        ),
+        "{}",
+        errors[0]
+    );
+}
+
+#[test]
+fn validate_config_refuses_a_pattern_that_sweeps_everything() {
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("observers.yaml");
+    std::fs::write(&file, observer_yaml("        patterns: '*'", QUICK_RETRY)).unwrap();
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
+        .arg("validate-config")
+        .arg(&file)
+        .env_remove("FRAISEQL_OBSERVERS_REDIS_PREFIX")
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+
+    assert_eq!(output.status.code(), Some(2));
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        shown.contains(&format!(
+            "{}:8:19: observers[0].actions[0].patterns: the pattern can match keys under the service's own Redis prefix (\"fraiseql_observers:\")",
+            file.display()
+        )),
+        "{shown}"
+    );
+}
+
+#[tokio::test]
+async fn data_fed_keys_and_patterns_leave_the_services_own_keys_alone() {
+    use fraiseql_observers::breaker::{BreakerPolicy, BreakerStore, RedisBreakerStore};
+    use fraiseql_observers::cache::{Cache, RedisCache};
+    use fraiseql_observers::dedup::{DeduplicationStore, RedisDeduplicationStore};
+    use fraiseql_observers::limits::{LimitStore, RedisLimitStore};
+
+    let prefix = prefix();
+    // The node's own prefix, inside this test's.
+    let service = format!("{prefix}svc:");
+    let mut connection = managed_connection(SHARED_REDIS).unwrap();
+    // The service's state, written by its own stores.
+    RedisDeduplicationStore::with_connection(connection.clone(), service.as_str())
+        .claim("evt-1:order-cache:0", Duration::from_mins(1))
+        .await
+        .unwrap();
+    RedisBreakerStore::with_connection(connection.clone(), service.as_str())
+        .record("http://hooks:80", &BreakerPolicy::default(), true)
+        .await
+        .unwrap();
+    RedisLimitStore::with_connection(connection.clone(), service.as_str())
+        .enter("http://hooks:80", 5, Duration::from_mins(1))
+        .await
+        .unwrap();
+    let cache = Cache {
+        backend: std::sync::Arc::new(RedisCache::with_connection(connection.clone())),
+        prefix: service.clone(),
+        metrics: None,
+    };
+    cache
+        .set(
+            &format!("{service}cache:webhook:x"),
+            "HTTP 200",
+            Duration::from_mins(1),
+        )
+        .await;
+    let service_keys = keys_under(&mut connection, &service).await;
+    assert_eq!(service_keys.len(), 4, "{service_keys:?}");
+    let others = [
+        format!("{prefix}orders:ord-7"),
+        format!("{prefix}orders:ord-8"),
+        format!("{prefix}sessions:1"),
+    ];
+    set_keys(&mut connection, &others).await;
+    let action = format!(
+        "        keys: ['{{{{ data.key }}}}', '{{{{ data.other }}}}']\n        patterns: ['{prefix}{{{{ data.scope }}}}*']"
+    );
+    let runner_connection = connection.clone();
+    let (executor, dead_letters) =
+        executor_from_yaml_with(&observer_yaml(&action, QUICK_RETRY), &[], move |runner| {
+            runner.with_cache(cache).with_redis(runner_connection)
+        });
+    let event = EntityEvent::new(
+        EventKind::Update,
+        "Order",
+        "ord-7",
+        json!({
+            "key": service_keys[0],
+            "other": format!("{prefix}sessions:1"),
+            "scope": "",
+        }),
+        None,
+    );
+
+    let report = &executor.execute_event(&event).await.actions[0];
+
+    assert_eq!(
+        report.status,
+        ActionStatus::Succeeded {
+            detail: "removed 3 keys (2 exact, 1 pattern); left 5 of the service's own keys alone"
+                .into()
+        }
+    );
+    assert_eq!(
+        keys_under(&mut connection, &prefix).await,
+        service_keys,
+        "the service's keys are intact, every other key is gone"
+    );
+    assert_eq!(dead_letters.count().await.unwrap(), 0);
 }

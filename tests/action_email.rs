@@ -1,6 +1,7 @@
 //! The `email` action against a real SMTP server (aiosmtpd, `tests/peers/smtp_server.py`,
-//! started per test): headers, bodies, envelope and AUTH as the server received them; a 5xx reply
-//! dead-lettered, a 4xx retried; templates and addresses checked at load.
+//! started per test): headers, bodies, envelope and AUTH as the server received them; a templated
+//! recipient held to one address unless `to_list`; a 5xx reply dead-lettered, a 4xx retried;
+//! templates and addresses checked at load.
 
 mod common;
 
@@ -196,11 +197,11 @@ async fn sends_headers_bodies_and_envelope_with_auth() {
 }
 
 #[tokio::test]
-async fn recipients_can_come_from_a_template() {
+async fn a_templated_recipient_comes_from_the_event() {
     let smtp = SmtpPeer::start();
     let yaml = observer_yaml(
         smtp.port,
-        "        to_template: '{{ data.email }}, Ops <ops@example.com>'",
+        "        to_template: 'Bob <{{ data.email }}>'",
         "",
     );
     let (executor, _) = executor_from_yaml(&yaml, &ENV);
@@ -209,14 +210,128 @@ async fn recipients_can_come_from_a_template() {
 
     assert!(report.succeeded(), "{report:?}");
     let messages = smtp.messages();
+    assert_eq!(messages[0]["rcpt_tos"], json!(["bob@example.com"]));
+    let lines = headers(messages[0]["message"].as_str().unwrap());
+    assert_eq!(header(&lines, "To"), Some("Bob <bob@example.com>"));
+}
+
+/// An order whose `email` value names two addresses.
+fn order_with_two_addresses() -> EntityEvent {
+    EntityEvent::new(
+        EventKind::Update,
+        "Order",
+        "ord-8",
+        json!({"id": "ord-8", "total": 9, "email": "bob@example.com, eve@example.net"}),
+        None,
+    )
+}
+
+#[tokio::test]
+async fn a_value_naming_several_addresses_is_refused_without_to_list() {
+    let smtp = SmtpPeer::start();
+    let yaml = observer_yaml(smtp.port, "        to_template: '{{ data.email }}'", "");
+    let (executor, dead_letters) = executor_from_yaml(&yaml, &ENV);
+
+    let report = &executor
+        .execute_event(&order_with_two_addresses())
+        .await
+        .actions[0];
+
+    assert_eq!(report.attempts, 1, "permanent: {report:?}");
+    let ActionStatus::Failed { code, message, .. } = &report.status else {
+        panic!("expected a failure: {report:?}");
+    };
+    assert_eq!(*code, ErrorCode::TemplateFailed);
+    assert_eq!(
+        message,
+        "template observers[0].actions[0].to_template.txt rendered 2 addresses \
+         (\"bob@example.com, eve@example.net\") where one is expected; set to_list: true if its \
+         values may name several recipients"
+    );
+    let letters = dead_letters
+        .list(&DeadLetterFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].letter.error_message, *message);
+    assert!(smtp.messages().is_empty(), "nothing sent to either address");
+}
+
+#[tokio::test]
+async fn with_to_list_a_template_may_name_several_recipients() {
+    let smtp = SmtpPeer::start();
+    let yaml = observer_yaml(
+        smtp.port,
+        "        to_template: '{{ data.email }}, Ops <ops@example.com>'\n        to_list: true",
+        "",
+    );
+    let (executor, _) = executor_from_yaml(&yaml, &ENV);
+
+    let report = &executor
+        .execute_event(&order_with_two_addresses())
+        .await
+        .actions[0];
+
+    assert!(report.succeeded(), "{report:?}");
+    let messages = smtp.messages();
+    assert_eq!(messages.len(), 1);
     assert_eq!(
         messages[0]["rcpt_tos"],
-        json!(["bob@example.com", "ops@example.com"])
+        json!(["bob@example.com", "eve@example.net", "ops@example.com"])
     );
     let lines = headers(messages[0]["message"].as_str().unwrap());
     assert_eq!(
         header(&lines, "To"),
-        Some("bob@example.com, Ops <ops@example.com>")
+        Some("bob@example.com, eve@example.net, Ops <ops@example.com>")
+    );
+}
+
+#[tokio::test]
+async fn a_literal_list_of_recipients_needs_no_to_list() {
+    let smtp = SmtpPeer::start();
+    let yaml = observer_yaml(
+        smtp.port,
+        "        to: [ann@example.com, 'Ops <ops@example.com>']",
+        "",
+    );
+    let (executor, _) = executor_from_yaml(&yaml, &ENV);
+
+    let report = &executor.execute_event(&order_paid()).await.actions[0];
+
+    assert!(report.succeeded(), "{report:?}");
+    assert_eq!(
+        smtp.messages()[0]["rcpt_tos"],
+        json!(["ann@example.com", "ops@example.com"])
+    );
+}
+
+#[test]
+fn to_list_is_a_boolean_for_to_template_only() {
+    let errors = config_errors_from_yaml(
+        &observer_yaml(25, "        to: ann@example.com\n        to_list: true", ""),
+        &ENV,
+    );
+    assert_eq!(
+        errors,
+        [
+            "test.yaml:15:18: observers[0].actions[0].to_list: 'to_list' applies to 'to_template'; a literal 'to' lists its addresses itself"
+        ]
+    );
+    let errors = config_errors_from_yaml(
+        &observer_yaml(
+            25,
+            "        to_template: '{{ data.email }}'\n        to_list: several",
+            "",
+        ),
+        &ENV,
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].starts_with(
+            "test.yaml:15:18: observers[0].actions[0].to_list: expected true or false"
+        ),
+        "{}",
+        errors[0]
     );
 }
 

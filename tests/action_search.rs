@@ -462,3 +462,36 @@ async fn with_bulk_concurrent_events_share_requests_and_each_gets_its_items_outc
     assert_eq!(dead_letters.count().await.unwrap(), 1);
     assert_eq!(search.document("orders-acme", "ord-bad").await, None);
 }
+
+#[tokio::test]
+async fn a_redirect_is_permanent_and_names_its_location() {
+    // A plain HTTP server in place of the cluster, answering the document's PUT with a redirect.
+    let receiver = common::Receiver::start().await;
+    receiver.script(
+        "/orders-acme/_doc/ord-7",
+        [common::Reply::status(308).header("location", "https://other-cluster.example/")],
+    );
+    let (executor, dead_letters) =
+        executor_from_yaml(&observer_yaml(), &[("SEARCH_URL", &receiver.base_url)]);
+
+    let report = &executor
+        .execute_event(&order(
+            EventKind::Update,
+            "ord-7",
+            json!({"status": "paid"}),
+        ))
+        .await
+        .actions[0];
+
+    assert_eq!(report.attempts, 1, "{report:?}");
+    let ActionStatus::Failed { code, message, .. } = &report.status else {
+        panic!("a redirect is not an indexed document: {report:?}");
+    };
+    assert_eq!(*code, ErrorCode::RemoteRejected);
+    assert_eq!(
+        message,
+        "index orders-acme/ord-7: HTTP 308: redirected to \"https://other-cluster.example/\"; redirects are not followed"
+    );
+    assert_eq!(dead_letters.count().await.unwrap(), 1);
+    assert_eq!(receiver.request_count(), 1);
+}

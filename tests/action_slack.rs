@@ -243,3 +243,31 @@ fn template_errors_and_a_missing_text_are_refused_at_load() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_redirect_is_permanent_and_names_its_location() {
+    let receiver = Receiver::start().await;
+    receiver.script(
+        HOOK_PATH,
+        [Reply::status(301).header("location", "https://hooks.example.net/moved")],
+    );
+    let url = receiver.url(HOOK_PATH);
+    let (executor, dead_letters) = executor_from_yaml(
+        &observer_yaml(TEXT_ONLY, "50ms"),
+        &[("SLACK_WEBHOOK_URL", &url)],
+    );
+
+    let report = &executor.execute_event(&order_paid()).await.actions[0];
+
+    assert_eq!(report.attempts, 1, "{report:?}");
+    let ActionStatus::Failed { code, message, .. } = &report.status else {
+        panic!("a redirect is not a delivery: {report:?}");
+    };
+    assert_eq!(*code, ErrorCode::RemoteRejected);
+    assert_eq!(
+        message,
+        "Slack HTTP 301: redirected to \"https://hooks.example.net/moved\"; redirects are not followed"
+    );
+    assert_eq!(dead_letters.count().await.unwrap(), 1);
+    assert_eq!(receiver.request_count(), 1);
+}

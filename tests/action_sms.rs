@@ -224,3 +224,56 @@ fn template_errors_and_missing_settings_are_refused_at_load() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_redirect_is_permanent_and_names_its_location() {
+    let receiver = Receiver::start().await;
+    receiver.script(
+        MESSAGES_PATH,
+        [Reply::with_body(307, CREATED).header("location", "/elsewhere/Messages.json")],
+    );
+    let (executor, dead_letters) = executor_from_yaml(&observer_yaml(&receiver.base_url), &ENV);
+
+    let report = &executor.execute_event(&order_shipped()).await.actions[0];
+
+    assert_eq!(report.attempts, 1, "{report:?}");
+    let ActionStatus::Failed { code, message, .. } = &report.status else {
+        panic!("a redirect is not a sent message: {report:?}");
+    };
+    assert_eq!(*code, ErrorCode::RemoteRejected);
+    assert_eq!(
+        message,
+        "SMS HTTP 307: redirected to \"/elsewhere/Messages.json\"; redirects are not followed"
+    );
+    assert_eq!(dead_letters.count().await.unwrap(), 1);
+    assert_eq!(receiver.request_count(), 1);
+}
+
+#[tokio::test]
+async fn twilios_answer_naming_the_account_keeps_the_sid_out_of_the_error() {
+    let receiver = Receiver::start().await;
+    receiver.script(
+        MESSAGES_PATH,
+        [Reply::with_body(
+            404,
+            r#"{"code": 20404, "message": "The requested resource /2010-04-01/Accounts/AC0123456789abcdef/Messages.json was not found", "status": 404}"#,
+        )],
+    );
+    let (executor, dead_letters) = executor_from_yaml(&observer_yaml(&receiver.base_url), &ENV);
+
+    let report = &executor.execute_event(&order_shipped()).await.actions[0];
+
+    let ActionStatus::Failed { code, message, .. } = &report.status else {
+        panic!("expected a failure: {report:?}");
+    };
+    assert_eq!(*code, ErrorCode::RemoteRejected);
+    assert_eq!(
+        message,
+        "SMS HTTP 404: The requested resource <redacted> was not found (Twilio error 20404)"
+    );
+    let letters = dead_letters
+        .list(&DeadLetterFilter::default())
+        .await
+        .unwrap();
+    assert!(!letters[0].letter.error_message.contains(ACCOUNT));
+}

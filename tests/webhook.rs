@@ -1,5 +1,7 @@
 //! The webhook action against a real HTTP server: envelope, headers, signature, status
-//! classification, retries, `Retry-After`, timeouts and unreachable targets.
+//! classification (redirects included), retries, `Retry-After`, timeouts and unreachable
+//! targets — whose secret URLs (webhook, Slack, SMS, search) stay out of dead letters, job
+//! histories and the node's log.
 
 mod common;
 
@@ -300,4 +302,232 @@ async fn a_secret_missing_at_load_fails_permanently_when_used() {
         receiver.requests_to("/signed").is_empty(),
         "nothing is sent unsigned"
     );
+}
+
+/// A port nothing listens on (a listener bound, then dropped).
+fn refused_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The parts of target URLs and credentials that must never be shown.
+const SECRETS: [&str; 8] = [
+    "T000/B000/XXXXSECRET",
+    "hook-path-secret",
+    "query-secret",
+    "dollar-secret",
+    "ACSECRETSID0123",
+    "sms-token-secret",
+    "search-pw-secret",
+    "search-path-secret",
+];
+
+fn assert_no_secret(place: &str, text: &str) {
+    for secret in SECRETS {
+        assert!(
+            !text.contains(secret),
+            "{secret:?} shown in {place}:\n{text}"
+        );
+    }
+}
+
+/// An observer per kind of secret target, all on refused `port`, each with its action twice:
+/// inline (a failure is logged where it is dead-lettered) and through the job queue (a failure is
+/// kept in the job's error history too).
+fn secret_targets_yaml(port: u16) -> String {
+    use std::fmt::Write;
+
+    let targets = [
+        (
+            "to-slack",
+            "type: slack, webhook_url_env: SLACK_WEBHOOK_URL, text: hi".to_owned(),
+        ),
+        ("to-hook-env", "type: webhook, url_env: HOOK_URL".to_owned()),
+        (
+            "to-hook-var",
+            format!("type: webhook, url: 'http://127.0.0.1:{port}/in/${{HOOK_TOKEN}}'"),
+        ),
+        (
+            "to-sms",
+            format!(
+                "type: sms, base_url: 'http://127.0.0.1:{port}', account_sid_env: TWILIO_ACCOUNT_SID, \
+                 auth_token_env: TWILIO_AUTH_TOKEN, to: '+15550001111', from: '+15559998888', body: hi"
+            ),
+        ),
+        (
+            "to-search",
+            "type: search, url_env: SEARCH_URL, index: orders".to_owned(),
+        ),
+    ];
+    let mut yaml = String::from("observers:\n");
+    for (name, action) in &targets {
+        writeln!(
+            yaml,
+            "  - name: {name}\n    entity: Order\n    events: [insert]\n    \
+             actions: [{{mode: inline, {action}}}, {{mode: async, {action}}}]\n    \
+             retry: {{max_attempts: 2, initial_delay: 10ms, max_delay: 20ms}}"
+        )
+        .unwrap();
+    }
+    yaml
+}
+
+/// The real binary running `config` against `database_url`, its secrets in the environment, and
+/// a thread collecting its log (stderr) until it exits.
+fn start_node_with_secrets(
+    config: &std::path::Path,
+    database_url: &str,
+    port: u16,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    use std::io::Read;
+
+    let mut node = std::process::Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--poll-interval", "100ms"])
+        // Every target is on one refused endpoint; its circuit must not postpone the jobs.
+        .args(["--breaker-failures", "1000"])
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "info,sqlx=warn")
+        .env(
+            "SLACK_WEBHOOK_URL",
+            format!("http://127.0.0.1:{port}/services/T000/B000/XXXXSECRET"),
+        )
+        .env(
+            "HOOK_URL",
+            format!("http://127.0.0.1:{port}/hooks/hook-path-secret?token=query-secret"),
+        )
+        .env("HOOK_TOKEN", "dollar-secret")
+        .env("TWILIO_ACCOUNT_SID", "ACSECRETSID0123")
+        .env("TWILIO_AUTH_TOKEN", "sms-token-secret")
+        .env(
+            "SEARCH_URL",
+            format!("http://elastic:search-pw-secret@127.0.0.1:{port}/search-path-secret"),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let mut stderr = node.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        let mut text = String::new();
+        stderr.read_to_string(&mut text).unwrap();
+        text
+    });
+    (node, logs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_targets_never_show_their_secret_urls_in_dead_letters_job_errors_or_logs() {
+    let database = common::postgres::TestDatabase::migrated().await;
+    common::nodes::prepare_orders(&database.pool).await;
+    let port = refused_port();
+    let directory = tempfile::tempdir().unwrap();
+    let config = directory.path().join("observers.yaml");
+    std::fs::write(&config, secret_targets_yaml(port)).unwrap();
+    sqlx::query("INSERT INTO orders VALUES (1, 1)")
+        .execute(&database.pool)
+        .await
+        .unwrap();
+
+    let (mut node, logs) = start_node_with_secrets(&config, &database.url, port);
+    common::nodes::eventually("every action dead-lettered", || async {
+        let letters: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM fraiseql_observers.dead_letters")
+                .fetch_one(&database.pool)
+                .await
+                .unwrap();
+        letters == 10
+    })
+    .await;
+    let messages: Vec<(String, String)> = sqlx::query_as(
+        "SELECT observer, error_message FROM fraiseql_observers.dead_letters ORDER BY observer",
+    )
+    .fetch_all(&database.pool)
+    .await
+    .unwrap();
+    let job_errors: Vec<(String, String)> = sqlx::query_as(
+        "SELECT observer, errors::text FROM fraiseql_observers.jobs ORDER BY observer",
+    )
+    .fetch_all(&database.pool)
+    .await
+    .unwrap();
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
+        .args(["dlq", "list", "--json"])
+        .env("DATABASE_URL", &database.url)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    node.kill().unwrap();
+    node.wait().unwrap();
+    let logs = logs.join().unwrap();
+
+    assert_eq!(messages.len(), 10, "{messages:?}");
+    for (observer, message) in &messages {
+        assert!(
+            message.contains("Connection refused"),
+            "{observer}: the cause is kept: {message}"
+        );
+        assert_no_secret(&format!("the dead letter of {observer}"), message);
+    }
+    assert_eq!(
+        job_errors.len(),
+        5,
+        "every async action has a job: {job_errors:?}"
+    );
+    for (observer, errors) in &job_errors {
+        assert!(
+            errors.contains("Connection refused"),
+            "{observer}: {errors}"
+        );
+        assert_no_secret(&format!("the job errors of {observer}"), errors);
+    }
+    let listed = String::from_utf8(listed.stdout).unwrap();
+    assert!(listed.contains("Connection refused"), "{listed}");
+    assert_no_secret("dlq list", &listed);
+    assert!(
+        logs.contains("parked in the dead-letter queue") && logs.contains("Connection refused"),
+        "failures are logged with their cause:\n{logs}"
+    );
+    assert_no_secret("the node's log", &logs);
+}
+
+#[tokio::test]
+async fn a_redirect_is_a_permanent_failure_naming_its_location() {
+    let receiver = Receiver::start().await;
+    receiver.script(
+        "/moved",
+        [Reply::status(302).header("location", "https://elsewhere.example/new\tpath")],
+    );
+    let (executor, dead_letters) =
+        executor_from_yaml(&observer_yaml(&receiver.url("/moved"), ""), &[]);
+
+    let report = &executor.execute_event(&order_update()).await.actions[0];
+
+    assert_eq!(report.attempts, 1, "a redirect is not retried: {report:?}");
+    let ActionStatus::Failed { code, message, .. } = &report.status else {
+        panic!("a redirect is not a delivery: {report:?}")
+    };
+    assert_eq!(*code, ErrorCode::RemoteRejected);
+    assert_eq!(
+        message,
+        r#"HTTP 302: redirected to "https://elsewhere.example/new\tpath"; redirects are not followed"#
+    );
+    let letters = dead_letters
+        .list(&DeadLetterFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].letter.error_message, *message);
+    assert_eq!(receiver.request_count(), 1, "the redirect was not followed");
 }

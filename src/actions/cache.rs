@@ -3,15 +3,18 @@
 //! Exact keys are removed with one `UNLINK`; each pattern is swept with `SCAN MATCH … COUNT` and
 //! `UNLINK` of every batch found (never `KEYS`, which blocks Redis while it walks the keyspace).
 //! Values inserted into a pattern have their glob characters escaped (see
-//! [`crate::template`]), so an entity id cannot widen what is removed. The success detail says how
-//! many keys were removed. The connection is the node's shared one (`REDIS_URL`); an unreachable
-//! Redis is transient, a command Redis refuses is permanent. Removing keys is idempotent, so no key
-//! is needed by the protocol.
+//! [`crate::template`]), so an entity id cannot widen what is removed. Keys under the node's own
+//! Redis prefix (deduplication claims, breakers, limits, cached results: see
+//! [`ServiceKeyspace`]) are never removed, whether a rendered key or a sweep names them. The
+//! success detail says how many keys were removed, and how many of the service's own were left
+//! alone. The connection is the node's shared one (`REDIS_URL`); an unreachable Redis is
+//! transient, a command Redis refuses is permanent. Removing keys is idempotent, so no key is
+//! needed by the protocol.
 
 use redis::RedisError;
 
 use super::{ActionContext, ActionSuccess, template_failed};
-use crate::config::CacheAction;
+use crate::config::{CacheAction, ServiceKeyspace};
 use crate::error::ErrorCode;
 use crate::redis_client::SharedConnection;
 use crate::retry::AttemptError;
@@ -57,12 +60,23 @@ fn render_all(
         .collect()
 }
 
-/// Removes every key matching `pattern`, a batch at a time; returns how many were removed.
-async fn sweep(connection: &mut SharedConnection, pattern: &str) -> Result<u64, RedisError> {
+/// What a sweep or an action did: keys removed, and keys of the service's own left alone.
+#[derive(Clone, Copy, Debug, Default)]
+struct Removal {
+    removed: u64,
+    skipped: u64,
+}
+
+/// Removes every key matching `pattern` that is not the service's own, a batch at a time.
+async fn sweep(
+    connection: &mut SharedConnection,
+    service_keys: &ServiceKeyspace,
+    pattern: &str,
+) -> Result<Removal, RedisError> {
     let mut cursor: u64 = 0;
-    let mut removed = 0;
+    let mut removal = Removal::default();
     loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+        let (next, mut keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
             .arg(pattern)
@@ -70,15 +84,18 @@ async fn sweep(connection: &mut SharedConnection, pattern: &str) -> Result<u64, 
             .arg(SCAN_COUNT)
             .query_async(connection)
             .await?;
+        let found = keys.len();
+        keys.retain(|key| !service_keys.owns(key));
+        removal.skipped += (found - keys.len()) as u64;
         if !keys.is_empty() {
             let unlinked: u64 = redis::cmd("UNLINK")
                 .arg(&keys)
                 .query_async(connection)
                 .await?;
-            removed += unlinked;
+            removal.removed += unlinked;
         }
         if next == 0 {
-            return Ok(removed);
+            return Ok(removal);
         }
         cursor = next;
     }
@@ -86,6 +103,7 @@ async fn sweep(connection: &mut SharedConnection, pattern: &str) -> Result<u64, 
 
 pub(super) async fn attempt(
     connection: Option<&SharedConnection>,
+    service_keys: &ServiceKeyspace,
     templates: &Templates,
     action: &CacheAction,
     context: &ActionContext<'_>,
@@ -99,27 +117,46 @@ pub(super) async fn attempt(
     let keys = render_all(templates, &action.keys, context)?;
     let patterns = render_all(templates, &action.patterns, context)?;
     let mut connection = connection.clone();
-    let mut removed: u64 = 0;
-    if !keys.is_empty() {
+    let removable: Vec<&String> = keys
+        .iter()
+        .filter(|key| !service_keys.owns(key.as_bytes()))
+        .collect();
+    let mut total = Removal {
+        removed: 0,
+        skipped: (keys.len() - removable.len()) as u64,
+    };
+    if !removable.is_empty() {
         let unlinked: u64 = redis::cmd("UNLINK")
-            .arg(&keys)
+            .arg(&removable)
             .query_async(&mut connection)
             .await
             .map_err(|error| redis_failed(&error))?;
-        removed += unlinked;
+        total.removed += unlinked;
     }
     for pattern in &patterns {
-        removed += sweep(&mut connection, pattern)
+        let removal = sweep(&mut connection, service_keys, pattern)
             .await
             .map_err(|error| redis_failed(&error))?;
+        total.removed += removal.removed;
+        total.skipped += removal.skipped;
     }
-    Ok(ActionSuccess {
-        detail: format!(
-            "removed {removed} key{} ({} exact, {} pattern{})",
-            if removed == 1 { "" } else { "s" },
-            keys.len(),
-            patterns.len(),
-            if patterns.len() == 1 { "" } else { "s" }
-        ),
-    })
+    if total.skipped > 0 {
+        tracing::debug!(
+            skipped = total.skipped,
+            "cache action left keys under the service's own Redis prefix alone"
+        );
+    }
+    let left_alone = match total.skipped {
+        0 => String::new(),
+        skipped => format!("; left {skipped} of the service's own keys alone"),
+    };
+    let detail = format!(
+        "removed {} key{} ({} exact, {} pattern{}){left_alone}",
+        total.removed,
+        if total.removed == 1 { "" } else { "s" },
+        keys.len(),
+        patterns.len(),
+        if patterns.len() == 1 { "" } else { "s" }
+    );
+    Ok(ActionSuccess { detail })
 }

@@ -1,12 +1,13 @@
 //! The `email` action: one message per matched event over SMTP (lettre, rustls).
 //!
-//! The message has the configured `From`, `To` (literal addresses, or a template rendering a
-//! comma-separated list), `Cc`, `Reply-To`, a rendered `Subject`, and a text body, an HTML body
-//! (values HTML-escaped), or both as `multipart/alternative`. Its `Message-ID` is derived from the
-//! action's idempotency key, and the key itself travels in `X-FraiseQL-Idempotency-Key`, so a
-//! receiving system can drop a repeat. A 4xx SMTP reply is transient (OB006), a 5xx permanent
-//! (OB008) with the server's reply as the reason; connection and TLS failures are transient.
-//! Each message uses its own connection, ended with `QUIT`.
+//! The message has the configured `From`, `To` (literal addresses, or a template rendering one
+//! address — a comma-separated list only with `to_list: true`), `Cc`, `Reply-To`, a rendered
+//! `Subject`, and a text body, an HTML body (values HTML-escaped), or both as
+//! `multipart/alternative`. Its `Message-ID` is derived from the action's idempotency key, and the
+//! key itself travels in `X-FraiseQL-Idempotency-Key`, so a receiving system can drop a repeat. A
+//! 4xx SMTP reply is transient (OB006), a 5xx permanent (OB008) with the server's reply as the
+//! reason (the credentials blanked, should it quote them); connection and TLS failures are
+//! transient. Each message uses its own connection, ended with `QUIT`.
 
 use std::str::FromStr;
 
@@ -17,7 +18,7 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncTransport, Message, Tokio1Executor};
 
-use super::{ActionContext, ActionSuccess, render, secret_value};
+use super::{ActionContext, ActionSuccess, Secrets, error_chain, quoted, render, secret_value};
 use crate::config::{EmailAction, EmailRecipients, SmtpSecurity};
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
@@ -33,6 +34,49 @@ fn message_id(context: &ActionContext<'_>) -> String {
         "<{}.{}.{}@fraiseql-observers>",
         context.event.id, context.observer, context.action_index
     )
+}
+
+/// The recipients a `to_template` renders for this event: exactly one address, or, with
+/// `to_list: true`, a comma-separated list of at least one. Values come from event data, so
+/// without `to_list` a value such as `ann@example.com, eve@example.net` must not add a recipient:
+/// such a rendering is a permanent failure (OB002) and nothing is sent.
+fn rendered_recipients(
+    templates: &Templates,
+    template: &str,
+    list: bool,
+    context: &ActionContext<'_>,
+) -> Result<Mailboxes, AttemptError> {
+    let rendered = render(templates, template, context)?;
+    let recipients = Mailboxes::from_str(rendered.trim()).map_err(|error| {
+        AttemptError::new(
+            ErrorCode::TemplateFailed,
+            format!(
+                "template {template} rendered {}, not {}: {error}",
+                quoted(&rendered),
+                if list {
+                    "a list of email addresses"
+                } else {
+                    "an email address"
+                }
+            ),
+        )
+    })?;
+    match recipients.iter().count() {
+        0 => Err(AttemptError::new(
+            ErrorCode::TemplateFailed,
+            format!("template {template} rendered no recipient"),
+        )),
+        1 => Ok(recipients),
+        _ if list => Ok(recipients),
+        count => Err(AttemptError::new(
+            ErrorCode::TemplateFailed,
+            format!(
+                "template {template} rendered {count} addresses ({}) where one is expected; \
+                 set to_list: true if its values may name several recipients",
+                quoted(&rendered)
+            ),
+        )),
+    }
 }
 
 fn build_message(
@@ -54,23 +98,11 @@ fn build_message(
                 builder = builder.to(recipient.clone());
             }
         }
-        EmailRecipients::Template(template) => {
-            let rendered = render(templates, template, context)?;
-            let recipients = Mailboxes::from_str(rendered.trim()).map_err(|error| {
-                invalid(
-                    &format!(
-                        "template {template} rendered {rendered:?}, not a list of email addresses"
-                    ),
-                    &error,
-                )
-            })?;
-            if recipients.iter().next().is_none() {
-                return Err(invalid(
-                    &format!("template {template}"),
-                    &"rendered no recipient",
-                ));
-            }
-            for recipient in recipients {
+        EmailRecipients::Template {
+            name: template,
+            list,
+        } => {
+            for recipient in rendered_recipients(templates, template, *list, context)? {
                 builder = builder.to(recipient);
             }
         }
@@ -112,7 +144,10 @@ fn build_message(
     Ok(message)
 }
 
-fn transport(action: &EmailAction) -> Result<AsyncSmtpTransport<Tokio1Executor>, AttemptError> {
+/// The SMTP client for `action`, and the credentials it uses (kept out of errors).
+fn transport(
+    action: &EmailAction,
+) -> Result<(AsyncSmtpTransport<Tokio1Executor>, Secrets), AttemptError> {
     let tls_parameters = || {
         TlsParameters::new(action.host.clone()).map_err(|error| {
             AttemptError::new(
@@ -130,16 +165,24 @@ fn transport(action: &EmailAction) -> Result<AsyncSmtpTransport<Tokio1Executor>,
         .port(action.port)
         .tls(tls)
         .timeout(Some(action.timeout));
+    let mut secrets = Secrets::default();
     if let Some(credentials) = &action.credentials {
-        builder = builder.credentials(Credentials::new(
-            secret_value(&credentials.username, "the SMTP username")?.to_owned(),
-            secret_value(&credentials.password, "the SMTP password")?.to_owned(),
-        ));
+        let username = secret_value(&credentials.username, "the SMTP username")?;
+        let password = secret_value(&credentials.password, "the SMTP password")?;
+        secrets.add(username);
+        secrets.add(password);
+        builder = builder.credentials(Credentials::new(username.to_owned(), password.to_owned()));
     }
-    Ok(builder.build())
+    Ok((builder.build(), secrets))
 }
 
-fn smtp_failed(server: &str, error: &lettre::transport::smtp::Error) -> AttemptError {
+/// A failed SMTP exchange, classified, with the credentials blanked should the server's reply
+/// or a cause quote them.
+fn smtp_failed(
+    server: &str,
+    error: &lettre::transport::smtp::Error,
+    secrets: &Secrets,
+) -> AttemptError {
     let code = if error.is_permanent() {
         ErrorCode::RemoteRejected
     } else if error.is_transient() {
@@ -151,14 +194,10 @@ fn smtp_failed(server: &str, error: &lettre::transport::smtp::Error) -> AttemptE
     } else {
         ErrorCode::ConnectionFailed
     };
-    let mut message = format!("SMTP {server}: {error}");
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    AttemptError::new(code, message)
+    AttemptError::new(
+        code,
+        secrets.redact(&format!("SMTP {server}: {}", error_chain(error))),
+    )
 }
 
 pub(super) async fn attempt(
@@ -168,12 +207,12 @@ pub(super) async fn attempt(
 ) -> Result<ActionSuccess, AttemptError> {
     let message = build_message(templates, action, context)?;
     let recipients = message.envelope().to().len();
-    let transport = transport(action)?;
+    let (transport, secrets) = transport(action)?;
     let server = format!("{}:{}", action.host, action.port);
     let response = transport
         .send(message)
         .await
-        .map_err(|error| smtp_failed(&server, &error))?;
+        .map_err(|error| smtp_failed(&server, &error, &secrets))?;
     let reply: Vec<&str> = response.message().collect();
     Ok(ActionSuccess {
         detail: format!(

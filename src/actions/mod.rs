@@ -75,8 +75,11 @@ pub struct ActionRunner {
     breakers: Option<crate::breaker::Breakers>,
     /// Where `rate_limit` / `max_in_flight` of actions are counted (in process by default).
     limits: Arc<dyn crate::limits::LimitStore>,
-    /// Where `cache: {ttl}` actions keep results (in process by default).
+    /// Where `cache: {ttl}` actions keep results (in process by default). Its prefix is the
+    /// node's Redis key prefix, shared with deduplication, breakers and limits.
     cache: crate::cache::Cache,
+    /// The keys under that prefix: `cache` actions leave them alone.
+    service_keys: crate::config::ServiceKeyspace,
     /// The service's PostgreSQL pool, which `database` actions call their functions through.
     database: Option<sqlx::PgPool>,
     /// The node's Redis connection, which `cache` actions remove keys through.
@@ -109,6 +112,7 @@ impl ActionRunner {
                 prefix: String::new(),
                 metrics: None,
             },
+            service_keys: crate::config::ServiceKeyspace::new(""),
             database: None,
             redis: None,
             search_bulk: search::BulkWriters::default(),
@@ -129,9 +133,11 @@ impl ActionRunner {
         self
     }
 
-    /// Keeps `cache: {ttl}` results in `cache` (Redis: shared by every node).
+    /// Keeps `cache: {ttl}` results in `cache` (Redis: shared by every node). Its prefix is taken
+    /// as the node's Redis key prefix, under which `cache` actions remove nothing.
     #[must_use]
     pub fn with_cache(mut self, cache: crate::cache::Cache) -> ActionRunner {
+        self.service_keys = crate::config::ServiceKeyspace::new(&cache.prefix);
         self.cache = cache;
         self
     }
@@ -185,7 +191,14 @@ impl ActionRunner {
                 database::attempt(self.database.as_ref(), &self.templates, database, context).await
             }
             ActionKind::Cache(cache) => {
-                cache::attempt(self.redis.as_ref(), &self.templates, cache, context).await
+                cache::attempt(
+                    self.redis.as_ref(),
+                    &self.service_keys,
+                    &self.templates,
+                    cache,
+                    context,
+                )
+                .await
             }
             ActionKind::Slack(slack) => {
                 slack::attempt(&self.http, &self.templates, slack, context).await
@@ -253,9 +266,206 @@ fn target_url(target: &crate::config::WebhookTarget, what: &str) -> Result<url::
     }
 }
 
+/// What an HTTP target's status means for an action: `None` when the request was accepted (2xx),
+/// else the failure's code. Anything else that is not an error status (1xx, 3xx) is a permanent
+/// failure: redirects are not followed, so nothing reached a receiver, and asking again gets the
+/// same answer.
+fn http_status_failure(status: u16) -> Option<ErrorCode> {
+    match status {
+        200..=299 => None,
+        100..=399 => Some(ErrorCode::RemoteRejected),
+        _ => ErrorCode::from_http_status(status),
+    }
+}
+
+/// Longest text from a receiver or from event data quoted in a message, in characters.
+const MAX_QUOTED_CHARS: usize = 256;
+
+/// `text` in double quotes with quotes, backslashes and control characters escaped, cut at
+/// [`MAX_QUOTED_CHARS`] (then `…`): text from a receiver or from event data can hold anything,
+/// and a message must stay one bounded line.
+fn quoted(text: &str) -> String {
+    let mut quoted = String::with_capacity(text.len().min(MAX_QUOTED_CHARS) + 2);
+    quoted.push('"');
+    for (count, character) in text.chars().enumerate() {
+        if count == MAX_QUOTED_CHARS {
+            quoted.push('…');
+            break;
+        }
+        match character {
+            '"' | '\\' => {
+                quoted.push('\\');
+                quoted.push(character);
+            }
+            _ if character.is_control() => quoted.extend(character.escape_default()),
+            _ => quoted.push(character),
+        }
+    }
+    quoted.push('"');
+    quoted
+}
+
+/// The reason of a redirect (3xx) answer, naming where it pointed (see [`quoted`]: the
+/// `Location` comes from the receiver), or `None` for another status.
+fn redirect_reason(status: u16, headers: &reqwest::header::HeaderMap) -> Option<String> {
+    if !(300..=399).contains(&status) {
+        return None;
+    }
+    let Some(location) = headers.get(reqwest::header::LOCATION) else {
+        return Some("a redirect without a Location; redirects are not followed".to_owned());
+    };
+    Some(format!(
+        "redirected to {}; redirects are not followed",
+        quoted(&String::from_utf8_lossy(location.as_bytes()))
+    ))
+}
+
+/// Fragments shorter than this are left in messages: they cannot be told apart from ordinary
+/// words, and blanking every occurrence would make the message unreadable.
+const MIN_SECRET_CHARS: usize = 3;
+
+/// Text that must never appear in an action's error messages (and so in logs, dead letters and
+/// job histories): the parts of its target URL that can carry a token — the whole URL, its path,
+/// query and user info, and its host when the URL came from the environment — and its
+/// credentials.
+#[derive(Clone, Default)]
+struct Secrets(Vec<String>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "Secrets(<{} redacted>)", self.0.len())
+    }
+}
+
+impl Secrets {
+    /// The parts of `url` that can carry a token; `host_is_secret` for a URL from the environment.
+    fn of_url(url: &url::Url, host_is_secret: bool) -> Secrets {
+        let mut secrets = Secrets::default();
+        secrets.add(url.as_str());
+        secrets.add(&url[..url::Position::AfterPath]);
+        secrets.add(&url[url::Position::BeforeUsername..]);
+        secrets.add(url.path());
+        secrets.add(url.query().unwrap_or_default());
+        secrets.add(url.username());
+        secrets.add(url.password().unwrap_or_default());
+        if host_is_secret {
+            secrets.add(url.host_str().unwrap_or_default());
+        }
+        secrets
+    }
+
+    /// Adds `value` (a credential); fragments shorter than [`MIN_SECRET_CHARS`] are ignored.
+    fn add(&mut self, value: &str) {
+        if value.chars().count() >= MIN_SECRET_CHARS && !self.0.iter().any(|known| known == value) {
+            self.0.push(value.to_owned());
+        }
+    }
+
+    /// `message` with every occurrence of a secret replaced by `<redacted>`, longest first (so a
+    /// URL is blanked as a whole rather than around its path).
+    fn redact(&self, message: &str) -> String {
+        let mut secrets: Vec<&str> = self.0.iter().map(String::as_str).collect();
+        secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
+        let mut redacted = message.to_owned();
+        for secret in secrets {
+            if redacted.contains(secret) {
+                redacted = redacted.replace(secret, "<redacted>");
+            }
+        }
+        redacted
+    }
+}
+
+/// `error: cause: cause…`, the whole source chain on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some errors print their source in their own text already.
+        if !message.ends_with(&cause_text) {
+            message.push_str(": ");
+            message.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
 fn template_failed(template: &str, error: &crate::template::TemplateError) -> AttemptError {
     AttemptError::new(
         ErrorCode::TemplateFailed,
         format!("template {template}: {error}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_2xx_is_success_and_redirects_are_permanent() {
+        assert_eq!(http_status_failure(200), None);
+        assert_eq!(http_status_failure(204), None);
+        for redirect in [301, 302, 303, 304, 307, 308] {
+            assert_eq!(
+                http_status_failure(redirect),
+                Some(ErrorCode::RemoteRejected),
+                "{redirect}"
+            );
+        }
+        assert_eq!(http_status_failure(503), Some(ErrorCode::RemoteUnavailable));
+        assert_eq!(http_status_failure(429), Some(ErrorCode::RateLimited));
+    }
+
+    #[test]
+    fn a_redirect_names_its_location_escaped_and_bounded() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        assert_eq!(redirect_reason(200, &headers), None);
+        assert_eq!(
+            redirect_reason(302, &headers).unwrap(),
+            "a redirect without a Location; redirects are not followed"
+        );
+        headers.insert(
+            reqwest::header::LOCATION,
+            reqwest::header::HeaderValue::from_static("https://elsewhere.example/\t\"x\""),
+        );
+        assert_eq!(
+            redirect_reason(307, &headers).unwrap(),
+            r#"redirected to "https://elsewhere.example/\t\"x\""; redirects are not followed"#
+        );
+        let long = format!("/{}", "a".repeat(1000));
+        headers.insert(
+            reqwest::header::LOCATION,
+            reqwest::header::HeaderValue::from_str(&long).unwrap(),
+        );
+        let reason = redirect_reason(301, &headers).unwrap();
+        assert!(
+            reason.contains(&format!("\"/{}…\"", "a".repeat(MAX_QUOTED_CHARS - 1))),
+            "{reason}"
+        );
+        assert!(reason.len() < 400, "{reason}");
+    }
+
+    #[test]
+    fn secrets_of_a_url_are_blanked_wherever_a_message_quotes_them() {
+        let url = url::Url::parse(
+            "https://user:pass-word@hooks.example.com/services/T000/B000/XXXXSECRET?token=q-secret",
+        )
+        .unwrap();
+        let message = format!(
+            "error for url ({url}): path /services/T000/B000/XXXXSECRET, query token=q-secret, \
+             user pass-word at hooks.example.com"
+        );
+        let shown = Secrets::of_url(&url, false).redact(&message);
+        for secret in ["XXXXSECRET", "q-secret", "pass-word"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(
+            shown.contains("hooks.example.com"),
+            "a literal host is named: {shown}"
+        );
+        let hidden = Secrets::of_url(&url, true).redact(&message);
+        assert!(!hidden.contains("hooks.example.com"), "{hidden}");
+    }
 }

@@ -5,8 +5,9 @@
 //! (`DELETE /{index}/_doc/{entity id}`, where 404 — already gone — counts as success). The index
 //! name is a template, checked against the engines' naming rules once rendered; the entity id is
 //! sent as one percent-encoded path segment. A 4xx is permanent with the engine's error `type:
-//! reason` (OB008); 429, including a read-only block when disk is full (OB007, honouring
-//! `Retry-After`), and 5xx (OB006) are transient.
+//! reason` (OB008), as is a redirect (3xx, not followed); 429, including a read-only block when
+//! disk is full (OB007, honouring `Retry-After`), and 5xx (OB006) are transient. Errors never show
+//! the cluster URL (it may carry credentials) or the credentials.
 //!
 //! With `bulk`, the operations of concurrent events go to the cluster together: one writer per
 //! cluster (and credentials) collects what arrives within `max_wait`, up to `max_documents`, and
@@ -20,8 +21,11 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 
 use super::webhook::{body_excerpt, retry_after, transport_error};
-use super::{ActionContext, ActionSuccess, render, secret_value, target_url};
-use crate::config::{SearchAction, SearchBulk};
+use super::{
+    ActionContext, ActionSuccess, Secrets, http_status_failure, redirect_reason, render,
+    secret_value, target_url,
+};
+use crate::config::{SearchAction, SearchBulk, WebhookTarget};
 use crate::domain::EventKind;
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
@@ -84,9 +88,24 @@ struct BulkOperation {
 }
 
 /// The node's `_bulk` writers, one per cluster URL, credentials and batching settings.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct BulkWriters {
     writers: Arc<Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<BulkOperation>>>>,
+}
+
+/// Counts the writers only: their keys hold cluster URLs and user names.
+impl std::fmt::Debug for BulkWriters {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let writers = self
+            .writers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        formatter
+            .debug_struct("BulkWriters")
+            .field("writers", &writers)
+            .finish()
+    }
 }
 
 /// What a `_bulk` request needs besides its operations.
@@ -95,6 +114,8 @@ struct BulkTarget {
     credentials: Option<(String, String)>,
     settings: SearchBulk,
     timeout: std::time::Duration,
+    /// What the request's errors must not show.
+    secrets: Secrets,
 }
 
 impl BulkWriters {
@@ -180,23 +201,27 @@ async fn send_bulk(http: &reqwest::Client, target: &BulkTarget, batch: Vec<BulkO
     let response = match request.send().await {
         Ok(response) => response,
         Err(error) => {
+            let failure = transport_error(error, target.timeout, &target.secrets);
             for operation in batch {
-                let _ = operation.reply.send(Err(transport_error(&error)));
+                let _ = operation.reply.send(Err(failure.clone()));
             }
             return;
         }
     };
     let status = response.status().as_u16();
     let wait = retry_after(response.headers());
-    if let Some(code) = ErrorCode::from_http_status(status) {
-        let reason = engine_reason(&body_excerpt(response).await);
+    if let Some(code) = http_status_failure(status) {
+        let reason = match redirect_reason(status, response.headers()) {
+            Some(reason) => reason,
+            None => engine_reason(&body_excerpt(response).await),
+        };
         for operation in batch {
             let mut error = AttemptError::new(
                 code,
-                format!(
+                target.secrets.redact(&format!(
                     "{} (in a _bulk request of {count}): HTTP {status}: {reason}",
                     operation.label
-                ),
+                )),
             );
             error.retry_after = wait;
             let _ = operation.reply.send(Err(error));
@@ -207,8 +232,9 @@ async fn send_bulk(http: &reqwest::Client, target: &BulkTarget, batch: Vec<BulkO
     let answer = match response.bytes().await {
         Ok(answer) => answer,
         Err(error) => {
+            let failure = transport_error(error, target.timeout, &target.secrets);
             for operation in batch {
-                let _ = operation.reply.send(Err(transport_error(&error)));
+                let _ = operation.reply.send(Err(failure.clone()));
             }
             return;
         }
@@ -276,7 +302,7 @@ fn item_outcome(
 /// What a status means for an operation: `None` done (for a delete, 404 too: already gone), else
 /// the failure's code.
 fn failure_code(status: u16, deleting: bool) -> Option<ErrorCode> {
-    match ErrorCode::from_http_status(status) {
+    match http_status_failure(status) {
         Some(ErrorCode::RemoteRejected) if deleting && status == 404 => None,
         other => other,
     }
@@ -294,6 +320,27 @@ fn credentials(action: &SearchAction) -> Result<Option<(&str, &str)>, AttemptErr
             ))
         })
         .transpose()
+}
+
+/// What errors of a request to `request` on the cluster at `cluster` must not show: the cluster
+/// URL's token-carrying parts (not the index and id appended to it, which messages name), the
+/// request URL as a whole, and the credentials.
+fn secrets(
+    action: &SearchAction,
+    cluster: &url::Url,
+    request: &url::Url,
+    credentials: Option<(&str, &str)>,
+) -> Secrets {
+    let mut secrets = Secrets::of_url(
+        cluster,
+        matches!(action.target, WebhookTarget::FromEnv { .. }),
+    );
+    secrets.add(request.as_str());
+    if let Some((username, password)) = credentials {
+        secrets.add(username);
+        secrets.add(password);
+    }
+    secrets
 }
 
 /// The cluster's URL with `segments` appended (each percent-encoded as one segment).
@@ -350,15 +397,18 @@ async fn attempt_bulk(
         );
         lines.push('\n');
     }
-    let credentials =
-        credentials(action)?.map(|(username, password)| (username.to_owned(), password.to_owned()));
+    let credentials = credentials(action)?;
+    let url = cluster_url(base.clone(), &["_bulk"])?;
+    let secrets = secrets(action, &base, &url, credentials);
     let sender = writers.sender(
         http,
         BulkTarget {
-            url: cluster_url(base, &["_bulk"])?,
-            credentials,
+            url,
+            credentials: credentials
+                .map(|(username, password)| (username.to_owned(), password.to_owned())),
             settings,
             timeout: action.timeout,
+            secrets,
         },
     );
     let (reply, answer) = tokio::sync::oneshot::channel();
@@ -389,31 +439,34 @@ pub(super) async fn attempt(
     context: &ActionContext<'_>,
     writers: &BulkWriters,
 ) -> Result<ActionSuccess, AttemptError> {
-    let url = target_url(&action.target, "the search cluster URL")?;
+    let cluster = target_url(&action.target, "the search cluster URL")?;
     let index = render(templates, &action.index_template, context)?;
     let index = index.trim();
     check_index(&action.index_template, index)?;
     if let Some(settings) = action.bulk {
-        return attempt_bulk(http, writers, url, settings, action, context, index).await;
+        return attempt_bulk(http, writers, cluster, settings, action, context, index).await;
     }
     let entity_id = context.event.entity_id.as_str();
-    let url = cluster_url(url, &[index, "_doc", entity_id])?;
+    let url = cluster_url(cluster.clone(), &[index, "_doc", entity_id])?;
+    let credentials = credentials(action)?;
+    let secrets = secrets(action, &cluster, &url, credentials);
     let deleting = context.event.kind == EventKind::Delete;
     let mut request = if deleting {
         http.delete(url)
     } else {
         http.put(url).json(&context.event.data)
     };
-    if let Some((username, password)) = credentials(action)? {
+    if let Some((username, password)) = credentials {
         request = request.basic_auth(username, Some(password));
     }
     let response = request
         .timeout(action.timeout)
         .send()
         .await
-        .map_err(|error| transport_error(&error))?;
+        .map_err(|error| transport_error(error, action.timeout, &secrets))?;
     let status = response.status().as_u16();
     let wait = retry_after(response.headers());
+    let redirect = redirect_reason(status, response.headers());
     let excerpt = body_excerpt(response).await;
     let operation = if deleting { "delete" } else { "index" };
     let Some(code) = failure_code(status, deleting) else {
@@ -425,10 +478,12 @@ pub(super) async fn attempt(
             detail: format!("{operation} {index}/{entity_id}: HTTP {status} {result}"),
         });
     };
-    let reason = engine_reason(&excerpt);
+    let reason = redirect.unwrap_or_else(|| engine_reason(&excerpt));
     let mut error = AttemptError::new(
         code,
-        format!("{operation} {index}/{entity_id}: HTTP {status}: {reason}"),
+        secrets.redact(&format!(
+            "{operation} {index}/{entity_id}: HTTP {status}: {reason}"
+        )),
     );
     error.retry_after = wait;
     Err(error)

@@ -4,16 +4,19 @@
 //! the notification fallback when `blocks` are given), `blocks` a JSON template that must render a
 //! Block Kit array, `channel` an optional override. Slack answers 200 `ok`; a 429 carries
 //! `Retry-After`, which the retry honours (OB007); other 4xx (`invalid_payload`,
-//! `channel_not_found`, `no_service`) are permanent with Slack's answer as the reason (OB008);
-//! 5xx are transient (OB006). Incoming webhooks take no idempotency key, so a retried message
+//! `channel_not_found`, `no_service`) and redirects (3xx, not followed) are permanent with Slack's
+//! answer as the reason (OB008); 5xx are transient (OB006). The webhook URL is a credential and
+//! never appears in an error. Incoming webhooks take no idempotency key, so a retried message
 //! can be posted twice if Slack received it but its answer was lost.
 
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::{Map, Value};
 
 use super::webhook::{body_excerpt, retry_after, transport_error};
-use super::{ActionContext, ActionSuccess, render, target_url};
-use crate::config::SlackAction;
+use super::{
+    ActionContext, ActionSuccess, Secrets, http_status_failure, redirect_reason, render, target_url,
+};
+use crate::config::{SlackAction, WebhookTarget};
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
 use crate::template::Templates;
@@ -61,6 +64,8 @@ pub(super) async fn attempt(
             format!("serialize Slack payload: {error}"),
         )
     })?;
+    // The webhook URL is the credential: its path holds the token, written in the file or not.
+    let secrets = Secrets::of_url(&url, matches!(action.target, WebhookTarget::FromEnv { .. }));
     let response = http
         .post(url)
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
@@ -68,16 +73,22 @@ pub(super) async fn attempt(
         .timeout(action.timeout)
         .send()
         .await
-        .map_err(|error| transport_error(&error))?;
+        .map_err(|error| transport_error(error, action.timeout, &secrets))?;
     let status = response.status().as_u16();
-    let Some(code) = ErrorCode::from_http_status(status) else {
+    let Some(code) = http_status_failure(status) else {
         return Ok(ActionSuccess {
             detail: format!("Slack HTTP {status}"),
         });
     };
     let wait = retry_after(response.headers());
-    let excerpt = body_excerpt(response).await;
-    let mut error = AttemptError::new(code, format!("Slack HTTP {status}: {}", excerpt.trim()));
+    let reason = match redirect_reason(status, response.headers()) {
+        Some(reason) => reason,
+        None => body_excerpt(response).await.trim().to_owned(),
+    };
+    let mut error = AttemptError::new(
+        code,
+        secrets.redact(&format!("Slack HTTP {status}: {reason}")),
+    );
     error.retry_after = wait;
     Err(error)
 }

@@ -4,12 +4,17 @@
 //! `Body`, with HTTP basic auth (account SID, auth token) and the action's idempotency key in
 //! `I-Twilio-Idempotency-Token`, so a retried request does not send a second message. Twilio
 //! answers 201 with the message; a 4xx is permanent with the `message` of its JSON error as the
-//! reason (OB008); 429 (OB007, honouring `Retry-After`) and 5xx (OB006) are transient.
+//! reason (OB008), as is a redirect (3xx, not followed); 429 (OB007, honouring `Retry-After`) and
+//! 5xx (OB006) are transient. Neither the URL (the SID is in its path) nor the credentials
+//! appear in an error.
 
 use serde::Deserialize;
 
 use super::webhook::{body_excerpt, retry_after, transport_error};
-use super::{ActionContext, ActionSuccess, render, secret_value};
+use super::{
+    ActionContext, ActionSuccess, Secrets, http_status_failure, redirect_reason, render,
+    secret_value,
+};
 use crate::config::SmsAction;
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
@@ -63,6 +68,10 @@ pub(super) async fn attempt(
         ));
     }
     let url = messages_url(&action.base_url, account_sid)?;
+    // The account SID is in the path; neither it nor the token may reach an error.
+    let mut secrets = Secrets::of_url(&url, false);
+    secrets.add(account_sid);
+    secrets.add(auth_token);
     let response = http
         .post(url)
         .basic_auth(account_sid, Some(auth_token))
@@ -71,10 +80,11 @@ pub(super) async fn attempt(
         .timeout(action.timeout)
         .send()
         .await
-        .map_err(|error| transport_error(&error))?;
+        .map_err(|error| transport_error(error, action.timeout, &secrets))?;
     let status = response.status().as_u16();
-    let code = ErrorCode::from_http_status(status);
+    let code = http_status_failure(status);
     let wait = retry_after(response.headers());
+    let redirect = redirect_reason(status, response.headers());
     let excerpt = body_excerpt(response).await;
     let answer: Option<TwilioAnswer> = serde_json::from_str(&excerpt).ok();
     let Some(code) = code else {
@@ -94,18 +104,26 @@ pub(super) async fn attempt(
         }
         return Ok(ActionSuccess { detail });
     };
-    let reason = match answer {
-        Some(TwilioAnswer {
-            message: Some(message),
-            code: twilio_code,
-            ..
-        }) => match twilio_code {
+    let reason = match (redirect, answer) {
+        (Some(redirect), _) => redirect,
+        (
+            None,
+            Some(TwilioAnswer {
+                message: Some(message),
+                code: twilio_code,
+                ..
+            }),
+        ) => match twilio_code {
             Some(twilio_code) => format!("{message} (Twilio error {twilio_code})"),
             None => message,
         },
         _ => excerpt.trim().to_owned(),
     };
-    let mut error = AttemptError::new(code, format!("SMS HTTP {status}: {reason}"));
+    // Twilio's own messages name the resource, SID included.
+    let mut error = AttemptError::new(
+        code,
+        secrets.redact(&format!("SMS HTTP {status}: {reason}")),
+    );
     error.retry_after = wait;
     Err(error)
 }

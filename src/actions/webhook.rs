@@ -13,10 +13,13 @@ use reqwest::header::{
 };
 use sha2::Sha256;
 
-use super::{ActionContext, ActionSuccess, secret_missing, target_url, template_failed};
+use super::{
+    ActionContext, ActionSuccess, Secrets, error_chain, http_status_failure, redirect_reason,
+    secret_missing, target_url, template_failed,
+};
 use crate::breaker::{Admission, Breakers};
 use crate::cache::{Cache, CacheScope};
-use crate::config::{BodyFormat, HeaderValue, HttpMethod, Setting, WebhookAction};
+use crate::config::{BodyFormat, HeaderValue, HttpMethod, Setting, WebhookAction, WebhookTarget};
 use crate::error::ErrorCode;
 use crate::limits::{LimitStore, wait_for_slot, wait_for_token};
 use crate::retry::AttemptError;
@@ -155,20 +158,29 @@ pub(super) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     )
 }
 
-pub(super) fn transport_error(error: &reqwest::Error) -> AttemptError {
+/// A request that got no answer, described without its target: reqwest's own text ends with
+/// `for url (…)`, and target URLs carry tokens (Slack, `url_env`, `${VAR}`) and account SIDs
+/// (SMS). The cause chain is kept (`… tcp connect error: Connection refused (os error 111)`),
+/// with `secrets` blanked should a cause quote them; a timeout says how long was waited (as the
+/// executor's own deadline does).
+pub(super) fn transport_error(
+    error: reqwest::Error,
+    timeout: Duration,
+    secrets: &Secrets,
+) -> AttemptError {
+    let error = error.without_url();
+    if error.is_timeout() && !error.is_connect() {
+        return AttemptError::new(
+            ErrorCode::ActionTimeout,
+            format!("no answer within {}", humantime::format_duration(timeout)),
+        );
+    }
     let code = if error.is_timeout() {
         ErrorCode::ActionTimeout
     } else {
         ErrorCode::ConnectionFailed
     };
-    let mut message = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    AttemptError::new(code, message)
+    AttemptError::new(code, secrets.redact(&error_chain(&error)))
 }
 
 pub(super) async fn body_excerpt(mut response: reqwest::Response) -> String {
@@ -214,13 +226,18 @@ pub(super) async fn attempt(
         None => None,
     };
     let endpoint = endpoint_of(&url);
+    // How messages name the endpoint: the host of a URL from the environment may be secret too.
+    let named = match &action.target {
+        WebhookTarget::Literal(_) => endpoint.clone(),
+        WebhookTarget::FromEnv { variable, .. } => format!("the endpoint of {variable}"),
+    };
     if let Some(breakers) = guards.breakers
         && let Admission::Refused { retry_in } = breakers.admit(&endpoint).await
     {
         let mut refused = AttemptError::new(
             ErrorCode::CircuitOpen,
             format!(
-                "circuit open for {endpoint}; not called (retry in {} ms)",
+                "circuit open for {named}; not called (retry in {} ms)",
                 retry_in.as_millis()
             ),
         );
@@ -241,7 +258,7 @@ pub(super) async fn attempt(
     if let Some(slot) = slot
         && let Err(error) = guards.limits.leave(&endpoint, &slot).await
     {
-        tracing::warn!(%error, endpoint, "giving an in-flight slot back failed; it expires");
+        tracing::warn!(%error, endpoint = named, "giving an in-flight slot back failed; it expires");
     }
     if let Some(breakers) = guards.breakers {
         breakers
@@ -306,6 +323,7 @@ async fn call(
     headers: HeaderMap,
     body: Vec<u8>,
 ) -> Result<ActionSuccess, AttemptError> {
+    let secrets = Secrets::of_url(&url, matches!(action.target, WebhookTarget::FromEnv { .. }));
     let response = http
         .request(method(action.method), url)
         .headers(headers)
@@ -313,19 +331,19 @@ async fn call(
         .timeout(action.timeout)
         .send()
         .await
-        .map_err(|error| transport_error(&error))?;
-    let status = response.status();
-    let Some(code) = ErrorCode::from_http_status(status.as_u16()) else {
+        .map_err(|error| transport_error(error, action.timeout, &secrets))?;
+    let status = response.status().as_u16();
+    let Some(code) = http_status_failure(status) else {
         return Ok(ActionSuccess {
-            detail: format!("HTTP {}", status.as_u16()),
+            detail: format!("HTTP {status}"),
         });
     };
     let retry_after = retry_after(response.headers());
-    let excerpt = body_excerpt(response).await;
-    let mut error = AttemptError::new(
-        code,
-        format!("HTTP {}: {}", status.as_u16(), excerpt.trim()),
-    );
+    let reason = match redirect_reason(status, response.headers()) {
+        Some(reason) => reason,
+        None => body_excerpt(response).await.trim().to_owned(),
+    };
+    let mut error = AttemptError::new(code, secrets.redact(&format!("HTTP {status}: {reason}")));
     error.retry_after = retry_after;
     Err(error)
 }

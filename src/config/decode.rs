@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use super::keyspace::{DEFAULT_REDIS_PREFIX, REDIS_PREFIX_ENV, ServiceKeyspace};
 use super::model::{
     ActionDefinition, ActionKind, BackoffKind, BasicCredentials, BodyFormat, CacheAction,
     DEFAULT_ACTION_TIMEOUT, DatabaseAction, DatabaseParam, Delivery, DeliveryMode, EmailAction,
@@ -85,6 +86,7 @@ const ACTION_KEYS: &[(&str, &[&str])] = &[
             "from",
             "to",
             "to_template",
+            "to_list",
             "cc",
             "reply_to",
             "subject",
@@ -1671,9 +1673,17 @@ impl Decoder<'_> {
             (Some(node), None) => self
                 .mailboxes(node, &child(path, "to"))
                 .map(EmailRecipients::Literal),
-            (None, Some(_)) => self
-                .template_field(fields, "to_template", path, "txt")
-                .map(EmailRecipients::Template),
+            (None, Some(_)) => {
+                let list = match fields.get("to_list") {
+                    None => Some(false),
+                    Some(node) => self.boolean(node, &child(path, "to_list")),
+                };
+                let name = self.template_field(fields, "to_template", path, "txt");
+                Some(EmailRecipients::Template {
+                    name: name?,
+                    list: list?,
+                })
+            }
             (Some(node), Some(_)) => {
                 self.error(
                     node.position,
@@ -1691,6 +1701,13 @@ impl Decoder<'_> {
                 None
             }
         };
+        if let (Some(_), Some(node)) = (fields.get("to"), fields.get("to_list")) {
+            self.error(
+                node.position,
+                &child(path, "to_list"),
+                "'to_list' applies to 'to_template'; a literal 'to' lists its addresses itself",
+            );
+        }
         let cc = match fields.get("cc") {
             None => Some(Vec::new()),
             Some(node) => self.mailboxes(node, &child(path, "cc")),
@@ -1830,6 +1847,7 @@ impl Decoder<'_> {
         let patterns = self.template_list(fields, "patterns", path, "glob");
         let timeout = self.action_timeout(fields, path);
         let (keys, patterns) = (keys?, patterns?);
+        self.confine_cache_keys(fields, path);
         if keys.is_empty() && patterns.is_empty() {
             self.error(
                 fields.position,
@@ -1843,6 +1861,41 @@ impl Decoder<'_> {
             patterns,
             timeout: timeout?,
         })
+    }
+
+    /// Refuses exact keys and patterns that reach the service's own Redis keys (see
+    /// [`ServiceKeyspace`]), under the prefix the environment gives the node.
+    fn confine_cache_keys(&mut self, fields: &Fields<'_>, path: &str) {
+        let prefix =
+            (self.options.env)(REDIS_PREFIX_ENV).unwrap_or_else(|| DEFAULT_REDIS_PREFIX.to_owned());
+        let keyspace = ServiceKeyspace::new(&prefix);
+        for (key, is_pattern) in [("keys", false), ("patterns", true)] {
+            let Some(node) = fields.get(key) else {
+                continue;
+            };
+            let list_path = child(path, key);
+            let items: Vec<(String, &Node)> = match &node.value {
+                NodeValue::List(items) => items
+                    .iter()
+                    .enumerate()
+                    .map(|(index, item)| (format!("{list_path}[{index}]"), item))
+                    .collect(),
+                _ => vec![(list_path, node)],
+            };
+            for (item_path, item) in items {
+                let NodeValue::String(source) = &item.value else {
+                    continue;
+                };
+                let problem = if is_pattern {
+                    keyspace.pattern_template_problem(source)
+                } else {
+                    keyspace.key_template_problem(source)
+                };
+                if let Some(problem) = problem {
+                    self.error(item.position, &item_path, problem);
+                }
+            }
+        }
     }
 
     /// An optional list of templates at `key` (a single string counts as a list of one).

@@ -6,12 +6,14 @@
 //! *all* problems, each naming file, line:column and path (`observers[2].actions[0].url`).
 
 mod decode;
+mod keyspace;
 mod model;
 mod tree;
 
 use std::fmt;
 use std::path::Path;
 
+pub use keyspace::{DEFAULT_REDIS_PREFIX, REDIS_PREFIX_ENV, ServiceKeyspace};
 pub use model::*;
 pub use tree::{Format, Position};
 

@@ -455,8 +455,10 @@ pub type Mailbox = lettre::message::Mailbox;
 pub enum EmailRecipients {
     /// Addresses written in the file, checked at load.
     Literal(Vec<Mailbox>),
-    /// Name of a template rendering a comma-separated list, checked when rendered.
-    Template(String),
+    /// A template (`to_template`), checked when rendered. Its values come from event data, so it
+    /// must render exactly one address, unless `list` (`to_list: true`) lets it render a
+    /// comma-separated list.
+    Template { name: String, list: bool },
 }
 
 /// A user and password from the environment (SMTP AUTH, HTTP basic auth).

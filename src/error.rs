@@ -151,14 +151,17 @@ impl ErrorCode {
         }
     }
 
-    /// Classifies an HTTP status answered by a target; `None` for success (2xx/3xx).
+    /// Classifies an HTTP status answered by a target: `None` when the request was accepted
+    /// (2xx). Anything else that is not an error status (1xx, 3xx) is a permanent failure:
+    /// redirects are not followed, so nothing reached a receiver, and asking again gets the same
+    /// answer.
     #[must_use]
     pub fn from_http_status(status: u16) -> Option<ErrorCode> {
         match status {
-            100..=399 => None,
+            200..=299 => None,
             408 => Some(ErrorCode::RemoteUnavailable),
             429 => Some(ErrorCode::RateLimited),
-            400..=499 => Some(ErrorCode::RemoteRejected),
+            100..=499 => Some(ErrorCode::RemoteRejected),
             _ => Some(ErrorCode::RemoteUnavailable),
         }
     }
@@ -186,7 +189,14 @@ mod tests {
     #[test]
     fn http_statuses_are_classified() {
         assert_eq!(ErrorCode::from_http_status(200), None);
-        assert_eq!(ErrorCode::from_http_status(304), None);
+        assert_eq!(ErrorCode::from_http_status(204), None);
+        for not_delivered in [101, 301, 302, 304, 307, 308] {
+            assert_eq!(
+                ErrorCode::from_http_status(not_delivered),
+                Some(ErrorCode::RemoteRejected),
+                "{not_delivered}"
+            );
+        }
         for transient in [500, 502, 503, 504, 408, 429] {
             assert!(
                 ErrorCode::from_http_status(transient)

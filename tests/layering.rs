@@ -14,6 +14,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "vocabulary",
         &[
             "error",
+            "escape",
             "domain",
             "lease",
             "redis_client",

@@ -58,7 +58,7 @@ pub fn idempotency_key(
     observer: &ObserverName,
     action_index: usize,
 ) -> String {
-    format!("{}:{}:{}", event.id, observer, action_index)
+    crate::domain::ActionKey::new(event.id, observer.as_str(), action_index).to_string()
 }
 
 /// What a successful attempt reports (e.g. `HTTP 200`).
@@ -266,18 +266,6 @@ fn target_url(target: &crate::config::WebhookTarget, what: &str) -> Result<url::
     }
 }
 
-/// What an HTTP target's status means for an action: `None` when the request was accepted (2xx),
-/// else the failure's code. Anything else that is not an error status (1xx, 3xx) is a permanent
-/// failure: redirects are not followed, so nothing reached a receiver, and asking again gets the
-/// same answer.
-fn http_status_failure(status: u16) -> Option<ErrorCode> {
-    match status {
-        200..=299 => None,
-        100..=399 => Some(ErrorCode::RemoteRejected),
-        _ => ErrorCode::from_http_status(status),
-    }
-}
-
 /// Longest text from a receiver or from event data quoted in a message, in characters.
 const MAX_QUOTED_CHARS: usize = 256;
 
@@ -405,17 +393,23 @@ mod tests {
 
     #[test]
     fn only_2xx_is_success_and_redirects_are_permanent() {
-        assert_eq!(http_status_failure(200), None);
-        assert_eq!(http_status_failure(204), None);
+        assert_eq!(ErrorCode::from_http_status(200), None);
+        assert_eq!(ErrorCode::from_http_status(204), None);
         for redirect in [301, 302, 303, 304, 307, 308] {
             assert_eq!(
-                http_status_failure(redirect),
+                ErrorCode::from_http_status(redirect),
                 Some(ErrorCode::RemoteRejected),
                 "{redirect}"
             );
         }
-        assert_eq!(http_status_failure(503), Some(ErrorCode::RemoteUnavailable));
-        assert_eq!(http_status_failure(429), Some(ErrorCode::RateLimited));
+        assert_eq!(
+            ErrorCode::from_http_status(503),
+            Some(ErrorCode::RemoteUnavailable)
+        );
+        assert_eq!(
+            ErrorCode::from_http_status(429),
+            Some(ErrorCode::RateLimited)
+        );
     }
 
     #[test]

@@ -22,8 +22,7 @@ use serde::Deserialize;
 
 use super::webhook::{body_excerpt, retry_after, transport_error};
 use super::{
-    ActionContext, ActionSuccess, Secrets, http_status_failure, redirect_reason, render,
-    secret_value, target_url,
+    ActionContext, ActionSuccess, Secrets, redirect_reason, render, secret_value, target_url,
 };
 use crate::config::{SearchAction, SearchBulk, WebhookTarget};
 use crate::domain::EventKind;
@@ -210,7 +209,7 @@ async fn send_bulk(http: &reqwest::Client, target: &BulkTarget, batch: Vec<BulkO
     };
     let status = response.status().as_u16();
     let wait = retry_after(response.headers());
-    if let Some(code) = http_status_failure(status) {
+    if let Some(code) = ErrorCode::from_http_status(status) {
         let reason = match redirect_reason(status, response.headers()) {
             Some(reason) => reason,
             None => engine_reason(&body_excerpt(response).await),
@@ -302,7 +301,7 @@ fn item_outcome(
 /// What a status means for an operation: `None` done (for a delete, 404 too: already gone), else
 /// the failure's code.
 fn failure_code(status: u16, deleting: bool) -> Option<ErrorCode> {
-    match http_status_failure(status) {
+    match ErrorCode::from_http_status(status) {
         Some(ErrorCode::RemoteRejected) if deleting && status == 404 => None,
         other => other,
     }

@@ -13,9 +13,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::{Map, Value};
 
 use super::webhook::{body_excerpt, retry_after, transport_error};
-use super::{
-    ActionContext, ActionSuccess, Secrets, http_status_failure, redirect_reason, render, target_url,
-};
+use super::{ActionContext, ActionSuccess, Secrets, redirect_reason, render, target_url};
 use crate::config::{SlackAction, WebhookTarget};
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
@@ -75,7 +73,7 @@ pub(super) async fn attempt(
         .await
         .map_err(|error| transport_error(error, action.timeout, &secrets))?;
     let status = response.status().as_u16();
-    let Some(code) = http_status_failure(status) else {
+    let Some(code) = ErrorCode::from_http_status(status) else {
         return Ok(ActionSuccess {
             detail: format!("Slack HTTP {status}"),
         });

@@ -11,10 +11,7 @@
 use serde::Deserialize;
 
 use super::webhook::{body_excerpt, retry_after, transport_error};
-use super::{
-    ActionContext, ActionSuccess, Secrets, http_status_failure, redirect_reason, render,
-    secret_value,
-};
+use super::{ActionContext, ActionSuccess, Secrets, redirect_reason, render, secret_value};
 use crate::config::SmsAction;
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
@@ -82,7 +79,7 @@ pub(super) async fn attempt(
         .await
         .map_err(|error| transport_error(error, action.timeout, &secrets))?;
     let status = response.status().as_u16();
-    let code = http_status_failure(status);
+    let code = ErrorCode::from_http_status(status);
     let wait = retry_after(response.headers());
     let redirect = redirect_reason(status, response.headers());
     let excerpt = body_excerpt(response).await;

@@ -14,8 +14,8 @@ use reqwest::header::{
 use sha2::Sha256;
 
 use super::{
-    ActionContext, ActionSuccess, Secrets, error_chain, http_status_failure, redirect_reason,
-    secret_missing, target_url, template_failed,
+    ActionContext, ActionSuccess, Secrets, error_chain, redirect_reason, secret_missing,
+    target_url, template_failed,
 };
 use crate::breaker::{Admission, Breakers};
 use crate::cache::{Cache, CacheScope};
@@ -333,7 +333,7 @@ async fn call(
         .await
         .map_err(|error| transport_error(error, action.timeout, &secrets))?;
     let status = response.status().as_u16();
-    let Some(code) = http_status_failure(status) else {
+    let Some(code) = ErrorCode::from_http_status(status) else {
         return Ok(ActionSuccess {
             detail: format!("HTTP {status}"),
         });

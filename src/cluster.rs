@@ -105,7 +105,9 @@ impl From<MembershipError> for ClusterError {
         match error {
             MembershipError::DuplicateNode(node) => ClusterError::DuplicateNode(node),
             MembershipError::PartitionCount(refusal) => ClusterError::PartitionCount(refusal),
-            storage @ MembershipError::Storage(_) => ClusterError::Storage(storage),
+            storage @ (MembershipError::Storage(_) | MembershipError::Partitions(_)) => {
+                ClusterError::Storage(storage)
+            }
         }
     }
 }

@@ -8,15 +8,21 @@
 //! read and runs no query, so however often `/metrics` is scraped, the database sees one read-only
 //! transaction per interval, under a statement timeout.
 
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use sqlx::{PgPool, Postgres, Row};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{ClusterHandle, LEASE_NAMESPACE};
+use crate::change_log::{self, ChangeLogError};
+use crate::checkpoint::{self, CheckpointError};
+use crate::cluster::ClusterHandle;
+use crate::database::{self, DatabaseError};
+use crate::dlq::{DeadLetterError, count_dead_letters_up_to};
 use crate::jobs::{PostgresJobQueue, QueueStats};
+use crate::membership::{self, MembershipError};
 use crate::metrics::{Metrics, OutcomeLabel, PartitionLabel, QueueLabels};
 
 /// Backlog counts stop here, so a status call stays cheap on a huge backlog.
@@ -99,8 +105,16 @@ pub enum ControlError {
     NotFound(String),
     #[error("{0}")]
     Timeout(String),
-    #[error("control storage failed: {0}")]
-    Storage(#[from] sqlx::Error),
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    #[error(transparent)]
+    Partitions(#[from] CheckpointError),
+    #[error(transparent)]
+    ChangeLog(#[from] ChangeLogError),
+    #[error(transparent)]
+    DeadLetters(#[from] DeadLetterError),
     #[error("job queue statistics failed: {0}")]
     Jobs(#[from] crate::jobs::JobError),
 }
@@ -163,7 +177,8 @@ impl Control {
     /// The database could not be read.
     pub async fn status(&self) -> Result<NodeStatus, ControlError> {
         let leading = self.handle.leading();
-        let leases = partition_states(&self.pool, self.partitions)
+        let mut connection = database::connection(&self.pool).await?;
+        let leases = partition_states(&mut connection, self.partitions)
             .await?
             .into_iter()
             .filter(|state| leading.contains(&i32::try_from(state.partition).unwrap_or(-1)))
@@ -192,41 +207,31 @@ impl Control {
     /// # Errors
     /// The database could not be read.
     pub async fn cluster_status(&self) -> Result<ClusterState, ControlError> {
-        let partitions = partition_states(&self.pool, self.partitions).await?;
-        let rows = sqlx::query(
-            "SELECT node_id, version, draining,
-                    extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age,
-                    extract(epoch FROM now() - started_at)::float8 AS uptime
-               FROM fraiseql_observers.nodes AS node
-              WHERE EXISTS (SELECT 1 FROM pg_stat_activity AS activity
-                             WHERE activity.pid = node.lease_pid AND activity.backend_start = node.lease_started)
-              ORDER BY node_id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let mut nodes = Vec::with_capacity(rows.len());
-        for row in rows {
-            let node_id: String = row.try_get("node_id")?;
-            let uptime: f64 = row.try_get("uptime")?;
-            nodes.push(NodeState {
+        let mut connection = database::connection(&self.pool).await?;
+        let partitions = partition_states(&mut connection, self.partitions).await?;
+        let nodes = membership::live_nodes(&self.pool)
+            .await?
+            .into_iter()
+            .map(|node| NodeState {
                 partitions: partitions
                     .iter()
-                    .filter(|state| state.leader.as_deref() == Some(node_id.as_str()))
+                    .filter(|state| state.leader.as_deref() == Some(node.node_id.as_str()))
                     .map(|state| state.partition)
                     .collect(),
-                node_id,
-                version: row.try_get("version")?,
-                draining: row.try_get("draining")?,
-                heartbeat_age_seconds: row.try_get("heartbeat_age")?,
                 #[allow(
                     clippy::cast_possible_truncation,
                     clippy::cast_sign_loss,
                     reason = "seconds of uptime"
                 )]
-                uptime_seconds: uptime.max(0.0) as u64,
-            });
-        }
-        let dead_letters = count_dead_letters(&self.pool).await?;
+                uptime_seconds: node.uptime_seconds.max(0.0) as u64,
+                node_id: node.node_id,
+                version: node.version,
+                draining: node.draining,
+                heartbeat_age_seconds: node.heartbeat_age_seconds,
+            })
+            .collect();
+        let dead_letters =
+            count_dead_letters_up_to(&mut *connection, DEAD_LETTER_COUNT_CAP).await?;
         Ok(ClusterState {
             partition_count: self.partitions,
             nodes,
@@ -254,15 +259,7 @@ impl Control {
                 self.partitions - 1
             )));
         }
-        let live: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM fraiseql_observers.nodes AS node
-                             JOIN pg_stat_activity AS activity
-                               ON activity.pid = node.lease_pid AND activity.backend_start = node.lease_started
-                            WHERE node.node_id = $1 AND NOT node.draining)",
-        )
-        .bind(target)
-        .fetch_one(&self.pool)
-        .await?;
+        let live = membership::is_live_and_taking(&self.pool, target).await?;
         if !live {
             return Err(ControlError::NotFound(format!(
                 "node {target:?} is not a live, non-draining member of the cluster"
@@ -279,16 +276,7 @@ impl Control {
             });
         }
         let partition_id = i32::try_from(partition).unwrap_or(i32::MAX);
-        sqlx::query(
-            "INSERT INTO fraiseql_observers.partitions (partition, handover_to, handover_requested_at)
-             VALUES ($1, $2, now())
-             ON CONFLICT (partition) DO UPDATE SET handover_to = excluded.handover_to,
-                                                   handover_requested_at = excluded.handover_requested_at",
-        )
-        .bind(partition_id)
-        .bind(target)
-        .execute(&self.pool)
-        .await?;
+        checkpoint::request_handover(&self.pool, partition_id, target).await?;
         let deadline = started + timeout;
         loop {
             let now = self.partition_state(partition).await?;
@@ -301,14 +289,7 @@ impl Control {
                 });
             }
             if Instant::now() >= deadline {
-                sqlx::query(
-                    "UPDATE fraiseql_observers.partitions SET handover_to = NULL, handover_requested_at = NULL
-                      WHERE partition = $1 AND handover_to = $2",
-                )
-                .bind(partition_id)
-                .bind(target)
-                .execute(&self.pool)
-                .await?;
+                checkpoint::clear_handover(&self.pool, partition_id, target).await?;
                 return Err(ControlError::Timeout(format!(
                     "node {target:?} did not take partition {partition} within {}; the request was withdrawn",
                     humantime::format_duration(timeout)
@@ -319,7 +300,8 @@ impl Control {
     }
 
     async fn partition_state(&self, partition: u32) -> Result<PartitionState, ControlError> {
-        partition_states(&self.pool, self.partitions)
+        let mut connection = database::connection(&self.pool).await?;
+        partition_states(&mut connection, self.partitions)
             .await?
             .into_iter()
             .find(|state| state.partition == partition)
@@ -345,18 +327,8 @@ impl Control {
                 }
             }
             Some(node) => {
-                let asked = sqlx::query(
-                    "UPDATE fraiseql_observers.nodes AS node SET drain_request = $2
-                      WHERE node_id = $1
-                        AND EXISTS (SELECT 1 FROM pg_stat_activity AS activity
-                                     WHERE activity.pid = node.lease_pid
-                                       AND activity.backend_start = node.lease_started)",
-                )
-                .bind(node)
-                .bind(drain)
-                .execute(&self.pool)
-                .await?;
-                if asked.rows_affected() == 0 {
+                let asked = membership::request_drain(&self.pool, node, drain).await?;
+                if !asked {
                     return Err(ControlError::NotFound(format!(
                         "node {node:?} is not a live member of the cluster"
                     )));
@@ -396,10 +368,9 @@ impl Control {
         if self.handle.is_draining() {
             return Err("draining".to_owned());
         }
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
+        database::ping(&self.pool)
             .await
-            .map_err(|error| format!("database unreachable: {error}"))?;
+            .map_err(|error| error.to_string())?;
         Ok(())
     }
 
@@ -439,21 +410,13 @@ impl Control {
     async fn read_gauges(
         &self,
     ) -> Result<(Vec<PartitionState>, i64, Vec<(String, String, i64)>), ControlError> {
-        let mut transaction = self.pool.begin().await?;
-        sqlx::query("SELECT set_config('statement_timeout', $1, true)")
-            .bind(GAUGE_REFRESH_STATEMENT_TIMEOUT.as_millis().to_string())
-            .execute(&mut *transaction)
-            .await?;
-        let states = partition_states(&mut *transaction, self.partitions).await?;
-        let dead_letters = count_dead_letters(&mut *transaction).await?;
-        let depths = sqlx::query_as(
-            "SELECT queue, status, count(*) FROM fraiseql_observers.jobs
-              WHERE status IN ('pending', 'running', 'failed')
-              GROUP BY queue, status ORDER BY queue, status",
-        )
-        .fetch_all(&mut *transaction)
-        .await?;
-        transaction.rollback().await?;
+        let mut transaction =
+            database::bounded_read(&self.pool, GAUGE_REFRESH_STATEMENT_TIMEOUT).await?;
+        let states = partition_states(&mut transaction, self.partitions).await?;
+        let dead_letters =
+            count_dead_letters_up_to(&mut *transaction, DEAD_LETTER_COUNT_CAP).await?;
+        let depths = crate::jobs::depths(&mut *transaction).await?;
+        database::end_read(transaction).await?;
         Ok((states, dead_letters, depths))
     }
 
@@ -504,64 +467,41 @@ impl Control {
     }
 }
 
-/// Dead letters, counted up to [`DEAD_LETTER_COUNT_CAP`].
-async fn count_dead_letters<'connection>(
-    executor: impl sqlx::Executor<'connection, Database = Postgres>,
-) -> Result<i64, ControlError> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT 1 FROM fraiseql_observers.dead_letters LIMIT $1) AS letters",
-    )
-    .bind(DEAD_LETTER_COUNT_CAP)
-    .fetch_one(executor)
-    .await?)
-}
-
 /// Every partition: its current lock holder, epoch, checkpoint and backlog (capped at
-/// [`BACKLOG_CAP`]).
-async fn partition_states<'connection>(
-    executor: impl sqlx::Executor<'connection, Database = Postgres>,
+/// [`BACKLOG_CAP`]), from the partitions' store, the lease locks and the change log.
+async fn partition_states(
+    connection: &mut sqlx::PgConnection,
     partitions: u32,
 ) -> Result<Vec<PartitionState>, ControlError> {
-    let rows = sqlx::query(
-        "WITH locks AS (
-             SELECT objid::bigint AS partition, pid FROM pg_locks
-              WHERE locktype = 'advisory' AND classid = $2::bigint::oid AND objsubid = 2 AND granted
-                AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
-         SELECT p.partition, node.node_id AS leader, coalesce(part.epoch, 0) AS epoch,
-                coalesce(part.snapshot::text, '(start of the log)')
-                    || CASE WHEN part.batch_upto IS NULL THEN ''
-                            ELSE ' (batch to ' || part.batch_upto::text || ' at row '
-                                 || coalesce(part.batch_position::text, '-') || ')' END AS checkpoint,
-                extract(epoch FROM now() - part.updated_at)::float8 AS age,
-                (SELECT count(*) FROM (
-                     SELECT 1 FROM core.tb_entity_change_log AS log
-                      WHERE log.txid IS NOT NULL
-                        AND log.entity_hash % $1 = p.partition
-                        AND (part.snapshot IS NULL
-                             OR (log.txid >= pg_snapshot_xmin(part.snapshot)
-                                 AND NOT pg_visible_in_snapshot(log.txid, part.snapshot)))
-                      LIMIT $3) AS pending) AS backlog
-           FROM generate_series(0, $1 - 1) AS p (partition)
-           LEFT JOIN fraiseql_observers.partitions AS part ON part.partition = p.partition
-           LEFT JOIN locks ON locks.partition = p.partition
-           LEFT JOIN fraiseql_observers.nodes AS node ON node.lease_pid = locks.pid
-          ORDER BY p.partition",
-    )
-    .bind(i32::try_from(partitions).unwrap_or(i32::MAX))
-    .bind(i64::from(LEASE_NAMESPACE))
-    .bind(BACKLOG_CAP)
-    .fetch_all(executor)
-    .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(PartitionState {
-                partition: u32::try_from(row.try_get::<i32, _>("partition")?).unwrap_or(0),
-                leader: row.try_get("leader")?,
-                epoch: row.try_get("epoch")?,
-                checkpoint: row.try_get("checkpoint")?,
-                backlog: u64::try_from(row.try_get::<i64, _>("backlog")?).unwrap_or(0),
-                checkpoint_age_seconds: row.try_get("age")?,
-            })
-        })
-        .collect()
+    let count = i32::try_from(partitions).unwrap_or(i32::MAX);
+    let rows = checkpoint::partition_rows(&mut *connection, count).await?;
+    let holders = membership::lock_holders(&mut *connection).await?;
+    let mut states = Vec::with_capacity(rows.len());
+    for row in rows {
+        let backlog = change_log::backlog(
+            &mut *connection,
+            row.partition,
+            count,
+            row.snapshot.as_deref(),
+            BACKLOG_CAP,
+        )
+        .await?;
+        let mut checkpoint = row
+            .snapshot
+            .clone()
+            .unwrap_or_else(|| "(start of the log)".to_owned());
+        if let Some((upto, position)) = &row.batch {
+            let position = position.map_or_else(|| "-".to_owned(), |position| position.to_string());
+            let _ = write!(checkpoint, " (batch to {upto} at row {position})");
+        }
+        states.push(PartitionState {
+            partition: u32::try_from(row.partition).unwrap_or(0),
+            leader: holders.get(&row.partition).cloned(),
+            epoch: row.epoch,
+            checkpoint,
+            backlog,
+            checkpoint_age_seconds: row.age_seconds,
+        });
+    }
+    Ok(states)
 }

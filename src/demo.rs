@@ -61,6 +61,21 @@ fn summarize(body: &serde_json::Value) -> serde_json::Value {
     })
 }
 
+/// The partition order 1 lives in, and its checkpoint's snapshot now.
+async fn where_order_one_is(pool: &sqlx::PgPool) -> anyhow::Result<(i32, Option<String>)> {
+    let count = crate::membership::partition_count(pool)
+        .await?
+        .context("the cluster's partition count is recorded")?;
+    let partition = crate::change_log::partition_of(pool, "Order", "1", count).await?;
+    let mut connection = crate::database::connection(pool).await?;
+    let checkpoint = crate::checkpoint::partition_rows(&mut connection, count)
+        .await?
+        .into_iter()
+        .find(|row| row.partition == partition)
+        .and_then(|row| row.snapshot);
+    Ok((partition, checkpoint))
+}
+
 /// Runs the demo against the PostgreSQL server at `server_url` (any database on it).
 ///
 /// # Errors
@@ -157,16 +172,14 @@ pub async fn run(server_url: &str) -> anyhow::Result<()> {
     running.await??;
     receiver.abort();
     // The partition order 1 lives in, and where its checkpoint stands now.
-    let (partition, checkpoint): (i32, Option<String>) = sqlx::query_as(
-        "SELECT partition, snapshot::text FROM fraiseql_observers.partitions
-          WHERE partition = core.observer_entity_hash('Order', '1') % (SELECT partition_count FROM fraiseql_observers.cluster)",
-    )
-    .fetch_one(&pool)
-    .await?;
+    let (partition, checkpoint) = where_order_one_is(&pool).await?;
     println!(
         "\n✓ {EXPECTED_DELIVERIES} deliveries, node stopped cleanly; Order 1 is in partition {partition}, checkpointed at snapshot {}",
         checkpoint.unwrap_or_default()
     );
-    println!("  inspect: psql {DEMO_DATABASE} -c 'TABLE core.tb_entity_change_log'");
+    println!(
+        "  inspect: psql {DEMO_DATABASE} -c 'TABLE {}'",
+        crate::change_log::TABLE
+    );
     Ok(())
 }

@@ -90,9 +90,12 @@ fn status_of(error: ControlError) -> Status {
         ControlError::InvalidArgument(message) => Status::invalid_argument(message),
         ControlError::NotFound(message) => Status::not_found(message),
         ControlError::Timeout(message) => Status::deadline_exceeded(message),
-        error @ (ControlError::Storage(_) | ControlError::Jobs(_)) => {
-            Status::unavailable(error.to_string())
-        }
+        error @ (ControlError::Database(_)
+        | ControlError::Membership(_)
+        | ControlError::Partitions(_)
+        | ControlError::ChangeLog(_)
+        | ControlError::DeadLetters(_)
+        | ControlError::Jobs(_)) => Status::unavailable(error.to_string()),
     }
 }
 

@@ -8,12 +8,14 @@
 pub mod actions;
 pub mod breaker;
 pub mod cache;
+pub mod change_log;
 pub mod checkpoint;
 pub mod cluster;
 pub mod commands;
 pub mod condition;
 pub mod config;
 pub mod control;
+pub mod database;
 pub mod dedup;
 pub mod demo;
 pub mod dlq;

@@ -29,6 +29,8 @@ pub enum MembershipError {
     DuplicateNode(String),
     #[error("partition count refused: {0}")]
     PartitionCount(String),
+    #[error(transparent)]
+    Partitions(#[from] crate::checkpoint::CheckpointError),
 }
 
 /// Records the partition count on first start, or checks it against the recorded one.
@@ -263,4 +265,120 @@ impl LeaseSession {
         }
         let _ = self.connection.close().await;
     }
+}
+
+/// The partition count the cluster was started with (`None` before any node started).
+///
+/// # Errors
+/// Storage failed.
+pub async fn partition_count(pool: &PgPool) -> Result<Option<i32>, MembershipError> {
+    Ok(
+        sqlx::query_scalar("SELECT partition_count FROM fraiseql_observers.cluster")
+            .fetch_optional(pool)
+            .await?,
+    )
+}
+
+/// A live node as the `nodes` table has it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeRow {
+    pub node_id: String,
+    pub version: String,
+    pub draining: bool,
+    pub heartbeat_age_seconds: f64,
+    pub uptime_seconds: f64,
+}
+
+/// Every node whose lease session is alive, by id.
+///
+/// # Errors
+/// Storage failed.
+pub async fn live_nodes(pool: &PgPool) -> Result<Vec<NodeRow>, MembershipError> {
+    let rows: Vec<(String, String, bool, f64, f64)> = sqlx::query_as(
+        "SELECT node_id, version, draining,
+                extract(epoch FROM now() - heartbeat_at)::float8,
+                extract(epoch FROM now() - started_at)::float8
+           FROM fraiseql_observers.nodes AS node
+          WHERE EXISTS (SELECT 1 FROM pg_stat_activity AS activity
+                         WHERE activity.pid = node.lease_pid AND activity.backend_start = node.lease_started)
+          ORDER BY node_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(node_id, version, draining, heartbeat_age_seconds, uptime_seconds)| NodeRow {
+                node_id,
+                version,
+                draining,
+                heartbeat_age_seconds,
+                uptime_seconds,
+            },
+        )
+        .collect())
+}
+
+/// Whether `node` is a live member that is not draining (one that may take a partition).
+///
+/// # Errors
+/// Storage failed.
+pub async fn is_live_and_taking(pool: &PgPool, node: &str) -> Result<bool, MembershipError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM fraiseql_observers.nodes AS node
+                         JOIN pg_stat_activity AS activity
+                           ON activity.pid = node.lease_pid AND activity.backend_start = node.lease_started
+                        WHERE node.node_id = $1 AND NOT node.draining)",
+    )
+    .bind(node)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Asks the live node `node` to drain (`true`) or resume (`false`) at its next tick; `false` when
+/// no such live node exists.
+///
+/// # Errors
+/// Storage failed.
+pub async fn request_drain(
+    pool: &PgPool,
+    node: &str,
+    drain: bool,
+) -> Result<bool, MembershipError> {
+    let asked = sqlx::query(
+        "UPDATE fraiseql_observers.nodes AS node SET drain_request = $2
+          WHERE node_id = $1
+            AND EXISTS (SELECT 1 FROM pg_stat_activity AS activity
+                         WHERE activity.pid = node.lease_pid
+                           AND activity.backend_start = node.lease_started)",
+    )
+    .bind(node)
+    .bind(drain)
+    .execute(pool)
+    .await?;
+    Ok(asked.rows_affected() > 0)
+}
+
+/// Which node's lease session holds each partition lock now: partition → node id.
+///
+/// # Errors
+/// Storage failed.
+pub async fn lock_holders(
+    connection: &mut PgConnection,
+) -> Result<HashMap<i32, String>, MembershipError> {
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT locks.objid::bigint, node.node_id
+           FROM pg_locks AS locks
+           JOIN fraiseql_observers.nodes AS node ON node.lease_pid = locks.pid
+          WHERE locks.locktype = 'advisory' AND locks.classid = $1::bigint::oid
+            AND locks.objsubid = 2 AND locks.granted
+            AND locks.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .bind(i64::from(LEASE_NAMESPACE))
+    .fetch_all(connection)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(partition, node)| Some((i32::try_from(partition).ok()?, node)))
+        .collect())
 }

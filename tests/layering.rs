@@ -29,11 +29,13 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "stores",
         &[
+            "database",
             "migrate",
             "dlq",
             "jobs",
             "checkpoint",
             "membership",
+            "change_log",
             "dedup",
             "breaker",
             "limits",
@@ -47,6 +49,17 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("node", &["cluster", "control"]),
     ("adapters", &["grpc", "http", "report", "commands"]),
     ("assembly", &["node", "demo"]),
+];
+
+/// Each table of the service and the one module whose code names it (has SQL for it).
+const TABLE_OWNERS: &[(&str, &str)] = &[
+    ("fraiseql_observers.partitions", "checkpoint"),
+    ("fraiseql_observers.processed_actions", "checkpoint"),
+    ("fraiseql_observers.nodes", "membership"),
+    ("fraiseql_observers.cluster", "membership"),
+    ("fraiseql_observers.jobs", "jobs"),
+    ("fraiseql_observers.dead_letters", "dlq"),
+    ("core.tb_entity_change_log", "change_log"),
 ];
 
 /// The modules that are not layered: the crate roots.
@@ -201,6 +214,63 @@ fn src_has_no_import_cycles_and_every_reference_points_down() {
         "layering broken:\n  {}",
         problems.join("\n  ")
     );
+}
+
+/// Where `table` is named in code (comments left out) in `text`.
+fn names_table(text: &str, table: &str) -> bool {
+    text.lines().any(|line| {
+        let code = line.split("//").next().unwrap_or("");
+        code.match_indices(table).any(|(start, _)| {
+            !code[start + table.len()..]
+                .chars()
+                .next()
+                .is_some_and(|next| next.is_ascii_alphanumeric() || next == '_')
+        })
+    })
+}
+
+#[test]
+fn every_table_is_named_by_its_owner_only() {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    source_files(&source, &mut files);
+    let mut problems = Vec::new();
+    for (table, owner) in TABLE_OWNERS {
+        let mut named_by = BTreeSet::new();
+        for file in &files {
+            if names_table(&std::fs::read_to_string(file).unwrap(), table) {
+                named_by.insert(module_of(&source, file));
+            }
+        }
+        if !named_by.contains(*owner) {
+            problems.push(format!(
+                "{table}: its owner `{owner}` does not name it (stale list?)"
+            ));
+        }
+        named_by.remove(*owner);
+        if !named_by.is_empty() {
+            problems.push(format!(
+                "{table} is owned by `{owner}` but also named by {named_by:?}"
+            ));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "table ownership broken:\n  {}",
+        problems.join("\n  ")
+    );
+    assert!(names_table(
+        "FROM fraiseql_observers.jobs AS job",
+        "fraiseql_observers.jobs"
+    ));
+    assert!(!names_table(
+        "'fraiseql_observers.jobs_ready_idx'",
+        "fraiseql_observers.jobs"
+    ));
+    assert!(!names_table(
+        "// fraiseql_observers.jobs",
+        "fraiseql_observers.jobs"
+    ));
 }
 
 #[test]

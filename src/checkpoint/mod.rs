@@ -27,7 +27,8 @@ use crate::error::ErrorCode;
 use crate::jobs::NewJob;
 pub use memory::InMemoryCheckpointStore;
 pub use postgres::{LEDGER_RETENTION, PostgresCheckpointStore, prune_completed};
-pub(crate) use postgres::{clear_handover, pending_handovers_columns};
+pub use postgres::{PartitionRow, clear_handover, partition_rows, request_handover};
+pub(crate) use postgres::{partition_epoch_sql, pending_handovers_columns};
 
 /// How far a partition's delivery got.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

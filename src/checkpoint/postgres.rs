@@ -464,12 +464,13 @@ macro_rules! pending_handovers_columns {
 }
 pub(crate) use pending_handovers_columns;
 
-/// The hand-over request of `partition` to `node_id` is fulfilled (on the node's lease session).
+/// The hand-over request of `partition` to `node_id` is fulfilled (by its lease tick) or withdrawn
+/// (by the requester, after its deadline).
 ///
 /// # Errors
 /// Storage failed.
 pub async fn clear_handover(
-    connection: &mut sqlx::PgConnection,
+    connection: impl sqlx::PgExecutor<'_>,
     partition: i32,
     node_id: &str,
 ) -> Result<(), CheckpointError> {
@@ -480,6 +481,94 @@ pub async fn clear_handover(
     .bind(partition)
     .bind(node_id)
     .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// The partition's lease epoch as a scalar sub-select on `$1` (the partition): the page statement
+/// reads it with the page, so that a leader paused while another took the partition over finds
+/// out before it dispatches anything.
+macro_rules! partition_epoch_sql {
+    () => {
+        "(SELECT epoch FROM fraiseql_observers.partitions WHERE partition = $1)"
+    };
+}
+pub(crate) use partition_epoch_sql;
+
+/// One partition's row as an operator sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PartitionRow {
+    pub partition: i32,
+    /// 0 before any node claimed it.
+    pub epoch: i64,
+    /// The checkpoint's snapshot (`None`: the start of the log).
+    pub snapshot: Option<String>,
+    /// Inside an oversized batch: the batch's end snapshot and the last row delivered.
+    pub batch: Option<(String, Option<i64>)>,
+    /// Seconds since the checkpoint was last saved.
+    pub age_seconds: Option<f64>,
+}
+
+/// A partition row's columns: partition, epoch, snapshot, batch end, batch position, age.
+type PartitionColumns = (
+    i32,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<f64>,
+);
+
+/// Every partition below `count`, whether it has a row yet or not, in partition order.
+///
+/// # Errors
+/// Storage failed.
+pub async fn partition_rows(
+    connection: &mut sqlx::PgConnection,
+    count: i32,
+) -> Result<Vec<PartitionRow>, CheckpointError> {
+    let rows: Vec<PartitionColumns> = sqlx::query_as(
+        "SELECT p.partition, part.epoch, part.snapshot::text, part.batch_upto::text,
+                    part.batch_position, extract(epoch FROM now() - part.updated_at)::float8
+               FROM generate_series(0, $1 - 1) AS p (partition)
+               LEFT JOIN fraiseql_observers.partitions AS part ON part.partition = p.partition
+              ORDER BY p.partition",
+    )
+    .bind(count)
+    .fetch_all(connection)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(partition, epoch, snapshot, batch_upto, batch_position, age_seconds)| PartitionRow {
+                partition,
+                epoch: epoch.unwrap_or(0),
+                snapshot,
+                batch: batch_upto.map(|upto| (upto, batch_position)),
+                age_seconds,
+            },
+        )
+        .collect())
+}
+
+/// Asks for `partition` to be handed over to `target` (the target's lease tick sees it).
+///
+/// # Errors
+/// Storage failed.
+pub async fn request_handover(
+    pool: &PgPool,
+    partition: i32,
+    target: &str,
+) -> Result<(), CheckpointError> {
+    sqlx::query(
+        "INSERT INTO fraiseql_observers.partitions (partition, handover_to, handover_requested_at)
+         VALUES ($1, $2, now())
+         ON CONFLICT (partition) DO UPDATE SET handover_to = excluded.handover_to,
+                                               handover_requested_at = excluded.handover_requested_at",
+    )
+    .bind(partition)
+    .bind(target)
+    .execute(pool)
     .await?;
     Ok(())
 }

@@ -19,7 +19,8 @@ use crate::error::ErrorCode;
 
 pub(crate) use postgres::insert_dead_letter;
 pub use postgres::{
-    EVENT_OMITTED, FULL_EVENT_BYTES, LISTED_EVENT_BYTES, PostgresDeadLetterQueue, placeholder_event,
+    EVENT_OMITTED, FULL_EVENT_BYTES, LISTED_EVENT_BYTES, PostgresDeadLetterQueue,
+    count_dead_letters_up_to, placeholder_event,
 };
 
 /// An action that failed for good, as handed to the queue.

@@ -296,3 +296,20 @@ impl DeadLetterQueue for PostgresDeadLetterQueue {
         Ok(u64::try_from(count).unwrap_or(0))
     }
 }
+
+/// Dead letters, counted up to `cap` (a bounded read, for gauges and status).
+///
+/// # Errors
+/// Storage failed.
+pub async fn count_dead_letters_up_to<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = Postgres>,
+    cap: i64,
+) -> Result<i64, DeadLetterError> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM fraiseql_observers.dead_letters LIMIT $1) AS letters",
+    )
+    .bind(cap)
+    .fetch_one(executor)
+    .await
+    .map_err(storage)
+}

@@ -595,20 +595,6 @@ impl PostgresJobQueue {
             .collect()
     }
 
-    /// Jobs waiting, running and failed, per queue and status (cheap: no completed rows read).
-    ///
-    /// # Errors
-    /// Storage failed.
-    pub async fn depths(&self) -> Result<Vec<(String, String, i64)>, JobError> {
-        Ok(sqlx::query_as(
-            "SELECT queue, status, count(*) FROM fraiseql_observers.jobs
-              WHERE status IN ('pending', 'running', 'failed')
-              GROUP BY queue, status ORDER BY queue, status",
-        )
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
     /// Deletes completed and cancelled jobs finished longer than `older_than` ago; failed jobs are
     /// never pruned. How many.
     ///
@@ -722,6 +708,22 @@ pub async fn unfinished_ordering_keys<'connection>(
     .fetch_all(executor)
     .await?;
     Ok(unfinished.into_iter().collect())
+}
+
+/// Pending, running and failed jobs per queue and status: `(queue, status, count)`.
+///
+/// # Errors
+/// Storage failed.
+pub async fn depths<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = Postgres>,
+) -> Result<Vec<(String, String, i64)>, JobError> {
+    Ok(sqlx::query_as(
+        "SELECT queue, status, count(*) FROM fraiseql_observers.jobs
+          WHERE status IN ('pending', 'running', 'failed')
+          GROUP BY queue, status ORDER BY queue, status",
+    )
+    .fetch_all(executor)
+    .await?)
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ pub use decode::{
     nests_deeper_than, parse_row_text,
 };
 
+use crate::change_log::{self, ChangeLogError, PageQuery, RawRow};
 use crate::checkpoint::{
     ActionKey, BatchPosition, Checkpoint, CheckpointError, CheckpointStore, PendingCompletions,
 };
@@ -48,37 +49,9 @@ use crate::error::ErrorCode;
 use crate::executor::{EventSummary, Executor};
 use crate::jobs::{JobError, NewJob, unfinished_ordering_keys};
 
-/// One row of the page statement: the batch's end, the partition's epoch, how many rows the
-/// batch reader returned, and a change (none on an empty page's single row): its position, its
-/// size in bytes of JSON text and the text (an excerpt when the size is over the row limit).
-type PageRow = (
-    String,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<String>,
-);
-
-/// A change-log row as read: its position, its size as JSON text, and the text (whole, or an
-/// excerpt when the row is over the row limit).
-struct RawRow {
-    position: i64,
-    size: u64,
-    text: String,
-}
-
 /// A row that is not an event: the identity it is dead-lettered under, its position, what its
 /// dead letter keeps of it, and why.
 type MalformedEntry = (Uuid, i64, Value, MalformedRow);
-
-/// A refused row's identity columns, each cut short: id, object type, object id, kind.
-type RowIdentity = (
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
 
 /// Default bound of the row text one page holds (`--max-page-bytes`); a page always holds at
 /// least one row.
@@ -146,8 +119,8 @@ pub enum ListenerError {
     FencedOut(CheckpointError),
     #[error("checkpoint storage failed: {0}")]
     Checkpoint(#[source] CheckpointError),
-    #[error("reading the change log failed: {0}")]
-    Read(#[from] sqlx::Error),
+    #[error(transparent)]
+    Read(#[from] ChangeLogError),
     #[error("a dead letter could not be stored: {0}")]
     DeadLetter(#[from] DeadLetterError),
     #[error("looking up the page's unfinished jobs failed: {0}")]
@@ -438,99 +411,51 @@ impl Listener {
     }
 
     /// The batch's end snapshot, the page of rows after the checkpoint, and whether the page was
-    /// cut short by the byte bound (more rows of the batch follow it).
+    /// cut short by the byte bound (more rows of the batch follow it). Another holder's epoch
+    /// ends the page here, before anything is dispatched.
     async fn read_page(
         &self,
         position: &BatchPosition,
     ) -> Result<(String, Vec<RawRow>, bool), ListenerError> {
-        let (partitions, partition_count) = match self.settings.partition_count {
-            Some(count) => (Some(vec![self.settings.partition]), Some(count)),
-            None => (None, None),
-        };
-        // One statement: the batch's end (a new snapshot unless one is in flight, taken by this
-        // very statement, as read_batch requires), the partition's epoch — a leader that was
-        // paused while another took the partition over finds out here, before it dispatches
-        // anything more — and the page. At least one row comes back; an empty page's has no
-        // change. Each row comes as JSON text with its size; a row over the row limit comes as
-        // an excerpt, and the page ends before the row that would take its text past the page
-        // limit (the first row always comes).
-        let page: Vec<PageRow> = sqlx::query_as(
-            "WITH batch AS (
-                 SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS upto,
-                        (SELECT epoch FROM fraiseql_observers.partitions WHERE partition = $1) AS epoch),
-             page AS (
-                 SELECT change.pk_entity_change_log AS position, to_jsonb(change)::text AS body
-                   FROM batch, fraiseql_observers.read_batch(
-                        $3::pg_snapshot, batch.upto, $4, $5, $6, $7) AS change),
-             sized AS (
-                 SELECT position, body, octet_length(body)::bigint AS size,
-                        sum(octet_length(body)) OVER (ORDER BY position) AS running,
-                        count(*) OVER () AS returned
-                   FROM page)
-             SELECT batch.upto::text, batch.epoch, sized.returned, sized.position, sized.size,
-                    CASE WHEN sized.size <= $8 THEN sized.body ELSE left(sized.body, $9) END
-               FROM batch
-               LEFT JOIN sized ON sized.running - sized.size < $10
-              ORDER BY sized.position",
+        let page = change_log::read_page(
+            &self.pool,
+            &PageQuery {
+                partition: self.checkpoint.partition,
+                snapshot: position.snapshot.as_deref(),
+                batch_upto: position.batch_upto.as_deref(),
+                batch_position: position.batch_position,
+                batch_size: self.settings.batch_size,
+                partitioned: self
+                    .settings
+                    .partition_count
+                    .map(|count| (self.settings.partition, count)),
+                max_row_bytes: self.settings.max_row_bytes,
+                excerpt_chars: ROW_EXCERPT_CHARS,
+                max_page_bytes: self.settings.max_page_bytes,
+            },
         )
-        .bind(self.checkpoint.partition)
-        .bind(&position.batch_upto)
-        .bind(&position.snapshot)
-        .bind(position.batch_upto.as_ref().and(position.batch_position))
-        .bind(i32::try_from(self.settings.batch_size).unwrap_or(i32::MAX))
-        .bind(partitions)
-        .bind(partition_count)
-        .bind(i64::from(self.settings.max_row_bytes))
-        .bind(i32::try_from(ROW_EXCERPT_CHARS).unwrap_or(i32::MAX))
-        .bind(i64::try_from(self.settings.max_page_bytes.max(1)).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
         .await?;
-        let Some((upto, epoch, returned, ..)) = page.first() else {
-            return Err(ListenerError::Read(sqlx::Error::RowNotFound));
-        };
-        if *epoch != Some(self.checkpoint.epoch) {
+        if page.epoch != Some(self.checkpoint.epoch) {
             return Err(ListenerError::FencedOut(CheckpointError::FencedOut {
                 partition: self.checkpoint.partition,
                 epoch: self.checkpoint.epoch,
                 version: self.checkpoint.version,
             }));
         }
-        let upto = upto.clone();
-        let returned = returned.unwrap_or(0);
-        let rows: Vec<RawRow> = page
-            .into_iter()
-            .filter_map(|(_, _, _, position, size, text)| {
-                Some(RawRow {
-                    position: position?,
-                    size: u64::try_from(size?).unwrap_or(0),
-                    text: text?,
-                })
-            })
-            .collect();
-        let cut_short = i64::try_from(rows.len()).unwrap_or(i64::MAX) < returned;
-        Ok((upto, rows, cut_short))
+        Ok((page.upto, page.rows, page.cut_short))
     }
 
     /// What a dead letter keeps of a row refused before parsing (over the row limit, or nested
     /// too deep): its identity columns (each cut to 256 characters) read again by position, its
     /// size, and an excerpt of its text.
     async fn refused_row(&self, raw: &RawRow) -> Result<Value, ListenerError> {
-        let identity: Option<RowIdentity> = sqlx::query_as(
-            "SELECT left(id::text, 256), left(object_type::text, 256),
-                        left(object_id::text, 256), left(modification_type::text, 256)
-                   FROM core.tb_entity_change_log WHERE pk_entity_change_log = $1",
-        )
-        .bind(raw.position)
-        .fetch_optional(&self.pool)
-        .await?;
-        let (id, object_type, object_id, modification_type) =
-            identity.unwrap_or((None, None, None, None));
+        let identity = change_log::row_identity(&self.pool, raw.position).await?;
         Ok(serde_json::json!({
             "pk_entity_change_log": raw.position,
-            "id": id,
-            "object_type": object_type,
-            "object_id": object_id,
-            "modification_type": modification_type,
+            "id": identity.id,
+            "object_type": identity.object_type,
+            "object_id": identity.object_id,
+            "modification_type": identity.modification_type,
             "row_bytes": raw.size,
             "row_excerpt": decode::excerpt(&raw.text),
         }))

@@ -510,6 +510,29 @@ fn shared_state(dedup_args: &DedupArgs) -> anyhow::Result<fraiseql_observers::no
     })
 }
 
+/// The observers file as `run` uses it: variables from the process environment, except the Redis
+/// prefix, which is the one this node really uses (flag included), so that the cache actions'
+/// keyspace check sees it.
+fn load_observers(
+    path: &std::path::Path,
+    redis_prefix: &str,
+) -> Result<config::ObserversConfig, config::ConfigErrors> {
+    let lookup = |name: &str| {
+        if name == config::REDIS_PREFIX_ENV {
+            Some(redis_prefix.to_owned())
+        } else {
+            std::env::var(name).ok()
+        }
+    };
+    config::load_file(
+        path,
+        &LoadOptions {
+            env: &lookup,
+            missing_env: MissingEnv::Error,
+        },
+    )
+}
+
 async fn run_node(
     database: DatabaseArgs,
     config_path: PathBuf,
@@ -522,10 +545,7 @@ async fn run_node(
     db_pool_size: u32,
     shutdown_timeout: std::time::Duration,
 ) -> anyhow::Result<String> {
-    let config = config::load_file(
-        &config_path,
-        &LoadOptions::from_process_env(MissingEnv::Error),
-    )?;
+    let config = load_observers(&config_path, &dedup_args.redis_prefix)?;
     for warning in &config.warnings {
         tracing::warn!(%warning, "configuration warning");
     }

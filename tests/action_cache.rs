@@ -322,6 +322,41 @@ fn validate_config_refuses_a_pattern_that_sweeps_everything() {
     );
 }
 
+#[test]
+fn run_checks_cache_patterns_against_the_prefix_given_as_a_flag() {
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("observers.yaml");
+    std::fs::write(
+        &file,
+        observer_yaml("        patterns: 'tenant-a:*'", QUICK_RETRY),
+    )
+    .unwrap();
+
+    // Fine under the default prefix; under `--redis-prefix tenant-a:` it would sweep the
+    // node's own keys, so `run` refuses it before connecting anywhere.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .args([
+            "--redis-prefix",
+            "tenant-a:",
+            "--redis-url",
+            "redis://127.0.0.1:1",
+        ])
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env_remove("FRAISEQL_OBSERVERS_REDIS_PREFIX")
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+
+    assert_eq!(output.status.code(), Some(2));
+    let shown = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        shown.contains("observers[0].actions[0].patterns: the pattern can match keys under the service's own Redis prefix (\"tenant-a:\")"),
+        "{shown}"
+    );
+}
+
 #[tokio::test]
 async fn data_fed_keys_and_patterns_leave_the_services_own_keys_alone() {
     use fraiseql_observers::breaker::{BreakerPolicy, BreakerStore, RedisBreakerStore};

@@ -14,6 +14,7 @@
 //! defer the action.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -297,6 +298,75 @@ impl std::str::FromStr for Unavailable {
 }
 
 /// Conformance suite every store passes (used by the unit tests and `tests/dedup.rs`).
+/// The gate every attempt of a side effect passes, inline or from the job queue: claims shared
+/// by the nodes, counted in the metrics.
+#[derive(Clone, Debug)]
+pub struct Deduplication {
+    pub store: Arc<dyn DeduplicationStore>,
+    /// How long a completed action is remembered.
+    pub window: Duration,
+    pub when_unavailable: Unavailable,
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+/// What a claim lets the caller do.
+#[derive(Debug)]
+pub enum Gate {
+    /// Run it; with a token to complete or release the claim afterwards.
+    Run(Option<String>),
+    /// Done within the window (by this or another node): do not run it again.
+    Done,
+    /// Another node holds it, or the store is unreachable and the policy says defer.
+    Later(String),
+}
+
+impl Deduplication {
+    /// Claims `key` for `lease`.
+    pub async fn gate(&self, key: &str, lease: Duration) -> Gate {
+        let outcome = |name: &str| {
+            if let Some(metrics) = &self.metrics {
+                metrics.record_dedup(name);
+            }
+        };
+        match self.store.claim(key, lease).await {
+            Ok(Claim::Acquired(token)) => Gate::Run(Some(token)),
+            Ok(Claim::Done) => {
+                outcome("duplicate_skipped");
+                Gate::Done
+            }
+            Ok(Claim::Busy) => {
+                outcome("busy_elsewhere");
+                Gate::Later("another node is running this action right now".to_owned())
+            }
+            Err(error) => {
+                outcome("store_unavailable");
+                match self.when_unavailable {
+                    Unavailable::Process => {
+                        tracing::warn!(%error, key, "deduplication unavailable: running the action anyway (at-least-once)");
+                        Gate::Run(None)
+                    }
+                    Unavailable::Defer => {
+                        Gate::Later(format!("deduplication unavailable: {error}"))
+                    }
+                }
+            }
+        }
+    }
+
+    /// After the attempt(s): mark done on success, give the claim back otherwise.
+    pub async fn settle(&self, key: &str, token: Option<&str>, succeeded: bool) {
+        let Some(token) = token else { return };
+        let result = if succeeded {
+            self.store.complete(key, token, self.window).await
+        } else {
+            self.store.release(key, token).await
+        };
+        if let Err(error) = result {
+            tracing::warn!(%error, key, "updating a deduplication claim failed; it expires with its lease");
+        }
+    }
+}
+
 #[doc(hidden)]
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance {

@@ -29,7 +29,7 @@ use crate::checkpoint::{ActionKey, PendingCompletions};
 use crate::config::{
     ActionDefinition, DeliveryMode, ExecutorSettings, FailurePolicy, ObserverDefinition,
 };
-use crate::dedup::{Claim, DeduplicationStore, Unavailable};
+use crate::dedup::{Deduplication, Gate};
 use crate::dlq::{DeadLetterQueue, NewDeadLetter};
 use crate::domain::EntityEvent;
 use crate::error::ErrorCode;
@@ -55,74 +55,6 @@ pub struct Executor {
     dedup: Option<Deduplication>,
     /// In a cluster: attempts are made only while this node's leases are confirmed.
     lease: Option<crate::lease::LeaseValidity>,
-}
-
-/// Claims on side effects shared by the nodes (see [`crate::dedup`]).
-#[derive(Clone, Debug)]
-pub struct Deduplication {
-    pub store: Arc<dyn DeduplicationStore>,
-    /// How long a completed action is remembered.
-    pub window: Duration,
-    pub when_unavailable: Unavailable,
-    pub metrics: Option<Arc<crate::metrics::Metrics>>,
-}
-
-/// What a claim lets the caller do.
-#[derive(Debug)]
-pub enum Gate {
-    /// Run it; with a token to complete or release the claim afterwards.
-    Run(Option<String>),
-    /// Done within the window (by this or another node): do not run it again.
-    Done,
-    /// Another node holds it, or the store is unreachable and the policy says defer.
-    Later(String),
-}
-
-impl Deduplication {
-    /// Claims `key` for `lease`.
-    pub async fn gate(&self, key: &str, lease: Duration) -> Gate {
-        let outcome = |name: &str| {
-            if let Some(metrics) = &self.metrics {
-                metrics.record_dedup(name);
-            }
-        };
-        match self.store.claim(key, lease).await {
-            Ok(Claim::Acquired(token)) => Gate::Run(Some(token)),
-            Ok(Claim::Done) => {
-                outcome("duplicate_skipped");
-                Gate::Done
-            }
-            Ok(Claim::Busy) => {
-                outcome("busy_elsewhere");
-                Gate::Later("another node is running this action right now".to_owned())
-            }
-            Err(error) => {
-                outcome("store_unavailable");
-                match self.when_unavailable {
-                    Unavailable::Process => {
-                        tracing::warn!(%error, key, "deduplication unavailable: running the action anyway (at-least-once)");
-                        Gate::Run(None)
-                    }
-                    Unavailable::Defer => {
-                        Gate::Later(format!("deduplication unavailable: {error}"))
-                    }
-                }
-            }
-        }
-    }
-
-    /// After the attempt(s): mark done on success, give the claim back otherwise.
-    pub async fn settle(&self, key: &str, token: Option<&str>, succeeded: bool) {
-        let Some(token) = token else { return };
-        let result = if succeeded {
-            self.store.complete(key, token, self.window).await
-        } else {
-            self.store.release(key, token).await
-        };
-        if let Err(error) = result {
-            tracing::warn!(%error, key, "updating a deduplication claim failed; it expires with its lease");
-        }
-    }
 }
 
 /// What one entity's actions must not overtake while a page runs: the ordering keys that had

@@ -55,7 +55,7 @@ pub struct JobWorker {
     poll_interval: std::time::Duration,
     claim_batch: u32,
     metrics: Option<Arc<crate::metrics::Metrics>>,
-    dedup: Option<crate::executor::Deduplication>,
+    dedup: Option<crate::dedup::Deduplication>,
 }
 
 impl JobWorker {
@@ -82,7 +82,7 @@ impl JobWorker {
     /// Claims each job's side effect across nodes before running it: a job whose action another
     /// node completed is completed without running, one being run elsewhere is rescheduled.
     #[must_use]
-    pub fn with_deduplication(mut self, dedup: crate::executor::Deduplication) -> JobWorker {
+    pub fn with_deduplication(mut self, dedup: crate::dedup::Deduplication) -> JobWorker {
         self.dedup = Some(dedup);
         self
     }
@@ -245,13 +245,13 @@ impl JobWorker {
             .visibility_timeout()
             .max(std::time::Duration::from_secs(5));
         match dedup.gate(&key, lease).await {
-            crate::executor::Gate::Run(token) => {
+            crate::dedup::Gate::Run(token) => {
                 let result = self.attempt(job).await;
                 dedup.settle(&key, token.as_deref(), result.is_ok()).await;
                 result
             }
-            crate::executor::Gate::Done => Ok(()),
-            crate::executor::Gate::Later(reason) => {
+            crate::dedup::Gate::Done => Ok(()),
+            crate::dedup::Gate::Later(reason) => {
                 Err(AttemptError::new(ErrorCode::InProgressElsewhere, reason))
             }
         }

@@ -10,12 +10,12 @@ use common::postgres::TestDatabase;
 use common::redis::PrivateRedis;
 use common::{Receiver, Reply, executor_from_yaml};
 use fraiseql_observers::dedup::{
-    Claim, DeduplicationStore, RedisDeduplicationStore, Unavailable, conformance,
+    Claim, Deduplication, DeduplicationStore, Gate, RedisDeduplicationStore, Unavailable,
+    conformance,
 };
-use fraiseql_observers::domain::ActionKey;
-use fraiseql_observers::domain::{EntityEvent, EventKind};
+use fraiseql_observers::domain::{ActionKey, EntityEvent, EventKind};
 use fraiseql_observers::error::ErrorCode;
-use fraiseql_observers::executor::{ActionStatus, Deduplication, Executor, Gate};
+use fraiseql_observers::executor::{ActionStatus, Executor};
 use serde_json::json;
 
 const SHARED_REDIS: &str = "redis://127.0.0.1:6379";

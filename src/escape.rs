@@ -75,6 +75,19 @@ pub fn escape_control(text: &str) -> Cow<'_, str> {
     Cow::Owned(escaped)
 }
 
+/// `text` as PostgreSQL can store it: a NUL character, which no `text` or `jsonb` value may hold,
+/// becomes U+FFFD. Everything written to the service's tables that others control (a receiver's
+/// answer in an error message) goes through this, so such an answer cannot make a dead letter or
+/// a job's history unstorable — and with it stall the page that holds it.
+#[must_use]
+pub fn storable(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{fffd}"))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
 /// JSON text (as `serde_json` writes it) made safe for a terminal and still the same JSON: the
 /// characters its encoder leaves raw inside strings — DEL, C1 controls, separators, bidi
 /// overrides — become `\uXXXX` escapes, which decode to the same value. Raw newlines, carriage
@@ -173,6 +186,20 @@ impl Visit for FieldVisitor<'_> {
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.write(field, format_args!("{value:?}"));
+    }
+}
+
+#[cfg(test)]
+mod storable_tests {
+    use super::storable;
+
+    #[test]
+    fn a_nul_becomes_a_replacement_character_and_clean_text_is_borrowed() {
+        assert_eq!(storable("bad\0request"), "bad\u{fffd}request");
+        assert!(matches!(
+            storable("fine"),
+            std::borrow::Cow::Borrowed("fine")
+        ));
     }
 }
 

@@ -566,3 +566,110 @@ async fn a_fifty_megabyte_row_does_not_reach_the_nodes_memory() {
         "the letter holds an excerpt: {stored}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_answering_with_a_nul_byte_does_not_stall_the_partition() {
+    let database = TestDatabase::migrated().await;
+    let pool = &database.pool;
+    let receiver = Receiver::start().await;
+    // A 400 whose body holds a NUL byte: PostgreSQL stores no NUL in text or jsonb, so the dead
+    // letter quoting it used to fail, leaving the page unsettled and read again forever.
+    receiver.script("/orders", [common::Reply::with_body(400, "bad\0request")]);
+    let mut listener = listener(
+        &database,
+        observers(&receiver),
+        ListenerSettings {
+            node_id: "nul".into(),
+            ..ListenerSettings::default()
+        },
+    )
+    .await;
+    write_change(pool, "n1", r#"{"id": "n1"}"#).await;
+    write_change(pool, "n2", r#"{"id": "n2"}"#).await;
+
+    let outcome = listener
+        .deliver_page()
+        .await
+        .expect("the page settles: its dead letter is stored");
+    assert_eq!(outcome.rows, 2);
+    let letters = PostgresDeadLetterQueue::new(pool.clone())
+        .list(&DeadLetterFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert!(
+        letters[0]
+            .letter
+            .error_message
+            .contains("bad\u{fffd}request"),
+        "{}",
+        letters[0].letter.error_message
+    );
+    assert_eq!(receiver.requests_to("/orders").len(), 2);
+    assert_eq!(listener.deliver_page().await.unwrap().rows, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_failing_with_a_nul_in_its_error_is_rescheduled_and_dead_lettered() {
+    let database = TestDatabase::migrated().await;
+    let jobs = PostgresJobQueue::new(database.pool.clone(), "node-a", Duration::from_secs(30));
+    let job = NewJob {
+        queue: "default".into(),
+        priority: 0,
+        run_at: None,
+        max_attempts: 2,
+        initial_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(1),
+        event: large_event(1),
+        observer: "orders".into(),
+        action_index: 0,
+        action_type: "webhook".into(),
+    };
+    jobs.enqueue(&job).await.unwrap().unwrap();
+    let receiver_said = fraiseql_observers::retry::AttemptError::new(
+        ErrorCode::RemoteUnavailable,
+        "HTTP 503: down\0for maintenance",
+    );
+
+    let claimed = jobs.claim("default", 1).await.unwrap();
+    let outcome = jobs.fail(&claimed[0], &receiver_said).await;
+    assert!(
+        matches!(
+            outcome,
+            Ok(fraiseql_observers::jobs::FailOutcome::Rescheduled { .. })
+        ),
+        "{outcome:?}"
+    );
+    let started = Instant::now();
+    let claimed = loop {
+        let claimed = jobs.claim("default", 1).await.unwrap();
+        if !claimed.is_empty() {
+            break claimed;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the rescheduled job never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let outcome = jobs.fail(&claimed[0], &receiver_said).await;
+    assert!(
+        matches!(
+            outcome,
+            Ok(fraiseql_observers::jobs::FailOutcome::DeadLettered { .. })
+        ),
+        "{outcome:?}"
+    );
+    let letters = PostgresDeadLetterQueue::new(database.pool.clone())
+        .list(&DeadLetterFilter::default())
+        .await
+        .unwrap();
+    assert!(
+        letters[0]
+            .letter
+            .error_message
+            .contains("down\u{fffd}for maintenance"),
+        "{}",
+        letters[0].letter.error_message
+    );
+}

@@ -202,7 +202,7 @@ pub(crate) async fn insert_dead_letter<'connection>(
     .bind(i32::try_from(letter.action_index).unwrap_or(i32::MAX))
     .bind(&letter.action_type)
     .bind(letter.error_code.as_str())
-    .bind(&letter.error_message)
+    .bind(crate::escape::storable(&letter.error_message).as_ref())
     .bind(i32::try_from(letter.attempts).unwrap_or(i32::MAX))
     .bind(event)
     .bind(&letter.event.entity_type)

@@ -397,7 +397,7 @@ impl PostgresJobQueue {
         let entry = JobAttemptError {
             attempt: job.attempts,
             code: error.code,
-            message: error.message.clone(),
+            message: crate::escape::storable(&error.message).into_owned(),
             at: Utc::now(),
         };
         let entry_json = serde_json::to_value(std::slice::from_ref(&entry)).unwrap_or_default();

@@ -192,9 +192,13 @@ impl NewJob {
     }
 }
 
+/// Longest ordering key stored as written; a longer one is stored as its SHA-256, so that every
+/// key fits the job queue's ordering index whatever an entity id holds.
+pub const MAX_PLAIN_ORDERING_KEY_BYTES: usize = 512;
+
 /// The ordering key of one observer's action for one entity: `["<observer>",<action
 /// index>,"<entity type>","<entity id>"]`, a JSON array, so that no entity id can make two keys
-/// collide.
+/// collide — or, over [`MAX_PLAIN_ORDERING_KEY_BYTES`], `sha256:<hex>` of that array.
 #[must_use]
 pub fn ordering_key(
     observer: &str,
@@ -202,5 +206,37 @@ pub fn ordering_key(
     entity_type: &str,
     entity_id: &str,
 ) -> String {
-    serde_json::json!([observer, action_index, entity_type, entity_id]).to_string()
+    use sha2::Digest as _;
+    let plain = serde_json::json!([observer, action_index, entity_type, entity_id]).to_string();
+    if plain.len() <= MAX_PLAIN_ORDERING_KEY_BYTES {
+        return plain;
+    }
+    format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(plain.as_bytes()))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordering_keys_are_plain_when_short_and_hashed_when_long_and_always_distinct() {
+        assert_eq!(
+            ordering_key("orders", 1, "Order", "42"),
+            r#"["orders",1,"Order","42"]"#
+        );
+        let long_a = ordering_key("orders", 0, "Order", &"\u{1}".repeat(500));
+        let long_b = ordering_key("orders", 0, "Order", &"\u{2}".repeat(500));
+        assert!(
+            long_a.starts_with("sha256:") && long_a.len() == 71,
+            "{long_a}"
+        );
+        assert_ne!(long_a, long_b);
+        assert_eq!(
+            long_a,
+            ordering_key("orders", 0, "Order", &"\u{1}".repeat(500))
+        );
+    }
 }

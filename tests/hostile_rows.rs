@@ -673,3 +673,98 @@ async fn a_job_failing_with_a_nul_in_its_error_is_rescheduled_and_dead_lettered(
         letters[0].letter.error_message
     );
 }
+
+/// `length` random lowercase letters (little for PostgreSQL to compress).
+fn random_text(length: usize) -> String {
+    (0..length)
+        .map(|_| char::from(b'a' + rand_byte() % 26))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entity_ids_and_types_too_long_for_an_index_are_dead_lettered_alone() {
+    let database = TestDatabase::migrated().await;
+    let pool = &database.pool;
+    let receiver = Receiver::start().await;
+    // An async action: its job's ordering key holds the entity id, and the key is indexed.
+    let config = common::config_from_yaml(&format!(
+        "observers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    actions: [{{type: webhook, url: '{}', mode: async}}]\n",
+        receiver.url("/orders")
+    ));
+    let executor = Executor::new(
+        Arc::new(Matcher::new(config.observers)),
+        ActionRunner::new(Arc::new(config.templates)).unwrap(),
+        Arc::new(PostgresDeadLetterQueue::new(pool.clone())),
+        &config.executor,
+    )
+    .with_job_routing();
+    let mut listener = Listener::start(
+        pool.clone(),
+        Arc::new(PostgresCheckpointStore::new(pool.clone())),
+        executor,
+        ListenerSettings {
+            node_id: "long-ids".into(),
+            ..ListenerSettings::default()
+        },
+    )
+    .await
+    .unwrap();
+    let long_id = random_text(6000);
+    write_change(pool, "short", r#"{"id": "short"}"#).await;
+    let long_position = write_change(pool, &long_id, r#"{"id": "long"}"#).await;
+    // A row that is malformed anyway (unknown kind) whose type alone is too long for the dead
+    // letters' entity-type index.
+    let long_type = random_text(9000);
+    let malformed: i64 = sqlx::query_scalar(
+        "INSERT INTO core.tb_entity_change_log (object_type, object_id, modification_type, object_data)
+         VALUES ($1, 'x', 'UPSERT', '{}') RETURNING pk_entity_change_log",
+    )
+    .bind(&long_type)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    write_change(pool, "after", r#"{"id": "after"}"#).await;
+
+    let outcome = listener
+        .deliver_page()
+        .await
+        .expect("the page settles and its checkpoint (with jobs) is saved");
+    assert_eq!((outcome.rows, outcome.malformed), (4, 2));
+    let keys: Vec<String> =
+        sqlx::query_scalar("SELECT idempotency_key FROM fraiseql_observers.jobs ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(keys.len(), 2, "the jobs of the two good rows: {keys:?}");
+    let letters = PostgresDeadLetterQueue::new(pool.clone())
+        .list(&DeadLetterFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 2, "{letters:#?}");
+    for letter in &letters {
+        let event = &letter.letter.event;
+        assert!(
+            event.entity_type.chars().count() <= 256,
+            "{}",
+            event.entity_type.len()
+        );
+        assert!(
+            event.entity_id.chars().count() <= 256,
+            "{}",
+            event.entity_id.len()
+        );
+        if event.position == Some(long_position) {
+            assert!(
+                letter
+                    .letter
+                    .error_message
+                    .contains("column object_id: 6000 characters, over the limit of 512"),
+                "{}",
+                letter.letter.error_message
+            );
+        } else {
+            assert_eq!(event.position, Some(malformed));
+            assert!(letter.letter.error_message.contains("column object_type"));
+        }
+    }
+}

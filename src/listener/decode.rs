@@ -34,6 +34,10 @@ pub const MAX_ROW_DEPTH: usize = 64;
 /// Default bound of one change-log row, in bytes of its JSON text (`--max-row-bytes`).
 pub const DEFAULT_MAX_ROW_BYTES: u32 = 8 * 1024 * 1024;
 
+/// Longest entity type or entity id accepted, in characters: they are keys of indexes (a job's
+/// ordering key, the dead letters' entity type), which cannot hold values of a few kilobytes.
+pub const MAX_IDENTITY_CHARS: usize = 512;
+
 /// Characters of a refused row kept in its dead letter.
 pub const ROW_EXCERPT_CHARS: usize = 16 * 1024;
 
@@ -157,6 +161,24 @@ fn required_text(
     }
 }
 
+/// An identity column (entity type or id): a value of at most [`MAX_IDENTITY_CHARS`].
+fn identity_text(
+    row: &Map<String, Value>,
+    column: &'static str,
+    position: i64,
+) -> Result<String, MalformedRow> {
+    let value = required_text(row, column, position)?;
+    let length = value.chars().count();
+    if length > MAX_IDENTITY_CHARS {
+        return Err(MalformedRow {
+            position,
+            column,
+            problem: format!("{length} characters, over the limit of {MAX_IDENTITY_CHARS}"),
+        });
+    }
+    Ok(value)
+}
+
 /// A row image column: an object, or null.
 fn image(
     row: &Map<String, Value>,
@@ -195,8 +217,8 @@ pub fn decode_row(position: i64, row: &Value) -> Result<EntityEvent, MalformedRo
         column: "id",
         problem: format!("expected a UUID, found {id_text:?} ({error})"),
     })?;
-    let entity_type = required_text(row, "object_type", position)?;
-    let entity_id = required_text(row, "object_id", position)?;
+    let entity_type = identity_text(row, "object_type", position)?;
+    let entity_id = identity_text(row, "object_id", position)?;
     let kind_text = required_text(row, "modification_type", position)?;
     let kind = EventKind::parse(kind_text.trim()).map_err(|found| MalformedRow {
         position,

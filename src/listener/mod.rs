@@ -35,8 +35,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use decode::{
-    DEFAULT_MAX_ROW_BYTES, MAX_ROW_DEPTH, MalformedRow, ROW_EXCERPT_CHARS, decode_row,
-    nests_deeper_than, parse_row_text,
+    DEFAULT_MAX_ROW_BYTES, MAX_IDENTITY_CHARS, MAX_ROW_DEPTH, MalformedRow, ROW_EXCERPT_CHARS,
+    decode_row, nests_deeper_than, parse_row_text,
 };
 
 use crate::change_log::{self, ChangeLogError, PageQuery, RawRow};
@@ -491,7 +491,12 @@ impl Listener {
         problem: &MalformedRow,
     ) -> Result<(), ListenerError> {
         tracing::warn!(position, column = problem.column, problem = %problem.problem, "change-log row does not decode; dead-lettered");
-        let field = |name: &str| row.get(name).and_then(Value::as_str).map(str::to_owned);
+        // Cut short: the row may be malformed precisely by its length.
+        let field = |name: &str| {
+            row.get(name)
+                .and_then(Value::as_str)
+                .map(|text| text.chars().take(256).collect::<String>())
+        };
         let event = EntityEvent {
             id,
             kind: EventKind::Custom,

@@ -78,7 +78,14 @@ pub async fn dlq_list(
     if json {
         return Ok(format!("{:#}\n", serde_json::to_value(&letters)?));
     }
-    let total = queue.count().await?;
+    // Counted up to a cap: a flood of dead letters costs a bounded read here too.
+    let cap = crate::control::DEAD_LETTER_COUNT_CAP;
+    let total = crate::dlq::count_dead_letters_up_to(queue.pool(), cap).await?;
+    let total = if total >= cap {
+        format!("{cap}+")
+    } else {
+        total.to_string()
+    };
     let mut out = format!("Dead letters (showing {} of {total})\n", letters.len());
     let _ = writeln!(
         out,

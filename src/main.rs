@@ -321,10 +321,14 @@ struct DlqFilterArgs {
     /// Only letters older than this (e.g. 30d, 12h).
     #[arg(long, value_parser = humantime::parse_duration)]
     older_than: Option<std::time::Duration>,
-    /// At most this many (oldest first).
+    /// At most this many (oldest first); `dlq list` shows the oldest 100 unless told.
     #[arg(long)]
     limit: Option<usize>,
 }
+
+/// How many dead letters `dlq list` shows without `--limit`: a listing stays a bounded read
+/// however many letters a flood of bad rows or a long outage left.
+const DEFAULT_DLQ_LIST_LIMIT: usize = 100;
 
 #[derive(Subcommand)]
 enum DlqCommand {
@@ -741,7 +745,9 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             let queue = PostgresDeadLetterQueue::new(pool);
             match command {
                 DlqCommand::List { filter, json } => {
-                    commands::dlq_list(&queue, &filter.into_filter()?, json).await
+                    let mut filter = filter.into_filter()?;
+                    filter.limit.get_or_insert(DEFAULT_DLQ_LIST_LIMIT);
+                    commands::dlq_list(&queue, &filter, json).await
                 }
                 DlqCommand::Show { id } => commands::dlq_show(&queue, id).await,
                 DlqCommand::Retry { id, config } => {

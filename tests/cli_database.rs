@@ -72,6 +72,34 @@ async fn an_unreachable_database_exits_with_the_storage_status() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_shows_the_oldest_hundred_unless_told_and_counts_them_all() {
+    let database = TestDatabase::migrated().await;
+    let queue = PostgresDeadLetterQueue::new(database.pool.clone());
+    let mut first = None;
+    for _ in 0..101 {
+        let id = queue.push(letter("order-created")).await.unwrap();
+        first.get_or_insert(id);
+    }
+
+    let (status, stdout, stderr) = run(&database, &["dlq", "list"]);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(
+        stdout.starts_with("Dead letters (showing 100 of 101)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&first.unwrap().to_string()),
+        "oldest first: {stdout}"
+    );
+    let (_, stdout, _) = run(&database, &["dlq", "list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 100);
+    let (_, stdout, _) = run(&database, &["dlq", "list", "--limit", "101", "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 101);
+}
+
 // Multi-threaded: the receiver must keep answering while the test blocks on the CLI process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_can_be_listed_shown_retried_and_purged() {

@@ -77,7 +77,7 @@ enum Command {
         max_row_bytes: u32,
         /// Row text one page may hold (bytes; `KiB`/`MiB` suffixes allowed); a page always holds
         /// at least one row.
-        #[arg(long, env = "FRAISEQL_OBSERVERS_MAX_PAGE_BYTES", default_value = "16MiB", value_parser = parse_page_bytes)]
+        #[arg(long, env = "FRAISEQL_OBSERVERS_MAX_PAGE_BYTES", default_value = "16MiB", value_parser = parse_bytes)]
         max_page_bytes: u64,
         /// Database connections the node may open.
         #[arg(long, env = "FRAISEQL_OBSERVERS_DB_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(4..=1000))]
@@ -676,10 +676,6 @@ fn parse_row_bytes(text: &str) -> Result<u32, String> {
         .ok()
         .filter(|bytes| *bytes <= 1 << 30)
         .ok_or_else(|| format!("{text:?} is over the largest row limit, 1GiB"))
-}
-
-fn parse_page_bytes(text: &str) -> Result<u64, String> {
-    parse_bytes(text)
 }
 
 async fn database_command(command: Command) -> anyhow::Result<String> {

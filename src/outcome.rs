@@ -193,8 +193,10 @@ impl NewJob {
 }
 
 /// Longest ordering key stored as written; a longer one is stored as its SHA-256, so that every
-/// key fits the job queue's ordering index whatever an entity id holds.
-pub const MAX_PLAIN_ORDERING_KEY_BYTES: usize = 512;
+/// key fits the job queue's ordering index (about 2.7 kB a row) whatever an entity id holds.
+/// Keys that could be stored before keep their plain form, so jobs pending across an upgrade
+/// still order with the new ones.
+pub const MAX_PLAIN_ORDERING_KEY_BYTES: usize = 2048;
 
 /// The ordering key of one observer's action for one entity: `["<observer>",<action
 /// index>,"<entity type>","<entity id>"]`, a JSON array, so that no entity id can make two keys

@@ -50,12 +50,25 @@ async fn listener(
     config: ObserversConfig,
     settings: ListenerSettings,
 ) -> Listener {
-    let executor = Executor::new(
+    listener_with(database, config, settings, false).await
+}
+
+/// [`listener`], with job routing when `job_routing` (async actions enqueue with the checkpoint).
+async fn listener_with(
+    database: &TestDatabase,
+    config: ObserversConfig,
+    settings: ListenerSettings,
+    job_routing: bool,
+) -> Listener {
+    let mut executor = Executor::new(
         Arc::new(Matcher::new(config.observers)),
         ActionRunner::new(Arc::new(config.templates)).unwrap(),
         Arc::new(PostgresDeadLetterQueue::new(database.pool.clone())),
         &config.executor,
     );
+    if job_routing {
+        executor = executor.with_job_routing();
+    }
     Listener::start(
         database.pool.clone(),
         Arc::new(PostgresCheckpointStore::new(database.pool.clone())),
@@ -268,9 +281,7 @@ async fn rows_and_pages_over_their_byte_bounds_are_cut_not_read_whole() {
 /// An event with a payload of `size` characters in both images (random, so that PostgreSQL's
 /// compression does not hide the size) and one changed field.
 fn large_event(size: usize) -> EntityEvent {
-    let payload: String = (0..size)
-        .map(|_| char::from(b'a' + rand_byte() % 26))
-        .collect();
+    let payload = random_text(size);
     let before = json!({"id": 1, "status": "new", "payload": payload});
     let data = json!({"id": 1, "status": "paid", "payload": payload});
     EntityEvent {
@@ -691,24 +702,16 @@ async fn entity_ids_and_types_too_long_for_an_index_are_dead_lettered_alone() {
         "observers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    actions: [{{type: webhook, url: '{}', mode: async}}]\n",
         receiver.url("/orders")
     ));
-    let executor = Executor::new(
-        Arc::new(Matcher::new(config.observers)),
-        ActionRunner::new(Arc::new(config.templates)).unwrap(),
-        Arc::new(PostgresDeadLetterQueue::new(pool.clone())),
-        &config.executor,
-    )
-    .with_job_routing();
-    let mut listener = Listener::start(
-        pool.clone(),
-        Arc::new(PostgresCheckpointStore::new(pool.clone())),
-        executor,
+    let mut listener = listener_with(
+        &database,
+        config,
         ListenerSettings {
             node_id: "long-ids".into(),
             ..ListenerSettings::default()
         },
+        true,
     )
-    .await
-    .unwrap();
+    .await;
     let long_id = random_text(6000);
     write_change(pool, "short", r#"{"id": "short"}"#).await;
     let long_position = write_change(pool, &long_id, r#"{"id": "long"}"#).await;

@@ -41,6 +41,10 @@ use crate::metrics::Metrics;
 pub const DEFAULT_PARTITIONS: u32 = 8;
 pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_TICK: Duration = Duration::from_millis(500);
+/// The share of the node timeout a confirmed tick makes the leases valid for, counted from when
+/// the tick was sent. Peers may end this session once its heartbeat is a node timeout old and the
+/// heartbeat was written after the tick was sent; the rest is the safety margin.
+pub const LEASE_VALIDITY_SHARE: f64 = 0.8;
 
 /// How a node takes part in the cluster.
 #[derive(Clone, Debug)]
@@ -335,11 +339,9 @@ impl Cluster {
             .and_then(|observed| observed.map_err(ClusterError::from));
             let seen = match observed {
                 Ok(seen) => {
-                    // Peers may end this session once its heartbeat is a node timeout old; the
-                    // heartbeat was written after `sent`. A fifth of it is the safety margin.
-                    self.handle
-                        .validity
-                        .set(Some(sent + self.settings.node_timeout.mul_f64(0.8)));
+                    self.handle.validity.set(Some(
+                        sent + self.settings.node_timeout.mul_f64(LEASE_VALIDITY_SHARE),
+                    ));
                     seen
                 }
                 Err(error) => {

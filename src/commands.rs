@@ -8,11 +8,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::Utc;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
 use crate::actions::{ActionContext, ActionRunner};
 use crate::config::ObserversConfig;
+use crate::database::ConnectError;
 use crate::dlq::{DeadLetter, DeadLetterFilter, DeadLetterQueue, PostgresDeadLetterQueue};
 use crate::escape::{escape_control, json_for_terminal};
 use crate::retry::run_with_retry;
@@ -20,8 +20,8 @@ use crate::retry::run_with_retry;
 /// Connects to the service's database.
 ///
 /// # Errors
-/// The database cannot be reached within 10 seconds.
-pub async fn connect(database_url: &str) -> anyhow::Result<PgPool> {
+/// The database cannot be reached (see [`crate::database::connect`]).
+pub async fn connect(database_url: &str) -> Result<PgPool, ConnectError> {
     connect_with_size(database_url, 4).await
 }
 
@@ -30,14 +30,12 @@ pub async fn connect(database_url: &str) -> anyhow::Result<PgPool> {
 /// under failure; too small a pool shows up as page latency.
 ///
 /// # Errors
-/// The database cannot be reached within 10 seconds.
-pub async fn connect_with_size(database_url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(database_url)
-        .await
-        .context("connect to the database (DATABASE_URL)")
+/// The database cannot be reached (see [`crate::database::connect`]).
+pub async fn connect_with_size(
+    database_url: &str,
+    max_connections: u32,
+) -> Result<PgPool, ConnectError> {
+    crate::database::connect(database_url, max_connections).await
 }
 
 /// `migrate`: applies missing migrations and says what it did.
@@ -63,6 +61,24 @@ fn age(letter: &DeadLetter) -> String {
     let seconds = (Utc::now() - letter.created_at).num_seconds().max(0);
     let seconds = u64::try_from(seconds).unwrap_or(0);
     humantime::format_duration(Duration::from_secs(seconds)).to_string()
+}
+
+/// The last error of a letter's message: a job's letter holds its whole history, one line an
+/// attempt (`attempt N (time): CODE message`), oldest first; a listing wants the one that ended it.
+fn last_error(message: &str) -> &str {
+    if !message.starts_with("attempt ") {
+        return message;
+    }
+    let last = message
+        .rfind("\nattempt ")
+        .map_or(message, |start| &message[start + 1..]);
+    let Some((_, text)) = last.split_once("): ") else {
+        return last;
+    };
+    match text.split_once(' ') {
+        Some((code, rest)) if code.starts_with("OB") && code.len() == 5 => rest,
+        _ => text,
+    }
 }
 
 /// `dlq list`: a table (or JSON) of dead letters matching `filter`.
@@ -95,7 +111,10 @@ pub async fn dlq_list(
     // Observer, entity and error come from the change log and the targets: escaped, so each
     // letter is one row and nothing reaches the terminal as a control sequence.
     for letter in &letters {
-        let message: String = letter.letter.error_message.chars().take(60).collect();
+        let message: String = last_error(&letter.letter.error_message)
+            .chars()
+            .take(60)
+            .collect();
         let _ = writeln!(
             out,
             "{:<36}  {:<20}  {:<12}  {:<7}  {:>8}  {:<12}  {}",
@@ -227,5 +246,23 @@ pub async fn dlq_retry(
             outcome.attempts,
             escape_control(&error.to_string())
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_error;
+
+    #[test]
+    fn a_listing_shows_the_error_that_ended_the_history() {
+        let history = "attempt 1 (2026-12-04T10:00:00+00:00): OB006 HTTP 503: busy\n\
+                       attempt 2 (2026-12-04T10:00:01+00:00): OB008 HTTP 404: no such hook";
+        assert_eq!(last_error(history), "HTTP 404: no such hook");
+        assert_eq!(last_error("HTTP 500: boom"), "HTTP 500: boom");
+        assert_eq!(last_error("HTTP 500: two\nlines"), "HTTP 500: two\nlines");
+        assert_eq!(
+            last_error("attempt without a time"),
+            "attempt without a time"
+        );
     }
 }

@@ -43,7 +43,7 @@ pub struct PartitionState {
     /// The node whose lease session holds the partition's lock now, if any.
     pub leader: Option<String>,
     pub epoch: i64,
-    /// Snapshot, and inside a batch the batch's end and position.
+    /// Where the partition's checkpoint stands, in words (see `describe_snapshot`).
     pub checkpoint: String,
     pub backlog: u64,
     pub checkpoint_age_seconds: Option<f64>,
@@ -467,6 +467,29 @@ impl Control {
     }
 }
 
+/// A checkpoint's snapshot (`pg_snapshot` text, `xmin:xmax:xip,…`) in words: which writers'
+/// changes are behind it. Text that is not a snapshot is shown as it is.
+fn describe_snapshot(snapshot: &str) -> String {
+    let mut parts = snapshot.splitn(3, ':');
+    let (Some(_xmin), Some(xmax), Some(open)) = (parts.next(), parts.next(), parts.next()) else {
+        return snapshot.to_owned();
+    };
+    if xmax.parse::<u64>().is_err() {
+        return snapshot.to_owned();
+    }
+    let open: Vec<&str> = open.split(',').filter(|xid| !xid.is_empty()).collect();
+    match open.as_slice() {
+        [] => format!("after every transaction before {xmax}"),
+        [one] => format!("after every transaction before {xmax} but {one}, still open then"),
+        many => format!(
+            "after every transaction before {xmax} but {} still open then ({}{})",
+            many.len(),
+            many.iter().take(3).copied().collect::<Vec<_>>().join(", "),
+            if many.len() > 3 { ", …" } else { "" }
+        ),
+    }
+}
+
 /// Every partition: its current lock holder, epoch, checkpoint and backlog (capped at
 /// [`BACKLOG_CAP`]), from the partitions' store, the lease locks and the change log.
 async fn partition_states(
@@ -488,11 +511,17 @@ async fn partition_states(
         .await?;
         let mut checkpoint = row
             .snapshot
-            .clone()
-            .unwrap_or_else(|| "(start of the log)".to_owned());
+            .as_deref()
+            .map_or_else(|| "at the start of the log".to_owned(), describe_snapshot);
         if let Some((upto, position)) = &row.batch {
-            let position = position.map_or_else(|| "-".to_owned(), |position| position.to_string());
-            let _ = write!(checkpoint, " (batch to {upto} at row {position})");
+            let _ = write!(
+                checkpoint,
+                "; inside a batch up to {}",
+                describe_snapshot(upto).trim_start_matches("after ")
+            );
+            if let Some(position) = position {
+                let _ = write!(checkpoint, ", after change-log row {position}");
+            }
         }
         states.push(PartitionState {
             partition: u32::try_from(row.partition).unwrap_or(0),
@@ -504,4 +533,26 @@ async fn partition_states(
         });
     }
     Ok(states)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_snapshot;
+
+    #[test]
+    fn a_checkpoint_snapshot_is_described_in_words() {
+        assert_eq!(
+            describe_snapshot("15239:15239:"),
+            "after every transaction before 15239"
+        );
+        assert_eq!(
+            describe_snapshot("100:105:101"),
+            "after every transaction before 105 but 101, still open then"
+        );
+        assert_eq!(
+            describe_snapshot("100:110:101,102,103,104"),
+            "after every transaction before 110 but 4 still open then (101, 102, 103, …)"
+        );
+        assert_eq!(describe_snapshot("not a snapshot"), "not a snapshot");
+    }
 }

@@ -399,9 +399,41 @@ pub async fn connect(
         builder = builder.tls_config(tls)?;
     }
     let channel = builder.connect().await.map_err(|error| {
-        anyhow::anyhow!("cannot reach the control plane at {endpoint}: {error}")
+        anyhow::anyhow!(
+            "cannot reach the control plane at {endpoint}: {}",
+            unreachable_cause(&error)
+        )
     })?;
     Ok(ObserverControlClient::new(channel))
+}
+
+/// Why a channel could not be opened, in words: the innermost I/O error's kind where there is
+/// one (tonic's own text says only "transport error").
+fn unreachable_cause(error: &tonic::transport::Error) -> String {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    let mut innermost = error.to_string();
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    "connection refused (is the node running, and is this its --grpc-listen address?)"
+                        .to_owned()
+                }
+                std::io::ErrorKind::TimedOut => "no answer (connection timed out)".to_owned(),
+                _ if io.to_string().contains("lookup address") => {
+                    "unknown host (the name does not resolve)".to_owned()
+                }
+                _ => io.to_string(),
+            };
+        }
+        innermost = cause.to_string();
+        source = cause.source();
+    }
+    if innermost.contains("timed out") {
+        "no answer (connection timed out)".to_owned()
+    } else {
+        escape_control(&innermost).into_owned()
+    }
 }
 
 /// Adds `authorization: Bearer <token>` to a request when a token is given.
@@ -418,10 +450,25 @@ pub fn authorized<T>(message: T, token: Option<&str>) -> anyhow::Result<Request<
     Ok(request)
 }
 
-/// A node's refusal or failure as an error; its message is the server's text, escaped.
+/// A node's refusal or failure as an error: the server's text, escaped, with a few words of what
+/// kind of refusal it was where the text alone would not say (never gRPC's status phrases).
 #[allow(clippy::needless_pass_by_value, reason = "used as map_err(remote)")]
 fn remote(status: Status) -> anyhow::Error {
-    anyhow::anyhow!("{}: {}", status.code(), escape_control(status.message()))
+    let message = escape_control(status.message());
+    let kind = match status.code() {
+        tonic::Code::Unauthenticated => "not authorized (check --control-token)",
+        tonic::Code::PermissionDenied => "not permitted",
+        tonic::Code::DeadlineExceeded => "timed out",
+        tonic::Code::Unavailable => "the node is unavailable",
+        tonic::Code::Unimplemented => "the node does not know this call (an older version?)",
+        tonic::Code::Internal | tonic::Code::Unknown => "the node failed",
+        _ => return anyhow::anyhow!("{message}"),
+    };
+    if message.is_empty() {
+        anyhow::anyhow!("{kind}")
+    } else {
+        anyhow::anyhow!("{kind}: {message}")
+    }
 }
 
 fn partition_from(partition: pb::PartitionStatus) -> control::PartitionState {
@@ -448,7 +495,7 @@ pub async fn fetch_status(endpoint: impl Into<Target>) -> anyhow::Result<control
         .into_inner();
     let counters = status.counters.unwrap_or_default();
     Ok(control::NodeStatus {
-        node_id: status.node_id,
+        node_id: status.node_id.clone(),
         version: status.version,
         uptime_seconds: status.uptime_seconds,
         draining: status.draining,
@@ -458,7 +505,7 @@ pub async fn fetch_status(endpoint: impl Into<Target>) -> anyhow::Result<control
             .into_iter()
             .map(|lease| control::PartitionState {
                 partition: lease.partition,
-                leader: None,
+                leader: Some(status.node_id.clone()),
                 epoch: lease.epoch,
                 checkpoint: lease.checkpoint,
                 backlog: lease.backlog,

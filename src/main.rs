@@ -15,7 +15,8 @@ use fraiseql_observers::report;
 #[command(
     name = "fraiseql-observers",
     version,
-    about = "Turns PostgreSQL changes into reliable side effects"
+    about = "Turns PostgreSQL changes into reliable side effects",
+    after_help = exit_codes_help()
 )]
 struct Cli {
     /// Log line format. In `text`, control characters in logged values (event data, a target's
@@ -25,6 +26,35 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// The exit statuses, as `--help` lists them: from the error codes, so they cannot drift.
+fn exit_codes_help() -> String {
+    use std::fmt::Write as _;
+    let mut text = String::from("Exit status:\n  0  success\n");
+    let mut statuses: Vec<u8> = ErrorCode::ALL.iter().map(|code| code.exit_code()).collect();
+    statuses.sort_unstable();
+    statuses.dedup();
+    for status in statuses {
+        let meaning = match status {
+            1 => "any other failure".to_owned(),
+            2 => "invalid configuration or command line".to_owned(),
+            _ => ErrorCode::ALL
+                .iter()
+                .filter(|code| code.exit_code() == status)
+                .map(|code| code.description())
+                .collect::<Vec<_>>()
+                .join("; "),
+        };
+        let _ = writeln!(text, "  {status}  {meaning}");
+    }
+    text
+}
+
+/// A setting given on the command line or in the environment is unusable: exits like an invalid
+/// configuration (2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct SettingError(String);
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
@@ -100,6 +130,8 @@ enum Command {
     },
     /// The cluster: status, hand-over of a partition, drain and resume of a node.
     Cluster {
+        #[command(flatten)]
+        control: ControlArgs,
         #[command(subcommand)]
         command: ClusterCommand,
     },
@@ -207,6 +239,7 @@ struct ControlArgs {
     /// The node's gRPC control plane.
     #[arg(
         long,
+        global = true,
         visible_alias = "peer",
         env = "FRAISEQL_OBSERVERS_ENDPOINT",
         default_value = "127.0.0.1:50051"
@@ -215,10 +248,15 @@ struct ControlArgs {
     /// Bearer token for mutating calls (hand-over, drain, resume). Sent in plaintext unless the
     /// endpoint is `https://`: the CLI then warns on stderr when the host is not a loopback
     /// address, since anyone on the way can read and replay the token.
-    #[arg(long, env = "FRAISEQL_OBSERVERS_CONTROL_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "FRAISEQL_OBSERVERS_CONTROL_TOKEN",
+        hide_env_values = true
+    )]
     control_token: Option<String>,
     /// CA certificate (PEM) to trust for an `https://` endpoint (default: the system's roots).
-    #[arg(long, env = "FRAISEQL_OBSERVERS_TLS_CA")]
+    #[arg(long, global = true, env = "FRAISEQL_OBSERVERS_TLS_CA")]
     tls_ca: Option<PathBuf>,
 }
 
@@ -260,8 +298,6 @@ impl ControlArgs {
 enum ClusterCommand {
     /// Every live node and every partition: leader, epoch, backlog, checkpoint.
     Status {
-        #[command(flatten)]
-        control: ControlArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -276,32 +312,36 @@ enum ClusterCommand {
         /// How long to wait for the target.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
-        #[command(flatten)]
-        control: ControlArgs,
     },
     /// Drain a node: it gives back every lease (pages finished, checkpoints saved) and takes none.
     Drain {
         /// The node to drain (default: the node at --endpoint).
         #[arg(long)]
         node: Option<String>,
-        #[command(flatten)]
-        control: ControlArgs,
     },
     /// Let a drained node take its share again.
     Resume {
         /// The node to resume (default: the node at --endpoint).
         #[arg(long)]
         node: Option<String>,
-        #[command(flatten)]
-        control: ControlArgs,
     },
 }
 
 #[derive(Args)]
 struct DatabaseArgs {
-    /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    database_url: String,
+    /// PostgreSQL connection URL (before or after the subcommand).
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+}
+
+impl DatabaseArgs {
+    /// Connects with a pool of at most `size` connections.
+    async fn connect(&self, size: u32) -> anyhow::Result<sqlx::PgPool> {
+        let url = self.database_url.as_deref().ok_or_else(|| {
+            SettingError("no database: set DATABASE_URL or pass --database-url".to_owned())
+        })?;
+        Ok(commands::connect_with_size(url, size).await?)
+    }
 }
 
 #[derive(Args, Default)]
@@ -340,9 +380,15 @@ enum DlqCommand {
         json: bool,
     },
     /// Show one dead letter in full (as JSON).
-    Show { id: uuid::Uuid },
+    Show {
+        /// The letter's id, as `dlq list` shows it.
+        #[arg(value_parser = parse_letter_id)]
+        id: uuid::Uuid,
+    },
     /// Run a dead letter's action again now; removes the letter when it succeeds.
     Retry {
+        /// The letter's id, as `dlq list` shows it.
+        #[arg(value_parser = parse_letter_id)]
         id: uuid::Uuid,
         /// The observers file that defines the letter's observer.
         #[arg(long, env = "FRAISEQL_OBSERVERS_CONFIG")]
@@ -356,6 +402,16 @@ enum DlqCommand {
         #[arg(long)]
         all: bool,
     },
+}
+
+/// A dead letter's id: a UUID, said so when it is not one.
+fn parse_letter_id(text: &str) -> Result<uuid::Uuid, String> {
+    uuid::Uuid::parse_str(text.trim()).map_err(|_| {
+        format!(
+            "expected a dead letter's id, a UUID such as 67e55044-10b1-426f-9247-bb680e5fe0c8 (as `dlq list` shows), found {:?}",
+            escape_control(text)
+        )
+    })
 }
 
 impl DlqFilterArgs {
@@ -397,12 +453,18 @@ impl DlqFilterArgs {
     }
 }
 
+/// Colours only on a terminal, and never when `NO_COLOR` is set to anything (no-color.org).
+fn colors_wanted() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(colors_wanted())
         .with_writer(std::io::stderr);
     match format {
         // Field values may hold event data or a receiver's words: escaped, one event per line.
@@ -487,8 +549,7 @@ fn shared_state(dedup_args: &DedupArgs) -> anyhow::Result<fraiseql_observers::no
         });
     };
     // One managed connection, shared by every store.
-    let connection = fraiseql_observers::redis_client::managed_connection(url)
-        .map_err(|error| anyhow::anyhow!("REDIS_URL: {error}"))?;
+    let connection = redis_connection(url)?;
     let prefix = dedup_args.redis_prefix.as_str();
     Ok(node::SharedState {
         dedup_store: Arc::new(dedup::RedisDeduplicationStore::with_connection(
@@ -512,6 +573,57 @@ fn shared_state(dedup_args: &DedupArgs) -> anyhow::Result<fraiseql_observers::no
         cache_prefix: prefix.to_owned(),
         redis: Some(connection),
     })
+}
+
+/// A managed Redis connection; an unusable URL is a setting error (its text is not repeated: it may
+/// hold a password).
+fn redis_connection(
+    url: &str,
+) -> Result<fraiseql_observers::redis_client::SharedConnection, SettingError> {
+    fraiseql_observers::redis_client::managed_connection(url).map_err(|error| {
+        SettingError(format!(
+            "REDIS_URL is not a Redis URL such as redis://host:6379/0 ({error})"
+        ))
+    })
+}
+
+/// Says where deduplication and breakers live, warning when that Redis does not answer.
+async fn announce_shared_state(
+    dedup_args: &DedupArgs,
+    shared: &fraiseql_observers::node::SharedState,
+) {
+    if let (Some(url), Some(connection)) = (&dedup_args.redis_url, &shared.redis) {
+        warn_if_redis_unreachable(
+            url,
+            connection,
+            &format!("{:?}", dedup_args.dedup_unavailable).to_lowercase(),
+        )
+        .await;
+    }
+    tracing::info!(
+        store = if dedup_args.redis_url.is_some() { "redis" } else { "in-process" },
+        window = %humantime::format_duration(dedup_args.dedup_window),
+        "deduplication and circuit breakers"
+    );
+}
+
+/// Warns when Redis does not answer at start: the node runs on (each store falls back as its
+/// setting says), but an operator should hear of it now, not from the first failed claim.
+async fn warn_if_redis_unreachable(
+    url: &str,
+    connection: &fraiseql_observers::redis_client::SharedConnection,
+    unavailable: &str,
+) {
+    use fraiseql_observers::redis_client;
+    if let Err(error) = redis_client::ping(connection).await {
+        let server = redis_client::server_of(url).unwrap_or_else(|_| "(REDIS_URL)".to_owned());
+        tracing::warn!(
+            %server,
+            %error,
+            dedup_unavailable = unavailable,
+            "Redis does not answer at start: deduplication, circuit breakers, limits and cache fall back until it does"
+        );
+    }
 }
 
 /// The observers file as `run` uses it: variables from the process environment, except the Redis
@@ -566,7 +678,7 @@ async fn run_node(
         "--metrics-refresh-interval must be at least 1s, found {}",
         humantime::format_duration(endpoints.metrics_refresh_interval)
     );
-    let pool = commands::connect_with_size(&database.database_url, db_pool_size).await?;
+    let pool = database.connect(db_pool_size).await?;
     let bind = |address: std::net::SocketAddr, what: &'static str| async move {
         tokio::net::TcpListener::bind(address)
             .await
@@ -599,11 +711,7 @@ async fn run_node(
     }
     tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "control plane and HTTP endpoints listening");
     let shared = shared_state(&dedup_args)?;
-    tracing::info!(
-        store = if dedup_args.redis_url.is_some() { "redis" } else { "in-process" },
-        window = %humantime::format_duration(dedup_args.dedup_window),
-        "deduplication and circuit breakers"
-    );
+    announce_shared_state(&dedup_args, &shared).await;
     let node = fraiseql_observers::node::Node::build_with_shared_state(
         pool, config, settings, cluster, shared,
     )
@@ -727,17 +835,17 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
                 report::node_status_text(&status)
             })
         }
-        Command::Cluster { command } => cluster_command(command).await,
+        Command::Cluster { control, command } => cluster_command(control, command).await,
         Command::Demo { database_url } => {
             fraiseql_observers::demo::run(&database_url).await?;
             Ok(String::new())
         }
         Command::Migrate { database } => {
-            let pool = commands::connect(&database.database_url).await?;
+            let pool = database.connect(4).await?;
             commands::migrate(&pool).await
         }
         Command::Dlq { database, command } => {
-            let pool = commands::connect(&database.database_url).await?;
+            let pool = database.connect(4).await?;
             let queue = PostgresDeadLetterQueue::new(pool);
             match command {
                 DlqCommand::List { filter, json } => {
@@ -755,9 +863,8 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
                     let redis = std::env::var("REDIS_URL")
                         .ok()
                         .filter(|url| !url.is_empty())
-                        .map(|url| fraiseql_observers::redis_client::managed_connection(&url))
-                        .transpose()
-                        .map_err(|error| anyhow::anyhow!("REDIS_URL: {error}"))?;
+                        .map(|url| redis_connection(&url))
+                        .transpose()?;
                     commands::dlq_retry(&queue, config, id, redis).await
                 }
                 DlqCommand::Purge { filter, all } => {
@@ -773,10 +880,10 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
     }
 }
 
-async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
+async fn cluster_command(control: ControlArgs, command: ClusterCommand) -> anyhow::Result<String> {
     use fraiseql_observers::grpc;
     match command {
-        ClusterCommand::Status { control, json } => {
+        ClusterCommand::Status { json } => {
             let cluster = grpc::fetch_cluster_status(control.target()?).await?;
             Ok(if json {
                 format!("{:#}\n", serde_json::to_value(&cluster)?)
@@ -788,7 +895,6 @@ async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
             partition,
             to,
             timeout,
-            control,
         } => {
             let moved = grpc::request_handover(
                 control.mutation_target()?,
@@ -806,7 +912,7 @@ async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
                 moved.took.as_secs_f64()
             ))
         }
-        ClusterCommand::Drain { node, control } => {
+        ClusterCommand::Drain { node } => {
             grpc::request_drain(
                 control.mutation_target()?,
                 control.control_token.as_deref(),
@@ -819,7 +925,7 @@ async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
                 node.as_deref().unwrap_or(&control.endpoint)
             ))
         }
-        ClusterCommand::Resume { node, control } => {
+        ClusterCommand::Resume { node } => {
             grpc::request_drain(
                 control.mutation_target()?,
                 control.control_token.as_deref(),
@@ -837,8 +943,17 @@ async fn cluster_command(command: ClusterCommand) -> anyhow::Result<String> {
 
 fn exit_code_for(error: &anyhow::Error) -> ErrorCode {
     for cause in error.chain() {
-        if cause.downcast_ref::<config::ConfigErrors>().is_some() {
+        if cause.downcast_ref::<config::ConfigErrors>().is_some()
+            || cause.downcast_ref::<SettingError>().is_some()
+        {
             return ErrorCode::ConfigInvalid;
+        }
+        if let Some(connect) = cause.downcast_ref::<fraiseql_observers::database::ConnectError>() {
+            return if connect.is_malformed_url() {
+                ErrorCode::ConfigInvalid
+            } else {
+                ErrorCode::StorageUnavailable
+            };
         }
         if cause.downcast_ref::<sqlx::Error>().is_some()
             || cause
@@ -860,7 +975,8 @@ fn exit_code_for(error: &anyhow::Error) -> ErrorCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log_format = cli.log_format;
+    init_logging(log_format);
     if let Command::ValidateConfig {
         file,
         json,
@@ -885,8 +1001,18 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::from(exit_code_for(&error).exit_code())
+            let code = exit_code_for(&error);
+            match log_format {
+                LogFormat::Text => eprintln!("error: {error:#}"),
+                // One JSON line, like every other log line of the process.
+                LogFormat::Json => tracing::error!(
+                    error = %format!("{error:#}"),
+                    code = %code,
+                    exit_status = code.exit_code(),
+                    "fatal"
+                ),
+            }
+            ExitCode::from(code.exit_code())
         }
     }
 }

@@ -258,7 +258,8 @@ impl Metrics {
             .observe(duration.as_secs_f64());
     }
 
-    /// Totals over every action type: (succeeded, failed, enqueued), pages and jobs together.
+    /// Totals over every action type: (succeeded, failed, enqueued), pages and jobs together; a
+    /// job rescheduled for another attempt is not enqueued again.
     #[must_use]
     pub fn action_totals(&self) -> (u64, u64, u64) {
         (
@@ -272,7 +273,7 @@ impl Metrics {
         let index = match outcome {
             "succeeded" => 0,
             "failed" | "dead_lettered" => 1,
-            "enqueued" | "rescheduled" => 2,
+            "enqueued" => 2,
             _ => return,
         };
         self.totals[index].fetch_add(1, Ordering::Relaxed);

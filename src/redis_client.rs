@@ -39,6 +39,38 @@ pub fn managed_connection(url: &str) -> RedisResult<SharedConnection> {
     })
 }
 
+/// Where a Redis URL points (`host:port` or a socket path), without its credentials.
+///
+/// # Errors
+/// The URL is invalid.
+pub fn server_of(url: &str) -> RedisResult<String> {
+    Ok(redis::Client::open(url)?
+        .get_connection_info()
+        .addr()
+        .to_string())
+}
+
+/// Whether Redis answers a `PING` within [`REDIS_TIMEOUT`].
+///
+/// # Errors
+/// It does not, or answers with an error.
+pub async fn ping(connection: &SharedConnection) -> RedisResult<()> {
+    let mut connection = connection.clone();
+    match tokio::time::timeout(
+        REDIS_TIMEOUT,
+        redis::cmd("PING").query_async::<String>(&mut connection),
+    )
+    .await
+    {
+        Ok(answer) => answer.map(drop),
+        Err(_) => Err(RedisError::from((
+            ErrorKind::Io,
+            "no answer",
+            format!("PING got no answer within {} s", REDIS_TIMEOUT.as_secs()),
+        ))),
+    }
+}
+
 /// The node's Redis connection; clones share the connection and the gate.
 #[derive(Clone)]
 pub struct SharedConnection {

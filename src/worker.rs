@@ -197,7 +197,21 @@ impl JobWorker {
             Err(error) => self.queue.fail(&job, &error).await.map(|outcome| {
                 Some(match outcome {
                     FailOutcome::Rescheduled { .. } => WorkOutcome::Rescheduled(job.id),
-                    FailOutcome::DeadLettered { .. } => WorkOutcome::DeadLettered(job.id),
+                    FailOutcome::DeadLettered { dead_letter } => {
+                        tracing::warn!(
+                            event = %job.event.id,
+                            observer = %job.observer,
+                            action_index = job.action_index,
+                            action_type = %job.action_type,
+                            job = %job.id,
+                            code = %error.code,
+                            attempts = job.attempts,
+                            dead_letter = %dead_letter,
+                            error = %error.message,
+                            "action failed for good; parked in the dead-letter queue"
+                        );
+                        WorkOutcome::DeadLettered(job.id)
+                    }
                     FailOutcome::NotHeld => WorkOutcome::Lost(job.id),
                 })
             }),

@@ -221,3 +221,49 @@ fn a_token_sent_in_plaintext_beyond_loopback_is_warned_about() {
     );
     assert!(!stderr.contains("warning"), "{stderr}");
 }
+
+#[test]
+fn an_unreachable_control_plane_says_why_wherever_the_flag_is_given() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    for arguments in [
+        vec!["cluster", "--endpoint", &closed, "status"],
+        vec!["cluster", "status", "--endpoint", &closed],
+        vec!["status", "--endpoint", &closed],
+    ] {
+        let output = fraiseql_observers(&arguments);
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(output.status.code(), Some(1), "{arguments:?}: {stderr}");
+        assert_eq!(
+            stderr.trim_end(),
+            format!(
+                "error: cannot reach the control plane at http://{closed}: connection refused (is the node running, and is this its --grpc-listen address?)"
+            ),
+            "{arguments:?}"
+        );
+    }
+}
+
+#[test]
+fn help_lists_the_exit_statuses() {
+    let output = fraiseql_observers(&["--help"]);
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success());
+    let statuses = stdout
+        .split("Exit status:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no exit statuses in --help: {stdout}"));
+    for expected in [
+        "0  success",
+        "1  any other failure",
+        "2  invalid configuration or command line",
+        "3  the service's own storage failed",
+        "4  another node holds the partition now",
+        "5  the node is shutting down",
+    ] {
+        assert!(statuses.contains(expected), "{expected}: {statuses}");
+    }
+}

@@ -48,27 +48,120 @@ async fn migrate_applies_then_reports_nothing_to_do() {
     assert!(stdout.contains("0 applied now"), "{stdout}");
 }
 
+/// The binary with `arguments` and no `DATABASE_URL`: the URL, if any, is on the command line.
+fn run_without_database(arguments: &[&str]) -> (Option<i32>, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
+        .args(arguments)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
 #[tokio::test]
-async fn an_unreachable_database_exits_with_the_storage_status() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+async fn a_database_that_cannot_be_reached_is_named_with_its_cause() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let output = Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
-        .args([
+    let refused = format!("postgres://postgres@127.0.0.1:{closed}/x");
+    let cases: &[(&str, &str, i32, &str)] = &[
+        (
+            "refused",
+            &refused,
+            3,
+            "cannot connect to PostgreSQL at 127.0.0.1:PORT (user \"postgres\", database \"x\"): connection refused",
+        ),
+        (
+            "unknown role",
+            "postgres://no_such_role_here@127.0.0.1:5432/postgres",
+            3,
+            "cannot connect to PostgreSQL at 127.0.0.1:5432 (user \"no_such_role_here\", database \"postgres\"): authentication failed: role \"no_such_role_here\" does not exist",
+        ),
+        (
+            "unknown database",
+            "postgres://postgres@127.0.0.1:5432/no_such_database_here",
+            3,
+            "cannot connect to PostgreSQL at 127.0.0.1:5432 (user \"postgres\", database \"no_such_database_here\"): unknown database: database \"no_such_database_here\" does not exist",
+        ),
+        (
+            "unknown host",
+            "postgres://postgres@no-such-host.invalid:5432/x",
+            3,
+            "cannot connect to PostgreSQL at no-such-host.invalid:5432 (user \"postgres\", database \"x\"): unknown host \"no-such-host.invalid\"",
+        ),
+        (
+            "not a URL",
+            "mysql://root:hunter2@db/x",
+            2,
+            "cannot connect to PostgreSQL at (DATABASE_URL): not a PostgreSQL URL",
+        ),
+    ];
+    for (case, url, status, expected) in cases {
+        let started = std::time::Instant::now();
+        // The flag after the subcommand, where a user types it.
+        let (code, stderr) = run_without_database(&["dlq", "list", "--database-url", url]);
+        let expected = expected.replace("PORT", &closed.to_string());
+        assert_eq!(code, Some(*status), "{case}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("error: {expected}")),
+            "{case}: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{case}: said once: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{case}: no password: {stderr}");
+        assert!(!stderr.contains("pool timed out"), "{case}: {stderr}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(9),
+            "{case}: answered before any pool timeout"
+        );
+    }
+    let (code, stderr) = run_without_database(&["migrate"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no database: set DATABASE_URL or pass --database-url"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_database_flag_is_taken_before_or_after_the_subcommand() {
+    let database = TestDatabase::create().await;
+    let (status, _, stderr) = run(&database, &["migrate"]);
+    assert_eq!(status, Some(0), "{stderr}");
+    for arguments in [
+        ["dlq", "--database-url", &database.url, "list"],
+        ["dlq", "list", "--database-url", &database.url],
+        [
             "migrate",
             "--database-url",
-            &format!("postgres://postgres@127.0.0.1:{port}/x"),
-        ])
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(3));
+            &database.url,
+            "--log-format=text",
+        ],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
+            .args(arguments)
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(output.status.code(), Some(0), "{arguments:?}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_letter_id_that_is_not_a_uuid_says_what_is_expected() {
+    let database = TestDatabase::create().await;
+    let (status, _, stderr) = run(&database, &["dlq", "show", "garbage"]);
+    assert_eq!(status, Some(2), "{stderr}");
     assert!(
-        String::from_utf8(output.stderr)
-            .unwrap()
-            .contains("connect to the database")
+        stderr.contains("expected a dead letter's id, a UUID such as"),
+        "{stderr}"
     );
 }
 
@@ -449,4 +542,146 @@ async fn a_log_action_writes_one_text_line_whatever_the_data_holds() {
         "a forged line: {stderr}"
     );
     assert_eq!(raw_controls(&stderr), Vec::<char>::new(), "{stderr:?}");
+}
+
+/// `run` on a terminal (a pseudo-terminal from `script`) for a few seconds: what it printed.
+fn run_on_a_terminal(database: &TestDatabase, config: &std::path::Path, no_color: bool) -> String {
+    let command = format!(
+        "timeout -s TERM 6 {} run --config {} --node-id tty --grpc-listen 127.0.0.1:0 --http-listen 127.0.0.1:0",
+        env!("CARGO_BIN_EXE_fraiseql-observers"),
+        config.display()
+    );
+    let mut script = Command::new("script");
+    script
+        .args(["-qefc", &command, "/dev/null"])
+        .env("DATABASE_URL", &database.url)
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR");
+    if no_color {
+        script.env("NO_COLOR", "1");
+    }
+    let output = script.output().expect("script(1) runs");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_color_turns_colours_off_on_a_terminal() {
+    let database = TestDatabase::create().await;
+    let directory = tempfile::tempdir().unwrap();
+    let config = directory.path().join("observers.yaml");
+    std::fs::write(
+        &config,
+        "observers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    actions: [{type: log}]\n",
+    )
+    .unwrap();
+    let coloured = run_on_a_terminal(&database, &config, false);
+    assert!(coloured.contains("node running"), "{coloured}");
+    assert!(
+        coloured.contains("\u{1b}["),
+        "a terminal gets colours: {coloured}"
+    );
+    let plain = run_on_a_terminal(&database, &config, true);
+    assert!(plain.contains("node running"), "{plain}");
+    assert!(
+        !plain.contains('\u{1b}'),
+        "NO_COLOR: no escape sequence: {plain}"
+    );
+}
+
+#[test]
+fn json_logs_report_a_fatal_error_as_one_json_line() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
+        .args([
+            "dlq",
+            "list",
+            "--log-format",
+            "json",
+            "--database-url",
+            &format!("postgres://postgres@127.0.0.1:{closed}/x"),
+        ])
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let line: serde_json::Value = serde_json::from_str(&stderr).expect("a JSON line");
+    assert_eq!(line["level"], "ERROR");
+    assert_eq!(line["fields"]["message"], "fatal");
+    assert_eq!(line["fields"]["code"], "OB010");
+    assert_eq!(line["fields"]["exit_status"], 3);
+    assert!(
+        line["fields"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("connection refused"),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_that_is_malformed_or_unreachable_at_start_is_said() {
+    let database = TestDatabase::create().await;
+    let directory = tempfile::tempdir().unwrap();
+    let config = directory.path().join("observers.yaml");
+    std::fs::write(
+        &config,
+        "observers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    actions: [{type: log}]\n",
+    )
+    .unwrap();
+    let run_with_redis = |url: &str| {
+        let output = Command::new("timeout")
+            .args(["-s", "TERM", "5", env!("CARGO_BIN_EXE_fraiseql-observers")])
+            .args([
+                "run",
+                "--config",
+                config.to_str().unwrap(),
+                "--node-id",
+                "redis-check",
+            ])
+            .args([
+                "--grpc-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .env("DATABASE_URL", &database.url)
+            .env("REDIS_URL", url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8(output.stderr).unwrap(),
+        )
+    };
+    let (status, stderr) = run_with_redis("http://user:hunter2@cache.example");
+    assert_eq!(status, Some(2), "a setting error: {stderr}");
+    assert!(
+        stderr.starts_with("error: REDIS_URL is not a Redis URL such as redis://host:6379/0"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (_, stderr) = run_with_redis(&format!("redis://:hunter2@127.0.0.1:{closed}/0"));
+    let warning = stderr
+        .lines()
+        .find(|line| line.contains("Redis does not answer at start"))
+        .unwrap_or_else(|| panic!("no warning: {stderr}"));
+    assert!(
+        warning.contains(&format!("server=127.0.0.1:{closed}")),
+        "{warning}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
 }

@@ -468,11 +468,27 @@ async fn refused_targets_never_show_their_secret_urls_in_dead_letters_job_errors
         .env("RUST_LOG", "off")
         .output()
         .unwrap();
+    // The log line follows the dead letter's commit; give the last one time to be written.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     node.kill().unwrap();
     node.wait().unwrap();
     let logs = logs.join().unwrap();
 
     assert_eq!(messages.len(), 10, "{messages:?}");
+    let parked: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("parked in the dead-letter queue"))
+        .collect();
+    assert_eq!(parked.len(), 10, "every dead letter is logged:\n{logs}");
+    assert!(
+        parked.iter().all(|line| line.contains("WARN")),
+        "{parked:#?}"
+    );
+    assert_eq!(
+        parked.iter().filter(|line| line.contains(" job=")).count(),
+        5,
+        "the job worker's dead letters are logged too: {parked:#?}"
+    );
     for (observer, message) in &messages {
         assert!(
             message.contains("Connection refused"),

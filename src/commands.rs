@@ -57,6 +57,90 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// `migrate --status` (and `--dry-run`, which says what `migrate` would apply): every migration
+/// with its state, applied time and checksum, or JSON; reads only.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn migrate_status(pool: &PgPool, dry_run: bool, json: bool) -> anyhow::Result<String> {
+    use crate::migrate::MigrationState;
+    let lines = crate::migrate::status(pool).await?;
+    if json {
+        return Ok(format!("{:#}\n", serde_json::to_value(&lines)?));
+    }
+    let pending: Vec<_> = lines
+        .iter()
+        .filter(|line| line.state == MigrationState::Pending)
+        .collect();
+    let blocking = lines
+        .iter()
+        .filter(|line| {
+            matches!(
+                line.state,
+                MigrationState::Changed { .. } | MigrationState::Unknown
+            )
+        })
+        .count();
+    let mut out = String::new();
+    if dry_run {
+        for line in &pending {
+            let _ = writeln!(
+                out,
+                "would apply {} (checksum {})",
+                line.name,
+                &line.checksum[..12.min(line.checksum.len())]
+            );
+        }
+    } else {
+        let _ = writeln!(
+            out,
+            "{:>7}  {:<28} {:<8} {:<25} checksum",
+            "version", "name", "state", "applied at"
+        );
+        for line in &lines {
+            let state = match &line.state {
+                MigrationState::Applied => "applied",
+                MigrationState::Pending => "pending",
+                MigrationState::Changed { .. } => "CHANGED",
+                MigrationState::Unknown => "UNKNOWN",
+            };
+            let applied_at = line.applied_at.map_or_else(
+                || "-".to_owned(),
+                |at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            );
+            let _ = writeln!(
+                out,
+                "{:>7}  {:<28} {:<8} {:<25} {}",
+                line.version,
+                escape_control(&line.name),
+                state,
+                applied_at,
+                &line.checksum[..12.min(line.checksum.len())]
+            );
+        }
+    }
+    if blocking > 0 {
+        let _ = writeln!(
+            out,
+            "✗ {blocking} migration(s) changed since applied or unknown to this binary: `migrate` refuses this database"
+        );
+    } else if dry_run {
+        let _ = writeln!(
+            out,
+            "{} migration(s) would be applied; nothing was changed",
+            pending.len()
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "✓ {} applied, {} pending",
+            lines.len() - pending.len(),
+            pending.len()
+        );
+    }
+    Ok(out)
+}
+
 fn age(letter: &DeadLetter) -> String {
     let seconds = (Utc::now() - letter.created_at).num_seconds().max(0);
     let seconds = u64::try_from(seconds).unwrap_or(0);

@@ -152,7 +152,20 @@ enum Command {
     Migrate {
         #[command(flatten)]
         database: DatabaseArgs,
+        /// Only show every migration: applied (when), pending, or changed since applied.
+        #[arg(long, conflicts_with = "dry_run")]
+        status: bool,
+        /// Only say which migrations would be applied; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// With --status or --dry-run: print JSON.
+        #[arg(long)]
+        json: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff) on stdout: `fraiseql-observers man | man -l -`.
+    Man,
     /// Inspect and act on the dead-letter queue.
     Dlq {
         #[command(flatten)]
@@ -840,42 +853,54 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             fraiseql_observers::demo::run(&database_url).await?;
             Ok(String::new())
         }
-        Command::Migrate { database } => {
+        Command::Migrate {
+            database,
+            status,
+            dry_run,
+            json,
+        } => {
             let pool = database.connect(4).await?;
-            commands::migrate(&pool).await
-        }
-        Command::Dlq { database, command } => {
-            let pool = database.connect(4).await?;
-            let queue = PostgresDeadLetterQueue::new(pool);
-            match command {
-                DlqCommand::List { filter, json } => {
-                    let mut filter = filter.into_filter()?;
-                    filter.limit.get_or_insert(DEFAULT_DLQ_LIST_LIMIT);
-                    commands::dlq_list(&queue, &filter, json).await
-                }
-                DlqCommand::Show { id } => commands::dlq_show(&queue, id).await,
-                DlqCommand::Retry { id, config } => {
-                    let config = config::load_file(
-                        &config,
-                        &LoadOptions::from_process_env(MissingEnv::Error),
-                    )?;
-                    // Cache actions remove keys through the Redis the nodes use.
-                    let redis = std::env::var("REDIS_URL")
-                        .ok()
-                        .filter(|url| !url.is_empty())
-                        .map(|url| redis_connection(&url))
-                        .transpose()?;
-                    commands::dlq_retry(&queue, config, id, redis).await
-                }
-                DlqCommand::Purge { filter, all } => {
-                    if filter.is_empty() && !all {
-                        anyhow::bail!(
-                            "refusing to purge every dead letter without --all; give a filter such as --older-than 30d"
-                        );
-                    }
-                    commands::dlq_purge(&queue, &filter.into_filter()?).await
-                }
+            if status || dry_run {
+                commands::migrate_status(&pool, dry_run, json).await
+            } else {
+                commands::migrate(&pool).await
             }
+        }
+        Command::Completions { .. } | Command::Man => {
+            anyhow::bail!("completions and the manual need no database")
+        }
+        Command::Dlq { database, command } => dlq_command(database, command).await,
+    }
+}
+
+async fn dlq_command(database: DatabaseArgs, command: DlqCommand) -> anyhow::Result<String> {
+    let pool = database.connect(4).await?;
+    let queue = PostgresDeadLetterQueue::new(pool);
+    match command {
+        DlqCommand::List { filter, json } => {
+            let mut filter = filter.into_filter()?;
+            filter.limit.get_or_insert(DEFAULT_DLQ_LIST_LIMIT);
+            commands::dlq_list(&queue, &filter, json).await
+        }
+        DlqCommand::Show { id } => commands::dlq_show(&queue, id).await,
+        DlqCommand::Retry { id, config } => {
+            let config =
+                config::load_file(&config, &LoadOptions::from_process_env(MissingEnv::Error))?;
+            // Cache actions remove keys through the Redis the nodes use.
+            let redis = std::env::var("REDIS_URL")
+                .ok()
+                .filter(|url| !url.is_empty())
+                .map(|url| redis_connection(&url))
+                .transpose()?;
+            commands::dlq_retry(&queue, config, id, redis).await
+        }
+        DlqCommand::Purge { filter, all } => {
+            if filter.is_empty() && !all {
+                anyhow::bail!(
+                    "refusing to purge every dead letter without --all; give a filter such as --older-than 30d"
+                );
+            }
+            commands::dlq_purge(&queue, &filter.into_filter()?).await
         }
     }
 }
@@ -984,6 +1009,25 @@ fn main() -> ExitCode {
     } = &cli.command
     {
         return validate_config(file, *json, *require_env);
+    }
+    if let Command::Completions { shell } = &cli.command {
+        clap_complete::generate(
+            *shell,
+            &mut <Cli as clap::CommandFactory>::command(),
+            "fraiseql-observers",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
+    if matches!(cli.command, Command::Man) {
+        let manual = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+        return match manual.render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: write the manual: {error}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

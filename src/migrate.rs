@@ -187,3 +187,89 @@ async fn apply_missing(connection: &mut PgConnection) -> Result<MigrationReport,
     }
     Ok(report)
 }
+
+/// Where one migration stands in a database.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// Applied, with the text this binary has.
+    Applied,
+    /// Not applied yet: `migrate` (or a starting node) applies it.
+    Pending,
+    /// Applied, but its text has changed since: `migrate` refuses to run.
+    Changed { applied_checksum: String },
+    /// Applied by a newer binary: this one does not know it and refuses to run.
+    Unknown,
+}
+
+/// One line of [`status`].
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MigrationStatus {
+    pub version: i32,
+    pub name: String,
+    /// The checksum of this binary's text (for an unknown migration, the database's).
+    pub checksum: String,
+    pub state: MigrationState,
+    pub applied_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Every migration this binary has, and any the database has beyond them, with its state; reads
+/// only (a database never migrated shows every migration pending).
+///
+/// # Errors
+/// The database could not be read.
+pub async fn status(pool: &PgPool) -> Result<Vec<MigrationStatus>, MigrateError> {
+    let recorded: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('fraiseql_observers.schema_migrations')::text")
+            .fetch_one(pool)
+            .await?;
+    let applied: Vec<(i32, String, String, chrono::DateTime<chrono::Utc>)> = if recorded.is_some() {
+        sqlx::query_as(
+            "SELECT version, name, checksum, applied_at FROM fraiseql_observers.schema_migrations ORDER BY version",
+        )
+        .fetch_all(pool)
+        .await?
+    } else {
+        Vec::new()
+    };
+    let mut lines: Vec<MigrationStatus> = MIGRATIONS
+        .iter()
+        .map(|migration| {
+            let checksum = migration.checksum();
+            let found = applied
+                .iter()
+                .find(|(version, _, _, _)| *version == migration.version);
+            let state = match found {
+                None => MigrationState::Pending,
+                Some((_, _, applied_checksum, _)) if *applied_checksum == checksum => {
+                    MigrationState::Applied
+                }
+                Some((_, _, applied_checksum, _)) => MigrationState::Changed {
+                    applied_checksum: applied_checksum.clone(),
+                },
+            };
+            MigrationStatus {
+                version: migration.version,
+                name: migration.name.to_owned(),
+                checksum,
+                state,
+                applied_at: found.map(|(_, _, _, at)| *at),
+            }
+        })
+        .collect();
+    for (version, name, checksum, at) in applied {
+        if MIGRATIONS
+            .iter()
+            .all(|migration| migration.version != version)
+        {
+            lines.push(MigrationStatus {
+                version,
+                name,
+                checksum,
+                state: MigrationState::Unknown,
+                applied_at: Some(at),
+            });
+        }
+    }
+    Ok(lines)
+}

@@ -267,3 +267,40 @@ fn help_lists_the_exit_statuses() {
         assert!(statuses.contains(expected), "{expected}: {statuses}");
     }
 }
+
+#[test]
+fn completions_and_the_manual_come_from_the_command_definitions() {
+    for (shell, expected) in [
+        ("bash", "complete -F _fraiseql__observers"),
+        ("zsh", "#compdef fraiseql-observers"),
+        ("fish", "complete -c fraiseql-observers"),
+    ] {
+        let output = fraiseql_observers(&["completions", shell]);
+        let script = String::from_utf8(output.stdout).unwrap();
+        assert!(output.status.success(), "{shell}");
+        assert!(script.contains(expected), "{shell}: {script}");
+        for subcommand in ["dlq", "migrate", "cluster", "validate-config"] {
+            assert!(
+                script.contains(subcommand),
+                "{shell} completes {subcommand}"
+            );
+        }
+    }
+    let output = fraiseql_observers(&["man"]);
+    let manual = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success());
+    assert!(
+        manual.starts_with(".ie \\n(.g .ds Aq") || manual.contains(".TH fraiseql-observers"),
+        "{manual}"
+    );
+    assert!(
+        manual.contains("Exit status"),
+        "the exit statuses are in the manual"
+    );
+    let output = fraiseql_observers(&["completions", "tcsh"]);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}

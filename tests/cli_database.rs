@@ -38,6 +38,78 @@ fn letter(observer: &str) -> NewDeadLetter {
 }
 
 #[tokio::test]
+async fn migrate_status_and_dry_run_show_what_is_applied_and_change_nothing() {
+    let database = TestDatabase::create().await;
+    let total = fraiseql_observers::migrate::MIGRATIONS.len();
+    let (status, stdout, stderr) = run(&database, &["migrate", "--dry-run"]);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_eq!(stdout.lines().count(), total + 1, "{stdout}");
+    assert!(
+        stdout.starts_with("would apply 0001_change_log (checksum "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.ends_with(&format!(
+            "{total} migration(s) would be applied; nothing was changed\n"
+        )),
+        "{stdout}"
+    );
+    let (_, stdout, _) = run(&database, &["migrate", "--status"]);
+    assert!(
+        stdout.contains(&format!("✓ 0 applied, {total} pending")),
+        "{stdout}"
+    );
+    let schema: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('fraiseql_observers.schema_migrations')::text")
+            .fetch_one(&database.pool)
+            .await
+            .unwrap();
+    assert_eq!(schema, None, "neither wrote anything");
+
+    let (status, _, stderr) = run(&database, &["migrate"]);
+    assert_eq!(status, Some(0), "{stderr}");
+    let (_, stdout, _) = run(&database, &["migrate", "--status"]);
+    assert!(
+        stdout.contains(&format!("✓ {total} applied, 0 pending")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.lines().nth(1).unwrap().contains("0001_change_log"),
+        "{stdout}"
+    );
+    let (_, stdout, _) = run(&database, &["migrate", "--dry-run"]);
+    assert_eq!(
+        stdout,
+        "0 migration(s) would be applied; nothing was changed\n"
+    );
+
+    // An applied migration edited afterwards, and one from a newer binary.
+    sqlx::raw_sql(
+        "UPDATE fraiseql_observers.schema_migrations SET checksum = 'edited' WHERE version = 2;
+         INSERT INTO fraiseql_observers.schema_migrations (version, name, checksum)
+              VALUES (999, '0999_from_the_future', 'abc');",
+    )
+    .execute(&database.pool)
+    .await
+    .unwrap();
+    let (status, stdout, _) = run(&database, &["migrate", "--status", "--json"]);
+    assert_eq!(status, Some(0));
+    let lines: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(lines[1]["state"]["changed"]["applied_checksum"], "edited");
+    assert_eq!(lines[total]["name"], "0999_from_the_future");
+    assert_eq!(lines[total]["state"], "unknown");
+    let (_, stdout, _) = run(&database, &["migrate", "--status"]);
+    assert!(
+        stdout.contains("CHANGED") && stdout.contains("UNKNOWN"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("✗ 2 migration(s) changed since applied or unknown to this binary"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
 async fn migrate_applies_then_reports_nothing_to_do() {
     let database = TestDatabase::create().await;
     let (status, stdout, stderr) = run(&database, &["migrate"]);

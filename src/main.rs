@@ -369,8 +369,14 @@ struct DlqFilterArgs {
     #[arg(long)]
     code: Option<String>,
     /// Only letters about this entity type.
-    #[arg(long)]
+    #[arg(long, visible_alias = "entity-type")]
     entity: Option<String>,
+    /// Only letters whose error contains this text (case-insensitive).
+    #[arg(long)]
+    error: Option<String>,
+    /// Only letters created since this moment: a duration ago (`2h`, `7d`) or RFC 3339.
+    #[arg(long, value_parser = parse_since)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
     /// Only letters older than this (e.g. 30d, 12h).
     #[arg(long, value_parser = humantime::parse_duration)]
     older_than: Option<std::time::Duration>,
@@ -417,6 +423,20 @@ enum DlqCommand {
     },
 }
 
+/// A moment given as a duration ago (`2h`, `7d`) or an RFC 3339 time.
+fn parse_since(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(moment) = chrono::DateTime::parse_from_rfc3339(text.trim()) {
+        return Ok(moment.with_timezone(&chrono::Utc));
+    }
+    let ago = humantime::parse_duration(text.trim()).map_err(|_| {
+        format!("expected a duration ago such as 2h or 7d, or an RFC 3339 time, found {text:?}")
+    })?;
+    chrono::Duration::from_std(ago)
+        .ok()
+        .and_then(|ago| chrono::Utc::now().checked_sub_signed(ago))
+        .ok_or_else(|| format!("{text:?} reaches too far back"))
+}
+
 /// A dead letter's id: a UUID, said so when it is not one.
 fn parse_letter_id(text: &str) -> Result<uuid::Uuid, String> {
     uuid::Uuid::parse_str(text.trim()).map_err(|_| {
@@ -433,6 +453,8 @@ impl DlqFilterArgs {
             && self.action_type.is_none()
             && self.code.is_none()
             && self.entity.is_none()
+            && self.error.is_none()
+            && self.since.is_none()
             && self.older_than.is_none()
             && self.limit.is_none()
     }
@@ -460,6 +482,8 @@ impl DlqFilterArgs {
             action_type: self.action_type,
             error_code,
             entity_type: self.entity,
+            error_contains: self.error,
+            created_after: self.since,
             created_before,
             limit: self.limit,
         })

@@ -757,3 +757,57 @@ async fn redis_that_is_malformed_or_unreachable_at_start_is_said() {
     );
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
+
+#[tokio::test]
+async fn dlq_listings_filter_by_error_text_time_and_entity_type() {
+    let database = TestDatabase::migrated().await;
+    let queue = PostgresDeadLetterQueue::new(database.pool.clone());
+    queue.push(letter("orders")).await.unwrap();
+    queue
+        .push(NewDeadLetter {
+            error_message: "HTTP 404: No Such Hook".to_owned(),
+            ..letter("invoices")
+        })
+        .await
+        .unwrap();
+    let observers = |arguments: &[&str]| {
+        let (status, stdout, stderr) = run(&database, arguments);
+        assert_eq!(status, Some(0), "{arguments:?}: {stderr}");
+        let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|letter| letter["observer"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        observers(&["dlq", "list", "--json", "--error", "no such"]),
+        ["invoices"]
+    );
+    assert_eq!(
+        observers(&[
+            "dlq",
+            "list",
+            "--json",
+            "--since",
+            "1h",
+            "--entity-type",
+            "Order"
+        ])
+        .len(),
+        2
+    );
+    assert!(observers(&["dlq", "list", "--json", "--since", "2999-01-01T00:00:00Z"]).is_empty());
+    let (status, _, stderr) = run(&database, &["dlq", "list", "--since", "yesterdayish"]);
+    assert_eq!(status, Some(2));
+    assert!(
+        stderr.contains("expected a duration ago such as 2h or 7d"),
+        "{stderr}"
+    );
+    // Purge by error text removes only those.
+    let (status, stdout, stderr) = run(&database, &["dlq", "purge", "--error", "404"]);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(stdout.contains('1'), "{stdout}");
+    assert_eq!(observers(&["dlq", "list", "--json"]), ["orders"]);
+}

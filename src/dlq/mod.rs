@@ -60,6 +60,10 @@ pub struct DeadLetterFilter {
     pub action_type: Option<String>,
     pub error_code: Option<ErrorCode>,
     pub entity_type: Option<String>,
+    /// Only letters whose error message contains this text (case-insensitive).
+    pub error_contains: Option<String>,
+    /// Only letters created at or after this moment.
+    pub created_after: Option<DateTime<Utc>>,
     /// Only letters created before this moment.
     pub created_before: Option<DateTime<Utc>>,
     /// At most this many (oldest first); `None` for all.
@@ -84,6 +88,16 @@ impl DeadLetterFilter {
                 .entity_type
                 .as_ref()
                 .is_none_or(|entity| *entity == letter.letter.event.entity_type)
+            && self.error_contains.as_ref().is_none_or(|text| {
+                letter
+                    .letter
+                    .error_message
+                    .to_lowercase()
+                    .contains(&text.to_lowercase())
+            })
+            && self
+                .created_after
+                .is_none_or(|moment| letter.created_at >= moment)
             && self
                 .created_before
                 .is_none_or(|moment| letter.created_at < moment)
@@ -310,6 +324,25 @@ pub mod conformance {
             ..DeadLetterFilter::default()
         };
         assert!(queue.list(&before_all).await.unwrap().is_empty());
+        let since_first = DeadLetterFilter {
+            created_after: Some(stored.created_at),
+            ..DeadLetterFilter::default()
+        };
+        assert_eq!(queue.list(&since_first).await.unwrap().len(), 3);
+        let by_error = DeadLetterFilter {
+            error_contains: Some("500: BO".into()),
+            observer: Some("users".into()),
+            ..DeadLetterFilter::default()
+        };
+        assert_eq!(queue.list(&by_error).await.unwrap()[0].id, third_id);
+        let by_other_error = DeadLetterFilter {
+            error_contains: Some("100% not there_".into()),
+            ..DeadLetterFilter::default()
+        };
+        assert!(
+            queue.list(&by_other_error).await.unwrap().is_empty(),
+            "the text is matched literally, wildcards included"
+        );
 
         assert!(queue.remove(second_id).await.unwrap());
         assert!(

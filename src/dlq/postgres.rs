@@ -172,6 +172,15 @@ fn push_filter(builder: &mut QueryBuilder<Postgres>, filter: &DeadLetterFilter) 
             .push(" AND entity_type = ")
             .push_bind(entity_type.clone());
     }
+    if let Some(text) = &filter.error_contains {
+        builder
+            .push(" AND strpos(lower(error_message), lower(")
+            .push_bind(text.clone())
+            .push(")) > 0");
+    }
+    if let Some(moment) = filter.created_after {
+        builder.push(" AND created_at >= ").push_bind(moment);
+    }
     if let Some(moment) = filter.created_before {
         builder.push(" AND created_at < ").push_bind(moment);
     }

@@ -10,6 +10,7 @@
 mod decode;
 mod keyspace;
 mod model;
+mod settings;
 mod tree;
 
 use std::fmt;

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fraiseql_observers::actions::{ActionContext, ActionRunner};
-use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, load_str};
+use fraiseql_observers::config::{Format, LoadOptions, MissingEnv};
 use fraiseql_observers::domain::{EntityEvent, EventKind};
+use fraiseql_observers::observers::load_str;
 use serde_json::json;
 
 const ROUNDS: u32 = 5;

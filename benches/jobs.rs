@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 
 use common::postgres::TestDatabase;
 use fraiseql_observers::actions::ActionRunner;
-use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, load_str};
+use fraiseql_observers::config::{Format, LoadOptions, MissingEnv};
 use fraiseql_observers::domain::{EntityEvent, EventKind};
 use fraiseql_observers::jobs::{NewJob, PostgresJobQueue, enqueue_batch};
 use fraiseql_observers::matcher::Matcher;
+use fraiseql_observers::observers::load_str;
 use fraiseql_observers::worker::JobWorker;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;

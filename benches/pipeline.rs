@@ -7,9 +7,10 @@ use std::fmt::Write as _;
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, load_str};
+use fraiseql_observers::config::{Format, LoadOptions, MissingEnv};
 use fraiseql_observers::domain::{EntityEvent, EventKind};
 use fraiseql_observers::matcher::Matcher;
+use fraiseql_observers::observers::load_str;
 use serde_json::json;
 
 /// 20 entity types × 5 observers each, half of them with a condition.

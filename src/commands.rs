@@ -11,10 +11,10 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::actions::{ActionContext, ActionRunner};
-use crate::config::ObserversConfig;
 use crate::database::ConnectError;
 use crate::dlq::{DeadLetter, DeadLetterFilter, DeadLetterQueue, PostgresDeadLetterQueue};
 use crate::escape::{escape_control, json_for_terminal};
+use crate::observers::ObserversConfig;
 use crate::retry::run_with_retry;
 
 /// Connects to the service's database.

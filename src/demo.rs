@@ -15,9 +15,10 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::ClusterSettings;
-use crate::config::{Format, LoadOptions, MissingEnv, load_str};
+use crate::config::{Format, LoadOptions, MissingEnv};
 use crate::listener::ListenerSettings;
 use crate::node::Node;
+use crate::observers::load_str;
 
 /// The demo's observers file, compiled in so the demo runs from any directory.
 const DEMO_OBSERVERS: &str = include_str!("../examples/demo.yaml");

@@ -24,16 +24,15 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::Semaphore;
 
-use crate::actions::{ActionContext, ActionRunner};
+use crate::actions::{ActionContext, ActionDefinition, ActionRunner};
 use crate::checkpoint::{ActionKey, PendingCompletions};
-use crate::config::{
-    ActionDefinition, DeliveryMode, ExecutorSettings, FailurePolicy, ObserverDefinition,
-};
+use crate::config::{DeliveryMode, ExecutorSettings, FailurePolicy};
 use crate::dedup::{Deduplication, Gate};
 use crate::dlq::{DeadLetterQueue, NewDeadLetter};
 use crate::domain::EntityEvent;
 use crate::error::ErrorCode;
 use crate::matcher::Matcher;
+use crate::observers::ObserverDefinition;
 use crate::outcome::{NewJob, ordering_key};
 use crate::retry::{AttemptError, run_with_retry};
 

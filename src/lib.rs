@@ -3,7 +3,8 @@
 //! The data flows down this list: a change becomes an [`domain::EntityEvent`], the
 //! [`matcher`] finds the observers for its entity and kind, their [`condition`]s filter it,
 //! the [`executor`] runs the matched [`actions`] with [`retry`], and what fails for good lands
-//! in the [`dlq`]. [`config`] turns an observers file into the compiled form all of them use.
+//! in the [`dlq`]. [`observers`] loads an observers file into the compiled form all of them
+//! use, each action type decoding its own settings with the shared primitives of [`config`].
 
 pub mod actions;
 pub mod breaker;
@@ -34,6 +35,7 @@ pub mod membership;
 pub mod metrics;
 pub mod migrate;
 pub mod node;
+pub mod observers;
 pub mod outcome;
 pub mod redis_client;
 pub mod report;

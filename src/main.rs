@@ -9,6 +9,7 @@ use fraiseql_observers::config::{self, LoadOptions, MissingEnv};
 use fraiseql_observers::dlq::{DeadLetterFilter, PostgresDeadLetterQueue};
 use fraiseql_observers::error::ErrorCode;
 use fraiseql_observers::escape::escape_control;
+use fraiseql_observers::observers;
 use fraiseql_observers::report;
 
 #[derive(Parser)]
@@ -518,7 +519,7 @@ fn validate_config(file: &std::path::Path, json: bool, require_env: bool) -> Exi
     } else {
         MissingEnv::Warn
     };
-    let result = config::load_file(file, &LoadOptions::from_process_env(missing_env));
+    let result = observers::load_file(file, &LoadOptions::from_process_env(missing_env));
     if json {
         println!("{:#}", report::validation_json(&result));
     }
@@ -669,7 +670,7 @@ async fn warn_if_redis_unreachable(
 fn load_observers(
     path: &std::path::Path,
     redis_prefix: &str,
-) -> Result<config::ObserversConfig, config::ConfigErrors> {
+) -> Result<observers::ObserversConfig, config::ConfigErrors> {
     let lookup = |name: &str| {
         if name == config::REDIS_PREFIX_ENV {
             Some(redis_prefix.to_owned())
@@ -677,7 +678,7 @@ fn load_observers(
             std::env::var(name).ok()
         }
     };
-    config::load_file(
+    observers::load_file(
         path,
         &LoadOptions {
             env: &lookup,
@@ -909,7 +910,7 @@ async fn dlq_command(database: DatabaseArgs, command: DlqCommand) -> anyhow::Res
         DlqCommand::Show { id } => commands::dlq_show(&queue, id).await,
         DlqCommand::Retry { id, config } => {
             let config =
-                config::load_file(&config, &LoadOptions::from_process_env(MissingEnv::Error))?;
+                observers::load_file(&config, &LoadOptions::from_process_env(MissingEnv::Error))?;
             // Cache actions remove keys through the Redis the nodes use.
             let redis = std::env::var("REDIS_URL")
                 .ok()

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use crate::config::ObserverDefinition;
 use crate::domain::{EntityEvent, EventKind};
+use crate::observers::ObserverDefinition;
 
 /// The observers of a configuration, indexed for matching.
 #[derive(Debug)]
@@ -67,7 +67,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::config::{Format, LoadOptions, MissingEnv, load_str};
+    use crate::config::{Format, LoadOptions, MissingEnv};
+    use crate::observers::load_str;
 
     fn matcher(yaml: &str) -> Matcher {
         let no_env = |_: &str| None;

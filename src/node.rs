@@ -18,7 +18,7 @@ use crate::breaker::{BreakerPolicy, Breakers, InMemoryBreakerStore};
 use crate::cache::{Cache, CacheBackend, InMemoryCache};
 use crate::checkpoint::{CheckpointStore, PostgresCheckpointStore};
 use crate::cluster::{Cluster, ClusterError, ClusterHandle, ClusterSettings, PartitionRunner};
-use crate::config::{JobSettings, ObserversConfig};
+use crate::config::JobSettings;
 use crate::control::Control;
 use crate::dedup::Deduplication;
 use crate::dedup::{DeduplicationStore, InMemoryDeduplicationStore, Unavailable};
@@ -30,6 +30,7 @@ use crate::limits::{InMemoryLimitStore, LimitStore};
 use crate::listener::{ListenerSettings, notification_fanout};
 use crate::matcher::Matcher;
 use crate::metrics::Metrics;
+use crate::observers::ObserversConfig;
 use crate::worker::JobWorker;
 
 /// How often idle job workers look for work when no notification arrives.

@@ -8,11 +8,10 @@ use std::fmt::Write as _;
 
 use serde_json::json;
 
-use crate::config::{
-    ActionKind, BackoffKind, ConfigErrors, FailurePolicy, ObserversConfig, WebhookTarget,
-};
+use crate::config::{BackoffKind, ConfigErrors, FailurePolicy};
 use crate::domain::EventKind;
 use crate::escape::escape_control;
+use crate::observers::ObserversConfig;
 
 /// Counts of what a configuration defines.
 struct Tally<'config> {
@@ -26,60 +25,6 @@ struct Tally<'config> {
     retry_policies: BTreeMap<String, usize>,
     /// What each action type needs besides its own settings (a server, a connection).
     needs: BTreeMap<&'static str, BTreeSet<String>>,
-}
-
-/// How many of an action's settings come from the environment.
-fn secrets_from_env(kind: &ActionKind) -> usize {
-    let url_from_env =
-        |target: &WebhookTarget| usize::from(matches!(target, WebhookTarget::FromEnv { .. }));
-    let credentials = |credentials: Option<&crate::config::BasicCredentials>| {
-        2 * usize::from(credentials.is_some())
-    };
-    match kind {
-        ActionKind::Webhook(webhook) => {
-            url_from_env(&webhook.target)
-                + usize::from(webhook.signing_secret.is_some())
-                + webhook
-                    .headers
-                    .iter()
-                    .filter(|(_, value)| matches!(value, crate::config::HeaderValue::Secret(_)))
-                    .count()
-        }
-        ActionKind::Slack(slack) => url_from_env(&slack.target),
-        ActionKind::Sms(_) => 2,
-        ActionKind::Email(email) => credentials(email.credentials.as_ref()),
-        ActionKind::Search(search) => {
-            url_from_env(&search.target) + credentials(search.credentials.as_ref())
-        }
-        ActionKind::Log(_) | ActionKind::Database(_) | ActionKind::Cache(_) => 0,
-    }
-}
-
-/// What an action relies on outside the file, for the report.
-fn needs(kind: &ActionKind) -> Option<String> {
-    match kind {
-        ActionKind::Database(database) => Some(format!(
-            "{} in the service database (DATABASE_URL)",
-            database.function
-        )),
-        ActionKind::Cache(_) => Some("Redis (REDIS_URL)".to_owned()),
-        ActionKind::Email(email) => Some(format!(
-            "SMTP {}:{} ({})",
-            email.host,
-            email.port,
-            match email.security {
-                crate::config::SmtpSecurity::StartTls => "STARTTLS",
-                crate::config::SmtpSecurity::Tls => "TLS",
-                crate::config::SmtpSecurity::Plain => "plain",
-            }
-        )),
-        ActionKind::Sms(sms) => Some(sms.base_url.as_str().trim_end_matches('/').to_owned()),
-        ActionKind::Search(search) => match &search.target {
-            WebhookTarget::Literal(url) => Some(url.as_str().trim_end_matches('/').to_owned()),
-            WebhookTarget::FromEnv { variable, .. } => Some(format!("the cluster at {variable}")),
-        },
-        ActionKind::Webhook(_) | ActionKind::Log(_) | ActionKind::Slack(_) => None,
-    }
 }
 
 fn tally(config: &ObserversConfig) -> Tally<'_> {
@@ -121,8 +66,8 @@ fn tally(config: &ObserversConfig) -> Tally<'_> {
                 .action_types
                 .entry(action.kind.type_name())
                 .or_default() += 1;
-            tally.secrets_from_env += secrets_from_env(&action.kind);
-            if let Some(need) = needs(&action.kind) {
+            tally.secrets_from_env += action.kind.secrets_from_env();
+            if let Some(need) = action.kind.needs() {
                 tally
                     .needs
                     .entry(action.kind.type_name())

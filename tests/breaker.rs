@@ -14,11 +14,12 @@ use fraiseql_observers::breaker::{
     Admission, BreakerPolicy, BreakerStore, Breakers, InMemoryBreakerStore, RedisBreakerStore,
     conformance,
 };
-use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, ObserversConfig, load_str};
+use fraiseql_observers::config::{Format, LoadOptions, MissingEnv};
 use fraiseql_observers::domain::{EntityEvent, EventKind};
 use fraiseql_observers::executor::ActionStatus;
 use fraiseql_observers::jobs::PostgresJobQueue;
 use fraiseql_observers::matcher::Matcher;
+use fraiseql_observers::observers::{ObserversConfig, load_str};
 use fraiseql_observers::worker::{JobWorker, WorkOutcome};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;

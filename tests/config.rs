@@ -12,16 +12,21 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fraiseql_observers::actions::ActionKind;
+use fraiseql_observers::actions::log::LogLevel;
+use fraiseql_observers::actions::webhook::{BodyFormat, HeaderValue, HttpMethod, WebhookAction};
 use fraiseql_observers::condition::Condition;
 use fraiseql_observers::config::{
-    ActionKind, BackoffKind, BodyFormat, ConfigError, ConfigErrors, DEFAULT_ACTION_TIMEOUT,
-    DEFAULT_INITIAL_DELAY, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_CONCURRENT_ACTIONS,
-    DEFAULT_MAX_CONCURRENT_ENTITIES, DEFAULT_MAX_DELAY, EndpointLimits, ExecutorSettings,
-    FailurePolicy, Format, HeaderValue, HttpMethod, LoadOptions, LogLevel, MAX_CONFIG_FILE_BYTES,
-    MissingEnv, ObserverDefinition, ObserversConfig, Position, RateLimit, RetryPolicy, Setting,
-    WebhookAction, WebhookTarget, format_for, load_bytes, load_file, load_str,
+    BackoffKind, ConfigError, ConfigErrors, DEFAULT_ACTION_TIMEOUT, DEFAULT_INITIAL_DELAY,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_CONCURRENT_ACTIONS, DEFAULT_MAX_CONCURRENT_ENTITIES,
+    DEFAULT_MAX_DELAY, EndpointLimits, ExecutorSettings, FailurePolicy, Format, LoadOptions,
+    MissingEnv, Position, RateLimit, RetryPolicy, Setting, WebhookTarget,
 };
 use fraiseql_observers::domain::EventKind;
+use fraiseql_observers::observers::{
+    MAX_CONFIG_FILE_BYTES, ObserverDefinition, ObserversConfig, format_for, load_bytes, load_file,
+    load_str,
+};
 
 const ORIGIN: &str = "observers.yaml";
 

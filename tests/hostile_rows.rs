@@ -16,7 +16,6 @@ use common::Receiver;
 use common::postgres::TestDatabase;
 use fraiseql_observers::actions::ActionRunner;
 use fraiseql_observers::checkpoint::PostgresCheckpointStore;
-use fraiseql_observers::config::ObserversConfig;
 use fraiseql_observers::dlq::{
     DeadLetterFilter, DeadLetterQueue, EVENT_OMITTED, NewDeadLetter, PostgresDeadLetterQueue,
 };
@@ -28,6 +27,7 @@ use fraiseql_observers::listener::{
     DECODE_OBSERVER, Listener, ListenerSettings, MAX_ROW_DEPTH, ROW_EXCERPT_CHARS,
 };
 use fraiseql_observers::matcher::Matcher;
+use fraiseql_observers::observers::ObserversConfig;
 use serde_json::{Value, json};
 use uuid::Uuid;
 

@@ -44,7 +44,14 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "pipeline",
-        &["matcher", "actions", "executor", "worker", "listener"],
+        &[
+            "actions",
+            "observers",
+            "matcher",
+            "executor",
+            "worker",
+            "listener",
+        ],
     ),
     ("node", &["cluster", "control"]),
     ("adapters", &["grpc", "http", "report", "commands"]),

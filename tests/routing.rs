@@ -13,13 +13,13 @@ use fraiseql_observers::actions::ActionRunner;
 use fraiseql_observers::breaker::{BreakerPolicy, Breakers, InMemoryBreakerStore};
 use fraiseql_observers::checkpoint::PostgresCheckpointStore;
 use fraiseql_observers::cluster::ClusterSettings;
-use fraiseql_observers::config::ObserversConfig;
 use fraiseql_observers::dlq::PostgresDeadLetterQueue;
 use fraiseql_observers::executor::{ActionStatus, Executor};
 use fraiseql_observers::jobs::PostgresJobQueue;
 use fraiseql_observers::listener::{Listener, ListenerError, ListenerSettings};
 use fraiseql_observers::matcher::Matcher;
 use fraiseql_observers::node::{Node, SharedState};
+use fraiseql_observers::observers::ObserversConfig;
 use fraiseql_observers::worker::JobWorker;
 use tokio_util::sync::CancellationToken;
 

@@ -13,12 +13,114 @@
 
 use redis::RedisError;
 
-use super::{ActionContext, ActionSuccess, template_failed};
-use crate::config::{CacheAction, ServiceKeyspace};
+use super::{ActionConfig, ActionContext, ActionRunner, ActionSuccess, template_failed};
 use crate::error::ErrorCode;
 use crate::redis_client::SharedConnection;
 use crate::retry::AttemptError;
 use crate::template::Templates;
+use std::time::Duration;
+
+use crate::config::{
+    DEFAULT_REDIS_PREFIX, Decoder, Fields, Node, NodeValue, REDIS_PREFIX_ENV, ServiceKeyspace,
+    child,
+};
+
+/// Redis keys removed per matched event (the node's Redis, `REDIS_URL`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheAction {
+    /// Names of exact-key templates: each rendered key is removed with `UNLINK`.
+    pub keys: Vec<String>,
+    /// Names of `SCAN MATCH` pattern templates (values inserted with glob characters escaped):
+    /// every key matching a rendered pattern is removed.
+    pub patterns: Vec<String>,
+    pub timeout: Duration,
+}
+
+impl ActionConfig for CacheAction {
+    const KEYS: &[&str] = &["keys", "patterns", "timeout"];
+    const NEEDS_REDIS: bool = true;
+
+    fn decode(decoder: &mut Decoder<'_>, fields: &Fields<'_>, path: &str) -> Option<CacheAction> {
+        let keys = decoder.template_list(fields, "keys", path, "txt");
+        let patterns = decoder.template_list(fields, "patterns", path, "glob");
+        let timeout = decoder.action_timeout(fields, path);
+        let (keys, patterns) = (keys?, patterns?);
+        confine_cache_keys(decoder, fields, path);
+        if keys.is_empty() && patterns.is_empty() {
+            decoder.error(
+                fields.position,
+                path,
+                "expected 'keys' (exact keys) or 'patterns' (SCAN MATCH patterns), or both",
+            );
+            return None;
+        }
+        Some(CacheAction {
+            keys,
+            patterns,
+            timeout: timeout?,
+        })
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn needs(&self) -> Option<String> {
+        Some("Redis (REDIS_URL)".to_owned())
+    }
+}
+
+/// Refuses exact keys and patterns that reach the service's own Redis keys (see
+/// [`ServiceKeyspace`]), under the prefix the environment gives the node.
+fn confine_cache_keys(decoder: &mut Decoder<'_>, fields: &Fields<'_>, path: &str) {
+    let prefix = decoder
+        .env(REDIS_PREFIX_ENV)
+        .unwrap_or_else(|| DEFAULT_REDIS_PREFIX.to_owned());
+    let keyspace = ServiceKeyspace::new(&prefix);
+    for (key, is_pattern) in [("keys", false), ("patterns", true)] {
+        let Some(node) = fields.get(key) else {
+            continue;
+        };
+        let list_path = child(path, key);
+        let items: Vec<(String, &Node)> = match &node.value {
+            NodeValue::List(items) => items
+                .iter()
+                .enumerate()
+                .map(|(index, item)| (format!("{list_path}[{index}]"), item))
+                .collect(),
+            _ => vec![(list_path, node)],
+        };
+        for (item_path, item) in items {
+            let NodeValue::String(source) = &item.value else {
+                continue;
+            };
+            let problem = if is_pattern {
+                keyspace.pattern_template_problem(source)
+            } else {
+                keyspace.key_template_problem(source)
+            };
+            if let Some(problem) = problem {
+                decoder.error(item.position, &item_path, problem);
+            }
+        }
+    }
+}
+
+/// One attempt of `action` with the runner's clients.
+pub(super) async fn run(
+    runner: &ActionRunner,
+    action: &CacheAction,
+    context: &ActionContext<'_>,
+) -> Result<ActionSuccess, AttemptError> {
+    attempt(
+        runner.redis.as_ref(),
+        &runner.service_keys,
+        &runner.templates,
+        action,
+        context,
+    )
+    .await
+}
 
 /// Keys asked for per `SCAN` step.
 const SCAN_COUNT: u32 = 500;

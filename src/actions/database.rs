@@ -17,11 +17,280 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 
-use super::{ActionContext, ActionSuccess, template_failed};
-use crate::config::DatabaseAction;
+use super::{ActionConfig, ActionContext, ActionRunner, ActionSuccess, template_failed};
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
 use crate::template::Templates;
+use std::fmt;
+
+use crate::config::{Decoder, Fields, Node, NodeValue, child};
+
+/// Longest PostgreSQL identifier (`NAMEDATALEN - 1` bytes).
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+fn sql_identifier(part: &str, what: &str) -> Result<(), String> {
+    let mut characters = part.chars();
+    let valid = characters
+        .next()
+        .is_some_and(|first| first.is_ascii_alphabetic() || first == '_')
+        && characters
+            .all(|character| character.is_ascii_alphanumeric() || "_$".contains(character));
+    if !valid {
+        return Err(format!(
+            "expected {what} of letters, digits, '_' and '$' starting with a letter or '_', found {part:?}"
+        ));
+    }
+    if part.len() > MAX_IDENTIFIER_BYTES {
+        return Err(format!(
+            "expected {what} of at most {MAX_IDENTIFIER_BYTES} bytes, found {} bytes",
+            part.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A schema-qualified PostgreSQL function name, `schema.function`, checked when parsed and
+/// always sent double-quoted (so it is case-sensitive and can never be read as SQL).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FunctionName {
+    schema: String,
+    function: String,
+}
+
+impl FunctionName {
+    /// # Errors
+    /// What is wrong with the name, as a sentence fragment.
+    pub fn parse(text: &str) -> Result<FunctionName, String> {
+        let Some((schema, function)) = text.split_once('.') else {
+            return Err(format!(
+                "expected a schema-qualified function name such as app.on_order_paid, found {text:?}"
+            ));
+        };
+        sql_identifier(schema, "a schema name")?;
+        sql_identifier(function, "a function name")?;
+        Ok(FunctionName {
+            schema: schema.to_owned(),
+            function: function.to_owned(),
+        })
+    }
+
+    /// `"schema"."function"`: the form put into SQL.
+    #[must_use]
+    pub fn quoted(&self) -> String {
+        format!("\"{}\".\"{}\"", self.schema, self.function)
+    }
+}
+
+impl fmt::Display for FunctionName {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}.{}", self.schema, self.function)
+    }
+}
+
+/// The PostgreSQL type a parameter is cast to: a (possibly schema-qualified) type name of
+/// identifier characters, optionally an array (`text`, `numeric`, `jsonb`, `uuid`, `int8[]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SqlType(String);
+
+impl SqlType {
+    /// # Errors
+    /// What is wrong with the type name, as a sentence fragment.
+    pub fn parse(text: &str) -> Result<SqlType, String> {
+        let base = text.strip_suffix("[]").unwrap_or(text);
+        let parts: Vec<&str> = base.split('.').collect();
+        if parts.len() > 2 || parts.iter().any(|part| sql_identifier(part, "").is_err()) {
+            return Err(format!(
+                "expected a type name such as text, numeric, jsonb, uuid or int8[], found {text:?}"
+            ));
+        }
+        Ok(SqlType(text.to_ascii_lowercase()))
+    }
+
+    #[must_use]
+    pub fn text() -> SqlType {
+        SqlType("text".to_owned())
+    }
+
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether values are JSON (`json`, `jsonb`): their template inserts values as JSON.
+    #[must_use]
+    pub fn is_json(&self) -> bool {
+        matches!(self.0.as_str(), "json" | "jsonb")
+    }
+}
+
+/// One argument of a `database` action's function: a template, sent as text and cast.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatabaseParam {
+    /// Name of the value template.
+    pub template: String,
+    pub sql_type: SqlType,
+}
+
+/// A PostgreSQL function called per matched event, in its own transaction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DatabaseAction {
+    pub function: FunctionName,
+    pub params: Vec<DatabaseParam>,
+    /// Per attempt; also the transaction's `statement_timeout`.
+    pub timeout: Duration,
+}
+
+impl ActionConfig for DatabaseAction {
+    const KEYS: &[&str] = &["function", "params", "timeout"];
+
+    fn decode(
+        decoder: &mut Decoder<'_>,
+        fields: &Fields<'_>,
+        path: &str,
+    ) -> Option<DatabaseAction> {
+        let function = decoder
+            .required(
+                fields,
+                "function",
+                path,
+                "a schema-qualified PostgreSQL function, e.g. app.on_order_paid",
+            )
+            .and_then(|node| {
+                let function_path = child(path, "function");
+                let text = decoder.non_empty_string(node, &function_path)?;
+                FunctionName::parse(text.trim())
+                    .map_err(|message| decoder.error(node.position, &function_path, message))
+                    .ok()
+            });
+        let params = match fields.get("params") {
+            None => Some(Vec::new()),
+            Some(node) => database_params(decoder, node, &child(path, "params")),
+        };
+        let timeout = decoder.action_timeout(fields, path);
+        Some(DatabaseAction {
+            function: function?,
+            params: params?,
+            timeout: timeout?,
+        })
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn needs(&self) -> Option<String> {
+        Some(format!(
+            "{} in the service database (DATABASE_URL)",
+            self.function
+        ))
+    }
+}
+
+/// `params: ["{{ entity_id }}", {value: "{{ data.total }}", type: numeric}]`.
+fn database_params(
+    decoder: &mut Decoder<'_>,
+    node: &Node,
+    path: &str,
+) -> Option<Vec<DatabaseParam>> {
+    const MAX_PARAMS: usize = 100;
+    let NodeValue::List(items) = &node.value else {
+        decoder.expected(node, path, "a list of parameter templates");
+        return None;
+    };
+    if items.len() > MAX_PARAMS {
+        decoder.error(
+            node.position,
+            path,
+            format!(
+                "expected at most {MAX_PARAMS} parameters, found {}",
+                items.len()
+            ),
+        );
+        return None;
+    }
+    let mut params = Vec::with_capacity(items.len());
+    let mut all_valid = true;
+    for (index, item) in items.iter().enumerate() {
+        let item_path = format!("{path}[{index}]");
+        let (source_node, sql_type) = match &item.value {
+            NodeValue::String(_) => (item, Some(SqlType::text())),
+            NodeValue::Map(_) => {
+                let Some(param_fields) = decoder.fields(item, &item_path, &["value", "type"])
+                else {
+                    all_valid = false;
+                    continue;
+                };
+                let sql_type = match param_fields.get("type") {
+                    None => Some(SqlType::text()),
+                    Some(type_node) => {
+                        let type_path = child(&item_path, "type");
+                        decoder
+                            .non_empty_string(type_node, &type_path)
+                            .and_then(|text| {
+                                SqlType::parse(text.trim())
+                                    .map_err(|message| {
+                                        decoder.error(type_node.position, &type_path, message);
+                                    })
+                                    .ok()
+                            })
+                    }
+                };
+                let Some(value) = decoder.required(
+                    &param_fields,
+                    "value",
+                    &item_path,
+                    "the parameter's template",
+                ) else {
+                    all_valid = false;
+                    continue;
+                };
+                (value, sql_type)
+            }
+            _ => {
+                decoder.expected(
+                    item,
+                    &item_path,
+                    "a template string or a mapping with 'value' and 'type'",
+                );
+                all_valid = false;
+                continue;
+            }
+        };
+        let Some(sql_type) = sql_type else {
+            all_valid = false;
+            continue;
+        };
+        let value_path = if std::ptr::eq(source_node, item) {
+            item_path.clone()
+        } else {
+            child(&item_path, "value")
+        };
+        let Some(source) = decoder.string(source_node, &value_path) else {
+            all_valid = false;
+            continue;
+        };
+        let suffix = if sql_type.is_json() { "json" } else { "txt" };
+        match decoder.template(
+            format!("{value_path}.{suffix}"),
+            source,
+            source_node.position,
+            &value_path,
+        ) {
+            Some(template) => params.push(DatabaseParam { template, sql_type }),
+            None => all_valid = false,
+        }
+    }
+    all_valid.then_some(params)
+}
+
+/// One attempt of `action` with the runner's clients.
+pub(super) async fn run(
+    runner: &ActionRunner,
+    action: &DatabaseAction,
+    context: &ActionContext<'_>,
+) -> Result<ActionSuccess, AttemptError> {
+    attempt(runner.database.as_ref(), &runner.templates, action, context).await
+}
 
 /// The transaction-local setting holding the idempotency key while the function runs.
 pub const IDEMPOTENCY_SETTING: &str = "fraiseql.idempotency_key";
@@ -139,7 +408,7 @@ pub(super) async fn attempt(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DatabaseParam, FunctionName, SqlType};
+    use super::{DatabaseParam, FunctionName, SqlType};
 
     #[test]
     fn the_call_quotes_the_name_and_casts_every_parameter() {

@@ -18,11 +18,307 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncTransport, Message, Tokio1Executor};
 
-use super::{ActionContext, ActionSuccess, Secrets, error_chain, quoted, render, secret_value};
-use crate::config::{EmailAction, EmailRecipients, SmtpSecurity};
+use super::{
+    ActionConfig, ActionContext, ActionRunner, ActionSuccess, Secrets, error_chain, quoted, render,
+    secret_value,
+};
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
 use crate::template::Templates;
+use std::time::Duration;
+
+use crate::config::DeliveryMode;
+use crate::config::{BasicCredentials, Decoder, Fields, Node, NodeValue, child};
+
+/// How an `email` action's connection to its SMTP server is secured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmtpSecurity {
+    /// Plain connection upgraded with STARTTLS, which is required (default; port 587).
+    StartTls,
+    /// TLS from the first byte, "SMTPS" (port 465).
+    Tls,
+    /// No encryption: only for a relay on a trusted network (port 25).
+    Plain,
+}
+
+impl SmtpSecurity {
+    #[must_use]
+    pub fn default_port(self) -> u16 {
+        match self {
+            SmtpSecurity::StartTls => 587,
+            SmtpSecurity::Tls => 465,
+            SmtpSecurity::Plain => 25,
+        }
+    }
+}
+
+/// An email address with an optional display name, checked when parsed.
+pub type Mailbox = lettre::message::Mailbox;
+
+/// Who an email goes to.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EmailRecipients {
+    /// Addresses written in the file, checked at load.
+    Literal(Vec<Mailbox>),
+    /// A template (`to_template`), checked when rendered. Its values come from event data, so it
+    /// must render exactly one address, unless `list` (`to_list: true`) lets it render a
+    /// comma-separated list.
+    Template { name: String, list: bool },
+}
+
+/// An email per matched event, sent over SMTP.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmailAction {
+    pub host: String,
+    pub port: u16,
+    pub security: SmtpSecurity,
+    pub credentials: Option<BasicCredentials>,
+    pub from: Mailbox,
+    pub to: EmailRecipients,
+    pub cc: Vec<Mailbox>,
+    pub reply_to: Option<Mailbox>,
+    /// Names of the templates: a subject, and a text and/or HTML body (HTML escapes values).
+    pub subject_template: String,
+    pub text_template: Option<String>,
+    pub html_template: Option<String>,
+    pub timeout: Duration,
+}
+
+impl ActionConfig for EmailAction {
+    const KEYS: &[&str] = &[
+        "host",
+        "port",
+        "security",
+        "username",
+        "username_env",
+        "password",
+        "password_env",
+        "from",
+        "to",
+        "to_template",
+        "to_list",
+        "cc",
+        "reply_to",
+        "subject",
+        "text",
+        "html",
+        "timeout",
+    ];
+    const DEFAULT_MODE: DeliveryMode = DeliveryMode::Async;
+
+    fn decode(decoder: &mut Decoder<'_>, fields: &Fields<'_>, path: &str) -> Option<EmailAction> {
+        let endpoint = smtp_endpoint(decoder, fields, path);
+        let credentials = decoder.basic_credentials(fields, path);
+        let from = decoder
+            .required(fields, "from", path, "the sender address")
+            .and_then(|node| mailbox(decoder, node, &child(path, "from")));
+        let to = match (fields.get("to"), fields.get("to_template")) {
+            (Some(node), None) => {
+                mailboxes(decoder, node, &child(path, "to")).map(EmailRecipients::Literal)
+            }
+            (None, Some(_)) => {
+                let list = match fields.get("to_list") {
+                    None => Some(false),
+                    Some(node) => decoder.boolean(node, &child(path, "to_list")),
+                };
+                let name = decoder.template_field(fields, "to_template", path, "txt");
+                Some(EmailRecipients::Template {
+                    name: name?,
+                    list: list?,
+                })
+            }
+            (Some(node), Some(_)) => {
+                decoder.error(
+                    node.position,
+                    &child(path, "to"),
+                    "set either 'to' (addresses) or 'to_template', not both",
+                );
+                None
+            }
+            (None, None) => {
+                decoder.error(
+                    fields.position,
+                    path,
+                    "missing required key 'to' (a list of addresses) or 'to_template'",
+                );
+                None
+            }
+        };
+        if let (Some(_), Some(node)) = (fields.get("to"), fields.get("to_list")) {
+            decoder.error(
+                node.position,
+                &child(path, "to_list"),
+                "'to_list' applies to 'to_template'; a literal 'to' lists its addresses itself",
+            );
+        }
+        let cc = match fields.get("cc") {
+            None => Some(Vec::new()),
+            Some(node) => mailboxes(decoder, node, &child(path, "cc")),
+        };
+        let reply_to = match fields.get("reply_to") {
+            None => Some(None),
+            Some(node) => mailbox(decoder, node, &child(path, "reply_to")).map(Some),
+        };
+        let subject = decoder
+            .required(fields, "subject", path, "the subject template")
+            .and_then(|_| decoder.template_field(fields, "subject", path, "txt"));
+        let text = match fields.get("text") {
+            None => Some(None),
+            Some(_) => decoder
+                .template_field(fields, "text", path, "txt")
+                .map(Some),
+        };
+        let html = match fields.get("html") {
+            None => Some(None),
+            Some(_) => decoder
+                .template_field(fields, "html", path, "html")
+                .map(Some),
+        };
+        if fields.get("text").is_none() && fields.get("html").is_none() {
+            decoder.error(
+                fields.position,
+                path,
+                "missing required key 'text' or 'html' (the body template; both make a multipart/alternative message)",
+            );
+            return None;
+        }
+        let timeout = decoder.action_timeout(fields, path);
+        let (host, port, security) = endpoint?;
+        Some(EmailAction {
+            host,
+            port,
+            security,
+            credentials: credentials.ok()?,
+            from: from?,
+            to: to?,
+            cc: cc?,
+            reply_to: reply_to?,
+            subject_template: subject?,
+            text_template: text?,
+            html_template: html?,
+            timeout: timeout?,
+        })
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn secrets_from_env(&self) -> usize {
+        2 * usize::from(self.credentials.is_some())
+    }
+
+    fn needs(&self) -> Option<String> {
+        Some(format!(
+            "SMTP {}:{} ({})",
+            self.host,
+            self.port,
+            match self.security {
+                SmtpSecurity::StartTls => "STARTTLS",
+                SmtpSecurity::Tls => "TLS",
+                SmtpSecurity::Plain => "plain",
+            }
+        ))
+    }
+}
+
+/// `host`, `port` (defaulting by `security`) and `security` of an SMTP server.
+fn smtp_endpoint(
+    decoder: &mut Decoder<'_>,
+    fields: &Fields<'_>,
+    path: &str,
+) -> Option<(String, u16, SmtpSecurity)> {
+    let host = decoder
+        .required(fields, "host", path, "the SMTP server's host name")
+        .and_then(|node| {
+            let host_path = child(path, "host");
+            let host = decoder.non_empty_string(node, &host_path)?.trim();
+            let valid = host.len() <= 253
+                && host.chars().all(|character| {
+                    character.is_ascii_alphanumeric() || "-._:[]".contains(character)
+                });
+            if !valid {
+                decoder.error(
+                    node.position,
+                    &host_path,
+                    format!("expected a host name or IP address, found {host:?}"),
+                );
+                return None;
+            }
+            Some(host.to_owned())
+        });
+    let security = match fields.get("security") {
+        None => Some(SmtpSecurity::StartTls),
+        Some(node) => decoder.choice(
+            node,
+            &child(path, "security"),
+            &[
+                ("starttls", SmtpSecurity::StartTls),
+                ("tls", SmtpSecurity::Tls),
+                ("plain", SmtpSecurity::Plain),
+            ],
+        ),
+    };
+    let port = match fields.get("port") {
+        None => security.map(SmtpSecurity::default_port),
+        Some(node) => decoder
+            .integer_in(node, &child(path, "port"), 1, 65_535)
+            .and_then(|port| u16::try_from(port).ok()),
+    };
+    Some((host?, port?, security?))
+}
+
+/// An email address, optionally with a display name: `Orders <orders@example.com>`.
+fn mailbox(decoder: &mut Decoder<'_>, node: &Node, path: &str) -> Option<Mailbox> {
+    let text = decoder.non_empty_string(node, path)?;
+    match text.trim().parse::<Mailbox>() {
+        Ok(mailbox) => Some(mailbox),
+        Err(error) => {
+            decoder.error(
+                node.position,
+                path,
+                format!(
+                    "expected an email address such as \"Orders <orders@example.com>\", found {text:?} ({error})"
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// One address or a list of them.
+fn mailboxes(decoder: &mut Decoder<'_>, node: &Node, path: &str) -> Option<Vec<Mailbox>> {
+    let items: Vec<(String, &Node)> = match &node.value {
+        NodeValue::String(_) => vec![(path.to_owned(), node)],
+        NodeValue::List(items) if !items.is_empty() => items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| (format!("{path}[{index}]"), item))
+            .collect(),
+        _ => {
+            decoder.expected(node, path, "an email address or a non-empty list of them");
+            return None;
+        }
+    };
+    let mut mailboxes = Vec::with_capacity(items.len());
+    let mut all_valid = true;
+    for (item_path, item) in items {
+        match mailbox(decoder, item, &item_path) {
+            Some(mailbox) => mailboxes.push(mailbox),
+            None => all_valid = false,
+        }
+    }
+    all_valid.then_some(mailboxes)
+}
+
+/// One attempt of `action` with the runner's clients.
+pub(super) async fn run(
+    runner: &ActionRunner,
+    action: &EmailAction,
+    context: &ActionContext<'_>,
+) -> Result<ActionSuccess, AttemptError> {
+    attempt(&runner.templates, action, context).await
+}
 
 /// Header carrying the action's idempotency key.
 pub const IDEMPOTENCY_HEADER: &str = "X-FraiseQL-Idempotency-Key";

@@ -2,27 +2,33 @@
 //! `log`, `database` (a PostgreSQL function), `cache` (Redis keys removed), `slack`, `sms`
 //! (Twilio-compatible), `email` (SMTP) and `search` (Elasticsearch/OpenSearch documents).
 //!
+//! Each type lives in one file, `actions/<type>.rs`, which owns its settings (the config struct
+//! and the keys it takes), decodes them from the observers file with the shared primitives of
+//! [`config`](crate::config) (see `ActionConfig`), answers what the reports ask of it, and runs
+//! one attempt. `action_catalog!` registers the types, one line each, and generates
+//! [`ActionKind`] with every dispatch over it.
+//!
 //! [`ActionRunner::attempt`] performs exactly one attempt of one action and classifies its
 //! failure with an [`ErrorCode`](crate::error::ErrorCode); retries, timeouts, concurrency and
 //! dead-lettering belong to the [`executor`](crate::executor). Every attempt of the same
 //! (event, observer, action) carries the same idempotency key, so a target can recognise a
 //! repeat.
 
-mod cache;
-mod database;
-mod email;
-mod log;
-mod search;
-mod slack;
-mod sms;
-mod webhook;
+pub mod cache;
+pub mod database;
+pub mod email;
+pub mod log;
+pub mod search;
+pub mod slack;
+pub mod sms;
+pub mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::config::{ActionDefinition, ActionKind, ObserverName};
+use crate::config::{Decoder, Delivery, DeliveryMode, Fields, ObserverName};
 use crate::domain::EntityEvent;
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
@@ -32,6 +38,162 @@ pub use database::IDEMPOTENCY_SETTING;
 pub use email::IDEMPOTENCY_HEADER as EMAIL_IDEMPOTENCY_HEADER;
 pub use sms::IDEMPOTENCY_HEADER as SMS_IDEMPOTENCY_HEADER;
 pub use webhook::{SIGNATURE_HEADER, sign_payload};
+
+/// What the loader and the reports ask of one action type's settings; each type's file
+/// implements it for its config struct, and `action_catalog!` dispatches to it.
+pub(crate) trait ActionConfig: Sized {
+    /// The keys the type takes besides `type`, `name`, `mode`, `queue` and `priority`.
+    const KEYS: &[&str];
+    /// Where the action runs unless its `mode` says otherwise.
+    const DEFAULT_MODE: DeliveryMode = DeliveryMode::Inline;
+    /// Whether the action works through the node's Redis (`REDIS_URL`).
+    const NEEDS_REDIS: bool = false;
+
+    /// The settings from an action's mapping, its keys already checked against [`Self::KEYS`];
+    /// `None` when a value is invalid (reported to `decoder`).
+    fn decode(decoder: &mut Decoder<'_>, fields: &Fields<'_>, path: &str) -> Option<Self>;
+
+    /// The per-attempt timeout.
+    fn timeout(&self) -> Duration;
+
+    /// How many of the action's settings come from the environment.
+    fn secrets_from_env(&self) -> usize {
+        0
+    }
+
+    /// What the action relies on outside the file (a server, a connection), for the report.
+    fn needs(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Registers the action types: `Variant(module::Config) = "type name"`, one line each, in the
+/// order messages list them. Each `module` implements `ActionConfig` for its `Config` and has
+/// `run(&ActionRunner, &Config, &ActionContext)`; the expansion is [`ActionKind`], its
+/// dispatches, and [`ActionRunner::attempt`].
+macro_rules! action_catalog {
+    ($($variant:ident($module:ident::$config:ident) = $name:literal,)+) => {
+        /// What an action does: one variant per registered type.
+        #[derive(Clone, Debug, PartialEq)]
+        #[allow(clippy::large_enum_variant, reason = "built once per configuration")]
+        pub enum ActionKind {
+            $($variant($module::$config),)+
+        }
+
+        impl ActionKind {
+            /// Every `type:` an action may have, in the order they are listed in messages.
+            pub const TYPE_NAMES: &[&str] = &[$($name),+];
+
+            /// The `type:` name in the observers file, also the `action_type` metric label.
+            #[must_use]
+            pub fn type_name(&self) -> &'static str {
+                match self {
+                    $(ActionKind::$variant(_) => $name,)+
+                }
+            }
+
+            /// The per-attempt timeout.
+            #[must_use]
+            pub fn timeout(&self) -> Duration {
+                match self {
+                    $(ActionKind::$variant(config) => config.timeout(),)+
+                }
+            }
+
+            /// Where the action runs unless its `mode` says otherwise: messages to people
+            /// (SMS, email) are slow and rate-limited, so they go through the job queue.
+            #[must_use]
+            pub fn default_delivery_mode(&self) -> DeliveryMode {
+                match self {
+                    $(ActionKind::$variant(_) => <$module::$config as ActionConfig>::DEFAULT_MODE,)+
+                }
+            }
+
+            /// Whether the action works through the node's Redis (`REDIS_URL`).
+            #[must_use]
+            pub fn needs_redis(&self) -> bool {
+                match self {
+                    $(ActionKind::$variant(_) => <$module::$config as ActionConfig>::NEEDS_REDIS,)+
+                }
+            }
+
+            /// How many of the action's settings come from the environment.
+            #[must_use]
+            pub fn secrets_from_env(&self) -> usize {
+                match self {
+                    $(ActionKind::$variant(config) => config.secrets_from_env(),)+
+                }
+            }
+
+            /// What the action relies on outside the file (a server, a connection).
+            #[must_use]
+            pub fn needs(&self) -> Option<String> {
+                match self {
+                    $(ActionKind::$variant(config) => config.needs(),)+
+                }
+            }
+
+            /// The keys of the type named `type_name` (see `ActionConfig::KEYS`).
+            pub(crate) fn keys_of(type_name: &str) -> Option<&'static [&'static str]> {
+                match type_name {
+                    $($name => Some(<$module::$config as ActionConfig>::KEYS),)+
+                    _ => None,
+                }
+            }
+
+            /// Decodes an action of the type named `type_name` (a registered one).
+            pub(crate) fn decode(
+                type_name: &str,
+                decoder: &mut Decoder<'_>,
+                fields: &Fields<'_>,
+                path: &str,
+            ) -> Option<ActionKind> {
+                match type_name {
+                    $($name => <$module::$config as ActionConfig>::decode(decoder, fields, path)
+                        .map(ActionKind::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl ActionRunner {
+            /// Performs one attempt of `action`.
+            ///
+            /// # Errors
+            /// The attempt's failure, classified transient or permanent by its code.
+            pub async fn attempt(
+                &self,
+                action: &ActionDefinition,
+                context: &ActionContext<'_>,
+            ) -> Result<ActionSuccess, AttemptError> {
+                match &action.kind {
+                    $(ActionKind::$variant(config) => $module::run(self, config, context).await,)+
+                }
+            }
+        }
+    };
+}
+
+action_catalog! {
+    Webhook(webhook::WebhookAction) = "webhook",
+    Log(log::LogAction) = "log",
+    Database(database::DatabaseAction) = "database",
+    Cache(cache::CacheAction) = "cache",
+    Slack(slack::SlackAction) = "slack",
+    Sms(sms::SmsAction) = "sms",
+    Email(email::EmailAction) = "email",
+    Search(search::SearchAction) = "search",
+}
+
+/// One action of an observer, with its place in the observer's list (part of its identity).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActionDefinition {
+    pub index: usize,
+    /// Optional label from the file, for reports.
+    pub label: Option<String>,
+    pub kind: ActionKind,
+    pub delivery: Delivery,
+}
 
 /// Everything one attempt needs to know about where it comes from.
 #[derive(Clone, Copy, Debug)]
@@ -160,62 +322,6 @@ impl ActionRunner {
     #[must_use]
     pub fn templates(&self) -> &Templates {
         &self.templates
-    }
-
-    /// Performs one attempt of `action`.
-    ///
-    /// # Errors
-    /// The attempt's failure, classified transient or permanent by its code.
-    pub async fn attempt(
-        &self,
-        action: &ActionDefinition,
-        context: &ActionContext<'_>,
-    ) -> Result<ActionSuccess, AttemptError> {
-        match &action.kind {
-            ActionKind::Webhook(webhook) => {
-                webhook::attempt(
-                    &self.http,
-                    &self.templates,
-                    webhook::Guards {
-                        breakers: self.breakers.as_ref(),
-                        limits: self.limits.as_ref(),
-                        cache: &self.cache,
-                    },
-                    webhook,
-                    context,
-                )
-                .await
-            }
-            ActionKind::Log(log) => log::attempt(&self.templates, log, context),
-            ActionKind::Database(database) => {
-                database::attempt(self.database.as_ref(), &self.templates, database, context).await
-            }
-            ActionKind::Cache(cache) => {
-                cache::attempt(
-                    self.redis.as_ref(),
-                    &self.service_keys,
-                    &self.templates,
-                    cache,
-                    context,
-                )
-                .await
-            }
-            ActionKind::Slack(slack) => {
-                slack::attempt(&self.http, &self.templates, slack, context).await
-            }
-            ActionKind::Sms(sms) => sms::attempt(&self.http, &self.templates, sms, context).await,
-            ActionKind::Email(email) => email::attempt(&self.templates, email, context).await,
-            ActionKind::Search(search) => {
-                search::attempt(
-                    &self.http,
-                    &self.templates,
-                    search,
-                    context,
-                    &self.search_bulk,
-                )
-                .await
-            }
-        }
     }
 }
 
@@ -390,6 +496,24 @@ fn template_failed(template: &str, error: &crate::template::TemplateError) -> At
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_action_type_has_its_keys() {
+        const COMMON_KEYS: [&str; 5] = ["type", "name", "mode", "queue", "priority"];
+        for type_name in ActionKind::TYPE_NAMES {
+            let keys = ActionKind::keys_of(type_name).unwrap();
+            assert!(!keys.is_empty(), "{type_name}");
+            for key in keys {
+                assert!(!COMMON_KEYS.contains(key), "{type_name}: {key}");
+                assert_eq!(
+                    keys.iter().filter(|other| *other == key).count(),
+                    1,
+                    "{type_name}: {key} twice"
+                );
+            }
+        }
+        assert_eq!(ActionKind::keys_of("nope"), None);
+    }
 
     #[test]
     fn only_2xx_is_success_and_redirects_are_permanent() {

@@ -22,13 +22,154 @@ use serde::Deserialize;
 
 use super::webhook::{body_excerpt, retry_after, transport_error};
 use super::{
-    ActionContext, ActionSuccess, Secrets, redirect_reason, render, secret_value, target_url,
+    ActionConfig, ActionContext, ActionRunner, ActionSuccess, Secrets, redirect_reason, render,
+    secret_value, target_url,
 };
-use crate::config::{SearchAction, SearchBulk, WebhookTarget};
 use crate::domain::EventKind;
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
 use crate::template::Templates;
+use std::time::Duration;
+
+use crate::config::{BasicCredentials, Decoder, Fields, Node, NodeValue, WebhookTarget, child};
+
+/// The entity's document indexed, updated or deleted per matched event in an
+/// Elasticsearch/OpenSearch index.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SearchAction {
+    /// The cluster's base URL (`url`, or `url_env`).
+    pub target: WebhookTarget,
+    /// Name of the index-name template.
+    pub index_template: String,
+    /// HTTP basic auth.
+    pub credentials: Option<BasicCredentials>,
+    pub timeout: Duration,
+    /// `Some`: operations of concurrent events go to the cluster together, as `_bulk` requests.
+    pub bulk: Option<SearchBulk>,
+}
+
+/// How a search action batches its operations into `_bulk` requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SearchBulk {
+    /// Most operations per request.
+    pub max_documents: usize,
+    /// Longest an operation waits for others to join its request.
+    pub max_wait: Duration,
+}
+
+impl Default for SearchBulk {
+    fn default() -> Self {
+        SearchBulk {
+            max_documents: 500,
+            max_wait: Duration::from_millis(5),
+        }
+    }
+}
+
+impl ActionConfig for SearchAction {
+    const KEYS: &[&str] = &[
+        "url",
+        "url_env",
+        "index",
+        "username",
+        "username_env",
+        "password",
+        "password_env",
+        "timeout",
+        "bulk",
+    ];
+
+    fn decode(decoder: &mut Decoder<'_>, fields: &Fields<'_>, path: &str) -> Option<SearchAction> {
+        let target = decoder.url_target(fields, path, "url");
+        let index = decoder
+            .required(
+                fields,
+                "index",
+                path,
+                "the index name template, e.g. orders",
+            )
+            .and_then(|_| decoder.template_field(fields, "index", path, "txt"));
+        let credentials = decoder.basic_credentials(fields, path);
+        let timeout = decoder.action_timeout(fields, path);
+        let bulk = match fields.get("bulk") {
+            None => Ok(None),
+            Some(node) => search_bulk(decoder, node, &child(path, "bulk")),
+        };
+        Some(SearchAction {
+            target: target?,
+            index_template: index?,
+            credentials: credentials.ok()?,
+            timeout: timeout?,
+            bulk: bulk.ok()?,
+        })
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn secrets_from_env(&self) -> usize {
+        usize::from(self.target.is_from_env()) + 2 * usize::from(self.credentials.is_some())
+    }
+
+    fn needs(&self) -> Option<String> {
+        match &self.target {
+            WebhookTarget::Literal(url) => Some(url.as_str().trim_end_matches('/').to_owned()),
+            WebhookTarget::FromEnv { variable, .. } => Some(format!("the cluster at {variable}")),
+        }
+    }
+}
+
+/// `bulk: true | false | {max_documents, max_wait}`; `Err` when invalid (reported).
+fn search_bulk(
+    decoder: &mut Decoder<'_>,
+    node: &Node,
+    path: &str,
+) -> Result<Option<SearchBulk>, ()> {
+    if let NodeValue::Bool(enabled) = node.value {
+        return Ok(enabled.then(SearchBulk::default));
+    }
+    let fields = decoder
+        .fields(node, path, &["max_documents", "max_wait"])
+        .ok_or(())?;
+    let mut bulk = SearchBulk::default();
+    if let Some(max) = fields.get("max_documents") {
+        bulk.max_documents = decoder
+            .integer_in(max, &child(path, "max_documents"), 1, 10_000)
+            .and_then(|max| usize::try_from(max).ok())
+            .ok_or(())?;
+    }
+    if let Some(wait) = fields.get("max_wait") {
+        let wait_path = child(path, "max_wait");
+        let wait = decoder.duration(wait, &wait_path).ok_or(())?;
+        if wait > Duration::from_secs(1) {
+            decoder.error(
+                node.position,
+                &wait_path,
+                "at most 1s: every operation of a request waits this long at worst",
+            );
+            return Err(());
+        }
+        bulk.max_wait = wait;
+    }
+    Ok(Some(bulk))
+}
+
+/// One attempt of `action` with the runner's clients.
+pub(super) async fn run(
+    runner: &ActionRunner,
+    action: &SearchAction,
+    context: &ActionContext<'_>,
+) -> Result<ActionSuccess, AttemptError> {
+    attempt(
+        &runner.http,
+        &runner.templates,
+        action,
+        context,
+        &runner.search_bulk,
+    )
+    .await
+}
 
 /// Longest index name the engines accept, in bytes.
 const MAX_INDEX_NAME_BYTES: usize = 255;

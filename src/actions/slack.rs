@@ -13,11 +13,85 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::{Map, Value};
 
 use super::webhook::{body_excerpt, retry_after, transport_error};
-use super::{ActionContext, ActionSuccess, Secrets, redirect_reason, render, target_url};
-use crate::config::{SlackAction, WebhookTarget};
+use super::{
+    ActionConfig, ActionContext, ActionRunner, ActionSuccess, Secrets, redirect_reason, render,
+    target_url,
+};
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
 use crate::template::Templates;
+use std::time::Duration;
+
+use crate::config::{Decoder, Fields, WebhookTarget, child};
+
+/// A Slack message per matched event, through an incoming webhook.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlackAction {
+    /// The incoming-webhook URL (`webhook_url`, or `webhook_url_env`: it carries a token).
+    pub target: WebhookTarget,
+    /// Name of the `text` template (the message, or the notification fallback with blocks).
+    pub text_template: String,
+    /// Name of the `blocks` template: JSON that renders a Block Kit array.
+    pub blocks_template: Option<String>,
+    /// Overrides the webhook's default channel.
+    pub channel: Option<String>,
+    pub timeout: Duration,
+}
+
+impl ActionConfig for SlackAction {
+    const KEYS: &[&str] = &[
+        "webhook_url",
+        "webhook_url_env",
+        "text",
+        "blocks",
+        "channel",
+        "timeout",
+    ];
+
+    fn decode(decoder: &mut Decoder<'_>, fields: &Fields<'_>, path: &str) -> Option<SlackAction> {
+        let target = decoder.url_target(fields, path, "webhook_url");
+        let text = decoder
+            .required(fields, "text", path, "the message text template")
+            .and_then(|_| decoder.template_field(fields, "text", path, "txt"));
+        let blocks = match fields.get("blocks") {
+            None => Some(None),
+            Some(_) => decoder
+                .template_field(fields, "blocks", path, "json")
+                .map(Some),
+        };
+        let channel = match fields.get("channel") {
+            None => Some(None),
+            Some(node) => decoder
+                .non_empty_string(node, &child(path, "channel"))
+                .map(|channel| Some(channel.trim().to_owned())),
+        };
+        let timeout = decoder.action_timeout(fields, path);
+        Some(SlackAction {
+            target: target?,
+            text_template: text?,
+            blocks_template: blocks?,
+            channel: channel?,
+            timeout: timeout?,
+        })
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn secrets_from_env(&self) -> usize {
+        usize::from(self.target.is_from_env())
+    }
+}
+
+/// One attempt of `action` with the runner's clients.
+pub(super) async fn run(
+    runner: &ActionRunner,
+    action: &SlackAction,
+    context: &ActionContext<'_>,
+) -> Result<ActionSuccess, AttemptError> {
+    attempt(&runner.http, &runner.templates, action, context).await
+}
 
 fn payload(
     templates: &Templates,

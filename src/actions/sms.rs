@@ -11,11 +11,108 @@
 use serde::Deserialize;
 
 use super::webhook::{body_excerpt, retry_after, transport_error};
-use super::{ActionContext, ActionSuccess, Secrets, redirect_reason, render, secret_value};
-use crate::config::SmsAction;
+use super::{
+    ActionConfig, ActionContext, ActionRunner, ActionSuccess, Secrets, redirect_reason, render,
+    secret_value,
+};
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
 use crate::template::Templates;
+use std::time::Duration;
+
+use crate::config::DeliveryMode;
+use crate::config::{Decoder, Fields, Secret, Setting, child};
+
+/// Twilio's API, the default `base_url` of `sms` actions.
+pub const DEFAULT_SMS_BASE_URL: &str = "https://api.twilio.com";
+
+/// A text message per matched event, through a Twilio-compatible Messages API.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SmsAction {
+    /// `https://api.twilio.com` unless set; messages go to
+    /// `{base_url}/2010-04-01/Accounts/{account_sid}/Messages.json`.
+    pub base_url: url::Url,
+    /// Basic-auth user and part of the path.
+    pub account_sid: Setting<Secret>,
+    /// Basic-auth password.
+    pub auth_token: Setting<Secret>,
+    /// Names of the `to`, `from` and `body` templates.
+    pub to_template: String,
+    pub from_template: String,
+    pub body_template: String,
+    pub timeout: Duration,
+}
+
+impl ActionConfig for SmsAction {
+    const KEYS: &[&str] = &[
+        "base_url",
+        "account_sid",
+        "account_sid_env",
+        "auth_token",
+        "auth_token_env",
+        "to",
+        "from",
+        "body",
+        "timeout",
+    ];
+    const DEFAULT_MODE: DeliveryMode = DeliveryMode::Async;
+
+    fn decode(decoder: &mut Decoder<'_>, fields: &Fields<'_>, path: &str) -> Option<SmsAction> {
+        let base_url = match fields.get("base_url") {
+            None => url::Url::parse(DEFAULT_SMS_BASE_URL).ok(),
+            Some(node) => {
+                let url_path = child(path, "base_url");
+                decoder
+                    .non_empty_string(node, &url_path)
+                    .and_then(|text| decoder.http_url(text.trim(), node.position, &url_path, None))
+            }
+        };
+        let account_sid = decoder.required_secret(fields, "account_sid", path, "the account SID");
+        let auth_token = decoder.required_secret(fields, "auth_token", path, "the auth token");
+        let mut template = |key: &str, what: &str| {
+            decoder
+                .required(fields, key, path, what)
+                .and_then(|_| decoder.template_field(fields, key, path, "txt"))
+        };
+        let to = template(
+            "to",
+            "the recipient's number template, e.g. \"{{ data.phone }}\"",
+        );
+        let from = template("from", "the sender number or messaging service");
+        let body = template("body", "the message text template");
+        let timeout = decoder.action_timeout(fields, path);
+        Some(SmsAction {
+            base_url: base_url?,
+            account_sid: account_sid?,
+            auth_token: auth_token?,
+            to_template: to?,
+            from_template: from?,
+            body_template: body?,
+            timeout: timeout?,
+        })
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn secrets_from_env(&self) -> usize {
+        2
+    }
+
+    fn needs(&self) -> Option<String> {
+        Some(self.base_url.as_str().trim_end_matches('/').to_owned())
+    }
+}
+
+/// One attempt of `action` with the runner's clients.
+pub(super) async fn run(
+    runner: &ActionRunner,
+    action: &SmsAction,
+    context: &ActionContext<'_>,
+) -> Result<ActionSuccess, AttemptError> {
+    attempt(&runner.http, &runner.templates, action, context).await
+}
 
 /// Header Twilio deduplicates requests by.
 pub const IDEMPOTENCY_HEADER: &str = "I-Twilio-Idempotency-Token";

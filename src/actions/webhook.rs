@@ -14,16 +14,330 @@ use reqwest::header::{
 use sha2::Sha256;
 
 use super::{
-    ActionContext, ActionSuccess, Secrets, error_chain, redirect_reason, secret_missing,
-    target_url, template_failed,
+    ActionConfig, ActionContext, ActionRunner, ActionSuccess, Secrets, error_chain,
+    redirect_reason, secret_missing, target_url, template_failed,
 };
 use crate::breaker::{Admission, Breakers};
 use crate::cache::{Cache, CacheScope};
-use crate::config::{BodyFormat, HeaderValue, HttpMethod, Setting, WebhookAction, WebhookTarget};
+use crate::config::{
+    DEFAULT_ACTION_TIMEOUT, Decoder, EndpointLimits, Fields, Node, NodeValue, Secret, Setting,
+    WebhookTarget, child,
+};
 use crate::error::ErrorCode;
 use crate::limits::{LimitStore, wait_for_slot, wait_for_token};
 use crate::retry::AttemptError;
 use crate::template::Templates;
+
+/// HTTP methods a webhook may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpMethod {
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Get,
+}
+
+impl HttpMethod {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpMethod::Post => "POST",
+            HttpMethod::Put => "PUT",
+            HttpMethod::Patch => "PATCH",
+            HttpMethod::Delete => "DELETE",
+            HttpMethod::Get => "GET",
+        }
+    }
+}
+
+/// How a webhook body template's output is treated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// Values are inserted as JSON (`{{ data.name }}` renders `"Ann"` with quotes and escapes)
+    /// and the result must be valid JSON; sent as `application/json`.
+    Json,
+    /// Values are inserted as text; sent as `text/plain` unless a header says otherwise.
+    Text,
+}
+
+/// A header value: literal, or containing `${VAR}` and therefore secret.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HeaderValue {
+    Literal(String),
+    Secret(Setting<Secret>),
+}
+
+/// An HTTP call per matched event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WebhookAction {
+    pub target: WebhookTarget,
+    pub method: HttpMethod,
+    pub headers: Vec<(String, HeaderValue)>,
+    /// Name of the body template in the config's [`Templates`];
+    /// `None` sends the event envelope.
+    pub body_template: Option<String>,
+    pub body_format: BodyFormat,
+    /// HMAC-SHA256 key for `X-FraiseQL-Signature-256`.
+    pub signing_secret: Option<Setting<Secret>>,
+    pub timeout: Duration,
+    /// Cluster-wide limits on calls to the target endpoint.
+    pub limits: EndpointLimits,
+    /// `cache: {ttl}`: an identical request within this reuses the first one's result.
+    pub cache_ttl: Option<Duration>,
+}
+
+/// Headers the service sets itself; a file may not override them.
+const RESERVED_HEADERS: [&str; 4] = [
+    "idempotency-key",
+    "x-fraiseql-event-id",
+    "x-fraiseql-signature-256",
+    "content-length",
+];
+
+impl ActionConfig for WebhookAction {
+    const KEYS: &[&str] = &[
+        "url",
+        "url_env",
+        "method",
+        "headers",
+        "body_template",
+        "body_format",
+        "signing_secret",
+        "signing_secret_env",
+        "timeout",
+        "rate_limit",
+        "max_in_flight",
+        "cache",
+    ];
+
+    fn decode(decoder: &mut Decoder<'_>, fields: &Fields<'_>, path: &str) -> Option<WebhookAction> {
+        let target = decoder.url_target(fields, path, "url");
+        let method = match fields.get("method") {
+            None => Some(HttpMethod::Post),
+            Some(node) => decoder.choice(
+                node,
+                &child(path, "method"),
+                &[
+                    ("POST", HttpMethod::Post),
+                    ("PUT", HttpMethod::Put),
+                    ("PATCH", HttpMethod::Patch),
+                    ("DELETE", HttpMethod::Delete),
+                    ("GET", HttpMethod::Get),
+                ],
+            ),
+        };
+        let headers = match fields.get("headers") {
+            None => Some(Vec::new()),
+            Some(node) => headers(decoder, node, &child(path, "headers")),
+        };
+        let body_format = match fields.get("body_format") {
+            None => Some(BodyFormat::Json),
+            Some(node) => decoder.choice(
+                node,
+                &child(path, "body_format"),
+                &[("json", BodyFormat::Json), ("text", BodyFormat::Text)],
+            ),
+        };
+        let body_template = match (fields.get("body_template"), body_format) {
+            (None, _) => Some(None),
+            (Some(node), Some(format)) => {
+                let template_path = child(path, "body_template");
+                decoder.string(node, &template_path).and_then(|source| {
+                    let suffix = if format == BodyFormat::Json {
+                        "json"
+                    } else {
+                        "txt"
+                    };
+                    decoder
+                        .template(
+                            format!("{template_path}.{suffix}"),
+                            source,
+                            node.position,
+                            &template_path,
+                        )
+                        .map(Some)
+                })
+            }
+            (Some(_), None) => None,
+        };
+        let signing_secret = decoder.secret(fields, "signing_secret", path);
+        let signing_valid = fields.get("signing_secret").is_none()
+            && fields.get("signing_secret_env").is_none()
+            || signing_secret.is_some();
+        let timeout = match fields.get("timeout") {
+            None => Some(DEFAULT_ACTION_TIMEOUT),
+            Some(node) => decoder.timeout(node, &child(path, "timeout")),
+        };
+        let rate = match fields.get("rate_limit") {
+            None => Some(None),
+            Some(node) => decoder
+                .rate_limit(node, &child(path, "rate_limit"))
+                .map(Some),
+        };
+        let max_in_flight = match fields.get("max_in_flight") {
+            None => Some(None),
+            Some(node) => decoder
+                .integer_in(node, &child(path, "max_in_flight"), 1, 10_000)
+                .and_then(|limit| u32::try_from(limit).ok())
+                .map(Some),
+        };
+        let cache_ttl = match fields.get("cache") {
+            None => Some(None),
+            Some(node) => cache_ttl(decoder, node, &child(path, "cache")).map(Some),
+        };
+        if !signing_valid {
+            return None;
+        }
+        Some(WebhookAction {
+            target: target?,
+            method: method?,
+            headers: headers?,
+            body_template: body_template?,
+            body_format: body_format?,
+            signing_secret,
+            timeout: timeout?,
+            limits: EndpointLimits {
+                rate: rate?,
+                max_in_flight: max_in_flight?,
+            },
+            cache_ttl: cache_ttl?,
+        })
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn secrets_from_env(&self) -> usize {
+        usize::from(self.target.is_from_env())
+            + usize::from(self.signing_secret.is_some())
+            + self
+                .headers
+                .iter()
+                .filter(|(_, value)| matches!(value, HeaderValue::Secret(_)))
+                .count()
+    }
+}
+
+/// `cache: {ttl: 30s}`.
+fn cache_ttl(decoder: &mut Decoder<'_>, node: &Node, path: &str) -> Option<Duration> {
+    let fields = decoder.fields(node, path, &["ttl"])?;
+    let Some(ttl) = fields.get("ttl") else {
+        decoder.error(node.position, path, "'ttl' is required");
+        return None;
+    };
+    let ttl_path = child(path, "ttl");
+    let duration = decoder.duration(ttl, &ttl_path)?;
+    if duration.is_zero() {
+        decoder.error(ttl.position, &ttl_path, "expected a time to live above 0");
+        return None;
+    }
+    Some(duration)
+}
+
+fn headers(
+    decoder: &mut Decoder<'_>,
+    node: &Node,
+    path: &str,
+) -> Option<Vec<(String, HeaderValue)>> {
+    let NodeValue::Map(entries) = &node.value else {
+        decoder.expected(node, path, "a mapping of header names to values");
+        return None;
+    };
+    let mut headers = Vec::with_capacity(entries.len());
+    let mut all_valid = true;
+    for (key, value) in entries {
+        let Some(name) = decoder.string(key, path) else {
+            all_valid = false;
+            continue;
+        };
+        let header_path = child(path, name);
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            decoder.error(
+                key.position,
+                &header_path,
+                format!("{name:?} is not a valid HTTP header name"),
+            );
+            all_valid = false;
+            continue;
+        }
+        if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            decoder.error(
+                key.position,
+                &header_path,
+                format!("header {name:?} is set by the service and cannot be configured"),
+            );
+            all_valid = false;
+            continue;
+        }
+        let raw = match &value.value {
+            NodeValue::String(text) => text.clone(),
+            NodeValue::Integer(number) => number.to_string(),
+            NodeValue::Bool(flag) => flag.to_string(),
+            _ => {
+                decoder.expected(value, &header_path, "a header value string");
+                all_valid = false;
+                continue;
+            }
+        };
+        let Some(expanded) = decoder.expand(&raw, value.position, &header_path) else {
+            all_valid = false;
+            continue;
+        };
+        if !expanded.missing.is_empty() {
+            decoder.report_missing_env(&expanded.missing, value.position, &header_path);
+            headers.push((
+                name.to_owned(),
+                HeaderValue::Secret(Setting::MissingEnv(expanded.missing.join(", "))),
+            ));
+            continue;
+        }
+        if reqwest::header::HeaderValue::from_str(&expanded.text).is_err() {
+            let shown = if expanded.variables.is_empty() {
+                format!("{raw:?}")
+            } else {
+                "the value after ${…} expansion".into()
+            };
+            decoder.error(
+                value.position,
+                &header_path,
+                format!(
+                    "{shown} is not a valid HTTP header value (control characters or non-ASCII)"
+                ),
+            );
+            all_valid = false;
+            continue;
+        }
+        let header_value = if expanded.variables.is_empty() {
+            HeaderValue::Literal(expanded.text)
+        } else {
+            HeaderValue::Secret(Setting::Ready(Secret::new(expanded.text)))
+        };
+        headers.push((name.to_owned(), header_value));
+    }
+    all_valid.then_some(headers)
+}
+
+/// One attempt of `action` with the runner's clients.
+pub(super) async fn run(
+    runner: &ActionRunner,
+    action: &WebhookAction,
+    context: &ActionContext<'_>,
+) -> Result<ActionSuccess, AttemptError> {
+    attempt(
+        &runner.http,
+        &runner.templates,
+        Guards {
+            breakers: runner.breakers.as_ref(),
+            limits: runner.limits.as_ref(),
+            cache: &runner.cache,
+        },
+        action,
+        context,
+    )
+    .await
+}
 
 /// Header carrying the payload signature.
 pub const SIGNATURE_HEADER: &str = "X-FraiseQL-Signature-256";

@@ -1,26 +1,25 @@
-//! Observers files: loading, validation and the compiled configuration.
+//! Observers files: the shared parts of loading one, below every action type.
 //!
 //! A file (YAML, or TOML chosen by the `.toml` extension) is parsed into a positioned tree
-//! (`tree.rs`), then decoded into the typed model (`model.rs`) by `decode.rs`, which checks every
-//! value, compiles conditions and templates, resolves `${VAR}` / `*_env` secrets, and collects
-//! *all* problems, each naming file, line:column and path (`observers[2].actions[0].url`).
+//! (`tree.rs`), then decoded with the primitives of `decode.rs`, which check every value, compile
+//! conditions and templates, resolve `${VAR}` / `*_env` secrets, and collect *all* problems, each
+//! naming file, line:column and path (`observers[2].actions[0].url`). `model.rs` holds the
+//! settings every observer and action shares. The file as a whole (observers and their actions,
+//! whose types this module cannot name) is loaded by [`observers`](crate::observers).
 
 mod decode;
 mod keyspace;
 mod model;
+mod settings;
 mod tree;
 
 use std::fmt;
-use std::path::Path;
 
+pub(crate) use decode::{Decoder, Fields, child, did_you_mean};
 pub use keyspace::{DEFAULT_REDIS_PREFIX, REDIS_PREFIX_ENV, ServiceKeyspace};
 pub use model::*;
 pub use tree::{Format, Position};
-
-use crate::template::Templates;
-
-/// Largest observers file accepted; anything bigger is not a hand-written configuration.
-pub const MAX_CONFIG_FILE_BYTES: usize = 4 * 1024 * 1024;
+pub(crate) use tree::{Node, NodeValue, parse};
 
 /// One problem in an observers file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,7 +66,8 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl ConfigErrors {
-    fn single(file: &str, position: Option<Position>, message: String) -> ConfigErrors {
+    /// One problem of the whole file (no path).
+    pub(crate) fn single(file: &str, position: Option<Position>, message: String) -> ConfigErrors {
         ConfigErrors {
             errors: vec![ConfigError {
                 file: file.to_owned(),
@@ -108,155 +108,4 @@ impl LoadOptions<'static> {
             missing_env,
         }
     }
-}
-
-/// A loaded, valid observers file.
-#[derive(Debug)]
-pub struct ObserversConfig {
-    /// The file it came from (for messages).
-    pub origin: String,
-    pub observers: Vec<ObserverDefinition>,
-    pub executor: ExecutorSettings,
-    pub jobs: JobSettings,
-    /// Every body/message template of every action, compiled.
-    pub templates: Templates,
-    /// Problems that do not stop the file from loading (e.g. a secret not set while validating).
-    pub warnings: Vec<ConfigError>,
-}
-
-/// Where an action is defined, for messages: `observers[2].actions[0] (observer 'order-paid')`.
-#[derive(Clone, Copy, Debug)]
-pub struct ActionPlace<'config> {
-    pub observer_index: usize,
-    pub observer: &'config ObserverDefinition,
-    pub action: &'config ActionDefinition,
-}
-
-impl fmt::Display for ActionPlace<'_> {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            formatter,
-            "observers[{}].actions[{}] (observer '{}')",
-            self.observer_index, self.action.index, self.observer.name
-        )
-    }
-}
-
-impl ObserversConfig {
-    /// Every action whose `type:` is `type_name`, in file order.
-    pub fn actions_of_type<'config>(
-        &'config self,
-        type_name: &'config str,
-    ) -> impl Iterator<Item = ActionPlace<'config>> + 'config {
-        self.observers
-            .iter()
-            .enumerate()
-            .flat_map(|(observer_index, observer)| {
-                observer.actions.iter().map(move |action| ActionPlace {
-                    observer_index,
-                    observer,
-                    action,
-                })
-            })
-            .filter(move |place| place.action.kind.type_name() == type_name)
-    }
-}
-
-/// Chooses the format from a file name: `.toml` is TOML, `.yaml`/`.yml` YAML.
-///
-/// # Errors
-/// Any other extension.
-pub fn format_for(path: &Path) -> Result<Format, String> {
-    match path.extension().and_then(|extension| extension.to_str()) {
-        Some(extension) if extension.eq_ignore_ascii_case("toml") => Ok(Format::Toml),
-        Some(extension)
-            if extension.eq_ignore_ascii_case("yaml") || extension.eq_ignore_ascii_case("yml") =>
-        {
-            Ok(Format::Yaml)
-        }
-        _ => Err(format!(
-            "expected a file ending in .yaml, .yml or .toml, found {:?}",
-            path.display().to_string()
-        )),
-    }
-}
-
-/// Loads and validates an observers file.
-///
-/// # Errors
-/// Every problem found, each with its place.
-pub fn load_file(path: &Path, options: &LoadOptions<'_>) -> Result<ObserversConfig, ConfigErrors> {
-    let origin = path.display().to_string();
-    let format =
-        format_for(path).map_err(|message| ConfigErrors::single(&origin, None, message))?;
-    let bytes = std::fs::read(path).map_err(|error| {
-        ConfigErrors::single(&origin, None, format!("cannot read the file: {error}"))
-    })?;
-    load_bytes(&bytes, format, &origin, options)
-}
-
-/// Loads and validates observers configuration from raw bytes.
-///
-/// # Errors
-/// Every problem found, each with its place.
-pub fn load_bytes(
-    bytes: &[u8],
-    format: Format,
-    origin: &str,
-    options: &LoadOptions<'_>,
-) -> Result<ObserversConfig, ConfigErrors> {
-    if bytes.len() > MAX_CONFIG_FILE_BYTES {
-        return Err(ConfigErrors::single(
-            origin,
-            None,
-            format!(
-                "the file is {} bytes; observers files are limited to {MAX_CONFIG_FILE_BYTES} bytes",
-                bytes.len()
-            ),
-        ));
-    }
-    let text = match std::str::from_utf8(bytes) {
-        Ok(text) => text,
-        Err(error) => {
-            let valid = &bytes[..error.valid_up_to()];
-            let line = valid.split(|&byte| byte == b'\n').count();
-            let line_start = valid
-                .iter()
-                .rposition(|&byte| byte == b'\n')
-                .map_or(0, |index| index + 1);
-            let column = String::from_utf8_lossy(&valid[line_start..])
-                .chars()
-                .count()
-                + 1;
-            return Err(ConfigErrors::single(
-                origin,
-                Some(Position { line, column }),
-                format!(
-                    "expected UTF-8 text, found an invalid byte at offset {}",
-                    error.valid_up_to()
-                ),
-            ));
-        }
-    };
-    load_str(text, format, origin, options)
-}
-
-/// Loads and validates observers configuration from text.
-///
-/// # Errors
-/// Every problem found, each with its place.
-pub fn load_str(
-    text: &str,
-    format: Format,
-    origin: &str,
-    options: &LoadOptions<'_>,
-) -> Result<ObserversConfig, ConfigErrors> {
-    let root = tree::parse(text, format).map_err(|syntax| {
-        ConfigErrors::single(
-            origin,
-            Some(syntax.position),
-            format!("syntax error: {}", syntax.message),
-        )
-    })?;
-    decode::decode(&root, origin, options)
 }

@@ -15,10 +15,11 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use fraiseql_observers::actions::ActionRunner;
-use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, load_str};
+use fraiseql_observers::config::{Format, LoadOptions, MissingEnv};
 use fraiseql_observers::dlq::InMemoryDeadLetterQueue;
 use fraiseql_observers::executor::Executor;
 use fraiseql_observers::matcher::Matcher;
+use fraiseql_observers::observers::load_str;
 use tokio::net::TcpListener;
 
 /// One request as the receiver saw it.
@@ -245,7 +246,7 @@ pub fn basic_auth(user: &str, password: &str) -> String {
 }
 
 /// Loads an observers file from YAML with an empty environment; panics with the errors.
-pub fn config_from_yaml(yaml: &str) -> fraiseql_observers::config::ObserversConfig {
+pub fn config_from_yaml(yaml: &str) -> fraiseql_observers::observers::ObserversConfig {
     let no_env = |_: &str| None;
     let options = LoadOptions {
         env: &no_env,
@@ -323,7 +324,7 @@ pub fn executor_with_runner(
 }
 
 fn build_executor(
-    config: fraiseql_observers::config::ObserversConfig,
+    config: fraiseql_observers::observers::ObserversConfig,
     dead_letters: Arc<InMemoryDeadLetterQueue>,
     customize: impl FnOnce(ActionRunner) -> ActionRunner,
 ) -> Executor {

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use fraiseql_observers::config::{Format, LoadOptions, MissingEnv, ObserversConfig, load_str};
+use fraiseql_observers::config::{Format, LoadOptions, MissingEnv};
+use fraiseql_observers::observers::{ObserversConfig, load_str};
 use sqlx::PgPool;
 
 use super::Receiver;

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 const CONFIGURATION: &str = "docs/configuration.md";
 const RUNBOOK: &str = "docs/runbook.md";
+const MIGRATION: &str = "docs/migrating-from-fraiseql.md";
 
 fn binary(arguments: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
@@ -286,20 +287,67 @@ fn every_flag_and_environment_variable_of_every_subcommand_is_documented() {
     fail_with(&problems);
 }
 
+/// The subcommand words cited after `fraiseql-observers ` in a line: `dlq list --json` → `dlq`,
+/// `list` (stops at the first word that is not a lowercase command name).
+fn cited_commands(line: &str) -> Vec<Vec<String>> {
+    line.match_indices("fraiseql-observers ")
+        .map(|(start, found)| {
+            line[start + found.len()..]
+                .split(' ')
+                .take(2)
+                .take_while(|word| {
+                    !word.is_empty()
+                        && word
+                            .chars()
+                            .all(|character| character.is_ascii_lowercase() || character == '-')
+                        && !word.starts_with('-')
+                })
+                .map(str::to_owned)
+                .collect()
+        })
+        .filter(|words: &Vec<String>| !words.is_empty())
+        .collect()
+}
+
 #[test]
-fn the_docs_cite_no_flag_the_binary_lacks() {
+fn the_docs_cite_no_command_or_flag_the_binary_lacks() {
+    let commands = commands();
     let mut existing = BTreeSet::new();
-    for (_, text) in commands() {
-        existing.extend(flags_in(&text));
+    for (_, text) in &commands {
+        existing.extend(flags_in(text));
     }
+    let known: BTreeSet<Vec<String>> = commands
+        .iter()
+        .map(|(command, _)| command.clone())
+        .collect();
     let mut problems = Vec::new();
-    for path in [CONFIGURATION, RUNBOOK] {
+    for path in [CONFIGURATION, RUNBOOK, MIGRATION] {
         for (index, line) in read(path).lines().enumerate() {
             for flag in flags_in(line) {
                 if !existing.contains(&flag) {
                     problems.push(format!(
                         "{path}:{}: {flag} is not a flag of any subcommand (no `--help` lists it)",
                         index + 1
+                    ));
+                }
+            }
+            for words in cited_commands(line) {
+                // `fraiseql-observers cluster status`: the first word must be a command; the
+                // second counts only where the first has subcommands.
+                let first = vec![words[0].clone()];
+                let has_children = known
+                    .iter()
+                    .any(|command| command.len() == 2 && command[0] == words[0]);
+                let cited = if has_children && words.len() == 2 {
+                    words.clone()
+                } else {
+                    first
+                };
+                if !known.contains(&cited) {
+                    problems.push(format!(
+                        "{path}:{}: `fraiseql-observers {}` is not a command of the binary",
+                        index + 1,
+                        cited.join(" ")
                     ));
                 }
             }
@@ -603,9 +651,10 @@ fn alerts() -> BTreeSet<String> {
         .collect()
 }
 
-/// Markdown heading anchors of `text`, as GitHub makes them.
+/// Markdown heading anchors of `text`, as GitHub makes them, and `<a id="…">` anchors.
 fn anchors(text: &str) -> BTreeSet<String> {
-    text.lines()
+    let mut anchors: BTreeSet<String> = text
+        .lines()
         .filter(|line| line.starts_with('#'))
         .map(|line| {
             line.trim_start_matches('#')
@@ -616,7 +665,52 @@ fn anchors(text: &str) -> BTreeSet<String> {
                 .map(|character| if character == ' ' { '-' } else { character })
                 .collect()
         })
-        .collect()
+        .collect();
+    for (start, _) in text.match_indices("<a id=\"") {
+        let rest = &text[start + "<a id=\"".len()..];
+        if let Some(end) = rest.find('"') {
+            anchors.insert(rest[..end].to_owned());
+        }
+    }
+    anchors
+}
+
+#[test]
+fn links_between_the_docs_point_at_existing_sections() {
+    let documents = [CONFIGURATION, RUNBOOK, MIGRATION];
+    let mut problems = Vec::new();
+    for path in documents {
+        let text = read(path);
+        for (index, line) in text.lines().enumerate() {
+            for (start, _) in line.match_indices("](") {
+                let target = &line[start + 2..];
+                let Some(end) = target.find(')') else {
+                    continue;
+                };
+                let target = &target[..end];
+                let Some((file, anchor)) = target.split_once('#') else {
+                    continue;
+                };
+                let linked = if file.is_empty() {
+                    path.to_owned()
+                } else if let Some(sibling) = documents
+                    .iter()
+                    .find(|document| document.ends_with(&format!("/{file}")))
+                {
+                    (*sibling).to_owned()
+                } else {
+                    continue;
+                };
+                if !anchors(&read(&linked)).contains(anchor) {
+                    problems.push(format!(
+                        "{path}:{}: link to {target}: {linked} has no heading or anchor #{anchor}",
+                        index + 1
+                    ));
+                }
+            }
+        }
+    }
+    fail_with(&problems);
 }
 
 #[test]

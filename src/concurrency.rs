@@ -2,9 +2,12 @@
 //! flight to one receiver, found from how the receiver answers instead of assumed.
 //!
 //! The limit is AIMD with a latency guard. It starts at [`DEFAULT_INITIAL_LIMIT`]; each call that
-//! succeeds while the limit is in use and answers within twice the endpoint's latency floor adds
-//! `1 / limit` (one slot per limit's worth of calls); a call slower than that cuts it by 10 %, a
-//! timeout, connection failure, 429 or 503 by half, and a `Retry-After` holds every new call back
+//! succeeds while the limit is in use, with the smoothed latency of the endpoint's answers (a
+//! moving mean over about [`SMOOTHING`] answers) within twice its latency floor plus
+//! [`LATENCY_SLACK`], adds `1 / limit` (one slot per limit's worth of calls); answers whose smoothed
+//! latency is beyond that cut it by 10 % (single slow answers among fast ones are noise, not the
+//! receiver queueing, and on a busy node they are often our own), a timeout, connection failure,
+//! 429 or 503 by half, and a `Retry-After` holds every new call back
 //! until it has passed. One cut per generation of calls: a call that started before the last cut
 //! does not cut again, so a burst of failures from one overload halves the limit once. The floor
 //! is the fastest answer seen; a call made alone (nothing else in flight) measures the service
@@ -41,10 +44,12 @@ pub const DEFAULT_QUEUE_WAIT: Duration = crate::config::DEFAULT_ENDPOINT_QUEUE_W
 
 /// The lowest limit: one call at a time still finds out when the receiver recovers.
 const MIN_LIMIT: f64 = 1.0;
-/// A success slower than this multiple of the floor counts as the receiver queueing.
+/// Answers whose smoothed latency passes this multiple of the floor count as the receiver queueing.
 const LATENCY_TOLERANCE: u32 = 2;
 /// Latency below this is never "rising" (timer and scheduling noise on fast receivers).
-const LATENCY_SLACK: Duration = Duration::from_millis(5);
+const LATENCY_SLACK: Duration = Duration::from_millis(20);
+/// How many answers the smoothed latency averages over, roughly (the weight of a new one is 1/n).
+const SMOOTHING: u32 = 8;
 /// Cut on a timeout, connection failure, 429 or 503.
 const OVERLOAD_DECREASE: f64 = 0.5;
 /// Cut on a slow success.
@@ -139,6 +144,9 @@ struct State {
     in_flight: u32,
     queued: u32,
     floor: Option<Duration>,
+    /// The answers' latency, smoothed (an exponentially weighted mean): one slow answer among fast
+    /// ones is noise, not the receiver queueing.
+    smoothed: Option<Duration>,
     /// Bumped at each cut; a call that started in an older generation does not cut again.
     generation: u64,
     last_cut: Option<Instant>,
@@ -193,6 +201,7 @@ impl EndpointLimiter {
                         in_flight: 0,
                         queued: 0,
                         floor: None,
+                        smoothed: None,
                         generation: 0,
                         last_cut: None,
                         hold_until: None,
@@ -391,7 +400,11 @@ impl EndpointLimiter {
                     None => latency,
                 };
                 state.floor = Some(floor);
-                if latency <= floor * LATENCY_TOLERANCE + LATENCY_SLACK {
+                let smoothed = state.smoothed.map_or(latency, |smoothed| {
+                    (smoothed * (SMOOTHING - 1) + latency) / SMOOTHING
+                });
+                state.smoothed = Some(smoothed);
+                if smoothed <= floor * LATENCY_TOLERANCE + LATENCY_SLACK {
                     // Grow only while the limit is in use: an idle endpoint's limit says nothing.
                     if f64::from(permit.in_flight_at_start) * 2.0 >= state.limit.floor() {
                         state.limit = (state.limit + 1.0 / state.limit).min(max);
@@ -582,10 +595,14 @@ mod tests {
         }
         let grown = limiter.snapshot("e").unwrap().limit;
         assert!(grown > 4, "{grown}");
+        // The receiver queues: answers of several calls at once come back slow.
         for _ in 0..10 {
-            let permit = limiter.acquire("e", "e", None).await.unwrap().unwrap();
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            permit.finish(Signal::Answered);
+            let permits: Vec<_> =
+                futures::future::join_all((0..4).map(|_| limiter.acquire("e", "e", None))).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for permit in permits {
+                permit.unwrap().unwrap().finish(Signal::Answered);
+            }
         }
         let shrunk = limiter.snapshot("e").unwrap().limit;
         assert!(shrunk < grown, "{shrunk} after {grown}");

@@ -57,11 +57,15 @@ pub enum ErrorCode {
     /// OB015: the target's circuit breaker is open; the call was not made.
     #[serde(rename = "OB015")]
     CircuitOpen,
+    /// OB016: every slot of the target's concurrency limit stayed taken for the queue wait (or
+    /// the target asked to wait longer); the call was not made.
+    #[serde(rename = "OB016")]
+    EndpointBusy,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::ConfigInvalid,
         ErrorCode::TemplateFailed,
         ErrorCode::SecretMissing,
@@ -77,9 +81,10 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::InProgressElsewhere,
         ErrorCode::CircuitOpen,
+        ErrorCode::EndpointBusy,
     ];
 
-    /// The stable code, `OB001` … `OB015`.
+    /// The stable code, `OB001` … `OB016`.
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
@@ -98,6 +103,7 @@ impl ErrorCode {
             ErrorCode::Internal => "OB013",
             ErrorCode::InProgressElsewhere => "OB014",
             ErrorCode::CircuitOpen => "OB015",
+            ErrorCode::EndpointBusy => "OB016",
         }
     }
 
@@ -114,7 +120,15 @@ impl ErrorCode {
                 | ErrorCode::ShuttingDown
                 | ErrorCode::InProgressElsewhere
                 | ErrorCode::CircuitOpen
+                | ErrorCode::EndpointBusy
         )
+    }
+
+    /// Whether the failure means the call was refused before it was made (open circuit, busy
+    /// endpoint): no attempt is spent, and the work waits in the job queue instead.
+    #[must_use]
+    pub fn call_not_made(self) -> bool {
+        matches!(self, ErrorCode::CircuitOpen | ErrorCode::EndpointBusy)
     }
 
     /// One line on what the code means, for `--help` output and docs.
@@ -136,6 +150,9 @@ impl ErrorCode {
             ErrorCode::Internal => "a defect in the service",
             ErrorCode::InProgressElsewhere => "another node is running the same action right now",
             ErrorCode::CircuitOpen => "the target's circuit breaker is open; not called",
+            ErrorCode::EndpointBusy => {
+                "no slot of the target's concurrency limit within the queue wait; not called"
+            }
         }
     }
 

@@ -191,7 +191,7 @@ impl Executor {
             observer.retry.max_attempts
         }
         .max(1);
-        (action.kind.timeout() + observer.retry.max_delay).saturating_mul(attempts)
+        (self.runner.attempt_deadline(action) + observer.retry.max_delay).saturating_mul(attempts)
             + Duration::from_secs(5)
     }
 
@@ -467,8 +467,8 @@ impl Executor {
                 .await;
         }
 
-        // A call refused by an open circuit was not made: it spends no attempt.
-        let refused = matches!(&outcome.result, Err(error) if error.code == ErrorCode::CircuitOpen);
+        // A call refused by an open circuit or a busy endpoint was not made: it spends no attempt.
+        let refused = matches!(&outcome.result, Err(error) if error.code.call_not_made());
         let spent = outcome.attempts - u32::from(refused);
         let remaining_attempts = observer.retry.max_attempts.saturating_sub(spent);
         let mut job = None;
@@ -569,7 +569,9 @@ impl Executor {
     }
 
     /// Runs `action` in the page under its observer's retry policy — kept short when a job queue
-    /// can take over — each attempt under a node-wide permit and the action's timeout.
+    /// can take over — each attempt under a node-wide permit and the action's timeout (for an
+    /// HTTP action, the wait for a slot at its endpoint comes on top: see
+    /// [`ActionRunner::attempt_deadline`]).
     async fn attempt_inline(
         &self,
         observer: &ObserverDefinition,
@@ -598,7 +600,8 @@ impl Executor {
                     "this node's leases are not confirmed (no heartbeat within the node timeout): not dispatching",
                 ));
             }
-            match tokio::time::timeout(timeout, self.runner.attempt(action, context)).await {
+            let deadline = self.runner.attempt_deadline(action);
+            match tokio::time::timeout(deadline, self.runner.attempt(action, context)).await {
                 Ok(result) => result,
                 Err(_) => Err(AttemptError::new(
                     ErrorCode::ActionTimeout,

@@ -13,6 +13,7 @@ pub mod change_log;
 pub mod checkpoint;
 pub mod cluster;
 pub mod commands;
+pub mod concurrency;
 pub mod condition;
 pub mod config;
 pub mod control;

@@ -246,6 +246,23 @@ struct DedupArgs {
     /// How long an open circuit refuses calls before one probe goes through.
     #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_OPEN_FOR", default_value = "30s", value_parser = humantime::parse_duration)]
     breaker_open_for: std::time::Duration,
+    /// How long an HTTP call waits for a slot of its endpoint's adaptive concurrency limit
+    /// before it goes to the job queue; overrides the observers file's
+    /// `executor.endpoint_queue_wait` (default 10s). Not part of the attempt's timeout.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_ENDPOINT_QUEUE_WAIT", value_parser = humantime::parse_duration)]
+    endpoint_queue_wait: Option<std::time::Duration>,
+    /// `on` (default) or `off`: limit HTTP calls per endpoint adaptively; overrides the observers
+    /// file's `executor.adaptive_concurrency`.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_ADAPTIVE_CONCURRENCY", value_parser = parse_on_off)]
+    adaptive_concurrency: Option<bool>,
+}
+
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("expected on or off, found {text:?}")),
+    }
 }
 
 #[derive(Args)]
@@ -469,7 +486,7 @@ impl DlqFilterArgs {
                     .find(|candidate| candidate.as_str().eq_ignore_ascii_case(&code))
                     .ok_or_else(|| {
                         anyhow::anyhow!(
-                            "--code: expected an error code OB001…OB015, found {code:?}"
+                            "--code: expected an error code OB001…OB016, found {code:?}"
                         )
                     })
             })
@@ -699,7 +716,13 @@ async fn run_node(
     db_pool_size: u32,
     shutdown_timeout: std::time::Duration,
 ) -> anyhow::Result<String> {
-    let config = load_observers(&config_path, &dedup_args.redis_prefix)?;
+    let mut config = load_observers(&config_path, &dedup_args.redis_prefix)?;
+    if let Some(wait) = dedup_args.endpoint_queue_wait {
+        config.executor.endpoint_queue_wait = wait;
+    }
+    if let Some(adaptive) = dedup_args.adaptive_concurrency {
+        config.executor.adaptive_concurrency = adaptive;
+    }
     for warning in &config.warnings {
         tracing::warn!(%warning, "configuration warning");
     }

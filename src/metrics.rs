@@ -35,10 +35,68 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+/// An HTTP endpoint as `scheme://host:port` (never a path, query or credentials), or
+/// `env:<VARIABLE>` when its URL comes from the environment and its host may be secret.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    pub endpoint: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabels {
     pub queue: String,
     pub status: String,
+}
+
+/// This node's adaptive concurrency limits, per HTTP endpoint.
+#[derive(Debug)]
+pub struct EndpointMetrics {
+    /// The limit.
+    pub limit: Family<EndpointLabel, Gauge>,
+    /// Calls in flight.
+    pub in_flight: Family<EndpointLabel, Gauge>,
+    /// Calls waiting for a slot.
+    pub queued: Family<EndpointLabel, Gauge>,
+    /// Time calls waited for a slot.
+    pub queue_time: Family<EndpointLabel, Histogram, fn() -> Histogram>,
+}
+
+impl EndpointMetrics {
+    /// `registry` with these metrics registered.
+    fn registered_in(&self, mut registry: Registry) -> Registry {
+        registry.register(
+            "endpoint_concurrency_limit",
+            "Adaptive concurrency limit of this node per HTTP endpoint",
+            self.limit.clone(),
+        );
+        registry.register(
+            "endpoint_in_flight",
+            "Calls this node has in flight per HTTP endpoint",
+            self.in_flight.clone(),
+        );
+        registry.register(
+            "endpoint_queued",
+            "Calls of this node waiting for a slot of their HTTP endpoint's concurrency limit",
+            self.queued.clone(),
+        );
+        registry.register(
+            "endpoint_queue_time_seconds",
+            "Time calls waited for a slot of their HTTP endpoint's concurrency limit (not part of an attempt's timeout)",
+            self.queue_time.clone(),
+        );
+        registry
+    }
+}
+
+impl Default for EndpointMetrics {
+    fn default() -> Self {
+        EndpointMetrics {
+            limit: Family::default(),
+            in_flight: Family::default(),
+            queued: Family::default(),
+            queue_time: Family::new_with_constructor(queue_time_histogram as fn() -> Histogram),
+        }
+    }
 }
 
 /// Every metric of one node.
@@ -61,6 +119,8 @@ pub struct Metrics {
     pub cache: Family<OutcomeLabel, Counter>,
     /// Refreshes of the database-read gauges, `succeeded` or `failed`.
     pub gauge_refreshes: Family<OutcomeLabel, Counter>,
+    /// The adaptive concurrency limits per HTTP endpoint.
+    pub endpoints: EndpointMetrics,
     /// Succeeded, failed, enqueued: plain totals for the status call.
     totals: [AtomicU64; 3],
 }
@@ -68,6 +128,11 @@ pub struct Metrics {
 fn duration_histogram() -> Histogram {
     // 1 ms to ~33 s.
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+fn queue_time_histogram() -> Histogram {
+    // 0.1 ms to ~3 s, and the rest above.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
 impl Default for Metrics {
@@ -97,6 +162,7 @@ impl Metrics {
             dedup: Family::default(),
             cache: Family::default(),
             gauge_refreshes: Family::default(),
+            endpoints: EndpointMetrics::default(),
             totals: Default::default(),
         };
         registry.register(
@@ -175,7 +241,7 @@ impl Metrics {
             metrics.gauge_refreshes.clone(),
         );
         Metrics {
-            registry,
+            registry: metrics.endpoints.registered_in(registry),
             ..metrics
         }
     }

@@ -139,7 +139,12 @@ impl Node {
         let store: Arc<dyn CheckpointStore> =
             Arc::new(PostgresCheckpointStore::with_group_commit(pool.clone()));
         let dead_letters = Arc::new(PostgresDeadLetterQueue::new(pool.clone()));
+        let limiter = crate::concurrency::EndpointLimiter::new(
+            crate::concurrency::LimiterSettings::of(&config.executor),
+            Some(metrics.clone()),
+        );
         let mut runner = ActionRunner::new(Arc::new(config.templates))?
+            .with_limiter(limiter)
             .with_database(pool.clone())
             .with_breakers(shared.breakers.clone())
             .with_limits(shared.limits.clone())

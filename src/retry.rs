@@ -105,8 +105,9 @@ where
     })
     .retry(backoff)
     .sleep(tokio::time::sleep)
-    // An open circuit is not retried in place: the caller parks the work until it reopens.
-    .when(|error: &AttemptError| error.code.is_transient() && error.code != ErrorCode::CircuitOpen)
+    // An open circuit or a busy endpoint is not retried in place: the call was not made, and
+    // the caller parks the work until the endpoint can take it.
+    .when(|error: &AttemptError| error.code.is_transient() && !error.code.call_not_made())
     .adjust(|error: &AttemptError, delay| {
         delay.map(|delay| next_delay(policy, delay, error.retry_after))
     })

@@ -41,7 +41,8 @@ pub enum WorkOutcome {
     Lost(Uuid),
     /// Claimed while the worker was stopping; given back without counting the attempt.
     Released(Uuid),
-    /// Its target's circuit is open: given back, due when it reopens, attempt not counted.
+    /// Its target's circuit is open, or its endpoint had no free slot within the queue wait:
+    /// given back, due when it can take calls again, attempt not counted.
     Postponed(Uuid),
 }
 
@@ -189,9 +190,18 @@ impl JobWorker {
         let took = started.elapsed();
         let result = match attempt {
             Ok(()) => Ok(None),
-            Err(error) if error.code == ErrorCode::CircuitOpen => self
+            Err(error) if error.code.call_not_made() => self
                 .queue
-                .postpone(job.id, error.retry_after.unwrap_or(CIRCUIT_RECHECK))
+                .postpone(
+                    job.id,
+                    error
+                        .retry_after
+                        .unwrap_or(if error.code == ErrorCode::CircuitOpen {
+                            CIRCUIT_RECHECK
+                        } else {
+                            BUSY_RECHECK
+                        }),
+                )
                 .await
                 .map(|_| Some(WorkOutcome::Postponed(job.id))),
             Err(error) => self.queue.fail(&job, &error).await.map(|outcome| {
@@ -305,7 +315,9 @@ impl JobWorker {
             envelope: &envelope,
         };
         let timeout = action.kind.timeout();
-        match tokio::time::timeout(timeout, self.runner.attempt(action, &context)).await {
+        // The wait for a slot at an HTTP endpoint is not part of the timeout.
+        let deadline = self.runner.attempt_deadline(action);
+        match tokio::time::timeout(deadline, self.runner.attempt(action, &context)).await {
             Ok(result) => result.map(|_| ()),
             Err(_) => Err(AttemptError::new(
                 ErrorCode::ActionTimeout,
@@ -493,6 +505,8 @@ type ClaimResult = (Vec<Uuid>, usize, Result<(Vec<Uuid>, Vec<Job>), JobError>);
 
 /// When an open circuit gives no time to wait, look again after this.
 const CIRCUIT_RECHECK: Duration = Duration::from_secs(5);
+/// When a busy endpoint (no slot within the queue wait) gives no time to wait, try after this.
+const BUSY_RECHECK: Duration = Duration::from_secs(1);
 
 /// Wait after a failed complete-and-claim step before the next.
 const STEP_RETRY_DELAY: Duration = Duration::from_millis(250);

@@ -2023,6 +2023,8 @@ fn settings_override_the_defaults() {
 executor:
   max_concurrent_actions: 8
   max_concurrent_entities: 2
+  endpoint_queue_wait: 2s
+  adaptive_concurrency: false
 observers:
   - name: custom
     description: Everything set.
@@ -2054,6 +2056,8 @@ observers:
         ExecutorSettings {
             max_concurrent_actions: 8,
             max_concurrent_entities: 2,
+            endpoint_queue_wait: std::time::Duration::from_secs(2),
+            adaptive_concurrency: false,
         }
     );
     let observer = &config.observers[0];

@@ -39,6 +39,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "dedup",
             "breaker",
             "limits",
+            "concurrency",
             "cache",
         ],
     ),

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::concurrency::{EndpointLimiter, EndpointPermit, Signal};
 use crate::config::{Decoder, Delivery, DeliveryMode, Fields, ObserverName};
 use crate::domain::EntityEvent;
 use crate::error::ErrorCode;
@@ -229,10 +230,114 @@ pub struct ActionSuccess {
     pub detail: String,
 }
 
+/// The node's HTTP client and the adaptive concurrency limits of the endpoints it calls: every
+/// HTTP action sends through [`Http::send`] (or [`Http::reserve`] and [`Http::send_reserved`]).
+#[derive(Clone, Debug)]
+struct Http {
+    client: reqwest::Client,
+    limiter: EndpointLimiter,
+}
+
+/// How metrics name an endpoint: `scheme://host:port`, or `env:<VARIABLE>` for a URL from the
+/// environment, whose host may be secret.
+fn endpoint_label(endpoint: &str, variable: Option<&str>) -> String {
+    variable.map_or_else(|| endpoint.to_owned(), |variable| format!("env:{variable}"))
+}
+
+/// `scheme://host:port`: what a concurrency limit and a circuit breaker guard.
+fn endpoint_of(url: &url::Url) -> String {
+    format!(
+        "{}://{}:{}",
+        url.scheme(),
+        url.host_str().unwrap_or_default(),
+        url.port_or_known_default().unwrap_or_default()
+    )
+}
+
+/// How a call ended, for the limiter: timeouts, connection failures, 429 and 503 say the
+/// receiver is overloaded; any other answer is a latency sample.
+fn limiter_signal(result: &Result<reqwest::Response, reqwest::Error>) -> Signal {
+    match result {
+        Ok(response) => match response.status().as_u16() {
+            429 | 503 => Signal::Overloaded {
+                retry_after: webhook::retry_after(response.headers()),
+            },
+            _ => Signal::Answered,
+        },
+        Err(error) if error.is_builder() => Signal::Ignored,
+        Err(_) => Signal::Overloaded { retry_after: None },
+    }
+}
+
+impl Http {
+    /// Waits for a slot at the endpoint of `url` (at most the limiter's queue wait, which is
+    /// not part of the attempt's timeout). `variable`: the environment variable the URL came
+    /// from; `ceiling`: a configured `max_in_flight`.
+    ///
+    /// # Errors
+    /// OB016 when no slot came within the queue wait.
+    async fn reserve(
+        &self,
+        url: &url::Url,
+        variable: Option<&str>,
+        ceiling: Option<u32>,
+    ) -> Result<Option<EndpointPermit>, AttemptError> {
+        let endpoint = endpoint_of(url);
+        self.limiter
+            .acquire(&endpoint, &endpoint_label(&endpoint, variable), ceiling)
+            .await
+    }
+
+    /// Sends `request` in the slot `permit` and tells the limiter how it went. A request that
+    /// a reused keep-alive connection closed before it was written is sent again on another
+    /// connection by the client itself (hyper's `retry_canceled_requests`), within this call.
+    ///
+    /// # Errors
+    /// The transport failure, classified, its text without the URL or `secrets`.
+    async fn send_reserved(
+        &self,
+        permit: Option<EndpointPermit>,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+        secrets: &Secrets,
+    ) -> Result<reqwest::Response, AttemptError> {
+        let result = request.timeout(timeout).send().await;
+        if let Some(permit) = permit {
+            permit.finish(limiter_signal(&result));
+        }
+        result.map_err(|error| webhook::transport_error(error, timeout, secrets))
+    }
+
+    /// [`reserve`](Self::reserve) a slot at `url`'s endpoint, then
+    /// [`send_reserved`](Self::send_reserved) `request` (built for `url`) in it.
+    ///
+    /// # Errors
+    /// As those two.
+    async fn send(
+        &self,
+        url: &url::Url,
+        variable: Option<&str>,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+        secrets: &Secrets,
+    ) -> Result<reqwest::Response, AttemptError> {
+        let permit = self.reserve(url, variable, None).await?;
+        self.send_reserved(permit, request, timeout, secrets).await
+    }
+}
+
+/// The environment variable a target's URL comes from, if it does.
+fn target_variable(target: &crate::config::WebhookTarget) -> Option<&str> {
+    match target {
+        crate::config::WebhookTarget::Literal(_) => None,
+        crate::config::WebhookTarget::FromEnv { variable, .. } => Some(variable.as_str()),
+    }
+}
+
 /// Performs single attempts of actions; cheap to clone, shares one HTTP connection pool.
 #[derive(Clone, Debug)]
 pub struct ActionRunner {
-    http: reqwest::Client,
+    http: Http,
     templates: Arc<Templates>,
     breakers: Option<crate::breaker::Breakers>,
     /// Where `rate_limit` / `max_in_flight` of actions are counted (in process by default).
@@ -263,9 +368,16 @@ impl ActionRunner {
             .connect_timeout(HTTP_CONNECT_TIMEOUT)
             .pool_idle_timeout(HTTP_POOL_IDLE_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
+            // Idle keep-alive connections per endpoint: no more than its limit can use at once.
+            .pool_max_idle_per_host(
+                usize::try_from(crate::concurrency::DEFAULT_MAX_LIMIT).unwrap_or(usize::MAX),
+            )
             .build()?;
         Ok(ActionRunner {
-            http,
+            http: Http {
+                client: http,
+                limiter: EndpointLimiter::default(),
+            },
             templates,
             breakers: None,
             limits: Arc::new(crate::limits::InMemoryLimitStore::default()),
@@ -309,6 +421,38 @@ impl ActionRunner {
     pub fn with_limits(mut self, store: Arc<dyn crate::limits::LimitStore>) -> ActionRunner {
         self.limits = store;
         self
+    }
+
+    /// Limits the calls in flight per HTTP endpoint with `limiter` (by default, an adaptive
+    /// limiter with default settings and no metrics).
+    #[must_use]
+    pub fn with_limiter(mut self, limiter: EndpointLimiter) -> ActionRunner {
+        self.http.limiter = limiter;
+        self
+    }
+
+    /// The per-endpoint concurrency limits of HTTP actions.
+    #[must_use]
+    pub fn limiter(&self) -> &EndpointLimiter {
+        &self.http.limiter
+    }
+
+    /// How long one attempt of `action` may take in all: its timeout, plus — for the HTTP
+    /// actions — the longest wait for a slot at its endpoint, which is not part of the timeout.
+    #[must_use]
+    pub fn attempt_deadline(&self, action: &ActionDefinition) -> Duration {
+        let timeout = action.kind.timeout();
+        match &action.kind {
+            ActionKind::Webhook(_)
+            | ActionKind::Slack(_)
+            | ActionKind::Sms(_)
+            | ActionKind::Search(_)
+                if self.http.limiter.settings().adaptive =>
+            {
+                timeout + self.http.limiter.settings().queue_wait
+            }
+            _ => timeout,
+        }
     }
 
     /// Guards every HTTP endpoint with a circuit breaker from `breakers`.

@@ -22,8 +22,8 @@ use serde::Deserialize;
 
 use super::webhook::{body_excerpt, retry_after, transport_error};
 use super::{
-    ActionConfig, ActionContext, ActionRunner, ActionSuccess, Secrets, redirect_reason, render,
-    secret_value, target_url,
+    ActionConfig, ActionContext, ActionRunner, ActionSuccess, Http, Secrets, redirect_reason,
+    render, secret_value, target_url, target_variable,
 };
 use crate::domain::EventKind;
 use crate::error::ErrorCode;
@@ -573,7 +573,7 @@ async fn attempt_bulk(
 }
 
 pub(super) async fn attempt(
-    http: &reqwest::Client,
+    http: &Http,
     templates: &Templates,
     action: &SearchAction,
     context: &ActionContext<'_>,
@@ -584,7 +584,17 @@ pub(super) async fn attempt(
     let index = index.trim();
     check_index(&action.index_template, index)?;
     if let Some(settings) = action.bulk {
-        return attempt_bulk(http, writers, cluster, settings, action, context, index).await;
+        // One `_bulk` request at a time per writer: outside the per-call limiter.
+        return attempt_bulk(
+            &http.client,
+            writers,
+            cluster,
+            settings,
+            action,
+            context,
+            index,
+        )
+        .await;
     }
     let entity_id = context.event.entity_id.as_str();
     let url = cluster_url(cluster.clone(), &[index, "_doc", entity_id])?;
@@ -592,18 +602,17 @@ pub(super) async fn attempt(
     let secrets = secrets(action, &cluster, &url, credentials);
     let deleting = context.event.kind == EventKind::Delete;
     let mut request = if deleting {
-        http.delete(url)
+        http.client.delete(url.clone())
     } else {
-        http.put(url).json(&context.event.data)
+        http.client.put(url.clone()).json(&context.event.data)
     };
     if let Some((username, password)) = credentials {
         request = request.basic_auth(username, Some(password));
     }
-    let response = request
-        .timeout(action.timeout)
-        .send()
-        .await
-        .map_err(|error| transport_error(error, action.timeout, &secrets))?;
+    let variable = target_variable(&action.target);
+    let response = http
+        .send(&url, variable, request, action.timeout, &secrets)
+        .await?;
     let status = response.status().as_u16();
     let wait = retry_after(response.headers());
     let redirect = redirect_reason(status, response.headers());

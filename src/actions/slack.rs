@@ -12,10 +12,10 @@
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::{Map, Value};
 
-use super::webhook::{body_excerpt, retry_after, transport_error};
+use super::webhook::{body_excerpt, retry_after};
 use super::{
-    ActionConfig, ActionContext, ActionRunner, ActionSuccess, Secrets, redirect_reason, render,
-    target_url,
+    ActionConfig, ActionContext, ActionRunner, ActionSuccess, Http, Secrets, redirect_reason,
+    render, target_url, target_variable,
 };
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
@@ -124,7 +124,7 @@ fn payload(
 }
 
 pub(super) async fn attempt(
-    http: &reqwest::Client,
+    http: &Http,
     templates: &Templates,
     action: &SlackAction,
     context: &ActionContext<'_>,
@@ -138,14 +138,15 @@ pub(super) async fn attempt(
     })?;
     // The webhook URL is the credential: its path holds the token, written in the file or not.
     let secrets = Secrets::of_url(&url, matches!(action.target, WebhookTarget::FromEnv { .. }));
-    let response = http
-        .post(url)
+    let request = http
+        .client
+        .post(url.clone())
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-        .body(body)
-        .timeout(action.timeout)
-        .send()
-        .await
-        .map_err(|error| transport_error(error, action.timeout, &secrets))?;
+        .body(body);
+    let variable = target_variable(&action.target);
+    let response = http
+        .send(&url, variable, request, action.timeout, &secrets)
+        .await?;
     let status = response.status().as_u16();
     let Some(code) = ErrorCode::from_http_status(status) else {
         return Ok(ActionSuccess {

@@ -10,10 +10,10 @@
 
 use serde::Deserialize;
 
-use super::webhook::{body_excerpt, retry_after, transport_error};
+use super::webhook::{body_excerpt, retry_after};
 use super::{
-    ActionConfig, ActionContext, ActionRunner, ActionSuccess, Secrets, redirect_reason, render,
-    secret_value,
+    ActionConfig, ActionContext, ActionRunner, ActionSuccess, Http, Secrets, redirect_reason,
+    render, secret_value,
 };
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
@@ -142,7 +142,7 @@ fn messages_url(base_url: &url::Url, account_sid: &str) -> Result<url::Url, Atte
 }
 
 pub(super) async fn attempt(
-    http: &reqwest::Client,
+    http: &Http,
     templates: &Templates,
     action: &SmsAction,
     context: &ActionContext<'_>,
@@ -166,15 +166,15 @@ pub(super) async fn attempt(
     let mut secrets = Secrets::of_url(&url, false);
     secrets.add(account_sid);
     secrets.add(auth_token);
-    let response = http
-        .post(url)
+    let request = http
+        .client
+        .post(url.clone())
         .basic_auth(account_sid, Some(auth_token))
         .header(IDEMPOTENCY_HEADER, context.idempotency_key())
-        .form(&[("To", to.trim()), ("From", from.trim()), ("Body", &body)])
-        .timeout(action.timeout)
-        .send()
-        .await
-        .map_err(|error| transport_error(error, action.timeout, &secrets))?;
+        .form(&[("To", to.trim()), ("From", from.trim()), ("Body", &body)]);
+    let response = http
+        .send(&url, None, request, action.timeout, &secrets)
+        .await?;
     let status = response.status().as_u16();
     let code = ErrorCode::from_http_status(status);
     let wait = retry_after(response.headers());

@@ -14,8 +14,8 @@ use reqwest::header::{
 use sha2::Sha256;
 
 use super::{
-    ActionConfig, ActionContext, ActionRunner, ActionSuccess, Secrets, error_chain,
-    redirect_reason, secret_missing, target_url, template_failed,
+    ActionConfig, ActionContext, ActionRunner, ActionSuccess, Http, Secrets, endpoint_of,
+    error_chain, redirect_reason, secret_missing, target_url, target_variable, template_failed,
 };
 use crate::breaker::{Admission, Breakers};
 use crate::cache::{Cache, CacheScope};
@@ -518,7 +518,7 @@ pub(super) struct Guards<'runner> {
 }
 
 pub(super) async fn attempt(
-    http: &reqwest::Client,
+    http: &Http,
     templates: &Templates,
     guards: Guards<'_>,
     action: &WebhookAction,
@@ -561,6 +561,15 @@ pub(super) async fn attempt(
     if let Some(rate) = action.limits.rate {
         wait_for_token(guards.limits, &endpoint, rate).await;
     }
+    // This node's adaptive slot first, then the cluster-wide one: no cluster slot is held
+    // while this node queues.
+    let permit = http
+        .reserve(
+            &url,
+            target_variable(&action.target),
+            action.limits.max_in_flight,
+        )
+        .await?;
     let slot = match action.limits.max_in_flight {
         Some(limit) => {
             let lease = action.timeout + Duration::from_secs(5);
@@ -568,7 +577,7 @@ pub(super) async fn attempt(
         }
         None => None,
     };
-    let result = call(http, action, url, headers, body).await;
+    let result = call(http, permit, action, url, headers, body).await;
     if let Some(slot) = slot
         && let Err(error) = guards.limits.leave(&endpoint, &slot).await
     {
@@ -620,32 +629,23 @@ fn cache_key(
     )
 }
 
-/// `scheme://host:port`: what a circuit breaker guards.
-fn endpoint_of(url: &url::Url) -> String {
-    format!(
-        "{}://{}:{}",
-        url.scheme(),
-        url.host_str().unwrap_or_default(),
-        url.port_or_known_default().unwrap_or_default()
-    )
-}
-
 async fn call(
-    http: &reqwest::Client,
+    http: &Http,
+    permit: Option<crate::concurrency::EndpointPermit>,
     action: &WebhookAction,
     url: url::Url,
     headers: HeaderMap,
     body: Vec<u8>,
 ) -> Result<ActionSuccess, AttemptError> {
     let secrets = Secrets::of_url(&url, matches!(action.target, WebhookTarget::FromEnv { .. }));
-    let response = http
+    let request = http
+        .client
         .request(method(action.method), url)
         .headers(headers)
-        .body(body)
-        .timeout(action.timeout)
-        .send()
-        .await
-        .map_err(|error| transport_error(error, action.timeout, &secrets))?;
+        .body(body);
+    let response = http
+        .send_reserved(permit, request, action.timeout, &secrets)
+        .await?;
     let status = response.status().as_u16();
     let Some(code) = ErrorCode::from_http_status(status) else {
         return Ok(ActionSuccess {

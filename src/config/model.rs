@@ -13,6 +13,8 @@ use std::time::Duration;
 pub const DEFAULT_ACTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default bound on actions running at once in one node.
 pub const DEFAULT_MAX_CONCURRENT_ACTIONS: usize = 256;
+/// Default longest wait of an HTTP call for a slot of its endpoint's concurrency limit.
+pub const DEFAULT_ENDPOINT_QUEUE_WAIT: Duration = Duration::from_secs(10);
 /// Default bound on entities whose events are being executed at once in one batch.
 pub const DEFAULT_MAX_CONCURRENT_ENTITIES: usize = 256;
 /// Default retry policy: 3 attempts, 100 ms doubling up to 30 s, with jitter.
@@ -261,6 +263,11 @@ impl Default for JobSettings {
 pub struct ExecutorSettings {
     pub max_concurrent_actions: usize,
     pub max_concurrent_entities: usize,
+    /// How long an HTTP call waits for a slot of its endpoint's adaptive concurrency limit
+    /// before it goes to the job queue (not part of the attempt's timeout).
+    pub endpoint_queue_wait: Duration,
+    /// Whether HTTP calls are limited per endpoint by an adaptive concurrency limit.
+    pub adaptive_concurrency: bool,
 }
 
 impl Default for ExecutorSettings {
@@ -268,6 +275,8 @@ impl Default for ExecutorSettings {
         ExecutorSettings {
             max_concurrent_actions: DEFAULT_MAX_CONCURRENT_ACTIONS,
             max_concurrent_entities: DEFAULT_MAX_CONCURRENT_ENTITIES,
+            endpoint_queue_wait: DEFAULT_ENDPOINT_QUEUE_WAIT,
+            adaptive_concurrency: true,
         }
     }
 }

@@ -68,10 +68,27 @@ impl Decoder<'_> {
         let fields = self.fields(
             node,
             path,
-            &["max_concurrent_actions", "max_concurrent_entities"],
+            &[
+                "max_concurrent_actions",
+                "max_concurrent_entities",
+                "endpoint_queue_wait",
+                "adaptive_concurrency",
+            ],
         )?;
         let mut settings = ExecutorSettings::default();
         let mut valid = true;
+        if let Some(value) = fields.get("endpoint_queue_wait") {
+            match self.duration(value, &child(path, "endpoint_queue_wait")) {
+                Some(wait) => settings.endpoint_queue_wait = wait,
+                None => valid = false,
+            }
+        }
+        if let Some(value) = fields.get("adaptive_concurrency") {
+            match self.boolean(value, &child(path, "adaptive_concurrency")) {
+                Some(adaptive) => settings.adaptive_concurrency = adaptive,
+                None => valid = false,
+            }
+        }
         for (key, slot) in [
             (
                 "max_concurrent_actions",

@@ -1,0 +1,610 @@
+//! Adaptive concurrency per HTTP endpoint (`scheme://host:port`): how many calls this node has in
+//! flight to one receiver, found from how the receiver answers instead of assumed.
+//!
+//! The limit is AIMD with a latency guard. It starts at [`DEFAULT_INITIAL_LIMIT`]; each call that
+//! succeeds while the limit is in use, with the smoothed latency of the endpoint's answers (a
+//! moving mean over about [`SMOOTHING`] answers) within twice its latency floor plus
+//! [`LATENCY_SLACK`], adds `1 / limit` (one slot per limit's worth of calls); answers whose smoothed
+//! latency is beyond that cut it by 10 % (single slow answers among fast ones are noise, not the
+//! receiver queueing, and on a busy node they are often our own), a timeout, connection failure,
+//! 429 or 503 by half, and a `Retry-After` holds every new call back
+//! until it has passed. One cut per generation of calls: a call that started before the last cut
+//! does not cut again, so a burst of failures from one overload halves the limit once. The floor
+//! is the fastest answer seen; a call made alone (nothing else in flight) measures the service
+//! time without our own queueing, and moves a floor that has become too low a sixteenth of the
+//! way towards it, so a receiver that has become slower for good is not held at the minimum for
+//! ever, while one that slows for a while is given fewer calls.
+//!
+//! A call waits for a slot at most the queue wait; that time is not part of its attempt's
+//! timeout. Past it (or when a `Retry-After` hold outlasts it) the call is not made:
+//! [`ErrorCode::EndpointBusy`] (OB016), which the executor hands to the job queue without
+//! spending an attempt. A configured `max_in_flight` stays the ceiling of the limit (and the
+//! cluster-wide cap, counted by [`crate::limits`]).
+//!
+//! State is per node and in process: each node finds its own share of a receiver's capacity.
+//! Endpoints come from the observers file (literal or environment URLs), so their number is
+//! bounded by the configuration.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::error::ErrorCode;
+use crate::metrics::{EndpointLabel, Metrics};
+use crate::retry::AttemptError;
+
+/// Calls in flight per endpoint before anything is known about it.
+pub const DEFAULT_INITIAL_LIMIT: u32 = 12;
+/// The highest limit when nothing lower is configured (today's node-wide action bound).
+pub const DEFAULT_MAX_LIMIT: u32 = 256;
+/// How long a call waits for a slot by default before it goes to the job queue.
+pub const DEFAULT_QUEUE_WAIT: Duration = crate::config::DEFAULT_ENDPOINT_QUEUE_WAIT;
+
+/// The lowest limit: one call at a time still finds out when the receiver recovers.
+const MIN_LIMIT: f64 = 1.0;
+/// Answers whose smoothed latency passes this multiple of the floor count as the receiver queueing.
+const LATENCY_TOLERANCE: u32 = 2;
+/// Latency below this is never "rising" (timer and scheduling noise on fast receivers).
+const LATENCY_SLACK: Duration = Duration::from_millis(20);
+/// How many answers the smoothed latency averages over, roughly (the weight of a new one is 1/n).
+const SMOOTHING: u32 = 8;
+/// Cut on a timeout, connection failure, 429 or 503.
+const OVERLOAD_DECREASE: f64 = 0.5;
+/// Cut on a slow success.
+const LATENCY_DECREASE: f64 = 0.9;
+/// The longest `Retry-After` hold applied to new calls.
+const MAX_HOLD: Duration = Duration::from_mins(1);
+/// A call made alone moves the floor up by this fraction (1/n) of the gap: a receiver slower for
+/// a few calls is shielded first, one slower for good (dozens of calls) becomes the new normal.
+const FLOOR_DRIFT: u32 = 16;
+/// How long after a cut the limiter counts as shrinking (for the circuit breaker).
+const SHRINKING_FOR: Duration = Duration::from_secs(2);
+
+/// How the limiter behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimiterSettings {
+    /// Off: no adaptive limit (calls go straight out, as many as the executor runs).
+    pub adaptive: bool,
+    pub initial_limit: u32,
+    pub max_limit: u32,
+    /// How long a call waits for a slot before it is handed to the job queue.
+    pub queue_wait: Duration,
+}
+
+impl LimiterSettings {
+    /// The settings an executor's configuration asks for: its queue wait, on or off, and its
+    /// node-wide action bound as the highest limit.
+    #[must_use]
+    pub fn of(executor: &crate::config::ExecutorSettings) -> LimiterSettings {
+        LimiterSettings {
+            adaptive: executor.adaptive_concurrency,
+            initial_limit: DEFAULT_INITIAL_LIMIT,
+            max_limit: u32::try_from(executor.max_concurrent_actions).unwrap_or(u32::MAX),
+            queue_wait: executor.endpoint_queue_wait,
+        }
+    }
+}
+
+impl Default for LimiterSettings {
+    fn default() -> Self {
+        LimiterSettings {
+            adaptive: true,
+            initial_limit: DEFAULT_INITIAL_LIMIT,
+            max_limit: DEFAULT_MAX_LIMIT,
+            queue_wait: DEFAULT_QUEUE_WAIT,
+        }
+    }
+}
+
+/// How a call ended, as the limiter sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// The receiver answered (any status but 429 and 503).
+    Answered,
+    /// Timeout, connection failure, 429 or 503; with the `Retry-After` it asked for.
+    Overloaded { retry_after: Option<Duration> },
+    /// Says nothing about the receiver (the call was not made).
+    Ignored,
+}
+
+/// What the limiter knows about one endpoint at a moment (for tests and status).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Snapshot {
+    pub limit: u32,
+    pub in_flight: u32,
+    pub queued: u32,
+    pub floor: Option<Duration>,
+}
+
+/// The adaptive limits of one node, per endpoint. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct EndpointLimiter {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    settings: LimiterSettings,
+    endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+#[derive(Debug)]
+struct Endpoint {
+    label: EndpointLabel,
+    notify: Notify,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    limit: f64,
+    in_flight: u32,
+    queued: u32,
+    floor: Option<Duration>,
+    /// The answers' latency, smoothed (an exponentially weighted mean): one slow answer among fast
+    /// ones is noise, not the receiver queueing.
+    smoothed: Option<Duration>,
+    /// Bumped at each cut; a call that started in an older generation does not cut again.
+    generation: u64,
+    last_cut: Option<Instant>,
+    /// No new call before this (`Retry-After`).
+    hold_until: Option<Instant>,
+}
+
+impl Default for EndpointLimiter {
+    fn default() -> Self {
+        EndpointLimiter::new(LimiterSettings::default(), None)
+    }
+}
+
+impl EndpointLimiter {
+    #[must_use]
+    pub fn new(settings: LimiterSettings, metrics: Option<Arc<Metrics>>) -> EndpointLimiter {
+        let settings = LimiterSettings {
+            max_limit: settings.max_limit.max(1),
+            initial_limit: settings.initial_limit.clamp(1, settings.max_limit.max(1)),
+            ..settings
+        };
+        EndpointLimiter {
+            shared: Arc::new(Shared {
+                settings,
+                endpoints: Mutex::new(HashMap::new()),
+                metrics,
+            }),
+        }
+    }
+
+    #[must_use]
+    pub fn settings(&self) -> LimiterSettings {
+        self.shared.settings
+    }
+
+    fn endpoint(&self, endpoint: &str, label: &str) -> Arc<Endpoint> {
+        let mut endpoints = self
+            .shared
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        endpoints
+            .entry(endpoint.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Endpoint {
+                    label: EndpointLabel {
+                        endpoint: label.to_owned(),
+                    },
+                    notify: Notify::new(),
+                    state: Mutex::new(State {
+                        limit: f64::from(self.shared.settings.initial_limit),
+                        in_flight: 0,
+                        queued: 0,
+                        floor: None,
+                        smoothed: None,
+                        generation: 0,
+                        last_cut: None,
+                        hold_until: None,
+                    }),
+                })
+            })
+            .clone()
+    }
+
+    /// What is known about `endpoint` now; `None` before its first call.
+    #[must_use]
+    pub fn snapshot(&self, endpoint: &str) -> Option<Snapshot> {
+        let endpoints = self
+            .shared
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let state = endpoints
+            .get(endpoint)?
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Some(Snapshot {
+            limit: self.effective(&state, None),
+            in_flight: state.in_flight,
+            queued: state.queued,
+            floor: state.floor,
+        })
+    }
+
+    /// Whether the limit of `endpoint` was cut within the last seconds and can still go lower:
+    /// failures then are our own overload being shed, not an outage.
+    #[must_use]
+    pub fn is_shrinking(&self, endpoint: &str) -> bool {
+        let endpoints = self
+            .shared
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(known) = endpoints.get(endpoint) else {
+            return false;
+        };
+        let state = known.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.limit > MIN_LIMIT
+            && state
+                .last_cut
+                .is_some_and(|cut| cut.elapsed() < SHRINKING_FOR)
+    }
+
+    /// The whole-call limit now, at most `ceiling` (a configured `max_in_flight`).
+    fn effective(&self, state: &State, ceiling: Option<u32>) -> u32 {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "the limit is between 1 and max_limit"
+        )]
+        let limit = state.limit.floor() as u32;
+        limit
+            .clamp(1, self.shared.settings.max_limit)
+            .min(ceiling.unwrap_or(u32::MAX).max(1))
+    }
+
+    fn publish(&self, endpoint: &Endpoint, state: &State) {
+        if let Some(metrics) = &self.shared.metrics {
+            metrics
+                .endpoints
+                .limit
+                .get_or_create(&endpoint.label)
+                .set(i64::from(self.effective(state, None)));
+            metrics
+                .endpoints
+                .in_flight
+                .get_or_create(&endpoint.label)
+                .set(i64::from(state.in_flight));
+            metrics
+                .endpoints
+                .queued
+                .get_or_create(&endpoint.label)
+                .set(i64::from(state.queued));
+        }
+    }
+
+    /// Waits for a slot at `endpoint` (named `label` in metrics), at most the queue wait.
+    /// `ceiling`: a configured `max_in_flight`. With the adaptive limit off, returns at once.
+    ///
+    /// # Errors
+    /// [`ErrorCode::EndpointBusy`] when no slot came within the queue wait, or the endpoint's
+    /// `Retry-After` hold lasts beyond it (then `retry_after` says how long).
+    pub async fn acquire(
+        &self,
+        endpoint: &str,
+        label: &str,
+        ceiling: Option<u32>,
+    ) -> Result<Option<EndpointPermit>, AttemptError> {
+        if !self.shared.settings.adaptive {
+            return Ok(None);
+        }
+        let known = self.endpoint(endpoint, label);
+        let started = Instant::now();
+        let deadline = started + self.shared.settings.queue_wait;
+        let mut waiting: Option<Waiting> = None;
+        let result = loop {
+            let notified = known.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let wake_at = {
+                let mut state = known.state.lock().unwrap_or_else(PoisonError::into_inner);
+                let now = Instant::now();
+                let hold = state.hold_until.filter(|until| *until > now);
+                if hold.is_none() && state.in_flight < self.effective(&state, ceiling) {
+                    state.in_flight += 1;
+                    let permit = EndpointPermit {
+                        limiter: self.clone(),
+                        endpoint: known.clone(),
+                        started: Instant::now(),
+                        generation: state.generation,
+                        in_flight_at_start: state.in_flight,
+                        finished: false,
+                    };
+                    if let Some(mut waiting) = waiting.take() {
+                        waiting.leave(&mut state);
+                    }
+                    self.publish(&known, &state);
+                    break Ok(Some(permit));
+                }
+                if let Some(until) = hold
+                    && until >= deadline
+                {
+                    if let Some(mut waiting) = waiting.take() {
+                        waiting.leave(&mut state);
+                    }
+                    self.publish(&known, &state);
+                    break Err(busy(label, Some(until - now)));
+                }
+                if now >= deadline {
+                    if let Some(mut waiting) = waiting.take() {
+                        waiting.leave(&mut state);
+                    }
+                    self.publish(&known, &state);
+                    break Err(busy(label, None));
+                }
+                if waiting.is_none() {
+                    state.queued += 1;
+                    self.publish(&known, &state);
+                    waiting = Some(Waiting {
+                        endpoint: known.clone(),
+                        limiter: self.clone(),
+                        counted: true,
+                    });
+                }
+                hold.map_or(deadline, |until| until.min(deadline))
+            };
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake_at)) => {}
+            }
+        };
+        if let Some(metrics) = &self.shared.metrics {
+            metrics
+                .endpoints
+                .queue_time
+                .get_or_create(&known.label)
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    fn finish(&self, permit: &EndpointPermit, signal: Signal) {
+        let endpoint = &permit.endpoint;
+        let mut state = endpoint
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let before = self.effective(&state, None);
+        state.in_flight = state.in_flight.saturating_sub(1);
+        let latency = permit.started.elapsed();
+        let now = Instant::now();
+        let max = f64::from(self.shared.settings.max_limit);
+        let cut = |state: &mut State, factor: f64| {
+            if permit.generation == state.generation {
+                state.limit = (state.limit * factor).max(MIN_LIMIT);
+                state.generation += 1;
+                state.last_cut = Some(now);
+            }
+        };
+        match signal {
+            Signal::Ignored => {}
+            Signal::Answered => {
+                let floor = match state.floor {
+                    Some(floor) if latency < floor => latency,
+                    // Alone in flight: no queueing of ours in this latency.
+                    Some(floor) if permit.in_flight_at_start <= 1 => {
+                        floor + latency.saturating_sub(floor) / FLOOR_DRIFT
+                    }
+                    Some(floor) => floor,
+                    None => latency,
+                };
+                state.floor = Some(floor);
+                let smoothed = state.smoothed.map_or(latency, |smoothed| {
+                    (smoothed * (SMOOTHING - 1) + latency) / SMOOTHING
+                });
+                state.smoothed = Some(smoothed);
+                if smoothed <= floor * LATENCY_TOLERANCE + LATENCY_SLACK {
+                    // Grow only while the limit is in use: an idle endpoint's limit says nothing.
+                    if f64::from(permit.in_flight_at_start) * 2.0 >= state.limit.floor() {
+                        state.limit = (state.limit + 1.0 / state.limit).min(max);
+                    }
+                } else {
+                    cut(&mut state, LATENCY_DECREASE);
+                }
+            }
+            Signal::Overloaded { retry_after } => {
+                cut(&mut state, OVERLOAD_DECREASE);
+                if let Some(wait) = retry_after.filter(|wait| !wait.is_zero()) {
+                    let until = now + wait.min(MAX_HOLD);
+                    state.hold_until = Some(state.hold_until.map_or(until, |held| held.max(until)));
+                }
+            }
+        }
+        let after = self.effective(&state, None);
+        self.publish(endpoint, &state);
+        drop(state);
+        // The slot given back, and any the limit grew by.
+        endpoint.notify.notify_one();
+        for _ in before..after {
+            endpoint.notify.notify_one();
+        }
+    }
+}
+
+fn busy(label: &str, hold: Option<Duration>) -> AttemptError {
+    let message = if hold.is_some() {
+        format!(
+            "{label} asked to wait {} ms (Retry-After); not called",
+            hold.unwrap_or_default().as_millis()
+        )
+    } else {
+        format!(
+            "every slot of {label}'s concurrency limit stayed taken for the queue wait; not called"
+        )
+    };
+    let mut error = AttemptError::new(ErrorCode::EndpointBusy, message);
+    error.retry_after = hold;
+    error
+}
+
+/// A call counted as queued until it gets a slot or gives up (or its future is dropped).
+struct Waiting {
+    endpoint: Arc<Endpoint>,
+    limiter: EndpointLimiter,
+    counted: bool,
+}
+
+impl Waiting {
+    fn leave(&mut self, state: &mut State) {
+        if std::mem::take(&mut self.counted) {
+            state.queued = state.queued.saturating_sub(1);
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            let mut state = self
+                .endpoint
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            state.queued = state.queued.saturating_sub(1);
+            self.limiter.publish(&self.endpoint, &state);
+            drop(state);
+            // A wake-up this waiter may have taken goes to the next one.
+            self.endpoint.notify.notify_one();
+        }
+    }
+}
+
+/// One slot at an endpoint, held for one call. Dropped without [`finish`](Self::finish), the
+/// slot is given back and the call says nothing about the receiver.
+#[derive(Debug)]
+pub struct EndpointPermit {
+    limiter: EndpointLimiter,
+    endpoint: Arc<Endpoint>,
+    started: Instant,
+    generation: u64,
+    in_flight_at_start: u32,
+    finished: bool,
+}
+
+impl EndpointPermit {
+    /// Gives the slot back, telling the limiter how the call went (its latency is the time
+    /// since the slot was taken).
+    pub fn finish(mut self, signal: Signal) {
+        self.finished = true;
+        self.limiter.finish(&self, signal);
+    }
+}
+
+impl Drop for EndpointPermit {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            self.limiter.finish(self, Signal::Ignored);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(initial: u32, queue_wait: Duration) -> EndpointLimiter {
+        EndpointLimiter::new(
+            LimiterSettings {
+                adaptive: true,
+                initial_limit: initial,
+                max_limit: 64,
+                queue_wait,
+            },
+            None,
+        )
+    }
+
+    #[tokio::test]
+    async fn the_limit_caps_calls_in_flight_and_queue_wait_is_bounded() {
+        let limiter = limiter(2, Duration::from_millis(50));
+        let first = limiter.acquire("e", "e", None).await.unwrap().unwrap();
+        let _second = limiter.acquire("e", "e", None).await.unwrap().unwrap();
+        let refused = limiter.acquire("e", "e", None).await.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::EndpointBusy);
+        assert_eq!(limiter.snapshot("e").unwrap().queued, 0);
+        let waiter = tokio::spawn({
+            let limiter = limiter.clone();
+            async move {
+                limiter
+                    .acquire("e", "e", None)
+                    .await
+                    .map(|permit| permit.is_some())
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        first.finish(Signal::Ignored);
+        assert!(
+            waiter.await.unwrap().unwrap(),
+            "a freed slot goes to a waiter"
+        );
+        let ceiling = limiter.acquire("other", "other", Some(1)).await.unwrap();
+        assert!(ceiling.is_some());
+        assert!(
+            limiter.acquire("other", "other", Some(1)).await.is_err(),
+            "a configured max_in_flight caps the limit"
+        );
+    }
+
+    #[tokio::test]
+    async fn overload_halves_once_per_generation_and_retry_after_holds_calls() {
+        let limiter = limiter(16, Duration::from_millis(30));
+        let mut permits = Vec::new();
+        for _ in 0..8 {
+            permits.push(limiter.acquire("e", "e", None).await.unwrap().unwrap());
+        }
+        for permit in permits {
+            permit.finish(Signal::Overloaded { retry_after: None });
+        }
+        assert_eq!(limiter.snapshot("e").unwrap().limit, 8, "one cut per burst");
+        assert!(limiter.is_shrinking("e"));
+        let permit = limiter.acquire("e", "e", None).await.unwrap().unwrap();
+        permit.finish(Signal::Overloaded {
+            retry_after: Some(Duration::from_secs(5)),
+        });
+        assert_eq!(limiter.snapshot("e").unwrap().limit, 4);
+        let held = limiter.acquire("e", "e", None).await.unwrap_err();
+        assert_eq!(held.code, ErrorCode::EndpointBusy);
+        let wait = held.retry_after.unwrap();
+        assert!(wait > Duration::from_secs(4) && wait <= Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn fast_answers_grow_the_limit_and_slow_ones_shrink_it() {
+        let limiter = limiter(4, Duration::from_secs(1));
+        for _ in 0..40 {
+            let permits: Vec<_> = futures::future::join_all(
+                (0..limiter.snapshot("e").map_or(4, |known| known.limit))
+                    .map(|_| limiter.acquire("e", "e", None)),
+            )
+            .await;
+            for permit in permits {
+                permit.unwrap().unwrap().finish(Signal::Answered);
+            }
+        }
+        let grown = limiter.snapshot("e").unwrap().limit;
+        assert!(grown > 4, "{grown}");
+        // The receiver queues: answers of several calls at once come back slow.
+        for _ in 0..10 {
+            let permits: Vec<_> =
+                futures::future::join_all((0..4).map(|_| limiter.acquire("e", "e", None))).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for permit in permits {
+                permit.unwrap().unwrap().finish(Signal::Answered);
+            }
+        }
+        let shrunk = limiter.snapshot("e").unwrap().limit;
+        assert!(shrunk < grown, "{shrunk} after {grown}");
+    }
+}

@@ -120,6 +120,8 @@ enum Command {
         endpoints: EndpointArgs,
         #[command(flatten)]
         dedup: DedupArgs,
+        #[command(flatten)]
+        retention: RetentionArgs,
     },
     /// This node's status, from its control plane (gRPC).
     Status {
@@ -704,6 +706,30 @@ fn load_observers(
     )
 }
 
+/// What the coordinator deletes besides finished jobs and the completed-actions ledger.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct RetentionArgs {
+    /// Delete change-log rows older than this that every partition has delivered (off unless
+    /// given; other readers of the change log, and `replay`, lose those rows). At least 1m.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_CHANGE_LOG_RETENTION", value_parser = parse_retention)]
+    change_log_retention: Option<std::time::Duration>,
+    /// Delete dead letters older than this (off unless given: letters stay until retried or
+    /// purged). At least 1m.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_DEAD_LETTER_RETENTION", value_parser = parse_retention)]
+    dead_letter_retention: Option<std::time::Duration>,
+}
+
+fn parse_retention(text: &str) -> Result<std::time::Duration, String> {
+    let retention = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    if retention < std::time::Duration::from_mins(1) {
+        return Err(format!(
+            "a retention must be at least 1m, found {}",
+            humantime::format_duration(retention)
+        ));
+    }
+    Ok(retention)
+}
+
 async fn run_node(
     database: DatabaseArgs,
     config_path: PathBuf,
@@ -713,8 +739,7 @@ async fn run_node(
         EndpointArgs,
         DedupArgs,
     ),
-    db_pool_size: u32,
-    shutdown_timeout: std::time::Duration,
+    (db_pool_size, shutdown_timeout, retention): (u32, std::time::Duration, RetentionArgs),
 ) -> anyhow::Result<String> {
     let mut config = load_observers(&config_path, &dedup_args.redis_prefix)?;
     if let Some(wait) = dedup_args.endpoint_queue_wait {
@@ -778,6 +803,10 @@ async fn run_node(
     )
     .await?
     .with_gauge_refresh_interval(endpoints.metrics_refresh_interval)
+    .with_retention(
+        retention.dead_letter_retention,
+        retention.change_log_retention,
+    )
     .with_endpoints(fraiseql_observers::node::Endpoints {
         grpc: Some(fraiseql_observers::grpc::GrpcEndpoint {
             listener: grpc,
@@ -864,6 +893,7 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             shutdown_timeout,
             endpoints,
             dedup,
+            retention,
         } => {
             anyhow::ensure!(batch_size > 0, "--batch-size must be at least 1");
             let settings = fraiseql_observers::listener::ListenerSettings {
@@ -883,8 +913,7 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
                 database,
                 config,
                 (settings, cluster, endpoints, dedup),
-                db_pool_size,
-                shutdown_timeout,
+                (db_pool_size, shutdown_timeout, retention),
             )
             .await
         }

@@ -43,6 +43,17 @@ pub struct EndpointLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DutyLabels {
+    pub duty: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabels {
     pub queue: String,
     pub status: String,
@@ -119,6 +130,14 @@ pub struct Metrics {
     pub cache: Family<OutcomeLabel, Counter>,
     /// Refreshes of the database-read gauges, `succeeded` or `failed`.
     pub gauge_refreshes: Family<OutcomeLabel, Counter>,
+    /// 1 while this node holds the coordinator role.
+    pub coordinator: Gauge,
+    /// Coordinator duty runs by duty and outcome.
+    pub coordinator_duties: Family<DutyLabels, Counter>,
+    /// Rows the coordinator's retention deleted, by table.
+    pub pruned_rows: Family<TableLabel, Counter>,
+    /// Job claims the coordinator put back to pending after their worker stopped.
+    pub jobs_rescued: Counter,
     /// The adaptive concurrency limits per HTTP endpoint.
     pub endpoints: EndpointMetrics,
     /// Succeeded, failed, enqueued: plain totals for the status call.
@@ -143,6 +162,10 @@ impl Default for Metrics {
 
 impl Metrics {
     #[must_use]
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one registration per metric, in catalog order"
+    )]
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("fraiseql_observers");
         let metrics = Metrics {
@@ -162,6 +185,10 @@ impl Metrics {
             dedup: Family::default(),
             cache: Family::default(),
             gauge_refreshes: Family::default(),
+            coordinator: Gauge::default(),
+            coordinator_duties: Family::default(),
+            pruned_rows: Family::default(),
+            jobs_rescued: Counter::default(),
             endpoints: EndpointMetrics::default(),
             totals: Default::default(),
         };
@@ -217,12 +244,12 @@ impl Metrics {
         );
         registry.register(
             "dead_letters",
-            "Dead letters waiting in the database, cluster-wide (counted up to 100,000; as of the last database gauge refresh)",
+            "Dead letters waiting in the database, cluster-wide, read by the coordinator (0 on other nodes: take the max across nodes; counted up to 100,000; as of the last database gauge refresh)",
             metrics.dead_letters.clone(),
         );
         registry.register(
             "jobs",
-            "Jobs in the durable queue by queue and status, cluster-wide (as of the last database gauge refresh)",
+            "Jobs in the durable queue by queue and status, cluster-wide, read by the coordinator (no series on other nodes; as of the last database gauge refresh)",
             metrics.jobs.clone(),
         );
         registry.register(
@@ -240,10 +267,34 @@ impl Metrics {
             "Reads of the database-backed gauges (backlog, checkpoint age, dead letters, jobs) by the background refresh: succeeded, failed",
             metrics.gauge_refreshes.clone(),
         );
+        metrics.register_coordinator(&mut registry);
         Metrics {
             registry: metrics.endpoints.registered_in(registry),
             ..metrics
         }
+    }
+
+    fn register_coordinator(&self, registry: &mut Registry) {
+        registry.register(
+            "coordinator",
+            "1 while this node holds the coordinator role (the cluster-wide gauges dead_letters and jobs come from it)",
+            self.coordinator.clone(),
+        );
+        registry.register(
+            "coordinator_duty_runs",
+            "Coordinator duty runs by duty (rescue, job_retention, ledger_retention, dead_letter_retention, change_log_retention) and outcome (succeeded, failed, fenced)",
+            self.coordinator_duties.clone(),
+        );
+        registry.register(
+            "pruned_rows",
+            "Rows deleted by the coordinator's retention, by table (jobs, ledger, dead_letters, change_log)",
+            self.pruned_rows.clone(),
+        );
+        registry.register(
+            "jobs_rescued",
+            "Running jobs whose claim expired (worker stopped) put back to pending by the coordinator",
+            self.jobs_rescued.clone(),
+        );
     }
 
     /// Counts a delivered page's events and actions.

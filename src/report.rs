@@ -292,9 +292,18 @@ pub fn cluster_status_text(cluster: &crate::control::ClusterState) -> String {
     } else {
         cluster.dead_letters.to_string()
     };
+    let coordinator = match &cluster.coordinator {
+        Some(coordinator) => format!(
+            "coordinator {} (epoch {}, for {:.0}s)",
+            escape_control(&coordinator.node_id),
+            coordinator.epoch,
+            coordinator.held_for_seconds
+        ),
+        None => "no coordinator (a live node takes the role at its next tick)".to_owned(),
+    };
     let _ = writeln!(
         out,
-        "Cluster: {} live node(s), {} partitions, {dead_letters} dead letter(s)",
+        "Cluster: {} live node(s), {} partitions, {dead_letters} dead letter(s), {coordinator}",
         cluster.nodes.len(),
         cluster.partition_count,
     );
@@ -359,6 +368,11 @@ mod tests {
                 checkpoint_age_seconds: None,
             }],
             dead_letters: crate::control::DEAD_LETTER_COUNT_CAP,
+            coordinator: Some(crate::control::CoordinatorState {
+                node_id: "node-\u{1b}[2K".to_owned(),
+                epoch: 3,
+                held_for_seconds: 12.4,
+            }),
         };
         let text = cluster_status_text(&cluster);
         assert_eq!(text.lines().count(), 5, "{text}");
@@ -368,7 +382,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.starts_with("Cluster: 1 live node(s), 1 partitions, 100000+ dead letter(s)\n"),
+            text.starts_with("Cluster: 1 live node(s), 1 partitions, 100000+ dead letter(s), coordinator node-\\u{1b}[2K (epoch 3, for 12s)\n"),
             "{text}"
         );
     }

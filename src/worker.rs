@@ -57,6 +57,9 @@ pub struct JobWorker {
     claim_batch: u32,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     dedup: Option<crate::dedup::Deduplication>,
+    /// Rescues expired claims when idle (a worker on its own); a node's workers leave it to the
+    /// coordinator.
+    rescues_expired: bool,
 }
 
 impl JobWorker {
@@ -77,7 +80,16 @@ impl JobWorker {
             claim_batch: DEFAULT_CLAIM_BATCH,
             metrics: None,
             dedup: None,
+            rescues_expired: true,
         }
+    }
+
+    /// Leaves the rescue of expired claims to someone else (a node's coordinator,
+    /// [`crate::coordinator`] in the node layer) instead of running it whenever idle.
+    #[must_use]
+    pub fn without_rescue(mut self) -> JobWorker {
+        self.rescues_expired = false;
+        self
     }
 
     /// Claims each job's side effect across nodes before running it: a job whose action another
@@ -443,14 +455,16 @@ impl JobWorker {
         }
     }
 
-    /// The queue is empty: rescues expired claims, then waits for a notification, the poll
+    /// The queue is empty: rescues expired claims (unless left to the coordinator), then waits for a notification, the poll
     /// interval or shutdown.
     async fn wait_for_work(
         &self,
         notifications: Option<&mut PgListener>,
         shutdown: &CancellationToken,
     ) {
-        if let Err(error) = self.queue.rescue_expired().await {
+        if self.rescues_expired
+            && let Err(error) = self.queue.rescue_expired().await
+        {
             tracing::warn!(%error, "rescuing expired jobs failed");
         }
         let woken = async {

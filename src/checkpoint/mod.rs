@@ -26,9 +26,14 @@ pub use crate::domain::ActionKey;
 use crate::error::ErrorCode;
 use crate::jobs::NewJob;
 pub use memory::InMemoryCheckpointStore;
-pub use postgres::{LEDGER_RETENTION, PostgresCheckpointStore, prune_completed};
+pub use postgres::{
+    LEDGER_PRUNE_BATCH, LEDGER_RETENTION, PostgresCheckpointStore, prune_completed,
+    prune_completed_batch,
+};
 pub use postgres::{PartitionRow, clear_handover, partition_rows, request_handover};
-pub(crate) use postgres::{partition_epoch_sql, pending_handovers_columns};
+pub(crate) use postgres::{
+    delivered_everywhere_below_sql, partition_epoch_sql, pending_handovers_columns,
+};
 
 /// How far a partition's delivery got.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

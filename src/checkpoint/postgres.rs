@@ -292,24 +292,59 @@ pub async fn prune_completed(
 ) -> Result<u64, sqlx::Error> {
     let mut pruned = 0;
     loop {
-        let deleted = sqlx::query(
-            "DELETE FROM fraiseql_observers.processed_actions
-              WHERE ctid = ANY (ARRAY(
-                    SELECT ctid FROM fraiseql_observers.processed_actions
-                     WHERE completed_at < now() - make_interval(secs => $1)
-                     LIMIT $2))",
-        )
-        .bind(older_than.as_secs_f64())
-        .bind(PRUNE_BATCH)
-        .execute(pool)
-        .await?
-        .rows_affected();
+        let deleted = prune_completed_batch(pool, older_than).await?;
         pruned += deleted;
         if deleted < PRUNE_BATCH.unsigned_abs() {
             return Ok(pruned);
         }
     }
 }
+
+/// Deletes at most [`PRUNE_BATCH`] ledger rows older than `older_than` on `executor` (the
+/// coordinator's fenced transaction, or a pool); how many. Fewer than a batch: nothing older is
+/// left.
+///
+/// # Errors
+/// Storage failed.
+pub async fn prune_completed_batch<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = sqlx::Postgres>,
+    older_than: std::time::Duration,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "DELETE FROM fraiseql_observers.processed_actions
+          WHERE ctid = ANY (ARRAY(
+                SELECT ctid FROM fraiseql_observers.processed_actions
+                 WHERE completed_at < now() - make_interval(secs => $1)
+                 LIMIT $2))",
+    )
+    .bind(older_than.as_secs_f64())
+    .bind(PRUNE_BATCH)
+    .execute(executor)
+    .await?
+    .rows_affected())
+}
+
+/// Ledger rows one pruning batch deletes at most.
+pub const LEDGER_PRUNE_BATCH: u64 = PRUNE_BATCH.unsigned_abs();
+
+/// A SQL expression: the transaction id below which every partition's checkpoint has passed
+/// (`xid8`; the smallest `xmin` of the checkpoint snapshots of partitions `0..count`), or NULL
+/// unless each of those partitions has a checkpoint. Every change-log row written by a
+/// transaction below it was delivered by its partition. The argument is the SQL text of the
+/// partition count (a parameter, `"$2"`). The change log's retention reads it in its delete.
+macro_rules! delivered_everywhere_below_sql {
+    ($count:literal) => {
+        concat!(
+            "(SELECT CASE WHEN count(*) FILTER (WHERE snapshot IS NOT NULL) = ",
+            $count,
+            " THEN min(pg_snapshot_xmin(snapshot)) END
+                FROM fraiseql_observers.partitions WHERE partition >= 0 AND partition < ",
+            $count,
+            ")"
+        )
+    };
+}
+pub(crate) use delivered_everywhere_below_sql;
 
 #[async_trait]
 impl CheckpointStore for PostgresCheckpointStore {

@@ -23,7 +23,7 @@ use crate::database::{self, DatabaseError};
 use crate::dlq::{DeadLetterError, count_dead_letters_up_to};
 use crate::jobs::{PostgresJobQueue, QueueStats};
 use crate::membership::{self, MembershipError};
-use crate::metrics::{Metrics, OutcomeLabel, PartitionLabel, QueueLabels};
+use crate::metrics::{Metrics, OutcomeLabel, PartitionLabel, QueueLabel, QueueLabels};
 
 /// Backlog counts stop here, so a status call stays cheap on a huge backlog.
 pub const BACKLOG_CAP: i64 = 1_000_000;
@@ -128,6 +128,13 @@ pub enum ControlError {
     DeadLetters(#[from] DeadLetterError),
     #[error("job queue statistics failed: {0}")]
     Jobs(#[from] crate::jobs::JobError),
+}
+
+/// The gauges only the coordinator reads: dead letters, job depths and the oldest due job's age.
+struct ClusterWideGauges {
+    dead_letters: i64,
+    depths: Vec<(String, String, i64)>,
+    oldest_due: Vec<(String, f64)>,
 }
 
 /// One node's control façade.
@@ -416,41 +423,43 @@ impl Control {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *partition_gauges = states;
         self.metrics.jobs.clear();
-        let Some((dead_letters, depths)) = cluster_wide else {
+        self.metrics.catalog.oldest_due_job_age.clear();
+        let Some(cluster_wide) = cluster_wide else {
             // Only the coordinator reads the cluster-wide gauges; the others show 0 and no
             // queue series (dashboards take the max across nodes).
             self.metrics.dead_letters.set(0);
             return Ok(());
         };
-        self.metrics.dead_letters.set(dead_letters);
-        for (queue, status, count) in depths {
+        self.metrics.dead_letters.set(cluster_wide.dead_letters);
+        for (queue, status, count) in cluster_wide.depths {
             self.metrics
                 .jobs
                 .get_or_create(&QueueLabels { queue, status })
                 .set(count);
         }
+        for (queue, age) in cluster_wide.oldest_due {
+            self.metrics
+                .catalog
+                .oldest_due_job_age
+                .get_or_create(&QueueLabel { queue })
+                .set(age);
+        }
         Ok(())
     }
 
-    /// The cluster-wide part of a gauge refresh: dead letters and job depths.
-    #[allow(clippy::type_complexity, reason = "a private read's tuple")]
     async fn read_gauges(
         &self,
-    ) -> Result<
-        (
-            Vec<PartitionState>,
-            Option<(i64, Vec<(String, String, i64)>)>,
-        ),
-        ControlError,
-    > {
+    ) -> Result<(Vec<PartitionState>, Option<ClusterWideGauges>), ControlError> {
         let mut transaction =
             database::bounded_read(&self.pool, GAUGE_REFRESH_STATEMENT_TIMEOUT).await?;
         let states = partition_states(&mut transaction, self.partitions).await?;
         let cluster_wide = if self.handle.coordinator_epoch().is_some() {
-            let dead_letters =
-                count_dead_letters_up_to(&mut *transaction, DEAD_LETTER_COUNT_CAP).await?;
-            let depths = crate::jobs::depths(&mut *transaction).await?;
-            Some((dead_letters, depths))
+            Some(ClusterWideGauges {
+                dead_letters: count_dead_letters_up_to(&mut *transaction, DEAD_LETTER_COUNT_CAP)
+                    .await?,
+                depths: crate::jobs::depths(&mut *transaction).await?,
+                oldest_due: crate::jobs::oldest_due_ages(&mut *transaction).await?,
+            })
         } else {
             None
         };

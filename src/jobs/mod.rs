@@ -750,6 +750,23 @@ pub async fn depths<'connection>(
     .await?)
 }
 
+/// Per queue, the seconds the oldest due pending job has waited since it became due (a
+/// bounded read for gauges).
+///
+/// # Errors
+/// Storage failed.
+pub async fn oldest_due_ages<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = Postgres>,
+) -> Result<Vec<(String, f64)>, JobError> {
+    Ok(sqlx::query_as(
+        "SELECT queue, extract(epoch FROM now() - min(run_at))::float8 FROM fraiseql_observers.jobs
+          WHERE status = 'pending' AND run_at <= now()
+          GROUP BY queue ORDER BY queue",
+    )
+    .fetch_all(executor)
+    .await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -340,7 +340,7 @@ impl Metrics {
         );
         registry.register(
             "dedup_checks",
-            "Deduplication claims that did not simply acquire: duplicate_skipped, busy_elsewhere, store_unavailable",
+            "Deduplication claims that did not simply acquire (duplicate_skipped, busy_elsewhere, store_unavailable) and renewals of held claims that did not succeed (claim_lost, renewal_failed)",
             metrics.dedup.clone(),
         );
         registry.register(

@@ -133,6 +133,9 @@ impl Node {
             window: shared.dedup_window,
             when_unavailable: shared.dedup_unavailable,
             metrics: Some(metrics.clone()),
+            // Ends before the cluster declares a killed node dead, so its claims never hold the
+            // entity's later changes back after its partitions are taken over.
+            claim_lease: crate::dedup::claim_lease_for(cluster.node_timeout),
         };
         let store: Arc<dyn CheckpointStore> =
             Arc::new(PostgresCheckpointStore::with_group_commit(pool.clone()));

@@ -41,8 +41,9 @@ pub enum WorkOutcome {
     Lost(Uuid),
     /// Claimed while the worker was stopping; given back without counting the attempt.
     Released(Uuid),
-    /// Its target's circuit is open, or its endpoint had no free slot within the queue wait:
-    /// given back, due when it can take calls again, attempt not counted.
+    /// Its target's circuit is open, its endpoint had no free slot within the queue wait, or
+    /// another node holds its deduplication claim: given back, due when it can take calls again
+    /// (when that claim ends), attempt not counted.
     Postponed(Uuid),
 }
 
@@ -200,6 +201,8 @@ impl JobWorker {
         let started = std::time::Instant::now();
         let attempt = self.deduplicated_attempt(&job).await;
         let took = started.elapsed();
+        let attempt_busy =
+            matches!(&attempt, Err(error) if error.code == ErrorCode::InProgressElsewhere);
         let result = match attempt {
             Ok(()) => Ok(None),
             Err(error) if error.code.call_not_made() => self
@@ -216,6 +219,18 @@ impl JobWorker {
                 )
                 .await
                 .map(|_| Some(WorkOutcome::Postponed(job.id))),
+            // Another node holds the action's claim: nothing was attempted here. Due again when
+            // that claim ends (a killed node's claim ends within one claim lease), not after a
+            // backoff, and without spending an attempt.
+            Err(error)
+                if error.code == ErrorCode::InProgressElsewhere
+                    && let Some(claim_left) = error.retry_after =>
+            {
+                self.queue
+                    .postpone(job.id, claim_left.max(CLAIM_RECHECK_FLOOR))
+                    .await
+                    .map(|_| Some(WorkOutcome::Postponed(job.id)))
+            }
             Err(error) => self.queue.fail(&job, &error).await.map(|outcome| {
                 Some(match outcome {
                     FailOutcome::Rescheduled { .. } => WorkOutcome::Rescheduled(job.id),
@@ -243,6 +258,7 @@ impl JobWorker {
                 Ok(None) => "succeeded",
                 Ok(Some(WorkOutcome::Rescheduled(_))) => "rescheduled",
                 Ok(Some(WorkOutcome::DeadLettered(_))) => "dead_lettered",
+                Ok(Some(WorkOutcome::Postponed(_))) if attempt_busy => "busy_elsewhere",
                 Ok(Some(WorkOutcome::Postponed(_))) => "circuit_open",
                 _ => "lost",
             };
@@ -276,18 +292,23 @@ impl JobWorker {
             return self.attempt(job).await;
         };
         let key = job.action_key().to_string();
-        let lease = self
-            .queue
-            .visibility_timeout()
-            .max(std::time::Duration::from_secs(5));
-        match dedup.gate(&key, lease).await {
+        match dedup.gate(&key).await {
             crate::dedup::Gate::Run(token) => {
-                let result = self.attempt(job).await;
+                // Renewed while the attempt runs, so a claim left by a killed node ends soon.
+                let result = dedup.hold(&key, token.as_deref(), self.attempt(job)).await;
                 dedup.settle(&key, token.as_deref(), result.is_ok()).await;
                 result
             }
             crate::dedup::Gate::Done => Ok(()),
-            crate::dedup::Gate::Later(reason) => {
+            crate::dedup::Gate::Busy { expires_in } => {
+                let mut busy = AttemptError::new(
+                    ErrorCode::InProgressElsewhere,
+                    "another node is running this action right now",
+                );
+                busy.retry_after = Some(expires_in);
+                Err(busy)
+            }
+            crate::dedup::Gate::Deferred(reason) => {
                 Err(AttemptError::new(ErrorCode::InProgressElsewhere, reason))
             }
         }
@@ -517,6 +538,9 @@ impl JobWorker {
 /// Completions sent, jobs asked for, and the outcome of one complete-and-claim step.
 type ClaimResult = (Vec<Uuid>, usize, Result<(Vec<Uuid>, Vec<Job>), JobError>);
 
+/// A job whose action another node holds is due again when that claim ends, but never sooner
+/// than this (a claim about to end is not polled in a tight loop).
+const CLAIM_RECHECK_FLOOR: Duration = Duration::from_millis(100);
 /// When an open circuit gives no time to wait, look again after this.
 const CIRCUIT_RECHECK: Duration = Duration::from_secs(5);
 /// When a busy endpoint (no slot within the queue wait) gives no time to wait, try after this.

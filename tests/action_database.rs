@@ -645,3 +645,56 @@ async fn a_node_killed_after_the_call_committed_and_before_the_checkpoint_does_n
         "the function's effect exists exactly once"
     );
 }
+
+#[tokio::test]
+async fn a_job_for_a_call_that_already_committed_inline_completes_without_calling_again() {
+    use fraiseql_observers::jobs::{NewJob, PostgresJobQueue};
+    use fraiseql_observers::worker::{JobWorker, WorkOutcome};
+    use std::time::Duration;
+
+    let database = database().await;
+    let (executor, _) = executor(&database, ON_ORDER_PAID);
+    let event = order_paid(3.0);
+    // The inline attempt commits; then the same action reaches the job queue, as when the
+    // executor's own timeout fired after the call had committed and the action was handed over.
+    assert!(executor.execute_event(&event).await.actions[0].succeeded());
+    let config = common::config_from_yaml(&observer_yaml(ON_ORDER_PAID));
+    let jobs = PostgresJobQueue::new(database.pool.clone(), "node-a", Duration::from_secs(30));
+    let id = jobs
+        .enqueue(&NewJob {
+            queue: "default".into(),
+            priority: 5,
+            run_at: None,
+            event: event.clone(),
+            observer: "order-paid".into(),
+            action_index: 0,
+            action_type: "database".into(),
+            max_attempts: 3,
+            initial_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(50),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let worker = JobWorker::new(
+        jobs,
+        "default",
+        fraiseql_observers::actions::ActionRunner::new(std::sync::Arc::new(config.templates))
+            .unwrap()
+            .with_database(database.pool.clone()),
+        std::sync::Arc::new(fraiseql_observers::matcher::Matcher::new(config.observers)),
+        Duration::from_millis(100),
+    );
+
+    let outcome = worker
+        .try_execute_one(&tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+
+    assert_eq!(outcome, WorkOutcome::Completed(id));
+    assert_eq!(
+        paid_orders(&database.pool).await,
+        1,
+        "the job found the call in the ledger"
+    );
+}

@@ -347,7 +347,8 @@ pub struct ActionRunner {
     cache: crate::cache::Cache,
     /// The keys under that prefix: `cache` actions leave them alone.
     service_keys: crate::config::ServiceKeyspace,
-    /// The service's PostgreSQL pool, which `database` actions call their functions through.
+    /// The service's PostgreSQL pool, which `database` actions call their functions through, and
+    /// whose ledger records those calls in the same transactions.
     database: Option<sqlx::PgPool>,
     /// The node's Redis connection, which `cache` actions remove keys through.
     redis: Option<crate::redis_client::SharedConnection>,
@@ -400,7 +401,9 @@ impl ActionRunner {
         self
     }
 
-    /// Lets `database` actions call their functions through `pool`.
+    /// Lets `database` actions call their functions through `pool`: the service's own database,
+    /// migrated, whose completed-actions ledger each call records itself in (in the call's
+    /// transaction, so a call is made once per action of an event; see [`database`]).
     #[must_use]
     pub fn with_database(mut self, pool: sqlx::PgPool) -> ActionRunner {
         self.database = Some(pool);

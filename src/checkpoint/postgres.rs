@@ -255,7 +255,9 @@ fn checkpoint_from_row(
 
 /// The keys as column arrays, sorted: every writer of `processed_actions` (the early ledger
 /// writer and checkpoint saves, which overlap) takes the row locks in the same order, so they
-/// wait for each other instead of deadlocking.
+/// wait for each other instead of deadlocking. A `database` action's transaction
+/// ([`record_completed_in`]) holds one key only, and only until its call commits; the others
+/// record a key after that, so they find it committed and do not wait.
 fn key_columns(completed: &[ActionKey]) -> (Vec<Uuid>, Vec<String>, Vec<i32>) {
     let mut sorted: Vec<&ActionKey> = completed.iter().collect();
     sorted.sort_unstable();
@@ -274,6 +276,33 @@ const INSERT_COMPLETED: &str =
     "INSERT INTO fraiseql_observers.processed_actions (event_id, observer, action_index)
      SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[])
      ON CONFLICT DO NOTHING";
+
+/// Records `key` in the completed-actions ledger inside the caller's transaction, before the
+/// action's effect is made in that same transaction: `true` when this transaction recorded it (do
+/// the work; the commit makes both durable together, a rollback neither), `false` when the key was
+/// already recorded (done before: do nothing). A transaction that recorded the same key and has
+/// not ended yet is waited for (the primary key's uniqueness check), so of two concurrent callers
+/// exactly one does the work — bounded by the caller's `statement_timeout`.
+///
+/// # Errors
+/// Storage failed (the ledger table is missing when the migrations were not applied).
+pub async fn record_completed_in(
+    connection: &mut sqlx::PgConnection,
+    key: &ActionKey,
+) -> Result<bool, CheckpointError> {
+    let recorded: Option<i32> = sqlx::query_scalar(
+        "INSERT INTO fraiseql_observers.processed_actions (event_id, observer, action_index)
+         VALUES ($1, $2, $3)
+         ON CONFLICT DO NOTHING
+         RETURNING 1",
+    )
+    .bind(key.event_id)
+    .bind(&key.observer)
+    .bind(i32::try_from(key.action_index).unwrap_or(i32::MAX))
+    .fetch_optional(connection)
+    .await?;
+    Ok(recorded.is_some())
+}
 
 /// How long a completed action stays in the ledger. It is read only while its event can be read
 /// again — its page not yet checkpointed — which is seconds in the common case; a day covers a

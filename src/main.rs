@@ -255,6 +255,15 @@ struct DedupArgs {
     /// file's `executor.adaptive_concurrency`.
     #[arg(long, env = "FRAISEQL_OBSERVERS_ADAPTIVE_CONCURRENCY", value_parser = parse_on_off)]
     adaptive_concurrency: Option<bool>,
+    /// Networks (CIDR, comma-separated: `10.20.0.0/16,fd00:1::/64`) that webhook URLs whose host
+    /// comes from event data may reach although they are private, loopback or link-local.
+    /// Without it such URLs reach public addresses only (OB017); literal URLs are never checked.
+    #[arg(
+        long,
+        env = "FRAISEQL_OBSERVERS_ALLOW_PRIVATE_TARGETS_CIDR",
+        value_delimiter = ','
+    )]
+    allow_private_targets_cidr: Vec<fraiseql_observers::config::Network>,
 }
 
 fn parse_on_off(text: &str) -> Result<bool, String> {
@@ -486,7 +495,7 @@ impl DlqFilterArgs {
                     .find(|candidate| candidate.as_str().eq_ignore_ascii_case(&code))
                     .ok_or_else(|| {
                         anyhow::anyhow!(
-                            "--code: expected an error code OB001…OB016, found {code:?}"
+                            "--code: expected an error code OB001…OB017, found {code:?}"
                         )
                     })
             })
@@ -723,6 +732,10 @@ async fn run_node(
     if let Some(adaptive) = dedup_args.adaptive_concurrency {
         config.executor.adaptive_concurrency = adaptive;
     }
+    config
+        .executor
+        .private_targets_allowed
+        .clone_from(&dedup_args.allow_private_targets_cidr);
     for warning in &config.warnings {
         tracing::warn!(%warning, "configuration warning");
     }

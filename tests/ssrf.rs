@@ -8,13 +8,18 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
+use common::postgres::TestDatabase;
 use common::{Receiver, executor_from_yaml, executor_with_runner};
+use fraiseql_observers::cluster::ClusterSettings;
 use fraiseql_observers::config::Network;
 use fraiseql_observers::dlq::{DeadLetterFilter, DeadLetterQueue};
 use fraiseql_observers::domain::{EntityEvent, EventKind};
 use fraiseql_observers::error::ErrorCode;
 use fraiseql_observers::executor::{ActionStatus, Executor};
+use fraiseql_observers::listener::ListenerSettings;
+use fraiseql_observers::node::Node;
 use serde_json::json;
 
 /// An INSERT of an order whose `host` field says where its webhook goes.
@@ -360,4 +365,72 @@ fn a_malformed_allow_list_entry_is_refused_naming_the_flag_and_the_value() {
             && stderr.contains("address bits are set beyond the prefix length"),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_delivers_to_its_allowed_networks_and_dead_letters_the_rest() {
+    let database = TestDatabase::migrated().await;
+    common::nodes::prepare_orders(&database.pool).await;
+    let loopback = Loopback::start().await;
+    // Orders below 10 go to the IPv4 loopback receiver (allowed by the node), the others to the
+    // IPv6 one (not allowed).
+    let mut config = common::config_from_yaml(&format!(
+        "observers:
+  - name: orders
+    entity: Order
+    events: [insert]
+    retry: {{max_attempts: 3, initial_delay: 10ms, max_delay: 50ms}}
+    actions:
+      - type: webhook
+        url: 'http://{{{{ \"127.0.0.1:{}\" if data.id < 10 else \"[::1]:{}\" }}}}/orders'
+",
+        loopback.port_v4(),
+        loopback.port_v6()
+    ));
+    config.executor.private_targets_allowed = vec!["127.0.0.0/8".parse().unwrap()];
+    let node = Node::build(
+        database.pool.clone(),
+        config,
+        ListenerSettings {
+            poll_interval: Duration::from_millis(50),
+            ..ListenerSettings::default()
+        },
+        ClusterSettings::default(),
+    )
+    .await
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(node.run_until_stopped(shutdown.clone()));
+    common::nodes::write_orders(&database.pool, 0..20, 1).await;
+
+    let pool = database.pool.clone();
+    common::nodes::eventually("10 deliveries and 10 dead letters", || {
+        let pool = pool.clone();
+        let delivered = loopback.v4.requests_to("/orders").len();
+        async move {
+            let letters: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM fraiseql_observers.dead_letters")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            delivered == 10 && letters == 10
+        }
+    })
+    .await;
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+
+    assert_eq!(loopback.v6.request_count(), 0, "nothing sent to ::1");
+    let letters: Vec<(String, String, i32)> = sqlx::query_as(
+        "SELECT error_code, error_message, attempts FROM fraiseql_observers.dead_letters",
+    )
+    .fetch_all(&database.pool)
+    .await
+    .unwrap();
+    for (code, message, attempts) in &letters {
+        assert_eq!(code, "OB017");
+        assert_eq!(*attempts, 1, "{message}");
+        assert!(message.starts_with("::1 (loopback"), "{message}");
+        assert!(!message.contains("/orders"), "{message}");
+    }
 }

@@ -439,6 +439,14 @@ enum DlqCommand {
         /// The observers file that defines the letter's observer.
         #[arg(long, env = "FRAISEQL_OBSERVERS_CONFIG")]
         config: PathBuf,
+        /// Networks (CIDR, comma-separated) a webhook URL whose host comes from event data may
+        /// reach although they are non-public, as `run --allow-private-targets-cidr`.
+        #[arg(
+            long,
+            env = "FRAISEQL_OBSERVERS_ALLOW_PRIVATE_TARGETS_CIDR",
+            value_delimiter = ','
+        )]
+        allow_private_targets_cidr: Vec<fraiseql_observers::config::Network>,
     },
     /// Delete dead letters matching the filters (at least one filter, or --all).
     Purge {
@@ -944,9 +952,14 @@ async fn dlq_command(database: DatabaseArgs, command: DlqCommand) -> anyhow::Res
             commands::dlq_list(&queue, &filter, json).await
         }
         DlqCommand::Show { id } => commands::dlq_show(&queue, id).await,
-        DlqCommand::Retry { id, config } => {
-            let config =
+        DlqCommand::Retry {
+            id,
+            config,
+            allow_private_targets_cidr,
+        } => {
+            let mut config =
                 observers::load_file(&config, &LoadOptions::from_process_env(MissingEnv::Error))?;
+            config.executor.private_targets_allowed = allow_private_targets_cidr;
             // Cache actions remove keys through the Redis the nodes use.
             let redis = std::env::var("REDIS_URL")
                 .ok()

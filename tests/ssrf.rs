@@ -434,3 +434,59 @@ async fn a_node_delivers_to_its_allowed_networks_and_dead_letters_the_rest() {
         assert!(!message.contains("/orders"), "{message}");
     }
 }
+
+// Multi-threaded: the receiver must keep answering while the test blocks on the CLI process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_retry_of_a_refused_letter_is_refused_again_until_its_network_is_allowed() {
+    let database = TestDatabase::migrated().await;
+    let queue = fraiseql_observers::dlq::PostgresDeadLetterQueue::new(database.pool.clone());
+    let receiver = Receiver::start().await;
+    let port = receiver.url("").rsplit(':').next().unwrap().to_owned();
+    let letter = queue
+        .push(fraiseql_observers::dlq::NewDeadLetter {
+            event: order_for(&format!("localhost:{port}"), 1),
+            observer: "routed".to_owned(),
+            action_index: 0,
+            action_type: "webhook".to_owned(),
+            error_code: ErrorCode::TargetRefused,
+            error_message: "127.0.0.1 (loopback) is not a public address".to_owned(),
+            attempts: 1,
+        })
+        .await
+        .unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("observers.yaml");
+    std::fs::write(&file, observer_yaml(HOST_FROM_DATA, "")).unwrap();
+    let retry = |extra: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
+            .args(["dlq", "retry", &letter.to_string(), "--config"])
+            .arg(&file)
+            .args(extra)
+            .env("DATABASE_URL", &database.url)
+            .env("RUST_LOG", "off")
+            .env_remove("FRAISEQL_OBSERVERS_ALLOW_PRIVATE_TARGETS_CIDR")
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        )
+    };
+
+    let (succeeded, output) = retry(&[]);
+    assert!(!succeeded && output.contains("OB017"), "{output}");
+    assert_eq!(receiver.request_count(), 0);
+    assert!(
+        queue.get(letter).await.unwrap().is_some(),
+        "the letter stays"
+    );
+
+    let (succeeded, output) = retry(&["--allow-private-targets-cidr", "127.0.0.0/8"]);
+    assert!(succeeded, "{output}");
+    assert_eq!(receiver.requests_to("/hook").len(), 1);
+    assert!(queue.get(letter).await.unwrap().is_none(), "{output}");
+}

@@ -199,11 +199,12 @@ fn write_urls_from_event(out: &mut String, urls: &[(String, crate::actions::UrlF
             (true, false) => "host from event data; allow_private_targets: any address",
             (false, _) => "path from event data; host fixed in the file",
         };
-        let _ = writeln!(
-            out,
-            "│   {branch} {place}: reads {} — {what}",
+        let reads = if url.reads.is_empty() {
+            "no variable".to_owned()
+        } else {
             url.reads.join(", ")
-        );
+        };
+        let _ = writeln!(out, "│   {branch} {place}: reads {reads} — {what}");
     }
 }
 

@@ -234,6 +234,12 @@ async fn literal_loopback_urls_and_templates_with_a_written_host_are_not_checked
     let (executor, _) = executor_from_yaml(&observer_yaml(template, ""), &[]);
     let (code, message, _) = failure_of(&executor, &order_for(&format!(":{port4}"), 8)).await;
     assert_eq!(code, ErrorCode::TargetRefused, "{message}");
+    // A template is checked whenever its host is not written before the first tag, even if it
+    // reads no variable itself (it could read the event through an included template).
+    let constant = format!("http://{{{{ \"127.0.0.1\" }}}}:{port4}/literal");
+    let (executor, _) = executor_from_yaml(&observer_yaml(&constant, ""), &[]);
+    let (code, message, _) = failure_of(&executor, &order_for("ignored", 9)).await;
+    assert_eq!(code, ErrorCode::TargetRefused, "{message}");
     assert_eq!(loopback.v4.requests_to("/literal").len(), 2);
 }
 

@@ -230,9 +230,6 @@ impl ActionConfig for WebhookAction {
         let WebhookTarget::Template(template) = &self.target else {
             return None;
         };
-        if template.reads.is_empty() {
-            return None;
-        }
         let host_from_event_data = template.host_from_event_data();
         Some(UrlFromEvent {
             reads: template.reads.clone(),
@@ -720,8 +717,7 @@ fn webhook_url(
     };
     // The origin is checked again after rendering: the text before the first tag fixed it, so
     // it cannot differ, but if it ever did, the guard applies.
-    let host_is_the_operators =
-        template.reads.is_empty() || template.fixed_origin.as_ref() == Some(&url.origin());
+    let host_is_the_operators = template.fixed_origin.as_ref() == Some(&url.origin());
     Ok((url, !host_is_the_operators && !action.allow_private_targets))
 }
 

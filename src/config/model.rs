@@ -171,8 +171,9 @@ pub enum WebhookTarget {
 pub struct UrlTemplate {
     /// The template's name in the configuration's `Templates`.
     pub name: String,
-    /// The variables of the event envelope it reads (`data.region`, …), sorted; empty when it
-    /// reads none (then every event renders the same URL, written by the operator).
+    /// The variables of the event envelope it reads (`data.region`, …), sorted, for reports.
+    /// Not what the guard decides by: a template can read the event through another template
+    /// it includes.
     pub reads: Vec<String>,
     /// The scheme, host and port when the text before the template's first tag fixes them
     /// (`https://hooks.example/orders/{{ data.id }}`): event data then shapes only the path
@@ -181,12 +182,12 @@ pub struct UrlTemplate {
 }
 
 impl UrlTemplate {
-    /// Whether event data can choose where the request goes: the template reads the event and
-    /// its host is not fixed by the text before its first tag. Such URLs are checked against
-    /// private and loopback addresses (the SSRF guard) unless the action allows them.
+    /// Whether event data can choose where the request goes: the text before the template's
+    /// first tag does not fix its host. Such URLs are checked against private and loopback
+    /// addresses (the SSRF guard) unless the action allows them.
     #[must_use]
     pub fn host_from_event_data(&self) -> bool {
-        !self.reads.is_empty() && self.fixed_origin.is_none()
+        self.fixed_origin.is_none()
     }
 }
 

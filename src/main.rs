@@ -257,6 +257,15 @@ struct DedupArgs {
     /// file's `executor.adaptive_concurrency`.
     #[arg(long, env = "FRAISEQL_OBSERVERS_ADAPTIVE_CONCURRENCY", value_parser = parse_on_off)]
     adaptive_concurrency: Option<bool>,
+    /// Networks (CIDR, comma-separated: `10.20.0.0/16,fd00:1::/64`) that webhook URLs whose host
+    /// comes from event data may reach although they are private, loopback or link-local.
+    /// Without it such URLs reach public addresses only (OB017); literal URLs are never checked.
+    #[arg(
+        long,
+        env = "FRAISEQL_OBSERVERS_ALLOW_PRIVATE_TARGETS_CIDR",
+        value_delimiter = ','
+    )]
+    allow_private_targets_cidr: Vec<fraiseql_observers::config::Network>,
 }
 
 fn parse_on_off(text: &str) -> Result<bool, String> {
@@ -432,6 +441,14 @@ enum DlqCommand {
         /// The observers file that defines the letter's observer.
         #[arg(long, env = "FRAISEQL_OBSERVERS_CONFIG")]
         config: PathBuf,
+        /// Networks (CIDR, comma-separated) a webhook URL whose host comes from event data may
+        /// reach although they are non-public, as `run --allow-private-targets-cidr`.
+        #[arg(
+            long,
+            env = "FRAISEQL_OBSERVERS_ALLOW_PRIVATE_TARGETS_CIDR",
+            value_delimiter = ','
+        )]
+        allow_private_targets_cidr: Vec<fraiseql_observers::config::Network>,
     },
     /// Delete dead letters matching the filters (at least one filter, or --all).
     Purge {
@@ -488,7 +505,7 @@ impl DlqFilterArgs {
                     .find(|candidate| candidate.as_str().eq_ignore_ascii_case(&code))
                     .ok_or_else(|| {
                         anyhow::anyhow!(
-                            "--code: expected an error code OB001…OB016, found {code:?}"
+                            "--code: expected an error code OB001…OB017, found {code:?}"
                         )
                     })
             })
@@ -748,6 +765,10 @@ async fn run_node(
     if let Some(adaptive) = dedup_args.adaptive_concurrency {
         config.executor.adaptive_concurrency = adaptive;
     }
+    config
+        .executor
+        .private_targets_allowed
+        .clone_from(&dedup_args.allow_private_targets_cidr);
     for warning in &config.warnings {
         tracing::warn!(%warning, "configuration warning");
     }
@@ -960,9 +981,14 @@ async fn dlq_command(database: DatabaseArgs, command: DlqCommand) -> anyhow::Res
             commands::dlq_list(&queue, &filter, json).await
         }
         DlqCommand::Show { id } => commands::dlq_show(&queue, id).await,
-        DlqCommand::Retry { id, config } => {
-            let config =
+        DlqCommand::Retry {
+            id,
+            config,
+            allow_private_targets_cidr,
+        } => {
+            let mut config =
                 observers::load_file(&config, &LoadOptions::from_process_env(MissingEnv::Error))?;
+            config.executor.private_targets_allowed = allow_private_targets_cidr;
             // Cache actions remove keys through the Redis the nodes use.
             let redis = std::env::var("REDIS_URL")
                 .ok()

@@ -145,6 +145,7 @@ impl Node {
             Some(metrics.clone()),
         );
         let mut runner = ActionRunner::new(Arc::new(config.templates))?
+            .with_private_targets_allowed(&config.executor.private_targets_allowed)?
             .with_limiter(limiter)
             .with_database(pool.clone())
             .with_breakers(shared.breakers.clone())

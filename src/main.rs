@@ -747,18 +747,13 @@ fn parse_retention(text: &str) -> Result<std::time::Duration, String> {
     Ok(retention)
 }
 
-async fn run_node(
-    database: DatabaseArgs,
-    config_path: PathBuf,
-    (settings, cluster, endpoints, dedup_args): (
-        fraiseql_observers::listener::ListenerSettings,
-        fraiseql_observers::cluster::ClusterSettings,
-        EndpointArgs,
-        DedupArgs,
-    ),
-    (db_pool_size, shutdown_timeout, retention): (u32, std::time::Duration, RetentionArgs),
-) -> anyhow::Result<String> {
-    let mut config = load_observers(&config_path, &dedup_args.redis_prefix)?;
+/// The observers file with the node's settings applied over it (queue wait, adaptive concurrency,
+/// private-target allow-list); its warnings logged; a cache action without Redis refused.
+fn observers_to_run(
+    config_path: &std::path::Path,
+    dedup_args: &DedupArgs,
+) -> anyhow::Result<fraiseql_observers::observers::ObserversConfig> {
+    let mut config = load_observers(config_path, &dedup_args.redis_prefix)?;
     if let Some(wait) = dedup_args.endpoint_queue_wait {
         config.executor.endpoint_queue_wait = wait;
     }
@@ -780,6 +775,21 @@ async fn run_node(
             config.origin
         );
     }
+    Ok(config)
+}
+
+async fn run_node(
+    database: DatabaseArgs,
+    config_path: PathBuf,
+    (settings, cluster, endpoints, dedup_args): (
+        fraiseql_observers::listener::ListenerSettings,
+        fraiseql_observers::cluster::ClusterSettings,
+        EndpointArgs,
+        DedupArgs,
+    ),
+    (db_pool_size, shutdown_timeout, retention): (u32, std::time::Duration, RetentionArgs),
+) -> anyhow::Result<String> {
+    let config = observers_to_run(&config_path, &dedup_args)?;
     anyhow::ensure!(
         endpoints.metrics_refresh_interval >= std::time::Duration::from_secs(1),
         "--metrics-refresh-interval must be at least 1s, found {}",

@@ -6,7 +6,9 @@
 //!   not a live node any more, go back to pending, every [`CoordinatorSettings::rescue_every`];
 //! - **retention**, every [`CoordinatorSettings::retention_every`] and once on taking the role:
 //!   finished jobs past the job retention, the completed-actions ledger past its retention, and,
-//!   when asked for, dead letters and delivered change-log rows past theirs;
+//!   when asked for, dead letters and delivered change-log rows past theirs; and the history's
+//!   day partitions: created ahead, and dropped whole past the history retention
+//!   ([`maintain_history`]);
 //! - the cluster-wide gauges of `/metrics` (dead letters, job depths) are read by the control
 //!   façade only on the coordinator ([`crate::control`]).
 //!
@@ -48,6 +50,8 @@ pub struct CoordinatorSettings {
     /// Change-log rows every partition has delivered are deleted this long after they were
     /// written; `None`: the change log is never pruned by the service.
     pub change_log_retention: Option<Duration>,
+    /// History partitions whose day ended this long ago are dropped.
+    pub history_retention: Duration,
     /// The cluster's partition count (every partition's checkpoint must have passed a row).
     pub partition_count: i32,
     /// A running job whose claimer is not a live node and that was claimed longer ago than this
@@ -70,6 +74,7 @@ impl CoordinatorSettings {
             ledger_retention: crate::checkpoint::LEDGER_RETENTION,
             dead_letter_retention: None,
             change_log_retention: None,
+            history_retention: crate::history::DEFAULT_HISTORY_RETENTION,
             partition_count,
             orphaned_after: node_timeout,
         }
@@ -141,6 +146,30 @@ pub async fn rescue_expired_jobs(
         .map_err(storage)?;
     transaction.commit().await.map_err(storage)?;
     Ok(DutyRun::Done(expired + orphaned))
+}
+
+/// Creates the history's day partitions ahead and drops those past `retention`, fenced by
+/// `epoch`, in one transaction; the partitions created and dropped, as one count.
+///
+/// # Errors
+/// Storage failed, or a partition's lock was not granted in time (nothing changed).
+pub async fn maintain_history(
+    pool: &PgPool,
+    epoch: i64,
+    retention: Duration,
+) -> Result<(DutyRun, crate::history::PartitionMaintenance), DutyError> {
+    let Some(mut transaction) = begin_fenced(pool, epoch).await? else {
+        return Ok((
+            DutyRun::Fenced,
+            crate::history::PartitionMaintenance::default(),
+        ));
+    };
+    let maintenance = crate::history::maintain_partitions_on(&mut transaction, retention)
+        .await
+        .map_err(storage)?;
+    transaction.commit().await.map_err(storage)?;
+    let changed = maintenance.created.unsigned_abs() + maintenance.dropped.unsigned_abs();
+    Ok((DutyRun::Done(u64::from(changed)), maintenance))
 }
 
 /// One table's retention: what it deletes per fenced batch.
@@ -280,6 +309,17 @@ pub async fn run_duties(
             continue;
         }
         next_retention = Instant::now() + settings.retention_every;
+        let history = maintain_history(&pool, epoch, settings.history_retention).await;
+        if let Ok((DutyRun::Done(_), maintenance)) = &history
+            && (maintenance.created > 0 || maintenance.dropped > 0)
+        {
+            tracing::info!(
+                created = maintenance.created,
+                dropped = maintenance.dropped,
+                "history day partitions created ahead and dropped past their retention"
+            );
+        }
+        record(&metrics, "history_partitions", &history.map(|(run, _)| run));
         let tables = [
             (Retention::Jobs, Some(settings.job_retention)),
             (Retention::Ledger, Some(settings.ledger_retention)),

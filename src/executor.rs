@@ -411,6 +411,16 @@ impl Executor {
                 .iter()
                 .map(|observer| observer.name.to_string())
                 .collect(),
+            unmatched_observers: self
+                .matcher
+                .candidates(&event.entity_type, event.kind)
+                .filter(|candidate| {
+                    !matched
+                        .iter()
+                        .any(|observer| std::ptr::eq(*observer, *candidate))
+                })
+                .map(|observer| observer.name.to_string())
+                .collect(),
             actions: actions.into_iter().map(|(_, report)| report).collect(),
             duration: started.elapsed(),
         }

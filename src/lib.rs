@@ -27,6 +27,7 @@ pub mod error;
 pub mod escape;
 pub mod executor;
 pub mod grpc;
+pub mod history;
 pub mod http;
 pub mod jobs;
 pub mod lease;

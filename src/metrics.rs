@@ -369,7 +369,7 @@ impl Metrics {
         );
         registry.register(
             "coordinator_duty_runs",
-            "Coordinator duty runs by duty (rescue, job_retention, ledger_retention, dead_letter_retention, change_log_retention) and outcome (succeeded, failed, fenced)",
+            "Coordinator duty runs by duty (rescue, job_retention, ledger_retention, dead_letter_retention, change_log_retention, history_partitions) and outcome (succeeded, failed, fenced)",
             self.coordinator_duties.clone(),
         );
         registry.register(

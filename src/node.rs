@@ -255,6 +255,14 @@ impl Node {
         self
     }
 
+    /// How long the history is kept (whole day partitions are dropped past it), run by the
+    /// coordinator.
+    #[must_use]
+    pub fn with_history_retention(mut self, retention: Duration) -> Node {
+        self.coordinator.history_retention = retention;
+        self
+    }
+
     /// How often the coordinator rescues expired job claims and runs retention.
     #[must_use]
     pub fn with_coordinator_intervals(mut self, rescue: Duration, retention: Duration) -> Node {

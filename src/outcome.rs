@@ -93,6 +93,8 @@ impl ActionReport {
 pub struct EventSummary {
     pub event_id: Uuid,
     pub matched_observers: Vec<String>,
+    /// Observers registered for the event's entity and kind whose condition was false.
+    pub unmatched_observers: Vec<String>,
     pub actions: Vec<ActionReport>,
     #[serde(serialize_with = "serialize_millis")]
     pub duration: Duration,

@@ -31,6 +31,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         &[
             "database",
             "migrate",
+            "history",
             "dlq",
             "jobs",
             "checkpoint",
@@ -68,6 +69,7 @@ const TABLE_OWNERS: &[(&str, &str)] = &[
     ("fraiseql_observers.coordinator", "membership"),
     ("fraiseql_observers.jobs", "jobs"),
     ("fraiseql_observers.dead_letters", "dlq"),
+    ("fraiseql_observers.history", "history"),
     ("core.tb_entity_change_log", "change_log"),
 ];
 

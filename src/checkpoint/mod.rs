@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 pub use crate::domain::ActionKey;
 use crate::error::ErrorCode;
+use crate::history::HistoryRecord;
 use crate::jobs::NewJob;
 pub use memory::InMemoryCheckpointStore;
 pub use postgres::{
@@ -170,6 +171,20 @@ pub trait CheckpointStore: Send + Sync + std::fmt::Debug {
         completed: &[ActionKey],
         jobs: &[NewJob],
     ) -> Result<Checkpoint, CheckpointError>;
+    /// [`save_with_jobs`](Self::save_with_jobs), and writes the page's `history` rows in the
+    /// same statement or transaction, only if the checkpoint moves: exactly once per committed
+    /// page. A store without a history table (in memory) leaves them out.
+    async fn save_page(
+        &self,
+        current: &Checkpoint,
+        next: BatchPosition,
+        completed: &[ActionKey],
+        jobs: &[NewJob],
+        history: &[HistoryRecord],
+    ) -> Result<Checkpoint, CheckpointError> {
+        let _ = history;
+        self.save_with_jobs(current, next, completed, jobs).await
+    }
     /// [`save_with_jobs`](Self::save_with_jobs) without jobs.
     async fn save(
         &self,

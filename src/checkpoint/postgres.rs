@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{ActionKey, BatchPosition, Checkpoint, CheckpointError, CheckpointStore};
+use crate::history::{HistoryRecord, insert_history_from_json_sql};
 use crate::jobs::NewJob;
 
 /// Checkpoints in `fraiseql_observers.partitions` and `processed_actions`.
@@ -49,6 +50,8 @@ struct SaveRequest {
     current: Checkpoint,
     next: BatchPosition,
     completed: Vec<ActionKey>,
+    /// The page's history rows, written only if the swap succeeds.
+    history: Vec<HistoryRecord>,
 }
 
 impl SaveRequest {
@@ -82,8 +85,9 @@ const MAX_GROUP: usize = 256;
 
 /// Fenced saves of several partitions and their ledger rows in one statement: each partition's
 /// compare-and-swap on its own (ascending partition order, so concurrent writers lock rows in the
-/// same order), ledger rows only for the partitions whose swap succeeded.
-const SAVE_GROUP: &str = "WITH saved AS (
+/// same order), ledger and history rows only for the partitions whose swap succeeded.
+const SAVE_GROUP: &str = concat!(
+    "WITH saved AS (
          SELECT request.partition,
                 fraiseql_observers.save_checkpoint(request.partition, request.epoch, request.version,
                     request.snapshot::pg_snapshot, request.batch_upto::pg_snapshot, request.batch_position) AS version
@@ -95,8 +99,12 @@ const SAVE_GROUP: &str = "WITH saved AS (
            FROM unnest($7::uuid[], $8::text[], $9::int[], $10::int[])
                 AS completed(event_id, observer, action_index, partition)
            JOIN saved ON saved.partition = completed.partition AND saved.version IS NOT NULL
-         ON CONFLICT DO NOTHING)
-     SELECT partition, version FROM saved";
+         ON CONFLICT DO NOTHING),
+     history AS (",
+    insert_history_from_json_sql!("$11"),
+    " JOIN saved ON saved.partition = history_row.partition AND saved.version IS NOT NULL)
+     SELECT partition, version FROM saved"
+);
 
 /// Group statements in flight at once: while one waits for its WAL flush, the next is written.
 const GROUPS_IN_FLIGHT: usize = 2;
@@ -231,6 +239,12 @@ async fn save_group(
                 .map(|(_, partition)| *partition)
                 .collect::<Vec<_>>(),
         )
+        .bind(sqlx::types::Json(
+            group
+                .iter()
+                .flat_map(|request| &request.history)
+                .collect::<Vec<_>>(),
+        ))
         .fetch_all(pool)
         .await?;
     Ok(rows.into_iter().collect())
@@ -407,12 +421,24 @@ impl CheckpointStore for PostgresCheckpointStore {
         completed: &[ActionKey],
         jobs: &[NewJob],
     ) -> Result<Checkpoint, CheckpointError> {
+        self.save_page(current, next, completed, jobs, &[]).await
+    }
+
+    async fn save_page(
+        &self,
+        current: &Checkpoint,
+        next: BatchPosition,
+        completed: &[ActionKey],
+        jobs: &[NewJob],
+        history: &[HistoryRecord],
+    ) -> Result<Checkpoint, CheckpointError> {
         if jobs.is_empty() {
             // One statement: alone, or grouped with other partitions' saves.
             let request = SaveRequest {
                 current: current.clone(),
                 next,
                 completed: completed.to_vec(),
+                history: history.to_vec(),
             };
             let Some(group) = &self.group else {
                 let versions = save_group(&self.pool, &[&request]).await?;
@@ -456,6 +482,7 @@ impl CheckpointStore for PostgresCheckpointStore {
                 .execute(&mut *transaction)
                 .await?;
         }
+        crate::history::insert_on(&mut *transaction, history).await?;
         if !jobs.is_empty() {
             crate::jobs::enqueue_batch(&mut *transaction, jobs)
                 .await

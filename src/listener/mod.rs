@@ -47,6 +47,7 @@ use crate::dlq::{DeadLetterError, NewDeadLetter};
 use crate::domain::{EntityEvent, EventKind};
 use crate::error::ErrorCode;
 use crate::executor::{EventSummary, Executor};
+use crate::history::{HistoryContext, HistoryRecord};
 use crate::jobs::{JobError, NewJob, unfinished_ordering_keys};
 
 /// A row that is not an event: the identity it is dead-lettered under, its position, what its
@@ -177,6 +178,8 @@ pub struct Listener {
     /// The node's shared change-log notifications; `None`: this listener LISTENs itself.
     wake: Option<tokio::sync::watch::Receiver<u64>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Whether pages write history rows with their checkpoint.
+    record_history: bool,
 }
 
 impl Listener {
@@ -202,7 +205,16 @@ impl Listener {
             pending: None,
             wake: None,
             metrics: None,
+            record_history: true,
         })
+    }
+
+    /// Whether each delivered page writes its events' history rows with its checkpoint (on by
+    /// default; `history: off` turns it off).
+    #[must_use]
+    pub fn with_history(mut self, record_history: bool) -> Listener {
+        self.record_history = record_history;
+        self
     }
 
     /// The buffer the executor notes settled actions in; every save of a page clears it.
@@ -329,9 +341,10 @@ impl Listener {
         let next = next_position(position, upto, full_page, last_position);
         let save_started = std::time::Instant::now();
         let settled = self.unwritten(settled);
+        let history = self.history_records(&events, &summaries);
         self.checkpoint = self
             .store
-            .save_with_jobs(&self.checkpoint, next, &settled, &jobs)
+            .save_page(&self.checkpoint, next, &settled, &jobs, &history)
             .await?;
         self.clear_pending();
         tracing::debug!(
@@ -347,6 +360,28 @@ impl Listener {
             summaries,
             more: full_page,
         })
+    }
+
+    /// The history rows of a page's events (none when history is off). The executor returns one
+    /// summary per event, in the events' order.
+    fn history_records(
+        &self,
+        events: &[EntityEvent],
+        summaries: &[EventSummary],
+    ) -> Vec<HistoryRecord> {
+        if !self.record_history {
+            return Vec::new();
+        }
+        let context = HistoryContext {
+            node_id: self.settings.node_id.clone(),
+            partition: self.checkpoint.partition,
+            epoch: self.checkpoint.epoch,
+        };
+        events
+            .iter()
+            .zip(summaries)
+            .map(|(event, summary)| HistoryRecord::for_event(event, summary, &context))
+            .collect()
     }
 
     /// The page's rows as events, and the rows that are not events (each with its identity, its

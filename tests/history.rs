@@ -1,0 +1,426 @@
+//! The audit trail against a fresh PostgreSQL database per test and a real HTTP receiver: every
+//! outcome kind of an action lands in the event's history row, written with the page's checkpoint
+//! (exactly once per committed page: a page read again after a restart adds nothing, a fenced-out
+//! leader writes nothing); searches by each filter, time range and full text return exactly the
+//! expected events; retention drops whole day partitions, never rows.
+
+#![allow(clippy::too_many_lines)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::postgres::TestDatabase;
+use common::{Receiver, Reply};
+use fraiseql_observers::actions::ActionRunner;
+use fraiseql_observers::checkpoint::{ActionKey, CheckpointStore, PostgresCheckpointStore};
+use fraiseql_observers::coordinator::{self, DutyRun};
+use fraiseql_observers::dlq::PostgresDeadLetterQueue;
+use fraiseql_observers::executor::Executor;
+use fraiseql_observers::history::{self, HistoryOutcome, HistoryQuery};
+use fraiseql_observers::listener::{Listener, ListenerSettings};
+use fraiseql_observers::matcher::Matcher;
+use fraiseql_observers::observers::ObserversConfig;
+use serde_json::Value;
+use uuid::Uuid;
+
+fn observers(receiver: &Receiver) -> ObserversConfig {
+    common::config_from_yaml(&format!(
+        "observers:
+  - name: paid
+    entity: Order
+    events: [insert]
+    condition: 'data.total > 100'
+    actions: [{{type: webhook, url: '{paid}'}}]
+  - name: flaky
+    entity: Order
+    events: [insert]
+    retry: {{max_attempts: 3, initial_delay: 10ms, max_delay: 20ms, jitter: false}}
+    actions: [{{type: webhook, url: '{flaky}'}}]
+  - name: broken
+    entity: Order
+    events: [update]
+    retry: {{max_attempts: 1}}
+    actions: [{{type: webhook, url: '{broken}'}}]
+",
+        paid = receiver.url("/paid"),
+        flaky = receiver.url("/flaky"),
+        broken = receiver.url("/broken"),
+    ))
+}
+
+async fn listener(database: &TestDatabase, config: ObserversConfig, node_id: &str) -> Listener {
+    let executor = Executor::new(
+        Arc::new(Matcher::new(config.observers)),
+        ActionRunner::new(Arc::new(config.templates)).unwrap(),
+        Arc::new(PostgresDeadLetterQueue::new(database.pool.clone())),
+        &config.executor,
+    );
+    Listener::start(
+        database.pool.clone(),
+        Arc::new(PostgresCheckpointStore::with_group_commit(
+            database.pool.clone(),
+        )),
+        executor,
+        ListenerSettings {
+            node_id: node_id.into(),
+            ..ListenerSettings::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Writes a change-log row for `Order` `object_id`; returns its event id.
+async fn write_change(pool: &sqlx::PgPool, object_id: &str, kind: &str, data: &str) -> Uuid {
+    sqlx::query_scalar(
+        "INSERT INTO core.tb_entity_change_log (object_type, object_id, modification_type, object_data)
+         VALUES ('Order', $1, $2, $3::jsonb) RETURNING id",
+    )
+    .bind(object_id)
+    .bind(kind)
+    .bind(data)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn search(pool: &sqlx::PgPool, query: HistoryQuery) -> Vec<Uuid> {
+    history::search(
+        pool,
+        &HistoryQuery {
+            limit: 100,
+            ..query
+        },
+    )
+    .await
+    .unwrap()
+    .entries
+    .into_iter()
+    .map(|entry| entry.event_id)
+    .collect()
+}
+
+/// The action of `observer` in an event's history row.
+fn action_of(actions: &Value, observer: &str) -> Value {
+    actions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|action| action["observer"] == observer)
+        .unwrap_or_else(|| panic!("no action of {observer} in {actions}"))
+        .clone()
+}
+
+async fn history_rows(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM fraiseql_observers.history")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_outcome_lands_in_history_once_and_every_filter_finds_exactly_its_events() {
+    let database = TestDatabase::migrated().await;
+    let pool = &database.pool;
+    let receiver = Receiver::start().await;
+    // `flaky` answers 503 once, then 200: a transient failure, then success in place.
+    receiver.script("/flaky", [Reply::status(503)]);
+    receiver.script(
+        "/broken",
+        [Reply::with_body(400, "order rejected by ledger")],
+    );
+    let mut first = listener(&database, observers(&receiver), "history-node").await;
+
+    let big = write_change(pool, "o1", "INSERT", r#"{"id": "o1", "total": 200}"#).await;
+    let small = write_change(pool, "o2", "INSERT", r#"{"id": "o2", "total": 5}"#).await;
+    let rejected = write_change(pool, "o1", "UPDATE", r#"{"id": "o1", "total": 201}"#).await;
+    // Completed before (a replay): the ledger says so, the action is not run again.
+    let replayed = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO core.tb_entity_change_log (id, object_type, object_id, modification_type, object_data)
+         VALUES ($1, 'Order', 'o3', 'INSERT', '{\"id\": \"o3\", \"total\": 1}')",
+    )
+    .bind(replayed)
+    .execute(pool)
+    .await
+    .unwrap();
+    PostgresCheckpointStore::new(pool.clone())
+        .record_completed(&[ActionKey::new(replayed, "flaky", 0)])
+        .await
+        .unwrap();
+
+    let outcome = first.deliver_page().await.expect("the page is delivered");
+    assert_eq!(outcome.rows, 4);
+    assert_eq!(history_rows(pool).await, 4, "one row per event");
+
+    let page = history::search(
+        pool,
+        &HistoryQuery {
+            limit: 100,
+            ..HistoryQuery::default()
+        },
+    )
+    .await
+    .unwrap();
+    let row = |event_id: Uuid| {
+        page.entries
+            .iter()
+            .find(|entry| entry.event_id == event_id)
+            .unwrap_or_else(|| panic!("no history of {event_id}"))
+            .clone()
+    };
+
+    let big_row = row(big);
+    assert_eq!(big_row.record_kind, "event");
+    assert_eq!(
+        (big_row.entity_type.as_str(), big_row.entity_id.as_str()),
+        ("Order", "o1")
+    );
+    assert_eq!(big_row.event_kind, "insert");
+    assert!(big_row.change_log_id.is_some());
+    assert_eq!(big_row.matched_observers, ["paid", "flaky"]);
+    assert!(big_row.unmatched_observers.is_empty());
+    assert_eq!(big_row.node_id.as_deref(), Some("history-node"));
+    assert_eq!(big_row.partition, Some(0));
+    assert_eq!(big_row.epoch, Some(first.checkpoint().epoch));
+    assert!(big_row.processing_ms.is_some_and(|took| took > 0.0));
+    let paid = action_of(&big_row.actions, "paid");
+    assert_eq!(paid["outcome"], "succeeded");
+    assert_eq!(paid["attempts"], 1);
+    assert_eq!(paid["type"], "webhook");
+    let small_row = row(small);
+    assert_eq!(small_row.matched_observers, ["flaky"]);
+    assert_eq!(
+        small_row.unmatched_observers,
+        ["paid"],
+        "its condition was false"
+    );
+
+    let rejected_row = row(rejected);
+    let broken = action_of(&rejected_row.actions, "broken");
+    assert_eq!(broken["outcome"], "dead_lettered", "{broken}");
+    assert_eq!(broken["error_code"], "OB008");
+    assert!(broken["dead_letter_id"].is_string(), "{broken}");
+    assert_eq!(rejected_row.outcomes, ["dead_lettered"]);
+
+    let replayed_row = row(replayed);
+    assert_eq!(
+        action_of(&replayed_row.actions, "flaky")["outcome"],
+        "already_completed"
+    );
+
+    // Every filter returns exactly its events (newest first).
+    let by = |query: HistoryQuery| search(pool, query);
+    assert_eq!(
+        by(HistoryQuery {
+            entity_type: Some("Order".into()),
+            entity_id: Some("o1".into()),
+            ..HistoryQuery::default()
+        })
+        .await,
+        [rejected, big]
+    );
+    assert_eq!(
+        by(HistoryQuery {
+            event_kind: Some("update".into()),
+            ..HistoryQuery::default()
+        })
+        .await,
+        [rejected]
+    );
+    assert_eq!(
+        by(HistoryQuery {
+            observer: Some("paid".into()),
+            ..HistoryQuery::default()
+        })
+        .await,
+        [big]
+    );
+    assert_eq!(
+        by(HistoryQuery {
+            outcome: Some(HistoryOutcome::DeadLettered),
+            ..HistoryQuery::default()
+        })
+        .await,
+        [rejected]
+    );
+    assert_eq!(
+        by(HistoryQuery {
+            outcome: Some(HistoryOutcome::AlreadyCompleted),
+            ..HistoryQuery::default()
+        })
+        .await,
+        [replayed]
+    );
+    assert_eq!(
+        by(HistoryQuery {
+            event_id: Some(small),
+            ..HistoryQuery::default()
+        })
+        .await,
+        [small]
+    );
+    assert_eq!(
+        by(HistoryQuery {
+            text: Some("ledger".into()),
+            ..HistoryQuery::default()
+        })
+        .await,
+        [rejected],
+        "full text in error messages"
+    );
+    assert!(
+        by(HistoryQuery {
+            text: Some("nowhere".into()),
+            ..HistoryQuery::default()
+        })
+        .await
+        .is_empty()
+    );
+    let now = chrono::Utc::now();
+    assert_eq!(
+        by(HistoryQuery {
+            since: Some(now - chrono::Duration::hours(1)),
+            until: Some(now + chrono::Duration::minutes(1)),
+            ..HistoryQuery::default()
+        })
+        .await
+        .len(),
+        4
+    );
+    assert!(
+        by(HistoryQuery {
+            since: Some(now + chrono::Duration::minutes(1)),
+            ..HistoryQuery::default()
+        })
+        .await
+        .is_empty()
+    );
+    assert!(
+        by(HistoryQuery {
+            until: Some(now - chrono::Duration::hours(1)),
+            ..HistoryQuery::default()
+        })
+        .await
+        .is_empty()
+    );
+
+    // Paging: two at a time, newest first, every row once.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = history::search(
+            pool,
+            &HistoryQuery {
+                limit: 2,
+                after,
+                ..HistoryQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+        seen.extend(page.entries.iter().map(|entry| entry.event_id));
+        match page.next_cursor {
+            Some(cursor) => after = Some(cursor),
+            None => break,
+        }
+    }
+    assert_eq!(seen, [replayed, rejected, small, big]);
+
+    // A restart reads from the checkpoint the page was committed with: nothing is doubled.
+    drop(first);
+    let mut restarted = listener(&database, observers(&receiver), "history-node-2").await;
+    let outcome = restarted.deliver_page().await.unwrap();
+    assert_eq!(outcome.rows, 0);
+    assert_eq!(history_rows(pool).await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_out_leader_writes_no_history_and_the_new_leader_writes_it_once() {
+    let database = TestDatabase::migrated().await;
+    let pool = &database.pool;
+    let receiver = Receiver::start().await;
+    let mut old_leader = listener(&database, observers(&receiver), "old").await;
+    let mut new_leader = listener(&database, observers(&receiver), "new").await;
+    let event = write_change(pool, "o9", "INSERT", r#"{"id": "o9", "total": 500}"#).await;
+
+    assert!(old_leader.deliver_page().await.is_err(), "fenced out");
+    assert_eq!(history_rows(pool).await, 0);
+    new_leader.deliver_page().await.unwrap();
+    let found = search(
+        pool,
+        HistoryQuery {
+            event_id: Some(event),
+            ..HistoryQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(found, [event]);
+    assert_eq!(history_rows(pool).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_whole_day_partitions_and_is_fenced_by_the_coordinator_epoch() {
+    let database = TestDatabase::migrated().await;
+    let pool = &database.pool;
+    // A day 40 days ago with one row in it, and today's row.
+    let old_day = (chrono::Utc::now() - chrono::Duration::days(40)).date_naive();
+    let old_partition = format!("history_p{}", old_day.format("%Y%m%d"));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE fraiseql_observers.{old_partition} PARTITION OF fraiseql_observers.history
+             FOR VALUES FROM ('{old_day} 00:00:00+00') TO ('{next} 00:00:00+00');
+         INSERT INTO fraiseql_observers.history (processed_at, record_kind, event_id, entity_type, entity_id, event_kind)
+         VALUES ('{old_day} 12:00:00+00', 'event', gen_random_uuid(), 'Order', 'old', 'insert'),
+                (now(), 'event', gen_random_uuid(), 'Order', 'new', 'insert');",
+        next = old_day + chrono::Duration::days(1),
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+    assert!(
+        history::day_partitions(pool)
+            .await
+            .unwrap()
+            .contains(&old_partition)
+    );
+
+    // An old coordinator epoch does nothing.
+    let (run, _) = coordinator::maintain_history(pool, -1, history::DEFAULT_HISTORY_RETENTION)
+        .await
+        .unwrap();
+    assert_eq!(run, DutyRun::Fenced);
+    assert!(
+        history::day_partitions(pool)
+            .await
+            .unwrap()
+            .contains(&old_partition)
+    );
+
+    let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM fraiseql_observers.coordinator")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let (run, maintenance) =
+        coordinator::maintain_history(pool, epoch, history::DEFAULT_HISTORY_RETENTION)
+            .await
+            .unwrap();
+    assert!(matches!(run, DutyRun::Done(_)));
+    assert_eq!(maintenance.dropped, 1);
+    let partitions = history::day_partitions(pool).await.unwrap();
+    assert!(!partitions.contains(&old_partition), "{partitions:?}");
+    let today = format!("history_p{}", chrono::Utc::now().format("%Y%m%d"));
+    let ahead = format!(
+        "history_p{}",
+        (chrono::Utc::now() + chrono::Duration::days(7)).format("%Y%m%d")
+    );
+    assert!(
+        partitions.contains(&today) && partitions.contains(&ahead),
+        "{partitions:?}"
+    );
+    let left: Vec<String> = sqlx::query_scalar("SELECT entity_id FROM fraiseql_observers.history")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(left, ["new"], "the partition went, not today's rows");
+}

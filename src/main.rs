@@ -734,6 +734,21 @@ struct RetentionArgs {
     /// purged). At least 1m.
     #[arg(long, env = "FRAISEQL_OBSERVERS_DEAD_LETTER_RETENTION", value_parser = parse_retention)]
     dead_letter_retention: Option<std::time::Duration>,
+    /// Drop history day partitions whose day ended longer ago than this. At least 1m.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_HISTORY_RETENTION", default_value = "30d", value_parser = parse_retention)]
+    history_retention: std::time::Duration,
+    /// Record every processed event in the history (`off` also when the observers file says
+    /// `history: off`).
+    #[arg(long, env = "FRAISEQL_OBSERVERS_HISTORY", default_value = "on", value_parser = parse_switch)]
+    history: bool,
+}
+
+fn parse_switch(text: &str) -> Result<bool, String> {
+    match text {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("expected on or off, found {other:?}")),
+    }
 }
 
 fn parse_retention(text: &str) -> Result<std::time::Duration, String> {
@@ -838,6 +853,7 @@ async fn run_node(
         retention.dead_letter_retention,
         retention.change_log_retention,
     )
+    .with_history_retention(retention.history_retention)
     .with_endpoints(fraiseql_observers::node::Endpoints {
         grpc: Some(fraiseql_observers::grpc::GrpcEndpoint {
             listener: grpc,
@@ -933,6 +949,7 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
                 max_row_bytes,
                 max_page_bytes,
                 node_id: node_id.unwrap_or_else(fraiseql_observers::listener::default_node_id),
+                record_history: retention.history,
                 ..fraiseql_observers::listener::ListenerSettings::default()
             };
             let cluster = fraiseql_observers::cluster::ClusterSettings {

@@ -156,6 +156,11 @@ impl Node {
         shared: SharedState,
     ) -> anyhow::Result<Node> {
         crate::migrate::run(&pool).await?;
+        // History is written unless the observers file or the node's settings turn it off.
+        let settings = ListenerSettings {
+            record_history: settings.record_history && config.history,
+            ..settings
+        };
         let metrics = Arc::new(Metrics::new());
         let dedup = Deduplication {
             store: shared.dedup_store,

@@ -424,3 +424,42 @@ async fn retention_drops_whole_day_partitions_and_is_fenced_by_the_coordinator_e
         .unwrap();
     assert_eq!(left, ["new"], "the partition went, not today's rows");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_off_in_the_file_or_the_settings_records_nothing() {
+    let config = common::config_from_yaml(
+        "history: off\nobservers:\n  - name: o\n    entity: Order\n    events: [insert]\n    actions: [{type: log}]\n",
+    );
+    assert!(!config.history);
+    assert!(common::config_from_yaml("history: on\nobservers: []\n").history);
+    let errors = common::config_errors_from_yaml("history: maybe\nobservers: []\n", &[]);
+    assert!(
+        errors
+            .iter()
+            .any(|error| error.contains("history") && error.contains("on or off")),
+        "{errors:?}"
+    );
+
+    let database = TestDatabase::migrated().await;
+    let pool = &database.pool;
+    let executor = Executor::new(
+        Arc::new(Matcher::new(config.observers)),
+        ActionRunner::new(Arc::new(config.templates)).unwrap(),
+        Arc::new(PostgresDeadLetterQueue::new(pool.clone())),
+        &config.executor,
+    );
+    let mut listener = Listener::start(
+        pool.clone(),
+        Arc::new(PostgresCheckpointStore::new(pool.clone())),
+        executor,
+        ListenerSettings {
+            record_history: false,
+            ..ListenerSettings::default()
+        },
+    )
+    .await
+    .unwrap();
+    write_change(pool, "o1", "INSERT", r#"{"id": "o1"}"#).await;
+    assert_eq!(listener.deliver_page().await.unwrap().rows, 1);
+    assert_eq!(history_rows(pool).await, 0);
+}

@@ -88,6 +88,8 @@ pub struct ListenerSettings {
     /// Row text one page may hold: a page ends before the row that would pass this (it always
     /// holds one row, so at most this plus one row).
     pub max_page_bytes: u64,
+    /// Whether delivered pages write their events' history rows with the checkpoint.
+    pub record_history: bool,
 }
 
 impl Default for ListenerSettings {
@@ -100,6 +102,7 @@ impl Default for ListenerSettings {
             node_id: default_node_id(),
             max_row_bytes: DEFAULT_MAX_ROW_BYTES,
             max_page_bytes: DEFAULT_MAX_PAGE_BYTES,
+            record_history: true,
         }
     }
 }
@@ -199,13 +202,13 @@ impl Listener {
             pool,
             store,
             executor,
-            settings,
             checkpoint,
             last_idle_advance: std::time::Instant::now(),
             pending: None,
             wake: None,
             metrics: None,
-            record_history: true,
+            record_history: settings.record_history,
+            settings,
         })
     }
 

@@ -18,15 +18,39 @@ pub(super) fn decode(
 ) -> Result<ObserversConfig, ConfigErrors> {
     let mut decoder = Decoder::new(origin, options);
     let (observers, executor, jobs) = observers_file(&mut decoder, root);
+    let history = history_switch(&mut decoder, root);
     let (templates, warnings) = decoder.finish()?;
     Ok(ObserversConfig {
         origin: origin.to_owned(),
         observers,
         executor,
         jobs,
+        history,
         templates,
         warnings,
     })
+}
+
+/// The top-level `history` key: `on` (the default) or `off` (YAML's `true`/`false` too).
+fn history_switch(decoder: &mut Decoder<'_>, root: &Node) -> bool {
+    let NodeValue::Map(entries) = &root.value else {
+        return true;
+    };
+    let Some((_, node)) = entries
+        .iter()
+        .find(|(key, _)| key.value == NodeValue::String("history".to_owned()))
+    else {
+        return true;
+    };
+    match &node.value {
+        NodeValue::Bool(on) => *on,
+        NodeValue::String(text) if text == "on" => true,
+        NodeValue::String(text) if text == "off" => false,
+        _ => {
+            decoder.expected(node, "history", "on or off");
+            true
+        }
+    }
 }
 
 fn observers_file(
@@ -46,7 +70,8 @@ fn observers_file(
             JobSettings::default(),
         );
     }
-    let Some(fields) = decoder.fields(root, "", &["observers", "executor", "jobs"]) else {
+    let Some(fields) = decoder.fields(root, "", &["observers", "executor", "jobs", "history"])
+    else {
         return (
             Vec::new(),
             ExecutorSettings::default(),

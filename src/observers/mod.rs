@@ -45,6 +45,8 @@ pub struct ObserversConfig {
     pub observers: Vec<ObserverDefinition>,
     pub executor: ExecutorSettings,
     pub jobs: JobSettings,
+    /// Whether processed events are recorded in the history (`history: on|off`, on by default).
+    pub history: bool,
     /// Every body/message template of every action, compiled.
     pub templates: Templates,
     /// Problems that do not stop the file from loading (e.g. a secret not set while validating).

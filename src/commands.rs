@@ -165,6 +165,70 @@ fn last_error(message: &str) -> &str {
     }
 }
 
+/// `events search`: the history rows matching `query`, newest first, as a table (or JSON), with
+/// the cursor of the next page when there is one.
+///
+/// # Errors
+/// The database failed (the history table is missing when the migrations were not applied).
+pub async fn events_search(
+    pool: &PgPool,
+    query: &crate::history::HistoryQuery,
+    json: bool,
+) -> anyhow::Result<String> {
+    let page = crate::history::search(pool, query)
+        .await
+        .context("search the history")?;
+    if json {
+        let text = format!("{:#}", serde_json::to_value(&page)?);
+        return Ok(format!("{}\n", json_for_terminal(&text)));
+    }
+    let mut out = format!("Events (showing {})\n", page.entries.len());
+    let _ = writeln!(
+        out,
+        "{:<20}  {:<36}  {:<24}  {:<7}  {:<6}  {:>9}  actions",
+        "processed", "event", "entity", "kind", "record", "took ms"
+    );
+    // Entity ids, observers and errors come from the change log and the targets: escaped, so
+    // each row is one line and nothing reaches the terminal as a control sequence.
+    for entry in &page.entries {
+        let actions: Vec<String> = entry
+            .actions
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|action| {
+                format!(
+                    "{}[{}]={}x{}",
+                    action["observer"].as_str().unwrap_or("?"),
+                    action["action_index"],
+                    action["outcome"].as_str().unwrap_or("?"),
+                    action["attempts"]
+                )
+            })
+            .collect();
+        let entity: String = format!("{}:{}", entry.entity_type, entry.entity_id)
+            .chars()
+            .take(24)
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<20}  {:<36}  {:<24}  {:<7}  {:<6}  {:>9.1}  {}",
+            entry.processed_at.format("%Y-%m-%dT%H:%M:%SZ"),
+            entry.event_id,
+            escape_control(&entity),
+            entry.event_kind,
+            entry.record_kind,
+            entry.processing_ms.unwrap_or_default(),
+            escape_control(&actions.join(" "))
+        );
+    }
+    if let Some(cursor) = page.next_cursor {
+        let _ = writeln!(out, "more: --after {cursor}");
+    }
+    Ok(out)
+}
+
 /// `dlq list`: a table (or JSON) of dead letters matching `filter`.
 ///
 /// # Errors

@@ -169,6 +169,13 @@ enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the manual page (roff) on stdout: `fraiseql-observers man | man -l -`.
     Man,
+    /// Search the history of processed events.
+    Events {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
     /// Inspect and act on the dead-letter queue.
     Dlq {
         #[command(flatten)]
@@ -457,6 +464,46 @@ enum DlqCommand {
         /// Delete every dead letter.
         #[arg(long)]
         all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// History rows matching every filter given, newest first.
+    Search {
+        /// Only events of this entity type (e.g. Order).
+        #[arg(long)]
+        entity_type: Option<String>,
+        /// Only events of this entity id.
+        #[arg(long)]
+        entity_id: Option<String>,
+        /// Only events of this kind: insert, update, delete or custom.
+        #[arg(long, value_parser = ["insert", "update", "delete", "custom"])]
+        event: Option<String>,
+        /// Only events this observer matched.
+        #[arg(long)]
+        observer: Option<String>,
+        /// Only rows with an action of this outcome (`succeeded`, `failed`, `dead_lettered`,
+        /// `queued`, `skipped_duplicate`, `already_completed`).
+        #[arg(long, value_parser = fraiseql_observers::history::HistoryOutcome::parse)]
+        outcome: Option<fraiseql_observers::history::HistoryOutcome>,
+        /// Processed since this moment: a duration ago (`2h`, `7d`) or RFC 3339.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Processed before this moment: a duration ago (`2h`, `7d`) or RFC 3339.
+        #[arg(long, value_parser = parse_since)]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only rows whose error messages hold all these words (full text).
+        #[arg(long)]
+        text: Option<String>,
+        /// At most this many rows (1 to 1000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=1000))]
+        limit: i64,
+        /// The next page: the cursor the previous page printed (`more: --after N`).
+        #[arg(long)]
+        after: Option<i64>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -995,7 +1042,39 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             anyhow::bail!("completions and the manual need no database")
         }
         Command::Dlq { database, command } => dlq_command(database, command).await,
+        Command::Events { database, command } => events_command(database, command).await,
     }
+}
+
+async fn events_command(database: DatabaseArgs, command: EventsCommand) -> anyhow::Result<String> {
+    let EventsCommand::Search {
+        entity_type,
+        entity_id,
+        event,
+        observer,
+        outcome,
+        since,
+        until,
+        text,
+        limit,
+        after,
+        json,
+    } = command;
+    let pool = database.connect(2).await?;
+    let query = fraiseql_observers::history::HistoryQuery {
+        entity_type,
+        entity_id,
+        event_id: None,
+        event_kind: event,
+        observer,
+        outcome,
+        since,
+        until,
+        text,
+        after,
+        limit,
+    };
+    commands::events_search(&pool, &query, json).await
 }
 
 async fn dlq_command(database: DatabaseArgs, command: DlqCommand) -> anyhow::Result<String> {

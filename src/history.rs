@@ -195,8 +195,8 @@ fn truncate(text: &str, max_bytes: usize) -> String {
 #[derive(Clone, Debug, Serialize)]
 pub struct HistoryRecord {
     /// The partition whose checkpoint the row is written with (the row is written only if that
-    /// checkpoint moves).
-    pub partition: i32,
+    /// checkpoint moves); `None` for a job-outcome row.
+    pub partition: Option<i32>,
     pub record_kind: &'static str,
     pub event_id: Uuid,
     pub entity_type: String,
@@ -214,7 +214,8 @@ pub struct HistoryRecord {
     pub actions: Vec<HistoryAction>,
     pub errors: Option<String>,
     pub node_id: String,
-    pub epoch: i64,
+    /// The lease epoch of the page; `None` for a job-outcome row.
+    pub epoch: Option<i64>,
     pub processing_ms: f64,
 }
 
@@ -248,18 +249,25 @@ impl HistoryRecord {
         event: &EntityEvent,
         action: HistoryAction,
         took: Duration,
-        context: &HistoryContext,
+        node_id: &str,
     ) -> HistoryRecord {
         let observers = vec![action.observer.clone()];
-        HistoryRecord::with_actions(
+        let mut record = HistoryRecord::with_actions(
             event,
             "job",
             vec![action],
             observers,
             Vec::new(),
             took,
-            context,
-        )
+            &HistoryContext {
+                node_id: node_id.to_owned(),
+                partition: 0,
+                epoch: 0,
+            },
+        );
+        record.partition = None;
+        record.epoch = None;
+        record
     }
 
     fn with_actions(
@@ -283,7 +291,7 @@ impl HistoryRecord {
             .collect();
         let errors = (!errors.is_empty()).then(|| errors.join("\n"));
         HistoryRecord {
-            partition: context.partition,
+            partition: Some(context.partition),
             record_kind,
             event_id: event.id,
             entity_type: event.entity_type.clone(),
@@ -300,7 +308,7 @@ impl HistoryRecord {
             actions,
             errors,
             node_id: context.node_id.clone(),
-            epoch: context.epoch,
+            epoch: Some(context.epoch),
             processing_ms: took.as_secs_f64() * 1000.0,
         }
     }

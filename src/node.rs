@@ -206,7 +206,13 @@ impl Node {
             settings.node_id.clone(),
             config.jobs.visibility_timeout,
         );
-        let workers = job_workers(&config.jobs, &jobs, &runner, &matcher, &metrics, &dedup);
+        let mut workers = job_workers(&config.jobs, &jobs, &runner, &matcher, &metrics, &dedup);
+        if settings.record_history {
+            workers = workers
+                .into_iter()
+                .map(|worker| worker.with_history(settings.node_id.clone()))
+                .collect();
+        }
         let (wake, woken) = tokio::sync::watch::channel(0_u64);
         let runner = PartitionRunner {
             pool: pool.clone(),

@@ -61,6 +61,8 @@ pub struct JobWorker {
     /// Rescues expired claims when idle (a worker on its own); a node's workers leave it to the
     /// coordinator.
     rescues_expired: bool,
+    /// This node's id, when job outcomes are appended to the history (`None`: history off).
+    history_node: Option<String>,
 }
 
 impl JobWorker {
@@ -82,6 +84,59 @@ impl JobWorker {
             metrics: None,
             dedup: None,
             rescues_expired: true,
+            history_node: None,
+        }
+    }
+
+    /// Appends each job's outcome (succeeded, failed and rescheduled, dead-lettered) to its
+    /// event's history as a `job` row, recorded as run on `node_id`.
+    #[must_use]
+    pub fn with_history(mut self, node_id: impl Into<String>) -> JobWorker {
+        self.history_node = Some(node_id.into());
+        self
+    }
+
+    /// Appends a job outcome row (best effort: a failure is logged; the job's outcome stands).
+    /// Written after the outcome, outside the job's completion: a job run again after a crash
+    /// adds a second row.
+    async fn record_history(
+        &self,
+        job: &Job,
+        outcome: crate::history::HistoryOutcome,
+        error: Option<(ErrorCode, String)>,
+        took: std::time::Duration,
+    ) {
+        let Some(node_id) = &self.history_node else {
+            return;
+        };
+        let (error_code, error_message) = match error {
+            Some((code, message)) => (
+                Some(code.as_str().to_owned()),
+                Some(
+                    message
+                        .chars()
+                        .take(crate::history::MAX_ERROR_MESSAGE_BYTES / 4)
+                        .collect(),
+                ),
+            ),
+            None => (None, None),
+        };
+        let action = crate::history::HistoryAction {
+            observer: job.observer.clone(),
+            action_index: job.action_index,
+            action_type: job.action_type.clone(),
+            outcome,
+            attempts: job.attempts,
+            latency_ms: took.as_secs_f64() * 1000.0,
+            error_code,
+            error_message,
+            dead_letter_id: None,
+            queue: Some(job.queue.clone()),
+            job_id: Some(job.id),
+        };
+        let record = crate::history::HistoryRecord::for_job(&job.event, action, took, node_id);
+        if let Err(error) = crate::history::insert_on(self.queue.pool(), &[record]).await {
+            tracing::warn!(job = %job.id, %error, "job outcome not recorded in the history");
         }
     }
 
@@ -203,6 +258,10 @@ impl JobWorker {
         let took = started.elapsed();
         let attempt_busy =
             matches!(&attempt, Err(error) if error.code == ErrorCode::InProgressElsewhere);
+        let attempt_error = attempt
+            .as_ref()
+            .err()
+            .map(|error| (error.code, error.message.clone()));
         let result = match attempt {
             Ok(()) => Ok(None),
             Err(error) if error.code.call_not_made() => self
@@ -263,6 +322,18 @@ impl JobWorker {
                 _ => "lost",
             };
             metrics.record_job(&job.action_type, outcome, took);
+        }
+        let history_outcome = match &result {
+            Ok(None) => Some(crate::history::HistoryOutcome::Succeeded),
+            Ok(Some(WorkOutcome::Rescheduled(_))) => Some(crate::history::HistoryOutcome::Failed),
+            Ok(Some(WorkOutcome::DeadLettered(_))) => {
+                Some(crate::history::HistoryOutcome::DeadLettered)
+            }
+            _ => None,
+        };
+        if let Some(outcome) = history_outcome {
+            self.record_history(&job, outcome, attempt_error, took)
+                .await;
         }
         (job.id, result)
     }

@@ -550,3 +550,76 @@ async fn events_search_on_the_command_line_filters_pages_and_refuses_bad_flags()
     assert_ne!(status, Some(0));
     assert!(err.contains("RFC 3339"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_action_is_recorded_as_queued_and_its_job_appends_its_later_success() {
+    let database = TestDatabase::migrated().await;
+    let pool = &database.pool;
+    let receiver = Receiver::start().await;
+    let config = common::config_from_yaml(&format!(
+        "observers:\n  - name: later\n    entity: Order\n    events: [insert]\n    actions: [{{type: webhook, url: '{}', mode: async}}]\n",
+        receiver.url("/later")
+    ));
+    let templates = Arc::new(config.templates);
+    let executor = Executor::new(
+        Arc::new(Matcher::new(config.observers.clone())),
+        ActionRunner::new(templates.clone()).unwrap(),
+        Arc::new(PostgresDeadLetterQueue::new(pool.clone())),
+        &config.executor,
+    )
+    .with_job_routing();
+    let mut listener = Listener::start(
+        pool.clone(),
+        Arc::new(PostgresCheckpointStore::new(pool.clone())),
+        executor,
+        ListenerSettings::default(),
+    )
+    .await
+    .unwrap();
+    let event = write_change(pool, "q1", "INSERT", r#"{"id": "q1"}"#).await;
+    listener.deliver_page().await.unwrap();
+    assert_eq!(receiver.request_count(), 0, "handed to the job queue");
+
+    let worker = fraiseql_observers::worker::JobWorker::new(
+        fraiseql_observers::jobs::PostgresJobQueue::new(
+            pool.clone(),
+            "worker-node",
+            std::time::Duration::from_secs(30),
+        ),
+        "default",
+        ActionRunner::new(templates).unwrap(),
+        Arc::new(Matcher::new(config.observers)),
+        std::time::Duration::from_millis(100),
+    )
+    .with_history("worker-node");
+    let stopping = tokio_util::sync::CancellationToken::new();
+    worker.try_execute_one(&stopping).await.unwrap();
+    assert_eq!(receiver.request_count(), 1);
+
+    let page = history::search(
+        pool,
+        &HistoryQuery {
+            event_id: Some(event),
+            limit: 10,
+            ..HistoryQuery::default()
+        },
+    )
+    .await
+    .unwrap();
+    let kinds: Vec<&str> = page
+        .entries
+        .iter()
+        .map(|entry| entry.record_kind.as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["job", "event"],
+        "the job's row is appended after the event's"
+    );
+    let queued = action_of(&page.entries[1].actions, "later");
+    assert_eq!(queued["outcome"], "queued", "{queued}");
+    let done = action_of(&page.entries[0].actions, "later");
+    assert_eq!(done["outcome"], "succeeded", "{done}");
+    assert!(done["job_id"].is_string(), "{done}");
+    assert_eq!(page.entries[0].node_id.as_deref(), Some("worker-node"));
+}

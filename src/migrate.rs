@@ -61,6 +61,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0008_job_order",
         sql: include_str!("../migrations/0008_job_order.sql"),
     },
+    Migration {
+        version: 9,
+        name: "0009_parked_jobs",
+        sql: include_str!("../migrations/0009_parked_jobs.sql"),
+    },
 ];
 
 impl Migration {

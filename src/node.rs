@@ -64,10 +64,10 @@ impl Default for SharedState {
             dedup_store: Arc::new(InMemoryDeduplicationStore::default()),
             dedup_window: DEFAULT_DEDUP_WINDOW,
             dedup_unavailable: Unavailable::Process,
-            breakers: Breakers {
-                store: Arc::new(InMemoryBreakerStore::default()),
-                policy: BreakerPolicy::default(),
-            },
+            breakers: Breakers::new(
+                Arc::new(InMemoryBreakerStore::default()),
+                BreakerPolicy::default(),
+            ),
             limits: Arc::new(InMemoryLimitStore::default()),
             cache: Arc::new(InMemoryCache::default()),
             cache_prefix: String::new(),
@@ -143,10 +143,21 @@ impl Node {
             crate::concurrency::LimiterSettings::of(&config.executor),
             Some(metrics.clone()),
         );
+        let jobs = PostgresJobQueue::new(
+            pool.clone(),
+            settings.node_id.clone(),
+            config.jobs.visibility_timeout,
+        );
+        // Work parked on an open circuit is made due as soon as its endpoint answers again.
+        let breakers = shared
+            .breakers
+            .clone()
+            .with_metrics(metrics.clone())
+            .with_parked_jobs(jobs.clone());
         let mut runner = ActionRunner::new(Arc::new(config.templates))?
             .with_limiter(limiter)
             .with_database(pool.clone())
-            .with_breakers(shared.breakers.clone())
+            .with_breakers(breakers)
             .with_limits(shared.limits.clone())
             .with_cache(Cache {
                 backend: shared.cache.clone(),
@@ -165,11 +176,6 @@ impl Node {
         )
         .with_job_routing()
         .with_deduplication(dedup.clone());
-        let jobs = PostgresJobQueue::new(
-            pool.clone(),
-            settings.node_id.clone(),
-            config.jobs.visibility_timeout,
-        );
         let workers = config
             .jobs
             .workers

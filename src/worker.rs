@@ -201,6 +201,7 @@ impl JobWorker {
                         } else {
                             BUSY_RECHECK
                         }),
+                    error.circuit.as_deref(),
                 )
                 .await
                 .map(|_| Some(WorkOutcome::Postponed(job.id))),

@@ -245,12 +245,10 @@ async fn with_redis_down_breakers_limits_and_cache_let_the_call_through() {
     let url = redis.url();
     let node = common::executor_with_runner(&yaml, |runner| {
         runner
-            .with_breakers(fraiseql_observers::breaker::Breakers {
-                store: Arc::new(
-                    fraiseql_observers::breaker::RedisBreakerStore::new(&url, "o:").unwrap(),
-                ),
-                policy: fraiseql_observers::breaker::BreakerPolicy::default(),
-            })
+            .with_breakers(fraiseql_observers::breaker::Breakers::new(
+                Arc::new(fraiseql_observers::breaker::RedisBreakerStore::new(&url, "o:").unwrap()),
+                fraiseql_observers::breaker::BreakerPolicy::default(),
+            ))
             .with_limits(Arc::new(
                 fraiseql_observers::limits::RedisLimitStore::new(&url, "o:").unwrap(),
             ))

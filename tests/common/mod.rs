@@ -161,7 +161,11 @@ async fn handle(
 
 impl Receiver {
     pub async fn start() -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Receiver::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap())
+    }
+
+    /// A receiver serving on `listener` (bound by the caller, e.g. to a port chosen earlier).
+    pub fn start_on(listener: TcpListener) -> Receiver {
         let address = listener.local_addr().unwrap();
         let state = Arc::new(State::default());
         let handler_state = state.clone();

@@ -24,7 +24,7 @@ use fraiseql_observers::executor::ActionStatus;
 use fraiseql_observers::jobs::PostgresJobQueue;
 use fraiseql_observers::listener::ListenerSettings;
 use fraiseql_observers::matcher::Matcher;
-use fraiseql_observers::node::Node;
+use fraiseql_observers::node::{Node, SharedState};
 use fraiseql_observers::observers::{ObserversConfig, load_str};
 use fraiseql_observers::worker::{JobWorker, WorkOutcome};
 use serde_json::json;
@@ -324,21 +324,35 @@ fn transitions(text: &str, endpoint: &str, transition: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The issue's scenario on one node with the default breaker settings: an endpoint that refuses
-/// connections for ten seconds, then answers. The circuit opens within its window; the work it
-/// parked is delivered, all of it and once, within a second of the endpoint answering — measured
-/// from the moment the receiver listens on the port again to the last parked delivery.
+/// The issue's scenario on one node with the default breaker settings, breakers in process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_down_for_ten_seconds_gets_its_parked_work_within_a_second_of_answering() {
-    let database = TestDatabase::migrated().await;
-    common::nodes::prepare_orders(&database.pool).await;
-    // A port nothing listens on (connections are refused) until the receiver binds it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let endpoint = format!("http://127.0.0.1:{port}");
+    down_for_ten_seconds_then_up(SharedState::default()).await;
+}
+
+/// The same with the breaker state in Redis, as nodes share it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_breakers_in_redis_parked_work_also_runs_within_a_second_of_answering() {
+    down_for_ten_seconds_then_up(SharedState {
+        breakers: Breakers::new(
+            Arc::new(RedisBreakerStore::new(SHARED_REDIS, prefix()).unwrap()),
+            BreakerPolicy::default(),
+        ),
+        ..SharedState::default()
+    })
+    .await;
+}
+
+/// A node with one webhook observer of orders posting to `endpoint`, running until cancelled.
+async fn start_node(
+    database: &TestDatabase,
+    endpoint: &str,
+    shared: SharedState,
+) -> (
+    Arc<fraiseql_observers::metrics::Metrics>,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), fraiseql_observers::cluster::ClusterError>>,
+) {
     let config = common::config_from_yaml(&format!(
         "observers:
   - name: orders
@@ -348,7 +362,7 @@ async fn an_endpoint_down_for_ten_seconds_gets_its_parked_work_within_a_second_o
     actions: [{{type: webhook, url: '{endpoint}/orders', timeout: 2s}}]
 "
     ));
-    let node = Node::build(
+    let node = Node::build_with_shared_state(
         database.pool.clone(),
         config,
         ListenerSettings {
@@ -356,12 +370,32 @@ async fn an_endpoint_down_for_ten_seconds_gets_its_parked_work_within_a_second_o
             ..ListenerSettings::default()
         },
         ClusterSettings::default(),
+        shared,
     )
     .await
     .unwrap();
     let metrics = node.metrics();
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(node.run_until_stopped(shutdown.clone()));
+
+    (metrics, shutdown, running)
+}
+
+/// An endpoint that refuses connections for ten seconds, then answers. The circuit opens within
+/// its window; the work it parked is delivered, all of it and once, within a second of the
+/// endpoint answering — measured from the moment the receiver listens on the port again to the
+/// last parked delivery.
+async fn down_for_ten_seconds_then_up(shared: SharedState) {
+    let database = TestDatabase::migrated().await;
+    common::nodes::prepare_orders(&database.pool).await;
+    // A port nothing listens on (connections are refused) until the receiver binds it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let (metrics, shutdown, running) = start_node(&database, &endpoint, shared).await;
 
     let changes = 40;
     let down_since = Instant::now();

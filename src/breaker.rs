@@ -822,8 +822,15 @@ impl Breakers {
     }
 
     /// Starts this node's reachability check of `endpoint` while its circuit is open, unless
-    /// one runs (or too many do, or there is no runtime to run it on).
+    /// one runs (or too many do, or there is no runtime to run it on, or its host comes from
+    /// event data).
     fn watch(&self, endpoint: &str, label: &str) {
+        // A host rendered from event data (labelled `template:<name>`) is only ever connected to
+        // through the SSRF guard; a plain connect here would bypass it. Such endpoints wait out
+        // their open period.
+        if label.starts_with("template:") {
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };

@@ -232,3 +232,44 @@ pub async fn partition_of(
             .await?,
     )
 }
+
+/// Rows one retention statement deletes at most, so that no statement holds locks or writes WAL
+/// for long.
+pub const PRUNE_BATCH: u64 = 5_000;
+
+/// Deletes at most [`PRUNE_BATCH`] change-log rows that every partition has delivered and that
+/// were written more than `older_than` ago, on `executor` (the coordinator's fenced
+/// transaction); how many. Fewer than a batch: nothing more can go now.
+///
+/// A row goes only when its writer's transaction is below the smallest `xmin` of every
+/// partition's checkpoint snapshot (a fragment from the partitions' owner,
+/// [`crate::checkpoint`]), so every partition has read past it — a lagging partition holds
+/// retention back for all, and a partition with no checkpoint yet stops it. Rows without a
+/// transaction id (written before the capture columns existed) are never read by the service
+/// and are left alone.
+///
+/// # Errors
+/// Storage failed.
+pub async fn prune_delivered<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = sqlx::Postgres>,
+    older_than: std::time::Duration,
+    partition_count: i32,
+) -> Result<u64, ChangeLogError> {
+    let deleted = sqlx::query(concat!(
+        "DELETE FROM core.tb_entity_change_log
+          WHERE ctid = ANY (ARRAY(
+                SELECT ctid FROM core.tb_entity_change_log
+                 WHERE txid < ",
+        crate::checkpoint::delivered_everywhere_below_sql!("$2"),
+        "
+                   AND created_at < now() - make_interval(secs => $1)
+                 LIMIT $3))"
+    ))
+    .bind(older_than.as_secs_f64())
+    .bind(partition_count)
+    .bind(i64::try_from(PRUNE_BATCH).unwrap_or(i64::MAX))
+    .execute(executor)
+    .await?
+    .rows_affected();
+    Ok(deleted)
+}

@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -126,6 +126,8 @@ pub struct ClusterHandle {
     /// When the supervisor last finished a tick (liveness).
     last_tick: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     validity: LeaseValidity,
+    /// The coordinator epoch this node holds the role with; 0 while it does not.
+    coordinator_epoch: Arc<AtomicI64>,
 }
 
 impl ClusterHandle {
@@ -159,6 +161,16 @@ impl ClusterHandle {
     #[must_use]
     pub fn validity(&self) -> LeaseValidity {
         self.validity.clone()
+    }
+    /// The coordinator epoch this node took the role with, while it holds it (as of its last
+    /// tick). Duties check it again, fenced, in their own transaction.
+    #[must_use]
+    pub fn coordinator_epoch(&self) -> Option<i64> {
+        Some(self.coordinator_epoch.load(Ordering::SeqCst)).filter(|epoch| *epoch > 0)
+    }
+    fn set_coordinator_epoch(&self, epoch: Option<i64>) {
+        self.coordinator_epoch
+            .store(epoch.unwrap_or(0), Ordering::SeqCst);
     }
     fn set_leading(&self, partitions: impl Iterator<Item = i32>) {
         *self
@@ -346,6 +358,7 @@ impl Cluster {
                 }
                 Err(error) => {
                     self.handle.validity.set(None);
+                    self.handle.set_coordinator_epoch(None);
                     tracing::error!(%error, partitions = held.len(), "lease session lost: stopping every partition at once");
                     for partition in held.values() {
                         partition.abort.abort();
@@ -361,19 +374,11 @@ impl Cluster {
                 });
             }
             if let Some(request) = seen.drain_request {
-                if request {
-                    tracing::info!("draining on request");
-                    self.handle.drain();
-                } else {
-                    tracing::info!("resuming on request");
-                    self.handle.resume();
-                }
-                if let Err(error) = lease.clear_drain_request(&self.node_id, request).await {
-                    tracing::warn!(%error, "clearing an applied drain request failed");
-                }
+                self.apply_drain_request(lease, request).await;
             }
             self.balance(lease, &seen, &mut held, &mut tasks, &shutdown)
                 .await;
+            self.coordinate(lease, &seen).await;
             self.publish(&held);
             *self
                 .handle
@@ -382,6 +387,7 @@ impl Cluster {
                 .unwrap_or_else(std::sync::PoisonError::into_inner) =
                 Some(std::time::Instant::now());
         };
+        self.handle.set_coordinator_epoch(None);
         for running in held.values() {
             running.stop.cancel();
         }
@@ -393,6 +399,65 @@ impl Cluster {
             lease.leave(&self.node_id).await;
         }
         outcome
+    }
+
+    /// Drains (`true`) or resumes (`false`) as asked through the control plane, and clears the
+    /// request.
+    async fn apply_drain_request(&self, lease: &mut LeaseSession, request: bool) {
+        if request {
+            tracing::info!("draining on request");
+            self.handle.drain();
+        } else {
+            tracing::info!("resuming on request");
+            self.handle.resume();
+        }
+        if let Err(error) = lease.clear_drain_request(&self.node_id, request).await {
+            tracing::warn!(%error, "clearing an applied drain request failed");
+        }
+    }
+
+    /// Keeps, takes or gives back the coordinator role: a node that is not draining takes it when
+    /// no session holds it; a draining node gives it back; a node whose session no longer holds
+    /// the lock stops its duties.
+    async fn coordinate(&self, lease: &mut LeaseSession, seen: &Observation) {
+        let held = self.handle.coordinator_epoch();
+        let draining = self.handle.is_draining();
+        if seen.coordinating {
+            if draining || held.is_none() {
+                self.handle.set_coordinator_epoch(None);
+                self.metrics.coordinator.set(0);
+                match lease.release_coordinator().await {
+                    Ok(()) if draining => {
+                        tracing::info!("draining: coordinator role given back");
+                    }
+                    Ok(()) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "giving the coordinator role back failed");
+                    }
+                }
+            }
+            return;
+        }
+        if let Some(epoch) = held {
+            tracing::warn!(
+                epoch,
+                "coordinator lock no longer held: coordinator duties stop"
+            );
+            self.handle.set_coordinator_epoch(None);
+            self.metrics.coordinator.set(0);
+        }
+        if draining {
+            return;
+        }
+        match lease.try_take_coordinator(&self.node_id).await {
+            Ok(Some(epoch)) => {
+                tracing::info!(epoch, "took the coordinator role");
+                self.handle.set_coordinator_epoch(Some(epoch));
+                self.metrics.coordinator.set(1);
+            }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, "taking the coordinator role failed"),
+        }
     }
 
     /// Stops partitions whose lock is gone, gives back those asked for elsewhere and those above

@@ -292,8 +292,9 @@ pub async fn dlq_retry(
                 observer.name, letter.letter.action_index
             )
         })?;
-    let mut runner =
-        ActionRunner::new(Arc::new(config.templates))?.with_database(queue.pool().clone());
+    let mut runner = ActionRunner::new(Arc::new(config.templates))?
+        .with_private_targets_allowed(&config.executor.private_targets_allowed)?
+        .with_database(queue.pool().clone());
     if let Some(connection) = redis {
         runner = runner.with_redis(connection);
     }

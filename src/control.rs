@@ -23,7 +23,7 @@ use crate::database::{self, DatabaseError};
 use crate::dlq::{DeadLetterError, count_dead_letters_up_to};
 use crate::jobs::{PostgresJobQueue, QueueStats};
 use crate::membership::{self, MembershipError};
-use crate::metrics::{Metrics, OutcomeLabel, PartitionLabel, QueueLabels};
+use crate::metrics::{Metrics, OutcomeLabel, PartitionLabel, QueueLabel, QueueLabels};
 
 /// Backlog counts stop here, so a status call stays cheap on a huge backlog.
 pub const BACKLOG_CAP: i64 = 1_000_000;
@@ -87,6 +87,17 @@ pub struct ClusterState {
     pub partitions: Vec<PartitionState>,
     /// Counted up to [`DEAD_LETTER_COUNT_CAP`].
     pub dead_letters: i64,
+    /// The node holding the coordinator role; `None` between a coordinator's death and the next
+    /// taker's tick.
+    pub coordinator: Option<CoordinatorState>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CoordinatorState {
+    pub node_id: String,
+    /// The fencing epoch it took the role with.
+    pub epoch: i64,
+    pub held_for_seconds: f64,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -117,6 +128,13 @@ pub enum ControlError {
     DeadLetters(#[from] DeadLetterError),
     #[error("job queue statistics failed: {0}")]
     Jobs(#[from] crate::jobs::JobError),
+}
+
+/// The gauges only the coordinator reads: dead letters, job depths and the oldest due job's age.
+struct ClusterWideGauges {
+    dead_letters: i64,
+    depths: Vec<(String, String, i64)>,
+    oldest_due: Vec<(String, f64)>,
 }
 
 /// One node's control façade.
@@ -232,11 +250,19 @@ impl Control {
             .collect();
         let dead_letters =
             count_dead_letters_up_to(&mut *connection, DEAD_LETTER_COUNT_CAP).await?;
+        let coordinator = membership::coordinator(&self.pool)
+            .await?
+            .map(|row| CoordinatorState {
+                node_id: row.node_id,
+                epoch: row.epoch,
+                held_for_seconds: row.held_for_seconds,
+            });
         Ok(ClusterState {
             partition_count: self.partitions,
             nodes,
             partitions,
             dead_letters,
+            coordinator,
         })
     }
 
@@ -390,46 +416,73 @@ impl Control {
                 outcome: if read.is_ok() { "succeeded" } else { "failed" }.to_owned(),
             })
             .inc();
-        let (states, dead_letters, depths) = read?;
+        let (states, cluster_wide) = read?;
         let mut partition_gauges = self
             .partition_gauges
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *partition_gauges = states;
-        self.metrics.dead_letters.set(dead_letters);
         self.metrics.jobs.clear();
-        for (queue, status, count) in depths {
+        self.metrics.catalog.oldest_due_job_age.clear();
+        let Some(cluster_wide) = cluster_wide else {
+            // Only the coordinator reads the cluster-wide gauges; the others show 0 and no
+            // queue series (dashboards take the max across nodes).
+            self.metrics.dead_letters.set(0);
+            return Ok(());
+        };
+        self.metrics.dead_letters.set(cluster_wide.dead_letters);
+        for (queue, status, count) in cluster_wide.depths {
             self.metrics
                 .jobs
                 .get_or_create(&QueueLabels { queue, status })
                 .set(count);
+        }
+        for (queue, age) in cluster_wide.oldest_due {
+            self.metrics
+                .catalog
+                .oldest_due_job_age
+                .get_or_create(&QueueLabel { queue })
+                .set(age);
         }
         Ok(())
     }
 
     async fn read_gauges(
         &self,
-    ) -> Result<(Vec<PartitionState>, i64, Vec<(String, String, i64)>), ControlError> {
+    ) -> Result<(Vec<PartitionState>, Option<ClusterWideGauges>), ControlError> {
         let mut transaction =
             database::bounded_read(&self.pool, GAUGE_REFRESH_STATEMENT_TIMEOUT).await?;
         let states = partition_states(&mut transaction, self.partitions).await?;
-        let dead_letters =
-            count_dead_letters_up_to(&mut *transaction, DEAD_LETTER_COUNT_CAP).await?;
-        let depths = crate::jobs::depths(&mut *transaction).await?;
+        let cluster_wide = if self.handle.coordinator_epoch().is_some() {
+            Some(ClusterWideGauges {
+                dead_letters: count_dead_letters_up_to(&mut *transaction, DEAD_LETTER_COUNT_CAP)
+                    .await?,
+                depths: crate::jobs::depths(&mut *transaction).await?,
+                oldest_due: crate::jobs::oldest_due_ages(&mut *transaction).await?,
+            })
+        } else {
+            None
+        };
         database::end_read(transaction).await?;
-        Ok((states, dead_letters, depths))
+        Ok((states, cluster_wide))
     }
 
-    /// Refreshes the database-read gauges now and then every `interval` until `shutdown`; a
-    /// failed refresh is logged and tried again at the next interval.
+    /// Refreshes the database-read gauges now and then every `interval` (and at once when this
+    /// node takes or loses the coordinator role) until `shutdown`; a failed refresh is logged
+    /// and tried again at the next interval.
     pub async fn refresh_gauges_every(&self, interval: Duration, shutdown: CancellationToken) {
+        let role_check = interval.min(Duration::from_millis(500));
         loop {
+            let role = self.handle.coordinator_epoch();
             if let Err(error) = self.refresh_gauges().await {
                 tracing::warn!(%error, "refreshing the database-read metrics failed; /metrics shows the previous values");
             }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(interval) => {}
+            let next = Instant::now() + interval;
+            while Instant::now() < next && self.handle.coordinator_epoch() == role {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(role_check.min(next.saturating_duration_since(Instant::now()))) => {}
+                }
             }
         }
     }

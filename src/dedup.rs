@@ -5,8 +5,21 @@
 //! does not repeat the effect.
 //!
 //! Keys come from the event's identity, never from time buckets (two real updates of one entity
-//! are two events with two ids). A claim is leased: a node that dies mid-action leaves a claim that
-//! expires after the lease, so the work is not lost — the successor runs it then.
+//! are two events with two ids). A claim is leased, and the lease is short (half the node timeout,
+//! [`claim_lease_for`]): while the attempt and its inline retries run, [`Deduplication::hold`]
+//! renews it every third of the lease, conditionally on the holder's token, and stops renewing when
+//! the attempt ends. A node killed mid-attempt therefore leaves a claim that expires within one
+//! lease — before the cluster declares the node dead and a successor takes its partitions — so the
+//! entity's later changes do not wait behind it. A caller that finds a claim busy learns how long
+//! it still lasts ([`Gate::Busy`]), and the action is retried when it ends, not after a backoff.
+//!
+//! A renewal that finds the claim gone (it expired while Redis was unreachable or the node was
+//! paused for a whole lease, or Redis lost it) stops renewing and is counted as `claim_lost`; the
+//! attempt in flight is not cut off (a request already sent cannot be unsent, and its
+//! idempotency key makes an overlapping call by another node recognisable), and its completion
+//! marks nothing done, since only the token holder completes. A renewal that fails because the
+//! store is unreachable is counted as `renewal_failed` and tried again at the next renewal time;
+//! the claim holds until its lease ends.
 //!
 //! `RedisDeduplicationStore` shares claims across nodes; `InMemoryDeduplicationStore` is the
 //! one-node fallback with the same behaviour (one conformance suite checks both). When Redis is
@@ -14,6 +27,7 @@
 //! defer the action.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -26,14 +40,20 @@ use uuid::Uuid;
 pub enum Claim {
     /// This caller holds the claim (its token releases or completes it).
     Acquired(String),
-    /// Another caller holds it: the effect may be happening right now.
-    Busy,
+    /// Another caller holds it: the effect may be happening right now. The claim lasts at most
+    /// `expires_in` more unless its holder renews it.
+    Busy {
+        /// What is left of the holder's lease.
+        expires_in: Duration,
+    },
     /// The effect happened within the window.
     Done,
 }
 
+/// A deduplication store could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum DedupError {
+    /// The store (Redis) is unreachable or refused the command.
     #[error("deduplication store unavailable: {0}")]
     Unavailable(String),
 }
@@ -42,10 +62,25 @@ pub enum DedupError {
 #[async_trait]
 pub trait DeduplicationStore: Send + Sync + std::fmt::Debug {
     /// Atomically claims `key` for `lease` unless it is claimed or done.
+    ///
+    /// # Errors
+    /// The store is unreachable.
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, DedupError>;
+    /// Extends the claim on `key` to `lease` from now, if `token` still holds it; `false` when it
+    /// does not (expired, released, completed, or taken by another caller since).
+    ///
+    /// # Errors
+    /// The store is unreachable.
+    async fn renew(&self, key: &str, token: &str, lease: Duration) -> Result<bool, DedupError>;
     /// Marks `key` done for `window`, if `token` still holds the claim.
+    ///
+    /// # Errors
+    /// The store is unreachable.
     async fn complete(&self, key: &str, token: &str, window: Duration) -> Result<(), DedupError>;
     /// Gives the claim back (the attempt failed), if `token` still holds it.
+    ///
+    /// # Errors
+    /// The store is unreachable.
     async fn release(&self, key: &str, token: &str) -> Result<(), DedupError>;
 }
 
@@ -93,12 +128,17 @@ impl MemoryState {
         }
     }
 
-    /// The live mark of `key`, treating an expired entry as absent.
-    fn live(&self, key: &str) -> Option<&Mark> {
+    /// The live mark of `key` and when it expires, treating an expired entry as absent.
+    fn live_until(&self, key: &str) -> Option<(&Mark, Instant)> {
         self.entries
             .get(key)
             .filter(|(_, expires)| *expires > Instant::now())
-            .map(|(mark, _)| mark)
+            .map(|(mark, expires)| (mark, *expires))
+    }
+
+    /// The live mark of `key`, treating an expired entry as absent.
+    fn live(&self, key: &str) -> Option<&Mark> {
+        self.live_until(key).map(|(mark, _)| mark)
     }
 
     fn holds(&self, key: &str, token: &str) -> bool {
@@ -145,9 +185,11 @@ impl InMemoryDeduplicationStore {
 #[async_trait]
 impl DeduplicationStore for InMemoryDeduplicationStore {
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, DedupError> {
-        Ok(self.with_state(|state| match state.live(key) {
-            Some(Mark::Done) => Claim::Done,
-            Some(Mark::Claimed(_)) => Claim::Busy,
+        Ok(self.with_state(|state| match state.live_until(key) {
+            Some((Mark::Done, _)) => Claim::Done,
+            Some((Mark::Claimed(_), expires)) => Claim::Busy {
+                expires_in: expires.saturating_duration_since(Instant::now()),
+            },
             None => {
                 let token = new_token();
                 state.entries.insert(
@@ -156,6 +198,18 @@ impl DeduplicationStore for InMemoryDeduplicationStore {
                 );
                 Claim::Acquired(token)
             }
+        }))
+    }
+
+    async fn renew(&self, key: &str, token: &str, lease: Duration) -> Result<bool, DedupError> {
+        Ok(self.with_state(|state| {
+            if !state.holds(key, token) {
+                return false;
+            }
+            if let Some((_, expires)) = state.entries.get_mut(key) {
+                *expires = Instant::now() + lease;
+            }
+            true
         }))
     }
 
@@ -186,10 +240,18 @@ pub struct RedisDeduplicationStore {
     prefix: String,
 }
 
-/// `SET NX PX`, and on conflict say whether the holder is done: 1 acquired, 2 done, 0 busy.
+/// `SET NX PX`, and on conflict say whether the holder is done: `{1, 0}` acquired, `{2, 0}`
+/// done, `{0, milliseconds left of the holder's lease}` busy.
 const CLAIM: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == 'done' then return 2 end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, 0} end
+if redis.call('GET', KEYS[1]) == 'done' then return {2, 0} end
+return {0, redis.call('PTTL', KEYS[1])}";
+/// Extend our claim (compare the token, then `PEXPIRE`): 1 renewed, 0 not ours any more.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
 return 0";
 /// Replace our claim by the done mark.
 const COMPLETE: &str = r"
@@ -236,13 +298,13 @@ impl RedisDeduplicationStore {
         format!("{}dedup:{key}", self.prefix)
     }
 
-    async fn run(
+    async fn run<T: redis::FromRedisValue>(
         &self,
         script: &str,
         key: &str,
         first: &str,
         second: u64,
-    ) -> Result<i64, DedupError> {
+    ) -> Result<T, DedupError> {
         let mut connection = self.connection.clone();
         redis::Script::new(script)
             .key(self.key(key))
@@ -258,21 +320,30 @@ impl RedisDeduplicationStore {
 impl DeduplicationStore for RedisDeduplicationStore {
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, DedupError> {
         let token = new_token();
-        Ok(match self.run(CLAIM, key, &token, millis(lease)).await? {
+        let (status, left): (i64, i64) = self.run(CLAIM, key, &token, millis(lease)).await?;
+        Ok(match status {
             1 => Claim::Acquired(token),
             2 => Claim::Done,
-            _ => Claim::Busy,
+            // PTTL is never negative here (the key exists and was set with PX), but clamp anyway.
+            _ => Claim::Busy {
+                expires_in: Duration::from_millis(u64::try_from(left).unwrap_or(0)),
+            },
         })
     }
 
+    async fn renew(&self, key: &str, token: &str, lease: Duration) -> Result<bool, DedupError> {
+        let renewed: i64 = self.run(RENEW, key, token, millis(lease)).await?;
+        Ok(renewed == 1)
+    }
+
     async fn complete(&self, key: &str, token: &str, window: Duration) -> Result<(), DedupError> {
-        self.run(COMPLETE, key, token, millis(window))
+        self.run::<i64>(COMPLETE, key, token, millis(window))
             .await
             .map(|_| ())
     }
 
     async fn release(&self, key: &str, token: &str) -> Result<(), DedupError> {
-        self.run(RELEASE, key, token, 0).await.map(|_| ())
+        self.run::<i64>(RELEASE, key, token, 0).await.map(|_| ())
     }
 }
 
@@ -297,9 +368,24 @@ impl std::str::FromStr for Unavailable {
     }
 }
 
-/// Conformance suite every store passes (used by the unit tests and `tests/dedup.rs`).
+/// How long a claim lasts without renewal when no node timeout says otherwise: half the cluster's
+/// default node timeout (5 s).
+pub const DEFAULT_CLAIM_LEASE: Duration = Duration::from_millis(2500);
+/// The shortest claim lease: renewals (every third of it) must not flood the store.
+pub const MIN_CLAIM_LEASE: Duration = Duration::from_millis(500);
+/// Renewals per lease: a claim survives two renewals lost in a row.
+const RENEWALS_PER_LEASE: u32 = 3;
+
+/// The claim lease of a cluster whose nodes are declared dead after `node_timeout`: half of it
+/// (at least [`MIN_CLAIM_LEASE`]). A claim left by a killed node has then expired by the time a
+/// successor takes the node's partitions, with a margin for a renewal that came late.
+#[must_use]
+pub fn claim_lease_for(node_timeout: Duration) -> Duration {
+    (node_timeout / 2).max(MIN_CLAIM_LEASE)
+}
+
 /// The gate every attempt of a side effect passes, inline or from the job queue: claims shared
-/// by the nodes, counted in the metrics.
+/// by the nodes, renewed while the attempt runs, counted in the metrics.
 #[derive(Clone, Debug)]
 pub struct Deduplication {
     pub store: Arc<dyn DeduplicationStore>,
@@ -307,6 +393,9 @@ pub struct Deduplication {
     pub window: Duration,
     pub when_unavailable: Unavailable,
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// How long a claim lasts unless renewed ([`claim_lease_for`] the node timeout); renewed
+    /// every third of it while the attempt runs ([`Deduplication::hold`]).
+    pub claim_lease: Duration,
 }
 
 /// What a claim lets the caller do.
@@ -316,37 +405,94 @@ pub enum Gate {
     Run(Option<String>),
     /// Done within the window (by this or another node): do not run it again.
     Done,
-    /// Another node holds it, or the store is unreachable and the policy says defer.
-    Later(String),
+    /// Another node (or another attempt here) holds the claim: try again once it ends, at most
+    /// `expires_in` from now unless its holder keeps renewing it.
+    Busy {
+        /// What is left of the holder's lease.
+        expires_in: Duration,
+    },
+    /// The store is unreachable and the policy says defer; the reason says so.
+    Deferred(String),
 }
 
 impl Deduplication {
-    /// Claims `key` for `lease`.
-    pub async fn gate(&self, key: &str, lease: Duration) -> Gate {
-        let outcome = |name: &str| {
-            if let Some(metrics) = &self.metrics {
-                metrics.record_dedup(name);
-            }
-        };
-        match self.store.claim(key, lease).await {
+    fn count(&self, outcome: &str) {
+        if let Some(metrics) = &self.metrics {
+            metrics.record_dedup(outcome);
+        }
+    }
+
+    /// Claims `key` for one claim lease.
+    pub async fn gate(&self, key: &str) -> Gate {
+        match self.store.claim(key, self.claim_lease).await {
             Ok(Claim::Acquired(token)) => Gate::Run(Some(token)),
             Ok(Claim::Done) => {
-                outcome("duplicate_skipped");
+                self.count("duplicate_skipped");
                 Gate::Done
             }
-            Ok(Claim::Busy) => {
-                outcome("busy_elsewhere");
-                Gate::Later("another node is running this action right now".to_owned())
+            Ok(Claim::Busy { expires_in }) => {
+                self.count("busy_elsewhere");
+                Gate::Busy { expires_in }
             }
             Err(error) => {
-                outcome("store_unavailable");
+                self.count("store_unavailable");
                 match self.when_unavailable {
                     Unavailable::Process => {
                         tracing::warn!(%error, key, "deduplication unavailable: running the action anyway (at-least-once)");
                         Gate::Run(None)
                     }
                     Unavailable::Defer => {
-                        Gate::Later(format!("deduplication unavailable: {error}"))
+                        Gate::Deferred(format!("deduplication unavailable: {error}"))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `attempt` while holding the claim `token` on `key`: renews it every third of the claim
+    /// lease until `attempt` finishes, then stops. Without a token (the store was unreachable and
+    /// the policy runs the action anyway) it only runs `attempt`. A renewal that finds the claim
+    /// gone stops renewing; the attempt still runs to its end (see the module documentation).
+    pub async fn hold<T>(
+        &self,
+        key: &str,
+        token: Option<&str>,
+        attempt: impl Future<Output = T>,
+    ) -> T {
+        let Some(token) = token else {
+            return attempt.await;
+        };
+        let renewing = self.keep_claim(key, token);
+        tokio::pin!(attempt, renewing);
+        tokio::select! {
+            biased;
+            output = &mut attempt => return output,
+            () = &mut renewing => {}
+        }
+        attempt.await
+    }
+
+    /// Renews the claim every third of the lease; returns only when the claim is lost.
+    async fn keep_claim(&self, key: &str, token: &str) {
+        let every = self.claim_lease / RENEWALS_PER_LEASE;
+        let mut warned = false;
+        loop {
+            tokio::time::sleep(every).await;
+            match self.store.renew(key, token, self.claim_lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.count("claim_lost");
+                    tracing::warn!(
+                        key,
+                        "deduplication claim lost while its attempt runs (not renewed within its lease); another node may run the action too"
+                    );
+                    return;
+                }
+                Err(error) => {
+                    self.count("renewal_failed");
+                    if !warned {
+                        warned = true;
+                        tracing::warn!(%error, key, "renewing a deduplication claim failed; retrying until its lease ends");
                     }
                 }
             }
@@ -382,11 +528,12 @@ pub mod conformance {
         let lease = Duration::from_secs(30);
         let window = Duration::from_mins(1);
 
-        // First claim wins; a second finds it busy; done after completion.
+        // First claim wins; a second finds it busy, with what is left of the lease; done after
+        // completion.
         let Claim::Acquired(token) = store.claim(&key("a"), lease).await.unwrap() else {
             panic!("a fresh key is acquired");
         };
-        assert_eq!(store.claim(&key("a"), lease).await.unwrap(), Claim::Busy);
+        assert_busy_within(store, &key("a"), lease).await;
         store.complete(&key("a"), &token, window).await.unwrap();
         assert_eq!(store.claim(&key("a"), lease).await.unwrap(), Claim::Done);
 
@@ -400,9 +547,11 @@ pub mod conformance {
         };
         store.release(&key("b"), &first).await.unwrap();
         store.complete(&key("b"), &first, window).await.unwrap();
-        assert_eq!(
-            store.claim(&key("b"), lease).await.unwrap(),
-            Claim::Busy,
+        assert!(
+            matches!(
+                store.claim(&key("b"), lease).await.unwrap(),
+                Claim::Busy { .. }
+            ),
             "an old token neither releases nor completes the new holder's claim"
         );
         store.complete(&key("b"), &second, window).await.unwrap();
@@ -420,7 +569,7 @@ pub mod conformance {
             store.claim(&key("c"), short).await.unwrap(),
             Claim::Acquired(_)
         ));
-        assert_eq!(store.claim(&key("c"), lease).await.unwrap(), Claim::Busy);
+        assert_busy_within(store, &key("c"), short).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let Claim::Acquired(token) = store.claim(&key("c"), lease).await.unwrap() else {
             panic!("an abandoned claim expires");
@@ -435,6 +584,95 @@ pub mod conformance {
             ),
             "after the window the action may run again"
         );
+
+        renewal(store, &key).await;
+    }
+
+    /// A claim is busy, and lasts no longer than `lease`.
+    async fn assert_busy_within(store: &dyn DeduplicationStore, key: &str, lease: Duration) {
+        match store.claim(key, lease).await.unwrap() {
+            Claim::Busy { expires_in } => assert!(
+                !expires_in.is_zero() && expires_in <= lease,
+                "{key}: {expires_in:?} left of a {lease:?} lease"
+            ),
+            other => panic!("{key} is claimed, found {other:?}"),
+        }
+    }
+
+    /// Renewing with the holder's token extends the claim; any other token, or a claim that
+    /// expired, completed or was taken over, is not renewed.
+    async fn renewal(store: &dyn DeduplicationStore, key: &dyn Fn(&str) -> String) {
+        let short = Duration::from_millis(150);
+        let renewed_to = Duration::from_millis(1500);
+
+        // The holder's renewal outlives the original lease.
+        let Claim::Acquired(holder) = store.claim(&key("renew"), short).await.unwrap() else {
+            panic!("a fresh key is acquired");
+        };
+        assert!(
+            store
+                .renew(&key("renew"), &holder, renewed_to)
+                .await
+                .unwrap(),
+            "the holder renews its claim"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_busy_within(store, &key("renew"), renewed_to).await;
+        store.release(&key("renew"), &holder).await.unwrap();
+
+        // Another token renews nothing, and the claim still ends with its own lease.
+        let Claim::Acquired(holder) = store.claim(&key("stranger"), short).await.unwrap() else {
+            panic!("a fresh key is acquired");
+        };
+        assert!(
+            !store
+                .renew(&key("stranger"), "not-the-token", renewed_to)
+                .await
+                .unwrap(),
+            "a stranger's token does not renew"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let Claim::Acquired(taker) = store.claim(&key("stranger"), short).await.unwrap() else {
+            panic!("the claim a stranger tried to renew expired with its lease");
+        };
+
+        // The expired holder can neither renew the new holder's claim nor revive its own.
+        assert!(
+            !store
+                .renew(&key("stranger"), &holder, renewed_to)
+                .await
+                .unwrap(),
+            "an expired holder's token does not renew the new claim"
+        );
+        assert!(
+            store
+                .renew(&key("stranger"), &taker, renewed_to)
+                .await
+                .unwrap()
+        );
+        assert_busy_within(store, &key("stranger"), renewed_to).await;
+
+        // A completed claim is a done mark: nothing to renew, and its window is kept.
+        store
+            .complete(&key("stranger"), &taker, Duration::from_mins(1))
+            .await
+            .unwrap();
+        assert!(
+            !store.renew(&key("stranger"), &taker, short).await.unwrap(),
+            "a done mark is not a claim"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            store.claim(&key("stranger"), short).await.unwrap(),
+            Claim::Done
+        );
+
+        // A key never claimed is not renewed into existence.
+        assert!(!store.renew(&key("never"), "any", renewed_to).await.unwrap());
+        assert!(matches!(
+            store.claim(&key("never"), short).await.unwrap(),
+            Claim::Acquired(_)
+        ));
     }
 
     /// Many concurrent claimers of one key: exactly one acquires.

@@ -61,11 +61,15 @@ pub enum ErrorCode {
     /// the target asked to wait longer); the call was not made.
     #[serde(rename = "OB016")]
     EndpointBusy,
+    /// OB017: a target URL rendered from event data resolved to a loopback, private, link-local
+    /// or otherwise non-public address; the call was not made (see `allow_private_targets`).
+    #[serde(rename = "OB017")]
+    TargetRefused,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::ConfigInvalid,
         ErrorCode::TemplateFailed,
         ErrorCode::SecretMissing,
@@ -82,9 +86,10 @@ impl ErrorCode {
         ErrorCode::InProgressElsewhere,
         ErrorCode::CircuitOpen,
         ErrorCode::EndpointBusy,
+        ErrorCode::TargetRefused,
     ];
 
-    /// The stable code, `OB001` … `OB016`.
+    /// The stable code, `OB001` … `OB017`.
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
@@ -104,6 +109,7 @@ impl ErrorCode {
             ErrorCode::InProgressElsewhere => "OB014",
             ErrorCode::CircuitOpen => "OB015",
             ErrorCode::EndpointBusy => "OB016",
+            ErrorCode::TargetRefused => "OB017",
         }
     }
 
@@ -152,6 +158,9 @@ impl ErrorCode {
             ErrorCode::CircuitOpen => "the target's circuit breaker is open; not called",
             ErrorCode::EndpointBusy => {
                 "no slot of the target's concurrency limit within the queue wait; not called"
+            }
+            ErrorCode::TargetRefused => {
+                "a URL from event data reached a private or loopback address; not called"
             }
         }
     }

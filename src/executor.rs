@@ -182,22 +182,15 @@ impl Executor {
         Self::unattempted(key, action, ActionStatus::AlreadyCompleted, None, started)
     }
 
-    /// How long an inline run of `action` may hold its claim: every attempt's timeout and
-    /// delay, plus a margin. A node that dies mid-action frees the claim after this.
-    fn claim_lease(&self, observer: &ObserverDefinition, action: &ActionDefinition) -> Duration {
-        let attempts = if self.job_routing {
-            INLINE_ATTEMPTS_WITH_QUEUE.min(observer.retry.max_attempts)
-        } else {
-            observer.retry.max_attempts
-        }
-        .max(1);
-        (self.runner.attempt_deadline(action) + observer.retry.max_delay).saturating_mul(attempts)
-            + Duration::from_secs(5)
-    }
-
     /// The action cannot run now (claimed elsewhere, or deduplication deferred): with a job
-    /// queue it becomes a job (whose worker checks the claim again); without one it stays
-    /// unsettled, so the page is read again later.
+    /// queue it becomes a job (whose worker checks the claim again), due when the holder's claim
+    /// ends (`not_before`) — a claim left by a killed node ends within one claim lease, so the
+    /// entity's later changes, queued behind this job, wait no longer than that; without a job
+    /// queue it stays unsettled, so the page is read again later.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the report of one unattempted action needs all of them"
+    )]
     fn later(
         &self,
         event: &EntityEvent,
@@ -205,10 +198,17 @@ impl Executor {
         action: &ActionDefinition,
         key: ActionKey,
         reason: String,
+        not_before: Option<Duration>,
         started: Instant,
     ) -> ActionReport {
         if self.job_routing {
-            return Self::enqueued(event, observer, action, key, started);
+            let mut report = Self::enqueued(event, observer, action, key, started);
+            if let (Some(job), Some(wait)) = (report.job.as_mut(), not_before) {
+                job.run_at = chrono::Duration::from_std(wait)
+                    .ok()
+                    .map(|wait| chrono::Utc::now() + wait);
+            }
+            return report;
         }
         let status = ActionStatus::Failed {
             code: ErrorCode::InProgressElsewhere,
@@ -417,6 +417,85 @@ impl Executor {
         }
     }
 
+    /// Passes the dedup gate: `Ok` with the claim's token (none without a store, or with the
+    /// store down and the policy running the action anyway), or the report of an action that is
+    /// not run now (done elsewhere, or held by another node's claim).
+    async fn claim(
+        &self,
+        event: &EntityEvent,
+        observer: &ObserverDefinition,
+        action: &ActionDefinition,
+        key: &ActionKey,
+        dedup_key: &str,
+        started: Instant,
+    ) -> Result<Option<String>, Box<ActionReport>> {
+        let Some(dedup) = &self.dedup else {
+            return Ok(None);
+        };
+        match dedup.gate(dedup_key).await {
+            Gate::Run(token) => Ok(token),
+            Gate::Done => {
+                // Done by another node: record it here too, so a replay skips it cheaply.
+                if let Some(sink) = &self.settled_sink {
+                    sink.push(key.clone());
+                }
+                Err(Box::new(Self::already_completed(
+                    key.clone(),
+                    action,
+                    started,
+                )))
+            }
+            Gate::Busy { expires_in } => {
+                let reason = format!(
+                    "another node is running this action right now (its claim ends within {} ms)",
+                    expires_in.as_millis()
+                );
+                Err(Box::new(self.later(
+                    event,
+                    observer,
+                    action,
+                    key.clone(),
+                    reason,
+                    Some(expires_in),
+                    started,
+                )))
+            }
+            Gate::Deferred(reason) => Err(Box::new(self.later(
+                event,
+                observer,
+                action,
+                key.clone(),
+                reason,
+                None,
+                started,
+            ))),
+        }
+    }
+
+    /// The inline attempts under the claim `token`: renewed while they run, and only then;
+    /// completed on success, released otherwise.
+    async fn attempt_claimed(
+        &self,
+        observer: &ObserverDefinition,
+        action: &ActionDefinition,
+        context: &ActionContext<'_>,
+        dedup_key: &str,
+        token: Option<&str>,
+    ) -> crate::retry::RetryOutcome<crate::actions::ActionSuccess> {
+        let Some(dedup) = &self.dedup else {
+            return self.attempt_inline(observer, action, context).await;
+        };
+        let outcome = dedup
+            .hold(
+                dedup_key,
+                token,
+                self.attempt_inline(observer, action, context),
+            )
+            .await;
+        dedup.settle(dedup_key, token, outcome.result.is_ok()).await;
+        outcome
+    }
+
     async fn execute_action(
         &self,
         event: &EntityEvent,
@@ -436,24 +515,12 @@ impl Executor {
         }
         // The claim key is the action's identity, never a time bucket.
         let dedup_key = key.to_string();
-        let token = match &self.dedup {
-            None => None,
-            Some(dedup) => match dedup
-                .gate(&dedup_key, self.claim_lease(observer, action))
-                .await
-            {
-                Gate::Run(token) => token,
-                Gate::Done => {
-                    // Done by another node: record it here too, so a replay skips it cheaply.
-                    if let Some(sink) = &self.settled_sink {
-                        sink.push(key.clone());
-                    }
-                    return Self::already_completed(key, action, started);
-                }
-                Gate::Later(reason) => {
-                    return self.later(event, observer, action, key, reason, started);
-                }
-            },
+        let token = match self
+            .claim(event, observer, action, &key, &dedup_key, started)
+            .await
+        {
+            Ok(token) => token,
+            Err(report) => return *report,
         };
         let context = ActionContext {
             event,
@@ -461,12 +528,9 @@ impl Executor {
             action_index: action.index,
             envelope,
         };
-        let outcome = self.attempt_inline(observer, action, &context).await;
-        if let Some(dedup) = &self.dedup {
-            dedup
-                .settle(&dedup_key, token.as_deref(), outcome.result.is_ok())
-                .await;
-        }
+        let outcome = self
+            .attempt_claimed(observer, action, &context, &dedup_key, token.as_deref())
+            .await;
 
         // A call refused by an open circuit or a busy endpoint was not made: it spends no attempt.
         let refused = matches!(&outcome.result, Err(error) if error.code.call_not_made());

@@ -175,6 +175,13 @@ impl ObserverControl for Service {
                 .collect(),
             partitions: cluster.partitions.iter().map(partition_of).collect(),
             dead_letters: cluster.dead_letters,
+            coordinator: cluster
+                .coordinator
+                .map(|coordinator| pb::CoordinatorStatus {
+                    node_id: coordinator.node_id,
+                    epoch: coordinator.epoch,
+                    held_for_seconds: coordinator.held_for_seconds,
+                }),
         }))
     }
 
@@ -563,6 +570,13 @@ pub async fn fetch_cluster_status(
             .collect(),
         partitions: cluster.partitions.into_iter().map(partition_from).collect(),
         dead_letters: cluster.dead_letters,
+        coordinator: cluster
+            .coordinator
+            .map(|coordinator| control::CoordinatorState {
+                node_id: coordinator.node_id,
+                epoch: coordinator.epoch,
+                held_for_seconds: coordinator.held_for_seconds,
+            }),
     })
 }
 

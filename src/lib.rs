@@ -17,6 +17,7 @@ pub mod concurrency;
 pub mod condition;
 pub mod config;
 pub mod control;
+pub mod coordinator;
 pub mod database;
 pub mod dedup;
 pub mod demo;

@@ -120,6 +120,8 @@ enum Command {
         endpoints: EndpointArgs,
         #[command(flatten)]
         dedup: DedupArgs,
+        #[command(flatten)]
+        retention: RetentionArgs,
     },
     /// This node's status, from its control plane (gRPC).
     Status {
@@ -274,6 +276,15 @@ struct DedupArgs {
     /// file's `executor.adaptive_concurrency`.
     #[arg(long, env = "FRAISEQL_OBSERVERS_ADAPTIVE_CONCURRENCY", value_parser = parse_on_off)]
     adaptive_concurrency: Option<bool>,
+    /// Networks (CIDR, comma-separated: `10.20.0.0/16,fd00:1::/64`) that webhook URLs whose host
+    /// comes from event data may reach although they are private, loopback or link-local.
+    /// Without it such URLs reach public addresses only (OB017); literal URLs are never checked.
+    #[arg(
+        long,
+        env = "FRAISEQL_OBSERVERS_ALLOW_PRIVATE_TARGETS_CIDR",
+        value_delimiter = ','
+    )]
+    allow_private_targets_cidr: Vec<fraiseql_observers::config::Network>,
 }
 
 fn parse_positive_duration(text: &str) -> Result<std::time::Duration, String> {
@@ -457,6 +468,14 @@ enum DlqCommand {
         /// The observers file that defines the letter's observer.
         #[arg(long, env = "FRAISEQL_OBSERVERS_CONFIG")]
         config: PathBuf,
+        /// Networks (CIDR, comma-separated) a webhook URL whose host comes from event data may
+        /// reach although they are non-public, as `run --allow-private-targets-cidr`.
+        #[arg(
+            long,
+            env = "FRAISEQL_OBSERVERS_ALLOW_PRIVATE_TARGETS_CIDR",
+            value_delimiter = ','
+        )]
+        allow_private_targets_cidr: Vec<fraiseql_observers::config::Network>,
     },
     /// Delete dead letters matching the filters (at least one filter, or --all).
     Purge {
@@ -513,7 +532,7 @@ impl DlqFilterArgs {
                     .find(|candidate| candidate.as_str().eq_ignore_ascii_case(&code))
                     .ok_or_else(|| {
                         anyhow::anyhow!(
-                            "--code: expected an error code OB001…OB016, found {code:?}"
+                            "--code: expected an error code OB001…OB017, found {code:?}"
                         )
                     })
             })
@@ -608,6 +627,19 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = interrupt.await;
+}
+
+/// The delivery flags that override the observers file's `executor` settings.
+fn apply_delivery_flags(executor: &mut config::ExecutorSettings, dedup_args: &DedupArgs) {
+    if let Some(wait) = dedup_args.endpoint_queue_wait {
+        executor.endpoint_queue_wait = wait;
+    }
+    if let Some(adaptive) = dedup_args.adaptive_concurrency {
+        executor.adaptive_concurrency = adaptive;
+    }
+    executor
+        .private_targets_allowed
+        .clone_from(&dedup_args.allow_private_targets_cidr);
 }
 
 /// Deduplication claims and circuit breakers: in Redis when `REDIS_URL` is set, else in process.
@@ -740,6 +772,30 @@ fn load_observers(
     )
 }
 
+/// What the coordinator deletes besides finished jobs and the completed-actions ledger.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct RetentionArgs {
+    /// Delete change-log rows older than this that every partition has delivered (off unless
+    /// given; other readers of the change log, and `replay`, lose those rows). At least 1m.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_CHANGE_LOG_RETENTION", value_parser = parse_retention)]
+    change_log_retention: Option<std::time::Duration>,
+    /// Delete dead letters older than this (off unless given: letters stay until retried or
+    /// purged). At least 1m.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_DEAD_LETTER_RETENTION", value_parser = parse_retention)]
+    dead_letter_retention: Option<std::time::Duration>,
+}
+
+fn parse_retention(text: &str) -> Result<std::time::Duration, String> {
+    let retention = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    if retention < std::time::Duration::from_mins(1) {
+        return Err(format!(
+            "a retention must be at least 1m, found {}",
+            humantime::format_duration(retention)
+        ));
+    }
+    Ok(retention)
+}
+
 async fn run_node(
     database: DatabaseArgs,
     config_path: PathBuf,
@@ -749,16 +805,10 @@ async fn run_node(
         EndpointArgs,
         DedupArgs,
     ),
-    db_pool_size: u32,
-    shutdown_timeout: std::time::Duration,
+    (db_pool_size, shutdown_timeout, retention): (u32, std::time::Duration, RetentionArgs),
 ) -> anyhow::Result<String> {
     let mut config = load_observers(&config_path, &dedup_args.redis_prefix)?;
-    if let Some(wait) = dedup_args.endpoint_queue_wait {
-        config.executor.endpoint_queue_wait = wait;
-    }
-    if let Some(adaptive) = dedup_args.adaptive_concurrency {
-        config.executor.adaptive_concurrency = adaptive;
-    }
+    apply_delivery_flags(&mut config.executor, &dedup_args);
     for warning in &config.warnings {
         tracing::warn!(%warning, "configuration warning");
     }
@@ -814,6 +864,10 @@ async fn run_node(
     )
     .await?
     .with_gauge_refresh_interval(endpoints.metrics_refresh_interval)
+    .with_retention(
+        retention.dead_letter_retention,
+        retention.change_log_retention,
+    )
     .with_endpoints(fraiseql_observers::node::Endpoints {
         grpc: Some(fraiseql_observers::grpc::GrpcEndpoint {
             listener: grpc,
@@ -900,6 +954,7 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             shutdown_timeout,
             endpoints,
             dedup,
+            retention,
         } => {
             anyhow::ensure!(batch_size > 0, "--batch-size must be at least 1");
             let settings = fraiseql_observers::listener::ListenerSettings {
@@ -919,8 +974,7 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
                 database,
                 config,
                 (settings, cluster, endpoints, dedup),
-                db_pool_size,
-                shutdown_timeout,
+                (db_pool_size, shutdown_timeout, retention),
             )
             .await
         }
@@ -967,9 +1021,14 @@ async fn dlq_command(database: DatabaseArgs, command: DlqCommand) -> anyhow::Res
             commands::dlq_list(&queue, &filter, json).await
         }
         DlqCommand::Show { id } => commands::dlq_show(&queue, id).await,
-        DlqCommand::Retry { id, config } => {
-            let config =
+        DlqCommand::Retry {
+            id,
+            config,
+            allow_private_targets_cidr,
+        } => {
+            let mut config =
                 observers::load_file(&config, &LoadOptions::from_process_env(MissingEnv::Error))?;
+            config.executor.private_targets_allowed = allow_private_targets_cidr;
             // Cache actions remove keys through the Redis the nodes use.
             let redis = std::env::var("REDIS_URL")
                 .ok()

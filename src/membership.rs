@@ -2,7 +2,10 @@
 //! heartbeat and lease session), the `cluster` table (the partition count every node must use)
 //! and the partition advisory locks, all through one node's dedicated **lease session**.
 //!
-//! The only code with SQL for `nodes` and `cluster`; the pending hand-overs a tick reads come
+//! The coordinator role (`coordinator`: one node at a time owns the cluster's singleton duties) is
+//! an advisory lock on the same session, its fencing epoch in the `coordinator` row.
+//!
+//! The only code with SQL for `nodes`, `cluster` and `coordinator`; the pending hand-overs a tick reads come
 //! from the partitions' owner ([`crate::checkpoint`]) as a fragment of the same statement.
 
 use std::collections::{HashMap, HashSet};
@@ -13,6 +16,9 @@ use sqlx::{Connection, PgPool, Row};
 
 /// First key of every partition lock (`pg_try_advisory_lock(LEASE_NAMESPACE, partition)`).
 pub const LEASE_NAMESPACE: i32 = 0x4651_4F42;
+/// First key of the coordinator lock (`pg_try_advisory_lock(COORDINATOR_NAMESPACE, 0)`); apart
+/// from the partitions' namespace so that no partition count can reach it.
+pub const COORDINATOR_NAMESPACE: i32 = LEASE_NAMESPACE + 1;
 /// Server-side bounds on how long a vanished client's session (and its locks) survives.
 const SESSION_SETTINGS: &str = "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
      SET tcp_keepalives_count = 3; SET tcp_user_timeout = 10000; SET idle_session_timeout = 0; \
@@ -69,6 +75,8 @@ pub(crate) struct Observation {
     pub(crate) handovers: HashMap<i32, String>,
     /// A drain (`true`) or resume (`false`) asked for this node through the control plane.
     pub(crate) drain_request: Option<bool>,
+    /// This session holds the coordinator lock.
+    pub(crate) coordinating: bool,
 }
 
 /// The dedicated connection holding this node's partition locks.
@@ -161,6 +169,9 @@ impl LeaseSession {
             crate::checkpoint::pending_handovers_columns!(),
             ",
                     (SELECT drain_request FROM fraiseql_observers.nodes WHERE node_id = $1) AS drain_request,
+                    EXISTS (SELECT 1 FROM pg_locks
+                             WHERE locktype = 'advisory' AND classid = $6::bigint::oid AND objid = 0
+                               AND objsubid = 2 AND granted AND pid = pg_backend_pid()) AS coordinating,
                     -- In the select list, so that only the joined sessions are ended (a
                     -- volatile call in WHERE could be pushed down to every session).
                     ARRAY(SELECT stale.node_id || CASE WHEN pg_terminate_backend(activity.pid) THEN '' ELSE ' (already gone)' END
@@ -173,6 +184,7 @@ impl LeaseSession {
         .bind(draining)
         .bind(node_timeout.as_secs_f64())
         .bind(i64::from(LEASE_NAMESPACE))
+        .bind(i64::from(COORDINATOR_NAMESPACE))
         .fetch_one(&mut self.connection)
         .await?;
         let ended: Vec<String> = row.try_get("ended")?;
@@ -190,6 +202,7 @@ impl LeaseSession {
         let handover_targets: Vec<String> = row.try_get("handover_targets")?;
         Ok(Observation {
             drain_request: row.try_get("drain_request")?,
+            coordinating: row.try_get("coordinating")?,
             handovers: handover_partitions
                 .into_iter()
                 .zip(handover_targets)
@@ -247,6 +260,50 @@ impl LeaseSession {
         let _: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1, $2)")
             .bind(LEASE_NAMESPACE)
             .bind(partition)
+            .fetch_one(&mut self.connection)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes the coordinator role if no session holds it: the lock, then the epoch bumped (which
+    /// waits for a duty of the previous coordinator still in its transaction). `None`: another
+    /// node has it.
+    pub(crate) async fn try_take_coordinator(
+        &mut self,
+        node_id: &str,
+    ) -> Result<Option<i64>, MembershipError> {
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, 0)")
+            .bind(COORDINATOR_NAMESPACE)
+            .fetch_one(&mut self.connection)
+            .await?;
+        if !locked {
+            return Ok(None);
+        }
+        let epoch = sqlx::query_scalar(
+            "INSERT INTO fraiseql_observers.coordinator AS role (singleton, epoch, node_id, acquired_at)
+             VALUES (true, 1, $1, now())
+             ON CONFLICT (singleton) DO UPDATE
+                SET epoch = role.epoch + 1, node_id = excluded.node_id, acquired_at = now()
+             RETURNING epoch",
+        )
+        .bind(node_id)
+        .fetch_one(&mut self.connection)
+        .await;
+        match epoch {
+            Ok(epoch) => Ok(Some(epoch)),
+            Err(error) => {
+                // Without a new epoch the role must not be held: the previous one's duties
+                // would not be fenced.
+                let _ = self.release_coordinator().await;
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Gives the coordinator role back (draining): another node takes it at its next tick.
+    pub(crate) async fn release_coordinator(&mut self) -> Result<(), MembershipError> {
+        let _: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1, 0)")
+            .bind(COORDINATOR_NAMESPACE)
             .fetch_one(&mut self.connection)
             .await?;
         Ok(())
@@ -381,4 +438,60 @@ pub async fn lock_holders(
         .into_iter()
         .filter_map(|(partition, node)| Some((i32::try_from(partition).ok()?, node)))
         .collect())
+}
+
+/// Fences a coordinator duty: inside `transaction`, holds the coordinator row (FOR SHARE, so a
+/// new coordinator's epoch bump waits for this transaction) and says whether `epoch` is still
+/// the current one. A duty goes on only on `true`.
+///
+/// # Errors
+/// Storage failed.
+pub async fn coordinator_still(
+    transaction: &mut PgConnection,
+    epoch: i64,
+) -> Result<bool, MembershipError> {
+    let current: Option<i64> = sqlx::query_scalar(
+        "SELECT epoch FROM fraiseql_observers.coordinator WHERE singleton FOR SHARE",
+    )
+    .fetch_optional(transaction)
+    .await?;
+    Ok(current == Some(epoch))
+}
+
+/// Who holds the coordinator role.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CoordinatorRow {
+    /// The node that took it last.
+    pub node_id: String,
+    pub epoch: i64,
+    /// Seconds since it was taken.
+    pub held_for_seconds: f64,
+}
+
+/// The coordinator now: the node whose live lease session holds the lock, with the epoch it
+/// took; `None` while no node holds it (between a death and the next taker's tick).
+///
+/// # Errors
+/// Storage failed.
+pub async fn coordinator(pool: &PgPool) -> Result<Option<CoordinatorRow>, MembershipError> {
+    let row: Option<(String, i64, f64)> = sqlx::query_as(
+        "SELECT role.node_id, role.epoch, extract(epoch FROM now() - role.acquired_at)::float8
+           FROM fraiseql_observers.coordinator AS role
+           JOIN fraiseql_observers.nodes AS node ON node.node_id = role.node_id
+           JOIN pg_locks AS locks
+             ON locks.pid = node.lease_pid AND locks.locktype = 'advisory'
+            AND locks.classid = $1::bigint::oid AND locks.objid = 0 AND locks.objsubid = 2
+            AND locks.granted
+            AND locks.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .bind(i64::from(COORDINATOR_NAMESPACE))
+    .fetch_optional(pool)
+    .await?;
+    Ok(
+        row.map(|(node_id, epoch, held_for_seconds)| CoordinatorRow {
+            node_id,
+            epoch,
+            held_for_seconds,
+        }),
+    )
 }

@@ -51,6 +51,100 @@ pub struct BreakerTransitionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    pub queue: String,
+}
+
+/// The seed's catalog of trouble and retries: events no observer wanted, actions that needed
+/// more than one attempt, dead letters added, page and checkpoint errors, and the age of the
+/// oldest due job.
+#[derive(Clone, Debug, Default)]
+pub struct CatalogMetrics {
+    /// Events that matched no observer.
+    pub events_unmatched: Counter,
+    /// Attempts after the first, made by the in-page retry, by action type.
+    pub retry_attempts: Family<ActionTypeLabel, Counter>,
+    /// Actions that needed more than one in-page attempt, by how they ended.
+    pub retried_actions: Family<ActionLabels, Counter>,
+    /// Dead letters this node added, from pages or job workers.
+    pub dead_letters_added: Family<SourceLabel, Counter>,
+    /// Pages that failed (retried after a pause), by error code.
+    pub page_errors: Family<CodeLabel, Counter>,
+    /// Checkpoint writes that failed (storage; a fenced write is not counted).
+    pub checkpoint_save_errors: Counter,
+    /// Pages in a row that failed, per partition led (0 after a delivered page).
+    pub listener_consecutive_errors: Family<PartitionLabel, Gauge>,
+    /// Seconds the oldest due pending job has waited, per queue (coordinator only).
+    pub oldest_due_job_age: Family<QueueLabel, Gauge<f64, AtomicU64>>,
+}
+
+impl CatalogMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "events_unmatched",
+            "Change-log events no observer matched (entity and kind)",
+            self.events_unmatched.clone(),
+        );
+        registry.register(
+            "action_retry_attempts",
+            "Attempts after the first made by the in-page retry, by action type",
+            self.retry_attempts.clone(),
+        );
+        registry.register(
+            "retried_actions",
+            "Actions of pages that needed more than one attempt, by type and outcome (succeeded: a retry succeeded; failed: exhausted, dead-lettered; enqueued: handed to the job queue)",
+            self.retried_actions.clone(),
+        );
+        registry.register(
+            "dead_letters_added",
+            "Dead letters this node added, by source (page, job)",
+            self.dead_letters_added.clone(),
+        );
+        registry.register(
+            "listener_page_errors",
+            "Pages that failed and were retried after a pause, by error code",
+            self.page_errors.clone(),
+        );
+        registry.register(
+            "checkpoint_save_errors",
+            "Checkpoint writes that failed on storage (a fenced write is not counted)",
+            self.checkpoint_save_errors.clone(),
+        );
+        registry.register(
+            "listener_consecutive_errors",
+            "Pages in a row that failed, per partition this node leads (0 after a delivered page)",
+            self.listener_consecutive_errors.clone(),
+        );
+        registry.register(
+            "jobs_oldest_due_age_seconds",
+            "Seconds the oldest due pending job of each queue has waited, cluster-wide, read by the coordinator (as of the last database gauge refresh)",
+            self.oldest_due_job_age.clone(),
+        );
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DutyLabels {
+    pub duty: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabels {
     pub queue: String,
     pub status: String,
@@ -160,6 +254,16 @@ pub struct Metrics {
     pub cache: Family<OutcomeLabel, Counter>,
     /// Refreshes of the database-read gauges, `succeeded` or `failed`.
     pub gauge_refreshes: Family<OutcomeLabel, Counter>,
+    /// Catalog of what went wrong or needed another try (`register_catalog`).
+    pub catalog: CatalogMetrics,
+    /// 1 while this node holds the coordinator role.
+    pub coordinator: Gauge,
+    /// Coordinator duty runs by duty and outcome.
+    pub coordinator_duties: Family<DutyLabels, Counter>,
+    /// Rows the coordinator's retention deleted, by table.
+    pub pruned_rows: Family<TableLabel, Counter>,
+    /// Job claims the coordinator put back to pending after their worker stopped.
+    pub jobs_rescued: Counter,
     /// The adaptive concurrency limits per HTTP endpoint.
     pub endpoints: EndpointMetrics,
     /// The circuit breakers per HTTP endpoint.
@@ -188,7 +292,7 @@ impl Metrics {
     #[must_use]
     #[allow(
         clippy::too_many_lines,
-        reason = "one registration per metric, all in one place"
+        reason = "one registration per metric, in catalog order"
     )]
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("fraiseql_observers");
@@ -209,6 +313,11 @@ impl Metrics {
             dedup: Family::default(),
             cache: Family::default(),
             gauge_refreshes: Family::default(),
+            catalog: CatalogMetrics::default(),
+            coordinator: Gauge::default(),
+            coordinator_duties: Family::default(),
+            pruned_rows: Family::default(),
+            jobs_rescued: Counter::default(),
             endpoints: EndpointMetrics::default(),
             breakers: BreakerMetrics::default(),
             totals: Default::default(),
@@ -265,17 +374,17 @@ impl Metrics {
         );
         registry.register(
             "dead_letters",
-            "Dead letters waiting in the database, cluster-wide (counted up to 100,000; as of the last database gauge refresh)",
+            "Dead letters waiting in the database, cluster-wide, read by the coordinator (0 on other nodes: take the max across nodes; counted up to 100,000; as of the last database gauge refresh)",
             metrics.dead_letters.clone(),
         );
         registry.register(
             "jobs",
-            "Jobs in the durable queue by queue and status, cluster-wide (as of the last database gauge refresh)",
+            "Jobs in the durable queue by queue and status, cluster-wide, read by the coordinator (no series on other nodes; as of the last database gauge refresh)",
             metrics.jobs.clone(),
         );
         registry.register(
             "dedup_checks",
-            "Deduplication claims that did not simply acquire: duplicate_skipped, busy_elsewhere, store_unavailable",
+            "Deduplication claims that did not simply acquire (duplicate_skipped, busy_elsewhere, store_unavailable) and renewals of held claims that did not succeed (claim_lost, renewal_failed)",
             metrics.dedup.clone(),
         );
         registry.register(
@@ -288,6 +397,8 @@ impl Metrics {
             "Reads of the database-backed gauges (backlog, checkpoint age, dead letters, jobs) by the background refresh: succeeded, failed",
             metrics.gauge_refreshes.clone(),
         );
+        metrics.register_coordinator(&mut registry);
+        metrics.catalog.register(&mut registry);
         Metrics {
             registry: metrics
                 .endpoints
@@ -296,11 +407,37 @@ impl Metrics {
         }
     }
 
+    fn register_coordinator(&self, registry: &mut Registry) {
+        registry.register(
+            "coordinator",
+            "1 while this node holds the coordinator role (the cluster-wide gauges dead_letters and jobs come from it)",
+            self.coordinator.clone(),
+        );
+        registry.register(
+            "coordinator_duty_runs",
+            "Coordinator duty runs by duty (rescue, job_retention, ledger_retention, dead_letter_retention, change_log_retention) and outcome (succeeded, failed, fenced)",
+            self.coordinator_duties.clone(),
+        );
+        registry.register(
+            "pruned_rows",
+            "Rows deleted by the coordinator's retention, by table (jobs, ledger, dead_letters, change_log)",
+            self.pruned_rows.clone(),
+        );
+        registry.register(
+            "jobs_rescued",
+            "Running jobs whose claim expired (worker stopped) put back to pending by the coordinator",
+            self.jobs_rescued.clone(),
+        );
+    }
+
     /// Counts a delivered page's events and actions.
     pub fn record_page(&self, summaries: &[EventSummary]) {
         self.events_processed
             .inc_by(u64::try_from(summaries.len()).unwrap_or(u64::MAX));
         for summary in summaries {
+            if summary.matched_observers.is_empty() {
+                self.catalog.events_unmatched.inc();
+            }
             if summary
                 .actions
                 .iter()
@@ -328,6 +465,28 @@ impl Metrics {
             })
             .inc();
         self.count_total(outcome);
+        if report.attempts > 1 {
+            self.catalog
+                .retry_attempts
+                .get_or_create(&ActionTypeLabel {
+                    action_type: report.action_type.to_owned(),
+                })
+                .inc_by(u64::from(report.attempts - 1));
+            self.catalog
+                .retried_actions
+                .get_or_create(&ActionLabels {
+                    action_type: report.action_type.to_owned(),
+                    outcome: outcome.to_owned(),
+                })
+                .inc();
+        }
+        if let ActionStatus::Failed {
+            dead_letter: Some(_),
+            ..
+        } = report.status
+        {
+            self.record_dead_letter("page");
+        }
         if matches!(
             report.status,
             ActionStatus::Succeeded { .. } | ActionStatus::Failed { .. }
@@ -361,6 +520,9 @@ impl Metrics {
     /// Counts one job attempt run by a worker.
     pub fn record_job(&self, action_type: &str, outcome: &str, duration: std::time::Duration) {
         self.count_total(outcome);
+        if outcome == "dead_lettered" {
+            self.record_dead_letter("job");
+        }
         self.jobs_run
             .get_or_create(&ActionLabels {
                 action_type: action_type.to_owned(),
@@ -372,6 +534,41 @@ impl Metrics {
                 action_type: action_type.to_owned(),
             })
             .observe(duration.as_secs_f64());
+    }
+
+    /// Counts a dead letter this node added (`page` or `job`).
+    pub fn record_dead_letter(&self, source: &str) {
+        self.catalog
+            .dead_letters_added
+            .get_or_create(&SourceLabel {
+                source: source.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a failed page of `partition` (its error code; `checkpoint`: the checkpoint write
+    /// failed) and sets the partition's run of failures.
+    pub fn record_page_error(&self, partition: i32, code: &str, checkpoint: bool, in_a_row: u32) {
+        self.catalog
+            .page_errors
+            .get_or_create(&CodeLabel {
+                code: code.to_owned(),
+            })
+            .inc();
+        if checkpoint {
+            self.catalog.checkpoint_save_errors.inc();
+        }
+        self.set_consecutive_errors(partition, in_a_row);
+    }
+
+    /// Sets the run of failed pages of `partition` (0 after a delivered page).
+    pub fn set_consecutive_errors(&self, partition: i32, in_a_row: u32) {
+        if let Ok(partition) = u32::try_from(partition) {
+            self.catalog
+                .listener_consecutive_errors
+                .get_or_create(&PartitionLabel { partition })
+                .set(i64::from(in_a_row));
+        }
     }
 
     /// Totals over every action type: (succeeded, failed, enqueued), pages and jobs together; a
@@ -402,5 +599,21 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+
+#[cfg(test)]
+mod render_tests {
+    #[test]
+    fn every_registered_metric_renders() {
+        let metrics = super::Metrics::new();
+        let mut text = String::new();
+        let result = prometheus_client::encoding::text::encode(&mut text, &metrics.registry);
+        assert!(result.is_ok(), "{result:?}\n{text}");
+        assert!(
+            text.contains("fraiseql_observers_events_unmatched_total 0"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

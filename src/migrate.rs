@@ -63,8 +63,13 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 9,
-        name: "0009_parked_jobs",
-        sql: include_str!("../migrations/0009_parked_jobs.sql"),
+        name: "0009_coordinator",
+        sql: include_str!("../migrations/0009_coordinator.sql"),
+    },
+    Migration {
+        version: 10,
+        name: "0010_parked_jobs",
+        sql: include_str!("../migrations/0010_parked_jobs.sql"),
     },
 ];
 

@@ -18,8 +18,8 @@ use crate::breaker::{BreakerPolicy, Breakers, InMemoryBreakerStore};
 use crate::cache::{Cache, CacheBackend, InMemoryCache};
 use crate::checkpoint::{CheckpointStore, PostgresCheckpointStore};
 use crate::cluster::{Cluster, ClusterError, ClusterHandle, ClusterSettings, PartitionRunner};
-use crate::config::JobSettings;
 use crate::control::Control;
+use crate::coordinator::CoordinatorSettings;
 use crate::dedup::Deduplication;
 use crate::dedup::{DeduplicationStore, InMemoryDeduplicationStore, Unavailable};
 use crate::dlq::PostgresDeadLetterQueue;
@@ -35,8 +35,6 @@ use crate::worker::JobWorker;
 
 /// How often idle job workers look for work when no notification arrives.
 const JOB_POLL_INTERVAL: Duration = Duration::from_secs(1);
-/// How often finished jobs past their retention are pruned.
-const PRUNE_INTERVAL: Duration = Duration::from_mins(10);
 
 /// State the nodes share (through Redis, or in process on one node): deduplication claims and
 /// circuit breakers.
@@ -76,6 +74,15 @@ impl Default for SharedState {
     }
 }
 
+/// The node's breakers: counted in its metrics, and making the work parked on a circuit due as
+/// soon as the endpoint answers again.
+fn node_breakers(breakers: &Breakers, metrics: &Arc<Metrics>, jobs: &PostgresJobQueue) -> Breakers {
+    breakers
+        .clone()
+        .with_metrics(metrics.clone())
+        .with_parked_jobs(jobs.clone())
+}
+
 /// How long completed actions are remembered by default.
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_mins(10);
 
@@ -97,10 +104,10 @@ pub struct Node {
     cluster: Cluster,
     wake: tokio::sync::watch::Sender<u64>,
     workers: Vec<JobWorker>,
-    jobs: PostgresJobQueue,
-    job_settings: JobSettings,
     /// How often the database-read gauges of `/metrics` are refreshed (with an HTTP endpoint).
     gauge_refresh_interval: Duration,
+    /// The coordinator's duties, run while this node holds the role.
+    coordinator: CoordinatorSettings,
 }
 
 impl Node {
@@ -121,6 +128,10 @@ impl Node {
     ///
     /// # Errors
     /// As [`Node::build`].
+    #[allow(
+        clippy::too_many_lines,
+        reason = "the wiring of a whole node, in the order its parts depend on each other"
+    )]
     pub async fn build_with_shared_state(
         pool: PgPool,
         config: ObserversConfig,
@@ -135,6 +146,9 @@ impl Node {
             window: shared.dedup_window,
             when_unavailable: shared.dedup_unavailable,
             metrics: Some(metrics.clone()),
+            // Ends before the cluster declares a killed node dead, so its claims never hold the
+            // entity's later changes back after its partitions are taken over.
+            claim_lease: crate::dedup::claim_lease_for(cluster.node_timeout),
         };
         let store: Arc<dyn CheckpointStore> =
             Arc::new(PostgresCheckpointStore::with_group_commit(pool.clone()));
@@ -148,16 +162,11 @@ impl Node {
             settings.node_id.clone(),
             config.jobs.visibility_timeout,
         );
-        // Work parked on an open circuit is made due as soon as its endpoint answers again.
-        let breakers = shared
-            .breakers
-            .clone()
-            .with_metrics(metrics.clone())
-            .with_parked_jobs(jobs.clone());
         let mut runner = ActionRunner::new(Arc::new(config.templates))?
+            .with_private_targets_allowed(&config.executor.private_targets_allowed)?
             .with_limiter(limiter)
             .with_database(pool.clone())
-            .with_breakers(breakers)
+            .with_breakers(node_breakers(&shared.breakers, &metrics, &jobs))
             .with_limits(shared.limits.clone())
             .with_cache(Cache {
                 backend: shared.cache.clone(),
@@ -191,6 +200,7 @@ impl Node {
                 )
                 .with_metrics(metrics.clone())
                 .with_deduplication(dedup.clone())
+                .without_rescue()
             })
             .collect();
         let (wake, woken) = tokio::sync::watch::channel(0_u64);
@@ -204,6 +214,10 @@ impl Node {
         };
         let stuck_after = (cluster.node_timeout * 3).max(Duration::from_secs(30));
         let partitions = cluster.partitions;
+        let coordinator = CoordinatorSettings::defaults(
+            config.jobs.retention,
+            i32::try_from(partitions.max(1)).unwrap_or(i32::MAX),
+        );
         let node_id = runner.listener.node_id.clone();
         let cluster = Cluster::new(pool.clone(), cluster, runner, metrics.clone()).await?;
         let control = Control::new(
@@ -223,10 +237,30 @@ impl Node {
             cluster,
             wake,
             workers,
-            jobs,
-            job_settings: config.jobs,
             gauge_refresh_interval: crate::control::DEFAULT_GAUGE_REFRESH_INTERVAL,
+            coordinator,
         })
+    }
+
+    /// Retention of dead letters and of delivered change-log rows (both off unless given), run
+    /// by the coordinator.
+    #[must_use]
+    pub fn with_retention(
+        mut self,
+        dead_letters: Option<Duration>,
+        change_log: Option<Duration>,
+    ) -> Node {
+        self.coordinator.dead_letter_retention = dead_letters;
+        self.coordinator.change_log_retention = change_log;
+        self
+    }
+
+    /// How often the coordinator rescues expired job claims and runs retention.
+    #[must_use]
+    pub fn with_coordinator_intervals(mut self, rescue: Duration, retention: Duration) -> Node {
+        self.coordinator.rescue_every = rescue;
+        self.coordinator.retention_every = retention;
+        self
     }
 
     /// What the control plane sees and steers: drain/resume, the partitions led.
@@ -275,40 +309,13 @@ impl Node {
         for worker in self.workers {
             tasks.spawn(worker.run(stop_workers.clone()));
         }
-        let (jobs, retention, pruning, ledger) = (
-            self.jobs,
-            self.job_settings.retention,
-            stop_workers.clone(),
+        tasks.spawn(crate::coordinator::run_duties(
             self.pool.clone(),
-        );
-        tasks.spawn(async move {
-            loop {
-                match jobs.prune_finished(retention).await {
-                    Ok(0) => {}
-                    Ok(pruned) => tracing::info!(pruned, "pruned finished jobs past retention"),
-                    Err(error) => tracing::warn!(%error, "pruning finished jobs failed"),
-                }
-                match crate::checkpoint::prune_completed(
-                    &ledger,
-                    crate::checkpoint::LEDGER_RETENTION,
-                )
-                .await
-                {
-                    Ok(0) => {}
-                    Ok(pruned) => tracing::info!(
-                        pruned,
-                        "pruned completed actions past the ledger's retention"
-                    ),
-                    Err(error) => {
-                        tracing::warn!(%error, "pruning the completed-actions ledger failed");
-                    }
-                }
-                tokio::select! {
-                    () = pruning.cancelled() => return,
-                    () = tokio::time::sleep(PRUNE_INTERVAL) => {}
-                }
-            }
-        });
+            self.cluster.handle(),
+            self.coordinator,
+            self.metrics.clone(),
+            stop_workers.clone(),
+        ));
         if let Some(endpoint) = self.endpoints.grpc {
             let (control, stop) = (self.control.clone(), stop_workers.clone());
             tasks.spawn(async move {

@@ -25,6 +25,8 @@ struct Tally<'config> {
     retry_policies: BTreeMap<String, usize>,
     /// What each action type needs besides its own settings (a server, a connection).
     needs: BTreeMap<&'static str, BTreeSet<String>>,
+    /// The actions whose target URL is rendered from the event, where they are.
+    urls_from_event: Vec<(String, crate::actions::UrlFromEvent)>,
 }
 
 fn tally(config: &ObserversConfig) -> Tally<'_> {
@@ -38,6 +40,7 @@ fn tally(config: &ObserversConfig) -> Tally<'_> {
         dead_lettering: 0,
         retry_policies: BTreeMap::new(),
         needs: BTreeMap::new(),
+        urls_from_event: Vec::new(),
     };
     for observer in &config.observers {
         *tally.entities.entry(observer.entity.as_str()).or_default() += 1;
@@ -67,6 +70,15 @@ fn tally(config: &ObserversConfig) -> Tally<'_> {
                 .entry(action.kind.type_name())
                 .or_default() += 1;
             tally.secrets_from_env += action.kind.secrets_from_env();
+            if let Some(url) = action.kind.url_from_event() {
+                let place = format!(
+                    "{} actions[{}] ({})",
+                    observer.name.as_str(),
+                    action.index,
+                    action.kind.type_name()
+                );
+                tally.urls_from_event.push((place, url));
+            }
             if let Some(need) = action.kind.needs() {
                 tally
                     .needs
@@ -134,6 +146,7 @@ pub fn validation_report(config: &ObserversConfig) -> String {
         "├── Secrets from environment: {}",
         tally.secrets_from_env
     );
+    write_urls_from_event(&mut out, &tally.urls_from_event);
     let _ = writeln!(out, "├── Retry policies:");
     let policies: Vec<_> = tally.retry_policies.iter().collect();
     for (position, (policy, count)) in policies.iter().enumerate() {
@@ -163,6 +176,36 @@ pub fn validation_report(config: &ObserversConfig) -> String {
         if tally.actions == 1 { "" } else { "s" }
     );
     out
+}
+
+/// Which actions render their target URL from event data, and whether the SSRF guard checks
+/// the addresses those URLs reach.
+fn write_urls_from_event(out: &mut String, urls: &[(String, crate::actions::UrlFromEvent)]) {
+    if urls.is_empty() {
+        let _ = writeln!(out, "├── URLs rendered from event data: none");
+        return;
+    }
+    let _ = writeln!(out, "├── URLs rendered from event data: {}", urls.len());
+    for (position, (place, url)) in urls.iter().enumerate() {
+        let branch = if position + 1 == urls.len() {
+            "└──"
+        } else {
+            "├──"
+        };
+        let what = match (url.host_from_event_data, url.guarded) {
+            (true, true) => {
+                "host from event data; private, loopback and link-local addresses refused"
+            }
+            (true, false) => "host from event data; allow_private_targets: any address",
+            (false, _) => "path from event data; host fixed in the file",
+        };
+        let reads = if url.reads.is_empty() {
+            "no variable".to_owned()
+        } else {
+            url.reads.join(", ")
+        };
+        let _ = writeln!(out, "│   {branch} {place}: reads {reads} — {what}");
+    }
 }
 
 fn or_none(text: &str) -> &str {
@@ -195,6 +238,12 @@ pub fn validation_json(result: &Result<ObserversConfig, ConfigErrors>) -> serde_
                     "actions": observer.actions.iter().map(|action| action.kind.type_name()).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
                 "action_types": tally.action_types,
+                "urls_from_event_data": tally.urls_from_event.iter().map(|(place, url)| json!({
+                    "action": place,
+                    "reads": url.reads,
+                    "host_from_event_data": url.host_from_event_data,
+                    "guarded": url.guarded,
+                })).collect::<Vec<_>>(),
                 "errors": [],
                 "warnings": config.warnings.iter().map(problem).collect::<Vec<_>>(),
             })
@@ -292,9 +341,18 @@ pub fn cluster_status_text(cluster: &crate::control::ClusterState) -> String {
     } else {
         cluster.dead_letters.to_string()
     };
+    let coordinator = match &cluster.coordinator {
+        Some(coordinator) => format!(
+            "coordinator {} (epoch {}, for {:.0}s)",
+            escape_control(&coordinator.node_id),
+            coordinator.epoch,
+            coordinator.held_for_seconds
+        ),
+        None => "no coordinator (a live node takes the role at its next tick)".to_owned(),
+    };
     let _ = writeln!(
         out,
-        "Cluster: {} live node(s), {} partitions, {dead_letters} dead letter(s)",
+        "Cluster: {} live node(s), {} partitions, {dead_letters} dead letter(s), {coordinator}",
         cluster.nodes.len(),
         cluster.partition_count,
     );
@@ -359,6 +417,11 @@ mod tests {
                 checkpoint_age_seconds: None,
             }],
             dead_letters: crate::control::DEAD_LETTER_COUNT_CAP,
+            coordinator: Some(crate::control::CoordinatorState {
+                node_id: "node-\u{1b}[2K".to_owned(),
+                epoch: 3,
+                held_for_seconds: 12.4,
+            }),
         };
         let text = cluster_status_text(&cluster);
         assert_eq!(text.lines().count(), 5, "{text}");
@@ -368,7 +431,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.starts_with("Cluster: 1 live node(s), 1 partitions, 100000+ dead letter(s)\n"),
+            text.starts_with("Cluster: 1 live node(s), 1 partitions, 100000+ dead letter(s), coordinator node-\\u{1b}[2K (epoch 3, for 12s)\n"),
             "{text}"
         );
     }

@@ -99,6 +99,18 @@ impl Templates {
         Ok(())
     }
 
+    /// The variables template `name` reads from its context (`data.region`, `entity_id`, …),
+    /// sorted; empty for an unknown name.
+    #[must_use]
+    pub fn variables_of(&self, name: &str) -> Vec<String> {
+        let Ok(template) = self.environment.get_template(name) else {
+            return Vec::new();
+        };
+        let mut variables: Vec<String> = template.undeclared_variables(true).into_iter().collect();
+        variables.sort();
+        variables
+    }
+
     /// Renders the template `name` with `context`.
     ///
     /// # Errors

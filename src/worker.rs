@@ -41,8 +41,9 @@ pub enum WorkOutcome {
     Lost(Uuid),
     /// Claimed while the worker was stopping; given back without counting the attempt.
     Released(Uuid),
-    /// Its target's circuit is open, or its endpoint had no free slot within the queue wait:
-    /// given back, due when it can take calls again, attempt not counted.
+    /// Its target's circuit is open, its endpoint had no free slot within the queue wait, or
+    /// another node holds its deduplication claim: given back, due when it can take calls again
+    /// (when that claim ends), attempt not counted.
     Postponed(Uuid),
 }
 
@@ -57,6 +58,9 @@ pub struct JobWorker {
     claim_batch: u32,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     dedup: Option<crate::dedup::Deduplication>,
+    /// Rescues expired claims when idle (a worker on its own); a node's workers leave it to the
+    /// coordinator.
+    rescues_expired: bool,
 }
 
 impl JobWorker {
@@ -77,7 +81,16 @@ impl JobWorker {
             claim_batch: DEFAULT_CLAIM_BATCH,
             metrics: None,
             dedup: None,
+            rescues_expired: true,
         }
+    }
+
+    /// Leaves the rescue of expired claims to someone else (a node's coordinator,
+    /// [`crate::coordinator`] in the node layer) instead of running it whenever idle.
+    #[must_use]
+    pub fn without_rescue(mut self) -> JobWorker {
+        self.rescues_expired = false;
+        self
     }
 
     /// Claims each job's side effect across nodes before running it: a job whose action another
@@ -188,6 +201,8 @@ impl JobWorker {
         let started = std::time::Instant::now();
         let attempt = self.deduplicated_attempt(&job).await;
         let took = started.elapsed();
+        let attempt_busy =
+            matches!(&attempt, Err(error) if error.code == ErrorCode::InProgressElsewhere);
         let result = match attempt {
             Ok(()) => Ok(None),
             Err(error) if error.code.call_not_made() => self
@@ -205,6 +220,18 @@ impl JobWorker {
                 )
                 .await
                 .map(|_| Some(WorkOutcome::Postponed(job.id))),
+            // Another node holds the action's claim: nothing was attempted here. Due again when
+            // that claim ends (a killed node's claim ends within one claim lease), not after a
+            // backoff, and without spending an attempt.
+            Err(error)
+                if error.code == ErrorCode::InProgressElsewhere
+                    && let Some(claim_left) = error.retry_after =>
+            {
+                self.queue
+                    .postpone(job.id, claim_left.max(CLAIM_RECHECK_FLOOR), None)
+                    .await
+                    .map(|_| Some(WorkOutcome::Postponed(job.id)))
+            }
             Err(error) => self.queue.fail(&job, &error).await.map(|outcome| {
                 Some(match outcome {
                     FailOutcome::Rescheduled { .. } => WorkOutcome::Rescheduled(job.id),
@@ -232,6 +259,7 @@ impl JobWorker {
                 Ok(None) => "succeeded",
                 Ok(Some(WorkOutcome::Rescheduled(_))) => "rescheduled",
                 Ok(Some(WorkOutcome::DeadLettered(_))) => "dead_lettered",
+                Ok(Some(WorkOutcome::Postponed(_))) if attempt_busy => "busy_elsewhere",
                 Ok(Some(WorkOutcome::Postponed(_))) => "circuit_open",
                 _ => "lost",
             };
@@ -265,18 +293,23 @@ impl JobWorker {
             return self.attempt(job).await;
         };
         let key = job.action_key().to_string();
-        let lease = self
-            .queue
-            .visibility_timeout()
-            .max(std::time::Duration::from_secs(5));
-        match dedup.gate(&key, lease).await {
+        match dedup.gate(&key).await {
             crate::dedup::Gate::Run(token) => {
-                let result = self.attempt(job).await;
+                // Renewed while the attempt runs, so a claim left by a killed node ends soon.
+                let result = dedup.hold(&key, token.as_deref(), self.attempt(job)).await;
                 dedup.settle(&key, token.as_deref(), result.is_ok()).await;
                 result
             }
             crate::dedup::Gate::Done => Ok(()),
-            crate::dedup::Gate::Later(reason) => {
+            crate::dedup::Gate::Busy { expires_in } => {
+                let mut busy = AttemptError::new(
+                    ErrorCode::InProgressElsewhere,
+                    "another node is running this action right now",
+                );
+                busy.retry_after = Some(expires_in);
+                Err(busy)
+            }
+            crate::dedup::Gate::Deferred(reason) => {
                 Err(AttemptError::new(ErrorCode::InProgressElsewhere, reason))
             }
         }
@@ -444,14 +477,16 @@ impl JobWorker {
         }
     }
 
-    /// The queue is empty: rescues expired claims, then waits for a notification, the poll
+    /// The queue is empty: rescues expired claims (unless left to the coordinator), then waits for a notification, the poll
     /// interval or shutdown.
     async fn wait_for_work(
         &self,
         notifications: Option<&mut PgListener>,
         shutdown: &CancellationToken,
     ) {
-        if let Err(error) = self.queue.rescue_expired().await {
+        if self.rescues_expired
+            && let Err(error) = self.queue.rescue_expired().await
+        {
             tracing::warn!(%error, "rescuing expired jobs failed");
         }
         let woken = async {
@@ -504,6 +539,9 @@ impl JobWorker {
 /// Completions sent, jobs asked for, and the outcome of one complete-and-claim step.
 type ClaimResult = (Vec<Uuid>, usize, Result<(Vec<Uuid>, Vec<Job>), JobError>);
 
+/// A job whose action another node holds is due again when that claim ends, but never sooner
+/// than this (a claim about to end is not polled in a tight loop).
+const CLAIM_RECHECK_FLOOR: Duration = Duration::from_millis(100);
 /// When an open circuit gives no time to wait, look again after this.
 const CIRCUIT_RECHECK: Duration = Duration::from_secs(5);
 /// When a busy endpoint (no slot within the queue wait) gives no time to wait, try after this.

@@ -428,11 +428,7 @@ async fn down_for_ten_seconds_then_up(shared: SharedState) {
 
     // Down for ten seconds, then up on the same port.
     tokio::time::sleep_until((down_since + Duration::from_secs(10)).into()).await;
-    let receiver = Receiver::start_on(
-        tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .unwrap(),
-    );
+    let receiver = Receiver::start_on(&format!("127.0.0.1:{port}")).await;
     let up_at = Instant::now();
     let deadline = up_at + Duration::from_secs(30);
     while receiver.requests_to("/orders").len() < usize::try_from(changes).unwrap() {

@@ -1991,6 +1991,7 @@ observers:
             timeout: Duration::from_secs(30),
             limits: EndpointLimits::default(),
             cache_ttl: None,
+            allow_private_targets: false,
         }
     );
     assert_eq!(DEFAULT_ACTION_TIMEOUT, Duration::from_secs(30));
@@ -2058,6 +2059,7 @@ observers:
             max_concurrent_entities: 2,
             endpoint_queue_wait: std::time::Duration::from_secs(2),
             adaptive_concurrency: false,
+            private_targets_allowed: Vec::new(),
         }
     );
     let observer = &config.observers[0];

@@ -54,7 +54,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "listener",
         ],
     ),
-    ("node", &["cluster", "control"]),
+    ("node", &["cluster", "coordinator", "control"]),
     ("adapters", &["grpc", "http", "report", "commands"]),
     ("assembly", &["node", "demo"]),
 ];
@@ -65,6 +65,7 @@ const TABLE_OWNERS: &[(&str, &str)] = &[
     ("fraiseql_observers.processed_actions", "checkpoint"),
     ("fraiseql_observers.nodes", "membership"),
     ("fraiseql_observers.cluster", "membership"),
+    ("fraiseql_observers.coordinator", "membership"),
     ("fraiseql_observers.jobs", "jobs"),
     ("fraiseql_observers.dead_letters", "dlq"),
     ("core.tb_entity_change_log", "change_log"),

@@ -7,6 +7,19 @@
 //! transaction-local setting `fraiseql.idempotency_key` (read it with
 //! `current_setting('fraiseql.idempotency_key')`) so the function can recognise a repeat.
 //!
+//! *Exactly once.* The function always runs in the service's own database (the runner's pool,
+//! `DATABASE_URL`; there is no setting that points a `database` action elsewhere), which also
+//! holds the completed-actions ledger. So the call's transaction first records the action in the
+//! ledger ([`crate::checkpoint::record_completed_in`]), then calls the function, then commits:
+//! the function's writes and the ledger row commit together or not at all. An action already in
+//! the ledger is not called again (the attempt succeeds, saying so), whoever runs it — the page
+//! replayed after a crash between the call and the checkpoint, the job queue, a second node, a
+//! `dlq retry` — and of two attempts running at once, the second waits for the first's
+//! transaction and then either finds its row or, if it rolled back, makes the call itself. What
+//! the function does outside its transaction (`dblink`, an HTTP extension, a file) is not covered:
+//! for that, as for every target outside our database, the promise stays at-least-once with the
+//! idempotency key.
+//!
 //! SQLSTATE classes 08 (connection), 40 (rollback: serialization failure, deadlock), 53
 //! (insufficient resources) and 57 (operator intervention, a cancelled statement) are transient;
 //! everything else (`RAISE EXCEPTION` P0001, data errors 22, undefined function 42883, …) is
@@ -18,6 +31,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use super::{ActionConfig, ActionContext, ActionRunner, ActionSuccess, template_failed};
+use crate::checkpoint::{ActionKey, CheckpointError, record_completed_in};
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
 use crate::template::Templates;
@@ -372,6 +386,11 @@ pub(super) async fn attempt(
         })
         .collect::<Result<Vec<String>, AttemptError>>()?;
     let fail = |error: sqlx::Error| classify(&function, &error);
+    let key = ActionKey::new(
+        context.event.id,
+        context.observer.as_str(),
+        context.action_index,
+    );
     let mut transaction = pool.begin().await.map_err(fail)?;
     sqlx::query("SELECT set_config('statement_timeout', $1, true), set_config($2, $3, true)")
         .bind(format!(
@@ -379,10 +398,32 @@ pub(super) async fn attempt(
             statement_timeout(action.timeout).as_millis()
         ))
         .bind(IDEMPOTENCY_SETTING)
-        .bind(context.idempotency_key())
+        .bind(key.to_string())
         .execute(&mut *transaction)
         .await
         .map_err(fail)?;
+    // Recorded first, in the call's transaction: committed with the call's effects, or not at all.
+    let first_time =
+        record_completed_in(&mut transaction, &key)
+            .await
+            .map_err(|error| match error {
+                CheckpointError::Storage(storage) => {
+                    let mut failure = classify(&function, &storage);
+                    failure.message = format!(
+                        "{function}: recording it in the completed-actions ledger: {storage}"
+                    );
+                    failure
+                }
+                CheckpointError::FencedOut { .. } => {
+                    AttemptError::new(ErrorCode::Internal, format!("{function}: {error}"))
+                }
+            })?;
+    if !first_time {
+        transaction.rollback().await.map_err(fail)?;
+        return Ok(ActionSuccess {
+            detail: format!("{function} was already called for this event; not called again"),
+        });
+    }
     let mut call = sqlx::query_scalar::<_, Option<String>>(sqlx::AssertSqlSafe(call_sql(action)));
     for argument in arguments {
         call = call.bind(argument);

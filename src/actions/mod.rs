@@ -21,6 +21,7 @@ pub mod log;
 pub mod search;
 pub mod slack;
 pub mod sms;
+pub mod target_guard;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -66,6 +67,23 @@ pub(crate) trait ActionConfig: Sized {
     fn needs(&self) -> Option<String> {
         None
     }
+
+    /// Whether the action's target URL is rendered from the event, for the report.
+    fn url_from_event(&self) -> Option<UrlFromEvent> {
+        None
+    }
+}
+
+/// How an action's target URL is rendered from the event (`validate-config` lists them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UrlFromEvent {
+    /// The envelope variables the URL template reads (`data.region`, …).
+    pub reads: Vec<String>,
+    /// Whether event data can choose the host (the text before the first tag does not fix it).
+    pub host_from_event_data: bool,
+    /// Whether the SSRF guard checks the addresses it reaches: the host comes from event data
+    /// and the action does not set `allow_private_targets: true`.
+    pub guarded: bool,
 }
 
 /// Registers the action types: `Variant(module::Config) = "type name"`, one line each, in the
@@ -131,6 +149,14 @@ macro_rules! action_catalog {
             pub fn needs(&self) -> Option<String> {
                 match self {
                     $(ActionKind::$variant(config) => config.needs(),)+
+                }
+            }
+
+            /// Whether the action's target URL is rendered from the event, and how.
+            #[must_use]
+            pub fn url_from_event(&self) -> Option<UrlFromEvent> {
+                match self {
+                    $(ActionKind::$variant(config) => config.url_from_event(),)+
                 }
             }
 
@@ -230,18 +256,22 @@ pub struct ActionSuccess {
     pub detail: String,
 }
 
-/// The node's HTTP client and the adaptive concurrency limits of the endpoints it calls: every
+/// The node's HTTP clients and the adaptive concurrency limits of the endpoints it calls: every
 /// HTTP action sends through [`Http::send`] (or [`Http::reserve`] and [`Http::send_reserved`]).
 #[derive(Clone, Debug)]
 struct Http {
     client: reqwest::Client,
+    /// The client of URLs whose host comes from event data: its resolver connects only to
+    /// addresses `target_policy` allows (the SSRF guard, `target_guard`).
+    guarded_client: reqwest::Client,
+    target_policy: target_guard::TargetPolicy,
     limiter: EndpointLimiter,
 }
 
-/// How metrics name an endpoint: `scheme://host:port`, or `env:<VARIABLE>` for a URL from the
-/// environment, whose host may be secret.
-fn endpoint_label(endpoint: &str, variable: Option<&str>) -> String {
-    variable.map_or_else(|| endpoint.to_owned(), |variable| format!("env:{variable}"))
+/// How metrics name an endpoint: `scheme://host:port`, unless the target names it otherwise
+/// (see [`target_label`]).
+fn endpoint_label(endpoint: &str, label: Option<&str>) -> String {
+    label.map_or_else(|| endpoint.to_owned(), ToOwned::to_owned)
 }
 
 /// `scheme://host:port`: what a concurrency limit and a circuit breaker guard.
@@ -264,27 +294,29 @@ fn limiter_signal(result: &Result<reqwest::Response, reqwest::Error>) -> Signal 
             },
             _ => Signal::Answered,
         },
-        Err(error) if error.is_builder() => Signal::Ignored,
+        Err(error) if error.is_builder() || target_guard::refusal_in(error).is_some() => {
+            Signal::Ignored
+        }
         Err(_) => Signal::Overloaded { retry_after: None },
     }
 }
 
 impl Http {
     /// Waits for a slot at the endpoint of `url` (at most the limiter's queue wait, which is
-    /// not part of the attempt's timeout). `variable`: the environment variable the URL came
-    /// from; `ceiling`: a configured `max_in_flight`.
+    /// not part of the attempt's timeout). `label`: how metrics name the endpoint when not by
+    /// its `scheme://host:port` ([`target_label`]); `ceiling`: a configured `max_in_flight`.
     ///
     /// # Errors
     /// OB016 when no slot came within the queue wait.
     async fn reserve(
         &self,
         url: &url::Url,
-        variable: Option<&str>,
+        label: Option<&str>,
         ceiling: Option<u32>,
     ) -> Result<Option<EndpointPermit>, AttemptError> {
         let endpoint = endpoint_of(url);
         self.limiter
-            .acquire(&endpoint, &endpoint_label(&endpoint, variable), ceiling)
+            .acquire(&endpoint, &endpoint_label(&endpoint, label), ceiling)
             .await
     }
 
@@ -337,21 +369,26 @@ impl Http {
     async fn send(
         &self,
         url: &url::Url,
-        variable: Option<&str>,
+        label: Option<&str>,
         request: reqwest::RequestBuilder,
         timeout: Duration,
         secrets: &Secrets,
     ) -> Result<reqwest::Response, AttemptError> {
-        let permit = self.reserve(url, variable, None).await?;
+        let permit = self.reserve(url, label, None).await?;
         self.send_reserved(permit, request, timeout, secrets).await
     }
 }
 
-/// The environment variable a target's URL comes from, if it does.
-fn target_variable(target: &crate::config::WebhookTarget) -> Option<&str> {
+/// How metrics name a target's endpoint when not by its `scheme://host:port`: `env:<VARIABLE>`
+/// for a URL from the environment (its host may be secret), `template:<template>` for a URL
+/// whose host comes from event data (metric labels stay a fixed set, whatever the data says).
+fn target_label(target: &crate::config::WebhookTarget) -> Option<String> {
     match target {
         crate::config::WebhookTarget::Literal(_) => None,
-        crate::config::WebhookTarget::FromEnv { variable, .. } => Some(variable.as_str()),
+        crate::config::WebhookTarget::Template(template) => template
+            .host_from_event_data()
+            .then(|| format!("template:{}", template.name)),
+        crate::config::WebhookTarget::FromEnv { variable, .. } => Some(format!("env:{variable}")),
     }
 }
 
@@ -368,7 +405,8 @@ pub struct ActionRunner {
     cache: crate::cache::Cache,
     /// The keys under that prefix: `cache` actions leave them alone.
     service_keys: crate::config::ServiceKeyspace,
-    /// The service's PostgreSQL pool, which `database` actions call their functions through.
+    /// The service's PostgreSQL pool, which `database` actions call their functions through, and
+    /// whose ledger records those calls in the same transactions.
     database: Option<sqlx::PgPool>,
     /// The node's Redis connection, which `cache` actions remove keys through.
     redis: Option<crate::redis_client::SharedConnection>,
@@ -380,23 +418,42 @@ pub struct ActionRunner {
 const HTTP_POOL_IDLE_TIMEOUT: Duration = Duration::from_mins(1);
 const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The settings both HTTP clients share.
+fn http_client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .user_agent(concat!("fraiseql-observers/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(HTTP_CONNECT_TIMEOUT)
+        .pool_idle_timeout(HTTP_POOL_IDLE_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        // Idle keep-alive connections per endpoint: no more than its limit can use at once.
+        .pool_max_idle_per_host(
+            usize::try_from(crate::concurrency::DEFAULT_MAX_LIMIT).unwrap_or(usize::MAX),
+        )
+}
+
+/// The client of URLs whose host comes from event data: it connects only to the addresses
+/// `policy` allows, and goes direct (a proxy would resolve the host out of the guard's sight).
+fn guarded_http_client(
+    policy: &target_guard::TargetPolicy,
+) -> Result<reqwest::Client, reqwest::Error> {
+    http_client_builder()
+        .no_proxy()
+        .dns_resolver(Arc::new(target_guard::GuardedResolver {
+            policy: policy.clone(),
+        }))
+        .build()
+}
+
 impl ActionRunner {
     /// # Errors
     /// When the HTTP client cannot be built (TLS roots unavailable).
     pub fn new(templates: Arc<Templates>) -> anyhow::Result<ActionRunner> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("fraiseql-observers/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(HTTP_CONNECT_TIMEOUT)
-            .pool_idle_timeout(HTTP_POOL_IDLE_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            // Idle keep-alive connections per endpoint: no more than its limit can use at once.
-            .pool_max_idle_per_host(
-                usize::try_from(crate::concurrency::DEFAULT_MAX_LIMIT).unwrap_or(usize::MAX),
-            )
-            .build()?;
+        let target_policy = target_guard::TargetPolicy::default();
         Ok(ActionRunner {
             http: Http {
-                client: http,
+                client: http_client_builder().build()?,
+                guarded_client: guarded_http_client(&target_policy)?,
+                target_policy,
                 limiter: EndpointLimiter::default(),
             },
             templates,
@@ -421,7 +478,9 @@ impl ActionRunner {
         self
     }
 
-    /// Lets `database` actions call their functions through `pool`.
+    /// Lets `database` actions call their functions through `pool`: the service's own database,
+    /// migrated, whose completed-actions ledger each call records itself in (in the call's
+    /// transaction, so a call is made once per action of an event; see [`database`]).
     #[must_use]
     pub fn with_database(mut self, pool: sqlx::PgPool) -> ActionRunner {
         self.database = Some(pool);
@@ -435,6 +494,21 @@ impl ActionRunner {
         self.service_keys = crate::config::ServiceKeyspace::new(&cache.prefix);
         self.cache = cache;
         self
+    }
+
+    /// Lets webhook URLs rendered from event data reach the non-public addresses in `networks`
+    /// too (`--allow-private-targets-cidr`); by default they reach public addresses only.
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built (TLS roots unavailable).
+    pub fn with_private_targets_allowed(
+        mut self,
+        networks: &[crate::config::Network],
+    ) -> anyhow::Result<ActionRunner> {
+        let policy = target_guard::TargetPolicy::allowing(networks);
+        self.http.guarded_client = guarded_http_client(&policy)?;
+        self.http.target_policy = policy;
+        Ok(self)
     }
 
     /// Counts endpoint limits in `store` (Redis: shared by every node).
@@ -521,11 +595,19 @@ fn secret_value<'setting>(
         .map_err(|variable| secret_missing(what, variable))
 }
 
-/// The URL of a literal or `*_env` target, or OB003 naming `what` and the unset variable.
+/// The URL of a literal or `*_env` target, or OB003 naming `what` and the unset variable (a
+/// URL template, which only a webhook may have, is rendered by the webhook itself).
 fn target_url(target: &crate::config::WebhookTarget, what: &str) -> Result<url::Url, AttemptError> {
     use crate::config::{Setting, WebhookTarget};
     match target {
         WebhookTarget::Literal(url) => Ok(url.clone()),
+        WebhookTarget::Template(template) => Err(AttemptError::new(
+            ErrorCode::Internal,
+            format!(
+                "{what} is the template {}, which this action cannot render",
+                template.name
+            ),
+        )),
         WebhookTarget::FromEnv {
             url: Setting::Ready(url),
             ..
@@ -661,6 +743,28 @@ fn template_failed(template: &str, error: &crate::template::TemplateError) -> At
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_name_a_target_whose_host_comes_from_event_data_by_its_template() {
+        use crate::config::{UrlTemplate, WebhookTarget};
+        let template = |fixed_origin: Option<url::Origin>| {
+            WebhookTarget::Template(UrlTemplate {
+                name: "observers[0].actions[0].url.txt".into(),
+                reads: vec!["data.host".into()],
+                fixed_origin,
+            })
+        };
+        assert_eq!(
+            target_label(&template(None)).as_deref(),
+            Some("template:observers[0].actions[0].url.txt")
+        );
+        let fixed = url::Url::parse("https://hooks.example.com/")
+            .unwrap()
+            .origin();
+        assert_eq!(target_label(&template(Some(fixed))), None);
+        let literal = WebhookTarget::Literal(url::Url::parse("https://a.example/").unwrap());
+        assert_eq!(target_label(&literal), None);
+    }
 
     #[test]
     fn every_action_type_has_its_keys() {

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use super::webhook::{body_excerpt, retry_after, transport_error};
 use super::{
     ActionConfig, ActionContext, ActionRunner, ActionSuccess, Http, Secrets, redirect_reason,
-    render, secret_value, target_url, target_variable,
+    render, secret_value, target_label, target_url,
 };
 use crate::domain::EventKind;
 use crate::error::ErrorCode;
@@ -116,6 +116,7 @@ impl ActionConfig for SearchAction {
         match &self.target {
             WebhookTarget::Literal(url) => Some(url.as_str().trim_end_matches('/').to_owned()),
             WebhookTarget::FromEnv { variable, .. } => Some(format!("the cluster at {variable}")),
+            WebhookTarget::Template(template) => Some(format!("the cluster of {}", template.name)),
         }
     }
 }
@@ -609,9 +610,9 @@ pub(super) async fn attempt(
     if let Some((username, password)) = credentials {
         request = request.basic_auth(username, Some(password));
     }
-    let variable = target_variable(&action.target);
+    let label = target_label(&action.target);
     let response = http
-        .send(&url, variable, request, action.timeout, &secrets)
+        .send(&url, label.as_deref(), request, action.timeout, &secrets)
         .await?;
     let status = response.status().as_u16();
     let wait = retry_after(response.headers());

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use super::webhook::{body_excerpt, retry_after};
 use super::{
     ActionConfig, ActionContext, ActionRunner, ActionSuccess, Http, Secrets, redirect_reason,
-    render, target_url, target_variable,
+    render, target_label, target_url,
 };
 use crate::error::ErrorCode;
 use crate::retry::AttemptError;
@@ -143,9 +143,9 @@ pub(super) async fn attempt(
         .post(url.clone())
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .body(body);
-    let variable = target_variable(&action.target);
+    let label = target_label(&action.target);
     let response = http
-        .send(&url, variable, request, action.timeout, &secrets)
+        .send(&url, label.as_deref(), request, action.timeout, &secrets)
         .await?;
     let status = response.status().as_u16();
     let Some(code) = ErrorCode::from_http_status(status) else {

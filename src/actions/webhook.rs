@@ -14,9 +14,9 @@ use reqwest::header::{
 use sha2::Sha256;
 
 use super::{
-    ActionConfig, ActionContext, ActionRunner, ActionSuccess, Http, Secrets, endpoint_label,
-    endpoint_of, error_chain, redirect_reason, secret_missing, target_url, target_variable,
-    template_failed,
+    ActionConfig, ActionContext, ActionRunner, ActionSuccess, Http, Secrets, UrlFromEvent,
+    endpoint_label, endpoint_of, error_chain, quoted, redirect_reason, render, secret_missing,
+    target_label, target_url, template_failed,
 };
 use crate::breaker::{Admission, Breakers, CallOutcome, circuit_id, counts_as_failure};
 use crate::cache::{Cache, CacheScope};
@@ -86,6 +86,9 @@ pub struct WebhookAction {
     pub limits: EndpointLimits,
     /// `cache: {ttl}`: an identical request within this reuses the first one's result.
     pub cache_ttl: Option<Duration>,
+    /// `allow_private_targets: true`: a URL whose host comes from event data may reach
+    /// loopback, private and link-local addresses too (no SSRF guard for this action).
+    pub allow_private_targets: bool,
 }
 
 /// Headers the service sets itself; a file may not override them.
@@ -110,10 +113,11 @@ impl ActionConfig for WebhookAction {
         "rate_limit",
         "max_in_flight",
         "cache",
+        "allow_private_targets",
     ];
 
     fn decode(decoder: &mut Decoder<'_>, fields: &Fields<'_>, path: &str) -> Option<WebhookAction> {
-        let target = decoder.url_target(fields, path, "url");
+        let target = decoder.url_target_or_template(fields, path, "url");
         let method = match fields.get("method") {
             None => Some(HttpMethod::Post),
             Some(node) => decoder.choice(
@@ -187,6 +191,7 @@ impl ActionConfig for WebhookAction {
             None => Some(None),
             Some(node) => cache_ttl(decoder, node, &child(path, "cache")).map(Some),
         };
+        let allow_private_targets = allow_private_targets(decoder, fields, path, target.as_ref());
         if !signing_valid {
             return None;
         }
@@ -203,6 +208,7 @@ impl ActionConfig for WebhookAction {
                 max_in_flight: max_in_flight?,
             },
             cache_ttl: cache_ttl?,
+            allow_private_targets: allow_private_targets?,
         })
     }
 
@@ -219,6 +225,46 @@ impl ActionConfig for WebhookAction {
                 .filter(|(_, value)| matches!(value, HeaderValue::Secret(_)))
                 .count()
     }
+
+    fn url_from_event(&self) -> Option<UrlFromEvent> {
+        let WebhookTarget::Template(template) = &self.target else {
+            return None;
+        };
+        let host_from_event_data = template.host_from_event_data();
+        Some(UrlFromEvent {
+            reads: template.reads.clone(),
+            host_from_event_data,
+            guarded: host_from_event_data && !self.allow_private_targets,
+        })
+    }
+}
+
+/// `allow_private_targets` (default false); a warning when the URL's host does not come from
+/// event data, as such URLs are never checked.
+fn allow_private_targets(
+    decoder: &mut Decoder<'_>,
+    fields: &Fields<'_>,
+    path: &str,
+    target: Option<&WebhookTarget>,
+) -> Option<bool> {
+    let Some(node) = fields.get("allow_private_targets") else {
+        return Some(false);
+    };
+    let key_path = child(path, "allow_private_targets");
+    let allowed = decoder.boolean(node, &key_path)?;
+    let host_from_data = matches!(
+        target,
+        Some(WebhookTarget::Template(template)) if template.host_from_event_data()
+    );
+    if allowed && target.is_some() && !host_from_data {
+        decoder.warning(
+            node.position,
+            &key_path,
+            "has no effect: the url's host does not come from event data, and such URLs are \
+             never checked",
+        );
+    }
+    Some(allowed)
 }
 
 /// `cache: {ttl: 30s}`.
@@ -484,6 +530,9 @@ pub(super) fn transport_error(
     secrets: &Secrets,
 ) -> AttemptError {
     let error = error.without_url();
+    if let Some(refused) = super::target_guard::refusal_in(&error) {
+        return refused.clone().into_attempt_error();
+    }
     if error.is_timeout() && !error.is_connect() {
         return AttemptError::new(
             ErrorCode::ActionTimeout,
@@ -525,7 +574,14 @@ pub(super) async fn attempt(
     action: &WebhookAction,
     context: &ActionContext<'_>,
 ) -> Result<ActionSuccess, AttemptError> {
-    let url = target_url(&action.target, "the webhook URL")?;
+    let (url, guarded) = webhook_url(templates, action, context)?;
+    if guarded {
+        // An IP address as the host is never resolved, so the guarded client's resolver would
+        // not see it: checked here, before anything else.
+        http.target_policy
+            .check_url(&url)
+            .map_err(super::target_guard::TargetRefused::into_attempt_error)?;
+    }
     let body = render_body(templates, action, context)?;
     let headers = build_headers(action, context, &body)?;
     let cached = match action.cache_ttl {
@@ -543,10 +599,10 @@ pub(super) async fn attempt(
     let endpoint = endpoint_of(&url);
     // How messages name the endpoint: the host of a URL from the environment may be secret too.
     let named = match &action.target {
-        WebhookTarget::Literal(_) => endpoint.clone(),
+        WebhookTarget::Literal(_) | WebhookTarget::Template(_) => endpoint.clone(),
         WebhookTarget::FromEnv { variable, .. } => format!("the endpoint of {variable}"),
     };
-    let label = endpoint_label(&endpoint, target_variable(&action.target));
+    let label = endpoint_label(&endpoint, target_label(&action.target).as_deref());
     let admission = match guards.breakers {
         Some(breakers) => breakers.admit(&endpoint, &label).await,
         None => Admission::Allowed,
@@ -571,7 +627,7 @@ pub(super) async fn attempt(
     let permit = match http
         .reserve(
             &url,
-            target_variable(&action.target),
+            target_label(&action.target).as_deref(),
             action.limits.max_in_flight,
         )
         .await
@@ -594,7 +650,8 @@ pub(super) async fn attempt(
         }
         None => None,
     };
-    let (mut result, limiter_was_shrinking) = call(http, permit, action, url, headers, body).await;
+    let (mut result, limiter_was_shrinking) =
+        call(http, permit, action, (url, guarded), headers, body).await;
     if let Some(slot) = slot
         && let Err(error) = guards.limits.leave(&endpoint, &slot).await
     {
@@ -658,19 +715,58 @@ fn cache_key(
     )
 }
 
+/// The URL this attempt calls, and whether the SSRF guard checks it: a template's rendering
+/// whose host comes from event data (unless the action sets `allow_private_targets`), else the
+/// literal or `url_env` URL, unchecked.
+fn webhook_url(
+    templates: &Templates,
+    action: &WebhookAction,
+    context: &ActionContext<'_>,
+) -> Result<(url::Url, bool), AttemptError> {
+    let WebhookTarget::Template(template) = &action.target else {
+        return Ok((target_url(&action.target, "the webhook URL")?, false));
+    };
+    let rendered = render(templates, &template.name, context)?;
+    let url = match url::Url::parse(rendered.trim()) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => url,
+        parsed => {
+            let reason = match parsed {
+                Ok(url) => format!("scheme {:?} or no host", url.scheme()),
+                Err(error) => error.to_string(),
+            };
+            return Err(AttemptError::new(
+                ErrorCode::TemplateFailed,
+                format!(
+                    "template {} rendered {}, not an http:// or https:// URL with a host ({reason})",
+                    template.name,
+                    quoted(&rendered)
+                ),
+            ));
+        }
+    };
+    // The origin is checked again after rendering: the text before the first tag fixed it, so
+    // it cannot differ, but if it ever did, the guard applies.
+    let host_is_the_operators = template.fixed_origin.as_ref() == Some(&url.origin());
+    Ok((url, !host_is_the_operators && !action.allow_private_targets))
+}
+
 /// Sends the request in `permit`'s slot; also says whether the endpoint's limiter was already
 /// shrinking when the call ended (for the circuit breaker).
 async fn call(
     http: &Http,
     permit: Option<crate::concurrency::EndpointPermit>,
     action: &WebhookAction,
-    url: url::Url,
+    (url, guarded): (url::Url, bool),
     headers: HeaderMap,
     body: Vec<u8>,
 ) -> (Result<ActionSuccess, AttemptError>, bool) {
     let secrets = Secrets::of_url(&url, matches!(action.target, WebhookTarget::FromEnv { .. }));
-    let request = http
-        .client
+    let client = if guarded {
+        &http.guarded_client
+    } else {
+        &http.client
+    };
+    let request = client
         .request(method(action.method), url)
         .headers(headers)
         .body(body);

@@ -5,7 +5,9 @@
 //! end snapshot and the last change-log id delivered. Every save is a compare-and-swap on the
 //! lease epoch (fencing token) and the checkpoint version, so a node that lost the partition, or
 //! a second writer, cannot move it. The (event, observer, action) triples that completed are
-//! written in the same transaction, so a replay after a crash skips them.
+//! written in the same transaction, so a replay after a crash skips them. An action whose effect
+//! is made in the service's own database records itself in that effect's transaction instead
+//! ([`record_completed_in`]), so the effect and its ledger row cannot part.
 //!
 //! Two real implementations (PostgreSQL, in memory) share one conformance suite.
 
@@ -26,9 +28,14 @@ pub use crate::domain::ActionKey;
 use crate::error::ErrorCode;
 use crate::jobs::NewJob;
 pub use memory::InMemoryCheckpointStore;
-pub use postgres::{LEDGER_RETENTION, PostgresCheckpointStore, prune_completed};
+pub use postgres::{
+    LEDGER_PRUNE_BATCH, LEDGER_RETENTION, PostgresCheckpointStore, prune_completed,
+    prune_completed_batch, record_completed_in,
+};
 pub use postgres::{PartitionRow, clear_handover, partition_rows, request_handover};
-pub(crate) use postgres::{partition_epoch_sql, pending_handovers_columns};
+pub(crate) use postgres::{
+    delivered_everywhere_below_sql, partition_epoch_sql, pending_handovers_columns,
+};
 
 /// How far a partition's delivery got.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -255,7 +255,9 @@ fn checkpoint_from_row(
 
 /// The keys as column arrays, sorted: every writer of `processed_actions` (the early ledger
 /// writer and checkpoint saves, which overlap) takes the row locks in the same order, so they
-/// wait for each other instead of deadlocking.
+/// wait for each other instead of deadlocking. A `database` action's transaction
+/// ([`record_completed_in`]) holds one key only, and only until its call commits; the others
+/// record a key after that, so they find it committed and do not wait.
 fn key_columns(completed: &[ActionKey]) -> (Vec<Uuid>, Vec<String>, Vec<i32>) {
     let mut sorted: Vec<&ActionKey> = completed.iter().collect();
     sorted.sort_unstable();
@@ -275,6 +277,33 @@ const INSERT_COMPLETED: &str =
      SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[])
      ON CONFLICT DO NOTHING";
 
+/// Records `key` in the completed-actions ledger inside the caller's transaction, before the
+/// action's effect is made in that same transaction: `true` when this transaction recorded it (do
+/// the work; the commit makes both durable together, a rollback neither), `false` when the key was
+/// already recorded (done before: do nothing). A transaction that recorded the same key and has
+/// not ended yet is waited for (the primary key's uniqueness check), so of two concurrent callers
+/// exactly one does the work — bounded by the caller's `statement_timeout`.
+///
+/// # Errors
+/// Storage failed (the ledger table is missing when the migrations were not applied).
+pub async fn record_completed_in(
+    connection: &mut sqlx::PgConnection,
+    key: &ActionKey,
+) -> Result<bool, CheckpointError> {
+    let recorded: Option<i32> = sqlx::query_scalar(
+        "INSERT INTO fraiseql_observers.processed_actions (event_id, observer, action_index)
+         VALUES ($1, $2, $3)
+         ON CONFLICT DO NOTHING
+         RETURNING 1",
+    )
+    .bind(key.event_id)
+    .bind(&key.observer)
+    .bind(i32::try_from(key.action_index).unwrap_or(i32::MAX))
+    .fetch_optional(connection)
+    .await?;
+    Ok(recorded.is_some())
+}
+
 /// How long a completed action stays in the ledger. It is read only while its event can be read
 /// again — its page not yet checkpointed — which is seconds in the common case; a day covers a
 /// partition stuck on a failing page for a long time.
@@ -292,24 +321,59 @@ pub async fn prune_completed(
 ) -> Result<u64, sqlx::Error> {
     let mut pruned = 0;
     loop {
-        let deleted = sqlx::query(
-            "DELETE FROM fraiseql_observers.processed_actions
-              WHERE ctid = ANY (ARRAY(
-                    SELECT ctid FROM fraiseql_observers.processed_actions
-                     WHERE completed_at < now() - make_interval(secs => $1)
-                     LIMIT $2))",
-        )
-        .bind(older_than.as_secs_f64())
-        .bind(PRUNE_BATCH)
-        .execute(pool)
-        .await?
-        .rows_affected();
+        let deleted = prune_completed_batch(pool, older_than).await?;
         pruned += deleted;
         if deleted < PRUNE_BATCH.unsigned_abs() {
             return Ok(pruned);
         }
     }
 }
+
+/// Deletes at most [`PRUNE_BATCH`] ledger rows older than `older_than` on `executor` (the
+/// coordinator's fenced transaction, or a pool); how many. Fewer than a batch: nothing older is
+/// left.
+///
+/// # Errors
+/// Storage failed.
+pub async fn prune_completed_batch<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = sqlx::Postgres>,
+    older_than: std::time::Duration,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "DELETE FROM fraiseql_observers.processed_actions
+          WHERE ctid = ANY (ARRAY(
+                SELECT ctid FROM fraiseql_observers.processed_actions
+                 WHERE completed_at < now() - make_interval(secs => $1)
+                 LIMIT $2))",
+    )
+    .bind(older_than.as_secs_f64())
+    .bind(PRUNE_BATCH)
+    .execute(executor)
+    .await?
+    .rows_affected())
+}
+
+/// Ledger rows one pruning batch deletes at most.
+pub const LEDGER_PRUNE_BATCH: u64 = PRUNE_BATCH.unsigned_abs();
+
+/// A SQL expression: the transaction id below which every partition's checkpoint has passed
+/// (`xid8`; the smallest `xmin` of the checkpoint snapshots of partitions `0..count`), or NULL
+/// unless each of those partitions has a checkpoint. Every change-log row written by a
+/// transaction below it was delivered by its partition. The argument is the SQL text of the
+/// partition count (a parameter, `"$2"`). The change log's retention reads it in its delete.
+macro_rules! delivered_everywhere_below_sql {
+    ($count:literal) => {
+        concat!(
+            "(SELECT CASE WHEN count(*) FILTER (WHERE snapshot IS NOT NULL) = ",
+            $count,
+            " THEN min(pg_snapshot_xmin(snapshot)) END
+                FROM fraiseql_observers.partitions WHERE partition >= 0 AND partition < ",
+            $count,
+            ")"
+        )
+    };
+}
+pub(crate) use delivered_everywhere_below_sql;
 
 #[async_trait]
 impl CheckpointStore for PostgresCheckpointStore {

@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use super::model::{
-    BasicCredentials, DEFAULT_ACTION_TIMEOUT, RateLimit, Secret, SecretUrl, Setting, WebhookTarget,
+    BasicCredentials, DEFAULT_ACTION_TIMEOUT, RateLimit, Secret, SecretUrl, Setting, UrlTemplate,
+    WebhookTarget,
 };
 use super::tree::{Node, NodeValue, Position};
 use super::{ConfigError, ConfigErrors, LoadOptions, MissingEnv};
@@ -546,6 +547,53 @@ impl<'load> Decoder<'load> {
         Some(duration)
     }
 
+    /// [`url_target`](Self::url_target), or — when the value at `key` holds template tags
+    /// (`{{ … }}`, `{% … %}`) — a [`UrlTemplate`] rendered per event: a webhook's `url`.
+    pub(crate) fn url_target_or_template(
+        &mut self,
+        fields: &Fields<'_>,
+        path: &str,
+        key: &str,
+    ) -> Option<WebhookTarget> {
+        let Some(node) = fields.get(key) else {
+            return self.url_target(fields, path, key);
+        };
+        let NodeValue::String(text) = &node.value else {
+            return self.url_target(fields, path, key);
+        };
+        if first_template_tag(text).is_none() {
+            return self.url_target(fields, path, key);
+        }
+        let env_key = format!("{key}_env");
+        let url_path = child(path, key);
+        if fields.get(&env_key).is_some() {
+            self.error(
+                node.position,
+                &url_path,
+                format!("set either '{key}' or '{env_key}', not both"),
+            );
+            return None;
+        }
+        let source = text.trim();
+        if source.contains("${") {
+            self.error(
+                node.position,
+                &url_path,
+                "a URL template cannot also hold ${VAR}: its rendered URLs appear in no secret \
+                 store; put a token in a header (headers: {Authorization: 'Bearer ${TOKEN}'})",
+            );
+            return None;
+        }
+        let name = self.template(format!("{url_path}.txt"), source, node.position, &url_path)?;
+        let reads = self.templates.variables_of(&name);
+        let fixed_origin = fixed_origin(source);
+        Some(WebhookTarget::Template(UrlTemplate {
+            name,
+            reads,
+            fixed_origin,
+        }))
+    }
+
     /// An http(s) URL from `key` (literal, or with `${VAR}`) or `<key>_env` (a variable name).
     pub(crate) fn url_target(
         &mut self,
@@ -553,6 +601,18 @@ impl<'load> Decoder<'load> {
         path: &str,
         key: &str,
     ) -> Option<WebhookTarget> {
+        if let Some(node) = fields.get(key)
+            && let NodeValue::String(text) = &node.value
+            && first_template_tag(text).is_some()
+        {
+            self.error(
+                node.position,
+                &child(path, key),
+                "expected a URL without template tags ({{ … }}, {% … %}): only a webhook's url \
+                 may be rendered from the event",
+            );
+            return None;
+        }
         let env_key = format!("{key}_env");
         match (fields.get(key), fields.get(&env_key)) {
             (Some(node), Some(_)) => {
@@ -780,4 +840,24 @@ impl<'load> Decoder<'load> {
         }
         all_valid.then_some(templates)
     }
+}
+
+/// Where the first template tag (`{{`, `{%` or `{#`) of `text` starts, if it has one.
+fn first_template_tag(text: &str) -> Option<usize> {
+    ["{{", "{%", "{#"]
+        .iter()
+        .filter_map(|tag| text.find(tag))
+        .min()
+}
+
+/// The scheme, host and port of a URL template when the literal text before its first tag
+/// already ends its authority (a `/`, `?`, `#` or `\\` after `scheme://host[:port]`): whatever the
+/// tags render then lands in the path, query or fragment and cannot move the request to
+/// another host. `None` when the tags can reach the host (or the prefix is not an http(s) URL).
+fn fixed_origin(source: &str) -> Option<url::Origin> {
+    let prefix = &source[..first_template_tag(source)?];
+    let authority_start = prefix.find("://")? + 3;
+    let authority_end = authority_start + prefix[authority_start..].find(['/', '?', '#', '\\'])?;
+    let url = url::Url::parse(&prefix[..authority_end]).ok()?;
+    (matches!(url.scheme(), "http" | "https") && url.host().is_some()).then(|| url.origin())
 }

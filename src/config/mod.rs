@@ -10,6 +10,7 @@
 mod decode;
 mod keyspace;
 mod model;
+mod network;
 mod settings;
 mod tree;
 
@@ -18,6 +19,7 @@ use std::fmt;
 pub(crate) use decode::{Decoder, Fields, child, did_you_mean};
 pub use keyspace::{DEFAULT_REDIS_PREFIX, REDIS_PREFIX_ENV, ServiceKeyspace};
 pub use model::*;
+pub use network::{Network, NetworkParseError};
 pub use tree::{Format, Position};
 pub(crate) use tree::{Node, NodeValue, parse};
 

@@ -154,7 +154,8 @@ pub enum FailurePolicy {
     Log,
 }
 
-/// The webhook's target: shown when literal, hidden when it came from the environment.
+/// The webhook's target: shown when literal, hidden when it came from the environment, or
+/// rendered per event from a template (only a webhook's `url` may be one).
 #[derive(Clone, Debug, PartialEq)]
 pub enum WebhookTarget {
     Literal(url::Url),
@@ -162,6 +163,32 @@ pub enum WebhookTarget {
         variable: String,
         url: Setting<SecretUrl>,
     },
+    Template(UrlTemplate),
+}
+
+/// A target URL rendered per event (`url: 'https://{{ data.region }}.hooks.example/in'`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct UrlTemplate {
+    /// The template's name in the configuration's `Templates`.
+    pub name: String,
+    /// The variables of the event envelope it reads (`data.region`, …), sorted, for reports.
+    /// Not what the guard decides by: a template can read the event through another template
+    /// it includes.
+    pub reads: Vec<String>,
+    /// The scheme, host and port when the text before the template's first tag fixes them
+    /// (`https://hooks.example/orders/{{ data.id }}`): event data then shapes only the path
+    /// and query, and the host stays the operator's. `None` when event data can choose the host.
+    pub fixed_origin: Option<url::Origin>,
+}
+
+impl UrlTemplate {
+    /// Whether event data can choose where the request goes: the text before the template's
+    /// first tag does not fix its host. Such URLs are checked against private and loopback
+    /// addresses (the SSRF guard) unless the action allows them.
+    #[must_use]
+    pub fn host_from_event_data(&self) -> bool {
+        self.fixed_origin.is_none()
+    }
 }
 
 /// A URL taken from the environment (it may carry a token), never printed.
@@ -268,6 +295,9 @@ pub struct ExecutorSettings {
     pub endpoint_queue_wait: Duration,
     /// Whether HTTP calls are limited per endpoint by an adaptive concurrency limit.
     pub adaptive_concurrency: bool,
+    /// Non-public networks that webhook URLs rendered from event data may reach anyway
+    /// (`--allow-private-targets-cidr`; the node's decision, not an observers-file key).
+    pub private_targets_allowed: Vec<super::Network>,
 }
 
 impl Default for ExecutorSettings {
@@ -277,6 +307,7 @@ impl Default for ExecutorSettings {
             max_concurrent_entities: DEFAULT_MAX_CONCURRENT_ENTITIES,
             endpoint_queue_wait: DEFAULT_ENDPOINT_QUEUE_WAIT,
             adaptive_concurrency: true,
+            private_targets_allowed: Vec::new(),
         }
     }
 }

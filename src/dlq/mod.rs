@@ -19,8 +19,8 @@ use crate::error::ErrorCode;
 
 pub(crate) use postgres::insert_dead_letter;
 pub use postgres::{
-    EVENT_OMITTED, FULL_EVENT_BYTES, LISTED_EVENT_BYTES, PostgresDeadLetterQueue,
-    count_dead_letters_up_to, placeholder_event,
+    DEAD_LETTER_PRUNE_BATCH, EVENT_OMITTED, FULL_EVENT_BYTES, LISTED_EVENT_BYTES,
+    PostgresDeadLetterQueue, count_dead_letters_up_to, placeholder_event, prune_dead_letters_batch,
 };
 
 /// An action that failed for good, as handed to the queue.

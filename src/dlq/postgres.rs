@@ -322,3 +322,32 @@ pub async fn count_dead_letters_up_to<'connection>(
     .await
     .map_err(storage)
 }
+
+/// Dead letters one retention statement deletes at most.
+pub const DEAD_LETTER_PRUNE_BATCH: u64 = 5_000;
+
+/// Deletes at most [`DEAD_LETTER_PRUNE_BATCH`] dead letters created more than `older_than` ago
+/// (oldest first), on `executor` (the coordinator's fenced transaction); how many. Fewer than a
+/// batch: nothing older is left.
+///
+/// # Errors
+/// Storage failed.
+pub async fn prune_dead_letters_batch<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = Postgres>,
+    older_than: std::time::Duration,
+) -> Result<u64, DeadLetterError> {
+    Ok(sqlx::query(
+        "DELETE FROM fraiseql_observers.dead_letters
+          WHERE id = ANY (ARRAY(
+                SELECT id FROM fraiseql_observers.dead_letters
+                 WHERE created_at < now() - make_interval(secs => $1)
+                 ORDER BY created_at, id
+                 LIMIT $2))",
+    )
+    .bind(older_than.as_secs_f64())
+    .bind(i64::try_from(DEAD_LETTER_PRUNE_BATCH).unwrap_or(i64::MAX))
+    .execute(executor)
+    .await
+    .map_err(storage)?
+    .rows_affected())
+}

@@ -578,18 +578,7 @@ impl PostgresJobQueue {
     /// # Errors
     /// Storage failed.
     pub async fn rescue_expired(&self) -> Result<u64, JobError> {
-        let result = sqlx::query(
-            "UPDATE fraiseql_observers.jobs
-                SET status = 'pending', run_at = now(), locked_by = NULL, locked_until = NULL,
-                    errors = errors || jsonb_build_array(jsonb_build_object(
-                        'attempt', attempts, 'code', 'OB012',
-                        'message', 'claim by ' || locked_by || ' expired (worker stopped without finishing)',
-                        'at', to_jsonb(now())))
-              WHERE status = 'running' AND locked_until < now()",
-        )
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected())
+        rescue_expired_on(&self.pool).await
     }
 
     /// Per-queue counts and durations.
@@ -637,15 +626,50 @@ impl PostgresJobQueue {
     /// # Errors
     /// Storage failed.
     pub async fn prune_finished(&self, older_than: Duration) -> Result<u64, JobError> {
-        let result = sqlx::query(
-            "DELETE FROM fraiseql_observers.jobs
-              WHERE status IN ('completed', 'cancelled') AND finished_at < now() - make_interval(secs => $1)",
-        )
-        .bind(older_than.as_secs_f64())
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected())
+        prune_finished_on(&self.pool, older_than).await
     }
+}
+
+/// Puts running jobs whose claim expired (their worker stopped without finishing) back to
+/// pending, the lost attempt recorded in their history, on `executor` (the coordinator's fenced
+/// transaction, or a pool). Returns how many.
+///
+/// # Errors
+/// Storage failed.
+pub async fn rescue_expired_on<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = Postgres>,
+) -> Result<u64, JobError> {
+    let result = sqlx::query(
+        "UPDATE fraiseql_observers.jobs
+            SET status = 'pending', run_at = now(), locked_by = NULL, locked_until = NULL,
+                errors = errors || jsonb_build_array(jsonb_build_object(
+                    'attempt', attempts, 'code', 'OB012',
+                    'message', 'claim by ' || locked_by || ' expired (worker stopped without finishing)',
+                    'at', to_jsonb(now())))
+          WHERE status = 'running' AND locked_until < now()",
+    )
+    .execute(executor)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Deletes completed and cancelled jobs finished longer than `older_than` ago, on `executor`;
+/// failed jobs are kept (their dead letters refer to them). Returns how many.
+///
+/// # Errors
+/// Storage failed.
+pub async fn prune_finished_on<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = Postgres>,
+    older_than: Duration,
+) -> Result<u64, JobError> {
+    let result = sqlx::query(
+        "DELETE FROM fraiseql_observers.jobs
+          WHERE status IN ('completed', 'cancelled') AND finished_at < now() - make_interval(secs => $1)",
+    )
+    .bind(older_than.as_secs_f64())
+    .execute(executor)
+    .await?;
+    Ok(result.rows_affected())
 }
 
 /// Enqueues jobs on `executor` — a pool connection, or the transaction that also saves a
@@ -761,6 +785,23 @@ pub async fn depths<'connection>(
         "SELECT queue, status, count(*) FROM fraiseql_observers.jobs
           WHERE status IN ('pending', 'running', 'failed')
           GROUP BY queue, status ORDER BY queue, status",
+    )
+    .fetch_all(executor)
+    .await?)
+}
+
+/// Per queue, the seconds the oldest due pending job has waited since it became due (a
+/// bounded read for gauges).
+///
+/// # Errors
+/// Storage failed.
+pub async fn oldest_due_ages<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = Postgres>,
+) -> Result<Vec<(String, f64)>, JobError> {
+    Ok(sqlx::query_as(
+        "SELECT queue, extract(epoch FROM now() - min(run_at))::float8 FROM fraiseql_observers.jobs
+          WHERE status = 'pending' AND run_at <= now()
+          GROUP BY queue ORDER BY queue",
     )
     .fetch_all(executor)
     .await?)

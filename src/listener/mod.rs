@@ -538,12 +538,32 @@ impl Listener {
             Some(_) => None,
             None => own_notifications(&self.pool).await,
         };
+        let mut failed_in_a_row = 0_u32;
         while !shutdown.is_cancelled() {
             if let Some(wake) = wake.as_mut() {
                 // Whatever was notified so far, the page below reads.
                 wake.borrow_and_update();
             }
-            let pause = match self.deliver_page().await {
+            let delivered = self.deliver_page().await;
+            if let Some(metrics) = &self.metrics {
+                match &delivered {
+                    Ok(_) if failed_in_a_row > 0 => {
+                        failed_in_a_row = 0;
+                        metrics.set_consecutive_errors(self.checkpoint.partition, 0);
+                    }
+                    Err(error) if !matches!(error, ListenerError::FencedOut(_)) => {
+                        failed_in_a_row = failed_in_a_row.saturating_add(1);
+                        metrics.record_page_error(
+                            self.checkpoint.partition,
+                            error.code().as_str(),
+                            matches!(error, ListenerError::Checkpoint(_)),
+                            failed_in_a_row,
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            let pause = match delivered {
                 Ok(outcome) if outcome.more || outcome.rows > 0 => continue,
                 Ok(_) => self.settings.poll_interval,
                 Err(error @ ListenerError::FencedOut(_)) => return Err(error),

@@ -161,11 +161,12 @@ async fn handle(
 
 impl Receiver {
     pub async fn start() -> Receiver {
-        Receiver::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap())
+        Receiver::start_on("127.0.0.1:0").await
     }
 
-    /// A receiver serving on `listener` (bound by the caller, e.g. to a port chosen earlier).
-    pub fn start_on(listener: TcpListener) -> Receiver {
+    /// A receiver listening on `address` (`[::1]:0` for IPv6 loopback).
+    pub async fn start_on(address: &str) -> Receiver {
+        let listener = TcpListener::bind(address).await.unwrap();
         let address = listener.local_addr().unwrap();
         let state = Arc::new(State::default());
         let handler_state = state.clone();

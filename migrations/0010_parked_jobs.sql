@@ -1,4 +1,4 @@
--- 0009_parked_jobs.sql — jobs parked by an open circuit, found again when their endpoint answers.
+-- 0010_parked_jobs.sql — jobs parked by an open circuit, found again when their endpoint answers.
 --
 -- A job handed to the queue (or postponed by a worker) because its endpoint's circuit breaker was
 -- open carries the circuit's identity: a digest of the endpoint's scheme://host:port (not the

@@ -2,8 +2,8 @@
 //! coordinator role (taken, kept and given back by the lease supervisor, [`crate::cluster`]) so
 //! that N nodes do not repeat it.
 //!
-//! - **rescue**: running jobs whose claim expired (their worker died or hung) go back to pending,
-//!   every [`CoordinatorSettings::rescue_every`];
+//! - **rescue**: running jobs whose claim expired (their worker died or hung), or whose claimer is
+//!   not a live node any more, go back to pending, every [`CoordinatorSettings::rescue_every`];
 //! - **retention**, every [`CoordinatorSettings::retention_every`] and once on taking the role:
 //!   finished jobs past the job retention, the completed-actions ledger past its retention, and,
 //!   when asked for, dead letters and delivered change-log rows past theirs;
@@ -50,12 +50,19 @@ pub struct CoordinatorSettings {
     pub change_log_retention: Option<Duration>,
     /// The cluster's partition count (every partition's checkpoint must have passed a row).
     pub partition_count: i32,
+    /// A running job whose claimer is not a live node and that was claimed longer ago than this
+    /// goes back to pending at once (the cluster's node timeout).
+    pub orphaned_after: Duration,
 }
 
 impl CoordinatorSettings {
     /// The default intervals and the ledger's retention; dead letters and the change log kept.
     #[must_use]
-    pub fn defaults(job_retention: Duration, partition_count: i32) -> CoordinatorSettings {
+    pub fn defaults(
+        job_retention: Duration,
+        partition_count: i32,
+        node_timeout: Duration,
+    ) -> CoordinatorSettings {
         CoordinatorSettings {
             rescue_every: DEFAULT_RESCUE_INTERVAL,
             retention_every: DEFAULT_RETENTION_INTERVAL,
@@ -64,6 +71,7 @@ impl CoordinatorSettings {
             dead_letter_retention: None,
             change_log_retention: None,
             partition_count,
+            orphaned_after: node_timeout,
         }
     }
 }
@@ -106,19 +114,33 @@ async fn begin_fenced(
     }
 }
 
-/// Rescues expired job claims, fenced by `epoch`.
+/// Rescues job claims that expired, and those of nodes that are gone (claimed longer than
+/// `orphaned_after` ago by a worker that is not a live node), fenced by `epoch`.
 ///
 /// # Errors
 /// Storage failed.
-pub async fn rescue_expired_jobs(pool: &PgPool, epoch: i64) -> Result<DutyRun, DutyError> {
+pub async fn rescue_expired_jobs(
+    pool: &PgPool,
+    epoch: i64,
+    orphaned_after: Duration,
+) -> Result<DutyRun, DutyError> {
+    let live: Vec<String> = membership::live_nodes(pool)
+        .await
+        .map_err(storage)?
+        .into_iter()
+        .map(|node| node.node_id)
+        .collect();
     let Some(mut transaction) = begin_fenced(pool, epoch).await? else {
         return Ok(DutyRun::Fenced);
     };
-    let rescued = crate::jobs::rescue_expired_on(&mut *transaction)
+    let expired = crate::jobs::rescue_expired_on(&mut *transaction)
+        .await
+        .map_err(storage)?;
+    let orphaned = crate::jobs::rescue_orphaned_on(&mut *transaction, &live, orphaned_after)
         .await
         .map_err(storage)?;
     transaction.commit().await.map_err(storage)?;
-    Ok(DutyRun::Done(rescued))
+    Ok(DutyRun::Done(expired + orphaned))
 }
 
 /// One table's retention: what it deletes per fenced batch.
@@ -243,7 +265,7 @@ pub async fn run_duties(
             duties_epoch = Some(epoch);
             next_retention = Instant::now();
         }
-        let rescued = rescue_expired_jobs(&pool, epoch).await;
+        let rescued = rescue_expired_jobs(&pool, epoch, settings.orphaned_after).await;
         if let Ok(DutyRun::Done(count)) = &rescued {
             metrics.jobs_rescued.inc_by(*count);
             if *count > 0 {

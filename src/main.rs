@@ -629,19 +629,6 @@ async fn shutdown_signal() {
     let _ = interrupt.await;
 }
 
-/// The delivery flags that override the observers file's `executor` settings.
-fn apply_delivery_flags(executor: &mut config::ExecutorSettings, dedup_args: &DedupArgs) {
-    if let Some(wait) = dedup_args.endpoint_queue_wait {
-        executor.endpoint_queue_wait = wait;
-    }
-    if let Some(adaptive) = dedup_args.adaptive_concurrency {
-        executor.adaptive_concurrency = adaptive;
-    }
-    executor
-        .private_targets_allowed
-        .clone_from(&dedup_args.allow_private_targets_cidr);
-}
-
 /// Deduplication claims and circuit breakers: in Redis when `REDIS_URL` is set, else in process.
 fn shared_state(dedup_args: &DedupArgs) -> anyhow::Result<fraiseql_observers::node::SharedState> {
     use fraiseql_observers::{breaker, cache, dedup, limits, node};
@@ -796,19 +783,23 @@ fn parse_retention(text: &str) -> Result<std::time::Duration, String> {
     Ok(retention)
 }
 
-async fn run_node(
-    database: DatabaseArgs,
-    config_path: PathBuf,
-    (settings, cluster, endpoints, dedup_args): (
-        fraiseql_observers::listener::ListenerSettings,
-        fraiseql_observers::cluster::ClusterSettings,
-        EndpointArgs,
-        DedupArgs,
-    ),
-    (db_pool_size, shutdown_timeout, retention): (u32, std::time::Duration, RetentionArgs),
-) -> anyhow::Result<String> {
-    let mut config = load_observers(&config_path, &dedup_args.redis_prefix)?;
-    apply_delivery_flags(&mut config.executor, &dedup_args);
+/// The observers file with the node's settings applied over it (queue wait, adaptive concurrency,
+/// private-target allow-list); its warnings logged; a cache action without Redis refused.
+fn observers_to_run(
+    config_path: &std::path::Path,
+    dedup_args: &DedupArgs,
+) -> anyhow::Result<fraiseql_observers::observers::ObserversConfig> {
+    let mut config = load_observers(config_path, &dedup_args.redis_prefix)?;
+    if let Some(wait) = dedup_args.endpoint_queue_wait {
+        config.executor.endpoint_queue_wait = wait;
+    }
+    if let Some(adaptive) = dedup_args.adaptive_concurrency {
+        config.executor.adaptive_concurrency = adaptive;
+    }
+    config
+        .executor
+        .private_targets_allowed
+        .clone_from(&dedup_args.allow_private_targets_cidr);
     for warning in &config.warnings {
         tracing::warn!(%warning, "configuration warning");
     }
@@ -820,6 +811,21 @@ async fn run_node(
             config.origin
         );
     }
+    Ok(config)
+}
+
+async fn run_node(
+    database: DatabaseArgs,
+    config_path: PathBuf,
+    (settings, cluster, endpoints, dedup_args): (
+        fraiseql_observers::listener::ListenerSettings,
+        fraiseql_observers::cluster::ClusterSettings,
+        EndpointArgs,
+        DedupArgs,
+    ),
+    (db_pool_size, shutdown_timeout, retention): (u32, std::time::Duration, RetentionArgs),
+) -> anyhow::Result<String> {
+    let config = observers_to_run(&config_path, &dedup_args)?;
     anyhow::ensure!(
         endpoints.metrics_refresh_interval >= std::time::Duration::from_secs(1),
         "--metrics-refresh-interval must be at least 1s, found {}",

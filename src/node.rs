@@ -36,6 +36,35 @@ use crate::worker::JobWorker;
 /// How often idle job workers look for work when no notification arrives.
 const JOB_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The node's job workers: as many per queue as configured, leaving the rescue of expired
+/// claims to the coordinator.
+fn job_workers(
+    settings: &crate::config::JobSettings,
+    jobs: &PostgresJobQueue,
+    runner: &ActionRunner,
+    matcher: &Arc<Matcher>,
+    metrics: &Arc<Metrics>,
+    dedup: &Deduplication,
+) -> Vec<JobWorker> {
+    settings
+        .workers
+        .iter()
+        .flat_map(|(queue, count)| std::iter::repeat_n(queue, *count))
+        .map(|queue| {
+            JobWorker::new(
+                jobs.clone(),
+                queue.clone(),
+                runner.clone(),
+                matcher.clone(),
+                JOB_POLL_INTERVAL,
+            )
+            .with_metrics(metrics.clone())
+            .with_deduplication(dedup.clone())
+            .without_rescue()
+        })
+        .collect()
+}
+
 /// State the nodes share (through Redis, or in process on one node): deduplication claims and
 /// circuit breakers.
 #[derive(Clone, Debug)]
@@ -128,10 +157,6 @@ impl Node {
     ///
     /// # Errors
     /// As [`Node::build`].
-    #[allow(
-        clippy::too_many_lines,
-        reason = "the wiring of a whole node, in the order its parts depend on each other"
-    )]
     pub async fn build_with_shared_state(
         pool: PgPool,
         config: ObserversConfig,
@@ -185,24 +210,7 @@ impl Node {
         )
         .with_job_routing()
         .with_deduplication(dedup.clone());
-        let workers = config
-            .jobs
-            .workers
-            .iter()
-            .flat_map(|(queue, count)| std::iter::repeat_n(queue, *count))
-            .map(|queue| {
-                JobWorker::new(
-                    jobs.clone(),
-                    queue.clone(),
-                    runner.clone(),
-                    matcher.clone(),
-                    JOB_POLL_INTERVAL,
-                )
-                .with_metrics(metrics.clone())
-                .with_deduplication(dedup.clone())
-                .without_rescue()
-            })
-            .collect();
+        let workers = job_workers(&config.jobs, &jobs, &runner, &matcher, &metrics, &dedup);
         let (wake, woken) = tokio::sync::watch::channel(0_u64);
         let runner = PartitionRunner {
             pool: pool.clone(),
@@ -217,6 +225,7 @@ impl Node {
         let coordinator = CoordinatorSettings::defaults(
             config.jobs.retention,
             i32::try_from(partitions.max(1)).unwrap_or(i32::MAX),
+            cluster.node_timeout,
         );
         let node_id = runner.listener.node_id.clone();
         let cluster = Cluster::new(pool.clone(), cluster, runner, metrics.clone()).await?;

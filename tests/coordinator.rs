@@ -192,18 +192,27 @@ async fn one_node_holds_the_role_and_a_killed_coordinator_is_replaced_within_the
     }
 }
 
-/// A job as a worker that died leaves it: running, its claim expired.
-async fn insert_abandoned_job(pool: &PgPool, key: &str) -> uuid::Uuid {
+/// A running job claimed by `locked_by` ten seconds ago, its claim ending `locked_for_seconds`
+/// from now (negative: expired, as a worker that died leaves it).
+async fn insert_running_job(
+    pool: &PgPool,
+    key: &str,
+    locked_by: &str,
+    locked_for_seconds: f64,
+) -> uuid::Uuid {
     sqlx::query_scalar(
         "INSERT INTO fraiseql_observers.jobs
                 (id, queue, status, max_attempts, backoff_initial_ms, backoff_max_ms, idempotency_key,
                  event_id, observer, action_index, action_type, event, attempts, locked_by,
                  locked_until, started_at)
-         VALUES (gen_random_uuid(), 'nobody-serves-this', 'running', 5, 100, 1000, $1, gen_random_uuid(), 'orders', 0,
-                 'webhook', '{}'::jsonb, 1, 'node-gone', now() - interval '1 second', now())
+         VALUES (gen_random_uuid(), 'nobody-serves-this', 'running', 5, 100, 1000, $1,
+                 gen_random_uuid(), 'orders', 0, 'webhook', '{}'::jsonb, 1, $2,
+                 now() + make_interval(secs => $3), now() - interval '10 seconds')
          RETURNING id",
     )
     .bind(key)
+    .bind(locked_by)
+    .bind(locked_for_seconds)
     .fetch_one(pool)
     .await
     .unwrap()
@@ -230,7 +239,7 @@ async fn duties_run_on_the_coordinator_alone_and_a_stale_epoch_is_fenced_out() {
     let (index, epoch) = single_coordinator(pool, &nodes.iter().collect::<Vec<_>>()).await;
     let (coordinator, other) = (&nodes[index], &nodes[1 - index]);
 
-    let job = insert_abandoned_job(pool, "abandoned-1").await;
+    let job = insert_running_job(pool, "abandoned-1", "node-gone", -1.0).await;
     eventually("the coordinator to rescue the abandoned job", || async {
         job_status(pool, job).await.0 == "pending"
     })
@@ -259,9 +268,9 @@ async fn duties_run_on_the_coordinator_alone_and_a_stale_epoch_is_fenced_out() {
     assert!(other.metric(retention_runs).abs() < f64::EPSILON);
 
     // A node holding an epoch older than the current one (paused, then back) does nothing.
-    let stale = insert_abandoned_job(pool, "abandoned-2").await;
+    let stale = insert_running_job(pool, "abandoned-2", "node-gone", -1.0).await;
     assert_eq!(
-        coordinator::rescue_expired_jobs(pool, epoch - 1)
+        coordinator::rescue_expired_jobs(pool, epoch - 1, Duration::ZERO)
             .await
             .unwrap(),
         DutyRun::Fenced
@@ -288,6 +297,22 @@ async fn duties_run_on_the_coordinator_alone_and_a_stale_epoch_is_fenced_out() {
         job_status(pool, stale).await.0 == "pending"
     })
     .await;
+
+    // A job claimed by a node that left the cluster goes back at once, long before its claim
+    // would expire; one claimed by a live node stays.
+    let orphan = insert_running_job(pool, "orphan-1", "node-gone", 3600.0).await;
+    let held = insert_running_job(pool, "held-1", &other.id, 3600.0).await;
+    eventually("the orphaned job to be rescued", || async {
+        job_status(pool, orphan).await.0 == "pending"
+    })
+    .await;
+    assert!(
+        job_status(pool, orphan)
+            .await
+            .1
+            .contains("left the cluster")
+    );
+    assert_eq!(job_status(pool, held).await.0, "running");
     for node in nodes {
         node.stop().await;
     }

@@ -653,6 +653,36 @@ pub async fn rescue_expired_on<'connection>(
     Ok(result.rows_affected())
 }
 
+/// Puts running jobs back to pending whose claimer is not among `live_workers` and that were
+/// claimed more than `claimed_before` ago (so a node that has just started and not yet written
+/// its membership row is not taken for gone), recording the lost attempt, on `executor`.
+/// Returns how many. The coordinator runs it with the live nodes' ids, so the jobs of a killed
+/// node run again as soon as the cluster knows it is gone, not after their visibility timeout.
+///
+/// # Errors
+/// Storage failed.
+pub async fn rescue_orphaned_on<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = Postgres>,
+    live_workers: &[String],
+    claimed_before: Duration,
+) -> Result<u64, JobError> {
+    let result = sqlx::query(
+        "UPDATE fraiseql_observers.jobs
+            SET status = 'pending', run_at = now(), locked_by = NULL, locked_until = NULL,
+                errors = errors || jsonb_build_array(jsonb_build_object(
+                    'attempt', attempts, 'code', 'OB012',
+                    'message', 'claim by ' || locked_by || ' lost: that node left the cluster',
+                    'at', to_jsonb(now())))
+          WHERE status = 'running' AND NOT (locked_by = ANY ($1))
+            AND started_at < now() - make_interval(secs => $2)",
+    )
+    .bind(live_workers)
+    .bind(claimed_before.as_secs_f64())
+    .execute(executor)
+    .await?;
+    Ok(result.rows_affected())
+}
+
 /// Deletes completed and cancelled jobs finished longer than `older_than` ago, on `executor`;
 /// failed jobs are kept (their dead letters refer to them). Returns how many.
 ///

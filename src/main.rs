@@ -242,12 +242,31 @@ struct DedupArgs {
         default_value = "process"
     )]
     dedup_unavailable: fraiseql_observers::dedup::Unavailable,
-    /// Consecutive failures (connection, timeout, 5xx) that open an endpoint's circuit.
-    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
-    breaker_failures: u32,
-    /// How long an open circuit refuses calls before one probe goes through.
-    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_OPEN_FOR", default_value = "30s", value_parser = humantime::parse_duration)]
+    /// Deprecated and ignored (a warning at start): circuits open on a failure rate, see
+    /// --breaker-failure-rate and --breaker-minimum-calls.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_FAILURES")]
+    breaker_failures: Option<u32>,
+    /// Percentage of an endpoint's calls in the window (connection failures, timeouts, 5xx, not
+    /// counting those while its adaptive limit is shrinking) that opens its circuit.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_FAILURE_RATE", default_value_t = fraiseql_observers::breaker::DEFAULT_FAILURE_RATE_PERCENT, value_parser = clap::value_parser!(u8).range(1..=100))]
+    breaker_failure_rate: u8,
+    /// Least number of calls to an endpoint in the window before its failure rate can open the
+    /// circuit.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_MINIMUM_CALLS", default_value_t = fraiseql_observers::breaker::DEFAULT_MINIMUM_CALLS, value_parser = clap::value_parser!(u32).range(1..))]
+    breaker_minimum_calls: u32,
+    /// The sliding window the failure rate is measured over.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_WINDOW", default_value = "10s", value_parser = parse_positive_duration)]
+    breaker_window: std::time::Duration,
+    /// The first open period of a circuit; it doubles with each failed probe, up to
+    /// --breaker-open-for.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_FIRST_OPEN_FOR", default_value = "1s", value_parser = parse_positive_duration)]
+    breaker_first_open_for: std::time::Duration,
+    /// The longest an open circuit refuses calls before probes go through.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_OPEN_FOR", default_value = "30s", value_parser = parse_positive_duration)]
     breaker_open_for: std::time::Duration,
+    /// Calls a half-open circuit lets through as probes; the first success closes it.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_HALF_OPEN_PROBES", default_value_t = fraiseql_observers::breaker::DEFAULT_HALF_OPEN_PROBES, value_parser = clap::value_parser!(u32).range(1..))]
+    breaker_half_open_probes: u32,
     /// How long an HTTP call waits for a slot of its endpoint's adaptive concurrency limit
     /// before it goes to the job queue; overrides the observers file's
     /// `executor.endpoint_queue_wait` (default 10s). Not part of the attempt's timeout.
@@ -266,6 +285,14 @@ struct DedupArgs {
         value_delimiter = ','
     )]
     allow_private_targets_cidr: Vec<fraiseql_observers::config::Network>,
+}
+
+fn parse_positive_duration(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if duration.is_zero() => Err("expected a duration above zero".to_owned()),
+        Ok(duration) => Ok(duration),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 fn parse_on_off(text: &str) -> Result<bool, String> {
@@ -607,18 +634,21 @@ fn shared_state(dedup_args: &DedupArgs) -> anyhow::Result<fraiseql_observers::no
     use fraiseql_observers::{breaker, cache, dedup, limits, node};
     use std::sync::Arc;
     let policy = breaker::BreakerPolicy {
-        consecutive_failures: dedup_args.breaker_failures,
+        failure_rate_percent: dedup_args.breaker_failure_rate,
+        minimum_calls: dedup_args.breaker_minimum_calls,
+        window: dedup_args.breaker_window,
+        first_open_for: dedup_args.breaker_first_open_for,
         open_for: dedup_args.breaker_open_for,
-        half_open_probes: 1,
+        half_open_probes: dedup_args.breaker_half_open_probes,
     };
     let Some(url) = &dedup_args.redis_url else {
         return Ok(node::SharedState {
             dedup_window: dedup_args.dedup_window,
             dedup_unavailable: dedup_args.dedup_unavailable,
-            breakers: breaker::Breakers {
-                store: Arc::new(breaker::InMemoryBreakerStore::default()),
+            breakers: breaker::Breakers::new(
+                Arc::new(breaker::InMemoryBreakerStore::default()),
                 policy,
-            },
+            ),
             ..node::SharedState::default()
         });
     };
@@ -632,13 +662,13 @@ fn shared_state(dedup_args: &DedupArgs) -> anyhow::Result<fraiseql_observers::no
         )),
         dedup_window: dedup_args.dedup_window,
         dedup_unavailable: dedup_args.dedup_unavailable,
-        breakers: breaker::Breakers {
-            store: Arc::new(breaker::RedisBreakerStore::with_connection(
+        breakers: breaker::Breakers::new(
+            Arc::new(breaker::RedisBreakerStore::with_connection(
                 connection.clone(),
                 prefix,
             )),
             policy,
-        },
+        ),
         limits: Arc::new(limits::RedisLimitStore::with_connection(
             connection.clone(),
             prefix,
@@ -673,6 +703,12 @@ async fn announce_shared_state(
             &format!("{:?}", dedup_args.dedup_unavailable).to_lowercase(),
         )
         .await;
+    }
+    if let Some(failures) = dedup_args.breaker_failures {
+        tracing::warn!(
+            breaker_failures = failures,
+            "--breaker-failures is deprecated and ignored: circuits open on a failure rate (--breaker-failure-rate, --breaker-minimum-calls, --breaker-window)"
+        );
     }
     tracing::info!(
         store = if dedup_args.redis_url.is_some() { "redis" } else { "in-process" },

@@ -42,6 +42,14 @@ pub struct EndpointLabel {
     pub endpoint: String,
 }
 
+/// A circuit breaker's transition at an endpoint (see [`EndpointLabel`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerTransitionLabels {
+    pub endpoint: String,
+    /// `opened` or `closed`.
+    pub transition: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     pub source: String,
@@ -193,6 +201,39 @@ impl Default for EndpointMetrics {
     }
 }
 
+/// The circuit breakers, per HTTP endpoint.
+#[derive(Debug, Default)]
+pub struct BreakerMetrics {
+    /// State as this node last saw it: 0 closed, 1 open (calls refused), 2 half-open.
+    pub state: Family<EndpointLabel, Gauge>,
+    /// Circuits this node saw open or close.
+    pub transitions: Family<BreakerTransitionLabels, Counter>,
+    /// Jobs parked on an open circuit made due because the endpoint answered again.
+    pub jobs_woken: Family<EndpointLabel, Counter>,
+}
+
+impl BreakerMetrics {
+    /// `registry` with these metrics registered.
+    fn registered_in(&self, mut registry: Registry) -> Registry {
+        registry.register(
+            "breaker_state",
+            "Circuit breaker of each HTTP endpoint as this node last saw it: 0 closed, 1 open (calls refused), 2 half-open (probing)",
+            self.state.clone(),
+        );
+        registry.register(
+            "breaker_transitions",
+            "Circuit breakers this node saw open (failure rate over the window, or a failed probe) or close (a successful probe), per HTTP endpoint",
+            self.transitions.clone(),
+        );
+        registry.register(
+            "breaker_jobs_woken",
+            "Jobs parked on an open circuit made due at once because their endpoint answered again, per HTTP endpoint",
+            self.jobs_woken.clone(),
+        );
+        registry
+    }
+}
+
 /// Every metric of one node.
 #[derive(Debug)]
 pub struct Metrics {
@@ -225,6 +266,8 @@ pub struct Metrics {
     pub jobs_rescued: Counter,
     /// The adaptive concurrency limits per HTTP endpoint.
     pub endpoints: EndpointMetrics,
+    /// The circuit breakers per HTTP endpoint.
+    pub breakers: BreakerMetrics,
     /// Succeeded, failed, enqueued: plain totals for the status call.
     totals: [AtomicU64; 3],
 }
@@ -276,6 +319,7 @@ impl Metrics {
             pruned_rows: Family::default(),
             jobs_rescued: Counter::default(),
             endpoints: EndpointMetrics::default(),
+            breakers: BreakerMetrics::default(),
             totals: Default::default(),
         };
         registry.register(
@@ -356,7 +400,9 @@ impl Metrics {
         metrics.register_coordinator(&mut registry);
         metrics.catalog.register(&mut registry);
         Metrics {
-            registry: metrics.endpoints.registered_in(registry),
+            registry: metrics
+                .endpoints
+                .registered_in(metrics.breakers.registered_in(registry)),
             ..metrics
         }
     }

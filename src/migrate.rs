@@ -66,6 +66,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0009_coordinator",
         sql: include_str!("../migrations/0009_coordinator.sql"),
     },
+    Migration {
+        version: 10,
+        name: "0010_parked_jobs",
+        sql: include_str!("../migrations/0010_parked_jobs.sql"),
+    },
 ];
 
 impl Migration {

@@ -91,16 +91,25 @@ impl Default for SharedState {
             dedup_store: Arc::new(InMemoryDeduplicationStore::default()),
             dedup_window: DEFAULT_DEDUP_WINDOW,
             dedup_unavailable: Unavailable::Process,
-            breakers: Breakers {
-                store: Arc::new(InMemoryBreakerStore::default()),
-                policy: BreakerPolicy::default(),
-            },
+            breakers: Breakers::new(
+                Arc::new(InMemoryBreakerStore::default()),
+                BreakerPolicy::default(),
+            ),
             limits: Arc::new(InMemoryLimitStore::default()),
             cache: Arc::new(InMemoryCache::default()),
             cache_prefix: String::new(),
             redis: None,
         }
     }
+}
+
+/// The node's breakers: counted in its metrics, and making the work parked on a circuit due as
+/// soon as the endpoint answers again.
+fn node_breakers(breakers: &Breakers, metrics: &Arc<Metrics>, jobs: &PostgresJobQueue) -> Breakers {
+    breakers
+        .clone()
+        .with_metrics(metrics.clone())
+        .with_parked_jobs(jobs.clone())
 }
 
 /// How long completed actions are remembered by default.
@@ -173,11 +182,16 @@ impl Node {
             crate::concurrency::LimiterSettings::of(&config.executor),
             Some(metrics.clone()),
         );
+        let jobs = PostgresJobQueue::new(
+            pool.clone(),
+            settings.node_id.clone(),
+            config.jobs.visibility_timeout,
+        );
         let mut runner = ActionRunner::new(Arc::new(config.templates))?
             .with_private_targets_allowed(&config.executor.private_targets_allowed)?
             .with_limiter(limiter)
             .with_database(pool.clone())
-            .with_breakers(shared.breakers.clone())
+            .with_breakers(node_breakers(&shared.breakers, &metrics, &jobs))
             .with_limits(shared.limits.clone())
             .with_cache(Cache {
                 backend: shared.cache.clone(),
@@ -196,11 +210,6 @@ impl Node {
         )
         .with_job_routing()
         .with_deduplication(dedup.clone());
-        let jobs = PostgresJobQueue::new(
-            pool.clone(),
-            settings.node_id.clone(),
-            config.jobs.visibility_timeout,
-        );
         let workers = job_workers(&config.jobs, &jobs, &runner, &matcher, &metrics, &dedup);
         let (wake, woken) = tokio::sync::watch::channel(0_u64);
         let runner = PartitionRunner {

@@ -216,6 +216,7 @@ impl JobWorker {
                         } else {
                             BUSY_RECHECK
                         }),
+                    error.circuit.as_deref(),
                 )
                 .await
                 .map(|_| Some(WorkOutcome::Postponed(job.id))),
@@ -227,7 +228,7 @@ impl JobWorker {
                     && let Some(claim_left) = error.retry_after =>
             {
                 self.queue
-                    .postpone(job.id, claim_left.max(CLAIM_RECHECK_FLOOR))
+                    .postpone(job.id, claim_left.max(CLAIM_RECHECK_FLOOR), None)
                     .await
                     .map(|_| Some(WorkOutcome::Postponed(job.id)))
             }

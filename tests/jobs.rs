@@ -38,6 +38,7 @@ fn new_job(entity_id: &str, priority: i16) -> NewJob {
         max_attempts: 3,
         initial_delay: Duration::from_millis(200),
         max_delay: Duration::from_secs(10),
+        parked_on: None,
     }
 }
 

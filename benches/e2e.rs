@@ -1094,7 +1094,13 @@ async fn small_receiver(report: &mut Report, capacity: Capacity, events: u64, ad
     }
     let usage = sampler.finish().await;
     stop_sampling.store(true, Ordering::Relaxed);
-    let limits = limit_summary(limits.await.expect("limit sampler"));
+    let limits = limits.await.expect("limit sampler");
+    if !limits.is_empty() {
+        // Progress only: how the limit moved, one reading per 100 ms.
+        let trace: Vec<String> = limits.iter().map(u64::to_string).collect();
+        eprintln!("adaptive limit every 100 ms: {}", trace.join(" "));
+    }
+    let limits = limit_summary(limits);
     let (dead, queued) = dead_letters_and_jobs(&pool).await;
     node.stop();
     let delivered = receiver.distinct();

@@ -367,7 +367,9 @@ impl Node {
             .env_remove("REDIS_URL")
             .env(
                 "RUST_LOG",
-                std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+                // Info for the service's own target: the line naming its metrics address.
+                std::env::var("E2E_RUST_LOG")
+                    .unwrap_or_else(|_| "warn,fraiseql_observers=info".to_owned()),
             )
             .envs(environment.iter().copied())
             .stdin(Stdio::null())
@@ -799,9 +801,28 @@ async fn sustained(nodes: usize, seconds: u64, rate: Option<u64>) -> Sustained {
     let delivered_before = receiver.count();
     let written_before = next_id.load(Ordering::Relaxed);
     let checkpoints_before = checkpoint_writes(&pool).await;
+    // The first node's adaptive limit for the receiver, through the window.
+    let stop_sampling = Arc::new(AtomicBool::new(false));
+    let limits = node_http_address(1, Duration::from_secs(5))
+        .await
+        .map(|http| {
+            sample_limit(
+                format!("http://{http}/metrics"),
+                receiver.url.trim_end_matches("/events").to_owned(),
+                stop_sampling.clone(),
+            )
+        });
     let sampler = Sampler::start(running.iter().map(|node| node.pid).collect());
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let usage = sampler.finish().await;
+    stop_sampling.store(true, Ordering::Relaxed);
+    if let Some(limits) = limits {
+        // Progress only.
+        eprintln!(
+            "adaptive limit of node 1 in the window, min · median · max: {}",
+            limit_summary(limits.await.unwrap_or_default())
+        );
+    }
     let delivered = receiver.count() - delivered_before;
     let written = next_id.load(Ordering::Relaxed) - written_before;
     let checkpoints = checkpoint_writes(&pool).await - checkpoints_before;

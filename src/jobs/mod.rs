@@ -820,8 +820,8 @@ pub async fn depths<'connection>(
     .await?)
 }
 
-/// Per queue, the seconds the oldest due pending job has waited since it became due (a
-/// bounded read for gauges).
+/// Per queue with pending jobs, the seconds the oldest due one has waited since it became due
+/// (0 while every pending job is still scheduled for later); a read for gauges.
 ///
 /// # Errors
 /// Storage failed.
@@ -829,8 +829,10 @@ pub async fn oldest_due_ages<'connection>(
     executor: impl sqlx::Executor<'connection, Database = Postgres>,
 ) -> Result<Vec<(String, f64)>, JobError> {
     Ok(sqlx::query_as(
-        "SELECT queue, extract(epoch FROM now() - min(run_at))::float8 FROM fraiseql_observers.jobs
-          WHERE status = 'pending' AND run_at <= now()
+        "SELECT queue,
+                COALESCE(extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now())), 0)::float8
+           FROM fraiseql_observers.jobs
+          WHERE status = 'pending'
           GROUP BY queue ORDER BY queue",
     )
     .fetch_all(executor)

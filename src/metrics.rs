@@ -9,7 +9,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::outcome::{ActionReport, ActionStatus, EventSummary};
 
@@ -227,6 +230,32 @@ pub struct Metrics {
     pub endpoints: EndpointMetrics,
     /// Succeeded, failed, enqueued: plain totals for the status call.
     totals: [AtomicU64; 3],
+    /// Samples of the event and action totals, for the status call's rates over the last minute.
+    rate_samples: Mutex<VecDeque<RateSample>>,
+}
+
+/// The totals at one moment, kept to compute rates over the last minute.
+#[derive(Clone, Copy, Debug)]
+struct RateSample {
+    at: Instant,
+    events: u64,
+    actions: u64,
+}
+
+/// Rates are computed over at most this window.
+pub const RATE_WINDOW: Duration = Duration::from_mins(1);
+/// A new rate sample is kept at most this often, so the ring holds at most
+/// `RATE_WINDOW / RATE_SAMPLE_EVERY + 2` samples.
+pub const RATE_SAMPLE_EVERY: Duration = Duration::from_secs(5);
+const RATE_SAMPLES_KEPT: usize = 14;
+
+/// Events and actions per second over the last minute (or since the node started, if sooner).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Rates {
+    pub events_per_second: f64,
+    pub actions_per_second: f64,
+    /// The span the rates were measured over.
+    pub window_seconds: f64,
 }
 
 fn duration_histogram() -> Histogram {
@@ -277,6 +306,7 @@ impl Metrics {
             jobs_rescued: Counter::default(),
             endpoints: EndpointMetrics::default(),
             totals: Default::default(),
+            rate_samples: Mutex::new(VecDeque::with_capacity(RATE_SAMPLES_KEPT)),
         };
         registry.register(
             "events_processed",
@@ -544,6 +574,67 @@ impl Metrics {
             _ => return,
         };
         self.totals[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn actions_total(&self) -> u64 {
+        self.totals
+            .iter()
+            .map(|total| total.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Keeps a sample of the event and action totals for [`Metrics::rates`], unless the last one
+    /// is younger than [`RATE_SAMPLE_EVERY`]; samples older than [`RATE_WINDOW`] (but the newest
+    /// such, the window's start) are dropped, and at most a fixed number are kept.
+    pub fn sample_rates(&self) {
+        let now = Instant::now();
+        let mut samples = self
+            .rate_samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if samples
+            .back()
+            .is_some_and(|last| now.duration_since(last.at) < RATE_SAMPLE_EVERY)
+        {
+            return;
+        }
+        samples.push_back(RateSample {
+            at: now,
+            events: self.events_processed.get(),
+            actions: self.actions_total(),
+        });
+        while samples.len() > RATE_SAMPLES_KEPT
+            || samples
+                .get(1)
+                .is_some_and(|second| now.duration_since(second.at) >= RATE_WINDOW)
+        {
+            samples.pop_front();
+        }
+    }
+
+    /// Events and actions (succeeded, failed, enqueued) per second from the oldest sample of the
+    /// last minute to now; `None` before a sample at least a second old exists.
+    #[must_use]
+    pub fn rates(&self) -> Option<Rates> {
+        let now = Instant::now();
+        let samples = self
+            .rate_samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let start = samples
+            .iter()
+            .find(|sample| now.duration_since(sample.at) <= RATE_WINDOW + RATE_SAMPLE_EVERY)?;
+        let window = now.duration_since(start.at).as_secs_f64();
+        if window < 1.0 {
+            return None;
+        }
+        #[allow(clippy::cast_precision_loss, reason = "a rate")]
+        let per_second = |now: u64, then: u64| now.saturating_sub(then) as f64 / window;
+        Some(Rates {
+            events_per_second: per_second(self.events_processed.get(), start.events),
+            actions_per_second: per_second(self.actions_total(), start.actions),
+            window_seconds: window,
+        })
     }
 
     /// The OpenMetrics text of every metric.

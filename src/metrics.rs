@@ -587,7 +587,10 @@ impl Metrics {
     /// is younger than [`RATE_SAMPLE_EVERY`]; samples older than [`RATE_WINDOW`] (but the newest
     /// such, the window's start) are dropped, and at most a fixed number are kept.
     pub fn sample_rates(&self) {
-        let now = Instant::now();
+        self.sample_rates_at(Instant::now());
+    }
+
+    fn sample_rates_at(&self, now: Instant) {
         let mut samples = self
             .rate_samples
             .lock()
@@ -616,7 +619,10 @@ impl Metrics {
     /// last minute to now; `None` before a sample at least a second old exists.
     #[must_use]
     pub fn rates(&self) -> Option<Rates> {
-        let now = Instant::now();
+        self.rates_at(Instant::now())
+    }
+
+    fn rates_at(&self, now: Instant) -> Option<Rates> {
         let samples = self
             .rate_samples
             .lock()
@@ -644,6 +650,32 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::{Metrics, RATE_SAMPLES_KEPT};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn rates_cover_the_last_minute_from_a_bounded_ring() {
+        let metrics = Metrics::new();
+        let start = Instant::now();
+        assert_eq!(metrics.rates_at(start), None, "no sample yet");
+        // One sample every second for ten minutes, 10 events each second: only one in five is
+        // kept (at most every 5 s), and only the last minute's.
+        for second in 0..600_u64 {
+            metrics.sample_rates_at(start + Duration::from_secs(second));
+            metrics.events_processed.inc_by(10);
+        }
+        let now = start + Duration::from_mins(10);
+        let kept = metrics.rate_samples.lock().unwrap().len();
+        assert!(kept <= RATE_SAMPLES_KEPT, "{kept} samples kept");
+        let rates = metrics.rates_at(now).expect("a rate");
+        assert!((55.0..=65.0).contains(&rates.window_seconds), "{rates:?}");
+        assert!((rates.events_per_second - 10.0).abs() < 1e-9, "{rates:?}");
+        assert!(rates.actions_per_second.abs() < 1e-9, "{rates:?}");
     }
 }
 

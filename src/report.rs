@@ -686,4 +686,62 @@ mod tests {
             "{text}"
         );
     }
+
+    #[test]
+    fn the_status_tree_escapes_what_the_node_sent_one_line_each() {
+        use crate::control::{Counters, NodeFigures, NodeStatus};
+        let hostile = "x\n└── forged\u{1b}[2K\u{202e}";
+        let status = NodeStatus {
+            node_id: hostile.to_owned(),
+            version: "0.1.0".to_owned(),
+            uptime_seconds: 3,
+            draining: false,
+            partition_count: 1,
+            leases: vec![PartitionState {
+                partition: 0,
+                leader: None,
+                epoch: 2,
+                checkpoint: hostile.to_owned(),
+                backlog: 7,
+                checkpoint_age_seconds: Some(1.0),
+            }],
+            counters: Counters {
+                events_processed: 9,
+                actions_succeeded: 8,
+                actions_failed: 1,
+                actions_enqueued: 0,
+                epoch_changes: 1,
+            },
+            queues: vec![crate::jobs::QueueStats {
+                queue: hostile.to_owned(),
+                pending: 4,
+                ..crate::jobs::QueueStats::default()
+            }],
+            figures: NodeFigures {
+                observers: 2,
+                cache: [("hit".to_owned(), 3), ("miss".to_owned(), 1)].into(),
+                dedup: [(hostile.to_owned(), 1)].into(),
+                endpoints: vec![crate::metrics_text::EndpointFigures {
+                    endpoint: hostile.to_owned(),
+                    limit: 4,
+                    in_flight: 1,
+                    queued: 0,
+                }],
+                ..NodeFigures::default()
+            },
+        };
+        let text = node_status_text(&status);
+        assert_eq!(text.lines().count(), 21, "{text}");
+        assert!(!text.contains(['\u{1b}', '\u{202e}']), "{text}");
+        assert!(!text.contains("\n└── forged"), "{text}");
+        for expected in [
+            "│   ├── Backlog: 7 rows",
+            "│   ├── Events/s: not known yet (first minute)",
+            "│   ├── Action time (p99): no action yet",
+            "│   └── Cache hit rate: 75% (3 hits, 1 misses)",
+            "│   └── DLQ items: 0 (cluster-wide)",
+        ] {
+            assert!(text.contains(expected), "{expected:?} in:\n{text}");
+        }
+    }
 }

@@ -334,6 +334,148 @@ pub async fn dlq_retry(
     }
 }
 
+/// A scraped `/metrics` larger than this is refused (a node renders a few tens of KiB).
+pub const MAX_METRICS_BYTES: usize = 16 * 1024 * 1024;
+/// How long one scrape may take.
+pub const METRICS_SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `/metrics` URL of a node's HTTP endpoint given as `host:port` or an `http(s)://` URL
+/// (without a path, `/metrics` is added).
+///
+/// # Errors
+/// The endpoint is not a `host:port` or an http(s) URL.
+pub fn metrics_url(endpoint: &str) -> anyhow::Result<reqwest::Url> {
+    let with_scheme = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let mut url = reqwest::Url::parse(&with_scheme).with_context(|| {
+        format!(
+            "--http-endpoint {:?} is neither host:port nor an http(s) URL",
+            escape_control(endpoint)
+        )
+    })?;
+    anyhow::ensure!(
+        matches!(url.scheme(), "http" | "https") && url.host_str().is_some(),
+        "--http-endpoint {:?} is neither host:port nor an http(s) URL",
+        escape_control(endpoint)
+    );
+    if url.path().is_empty() || url.path() == "/" {
+        url.set_path("/metrics");
+    }
+    Ok(url)
+}
+
+/// The text of one node's `/metrics`, read up to [`MAX_METRICS_BYTES`] within
+/// [`METRICS_SCRAPE_TIMEOUT`].
+///
+/// # Errors
+/// The node is unreachable, answered with an error status, or sent too much.
+pub async fn scrape_metrics(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+) -> anyhow::Result<String> {
+    let mut response = client
+        .get(url.clone())
+        .timeout(METRICS_SCRAPE_TIMEOUT)
+        .send()
+        .await
+        .with_context(|| format!("scraping {url} failed"))?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "scraping {url} failed: HTTP {}",
+        response.status()
+    );
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .with_context(|| format!("reading {url} failed"))?
+    {
+        anyhow::ensure!(
+            body.len() + chunk.len() <= MAX_METRICS_BYTES,
+            "{url} sent more than {MAX_METRICS_BYTES} bytes of metrics"
+        );
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).with_context(|| format!("{url} sent metrics that are not UTF-8"))
+}
+
+/// `metrics`: every endpoint's `/metrics` — as scraped (`raw`), or summarized, with events and
+/// actions per second between two scrapes `sample_interval` apart (zero: totals only), as text
+/// or JSON.
+///
+/// # Errors
+/// An endpoint is malformed or unreachable, or its text does not parse.
+pub async fn metrics(
+    endpoints: &[String],
+    raw: bool,
+    json: bool,
+    sample_interval: Duration,
+) -> anyhow::Result<String> {
+    let urls = endpoints
+        .iter()
+        .map(|endpoint| metrics_url(endpoint))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let client = reqwest::Client::builder()
+        .build()
+        .context("building the HTTP client failed")?;
+    let mut out = String::new();
+    if raw {
+        for url in &urls {
+            out.push_str(&scrape_metrics(&client, url).await?);
+        }
+        return Ok(out);
+    }
+    let summarize = |url: &reqwest::Url, text: &str| {
+        crate::metrics_text::parse(text)
+            .map(|samples| crate::metrics_text::summarize(&samples))
+            .with_context(|| format!("{url} sent metrics that do not parse"))
+    };
+    let mut first = Vec::with_capacity(urls.len());
+    for url in &urls {
+        first.push(summarize(url, &scrape_metrics(&client, url).await?)?);
+    }
+    let started = std::time::Instant::now();
+    let mut nodes = Vec::with_capacity(urls.len());
+    if sample_interval.is_zero() {
+        nodes.extend(
+            urls.iter()
+                .zip(first)
+                .map(|(url, summary)| (url, summary, None)),
+        );
+    } else {
+        tokio::time::sleep(sample_interval).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        for (url, before) in urls.iter().zip(first) {
+            let after = summarize(url, &scrape_metrics(&client, url).await?)?;
+            let rates = crate::report::ScrapeRates::between(&before, &after, elapsed);
+            nodes.push((url, after, Some(rates)));
+        }
+    }
+    for (url, summary, rates) in &nodes {
+        if json {
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::json!({
+                    "endpoint": url.as_str(),
+                    "rates": rates,
+                    "summary": summary,
+                })
+            );
+        } else {
+            out.push_str(&crate::report::metrics_summary_text(
+                url.as_str(),
+                summary,
+                rates.as_ref(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::last_error;

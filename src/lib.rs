@@ -35,6 +35,7 @@ pub mod listener;
 pub mod matcher;
 pub mod membership;
 pub mod metrics;
+pub mod metrics_text;
 pub mod migrate;
 pub mod node;
 pub mod observers;

@@ -123,13 +123,39 @@ enum Command {
         #[command(flatten)]
         retention: RetentionArgs,
     },
-    /// This node's status, from its control plane (gRPC).
+    /// This node's status, from its control plane (gRPC): listener, executor, job queue, Redis
+    /// stores and endpoint limits, with rates over the last minute.
     Status {
         #[command(flatten)]
         control: ControlArgs,
-        /// Print JSON.
+        /// Print JSON (with --watch: one JSON document per line and frame).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        watch: WatchArgs,
+    },
+    /// One node's Prometheus metrics (its HTTP endpoint's `/metrics`) as a readable summary:
+    /// events and actions per second between two scrapes, actions by outcome, dead letters,
+    /// jobs, leases, endpoint limits.
+    Metrics {
+        /// The node's HTTP endpoint (`host:port` or an http(s) URL); repeat (or separate with
+        /// commas) for several nodes — nodes do not record their HTTP addresses, so list them.
+        #[arg(
+            long = "http-endpoint",
+            env = "FRAISEQL_OBSERVERS_HTTP_ENDPOINT",
+            default_value = "127.0.0.1:9090",
+            value_delimiter = ','
+        )]
+        http_endpoints: Vec<String>,
+        /// Print the scraped text as it is.
+        #[arg(long)]
+        raw: bool,
+        /// Print JSON, one document per node and line.
+        #[arg(long, conflicts_with = "raw")]
+        json: bool,
+        /// Time between the two scrapes the rates come from; `0s`: one scrape, totals only.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        sample_interval: std::time::Duration,
     },
     /// The cluster: status, hand-over of a partition, drain and resume of a node.
     Cluster {
@@ -363,13 +389,28 @@ impl ControlArgs {
     }
 }
 
+/// `--watch [interval]` and `--count N` of the status commands.
+#[derive(clap::Args, Clone, Copy)]
+struct WatchArgs {
+    /// Print again every interval (default 2s) until interrupted; the screen is cleared
+    /// between frames only when stdout is a terminal.
+    #[arg(long, num_args = 0..=1, default_missing_value = "2s", value_parser = humantime::parse_duration)]
+    watch: Option<std::time::Duration>,
+    /// With --watch: stop after this many frames.
+    #[arg(long, requires = "watch", value_parser = clap::value_parser!(u64).range(1..))]
+    count: Option<u64>,
+}
+
 #[derive(Subcommand)]
 enum ClusterCommand {
-    /// Every live node and every partition: leader, epoch, backlog, checkpoint.
+    /// Every live node (partitions, backlog, oldest checkpoint) and every partition: leader,
+    /// epoch, backlog, checkpoint.
     Status {
-        /// Print JSON.
+        /// Print JSON (with --watch: one JSON document per line and frame).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        watch: WatchArgs,
     },
     /// Move a partition to a named node without loss; returns when that node leads it.
     Handover {
@@ -984,14 +1025,27 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             )
             .await
         }
-        Command::Status { control, json } => {
-            let status = fraiseql_observers::grpc::fetch_status(control.target()?).await?;
-            Ok(if json {
-                format!("{:#}\n", serde_json::to_value(&status)?)
-            } else {
-                report::node_status_text(&status)
+        Command::Status {
+            control,
+            json,
+            watch,
+        } => {
+            let target = control.target()?;
+            watched(watch, json, || async {
+                let status = fraiseql_observers::grpc::fetch_status(target.clone()).await?;
+                Ok((
+                    serde_json::to_value(&status)?,
+                    report::node_status_text(&status),
+                ))
             })
+            .await
         }
+        Command::Metrics {
+            http_endpoints,
+            raw,
+            json,
+            sample_interval,
+        } => commands::metrics(&http_endpoints, raw, json, sample_interval).await,
         Command::Cluster { control, command } => cluster_command(control, command).await,
         Command::Demo { database_url } => {
             fraiseql_observers::demo::run(&database_url).await?;
@@ -1014,6 +1068,43 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             anyhow::bail!("completions and the manual need no database")
         }
         Command::Dlq { database, command } => dlq_command(database, command).await,
+    }
+}
+
+/// One frame of a status command (without --watch: the output), or every frame printed as it
+/// comes, every `interval`, until `--count` frames or an interrupt. On a terminal the screen is
+/// cleared before each frame; otherwise frames follow each other (JSON: one document per line).
+async fn watched<Frame, Fetch>(watch: WatchArgs, json: bool, fetch: Frame) -> anyhow::Result<String>
+where
+    Frame: Fn() -> Fetch,
+    Fetch: std::future::Future<Output = anyhow::Result<(serde_json::Value, String)>>,
+{
+    use std::io::Write as _;
+    let Some(interval) = watch.watch else {
+        let (value, text) = fetch().await?;
+        return Ok(if json { format!("{value:#}\n") } else { text });
+    };
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut frames = 0_u64;
+    loop {
+        let (value, text) = fetch().await?;
+        let frame = if json {
+            format!("{value}\n")
+        } else if terminal {
+            // Home and clear: the frame replaces the previous one.
+            format!("\u{1b}[H\u{1b}[2J{text}")
+        } else {
+            format!("{text}\n")
+        };
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(frame.as_bytes())?;
+        stdout.flush()?;
+        drop(stdout);
+        frames += 1;
+        if watch.count.is_some_and(|count| frames >= count) {
+            return Ok(String::new());
+        }
+        tokio::time::sleep(interval).await;
     }
 }
 
@@ -1057,13 +1148,16 @@ async fn dlq_command(database: DatabaseArgs, command: DlqCommand) -> anyhow::Res
 async fn cluster_command(control: ControlArgs, command: ClusterCommand) -> anyhow::Result<String> {
     use fraiseql_observers::grpc;
     match command {
-        ClusterCommand::Status { json } => {
-            let cluster = grpc::fetch_cluster_status(control.target()?).await?;
-            Ok(if json {
-                format!("{:#}\n", serde_json::to_value(&cluster)?)
-            } else {
-                report::cluster_status_text(&cluster)
+        ClusterCommand::Status { json, watch } => {
+            let target = control.target()?;
+            watched(watch, json, || async {
+                let cluster = grpc::fetch_cluster_status(target.clone()).await?;
+                Ok((
+                    serde_json::to_value(&cluster)?,
+                    report::cluster_status_text(&cluster),
+                ))
             })
+            .await
         }
         ClusterCommand::Handover {
             partition,

@@ -201,6 +201,7 @@ impl Node {
         if let Some(connection) = shared.redis.clone() {
             runner = runner.with_redis(connection);
         }
+        let observer_count = config.observers.len();
         let matcher = Arc::new(Matcher::new(config.observers));
         let executor = Executor::new(
             matcher.clone(),
@@ -237,7 +238,8 @@ impl Node {
             metrics.clone(),
             jobs.clone(),
             stuck_after,
-        );
+        )
+        .with_observer_count(observer_count);
         Ok(Node {
             pool,
             metrics,

@@ -24,6 +24,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "retry",
             "outcome",
             "metrics",
+            "metrics_text",
         ],
     ),
     (

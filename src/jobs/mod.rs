@@ -100,6 +100,10 @@ pub struct QueueStats {
     pub mean_ms: Option<f64>,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// Seconds the oldest pending job that is due has waited past its `run_at`.
+    pub oldest_due_age_seconds: Option<f64>,
+    /// Jobs completed in the last 24 hours (as long as retention keeps them).
+    pub completed_last_day: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -598,7 +602,11 @@ impl PostgresJobQueue {
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)::float8 * 1000)
                         FILTER (WHERE status = 'completed') AS p50_ms,
                     percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)::float8 * 1000)
-                        FILTER (WHERE status = 'completed') AS p99_ms
+                        FILTER (WHERE status = 'completed') AS p99_ms,
+                    extract(epoch FROM now() - min(run_at) FILTER (WHERE status = 'pending' AND run_at <= now()))::float8
+                        AS oldest_due_age_seconds,
+                    count(*) FILTER (WHERE status = 'completed' AND finished_at > now() - interval '24 hours')
+                        AS completed_last_day
                FROM fraiseql_observers.jobs GROUP BY queue ORDER BY queue",
         )
         .fetch_all(&self.pool)
@@ -615,6 +623,8 @@ impl PostgresJobQueue {
                     mean_ms: row.try_get("mean_ms")?,
                     p50_ms: row.try_get("p50_ms")?,
                     p99_ms: row.try_get("p99_ms")?,
+                    oldest_due_age_seconds: row.try_get("oldest_due_age_seconds")?,
+                    completed_last_day: row.try_get("completed_last_day")?,
                 })
             })
             .collect()

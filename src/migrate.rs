@@ -66,6 +66,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0009_coordinator",
         sql: include_str!("../migrations/0009_coordinator.sql"),
     },
+    Migration {
+        version: 11,
+        name: "0011_backfill",
+        sql: include_str!("../migrations/0011_backfill.sql"),
+    },
 ];
 
 impl Migration {

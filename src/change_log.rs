@@ -448,13 +448,17 @@ impl TrackedTable {
 const SYNTHETIC_ENTRY_SQL: &str =
     "core.observer_change_entry($1, $2, $3, $4, 'INSERT', to_jsonb(source), NULL)";
 
-/// `NOT EXISTS` a delivered change-log row of `entry`'s entity (any kind, any time).
+/// `NOT EXISTS` a delivered change-log row of `entry`'s entity (any kind, any time), one probe of
+/// `tb_entity_change_log_entity_hash_idx` per row. `OFFSET 0` keeps it a per-row probe: as a
+/// plain `NOT EXISTS` the planner may turn it into a hash anti-join that reads the whole log for
+/// every batch (measured: 1,000-row batches at 2.6k rows/s against a 1M-row log).
 const NOT_YET_CAPTURED_SQL: &str = "NOT EXISTS (
         SELECT 1 FROM core.tb_entity_change_log AS logged
          WHERE logged.entity_hash = core.observer_entity_hash(entry.object_type::text, entry.object_id::text)
            AND logged.txid IS NOT NULL
            AND logged.object_type = entry.object_type
-           AND logged.object_id = entry.object_id)";
+           AND logged.object_id = entry.object_id
+        OFFSET 0)";
 
 /// What one backfill batch did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

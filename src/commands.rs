@@ -444,9 +444,15 @@ pub async fn backfill(
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{spinner} {bar:40} {human_pos}/{human_len} rows  {per_sec}  ETA {eta}  {msg}",
+                "{spinner} {bar:40} {human_pos}/{human_len} rows  {rate}  ETA {eta}  {msg}",
             )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .with_key(
+                "rate",
+                |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
+                    let _ = write!(out, "{:.0} rows/s", state.per_sec());
+                },
+            ),
         );
         bar
     });

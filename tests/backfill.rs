@@ -512,3 +512,39 @@ async fn a_table_that_cannot_be_backfilled_is_named_and_exits_2() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_composite_text_primary_key_is_walked_in_key_order_once() {
+    let database = TestDatabase::migrated().await;
+    sqlx::raw_sql(
+        "CREATE TABLE lines (order_ref text, line int, line_id text NOT NULL, PRIMARY KEY (order_ref, line));
+         INSERT INTO lines SELECT 'order ' || (n % 7), n, 'line-' || n FROM generate_series(1, 95) AS n;
+         SELECT core.observer_track_table('lines'::regclass, 'Line', 'line_id');",
+    )
+    .execute(&database.pool)
+    .await
+    .unwrap();
+    let summary = backfill::run(
+        &database.pool,
+        "public.lines",
+        &settings(10),
+        &CancellationToken::new(),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!((summary.rows_scanned, summary.rows_written), (95, 95));
+    let inserts = logged_inserts(&database.pool).await;
+    assert_eq!(inserts.len(), 95);
+    assert!(
+        inserts.values().all(|count| *count == 1),
+        "no row written twice"
+    );
+    let last_key: Vec<String> = sqlx::query_scalar(
+        "SELECT last_key FROM fraiseql_observers.backfill_runs WHERE table_name = 'lines'",
+    )
+    .fetch_one(&database.pool)
+    .await
+    .unwrap();
+    assert_eq!(last_key, vec!["order 6".to_owned(), "90".to_owned()]);
+}

@@ -7,6 +7,7 @@
 //! use, each action type decoding its own settings with the shared primitives of [`config`].
 
 pub mod actions;
+pub mod backfill;
 pub mod breaker;
 pub mod cache;
 pub mod change_log;

@@ -195,6 +195,10 @@ enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the manual page (roff) on stdout: `fraiseql-observers man | man -l -`.
     Man,
+    /// Deliver the rows a table held before capture was attached: writes a synthetic INSERT
+    /// change-log row (what capture writes) for every row whose entity has no change in the log
+    /// yet, in primary-key order, one short transaction per batch. Resumes an interrupted run.
+    Backfill(BackfillArgs),
     /// Inspect and act on the dead-letter queue.
     Dlq {
         #[command(flatten)]
@@ -202,6 +206,30 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+}
+
+#[derive(Args)]
+struct BackfillArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// The tracked table (`schema.table`).
+    #[arg(long)]
+    table: String,
+    /// Rows per batch (one transaction each), 1 to 10000.
+    #[arg(long, default_value_t = fraiseql_observers::backfill::DEFAULT_BATCH_SIZE)]
+    batch_size: u32,
+    /// At most this many rows per second (default: no limit).
+    #[arg(long)]
+    rate: Option<u32>,
+    /// Only count what would be written and show a sample; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Scan the table again from its first row even if an earlier backfill finished.
+    #[arg(long, conflicts_with = "dry_run")]
+    restart: bool,
+    /// Print the summary as JSON on stdout (progress still goes to stderr).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -1068,6 +1096,7 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             anyhow::bail!("completions and the manual need no database")
         }
         Command::Dlq { database, command } => dlq_command(database, command).await,
+        Command::Backfill(arguments) => backfill_command(arguments).await,
     }
 }
 
@@ -1106,6 +1135,40 @@ where
         }
         tokio::time::sleep(interval).await;
     }
+}
+
+async fn backfill_command(arguments: BackfillArgs) -> anyhow::Result<String> {
+    let pool = arguments.database.connect(4).await?;
+    if arguments.dry_run {
+        return commands::backfill_preview(&pool, &arguments.table, arguments.json).await;
+    }
+    let settings = fraiseql_observers::backfill::BackfillSettings {
+        batch_size: arguments.batch_size,
+        rows_per_second: arguments.rate,
+        restart: arguments.restart,
+    };
+    let style = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        commands::ProgressStyle::Bar
+    } else {
+        commands::ProgressStyle::Lines
+    };
+    // Ctrl-C stops the backfill between batches; what was committed stays, a new run resumes.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let on_interrupt = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_interrupt.cancel();
+        }
+    });
+    commands::backfill(
+        &pool,
+        &arguments.table,
+        &settings,
+        style,
+        arguments.json,
+        &cancel,
+    )
+    .await
 }
 
 async fn dlq_command(database: DatabaseArgs, command: DlqCommand) -> anyhow::Result<String> {
@@ -1236,6 +1299,10 @@ fn exit_code_for(error: &anyhow::Error) -> ErrorCode {
         }
         if let Some(cluster) = cause.downcast_ref::<fraiseql_observers::cluster::ClusterError>() {
             return cluster.code();
+        }
+        if let Some(backfill) = cause.downcast_ref::<fraiseql_observers::backfill::BackfillError>()
+        {
+            return backfill.code();
         }
     }
     ErrorCode::Internal

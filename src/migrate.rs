@@ -71,6 +71,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0010_parked_jobs",
         sql: include_str!("../migrations/0010_parked_jobs.sql"),
     },
+    Migration {
+        version: 11,
+        name: "0011_backfill",
+        sql: include_str!("../migrations/0011_backfill.sql"),
+    },
 ];
 
 impl Migration {

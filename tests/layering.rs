@@ -37,6 +37,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "checkpoint",
             "membership",
             "change_log",
+            "backfill",
             "dedup",
             "breaker",
             "limits",
@@ -70,6 +71,7 @@ const TABLE_OWNERS: &[(&str, &str)] = &[
     ("fraiseql_observers.jobs", "jobs"),
     ("fraiseql_observers.dead_letters", "dlq"),
     ("core.tb_entity_change_log", "change_log"),
+    ("fraiseql_observers.backfill_runs", "backfill"),
 ];
 
 /// The modules that are not layered: the crate roots.

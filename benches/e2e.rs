@@ -9,13 +9,20 @@
 //!   kept up and the first missed, with latency, node RSS and CPU, checkpoint writes/s, machine CPU;
 //! - overload: one node, the generator writing as fast as it can;
 //! - backlog: a backlog of committed changes drained by one node; events/s and peak RSS;
-//! - checkpoint store: fenced compare-and-swap saves on 16 partitions at once.
+//! - checkpoint store: fenced compare-and-swap saves on 16 partitions at once;
+//! - small receiver: a burst of changes to distinct orders, committed in one transaction, delivered
+//!   by one node to a receiver of limited capacity (`E2E_SMALL_WORKERS` requests at once, default 4,
+//!   each `E2E_SMALL_SERVICE_MS`, default 20, from an accept queue `E2E_SMALL_BACKLOG` long, default
+//!   4, one request per connection); delivered events/s as a share of the receiver's capacity, and
+//!   commit-to-delivery latency, with the adaptive concurrency limit on and off (fixed 256 in
+//!   flight) side by side. `E2E_SMALL_EVENTS` sets the burst (default: `E2E_SECONDS` of capacity).
 //!
 //! Run: `cargo bench --bench e2e` (needs the local PostgreSQL; `TEST_DATABASE_URL` overrides).
 //! Knobs: `E2E_RATE` (latency, events/s, default 1000), `E2E_SECONDS` (sustained window, default
 //! 10), `E2E_RATES` (the sustained steps), `E2E_BACKLOG` (default 1,000,000), `E2E_NODES` (default
-//! `1,2,3`), `E2E_ONLY` (`latency,sustained,overload,backlog,checkpoint`). Prints a Markdown table and writes it to
-//! `target/e2e-report.md`.
+//! `1,2,3`), `E2E_ONLY` (`latency,sustained,overload,backlog,checkpoint,small`). The nodes inherit
+//! the environment: `FRAISEQL_OBSERVERS_ADAPTIVE_CONCURRENCY=off` runs every other scenario with
+//! the adaptive limit off. Prints a Markdown table and writes it to `target/e2e-report.md`.
 
 #[path = "../tests/common/postgres.rs"]
 #[allow(dead_code, reason = "shared with the tests")]
@@ -146,6 +153,155 @@ impl Drop for Receiver {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A receiver of limited capacity.
+
+/// What the small receiver can take (see the module header).
+#[derive(Clone, Copy, Debug)]
+struct Capacity {
+    workers: usize,
+    service: Duration,
+    backlog: u32,
+}
+
+impl Capacity {
+    fn per_second(self) -> f64 {
+        #[allow(clippy::cast_precision_loss, reason = "a handful of workers")]
+        let workers = self.workers as f64;
+        workers / self.service.as_secs_f64()
+    }
+}
+
+/// `workers` tasks, each accepting one connection, reading one request, waiting the service time,
+/// answering 200 with `connection: close`; the rest wait in an accept queue `backlog` long, and
+/// past it the kernel drops their SYN (the client retransmits it a second later). An arrival is
+/// recorded once the answer is written.
+struct SmallReceiver {
+    url: String,
+    arrivals: Arc<Arrivals>,
+    /// Answered requests per entity id (each event of the burst is a distinct order).
+    answered: Arc<Mutex<HashMap<i64, u32>>>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The largest request (head and body) the small receiver reads.
+const SMALL_MAX_REQUEST: usize = 1 << 20;
+
+impl SmallReceiver {
+    fn start(capacity: Capacity) -> SmallReceiver {
+        let socket = tokio::net::TcpSocket::new_v4().expect("receiver socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind the small receiver");
+        let listener = Arc::new(
+            socket
+                .listen(capacity.backlog)
+                .expect("small receiver listens"),
+        );
+        let address = listener.local_addr().expect("receiver address");
+        let arrivals = Arc::new(Arrivals::default());
+        let answered = Arc::new(Mutex::new(HashMap::new()));
+        let workers = (0..capacity.workers)
+            .map(|_| {
+                let listener = listener.clone();
+                let arrivals = arrivals.clone();
+                let answered = answered.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let _ = stream.set_nodelay(true);
+                        if let Some(id) = answer_one(stream, capacity.service).await {
+                            arrivals
+                                .seen
+                                .lock()
+                                .expect("arrivals lock")
+                                .push((id, Instant::now()));
+                            arrivals.count.fetch_add(1, Ordering::Relaxed);
+                            *answered
+                                .lock()
+                                .expect("answered lock")
+                                .entry(id)
+                                .or_default() += 1;
+                        }
+                    }
+                })
+            })
+            .collect();
+        SmallReceiver {
+            url: format!("http://{address}/events"),
+            arrivals,
+            answered,
+            workers,
+        }
+    }
+
+    /// Distinct entities answered.
+    fn distinct(&self) -> u64 {
+        self.answered.lock().expect("answered lock").len() as u64
+    }
+
+    /// Answers beyond the first per entity.
+    fn repeated(&self) -> u64 {
+        self.answered
+            .lock()
+            .expect("answered lock")
+            .values()
+            .map(|count| u64::from(count - 1))
+            .sum()
+    }
+}
+
+impl Drop for SmallReceiver {
+    fn drop(&mut self) {
+        for worker in &self.workers {
+            worker.abort();
+        }
+    }
+}
+
+/// Reads one request, waits `service`, answers and closes; the entity id once answered.
+async fn answer_one(mut stream: tokio::net::TcpStream, service: Duration) -> Option<i64> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buffer = Vec::with_capacity(4096);
+    let mut chunk = [0_u8; 4096];
+    let head_end = loop {
+        if let Some(end) = buffer.windows(4).position(|window| window == b"\r\n\r\n") {
+            break end + 4;
+        }
+        if buffer.len() > SMALL_MAX_REQUEST {
+            return None;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
+        .min(SMALL_MAX_REQUEST);
+    while buffer.len() < head_end + length {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+        }
+    }
+    tokio::time::sleep(service).await;
+    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+    let written = stream.write_all(answer).await.is_ok();
+    let _ = stream.shutdown().await;
+    if written {
+        entity_id(&buffer[head_end..head_end + length])
+    } else {
+        None
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Node processes and what they cost.
 
 struct Node {
@@ -184,6 +340,16 @@ fn database_url(database: &TestDatabase) -> String {
 
 impl Node {
     fn spawn(database: &TestDatabase, config: &std::path::Path, index: usize) -> Node {
+        Node::spawn_with(database, config, index, &[])
+    }
+
+    /// A node with extra environment variables (e.g. its adaptive concurrency setting).
+    fn spawn_with(
+        database: &TestDatabase,
+        config: &std::path::Path,
+        index: usize,
+        environment: &[(&str, &str)],
+    ) -> Node {
         let log = std::fs::File::create(scratch_dir().join(format!("node-{index}.log")))
             .expect("node log");
         let child = Command::new(BINARY)
@@ -201,8 +367,11 @@ impl Node {
             .env_remove("REDIS_URL")
             .env(
                 "RUST_LOG",
-                std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+                // Info for the service's own target: the line naming its metrics address.
+                std::env::var("E2E_RUST_LOG")
+                    .unwrap_or_else(|_| "warn,fraiseql_observers=info".to_owned()),
             )
+            .envs(environment.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
@@ -632,9 +801,28 @@ async fn sustained(nodes: usize, seconds: u64, rate: Option<u64>) -> Sustained {
     let delivered_before = receiver.count();
     let written_before = next_id.load(Ordering::Relaxed);
     let checkpoints_before = checkpoint_writes(&pool).await;
+    // The first node's adaptive limit for the receiver, through the window.
+    let stop_sampling = Arc::new(AtomicBool::new(false));
+    let limits = node_http_address(1, Duration::from_secs(5))
+        .await
+        .map(|http| {
+            sample_limit(
+                format!("http://{http}/metrics"),
+                receiver.url.trim_end_matches("/events").to_owned(),
+                stop_sampling.clone(),
+            )
+        });
     let sampler = Sampler::start(running.iter().map(|node| node.pid).collect());
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let usage = sampler.finish().await;
+    stop_sampling.store(true, Ordering::Relaxed);
+    if let Some(limits) = limits {
+        // Progress only.
+        eprintln!(
+            "adaptive limit of node 1 in the window, min · median · max: {}",
+            limit_summary(limits.await.unwrap_or_default())
+        );
+    }
     let delivered = receiver.count() - delivered_before;
     let written = next_id.load(Ordering::Relaxed) - written_before;
     let checkpoints = checkpoint_writes(&pool).await - checkpoints_before;
@@ -789,6 +977,183 @@ async fn checkpoint_store(report: &mut Report) {
     ));
 }
 
+/// Rows of the dead-letter queue and of the job queue.
+async fn dead_letters_and_jobs(pool: &PgPool) -> (u64, u64) {
+    let (dead, jobs): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM fraiseql_observers.dead_letters),
+                (SELECT count(*) FROM fraiseql_observers.jobs)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap_or((0, 0));
+    (dead.unsigned_abs(), jobs.unsigned_abs())
+}
+
+/// The node's HTTP address (`127.0.0.1:port`) from its log, waiting for the line.
+async fn node_http_address(index: usize, limit: Duration) -> Option<String> {
+    let path = scratch_dir().join(format!("node-{index}.log"));
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        if let Some(address) = log.lines().find_map(|line| {
+            let start = line.find(" http=")? + " http=".len();
+            line[start..].split_whitespace().next().map(str::to_owned)
+        }) {
+            return Some(address);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// Reads the node's adaptive limit for `endpoint` every 100 ms until `stop`.
+fn sample_limit(
+    metrics_url: String,
+    endpoint: String,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<u64>> {
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let prefix =
+            format!("fraiseql_observers_endpoint_concurrency_limit{{endpoint=\"{endpoint}\"}} ");
+        let mut values = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(response) = client.get(&metrics_url).send().await
+                && let Ok(text) = response.text().await
+                && let Some(value) = text
+                    .lines()
+                    .find_map(|line| line.strip_prefix(prefix.as_str()))
+                    .and_then(|value| value.trim().parse::<f64>().ok())
+            {
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "a limit of at most 10,000"
+                )]
+                values.push(value.max(0.0) as u64);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        values
+    })
+}
+
+/// `min · median · max` of the sampled limits, `—` when none was read (the limiter off).
+fn limit_summary(mut values: Vec<u64>) -> String {
+    if values.is_empty() {
+        return "—".to_owned();
+    }
+    values.sort_unstable();
+    format!(
+        "{} · {} · {}",
+        values[0],
+        values[values.len() / 2],
+        values[values.len() - 1]
+    )
+}
+
+/// One burst to a small receiver, the adaptive limit `adaptive` (`on`/`off`).
+async fn small_receiver(report: &mut Report, capacity: Capacity, events: u64, adaptive: &str) {
+    let database = orders_database().await;
+    let pool = writer_pool(&database).await;
+    let receiver = SmallReceiver::start(capacity);
+    // The webhook a new user writes (as in the issue that asked for the limit).
+    let config = scratch_dir().join("observers-small.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "observers:\n  - name: orders\n    entity: Order\n    events: [insert, update]\n    \
+             retry: {{max_attempts: 5, initial_delay: 100ms, max_delay: 2s}}\n    \
+             actions:\n      - type: webhook\n        url: {}\n        timeout: 5s\n",
+            receiver.url
+        ),
+    )
+    .expect("write the observers file");
+    let node = Node::spawn_with(
+        &database,
+        &config,
+        1,
+        &[
+            ("FRAISEQL_OBSERVERS_ADAPTIVE_CONCURRENCY", adaptive),
+            // The line naming the metrics address.
+            ("RUST_LOG", "warn,fraiseql_observers=info"),
+        ],
+    );
+    wait_until_leading(&pool, 8, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let http = node_http_address(1, Duration::from_secs(10))
+        .await
+        .expect("the node logs its HTTP address");
+    let endpoint = receiver.url.trim_end_matches("/events").to_owned();
+    let stop_sampling = Arc::new(AtomicBool::new(false));
+    let limits = sample_limit(
+        format!("http://{http}/metrics"),
+        endpoint,
+        stop_sampling.clone(),
+    );
+    let sampler = Sampler::start(vec![node.pid]);
+    let commits = Commits::default();
+    insert_orders(&pool, 1, i64::try_from(events).expect("fits i64")).await;
+    let committed = Instant::now();
+    commits.note(1, i64::try_from(events).expect("fits i64"), committed);
+    // At full capacity the burst takes events / capacity; give it five times that (at least a
+    // minute), and stop early once every event is delivered or dead-lettered.
+    #[allow(clippy::cast_precision_loss, reason = "a few thousand events")]
+    let ideal = Duration::from_secs_f64(events as f64 / capacity.per_second());
+    let deadline = committed + (ideal * 5).max(Duration::from_mins(1));
+    let mut dead = 0;
+    let mut next_dead_check = Instant::now();
+    while Instant::now() < deadline {
+        if Instant::now() >= next_dead_check {
+            dead = dead_letters_and_jobs(&pool).await.0;
+            next_dead_check = Instant::now() + Duration::from_secs(1);
+        }
+        if receiver.distinct() + dead >= events {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let usage = sampler.finish().await;
+    stop_sampling.store(true, Ordering::Relaxed);
+    let limits = limits.await.expect("limit sampler");
+    if !limits.is_empty() {
+        // Progress only: how the limit moved, one reading per 100 ms.
+        let trace: Vec<String> = limits.iter().map(u64::to_string).collect();
+        eprintln!("adaptive limit every 100 ms: {}", trace.join(" "));
+    }
+    let limits = limit_summary(limits);
+    let (dead, queued) = dead_letters_and_jobs(&pool).await;
+    node.stop();
+    let delivered = receiver.distinct();
+    let last = receiver
+        .arrivals
+        .seen
+        .lock()
+        .expect("arrivals lock")
+        .iter()
+        .map(|(_, at)| *at)
+        .max()
+        .unwrap_or(committed);
+    let took = last.saturating_duration_since(committed);
+    let rate = per_second(delivered, took.max(Duration::from_millis(1)));
+    let latencies = Latencies::between(&commits, &receiver.arrivals, None);
+    report.row(format!(
+        "| small receiver ({} at once × {} ms = {:.0}/s, accept queue {}): burst of {events} in one transaction, 1 node, adaptive limit **{adaptive}** | **{:.0}** = **{:.0} %** of capacity ({delivered}/{events} delivered in {:.1} s; {} repeated, {dead} dead letters, {queued} via the job queue; limit min · median · max {limits}) | {} | {} | {:.0} % | — | {:.0} % |",
+        capacity.workers,
+        capacity.service.as_millis(),
+        capacity.per_second(),
+        capacity.backlog,
+        rate,
+        rate / capacity.per_second() * 100.0,
+        took.as_secs_f64(),
+        receiver.repeated(),
+        latencies.summary(),
+        mebibytes(usage.peak_rss),
+        usage.node_cpu / usage.elapsed.as_secs_f64() * 100.0,
+        usage.machine_busy * 100.0,
+    ));
+}
+
 #[tokio::main]
 async fn main() {
     let rate = env_number("E2E_RATE", 1000);
@@ -833,6 +1198,24 @@ async fn main() {
     }
     if wanted("checkpoint") {
         checkpoint_store(&mut report).await;
+    }
+    if wanted("small") {
+        let capacity = Capacity {
+            workers: usize::try_from(env_number("E2E_SMALL_WORKERS", 4)).expect("fits usize"),
+            service: Duration::from_millis(env_number("E2E_SMALL_SERVICE_MS", 20)),
+            backlog: u32::try_from(env_number("E2E_SMALL_BACKLOG", 4)).expect("fits u32"),
+        };
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "a few thousand events"
+        )]
+        let default_events = (capacity.per_second() * seconds as f64) as u64;
+        let events = env_number("E2E_SMALL_EVENTS", default_events);
+        for adaptive in ["on", "off"] {
+            small_receiver(&mut report, capacity, events, adaptive).await;
+        }
     }
     let mut markdown = String::new();
     let _ = writeln!(markdown, "{header}");

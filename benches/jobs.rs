@@ -53,6 +53,7 @@ fn job(index: usize) -> NewJob {
         max_attempts: 3,
         initial_delay: Duration::from_millis(100),
         max_delay: Duration::from_secs(10),
+        parked_on: None,
     }
 }
 

@@ -273,3 +273,335 @@ pub async fn prune_delivered<'connection>(
     .rows_affected();
     Ok(deleted)
 }
+
+/// A tracked table as the backfill reads it: the capture trigger's arguments and the primary key
+/// it walks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrackedTable {
+    /// The table as PostgreSQL prints it (`schema.table`, quoted where needed).
+    pub name: String,
+    pub schema: String,
+    pub table: String,
+    /// The entity type capture writes for the table's rows.
+    pub entity_type: String,
+    /// The column whose value is the entity id.
+    pub id_column: String,
+    /// The primary key's columns, in key order, with their types as `format_type` prints them.
+    pub key_columns: Vec<(String, String)>,
+}
+
+/// Why a table cannot be backfilled.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackedTableError {
+    #[error("table {0} does not exist (expected schema.table)")]
+    NoSuchTable(String),
+    #[error(
+        "table {0} is not tracked: attach capture first with SELECT core.observer_track_table('{0}'::regclass, 'EntityType')"
+    )]
+    NotTracked(String),
+    #[error("table {0} has its capture trigger disabled")]
+    CaptureDisabled(String),
+    #[error("table {0} has no primary key: the backfill walks the table in primary-key order")]
+    NoPrimaryKey(String),
+    #[error("reading table {table} failed: {source}")]
+    Database {
+        table: String,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+/// Looks `table_name` (`schema.table`, or a name on the search path) up among the tracked tables.
+///
+/// # Errors
+/// The table does not exist, is not tracked (or its trigger is disabled), has no primary key, or
+/// the database failed.
+pub async fn tracked_table(
+    pool: &PgPool,
+    table_name: &str,
+) -> Result<TrackedTable, TrackedTableError> {
+    type Row = (
+        String,
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<bool>,
+    );
+    let database = |source| TrackedTableError::Database {
+        table: table_name.to_owned(),
+        source,
+    };
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT class.oid::regclass::text, namespace.nspname::text, class.relname::text,
+                tracked.entity_type, tracked.id_column, tracked.enabled
+           FROM pg_class AS class
+           JOIN pg_namespace AS namespace ON namespace.oid = class.relnamespace
+           LEFT JOIN core.observer_tracked_tables AS tracked ON tracked.table_name::oid = class.oid
+          WHERE class.oid = to_regclass($1) AND class.relkind IN ('r', 'p')",
+    )
+    .bind(table_name)
+    .fetch_optional(pool)
+    .await
+    .map_err(database)?;
+    let Some((name, schema, table, entity_type, id_column, enabled)) = row else {
+        return Err(TrackedTableError::NoSuchTable(table_name.to_owned()));
+    };
+    let (Some(entity_type), Some(id_column)) = (entity_type, id_column) else {
+        return Err(TrackedTableError::NotTracked(name));
+    };
+    if enabled != Some(true) {
+        return Err(TrackedTableError::CaptureDisabled(name));
+    }
+    let key_columns: Vec<(String, String)> = sqlx::query_as(
+        "SELECT attribute.attname::text, format_type(attribute.atttypid, attribute.atttypmod)
+           FROM pg_index AS index
+          CROSS JOIN LATERAL unnest(index.indkey::int2[]) WITH ORDINALITY AS key(attnum, ordinal)
+           JOIN pg_attribute AS attribute
+             ON attribute.attrelid = index.indrelid AND attribute.attnum = key.attnum
+          WHERE index.indrelid = $1::regclass AND index.indisprimary
+          ORDER BY key.ordinal",
+    )
+    .bind(&name)
+    .fetch_all(pool)
+    .await
+    .map_err(database)?;
+    if key_columns.is_empty() {
+        return Err(TrackedTableError::NoPrimaryKey(name));
+    }
+    Ok(TrackedTable {
+        name,
+        schema,
+        table,
+        entity_type,
+        id_column,
+        key_columns,
+    })
+}
+
+/// `"name"` with inner quotes doubled: an identifier from the catalog, safe in SQL text. The
+/// backfill's statements are built from these identifiers and from key types as `format_type`
+/// prints them (also from the catalog, quoted by PostgreSQL); every value is a bind parameter.
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+impl TrackedTable {
+    /// `"schema"."table"`: the table in SQL text, whatever the search path.
+    fn qualified(&self) -> String {
+        format!(
+            "{}.{}",
+            quote_identifier(&self.schema),
+            quote_identifier(&self.table)
+        )
+    }
+
+    /// `source."a", source."b"`: the key columns of the row alias `source`.
+    fn key_list(&self) -> String {
+        self.key_columns
+            .iter()
+            .map(|(column, _)| format!("source.{}", quote_identifier(column)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `ARRAY[source."a"::text, …]`: the key as text, the form positions are stored in.
+    fn key_as_text(&self) -> String {
+        let columns = self
+            .key_columns
+            .iter()
+            .map(|(column, _)| format!("source.{}::text", quote_identifier(column)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("ARRAY[{columns}]")
+    }
+
+    /// `ROW(($n::text[])[1]::type, …)`: parameter `$n` (a text key) as a row of the key's types.
+    fn key_parameter(&self, parameter: usize) -> String {
+        let values = self
+            .key_columns
+            .iter()
+            .enumerate()
+            .map(|(index, (_, type_name))| {
+                format!("(${parameter}::text[])[{}]::{type_name}", index + 1)
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("ROW({values})")
+    }
+
+    /// `ROW(source."a", …) > ROW($n…)`, or `true` without a position.
+    fn after_key_condition(&self, after_key: Option<&[String]>, parameter: usize) -> String {
+        match after_key {
+            Some(_) => format!(
+                "ROW({}) > {}",
+                self.key_list(),
+                self.key_parameter(parameter)
+            ),
+            None => "true".to_owned(),
+        }
+    }
+}
+
+/// The synthetic change-log row of `source` (a row of the tracked table): the same function
+/// capture calls, with `'INSERT'` and the row's current image.
+const SYNTHETIC_ENTRY_SQL: &str =
+    "core.observer_change_entry($1, $2, $3, $4, 'INSERT', to_jsonb(source), NULL)";
+
+/// `NOT EXISTS` a delivered change-log row of `entry`'s entity (any kind, any time), one probe of
+/// `tb_entity_change_log_entity_hash_idx` per row. `OFFSET 0` keeps it a per-row probe: as a
+/// plain `NOT EXISTS` the planner may turn it into a hash anti-join that reads the whole log for
+/// every batch (measured: 1,000-row batches at 2.6k rows/s against a 1M-row log).
+const NOT_YET_CAPTURED_SQL: &str = "NOT EXISTS (
+        SELECT 1 FROM core.tb_entity_change_log AS logged
+         WHERE logged.entity_hash = core.observer_entity_hash(entry.object_type::text, entry.object_id::text)
+           AND logged.txid IS NOT NULL
+           AND logged.object_type = entry.object_type
+           AND logged.object_id = entry.object_id
+        OFFSET 0)";
+
+/// What one backfill batch did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyntheticBatch {
+    /// Rows of the table the batch covered (locked).
+    pub scanned: u64,
+    /// Synthetic INSERT rows written: the scanned rows whose entity had no change in the log.
+    pub written: u64,
+    /// The primary key of the batch's last row (text per key column); `None` when the table has
+    /// no row after the position: the backfill is done.
+    pub last_key: Option<Vec<String>>,
+}
+
+/// One backfill batch on `connection` (inside the caller's transaction): locks the next
+/// `batch_size` rows of `table` after `after_key` in primary-key order `FOR SHARE`, then writes a
+/// synthetic INSERT change-log row for each of them whose entity has no change in the log yet.
+///
+/// Why this cannot double-deliver or misorder a row: the lock makes a concurrent UPDATE or DELETE
+/// of a locked row wait until the caller commits, so its captured change gets a larger change-log
+/// id than (and commits after) the synthetic INSERT; a change committed before the lock is seen
+/// by the second statement (a new snapshot under READ COMMITTED) and the row is skipped — its
+/// entity's captured change already carries the whole row. Rows inserted since capture was
+/// attached have their captured INSERT and are skipped the same way.
+///
+/// # Errors
+/// The database failed (a deadlock or lock timeout included: the caller rolls back and retries).
+pub async fn write_synthetic_inserts(
+    connection: &mut sqlx::PgConnection,
+    table: &TrackedTable,
+    after_key: Option<&[String]>,
+    batch_size: u32,
+) -> Result<SyntheticBatch, ChangeLogError> {
+    let lock_sql = format!(
+        "SELECT {key_text} FROM {table} AS source WHERE {after} ORDER BY {keys} LIMIT $2 FOR SHARE OF source",
+        key_text = table.key_as_text(),
+        table = table.qualified(),
+        after = table.after_key_condition(after_key, 1),
+        keys = table.key_list(),
+    );
+    let locked: Vec<(Vec<String>,)> = sqlx::query_as(sqlx::AssertSqlSafe(lock_sql))
+        .bind(after_key)
+        .bind(i64::from(batch_size.max(1)))
+        .fetch_all(&mut *connection)
+        .await?;
+    let Some((last_key,)) = locked.last().cloned() else {
+        return Ok(SyntheticBatch::default());
+    };
+    let insert_sql = format!(
+        "INSERT INTO core.tb_entity_change_log (
+             tenant_id, object_type, object_id, modification_type,
+             object_data, object_data_before, updated_fields,
+             actor_type, actor_id, trace_id, extra_metadata)
+         SELECT entry.tenant_id, entry.object_type, entry.object_id, entry.modification_type,
+                entry.object_data, entry.object_data_before, entry.updated_fields,
+                entry.actor_type, entry.actor_id, entry.trace_id, entry.extra_metadata
+           FROM {table} AS source
+          CROSS JOIN LATERAL {SYNTHETIC_ENTRY_SQL} AS entry
+          WHERE {after} AND ROW({keys}) <= {upto} AND {NOT_YET_CAPTURED_SQL}
+          ORDER BY {keys}",
+        table = table.qualified(),
+        after = table.after_key_condition(after_key, 5),
+        keys = table.key_list(),
+        upto = table.key_parameter(6),
+    );
+    let written = sqlx::query(sqlx::AssertSqlSafe(insert_sql))
+        .bind(&table.entity_type)
+        .bind(&table.id_column)
+        .bind(&table.schema)
+        .bind(&table.table)
+        .bind(after_key)
+        .bind(&last_key)
+        .execute(&mut *connection)
+        .await?
+        .rows_affected();
+    Ok(SyntheticBatch {
+        scanned: u64::try_from(locked.len()).unwrap_or(u64::MAX),
+        written,
+        last_key: Some(last_key),
+    })
+}
+
+/// What a backfill of `table` would do now: rows in the table, how many of them would get a
+/// synthetic INSERT (their entity has no change in the log), and up to `sample_size` of those
+/// entries as JSON (`object_type`, `object_id`, `tenant_id`, `object_data`). Read only.
+///
+/// # Errors
+/// The database failed.
+pub async fn preview_synthetic_inserts(
+    pool: &PgPool,
+    table: &TrackedTable,
+    sample_size: u32,
+) -> Result<(u64, u64, Vec<serde_json::Value>), ChangeLogError> {
+    let counts_sql = format!(
+        "SELECT count(*), count(*) FILTER (WHERE {NOT_YET_CAPTURED_SQL})
+           FROM {table} AS source CROSS JOIN LATERAL {SYNTHETIC_ENTRY_SQL} AS entry",
+        table = table.qualified(),
+    );
+    let sample_sql = format!(
+        "SELECT jsonb_build_object('object_type', entry.object_type, 'object_id', entry.object_id,
+                                   'tenant_id', entry.tenant_id, 'object_data', entry.object_data)
+           FROM {table} AS source CROSS JOIN LATERAL {SYNTHETIC_ENTRY_SQL} AS entry
+          WHERE {NOT_YET_CAPTURED_SQL}
+          ORDER BY {keys} LIMIT $5",
+        table = table.qualified(),
+        keys = table.key_list(),
+    );
+    let mut transaction = pool.begin().await?;
+    sqlx::query("SET TRANSACTION READ ONLY")
+        .execute(&mut *transaction)
+        .await?;
+    let (total, missing): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(counts_sql))
+        .bind(&table.entity_type)
+        .bind(&table.id_column)
+        .bind(&table.schema)
+        .bind(&table.table)
+        .fetch_one(&mut *transaction)
+        .await?;
+    let sample: Vec<(serde_json::Value,)> = sqlx::query_as(sqlx::AssertSqlSafe(sample_sql))
+        .bind(&table.entity_type)
+        .bind(&table.id_column)
+        .bind(&table.schema)
+        .bind(&table.table)
+        .bind(i64::from(sample_size))
+        .fetch_all(&mut *transaction)
+        .await?;
+    transaction.rollback().await?;
+    Ok((
+        u64::try_from(total).unwrap_or(0),
+        u64::try_from(missing).unwrap_or(0),
+        sample.into_iter().map(|(entry,)| entry).collect(),
+    ))
+}
+
+/// Rows in `table` (an exact count; read only, takes no lock a writer waits for).
+///
+/// # Errors
+/// The database failed.
+pub async fn count_rows(pool: &PgPool, table: &TrackedTable) -> Result<u64, ChangeLogError> {
+    let count: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}",
+        table.qualified()
+    )))
+    .fetch_one(pool)
+    .await?;
+    Ok(u64::try_from(count).unwrap_or(0))
+}

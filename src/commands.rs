@@ -398,6 +398,148 @@ pub async fn dlq_retry(
     }
 }
 
+/// A scraped `/metrics` larger than this is refused (a node renders a few tens of KiB).
+pub const MAX_METRICS_BYTES: usize = 16 * 1024 * 1024;
+/// How long one scrape may take.
+pub const METRICS_SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `/metrics` URL of a node's HTTP endpoint given as `host:port` or an `http(s)://` URL
+/// (without a path, `/metrics` is added).
+///
+/// # Errors
+/// The endpoint is not a `host:port` or an http(s) URL.
+pub fn metrics_url(endpoint: &str) -> anyhow::Result<reqwest::Url> {
+    let with_scheme = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let mut url = reqwest::Url::parse(&with_scheme).with_context(|| {
+        format!(
+            "--http-endpoint {:?} is neither host:port nor an http(s) URL",
+            escape_control(endpoint)
+        )
+    })?;
+    anyhow::ensure!(
+        matches!(url.scheme(), "http" | "https") && url.host_str().is_some(),
+        "--http-endpoint {:?} is neither host:port nor an http(s) URL",
+        escape_control(endpoint)
+    );
+    if url.path().is_empty() || url.path() == "/" {
+        url.set_path("/metrics");
+    }
+    Ok(url)
+}
+
+/// The text of one node's `/metrics`, read up to [`MAX_METRICS_BYTES`] within
+/// [`METRICS_SCRAPE_TIMEOUT`].
+///
+/// # Errors
+/// The node is unreachable, answered with an error status, or sent too much.
+pub async fn scrape_metrics(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+) -> anyhow::Result<String> {
+    let mut response = client
+        .get(url.clone())
+        .timeout(METRICS_SCRAPE_TIMEOUT)
+        .send()
+        .await
+        .with_context(|| format!("scraping {url} failed"))?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "scraping {url} failed: HTTP {}",
+        response.status()
+    );
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .with_context(|| format!("reading {url} failed"))?
+    {
+        anyhow::ensure!(
+            body.len() + chunk.len() <= MAX_METRICS_BYTES,
+            "{url} sent more than {MAX_METRICS_BYTES} bytes of metrics"
+        );
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).with_context(|| format!("{url} sent metrics that are not UTF-8"))
+}
+
+/// `metrics`: every endpoint's `/metrics` — as scraped (`raw`), or summarized, with events and
+/// actions per second between two scrapes `sample_interval` apart (zero: totals only), as text
+/// or JSON.
+///
+/// # Errors
+/// An endpoint is malformed or unreachable, or its text does not parse.
+pub async fn metrics(
+    endpoints: &[String],
+    raw: bool,
+    json: bool,
+    sample_interval: Duration,
+) -> anyhow::Result<String> {
+    let urls = endpoints
+        .iter()
+        .map(|endpoint| metrics_url(endpoint))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let client = reqwest::Client::builder()
+        .build()
+        .context("building the HTTP client failed")?;
+    let mut out = String::new();
+    if raw {
+        for url in &urls {
+            out.push_str(&scrape_metrics(&client, url).await?);
+        }
+        return Ok(out);
+    }
+    let summarize = |url: &reqwest::Url, text: &str| {
+        crate::metrics_text::parse(text)
+            .map(|samples| crate::metrics_text::summarize(&samples))
+            .with_context(|| format!("{url} sent metrics that do not parse"))
+    };
+    let mut first = Vec::with_capacity(urls.len());
+    for url in &urls {
+        first.push(summarize(url, &scrape_metrics(&client, url).await?)?);
+    }
+    let started = std::time::Instant::now();
+    let mut nodes = Vec::with_capacity(urls.len());
+    if sample_interval.is_zero() {
+        nodes.extend(
+            urls.iter()
+                .zip(first)
+                .map(|(url, summary)| (url, summary, None)),
+        );
+    } else {
+        tokio::time::sleep(sample_interval).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        for (url, before) in urls.iter().zip(first) {
+            let after = summarize(url, &scrape_metrics(&client, url).await?)?;
+            let rates = crate::report::ScrapeRates::between(&before, &after, elapsed);
+            nodes.push((url, after, Some(rates)));
+        }
+    }
+    for (url, summary, rates) in &nodes {
+        if json {
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::json!({
+                    "endpoint": url.as_str(),
+                    "rates": rates,
+                    "summary": summary,
+                })
+            );
+        } else {
+            out.push_str(&crate::report::metrics_summary_text(
+                url.as_str(),
+                summary,
+                rates.as_ref(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::last_error;
@@ -414,4 +556,165 @@ mod tests {
             "attempt without a time"
         );
     }
+}
+
+/// How `backfill` reports its progress on stderr while it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgressStyle {
+    /// An `indicatif` bar (count, rate, ETA), redrawn in place: for a terminal.
+    Bar,
+    /// A plain line at most every [`PLAIN_PROGRESS_INTERVAL`]: for logs and pipes.
+    Lines,
+    /// Nothing.
+    Quiet,
+}
+
+/// How often plain progress lines are printed.
+pub const PLAIN_PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Synthetic entries `backfill --dry-run` shows.
+pub const BACKFILL_SAMPLE_SIZE: u32 = 5;
+
+/// `backfill --dry-run`: what a backfill of `table` would write (counts and a sample); writes
+/// nothing.
+///
+/// # Errors
+/// The table cannot be backfilled or the database failed.
+pub async fn backfill_preview(pool: &PgPool, table: &str, json: bool) -> anyhow::Result<String> {
+    crate::migrate::run(pool)
+        .await
+        .context("migrate the database")?;
+    let preview = crate::backfill::preview(pool, table, BACKFILL_SAMPLE_SIZE).await?;
+    if json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&preview)?));
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "dry run: backfill of {} (entity {}, id column {}, walked by primary key {})",
+        escape_control(&preview.table),
+        escape_control(&preview.entity_type),
+        escape_control(&preview.id_column),
+        escape_control(&preview.key_columns.join(", "))
+    );
+    let _ = writeln!(
+        out,
+        "  {} rows, {} would get a synthetic INSERT ({} already have changes in the log)",
+        preview.rows,
+        preview.rows_to_write,
+        preview.rows - preview.rows_to_write.min(preview.rows)
+    );
+    if let Some(previous) = &preview.previous_run {
+        let _ = writeln!(
+            out,
+            "  an earlier run {} after {} rows ({} written){}",
+            if previous.finished {
+                "finished"
+            } else {
+                "stopped"
+            },
+            previous.rows_scanned,
+            previous.rows_written,
+            if previous.finished {
+                "; backfill does nothing unless --restart"
+            } else {
+                "; backfill resumes it"
+            }
+        );
+    }
+    for entry in &preview.sample {
+        let _ = writeln!(out, "  sample: {}", json_for_terminal(&entry.to_string()));
+    }
+    let _ = writeln!(out, "nothing written");
+    Ok(out)
+}
+
+/// `backfill`: writes synthetic INSERT change-log rows for `table`'s existing rows, reporting
+/// progress on stderr in `style`, until done or `cancel` fires; returns the summary to print.
+///
+/// # Errors
+/// Bad settings, a table that cannot be backfilled, the database failed, or the run was
+/// interrupted (run again to resume).
+pub async fn backfill(
+    pool: &PgPool,
+    table: &str,
+    settings: &crate::backfill::BackfillSettings,
+    style: ProgressStyle,
+    json: bool,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<String> {
+    crate::migrate::run(pool)
+        .await
+        .context("migrate the database")?;
+    let bar = (style == ProgressStyle::Bar).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {bar:40} {human_pos}/{human_len} rows  {rate}  ETA {eta}  {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .with_key(
+                "rate",
+                |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
+                    let _ = write!(out, "{:.0} rows/s", state.per_sec());
+                },
+            ),
+        );
+        bar
+    });
+    let started = std::time::Instant::now();
+    let mut last_line: Option<std::time::Instant> = None;
+    let mut on_progress = |progress: &crate::backfill::BackfillProgress| {
+        if let Some(bar) = &bar {
+            bar.set_length(progress.total_rows);
+            bar.set_position(progress.rows_scanned);
+            bar.set_message(format!("{} written", progress.rows_written));
+        } else if style == ProgressStyle::Lines
+            && last_line.is_none_or(|at| at.elapsed() >= PLAIN_PROGRESS_INTERVAL)
+        {
+            last_line = Some(std::time::Instant::now());
+            let seconds = started.elapsed().as_secs_f64().max(0.001);
+            eprintln!(
+                "backfill {}: {}/{} rows scanned, {} written, {:.0} rows/s",
+                escape_control(table),
+                progress.rows_scanned,
+                progress.total_rows,
+                progress.rows_written,
+                f64_from(progress.rows_scanned) / seconds
+            );
+        }
+    };
+    let result = crate::backfill::run(pool, table, settings, cancel, &mut on_progress).await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let summary = result?;
+    if json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&summary)?));
+    }
+    if summary.already_complete {
+        return Ok(format!(
+            "{} was already backfilled ({} rows scanned, {} written); nothing to do (--restart scans it again)\n",
+            escape_control(&summary.table),
+            summary.total_rows_scanned,
+            summary.total_rows_written
+        ));
+    }
+    Ok(format!(
+        "✓ backfilled {} (entity {}{}): {} rows scanned, {} synthetic INSERTs written, {} skipped (already in the change log), {:.1}s, {:.0} rows/s\n",
+        escape_control(&summary.table),
+        escape_control(&summary.entity_type),
+        if summary.resumed { ", resumed" } else { "" },
+        summary.rows_scanned,
+        summary.rows_written,
+        summary.rows_skipped,
+        summary.elapsed_seconds,
+        summary.rows_per_second
+    ))
+}
+
+/// A count as a float, for rates.
+#[allow(clippy::cast_precision_loss)] // a rate needs no exactness beyond 2^52 rows
+fn f64_from(count: u64) -> f64 {
+    count as f64
 }

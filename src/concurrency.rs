@@ -154,6 +154,16 @@ struct State {
     hold_until: Option<Instant>,
 }
 
+impl State {
+    /// Cut within [`SHRINKING_FOR`] and still above the lowest limit.
+    fn is_shrinking(&self) -> bool {
+        self.limit > MIN_LIMIT
+            && self
+                .last_cut
+                .is_some_and(|cut| cut.elapsed() < SHRINKING_FOR)
+    }
+}
+
 impl Default for EndpointLimiter {
     fn default() -> Self {
         EndpointLimiter::new(LimiterSettings::default(), None)
@@ -245,10 +255,7 @@ impl EndpointLimiter {
             return false;
         };
         let state = known.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.limit > MIN_LIMIT
-            && state
-                .last_cut
-                .is_some_and(|cut| cut.elapsed() < SHRINKING_FOR)
+        state.is_shrinking()
     }
 
     /// The whole-call limit now, at most `ceiling` (a configured `max_in_flight`).
@@ -493,6 +500,18 @@ pub struct EndpointPermit {
 }
 
 impl EndpointPermit {
+    /// Whether this permit's endpoint is shrinking now (see [`EndpointLimiter::is_shrinking`]).
+    /// Asked as the call ends, before [`finish`](Self::finish): a failure then is our own
+    /// overload being shed, which the circuit breaker does not count.
+    #[must_use]
+    pub fn endpoint_is_shrinking(&self) -> bool {
+        self.endpoint
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_shrinking()
+    }
+
     /// Gives the slot back, telling the limiter how the call went (its latency is the time
     /// since the slot was taken).
     pub fn finish(mut self, signal: Signal) {

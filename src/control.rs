@@ -23,7 +23,8 @@ use crate::database::{self, DatabaseError};
 use crate::dlq::{DeadLetterError, count_dead_letters_up_to};
 use crate::jobs::{PostgresJobQueue, QueueStats};
 use crate::membership::{self, MembershipError};
-use crate::metrics::{Metrics, OutcomeLabel, PartitionLabel, QueueLabel, QueueLabels};
+use crate::metrics::{Metrics, OutcomeLabel, PartitionLabel, QueueLabel, QueueLabels, Rates};
+use crate::metrics_text::EndpointFigures;
 
 /// Backlog counts stop here, so a status call stays cheap on a huge backlog.
 pub const BACKLOG_CAP: i64 = 1_000_000;
@@ -68,6 +69,29 @@ pub struct NodeStatus {
     pub leases: Vec<PartitionState>,
     pub counters: Counters,
     pub queues: Vec<QueueStats>,
+    pub figures: NodeFigures,
+}
+
+/// The figures of `status` beyond the counters: rates, latency, the dead-letter queue, the
+/// Redis-backed stores and every HTTP endpoint's limit — all read from this node's metrics and
+/// the database at the moment of the call. (The audit trail's figures join here once the trail
+/// exists.)
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct NodeFigures {
+    /// Observers in the configuration this node runs.
+    pub observers: u32,
+    /// Events and actions per second over the last minute; `None` in the node's first seconds.
+    pub rates: Option<Rates>,
+    /// Upper bound of the histogram bucket holding the 99th percentile of action durations.
+    pub action_duration_p99_seconds: Option<f64>,
+    /// Dead letters waiting, cluster-wide, counted up to [`DEAD_LETTER_COUNT_CAP`].
+    pub dead_letters: i64,
+    /// Deduplication outcomes other than a plain acquire, by outcome.
+    pub dedup: std::collections::BTreeMap<String, u64>,
+    /// Action result cache operations, by outcome (`hit`, `miss`, …).
+    pub cache: std::collections::BTreeMap<String, u64>,
+    /// This node's adaptive concurrency limit per HTTP endpoint.
+    pub endpoints: Vec<EndpointFigures>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -78,6 +102,10 @@ pub struct NodeState {
     pub heartbeat_age_seconds: f64,
     pub uptime_seconds: u64,
     pub partitions: Vec<u32>,
+    /// Change-log rows behind the checkpoints of the partitions it leads.
+    pub backlog: u64,
+    /// The oldest checkpoint among the partitions it leads, seconds since written.
+    pub oldest_checkpoint_age_seconds: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -147,6 +175,8 @@ pub struct Control {
     handle: ClusterHandle,
     metrics: Arc<Metrics>,
     jobs: PostgresJobQueue,
+    /// Observers in the configuration this node runs (for `status`).
+    observers: u32,
     /// A supervisor tick older than this means the node's loops are stuck.
     stuck_after: Duration,
     /// Every partition as the last gauge refresh read it; a scrape shows those this node leads
@@ -174,9 +204,17 @@ impl Control {
             handle,
             metrics,
             jobs,
+            observers: 0,
             stuck_after,
             partition_gauges: Arc::default(),
         }
+    }
+
+    /// The number of observers `status` reports.
+    #[must_use]
+    pub fn with_observer_count(mut self, observers: usize) -> Control {
+        self.observers = u32::try_from(observers).unwrap_or(u32::MAX);
+        self
     }
 
     #[must_use]
@@ -201,7 +239,24 @@ impl Control {
             .into_iter()
             .filter(|state| leading.contains(&i32::try_from(state.partition).unwrap_or(-1)))
             .collect();
+        let dead_letters =
+            count_dead_letters_up_to(&mut *connection, DEAD_LETTER_COUNT_CAP).await?;
         let (actions_succeeded, actions_failed, actions_enqueued) = self.metrics.action_totals();
+        self.metrics.sample_rates();
+        // The node's own exposition, read back: one place decides what the labelled families
+        // sum to, for `status` and for the `metrics` command alike.
+        let summary = crate::metrics_text::parse(&self.metrics.render())
+            .map(|samples| crate::metrics_text::summarize(&samples))
+            .unwrap_or_default();
+        let figures = NodeFigures {
+            observers: self.observers,
+            rates: self.metrics.rates(),
+            action_duration_p99_seconds: summary.action_duration_p99_seconds,
+            dead_letters,
+            dedup: summary.dedup,
+            cache: summary.cache,
+            endpoints: summary.endpoints,
+        };
         Ok(NodeStatus {
             node_id: self.node_id.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -217,6 +272,7 @@ impl Control {
                 epoch_changes: self.metrics.epoch_changes.get(),
             },
             queues: self.jobs.stats().await?,
+            figures,
         })
     }
 
@@ -230,22 +286,29 @@ impl Control {
         let nodes = membership::live_nodes(&self.pool)
             .await?
             .into_iter()
-            .map(|node| NodeState {
-                partitions: partitions
+            .map(|node| {
+                let led: Vec<&PartitionState> = partitions
                     .iter()
                     .filter(|state| state.leader.as_deref() == Some(node.node_id.as_str()))
-                    .map(|state| state.partition)
-                    .collect(),
-                #[allow(
-                    clippy::cast_possible_truncation,
-                    clippy::cast_sign_loss,
-                    reason = "seconds of uptime"
-                )]
-                uptime_seconds: node.uptime_seconds.max(0.0) as u64,
-                node_id: node.node_id,
-                version: node.version,
-                draining: node.draining,
-                heartbeat_age_seconds: node.heartbeat_age_seconds,
+                    .collect();
+                NodeState {
+                    partitions: led.iter().map(|state| state.partition).collect(),
+                    backlog: led.iter().map(|state| state.backlog).sum(),
+                    oldest_checkpoint_age_seconds: led
+                        .iter()
+                        .filter_map(|state| state.checkpoint_age_seconds)
+                        .reduce(f64::max),
+                    #[allow(
+                        clippy::cast_possible_truncation,
+                        clippy::cast_sign_loss,
+                        reason = "seconds of uptime"
+                    )]
+                    uptime_seconds: node.uptime_seconds.max(0.0) as u64,
+                    node_id: node.node_id,
+                    version: node.version,
+                    draining: node.draining,
+                    heartbeat_age_seconds: node.heartbeat_age_seconds,
+                }
             })
             .collect();
         let dead_letters =
@@ -479,6 +542,7 @@ impl Control {
             }
             let next = Instant::now() + interval;
             while Instant::now() < next && self.handle.coordinator_epoch() == role {
+                self.metrics.sample_rates();
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(role_check.min(next.saturating_duration_since(Instant::now()))) => {}

@@ -35,6 +35,9 @@ pub const DEFAULT_RESCUE_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_RETENTION_INTERVAL: Duration = Duration::from_mins(10);
 /// Batches one table's retention deletes in one run at most; the rest waits for the next run.
 pub const MAX_BATCHES_PER_RUN: u32 = 200;
+/// When a retention run stopped at [`MAX_BATCHES_PER_RUN`], the next one starts this soon instead
+/// of a retention interval later, so a backlog of old rows is worked off steadily.
+pub const CATCH_UP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the coordinator does and how often.
 #[derive(Clone, Debug)]
@@ -244,7 +247,9 @@ async fn prune_batch(
 }
 
 /// Runs one table's retention in batches (at most [`MAX_BATCHES_PER_RUN`]), fenced by `epoch`;
-/// the rows deleted, or `Fenced` as soon as a batch finds the role gone.
+/// the rows deleted (`DutyRun::Done`; a run that stopped at the batch cap leaves more for the next
+/// run, which [`run_duties`] then starts after [`CATCH_UP_INTERVAL`]), or `Fenced` as soon as a
+/// batch finds the role gone.
 ///
 /// # Errors
 /// Storage failed (batches committed before stay committed).
@@ -255,19 +260,34 @@ pub async fn prune(
     older_than: Duration,
     partition_count: i32,
 ) -> Result<DutyRun, DutyError> {
+    Ok(
+        prune_capped(pool, epoch, table, older_than, partition_count)
+            .await?
+            .0,
+    )
+}
+
+/// [`prune`], and whether it stopped at the batch cap with more left.
+async fn prune_capped(
+    pool: &PgPool,
+    epoch: i64,
+    table: Retention,
+    older_than: Duration,
+    partition_count: i32,
+) -> Result<(DutyRun, bool), DutyError> {
     let mut total = 0_u64;
     for _ in 0..MAX_BATCHES_PER_RUN {
         match prune_batch(pool, epoch, table, older_than, partition_count).await? {
-            (DutyRun::Fenced, _) => return Ok(DutyRun::Fenced),
+            (DutyRun::Fenced, _) => return Ok((DutyRun::Fenced, false)),
             (DutyRun::Done(deleted), batch) => {
                 total += deleted;
                 if deleted < batch {
-                    break;
+                    return Ok((DutyRun::Done(total), false));
                 }
             }
         }
     }
-    Ok(DutyRun::Done(total))
+    Ok((DutyRun::Done(total), true))
 }
 
 /// Runs the duties while this node holds the coordinator role, until `shutdown`.
@@ -308,7 +328,6 @@ pub async fn run_duties(
         if Instant::now() < next_retention {
             continue;
         }
-        next_retention = Instant::now() + settings.retention_every;
         let history = maintain_history(&pool, epoch, settings.history_retention).await;
         if let Ok((DutyRun::Done(_), maintenance)) = &history
             && (maintenance.created > 0 || maintenance.dropped > 0)
@@ -320,6 +339,7 @@ pub async fn run_duties(
             );
         }
         record(&metrics, "history_partitions", &history.map(|(run, _)| run));
+        let mut more_left = false;
         let tables = [
             (Retention::Jobs, Some(settings.job_retention)),
             (Retention::Ledger, Some(settings.ledger_retention)),
@@ -330,7 +350,14 @@ pub async fn run_duties(
             let Some(older_than) = retention else {
                 continue;
             };
-            let run = prune(&pool, epoch, table, older_than, settings.partition_count).await;
+            let run = prune_capped(&pool, epoch, table, older_than, settings.partition_count).await;
+            let run = match run {
+                Ok((run, capped)) => {
+                    more_left |= capped;
+                    Ok(run)
+                }
+                Err(error) => Err(error),
+            };
             if let Ok(DutyRun::Done(deleted)) = &run {
                 metrics
                     .pruned_rows
@@ -351,6 +378,12 @@ pub async fn run_duties(
                 break;
             }
         }
+        next_retention = Instant::now()
+            + if more_left {
+                CATCH_UP_INTERVAL
+            } else {
+                settings.retention_every
+            };
     }
 }
 

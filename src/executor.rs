@@ -250,6 +250,7 @@ impl Executor {
             max_attempts: max_attempts.max(1),
             initial_delay: observer.retry.initial_delay,
             max_delay: observer.retry.max_delay,
+            parked_on: None,
         }
     }
 
@@ -593,7 +594,8 @@ impl Executor {
     }
 
     /// The job a transiently failed action is handed over as: due when the circuit lets calls
-    /// through again (`refused`), or not before the target's `Retry-After` (up to the policy's
+    /// through again (`refused`; parked on that circuit, so it runs as soon as the endpoint
+    /// answers), or not before the target's `Retry-After` (up to the policy's
     /// `max_delay`, as between job attempts).
     fn handed_over(
         event: &EntityEvent,
@@ -612,6 +614,9 @@ impl Executor {
                 .retry_after
                 .map(|asked| asked.min(retry.max_delay.max(retry.initial_delay)))
         };
+        if refused {
+            handed.parked_on.clone_from(&error.circuit);
+        }
         handed.run_at = not_before.and_then(|wait| {
             chrono::Duration::from_std(wait)
                 .ok()

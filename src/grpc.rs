@@ -149,8 +149,11 @@ impl ObserverControl for Service {
                     pending: queue.pending,
                     running: queue.running,
                     failed: queue.failed,
+                    oldest_due_age_seconds: queue.oldest_due_age_seconds.unwrap_or(-1.0),
+                    completed_last_day: queue.completed_last_day,
                 })
                 .collect(),
+            figures: Some(figures_to_proto(status.figures)),
         }))
     }
 
@@ -171,6 +174,10 @@ impl ObserverControl for Service {
                     heartbeat_age_seconds: node.heartbeat_age_seconds,
                     uptime_seconds: node.uptime_seconds,
                     partitions: node.partitions,
+                    backlog: node.backlog,
+                    oldest_checkpoint_age_seconds: node
+                        .oldest_checkpoint_age_seconds
+                        .unwrap_or(-1.0),
                 })
                 .collect(),
             partitions: cluster.partitions.iter().map(partition_of).collect(),
@@ -489,6 +496,60 @@ fn partition_from(partition: pb::PartitionStatus) -> control::PartitionState {
     }
 }
 
+fn figures_to_proto(figures: control::NodeFigures) -> pb::NodeFigures {
+    let rates = figures.rates.unwrap_or(crate::metrics::Rates {
+        events_per_second: 0.0,
+        actions_per_second: 0.0,
+        window_seconds: 0.0,
+    });
+    pb::NodeFigures {
+        observers: figures.observers,
+        events_per_second: rates.events_per_second,
+        actions_per_second: rates.actions_per_second,
+        rate_window_seconds: rates.window_seconds,
+        action_duration_p99_seconds: figures.action_duration_p99_seconds.unwrap_or(-1.0),
+        dead_letters: figures.dead_letters,
+        dedup: figures.dedup.into_iter().collect(),
+        cache: figures.cache.into_iter().collect(),
+        endpoints: figures
+            .endpoints
+            .into_iter()
+            .map(|endpoint| pb::EndpointLimit {
+                endpoint: endpoint.endpoint,
+                limit: endpoint.limit,
+                in_flight: endpoint.in_flight,
+                queued: endpoint.queued,
+            })
+            .collect(),
+    }
+}
+
+fn figures_from_proto(figures: pb::NodeFigures) -> control::NodeFigures {
+    control::NodeFigures {
+        observers: figures.observers,
+        rates: (figures.rate_window_seconds > 0.0).then_some(crate::metrics::Rates {
+            events_per_second: figures.events_per_second,
+            actions_per_second: figures.actions_per_second,
+            window_seconds: figures.rate_window_seconds,
+        }),
+        action_duration_p99_seconds: Some(figures.action_duration_p99_seconds)
+            .filter(|seconds| *seconds >= 0.0),
+        dead_letters: figures.dead_letters,
+        dedup: figures.dedup.into_iter().collect(),
+        cache: figures.cache.into_iter().collect(),
+        endpoints: figures
+            .endpoints
+            .into_iter()
+            .map(|endpoint| crate::metrics_text::EndpointFigures {
+                endpoint: endpoint.endpoint,
+                limit: endpoint.limit,
+                in_flight: endpoint.in_flight,
+                queued: endpoint.queued,
+            })
+            .collect(),
+    }
+}
+
 /// `Status` of the node at `endpoint`.
 ///
 /// # Errors
@@ -535,9 +596,13 @@ pub async fn fetch_status(endpoint: impl Into<Target>) -> anyhow::Result<control
                 pending: queue.pending,
                 running: queue.running,
                 failed: queue.failed,
+                oldest_due_age_seconds: Some(queue.oldest_due_age_seconds)
+                    .filter(|age| *age >= 0.0),
+                completed_last_day: queue.completed_last_day,
                 ..crate::jobs::QueueStats::default()
             })
             .collect(),
+        figures: figures_from_proto(status.figures.unwrap_or_default()),
     })
 }
 
@@ -566,6 +631,9 @@ pub async fn fetch_cluster_status(
                 heartbeat_age_seconds: node.heartbeat_age_seconds,
                 uptime_seconds: node.uptime_seconds,
                 partitions: node.partitions,
+                backlog: node.backlog,
+                oldest_checkpoint_age_seconds: Some(node.oldest_checkpoint_age_seconds)
+                    .filter(|age| *age >= 0.0),
             })
             .collect(),
         partitions: cluster.partitions.into_iter().map(partition_from).collect(),

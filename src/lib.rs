@@ -7,6 +7,7 @@
 //! use, each action type decoding its own settings with the shared primitives of [`config`].
 
 pub mod actions;
+pub mod backfill;
 pub mod breaker;
 pub mod cache;
 pub mod change_log;
@@ -36,6 +37,7 @@ pub mod listener;
 pub mod matcher;
 pub mod membership;
 pub mod metrics;
+pub mod metrics_text;
 pub mod migrate;
 pub mod node;
 pub mod observers;

@@ -123,13 +123,39 @@ enum Command {
         #[command(flatten)]
         retention: RetentionArgs,
     },
-    /// This node's status, from its control plane (gRPC).
+    /// This node's status, from its control plane (gRPC): listener, executor, job queue, Redis
+    /// stores and endpoint limits, with rates over the last minute.
     Status {
         #[command(flatten)]
         control: ControlArgs,
-        /// Print JSON.
+        /// Print JSON (with --watch: one JSON document per line and frame).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        watch: WatchArgs,
+    },
+    /// One node's Prometheus metrics (its HTTP endpoint's `/metrics`) as a readable summary:
+    /// events and actions per second between two scrapes, actions by outcome, dead letters,
+    /// jobs, leases, endpoint limits.
+    Metrics {
+        /// The node's HTTP endpoint (`host:port` or an http(s) URL); repeat (or separate with
+        /// commas) for several nodes — nodes do not record their HTTP addresses, so list them.
+        #[arg(
+            long = "http-endpoint",
+            env = "FRAISEQL_OBSERVERS_HTTP_ENDPOINT",
+            default_value = "127.0.0.1:9090",
+            value_delimiter = ','
+        )]
+        http_endpoints: Vec<String>,
+        /// Print the scraped text as it is.
+        #[arg(long)]
+        raw: bool,
+        /// Print JSON, one document per node and line.
+        #[arg(long, conflicts_with = "raw")]
+        json: bool,
+        /// Time between the two scrapes the rates come from; `0s`: one scrape, totals only.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        sample_interval: std::time::Duration,
     },
     /// The cluster: status, hand-over of a partition, drain and resume of a node.
     Cluster {
@@ -176,6 +202,10 @@ enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Deliver the rows a table held before capture was attached: writes a synthetic INSERT
+    /// change-log row (what capture writes) for every row whose entity has no change in the log
+    /// yet, in primary-key order, one short transaction per batch. Resumes an interrupted run.
+    Backfill(BackfillArgs),
     /// Inspect and act on the dead-letter queue.
     Dlq {
         #[command(flatten)]
@@ -183,6 +213,30 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+}
+
+#[derive(Args)]
+struct BackfillArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// The tracked table (`schema.table`).
+    #[arg(long)]
+    table: String,
+    /// Rows per batch (one transaction each), 1 to 10000.
+    #[arg(long, default_value_t = fraiseql_observers::backfill::DEFAULT_BATCH_SIZE)]
+    batch_size: u32,
+    /// At most this many rows per second (default: no limit).
+    #[arg(long)]
+    rate: Option<u32>,
+    /// Only count what would be written and show a sample; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Scan the table again from its first row even if an earlier backfill finished.
+    #[arg(long, conflicts_with = "dry_run")]
+    restart: bool,
+    /// Print the summary as JSON on stdout (progress still goes to stderr).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -249,12 +303,31 @@ struct DedupArgs {
         default_value = "process"
     )]
     dedup_unavailable: fraiseql_observers::dedup::Unavailable,
-    /// Consecutive failures (connection, timeout, 5xx) that open an endpoint's circuit.
-    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
-    breaker_failures: u32,
-    /// How long an open circuit refuses calls before one probe goes through.
-    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_OPEN_FOR", default_value = "30s", value_parser = humantime::parse_duration)]
+    /// Deprecated and ignored (a warning at start): circuits open on a failure rate, see
+    /// --breaker-failure-rate and --breaker-minimum-calls.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_FAILURES")]
+    breaker_failures: Option<u32>,
+    /// Percentage of an endpoint's calls in the window (connection failures, timeouts, 5xx, not
+    /// counting those while its adaptive limit is shrinking) that opens its circuit.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_FAILURE_RATE", default_value_t = fraiseql_observers::breaker::DEFAULT_FAILURE_RATE_PERCENT, value_parser = clap::value_parser!(u8).range(1..=100))]
+    breaker_failure_rate: u8,
+    /// Least number of calls to an endpoint in the window before its failure rate can open the
+    /// circuit.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_MINIMUM_CALLS", default_value_t = fraiseql_observers::breaker::DEFAULT_MINIMUM_CALLS, value_parser = clap::value_parser!(u32).range(1..))]
+    breaker_minimum_calls: u32,
+    /// The sliding window the failure rate is measured over.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_WINDOW", default_value = "10s", value_parser = parse_positive_duration)]
+    breaker_window: std::time::Duration,
+    /// The first open period of a circuit; it doubles with each failed probe, up to
+    /// --breaker-open-for.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_FIRST_OPEN_FOR", default_value = "1s", value_parser = parse_positive_duration)]
+    breaker_first_open_for: std::time::Duration,
+    /// The longest an open circuit refuses calls before probes go through.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_OPEN_FOR", default_value = "30s", value_parser = parse_positive_duration)]
     breaker_open_for: std::time::Duration,
+    /// Calls a half-open circuit lets through as probes; the first success closes it.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_BREAKER_HALF_OPEN_PROBES", default_value_t = fraiseql_observers::breaker::DEFAULT_HALF_OPEN_PROBES, value_parser = clap::value_parser!(u32).range(1..))]
+    breaker_half_open_probes: u32,
     /// How long an HTTP call waits for a slot of its endpoint's adaptive concurrency limit
     /// before it goes to the job queue; overrides the observers file's
     /// `executor.endpoint_queue_wait` (default 10s). Not part of the attempt's timeout.
@@ -273,6 +346,14 @@ struct DedupArgs {
         value_delimiter = ','
     )]
     allow_private_targets_cidr: Vec<fraiseql_observers::config::Network>,
+}
+
+fn parse_positive_duration(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if duration.is_zero() => Err("expected a duration above zero".to_owned()),
+        Ok(duration) => Ok(duration),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 fn parse_on_off(text: &str) -> Result<bool, String> {
@@ -343,13 +424,28 @@ impl ControlArgs {
     }
 }
 
+/// `--watch [interval]` and `--count N` of the status commands.
+#[derive(clap::Args, Clone, Copy)]
+struct WatchArgs {
+    /// Print again every interval (default 2s) until interrupted; the screen is cleared
+    /// between frames only when stdout is a terminal.
+    #[arg(long, num_args = 0..=1, default_missing_value = "2s", value_parser = humantime::parse_duration)]
+    watch: Option<std::time::Duration>,
+    /// With --watch: stop after this many frames.
+    #[arg(long, requires = "watch", value_parser = clap::value_parser!(u64).range(1..))]
+    count: Option<u64>,
+}
+
 #[derive(Subcommand)]
 enum ClusterCommand {
-    /// Every live node and every partition: leader, epoch, backlog, checkpoint.
+    /// Every live node (partitions, backlog, oldest checkpoint) and every partition: leader,
+    /// epoch, backlog, checkpoint.
     Status {
-        /// Print JSON.
+        /// Print JSON (with --watch: one JSON document per line and frame).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        watch: WatchArgs,
     },
     /// Move a partition to a named node without loss; returns when that node leads it.
     Handover {
@@ -654,18 +750,21 @@ fn shared_state(dedup_args: &DedupArgs) -> anyhow::Result<fraiseql_observers::no
     use fraiseql_observers::{breaker, cache, dedup, limits, node};
     use std::sync::Arc;
     let policy = breaker::BreakerPolicy {
-        consecutive_failures: dedup_args.breaker_failures,
+        failure_rate_percent: dedup_args.breaker_failure_rate,
+        minimum_calls: dedup_args.breaker_minimum_calls,
+        window: dedup_args.breaker_window,
+        first_open_for: dedup_args.breaker_first_open_for,
         open_for: dedup_args.breaker_open_for,
-        half_open_probes: 1,
+        half_open_probes: dedup_args.breaker_half_open_probes,
     };
     let Some(url) = &dedup_args.redis_url else {
         return Ok(node::SharedState {
             dedup_window: dedup_args.dedup_window,
             dedup_unavailable: dedup_args.dedup_unavailable,
-            breakers: breaker::Breakers {
-                store: Arc::new(breaker::InMemoryBreakerStore::default()),
+            breakers: breaker::Breakers::new(
+                Arc::new(breaker::InMemoryBreakerStore::default()),
                 policy,
-            },
+            ),
             ..node::SharedState::default()
         });
     };
@@ -679,13 +778,13 @@ fn shared_state(dedup_args: &DedupArgs) -> anyhow::Result<fraiseql_observers::no
         )),
         dedup_window: dedup_args.dedup_window,
         dedup_unavailable: dedup_args.dedup_unavailable,
-        breakers: breaker::Breakers {
-            store: Arc::new(breaker::RedisBreakerStore::with_connection(
+        breakers: breaker::Breakers::new(
+            Arc::new(breaker::RedisBreakerStore::with_connection(
                 connection.clone(),
                 prefix,
             )),
             policy,
-        },
+        ),
         limits: Arc::new(limits::RedisLimitStore::with_connection(
             connection.clone(),
             prefix,
@@ -720,6 +819,12 @@ async fn announce_shared_state(
             &format!("{:?}", dedup_args.dedup_unavailable).to_lowercase(),
         )
         .await;
+    }
+    if let Some(failures) = dedup_args.breaker_failures {
+        tracing::warn!(
+            breaker_failures = failures,
+            "--breaker-failures is deprecated and ignored: circuits open on a failure rate (--breaker-failure-rate, --breaker-minimum-calls, --breaker-window)"
+        );
     }
     tracing::info!(
         store = if dedup_args.redis_url.is_some() { "redis" } else { "in-process" },
@@ -1012,14 +1117,27 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             )
             .await
         }
-        Command::Status { control, json } => {
-            let status = fraiseql_observers::grpc::fetch_status(control.target()?).await?;
-            Ok(if json {
-                format!("{:#}\n", serde_json::to_value(&status)?)
-            } else {
-                report::node_status_text(&status)
+        Command::Status {
+            control,
+            json,
+            watch,
+        } => {
+            let target = control.target()?;
+            watched(watch, json, || async {
+                let status = fraiseql_observers::grpc::fetch_status(target.clone()).await?;
+                Ok((
+                    serde_json::to_value(&status)?,
+                    report::node_status_text(&status),
+                ))
             })
+            .await
         }
+        Command::Metrics {
+            http_endpoints,
+            raw,
+            json,
+            sample_interval,
+        } => commands::metrics(&http_endpoints, raw, json, sample_interval).await,
         Command::Cluster { control, command } => cluster_command(control, command).await,
         Command::Demo { database_url } => {
             fraiseql_observers::demo::run(&database_url).await?;
@@ -1043,7 +1161,79 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
         }
         Command::Dlq { database, command } => dlq_command(database, command).await,
         Command::Events { database, command } => events_command(database, command).await,
+        Command::Backfill(arguments) => backfill_command(arguments).await,
     }
+}
+
+/// One frame of a status command (without --watch: the output), or every frame printed as it
+/// comes, every `interval`, until `--count` frames or an interrupt. On a terminal the screen is
+/// cleared before each frame; otherwise frames follow each other (JSON: one document per line).
+async fn watched<Frame, Fetch>(watch: WatchArgs, json: bool, fetch: Frame) -> anyhow::Result<String>
+where
+    Frame: Fn() -> Fetch,
+    Fetch: std::future::Future<Output = anyhow::Result<(serde_json::Value, String)>>,
+{
+    use std::io::Write as _;
+    let Some(interval) = watch.watch else {
+        let (value, text) = fetch().await?;
+        return Ok(if json { format!("{value:#}\n") } else { text });
+    };
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut frames = 0_u64;
+    loop {
+        let (value, text) = fetch().await?;
+        let frame = if json {
+            format!("{value}\n")
+        } else if terminal {
+            // Home and clear: the frame replaces the previous one.
+            format!("\u{1b}[H\u{1b}[2J{text}")
+        } else {
+            format!("{text}\n")
+        };
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(frame.as_bytes())?;
+        stdout.flush()?;
+        drop(stdout);
+        frames += 1;
+        if watch.count.is_some_and(|count| frames >= count) {
+            return Ok(String::new());
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn backfill_command(arguments: BackfillArgs) -> anyhow::Result<String> {
+    let pool = arguments.database.connect(4).await?;
+    if arguments.dry_run {
+        return commands::backfill_preview(&pool, &arguments.table, arguments.json).await;
+    }
+    let settings = fraiseql_observers::backfill::BackfillSettings {
+        batch_size: arguments.batch_size,
+        rows_per_second: arguments.rate,
+        restart: arguments.restart,
+    };
+    let style = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        commands::ProgressStyle::Bar
+    } else {
+        commands::ProgressStyle::Lines
+    };
+    // Ctrl-C stops the backfill between batches; what was committed stays, a new run resumes.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let on_interrupt = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_interrupt.cancel();
+        }
+    });
+    commands::backfill(
+        &pool,
+        &arguments.table,
+        &settings,
+        style,
+        arguments.json,
+        &cancel,
+    )
+    .await
 }
 
 async fn events_command(database: DatabaseArgs, command: EventsCommand) -> anyhow::Result<String> {
@@ -1117,13 +1307,16 @@ async fn dlq_command(database: DatabaseArgs, command: DlqCommand) -> anyhow::Res
 async fn cluster_command(control: ControlArgs, command: ClusterCommand) -> anyhow::Result<String> {
     use fraiseql_observers::grpc;
     match command {
-        ClusterCommand::Status { json } => {
-            let cluster = grpc::fetch_cluster_status(control.target()?).await?;
-            Ok(if json {
-                format!("{:#}\n", serde_json::to_value(&cluster)?)
-            } else {
-                report::cluster_status_text(&cluster)
+        ClusterCommand::Status { json, watch } => {
+            let target = control.target()?;
+            watched(watch, json, || async {
+                let cluster = grpc::fetch_cluster_status(target.clone()).await?;
+                Ok((
+                    serde_json::to_value(&cluster)?,
+                    report::cluster_status_text(&cluster),
+                ))
             })
+            .await
         }
         ClusterCommand::Handover {
             partition,
@@ -1202,6 +1395,10 @@ fn exit_code_for(error: &anyhow::Error) -> ErrorCode {
         }
         if let Some(cluster) = cause.downcast_ref::<fraiseql_observers::cluster::ClusterError>() {
             return cluster.code();
+        }
+        if let Some(backfill) = cause.downcast_ref::<fraiseql_observers::backfill::BackfillError>()
+        {
+            return backfill.code();
         }
     }
     ErrorCode::Internal

@@ -9,7 +9,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::outcome::{ActionReport, ActionStatus, EventSummary};
 
@@ -40,6 +43,14 @@ pub struct OutcomeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabel {
     pub endpoint: String,
+}
+
+/// A circuit breaker's transition at an endpoint (see [`EndpointLabel`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerTransitionLabels {
+    pub endpoint: String,
+    /// `opened` or `closed`.
+    pub transition: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -193,6 +204,39 @@ impl Default for EndpointMetrics {
     }
 }
 
+/// The circuit breakers, per HTTP endpoint.
+#[derive(Debug, Default)]
+pub struct BreakerMetrics {
+    /// State as this node last saw it: 0 closed, 1 open (calls refused), 2 half-open.
+    pub state: Family<EndpointLabel, Gauge>,
+    /// Circuits this node saw open or close.
+    pub transitions: Family<BreakerTransitionLabels, Counter>,
+    /// Jobs parked on an open circuit made due because the endpoint answered again.
+    pub jobs_woken: Family<EndpointLabel, Counter>,
+}
+
+impl BreakerMetrics {
+    /// `registry` with these metrics registered.
+    fn registered_in(&self, mut registry: Registry) -> Registry {
+        registry.register(
+            "breaker_state",
+            "Circuit breaker of each HTTP endpoint as this node last saw it: 0 closed, 1 open (calls refused), 2 half-open (probing)",
+            self.state.clone(),
+        );
+        registry.register(
+            "breaker_transitions",
+            "Circuit breakers this node saw open (failure rate over the window, or a failed probe) or close (a successful probe), per HTTP endpoint",
+            self.transitions.clone(),
+        );
+        registry.register(
+            "breaker_jobs_woken",
+            "Jobs parked on an open circuit made due at once because their endpoint answered again, per HTTP endpoint",
+            self.jobs_woken.clone(),
+        );
+        registry
+    }
+}
+
 /// Every metric of one node.
 #[derive(Debug)]
 pub struct Metrics {
@@ -225,8 +269,36 @@ pub struct Metrics {
     pub jobs_rescued: Counter,
     /// The adaptive concurrency limits per HTTP endpoint.
     pub endpoints: EndpointMetrics,
+    /// The circuit breakers per HTTP endpoint.
+    pub breakers: BreakerMetrics,
     /// Succeeded, failed, enqueued: plain totals for the status call.
     totals: [AtomicU64; 3],
+    /// Samples of the event and action totals, for the status call's rates over the last minute.
+    rate_samples: Mutex<VecDeque<RateSample>>,
+}
+
+/// The totals at one moment, kept to compute rates over the last minute.
+#[derive(Clone, Copy, Debug)]
+struct RateSample {
+    at: Instant,
+    events: u64,
+    actions: u64,
+}
+
+/// Rates are computed over at most this window.
+pub const RATE_WINDOW: Duration = Duration::from_mins(1);
+/// A new rate sample is kept at most this often, so the ring holds at most
+/// `RATE_WINDOW / RATE_SAMPLE_EVERY + 2` samples.
+pub const RATE_SAMPLE_EVERY: Duration = Duration::from_secs(5);
+const RATE_SAMPLES_KEPT: usize = 14;
+
+/// Events and actions per second over the last minute (or since the node started, if sooner).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Rates {
+    pub events_per_second: f64,
+    pub actions_per_second: f64,
+    /// The span the rates were measured over.
+    pub window_seconds: f64,
 }
 
 fn duration_histogram() -> Histogram {
@@ -276,7 +348,9 @@ impl Metrics {
             pruned_rows: Family::default(),
             jobs_rescued: Counter::default(),
             endpoints: EndpointMetrics::default(),
+            breakers: BreakerMetrics::default(),
             totals: Default::default(),
+            rate_samples: Mutex::new(VecDeque::with_capacity(RATE_SAMPLES_KEPT)),
         };
         registry.register(
             "events_processed",
@@ -356,7 +430,9 @@ impl Metrics {
         metrics.register_coordinator(&mut registry);
         metrics.catalog.register(&mut registry);
         Metrics {
-            registry: metrics.endpoints.registered_in(registry),
+            registry: metrics
+                .endpoints
+                .registered_in(metrics.breakers.registered_in(registry)),
             ..metrics
         }
     }
@@ -546,6 +622,73 @@ impl Metrics {
         self.totals[index].fetch_add(1, Ordering::Relaxed);
     }
 
+    fn actions_total(&self) -> u64 {
+        self.totals
+            .iter()
+            .map(|total| total.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Keeps a sample of the event and action totals for [`Metrics::rates`], unless the last one
+    /// is younger than [`RATE_SAMPLE_EVERY`]; samples older than [`RATE_WINDOW`] (but the newest
+    /// such, the window's start) are dropped, and at most a fixed number are kept.
+    pub fn sample_rates(&self) {
+        self.sample_rates_at(Instant::now());
+    }
+
+    fn sample_rates_at(&self, now: Instant) {
+        let mut samples = self
+            .rate_samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if samples
+            .back()
+            .is_some_and(|last| now.duration_since(last.at) < RATE_SAMPLE_EVERY)
+        {
+            return;
+        }
+        samples.push_back(RateSample {
+            at: now,
+            events: self.events_processed.get(),
+            actions: self.actions_total(),
+        });
+        while samples.len() > RATE_SAMPLES_KEPT
+            || samples
+                .get(1)
+                .is_some_and(|second| now.duration_since(second.at) >= RATE_WINDOW)
+        {
+            samples.pop_front();
+        }
+    }
+
+    /// Events and actions (succeeded, failed, enqueued) per second from the oldest sample of the
+    /// last minute to now; `None` before a sample at least a second old exists.
+    #[must_use]
+    pub fn rates(&self) -> Option<Rates> {
+        self.rates_at(Instant::now())
+    }
+
+    fn rates_at(&self, now: Instant) -> Option<Rates> {
+        let samples = self
+            .rate_samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let start = samples
+            .iter()
+            .find(|sample| now.duration_since(sample.at) <= RATE_WINDOW + RATE_SAMPLE_EVERY)?;
+        let window = now.duration_since(start.at).as_secs_f64();
+        if window < 1.0 {
+            return None;
+        }
+        #[allow(clippy::cast_precision_loss, reason = "a rate")]
+        let per_second = |now: u64, then: u64| now.saturating_sub(then) as f64 / window;
+        Some(Rates {
+            events_per_second: per_second(self.events_processed.get(), start.events),
+            actions_per_second: per_second(self.actions_total(), start.actions),
+            window_seconds: window,
+        })
+    }
+
     /// The OpenMetrics text of every metric.
     #[must_use]
     pub fn render(&self) -> String {
@@ -553,6 +696,32 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::{Metrics, RATE_SAMPLES_KEPT};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn rates_cover_the_last_minute_from_a_bounded_ring() {
+        let metrics = Metrics::new();
+        let start = Instant::now();
+        assert_eq!(metrics.rates_at(start), None, "no sample yet");
+        // One sample every second for ten minutes, 10 events each second: only one in five is
+        // kept (at most every 5 s), and only the last minute's.
+        for second in 0..600_u64 {
+            metrics.sample_rates_at(start + Duration::from_secs(second));
+            metrics.events_processed.inc_by(10);
+        }
+        let now = start + Duration::from_mins(10);
+        let kept = metrics.rate_samples.lock().unwrap().len();
+        assert!(kept <= RATE_SAMPLES_KEPT, "{kept} samples kept");
+        let rates = metrics.rates_at(now).expect("a rate");
+        assert!((55.0..=65.0).contains(&rates.window_seconds), "{rates:?}");
+        assert!((rates.events_per_second - 10.0).abs() < 1e-9, "{rates:?}");
+        assert!(rates.actions_per_second.abs() < 1e-9, "{rates:?}");
     }
 }
 

@@ -68,8 +68,18 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 10,
-        name: "0010_history",
-        sql: include_str!("../migrations/0010_history.sql"),
+        name: "0010_parked_jobs",
+        sql: include_str!("../migrations/0010_parked_jobs.sql"),
+    },
+    Migration {
+        version: 11,
+        name: "0011_backfill",
+        sql: include_str!("../migrations/0011_backfill.sql"),
+    },
+    Migration {
+        version: 12,
+        name: "0012_history",
+        sql: include_str!("../migrations/0012_history.sql"),
     },
 ];
 

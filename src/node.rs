@@ -45,7 +45,7 @@ fn job_workers(
     matcher: &Arc<Matcher>,
     metrics: &Arc<Metrics>,
     dedup: &Deduplication,
-) -> Vec<JobWorker> {
+) -> impl Iterator<Item = JobWorker> {
     settings
         .workers
         .iter()
@@ -62,7 +62,6 @@ fn job_workers(
             .with_deduplication(dedup.clone())
             .without_rescue()
         })
-        .collect()
 }
 
 /// State the nodes share (through Redis, or in process on one node): deduplication claims and
@@ -91,16 +90,25 @@ impl Default for SharedState {
             dedup_store: Arc::new(InMemoryDeduplicationStore::default()),
             dedup_window: DEFAULT_DEDUP_WINDOW,
             dedup_unavailable: Unavailable::Process,
-            breakers: Breakers {
-                store: Arc::new(InMemoryBreakerStore::default()),
-                policy: BreakerPolicy::default(),
-            },
+            breakers: Breakers::new(
+                Arc::new(InMemoryBreakerStore::default()),
+                BreakerPolicy::default(),
+            ),
             limits: Arc::new(InMemoryLimitStore::default()),
             cache: Arc::new(InMemoryCache::default()),
             cache_prefix: String::new(),
             redis: None,
         }
     }
+}
+
+/// The node's breakers: counted in its metrics, and making the work parked on a circuit due as
+/// soon as the endpoint answers again.
+fn node_breakers(breakers: &Breakers, metrics: &Arc<Metrics>, jobs: &PostgresJobQueue) -> Breakers {
+    breakers
+        .clone()
+        .with_metrics(metrics.clone())
+        .with_parked_jobs(jobs.clone())
 }
 
 /// How long completed actions are remembered by default.
@@ -178,11 +186,16 @@ impl Node {
             crate::concurrency::LimiterSettings::of(&config.executor),
             Some(metrics.clone()),
         );
+        let jobs = PostgresJobQueue::new(
+            pool.clone(),
+            settings.node_id.clone(),
+            config.jobs.visibility_timeout,
+        );
         let mut runner = ActionRunner::new(Arc::new(config.templates))?
             .with_private_targets_allowed(&config.executor.private_targets_allowed)?
             .with_limiter(limiter)
             .with_database(pool.clone())
-            .with_breakers(shared.breakers.clone())
+            .with_breakers(node_breakers(&shared.breakers, &metrics, &jobs))
             .with_limits(shared.limits.clone())
             .with_cache(Cache {
                 backend: shared.cache.clone(),
@@ -192,6 +205,7 @@ impl Node {
         if let Some(connection) = shared.redis.clone() {
             runner = runner.with_redis(connection);
         }
+        let observer_count = config.observers.len();
         let matcher = Arc::new(Matcher::new(config.observers));
         let executor = Executor::new(
             matcher.clone(),
@@ -206,13 +220,10 @@ impl Node {
             settings.node_id.clone(),
             config.jobs.visibility_timeout,
         );
-        let mut workers = job_workers(&config.jobs, &jobs, &runner, &matcher, &metrics, &dedup);
-        if settings.record_history {
-            workers = workers
-                .into_iter()
-                .map(|worker| worker.with_history(settings.node_id.clone()))
-                .collect();
-        }
+        let history_node = settings.record_history.then_some(settings.node_id.as_str());
+        let workers = job_workers(&config.jobs, &jobs, &runner, &matcher, &metrics, &dedup)
+            .map(|worker| worker.with_history_of(history_node))
+            .collect();
         let (wake, woken) = tokio::sync::watch::channel(0_u64);
         let runner = PartitionRunner {
             pool: pool.clone(),
@@ -239,7 +250,8 @@ impl Node {
             metrics.clone(),
             jobs.clone(),
             stuck_after,
-        );
+        )
+        .with_observer_count(observer_count);
         Ok(Node {
             pool,
             metrics,

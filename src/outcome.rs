@@ -157,6 +157,9 @@ pub struct NewJob {
     pub max_attempts: u32,
     pub initial_delay: Duration,
     pub max_delay: Duration,
+    /// The circuit (the breaker module's `circuit_id`) whose open breaker parked this job: it is
+    /// made due as soon as that endpoint answers again. `None`: not parked.
+    pub parked_on: Option<String>,
 }
 
 impl NewJob {

@@ -260,34 +260,132 @@ fn seconds(age: Option<f64>) -> String {
     age.map_or_else(|| "never".to_owned(), |age| format!("{age:.1}s ago"))
 }
 
-/// `status`: one node, as a tree. Every string the node sent is escaped: the answer comes over
-/// the network and its checkpoints and queue names from the database.
+/// `status`: one node, as the seed's tree (listener, executor, job queue, Redis stores, endpoints).
+/// Every figure comes from the node's answer; every string the node sent is escaped: the answer
+/// comes over the network and its checkpoints, queue names and endpoints from the database or
+/// event data. (The audit trail's branch joins once the trail exists; nothing is shown for it
+/// until then.)
 #[must_use]
 pub fn node_status_text(status: &crate::control::NodeStatus) -> String {
     let mut out = String::new();
+    let figures = &status.figures;
+    let counters = &status.counters;
+    let window = figures.rates.map_or(String::new(), |rates| {
+        format!(" over the last {:.0}s", rates.window_seconds)
+    });
     let _ = writeln!(
         out,
-        "Node {} (fraiseql-observers {}), up {}s{}",
+        "Observer System Status — node {} (fraiseql-observers {}), up {}s{}",
         escape_control(&status.node_id),
         escape_control(&status.version),
         status.uptime_seconds,
         if status.draining { ", DRAINING" } else { "" }
     );
+    write_listener(&mut out, status, &window);
+    let _ = writeln!(out, "├── Executor");
+    let _ = writeln!(out, "│   ├── Observers: {}", figures.observers);
     let _ = writeln!(
         out,
-        "├── Leases: {} of {} partitions",
+        "│   ├── Actions/s{window}: {}",
+        rate_text(figures.rates.map(|rates| rates.actions_per_second))
+    );
+    let _ = writeln!(
+        out,
+        "│   ├── Action time (p99): {}",
+        p99_text(figures.action_duration_p99_seconds)
+    );
+    let _ = writeln!(
+        out,
+        "│   ├── Actions: {} succeeded, {} failed, {} enqueued",
+        counters.actions_succeeded, counters.actions_failed, counters.actions_enqueued
+    );
+    let dead_letters = if figures.dead_letters >= crate::control::DEAD_LETTER_COUNT_CAP {
+        format!("{}+", crate::control::DEAD_LETTER_COUNT_CAP)
+    } else {
+        figures.dead_letters.to_string()
+    };
+    let _ = writeln!(out, "│   └── DLQ items: {dead_letters} (cluster-wide)");
+    let _ = writeln!(
+        out,
+        "├── Job queue:{}",
+        if status.queues.is_empty() {
+            " empty"
+        } else {
+            ""
+        }
+    );
+    for (index, queue) in status.queues.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "│   {} {}: {} pending, {} running, oldest due {}, {} completed (24h), {} failed",
+            branch(index, status.queues.len()),
+            escape_control(&queue.queue),
+            queue.pending,
+            queue.running,
+            queue
+                .oldest_due_age_seconds
+                .map_or_else(|| "none".to_owned(), |age| format!("{age:.1}s ago")),
+            queue.completed_last_day,
+            queue.failed
+        );
+    }
+    let _ = writeln!(out, "├── Redis stores (this node)");
+    let _ = writeln!(
+        out,
+        "│   ├── Dedup checks not simply acquired: {}",
+        or_none(&counted_u64(&figures.dedup))
+    );
+    let hits = figures.cache.get("hit").copied().unwrap_or(0);
+    let misses = figures.cache.get("miss").copied().unwrap_or(0);
+    let hit_rate = if hits + misses == 0 {
+        "no lookup yet".to_owned()
+    } else {
+        #[allow(clippy::cast_precision_loss, reason = "a percentage")]
+        let rate = hits as f64 * 100.0 / (hits + misses) as f64;
+        format!("{rate:.0}% ({hits} hits, {misses} misses)")
+    };
+    let _ = writeln!(out, "│   └── Cache hit rate: {hit_rate}");
+    write_endpoints(&mut out, &figures.endpoints);
+    out
+}
+
+/// The listener branch of `status`: partitions led, rate, backlog, each checkpoint.
+fn write_listener(out: &mut String, status: &crate::control::NodeStatus, window: &str) {
+    let figures = &status.figures;
+    let counters = &status.counters;
+    let _ = writeln!(out, "├── Listener");
+    let _ = writeln!(
+        out,
+        "│   ├── Partitions led: {} of {}",
         status.leases.len(),
         status.partition_count
     );
-    for (index, lease) in status.leases.iter().enumerate() {
-        let branch = if index + 1 == status.leases.len() {
-            "└──"
+    let _ = writeln!(
+        out,
+        "│   ├── Events/s{window}: {}",
+        rate_text(figures.rates.map(|rates| rates.events_per_second))
+    );
+    let _ = writeln!(
+        out,
+        "│   ├── Processed events: {}",
+        counters.events_processed
+    );
+    let backlog: u64 = status.leases.iter().map(|lease| lease.backlog).sum();
+    let _ = writeln!(out, "│   ├── Backlog: {backlog} rows");
+    let _ = writeln!(
+        out,
+        "│   └── Checkpoints:{}",
+        if status.leases.is_empty() {
+            " none (no partition led)"
         } else {
-            "├──"
-        };
+            ""
+        }
+    );
+    for (index, lease) in status.leases.iter().enumerate() {
         let _ = writeln!(
             out,
-            "│   {branch} partition {}: epoch {}, backlog {}, checkpoint saved {} ({})",
+            "│       {} partition {}: epoch {}, backlog {}, saved {} ({})",
+            branch(index, status.leases.len()),
             lease.partition,
             lease.epoch,
             lease.backlog,
@@ -295,40 +393,185 @@ pub fn node_status_text(status: &crate::control::NodeStatus) -> String {
             escape_control(&lease.checkpoint)
         );
     }
-    let counters = &status.counters;
+}
+
+fn rate_text(rate: Option<f64>) -> String {
+    rate.map_or_else(
+        || "not known yet (first minute)".to_owned(),
+        |rate| format!("{rate:.1}"),
+    )
+}
+
+/// The last branch of `status` and `metrics`: every endpoint's adaptive limit.
+fn write_endpoints(out: &mut String, endpoints: &[crate::metrics_text::EndpointFigures]) {
     let _ = writeln!(
         out,
-        "├── Executor: {} events, actions {} succeeded / {} failed / {} enqueued, {} leases taken",
-        counters.events_processed,
-        counters.actions_succeeded,
-        counters.actions_failed,
-        counters.actions_enqueued,
-        counters.epoch_changes
-    );
-    let _ = writeln!(
-        out,
-        "└── Job queues:{}",
-        if status.queues.is_empty() {
-            " none"
+        "└── Endpoints (adaptive limits):{}",
+        if endpoints.is_empty() {
+            " none called yet"
         } else {
             ""
         }
     );
-    for (index, queue) in status.queues.iter().enumerate() {
-        let branch = if index + 1 == status.queues.len() {
-            "└──"
-        } else {
-            "├──"
-        };
+    for (index, endpoint) in endpoints.iter().enumerate() {
         let _ = writeln!(
             out,
-            "    {branch} {}: {} pending, {} running, {} failed",
-            escape_control(&queue.queue),
-            queue.pending,
-            queue.running,
-            queue.failed
+            "    {} {}: limit {}, {} in flight, {} queued",
+            branch(index, endpoints.len()),
+            escape_control(&endpoint.endpoint),
+            endpoint.limit,
+            endpoint.in_flight,
+            endpoint.queued
         );
     }
+}
+
+/// The p99 of action durations as a histogram can tell it: at most its bucket's upper bound.
+fn p99_text(seconds: Option<f64>) -> String {
+    match seconds {
+        None => "no action yet".to_owned(),
+        Some(seconds) if seconds.is_finite() => format!("≤ {:.0}ms", seconds * 1000.0),
+        Some(_) => "over the largest bucket (33s)".to_owned(),
+    }
+}
+
+fn branch(index: usize, count: usize) -> &'static str {
+    if index + 1 == count {
+        "└──"
+    } else {
+        "├──"
+    }
+}
+
+fn counted_u64(counts: &BTreeMap<String, u64>) -> String {
+    counts
+        .iter()
+        .map(|(key, count)| format!("{} {count}", escape_control(key)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Events and actions per second between two scrapes of one node.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct ScrapeRates {
+    pub events_per_second: f64,
+    pub actions_per_second: f64,
+    pub over_seconds: f64,
+}
+
+impl ScrapeRates {
+    /// The rates from `before` to `after`, `seconds` apart (a restarted node's counters, lower
+    /// than before, count from zero).
+    #[must_use]
+    pub fn between(
+        before: &crate::metrics_text::MetricsSummary,
+        after: &crate::metrics_text::MetricsSummary,
+        seconds: f64,
+    ) -> ScrapeRates {
+        let actions = |summary: &crate::metrics_text::MetricsSummary| -> u64 {
+            summary.actions.values().sum::<u64>() + summary.jobs_run.values().sum::<u64>()
+        };
+        let delta = |now: u64, then: u64| if now >= then { now - then } else { now };
+        #[allow(clippy::cast_precision_loss, reason = "a rate")]
+        let per_second = |count: u64| count as f64 / seconds.max(f64::EPSILON);
+        ScrapeRates {
+            events_per_second: per_second(delta(after.events_processed, before.events_processed)),
+            actions_per_second: per_second(delta(actions(after), actions(before))),
+            over_seconds: seconds,
+        }
+    }
+}
+
+/// `metrics`: one node's scraped metrics as a readable tree. The labels came from the node
+/// (queue names, endpoints): escaped.
+#[must_use]
+pub fn metrics_summary_text(
+    endpoint: &str,
+    summary: &crate::metrics_text::MetricsSummary,
+    rates: Option<&ScrapeRates>,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Metrics of {}{}{}",
+        escape_control(endpoint),
+        if summary.coordinator {
+            " (coordinator)"
+        } else {
+            ""
+        },
+        if summary.draining { ", DRAINING" } else { "" }
+    );
+    match rates {
+        Some(rates) => {
+            let _ = writeln!(
+                out,
+                "├── Rates over {:.1}s: {:.1} events/s, {:.1} actions/s",
+                rates.over_seconds, rates.events_per_second, rates.actions_per_second
+            );
+        }
+        None => {
+            let _ = writeln!(out, "├── Rates: not sampled (totals only)");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "├── Events: {} processed, {} with a failed action, {} unmatched",
+        summary.events_processed, summary.events_failed, summary.events_unmatched
+    );
+    let _ = writeln!(
+        out,
+        "├── Actions by outcome: {}",
+        or_none(&counted_u64(&summary.actions))
+    );
+    let _ = writeln!(
+        out,
+        "├── Job attempts by outcome: {}",
+        or_none(&counted_u64(&summary.jobs_run))
+    );
+    let _ = writeln!(
+        out,
+        "├── Dead letters: {} added by this node ({}), {} waiting{}",
+        summary.dead_letters_added.values().sum::<u64>(),
+        or_none(&counted_u64(&summary.dead_letters_added)),
+        summary
+            .dead_letters_waiting
+            .map_or_else(|| "?".to_owned(), |count| count.to_string()),
+        if summary.coordinator {
+            ""
+        } else {
+            " (only the coordinator counts them)"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "├── Jobs:{}",
+        if summary.jobs.is_empty() {
+            if summary.coordinator {
+                " none"
+            } else {
+                " (only the coordinator counts them)"
+            }
+        } else {
+            ""
+        }
+    );
+    for (index, (queue, statuses)) in summary.jobs.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "│   {} {}: {}",
+            branch(index, summary.jobs.len()),
+            escape_control(queue),
+            counted_u64(statuses)
+        );
+    }
+    let _ = writeln!(out, "├── Leases held: {}", summary.leases_held);
+    let _ = writeln!(
+        out,
+        "├── Action time (p99): {}",
+        p99_text(summary.action_duration_p99_seconds)
+    );
+    write_endpoints(&mut out, &summary.endpoints);
     out
 }
 
@@ -360,15 +603,21 @@ pub fn cluster_status_text(cluster: &crate::control::ClusterState) -> String {
         let partitions: Vec<String> = node.partitions.iter().map(u32::to_string).collect();
         let _ = writeln!(
             out,
-            "├── {} (v{}, up {}s, heartbeat {:.1}s ago{}): partitions [{}]",
+            "├── {} (v{}, up {}s, heartbeat {:.1}s ago{}): partitions [{}], backlog {}, oldest checkpoint {}",
             escape_control(&node.node_id),
             escape_control(&node.version),
             node.uptime_seconds,
             node.heartbeat_age_seconds,
             if node.draining { ", draining" } else { "" },
-            partitions.join(", ")
+            partitions.join(", "),
+            node.backlog,
+            seconds(node.oldest_checkpoint_age_seconds)
         );
     }
+    let _ = writeln!(
+        out,
+        "│   (per-node figures from the database; rates and actions: `status --endpoint` on each node)"
+    );
     let _ = writeln!(out, "└── Partitions");
     let _ = writeln!(
         out,
@@ -407,6 +656,8 @@ mod tests {
                 heartbeat_age_seconds: 0.1,
                 uptime_seconds: 5,
                 partitions: vec![0],
+                backlog: 0,
+                oldest_checkpoint_age_seconds: None,
             }],
             partitions: vec![PartitionState {
                 partition: 0,
@@ -424,7 +675,7 @@ mod tests {
             }),
         };
         let text = cluster_status_text(&cluster);
-        assert_eq!(text.lines().count(), 5, "{text}");
+        assert_eq!(text.lines().count(), 6, "{text}");
         assert!(!text.contains(['\u{1b}', '\r', '\u{202e}']), "{text}");
         assert!(
             text.contains(r"├── node-a\n├── node-z (v9, up 0s, heartbeat 0.0s ago): partitions [0]\u{1b}[2K (v0.1.0\r,"),
@@ -434,5 +685,63 @@ mod tests {
             text.starts_with("Cluster: 1 live node(s), 1 partitions, 100000+ dead letter(s), coordinator node-\\u{1b}[2K (epoch 3, for 12s)\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_status_tree_escapes_what_the_node_sent_one_line_each() {
+        use crate::control::{Counters, NodeFigures, NodeStatus};
+        let hostile = "x\n└── forged\u{1b}[2K\u{202e}";
+        let status = NodeStatus {
+            node_id: hostile.to_owned(),
+            version: "0.1.0".to_owned(),
+            uptime_seconds: 3,
+            draining: false,
+            partition_count: 1,
+            leases: vec![PartitionState {
+                partition: 0,
+                leader: None,
+                epoch: 2,
+                checkpoint: hostile.to_owned(),
+                backlog: 7,
+                checkpoint_age_seconds: Some(1.0),
+            }],
+            counters: Counters {
+                events_processed: 9,
+                actions_succeeded: 8,
+                actions_failed: 1,
+                actions_enqueued: 0,
+                epoch_changes: 1,
+            },
+            queues: vec![crate::jobs::QueueStats {
+                queue: hostile.to_owned(),
+                pending: 4,
+                ..crate::jobs::QueueStats::default()
+            }],
+            figures: NodeFigures {
+                observers: 2,
+                cache: [("hit".to_owned(), 3), ("miss".to_owned(), 1)].into(),
+                dedup: [(hostile.to_owned(), 1)].into(),
+                endpoints: vec![crate::metrics_text::EndpointFigures {
+                    endpoint: hostile.to_owned(),
+                    limit: 4,
+                    in_flight: 1,
+                    queued: 0,
+                }],
+                ..NodeFigures::default()
+            },
+        };
+        let text = node_status_text(&status);
+        assert_eq!(text.lines().count(), 21, "{text}");
+        assert!(!text.contains(['\u{1b}', '\u{202e}']), "{text}");
+        assert!(!text.contains("\n└── forged"), "{text}");
+        for expected in [
+            "│   ├── Backlog: 7 rows",
+            "│   ├── Events/s: not known yet (first minute)",
+            "│   ├── Action time (p99): no action yet",
+            "│   └── Cache hit rate: 75% (3 hits, 1 misses)",
+            "│   └── DLQ items: 0 (cluster-wide)",
+        ] {
+            assert!(text.contains(expected), "{expected:?} in:\n{text}");
+        }
     }
 }

@@ -20,6 +20,9 @@ pub struct AttemptError {
     pub message: String,
     /// How long the target asked us to wait (`Retry-After`), if it did.
     pub retry_after: Option<Duration>,
+    /// With OB015: the circuit (a digest of the endpoint) whose open breaker refused the call,
+    /// so the job the action is parked as can be woken when that circuit closes.
+    pub circuit: Option<String>,
 }
 
 impl AttemptError {
@@ -29,6 +32,7 @@ impl AttemptError {
             code,
             message: message.into(),
             retry_after: None,
+            circuit: None,
         }
     }
 }

@@ -96,6 +96,15 @@ impl JobWorker {
         self
     }
 
+    /// [`with_history`](Self::with_history) when `node_id` is given; unchanged otherwise.
+    #[must_use]
+    pub fn with_history_of(self, node_id: Option<&str>) -> JobWorker {
+        match node_id {
+            Some(node_id) => self.with_history(node_id),
+            None => self,
+        }
+    }
+
     /// Appends a job outcome row (best effort: a failure is logged; the job's outcome stands).
     /// Written after the outcome, outside the job's completion: a job run again after a crash
     /// adds a second row.
@@ -275,6 +284,7 @@ impl JobWorker {
                         } else {
                             BUSY_RECHECK
                         }),
+                    error.circuit.as_deref(),
                 )
                 .await
                 .map(|_| Some(WorkOutcome::Postponed(job.id))),
@@ -286,7 +296,7 @@ impl JobWorker {
                     && let Some(claim_left) = error.retry_after =>
             {
                 self.queue
-                    .postpone(job.id, claim_left.max(CLAIM_RECHECK_FLOOR))
+                    .postpone(job.id, claim_left.max(CLAIM_RECHECK_FLOOR), None)
                     .await
                     .map(|_| Some(WorkOutcome::Postponed(job.id)))
             }

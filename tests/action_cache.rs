@@ -359,7 +359,9 @@ fn run_checks_cache_patterns_against_the_prefix_given_as_a_flag() {
 
 #[tokio::test]
 async fn data_fed_keys_and_patterns_leave_the_services_own_keys_alone() {
-    use fraiseql_observers::breaker::{BreakerPolicy, BreakerStore, RedisBreakerStore};
+    use fraiseql_observers::breaker::{
+        BreakerPolicy, BreakerStore, CallOutcome, RedisBreakerStore,
+    };
     use fraiseql_observers::cache::{Cache, RedisCache};
     use fraiseql_observers::dedup::{DeduplicationStore, RedisDeduplicationStore};
     use fraiseql_observers::limits::{LimitStore, RedisLimitStore};
@@ -374,7 +376,11 @@ async fn data_fed_keys_and_patterns_leave_the_services_own_keys_alone() {
         .await
         .unwrap();
     RedisBreakerStore::with_connection(connection.clone(), service.as_str())
-        .record("http://hooks:80", &BreakerPolicy::default(), true)
+        .record(
+            "http://hooks:80",
+            &BreakerPolicy::default(),
+            CallOutcome::Failed,
+        )
         .await
         .unwrap();
     RedisLimitStore::with_connection(connection.clone(), service.as_str())

@@ -423,15 +423,27 @@ async fn a_partition_without_a_checkpoint_stops_change_log_retention() {
     .unwrap();
     assert_eq!(run, DutyRun::Done(0));
     assert_eq!(change_log_rows(pool).await, 10);
-    // Every partition checkpointed past the rows: they go; a row written after stays.
-    sqlx::query(
-        "INSERT INTO fraiseql_observers.partitions (partition, snapshot)
-         SELECT partition, pg_current_snapshot() FROM generate_series(0, 3) AS partition
-         ON CONFLICT (partition) DO UPDATE SET snapshot = excluded.snapshot",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
+    // Every partition checkpointed past the rows: they go; a row written after stays. A
+    // snapshot's xmin is server-wide (another test's open transaction lowers it), so the
+    // checkpoints are set to the first snapshot whose xmin is past every row written so far.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let set = sqlx::query(
+            "INSERT INTO fraiseql_observers.partitions (partition, snapshot)
+             SELECT partition, now_snapshot
+               FROM generate_series(0, 3) AS partition, (SELECT pg_current_snapshot() AS now_snapshot) AS taken
+              WHERE pg_snapshot_xmin(now_snapshot) > (SELECT max(txid) FROM core.tb_entity_change_log)
+             ON CONFLICT (partition) DO UPDATE SET snapshot = excluded.snapshot",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        if set.rows_affected() == 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no snapshot past the rows");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     common::nodes::write_orders(pool, 10..12, 1).await;
     let run = coordinator::prune(
         pool,

@@ -243,12 +243,10 @@ async fn with_redis_down_breakers_limits_and_cache_let_the_call_through() {
     let url = redis.url();
     let node = common::executor_with_runner(&yaml, |runner| {
         runner
-            .with_breakers(fraiseql_observers::breaker::Breakers {
-                store: Arc::new(
-                    fraiseql_observers::breaker::RedisBreakerStore::new(&url, "o:").unwrap(),
-                ),
-                policy: fraiseql_observers::breaker::BreakerPolicy::default(),
-            })
+            .with_breakers(fraiseql_observers::breaker::Breakers::new(
+                Arc::new(fraiseql_observers::breaker::RedisBreakerStore::new(&url, "o:").unwrap()),
+                fraiseql_observers::breaker::BreakerPolicy::default(),
+            ))
             .with_limits(Arc::new(
                 fraiseql_observers::limits::RedisLimitStore::new(&url, "o:").unwrap(),
             ))
@@ -586,6 +584,7 @@ async fn a_job_whose_action_another_node_holds_is_postponed_to_the_claim_s_end_w
         max_attempts: 1,
         initial_delay: Duration::from_secs(10),
         max_delay: Duration::from_secs(10),
+        parked_on: None,
     };
     let id = queue.enqueue(&job).await.unwrap().unwrap();
     // Another node holds the action's claim, with 2 s of its lease left.

@@ -430,6 +430,7 @@ async fn a_stored_event_that_no_longer_decodes_fails_alone() {
         observer: "orders".into(),
         action_index: index,
         action_type: "webhook".into(),
+        parked_on: None,
     };
     let good_job = jobs
         .enqueue(&new_job(deep_but_accepted.clone(), 0))
@@ -635,6 +636,7 @@ async fn a_job_failing_with_a_nul_in_its_error_is_rescheduled_and_dead_lettered(
         observer: "orders".into(),
         action_index: 0,
         action_type: "webhook".into(),
+        parked_on: None,
     };
     jobs.enqueue(&job).await.unwrap().unwrap();
     let receiver_said = fraiseql_observers::retry::AttemptError::new(

@@ -38,6 +38,7 @@ fn new_job(entity_id: &str, priority: i16) -> NewJob {
         max_attempts: 3,
         initial_delay: Duration::from_millis(200),
         max_delay: Duration::from_secs(10),
+        parked_on: None,
     }
 }
 
@@ -83,6 +84,13 @@ async fn enqueue_claim_complete_and_stats() {
         (1, 0, 1)
     );
     assert!(stats[0].p50_ms.is_some() && stats[0].mean_ms.is_some());
+    assert_eq!(stats[0].completed_last_day, 1, "{stats:?}");
+    assert!(
+        stats[0]
+            .oldest_due_age_seconds
+            .is_some_and(|age| age >= 0.0),
+        "the pending job is due: {stats:?}"
+    );
     assert!(
         jobs.claim("other-queue", 10).await.unwrap().is_empty(),
         "queues are separate"

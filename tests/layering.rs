@@ -24,6 +24,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "retry",
             "outcome",
             "metrics",
+            "metrics_text",
         ],
     ),
     (
@@ -37,6 +38,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "checkpoint",
             "membership",
             "change_log",
+            "backfill",
             "dedup",
             "breaker",
             "limits",
@@ -71,6 +73,7 @@ const TABLE_OWNERS: &[(&str, &str)] = &[
     ("fraiseql_observers.dead_letters", "dlq"),
     ("fraiseql_observers.history", "history"),
     ("core.tb_entity_change_log", "change_log"),
+    ("fraiseql_observers.backfill_runs", "backfill"),
 ];
 
 /// The modules that are not layered: the crate roots.

@@ -444,13 +444,13 @@ async fn an_outage_delivers_every_change_in_order_once_the_target_recovers() {
     receiver.script("/orders", std::iter::repeat_n(Reply::status(503), 12));
     let shared = SharedState {
         // No circuit breaking here: the calls themselves show the outage and the recovery.
-        breakers: Breakers {
-            store: Arc::new(InMemoryBreakerStore::default()),
-            policy: BreakerPolicy {
-                consecutive_failures: 1_000,
+        breakers: Breakers::new(
+            Arc::new(InMemoryBreakerStore::default()),
+            BreakerPolicy {
+                minimum_calls: 1_000_000,
                 ..BreakerPolicy::default()
             },
-        },
+        ),
         ..SharedState::default()
     };
     let node = Node::build_with_shared_state(

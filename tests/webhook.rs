@@ -396,7 +396,7 @@ fn start_node_with_secrets(
         ])
         .args(["--poll-interval", "100ms"])
         // Every target is on one refused endpoint; its circuit must not postpone the jobs.
-        .args(["--breaker-failures", "1000"])
+        .args(["--breaker-minimum-calls", "1000"])
         .env("DATABASE_URL", database_url)
         .env("RUST_LOG", "info,sqlx=warn")
         .env(

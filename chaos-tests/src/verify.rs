@@ -224,6 +224,25 @@ pub fn fenced_deliveries(
     broken
 }
 
+/// The longest time without any delivery between `from` and `to` (counting from `from` to the
+/// first delivery and from the last one to `to`).
+#[must_use]
+pub fn longest_gap(deliveries: &[Delivery], from: SystemTime, to: SystemTime) -> Duration {
+    let mut times: Vec<SystemTime> = deliveries
+        .iter()
+        .map(|delivery| delivery.at)
+        .filter(|at| *at >= from && *at <= to)
+        .collect();
+    times.sort_unstable();
+    let mut longest = Duration::ZERO;
+    let mut previous = from;
+    for at in times.into_iter().chain(std::iter::once(to)) {
+        longest = longest.max(at.duration_since(previous).unwrap_or_default());
+        previous = at;
+    }
+    longest
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +303,25 @@ mod tests {
             out_of_order(&deliveries[1..]).is_empty(),
             "a redelivery is not a reorder"
         );
+    }
+
+    #[test]
+    fn the_longest_gap_counts_the_window_edges() {
+        let deliveries = [
+            delivery(150, "a", "1", 1),
+            delivery(50, "a", "1", 2),
+            delivery(120, "b", "2", 1),
+            delivery(900, "a", "2", 2),
+        ];
+        assert_eq!(
+            longest_gap(&deliveries, at(100), at(400)),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            longest_gap(&deliveries, at(0), at(160)),
+            Duration::from_millis(70)
+        );
+        assert_eq!(longest_gap(&[], at(0), at(10)), Duration::from_millis(10));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::load::{self, Load};
 use crate::node::{NodeProcess, NodeSettings, NodeSpec};
 use crate::postgres::PrivatePostgres;
 use crate::proxy::FaultProxy;
-use crate::receiver::Receiver;
+use crate::receiver::{Capacity, Delivery, Receiver};
 use crate::redis::PrivateRedis;
 use crate::report::{self, Row};
 use crate::verify::{self, Change, Fence, Sample};
@@ -48,6 +48,8 @@ pub struct Expectations {
     pub fences: Vec<Fence>,
     /// A check of the scenario's own (e.g. Redis holds claims again): `Err(problem)` fails it.
     pub extra: Vec<Result<(), String>>,
+    /// The longest recovery allowed (none: any, as long as every affected partition recovers).
+    pub recovery_within: Option<Duration>,
 }
 
 /// Fields drop in this order: nodes first, the servers they use after them.
@@ -70,6 +72,11 @@ impl World {
     /// Private PostgreSQL (migrated, with the tracked `orders` table), private Redis, receiver,
     /// `nodes` nodes each behind its own proxy, balanced; then the load starts.
     pub async fn start(name: &str, nodes: usize) -> World {
+        World::start_with(name, nodes, None).await
+    }
+
+    /// As [`World::start`], the webhook receiver of limited `capacity` when one is given.
+    pub async fn start_with(name: &str, nodes: usize, capacity: Option<Capacity>) -> World {
         let serial = SERIAL.lock().await;
         let binary = crate::node::binary();
         let dir = crate::target_dir().join("chaos").join(name);
@@ -95,7 +102,10 @@ impl World {
             .expect("admin connection to the private PostgreSQL");
         load::prepare(&admin).await;
         let redis = PrivateRedis::start().await;
-        let receiver = Receiver::start().await;
+        let receiver = match capacity {
+            Some(capacity) => Receiver::start_small(capacity),
+            None => Receiver::start().await,
+        };
         let settings = NodeSettings::default();
         let mut world = World {
             name: name.to_owned(),
@@ -398,6 +408,12 @@ impl World {
         self.receiver.delivery_count()
     }
 
+    /// Every delivery so far, in arrival order.
+    #[must_use]
+    pub fn delivery_log(&self) -> Vec<Delivery> {
+        self.receiver.deliveries()
+    }
+
     /// Stops the load, waits for the backlog, checks every invariant, records the row, and
     /// fails the test on any break.
     pub async fn finish(mut self, expect: Expectations) -> Row {
@@ -464,6 +480,15 @@ impl World {
         problems.extend(fenced.iter().take(10).cloned());
         if let Err(missing) = &recovery {
             problems.extend(missing.iter().cloned());
+        }
+        if let (Some(limit), Ok(Some(took))) = (expect.recovery_within, &recovery)
+            && *took > limit
+        {
+            problems.push(format!(
+                "recovery took {} ms, more than the {} ms allowed",
+                took.as_millis(),
+                limit.as_millis()
+            ));
         }
         problems.extend(expect.extra.iter().filter_map(|check| check.clone().err()));
         let row = Row {

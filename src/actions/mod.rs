@@ -333,11 +333,32 @@ impl Http {
         timeout: Duration,
         secrets: &Secrets,
     ) -> Result<reqwest::Response, AttemptError> {
+        self.send_noting_shrinking(permit, request, timeout, secrets)
+            .await
+            .0
+    }
+
+    /// [`send_reserved`](Self::send_reserved), also saying whether the endpoint's limit was
+    /// already shrinking when the call ended (before this call's own signal): a failure then is
+    /// our own overload being shed, which the circuit breaker does not count.
+    async fn send_noting_shrinking(
+        &self,
+        permit: Option<EndpointPermit>,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+        secrets: &Secrets,
+    ) -> (Result<reqwest::Response, AttemptError>, bool) {
         let result = request.timeout(timeout).send().await;
+        let shrinking = permit
+            .as_ref()
+            .is_some_and(EndpointPermit::endpoint_is_shrinking);
         if let Some(permit) = permit {
             permit.finish(limiter_signal(&result));
         }
-        result.map_err(|error| webhook::transport_error(error, timeout, secrets))
+        (
+            result.map_err(|error| webhook::transport_error(error, timeout, secrets)),
+            shrinking,
+        )
     }
 
     /// [`reserve`](Self::reserve) a slot at `url`'s endpoint, then

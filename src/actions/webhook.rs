@@ -15,10 +15,10 @@ use sha2::Sha256;
 
 use super::{
     ActionConfig, ActionContext, ActionRunner, ActionSuccess, Http, Secrets, UrlFromEvent,
-    endpoint_of, error_chain, quoted, redirect_reason, render, secret_missing, target_label,
-    target_url, template_failed,
+    endpoint_label, endpoint_of, error_chain, quoted, redirect_reason, render, secret_missing,
+    target_label, target_url, template_failed,
 };
-use crate::breaker::{Admission, Breakers};
+use crate::breaker::{Admission, Breakers, CallOutcome, circuit_id, counts_as_failure};
 use crate::cache::{Cache, CacheScope};
 use crate::config::{
     DEFAULT_ACTION_TIMEOUT, Decoder, EndpointLimits, Fields, Node, NodeValue, Secret, Setting,
@@ -602,9 +602,12 @@ pub(super) async fn attempt(
         WebhookTarget::Literal(_) | WebhookTarget::Template(_) => endpoint.clone(),
         WebhookTarget::FromEnv { variable, .. } => format!("the endpoint of {variable}"),
     };
-    if let Some(breakers) = guards.breakers
-        && let Admission::Refused { retry_in } = breakers.admit(&endpoint).await
-    {
+    let label = endpoint_label(&endpoint, target_label(&action.target).as_deref());
+    let admission = match guards.breakers {
+        Some(breakers) => breakers.admit(&endpoint, &label).await,
+        None => Admission::Allowed,
+    };
+    if let Admission::Refused { retry_in } = admission {
         let mut refused = AttemptError::new(
             ErrorCode::CircuitOpen,
             format!(
@@ -613,6 +616,7 @@ pub(super) async fn attempt(
             ),
         );
         refused.retry_after = Some(retry_in);
+        refused.circuit = Some(circuit_id(&endpoint));
         return Err(refused);
     }
     if let Some(rate) = action.limits.rate {
@@ -620,13 +624,25 @@ pub(super) async fn attempt(
     }
     // This node's adaptive slot first, then the cluster-wide one: no cluster slot is held
     // while this node queues.
-    let permit = http
+    let permit = match http
         .reserve(
             &url,
             target_label(&action.target).as_deref(),
             action.limits.max_in_flight,
         )
-        .await?;
+        .await
+    {
+        Ok(permit) => permit,
+        Err(busy) => {
+            // A probe that was not made is given back to the half-open circuit.
+            if let (Some(breakers), Admission::Probe) = (guards.breakers, admission) {
+                breakers
+                    .record_outcome(&endpoint, &label, CallOutcome::Discounted)
+                    .await;
+            }
+            return Err(busy);
+        }
+    };
     let slot = match action.limits.max_in_flight {
         Some(limit) => {
             let lease = action.timeout + Duration::from_secs(5);
@@ -634,7 +650,8 @@ pub(super) async fn attempt(
         }
         None => None,
     };
-    let result = call(http, permit, action, (url, guarded), headers, body).await;
+    let (mut result, limiter_was_shrinking) =
+        call(http, permit, action, (url, guarded), headers, body).await;
     if let Some(slot) = slot
         && let Err(error) = guards.limits.leave(&endpoint, &slot).await
     {
@@ -642,8 +659,20 @@ pub(super) async fn attempt(
     }
     if let Some(breakers) = guards.breakers {
         breakers
-            .record(&endpoint, result.as_ref().err().map(|error| error.code))
+            .record(
+                &endpoint,
+                &label,
+                result.as_ref().err().map(|error| error.code),
+                limiter_was_shrinking,
+            )
             .await;
+    }
+    // A failed probe opened the circuit again: its job is parked on it like a refused one.
+    if admission == Admission::Probe
+        && let Err(error) = &mut result
+        && counts_as_failure(error.code)
+    {
+        error.circuit = Some(circuit_id(&endpoint));
     }
     if let (Some((key, ttl)), Ok(success)) = (&cached, &result) {
         guards.cache.set(key, &success.detail, *ttl).await;
@@ -721,6 +750,8 @@ fn webhook_url(
     Ok((url, !host_is_the_operators && !action.allow_private_targets))
 }
 
+/// Sends the request in `permit`'s slot; also says whether the endpoint's limiter was already
+/// shrinking when the call ended (for the circuit breaker).
 async fn call(
     http: &Http,
     permit: Option<crate::concurrency::EndpointPermit>,
@@ -728,7 +759,7 @@ async fn call(
     (url, guarded): (url::Url, bool),
     headers: HeaderMap,
     body: Vec<u8>,
-) -> Result<ActionSuccess, AttemptError> {
+) -> (Result<ActionSuccess, AttemptError>, bool) {
     let secrets = Secrets::of_url(&url, matches!(action.target, WebhookTarget::FromEnv { .. }));
     let client = if guarded {
         &http.guarded_client
@@ -739,9 +770,18 @@ async fn call(
         .request(method(action.method), url)
         .headers(headers)
         .body(body);
-    let response = http
-        .send_reserved(permit, request, action.timeout, &secrets)
-        .await?;
+    let (sent, limiter_was_shrinking) = http
+        .send_noting_shrinking(permit, request, action.timeout, &secrets)
+        .await;
+    (answer(&secrets, sent).await, limiter_was_shrinking)
+}
+
+/// The attempt's result from the receiver's answer.
+async fn answer(
+    secrets: &Secrets,
+    sent: Result<reqwest::Response, AttemptError>,
+) -> Result<ActionSuccess, AttemptError> {
+    let response = sent?;
     let status = response.status().as_u16();
     let Some(code) = ErrorCode::from_http_status(status) else {
         return Ok(ActionSuccess {

@@ -100,6 +100,10 @@ pub struct QueueStats {
     pub mean_ms: Option<f64>,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// Seconds the oldest pending job that is due has waited past its `run_at`.
+    pub oldest_due_age_seconds: Option<f64>,
+    /// Jobs completed in the last 24 hours (as long as retention keeps them).
+    pub completed_last_day: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -411,7 +415,7 @@ impl PostgresJobQueue {
             let run_at: Option<DateTime<Utc>> = sqlx::query_scalar(
                 "UPDATE fraiseql_observers.jobs
                     SET status = 'pending', run_at = now() + make_interval(secs => $3),
-                        errors = errors || $4, locked_by = NULL, locked_until = NULL
+                        errors = errors || $4, locked_by = NULL, locked_until = NULL, parked_on = $5
                   WHERE id = $1 AND status = 'running' AND locked_by = $2
               RETURNING run_at",
             )
@@ -419,6 +423,7 @@ impl PostgresJobQueue {
             .bind(&self.node_id)
             .bind(delay.as_secs_f64())
             .bind(&entry_json)
+            .bind(error.circuit.as_deref())
             .fetch_optional(&mut *transaction)
             .await?;
             transaction.commit().await?;
@@ -496,23 +501,58 @@ impl PostgresJobQueue {
     }
 
     /// Gives a held job back due `after` from now without counting the attempt (its target's
-    /// circuit is open: nothing was sent).
+    /// circuit is open, or its endpoint busy: nothing was sent). `parked_on`: the open circuit
+    /// (see [`wake_parked`](Self::wake_parked)).
     ///
     /// # Errors
     /// Storage failed.
-    pub async fn postpone(&self, id: Uuid, after: Duration) -> Result<bool, JobError> {
+    pub async fn postpone(
+        &self,
+        id: Uuid,
+        after: Duration,
+        parked_on: Option<&str>,
+    ) -> Result<bool, JobError> {
         let result = sqlx::query(
             "UPDATE fraiseql_observers.jobs
                 SET status = 'pending', attempts = greatest(attempts - 1, 0), locked_by = NULL, locked_until = NULL,
-                    run_at = now() + make_interval(secs => $3)
+                    run_at = now() + make_interval(secs => $3), parked_on = $4
               WHERE id = $1 AND status = 'running' AND locked_by = $2",
         )
         .bind(id)
         .bind(&self.node_id)
         .bind(after.as_secs_f64())
+        .bind(parked_on)
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected() == 1)
+    }
+
+    /// Makes up to `limit` pending jobs parked on `circuit` (their endpoint's circuit was open)
+    /// due now, no longer parked, and notifies the workers; how many. Cluster-wide: the jobs of
+    /// every node's queues.
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub async fn wake_parked(&self, circuit: &str, limit: i64) -> Result<u64, JobError> {
+        let (woken, _notified): (i64, i64) = sqlx::query_as(
+            "WITH parked AS (
+                 SELECT id FROM fraiseql_observers.jobs
+                  WHERE status = 'pending' AND parked_on = $1
+                  LIMIT $2 FOR UPDATE SKIP LOCKED),
+             woken AS (
+                 UPDATE fraiseql_observers.jobs AS job
+                    SET run_at = least(job.run_at, now()), parked_on = NULL
+                   FROM parked WHERE job.id = parked.id
+                 RETURNING 1),
+             notified AS (SELECT pg_notify($3, '') WHERE EXISTS (SELECT 1 FROM woken))
+             SELECT (SELECT count(*) FROM woken), (SELECT count(*) FROM notified)",
+        )
+        .bind(circuit)
+        .bind(limit)
+        .bind(JOBS_CHANNEL)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(woken).unwrap_or_default())
     }
 
     /// Cancels a job that has not started; `false` when it is running or finished.
@@ -562,7 +602,11 @@ impl PostgresJobQueue {
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)::float8 * 1000)
                         FILTER (WHERE status = 'completed') AS p50_ms,
                     percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)::float8 * 1000)
-                        FILTER (WHERE status = 'completed') AS p99_ms
+                        FILTER (WHERE status = 'completed') AS p99_ms,
+                    extract(epoch FROM now() - min(run_at) FILTER (WHERE status = 'pending' AND run_at <= now()))::float8
+                        AS oldest_due_age_seconds,
+                    count(*) FILTER (WHERE status = 'completed' AND finished_at > now() - interval '24 hours')
+                        AS completed_last_day
                FROM fraiseql_observers.jobs GROUP BY queue ORDER BY queue",
         )
         .fetch_all(&self.pool)
@@ -579,6 +623,8 @@ impl PostgresJobQueue {
                     mean_ms: row.try_get("mean_ms")?,
                     p50_ms: row.try_get("p50_ms")?,
                     p99_ms: row.try_get("p99_ms")?,
+                    oldest_due_age_seconds: row.try_get("oldest_due_age_seconds")?,
+                    completed_last_day: row.try_get("completed_last_day")?,
                 })
             })
             .collect()
@@ -694,6 +740,7 @@ pub async fn enqueue_batch<'connection>(
     let mut events = Vec::with_capacity(jobs.len());
     let mut ordering_keys = Vec::with_capacity(jobs.len());
     let mut ordinals = Vec::with_capacity(jobs.len());
+    let mut parked_on = Vec::with_capacity(jobs.len());
     let now = Utc::now();
     for job in jobs {
         ids.push(Uuid::now_v7());
@@ -711,14 +758,16 @@ pub async fn enqueue_batch<'connection>(
         events.push(serde_json::to_value(&job.event).unwrap_or_default());
         ordering_keys.push(job.ordering_key());
         ordinals.push(job.ordinal());
+        parked_on.push(job.parked_on.clone());
     }
     let inserted: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO fraiseql_observers.jobs
              (id, queue, priority, run_at, max_attempts, backoff_initial_ms, backoff_max_ms,
-              idempotency_key, event_id, observer, action_index, action_type, event, ordering_key, ordinal)
+              idempotency_key, event_id, observer, action_index, action_type, event, ordering_key, ordinal,
+              parked_on)
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::smallint[], $4::timestamptz[], $5::int[], $6::bigint[],
                               $7::bigint[], $8::text[], $9::uuid[], $10::text[], $11::int[], $12::text[], $13::jsonb[],
-                              $14::text[], $15::bigint[])
+                              $14::text[], $15::bigint[], $16::text[])
          ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING id",
     )
@@ -737,6 +786,7 @@ pub async fn enqueue_batch<'connection>(
     .bind(events)
     .bind(ordering_keys)
     .bind(ordinals)
+    .bind(parked_on)
     .fetch_all(executor)
     .await?;
     Ok(inserted)
@@ -780,8 +830,8 @@ pub async fn depths<'connection>(
     .await?)
 }
 
-/// Per queue, the seconds the oldest due pending job has waited since it became due (a
-/// bounded read for gauges).
+/// Per queue with pending jobs, the seconds the oldest due one has waited since it became due
+/// (0 while every pending job is still scheduled for later); a read for gauges.
 ///
 /// # Errors
 /// Storage failed.
@@ -789,8 +839,10 @@ pub async fn oldest_due_ages<'connection>(
     executor: impl sqlx::Executor<'connection, Database = Postgres>,
 ) -> Result<Vec<(String, f64)>, JobError> {
     Ok(sqlx::query_as(
-        "SELECT queue, extract(epoch FROM now() - min(run_at))::float8 FROM fraiseql_observers.jobs
-          WHERE status = 'pending' AND run_at <= now()
+        "SELECT queue,
+                COALESCE(extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now())), 0)::float8
+           FROM fraiseql_observers.jobs
+          WHERE status = 'pending'
           GROUP BY queue ORDER BY queue",
     )
     .fetch_all(executor)

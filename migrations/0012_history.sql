@@ -1,4 +1,4 @@
--- 0010_history.sql — the audit trail: one row per processed event (what matched, what each action
+-- 0012_history.sql — the audit trail: one row per processed event (what matched, what each action
 -- did, where it ran) and one more row per later outcome of a queued job (its success, its dead
 -- letter). Owned by src/history.rs.
 --

@@ -155,7 +155,7 @@ impl HistoryAction {
                 dead_letter,
             } => (
                 Some(code.as_str().to_owned()),
-                Some(truncate(message, MAX_ERROR_MESSAGE_BYTES)),
+                Some(error_text(message)),
                 *dead_letter,
                 None,
             ),
@@ -178,6 +178,14 @@ impl HistoryAction {
             job_id: None,
         }
     }
+}
+
+/// An error message as history stores it: NUL replaced (no PostgreSQL text or jsonb holds one,
+/// and receivers' answers may contain it) and cut to [`MAX_ERROR_MESSAGE_BYTES`] on a character
+/// boundary.
+#[must_use]
+pub fn error_text(message: &str) -> String {
+    truncate(&crate::escape::storable(message), MAX_ERROR_MESSAGE_BYTES)
 }
 
 fn truncate(text: &str, max_bytes: usize) -> String {
@@ -577,5 +585,6 @@ mod tests {
         let cut = truncate(&message, MAX_ERROR_MESSAGE_BYTES);
         assert_eq!(cut.len(), MAX_ERROR_MESSAGE_BYTES);
         assert_eq!(truncate("short", 10), "short");
+        assert_eq!(error_text("bad\0request"), "bad\u{fffd}request");
     }
 }

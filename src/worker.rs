@@ -121,12 +121,7 @@ impl JobWorker {
         let (error_code, error_message) = match error {
             Some((code, message)) => (
                 Some(code.as_str().to_owned()),
-                Some(
-                    message
-                        .chars()
-                        .take(crate::history::MAX_ERROR_MESSAGE_BYTES / 4)
-                        .collect(),
-                ),
+                Some(crate::history::error_text(&message)),
             ),
             None => (None, None),
         };

@@ -24,8 +24,10 @@ async fn claim_and_complete(store: &Arc<dyn DeduplicationStore>, run: &str) -> f
             let store = store.clone();
             async move {
                 let key = format!("{run}:{index}");
-                let Claim::Acquired(token) =
-                    store.claim(&key, Duration::from_mins(1)).await.unwrap()
+                let Claim::Acquired(token) = store
+                    .claim(&key, "node-a", Duration::from_mins(1))
+                    .await
+                    .unwrap()
                 else {
                     panic!("fresh keys are acquired");
                 };
@@ -48,7 +50,7 @@ async fn duplicate_checks(store: &Arc<dyn DeduplicationStore>, run: &str) -> f64
             let store = store.clone();
             async move {
                 let claim = store
-                    .claim(&format!("{run}:{index}"), Duration::from_mins(1))
+                    .claim(&format!("{run}:{index}"), "node-a", Duration::from_mins(1))
                     .await
                     .unwrap();
                 assert_eq!(claim, Claim::Done);

@@ -26,7 +26,9 @@ pub struct CacheError(String);
 #[async_trait]
 pub trait CacheBackend: Send + Sync + std::fmt::Debug {
     async fn get(&self, key: &str) -> Result<Option<String>, CacheError>;
-    async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), CacheError>;
+    /// Stores `value` under `key` for `ttl`; how many other entries the backend evicted to make
+    /// room (always 0 for Redis, whose own expiry and eviction are its business).
+    async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<u64, CacheError>;
     /// Removes every key matching `pattern` (`*` wildcards; other glob characters escaped by
     /// [`glob_escape`]); how many.
     async fn invalidate(&self, pattern: &str) -> Result<u64, CacheError>;
@@ -71,8 +73,12 @@ fn glob_matches(pattern: &str, key: &str) -> bool {
     tokens[token..].iter().all(Option::is_none)
 }
 
+/// Most entries one node's in-process cache holds; past it the entries closest to expiry go.
+pub const IN_MEMORY_CAPACITY: usize = 100_000;
+
 /// One node's cache. Expired entries are ignored when read and swept when the map has doubled
-/// since the last sweep (amortized O(1) per insert).
+/// since the last sweep (amortized O(1) per insert), or reached [`IN_MEMORY_CAPACITY`]; at the
+/// capacity, the entries that would expire first are evicted down to three quarters of it.
 #[derive(Debug, Default)]
 pub struct InMemoryCache {
     entries: Mutex<HashMap<String, (String, Instant)>>,
@@ -92,7 +98,7 @@ impl CacheBackend for InMemoryCache {
             .map(|(value, _)| value.clone()))
     }
 
-    async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), CacheError> {
+    async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<u64, CacheError> {
         let mut entries = self
             .entries
             .lock()
@@ -101,14 +107,26 @@ impl CacheBackend for InMemoryCache {
         let sweep_at = self
             .sweep_at
             .load(std::sync::atomic::Ordering::Relaxed)
-            .max(4096);
-        if entries.len() >= sweep_at {
+            .clamp(4096, IN_MEMORY_CAPACITY);
+        let mut evicted = 0;
+        if entries.len() >= sweep_at && !entries.contains_key(key) {
+            let before = entries.len();
             entries.retain(|_, (_, expires)| *expires > now);
+            if entries.len() >= IN_MEMORY_CAPACITY {
+                let mut expiries: Vec<Instant> =
+                    entries.values().map(|(_, expires)| *expires).collect();
+                let keep = IN_MEMORY_CAPACITY * 3 / 4;
+                let cut = expiries.len() - keep;
+                let (_, boundary, _) = expiries.select_nth_unstable(cut);
+                let boundary = *boundary;
+                entries.retain(|_, (_, expires)| *expires > boundary);
+            }
+            evicted = u64::try_from(before - entries.len()).unwrap_or(u64::MAX);
             self.sweep_at
                 .store(entries.len() * 2, std::sync::atomic::Ordering::Relaxed);
         }
         entries.insert(key.to_owned(), (value.to_owned(), now + ttl));
-        Ok(())
+        Ok(evicted)
     }
 
     async fn invalidate(&self, pattern: &str) -> Result<u64, CacheError> {
@@ -158,7 +176,7 @@ impl CacheBackend for RedisCache {
             .map_err(|error| CacheError(error.to_string()))
     }
 
-    async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), CacheError> {
+    async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<u64, CacheError> {
         let mut connection = self.connection.clone();
         let () = redis::cmd("SET")
             .arg(key)
@@ -168,7 +186,7 @@ impl CacheBackend for RedisCache {
             .query_async(&mut connection)
             .await
             .map_err(|error| CacheError(error.to_string()))?;
-        Ok(())
+        Ok(0)
     }
 
     async fn invalidate(&self, pattern: &str) -> Result<u64, CacheError> {
@@ -241,8 +259,14 @@ impl Cache {
     }
 
     fn count(&self, outcome: &str) {
-        if let Some(metrics) = &self.metrics {
-            metrics.record_cache(outcome);
+        self.count_many(outcome, 1);
+    }
+
+    fn count_many(&self, outcome: &str, how_many: u64) {
+        if let Some(metrics) = &self.metrics
+            && how_many > 0
+        {
+            metrics.record_cache(outcome, how_many);
         }
     }
 
@@ -268,7 +292,10 @@ impl Cache {
     /// Stores a result (best effort).
     pub async fn set(&self, key: &str, value: &str, ttl: Duration) {
         match self.backend.set(key, value, ttl).await {
-            Ok(()) => self.count("store"),
+            Ok(evicted) => {
+                self.count("store");
+                self.count_many("evicted", evicted);
+            }
             Err(error) => {
                 self.count("error");
                 tracing::warn!(%error, "storing a cached result failed");
@@ -292,7 +319,7 @@ impl Cache {
             glob_escape(entity_id)
         );
         let removed = self.backend.invalidate(&pattern).await?;
-        self.count_invalidated(removed);
+        self.count_many("invalidated", removed);
         Ok(removed)
     }
 
@@ -307,16 +334,8 @@ impl Cache {
             glob_escape(action_type)
         );
         let removed = self.backend.invalidate(&pattern).await?;
-        self.count_invalidated(removed);
+        self.count_many("invalidated", removed);
         Ok(removed)
-    }
-
-    fn count_invalidated(&self, removed: u64) {
-        if let Some(metrics) = &self.metrics {
-            for _ in 0..removed.min(1_000_000) {
-                metrics.record_cache("invalidated");
-            }
-        }
     }
 }
 
@@ -416,5 +435,45 @@ mod tests {
             metrics: None,
         };
         conformance::check(&cache).await;
+    }
+
+    #[tokio::test]
+    async fn the_in_memory_cache_stays_within_its_capacity_and_counts_what_it_evicts() {
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+        let cache = Cache {
+            backend: std::sync::Arc::new(InMemoryCache::default()),
+            prefix: "p:".into(),
+            metrics: Some(metrics.clone()),
+        };
+        // The first entries expire last: at the capacity, the ones closest to expiry go first.
+        let total = IN_MEMORY_CAPACITY + 10;
+        for index in 0..total {
+            let ttl = Duration::from_hours(1)
+                .checked_sub(Duration::from_millis(u64::try_from(index).unwrap()))
+                .unwrap();
+            cache.set(&format!("k{index}"), "v", ttl).await;
+        }
+        let evicted = metrics
+            .cache
+            .get_or_create(&crate::metrics::OutcomeLabel {
+                outcome: "evicted".into(),
+            })
+            .get();
+        assert!(evicted > 0, "nothing evicted past the capacity");
+        let held = u64::try_from(total).unwrap() - evicted;
+        assert!(
+            held <= u64::try_from(IN_MEMORY_CAPACITY).unwrap(),
+            "{held} entries held"
+        );
+        assert_eq!(
+            cache.get("k0").await.as_deref(),
+            Some("v"),
+            "latest to expire kept"
+        );
+        assert_eq!(
+            cache.get(&format!("k{}", IN_MEMORY_CAPACITY - 1)).await,
+            None,
+            "closest to expiry evicted"
+        );
     }
 }

@@ -15,6 +15,14 @@
 //! way towards it, so a receiver that has become slower for good is not held at the minimum for
 //! ever, while one that slows for a while is given fewer calls.
 //!
+//! Answers arrive late exactly when they matter most: a receiver whose accept queue is full drops
+//! the handshake, and that call answers a second later, by which time one answer per limit's
+//! worth would have grown the limit far past the receiver. So the limiter also watches the calls
+//! still in flight: while more than one in [`STUCK_SHARE`] has waited longer than
+//! [`STUCK_TOLERANCE`] times the floor, it does not grow. When those stuck calls come back, each
+//! weighs in the smoothed latency as no more than that bound, so a few of them cut the limit once
+//! instead of keeping the mean high, and cutting, for a hundred answers after.
+//!
 //! A call waits for a slot at most the queue wait; that time is not part of its attempt's
 //! timeout. Past it (or when a `Retry-After` hold outlasts it) the call is not made:
 //! [`ErrorCode::EndpointBusy`] (OB016), which the executor hands to the job queue without
@@ -61,6 +69,13 @@ const MAX_HOLD: Duration = Duration::from_mins(1);
 const FLOOR_DRIFT: u32 = 16;
 /// How long after a cut the limiter counts as shrinking (for the circuit breaker).
 const SHRINKING_FOR: Duration = Duration::from_secs(2);
+/// A call still unanswered after this multiple of the floor (plus [`LATENCY_SLACK`]) is stuck:
+/// waiting in a queue the receiver cannot serve from, such as a connection whose handshake the
+/// receiver's full accept queue dropped (the client retries it a second later).
+const STUCK_TOLERANCE: u32 = 4;
+/// No growth while more than one call in this many in flight is stuck: the receiver is already
+/// past what it can take, and the answers that would say so are not back yet.
+const STUCK_SHARE: u32 = 4;
 
 /// How the limiter behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,6 +167,8 @@ struct State {
     last_cut: Option<Instant>,
     /// No new call before this (`Retry-After`).
     hold_until: Option<Instant>,
+    /// When each call in flight started (how many started at that instant).
+    started: std::collections::BTreeMap<Instant, u32>,
 }
 
 impl State {
@@ -161,6 +178,30 @@ impl State {
             && self
                 .last_cut
                 .is_some_and(|cut| cut.elapsed() < SHRINKING_FOR)
+    }
+
+    fn call_started(&mut self, at: Instant) {
+        *self.started.entry(at).or_default() += 1;
+    }
+
+    fn call_ended(&mut self, at: Instant) {
+        if let std::collections::btree_map::Entry::Occupied(mut entry) = self.started.entry(at) {
+            *entry.get_mut() -= 1;
+            if *entry.get() == 0 {
+                entry.remove();
+            }
+        }
+    }
+
+    /// Calls in flight for longer than [`STUCK_TOLERANCE`] times the floor (plus slack).
+    fn stuck(&self, now: Instant) -> u32 {
+        let Some(floor) = self.floor else {
+            return 0;
+        };
+        let Some(before) = now.checked_sub(floor * STUCK_TOLERANCE + LATENCY_SLACK) else {
+            return 0;
+        };
+        self.started.range(..before).map(|(_, count)| count).sum()
     }
 }
 
@@ -215,6 +256,7 @@ impl EndpointLimiter {
                         generation: 0,
                         last_cut: None,
                         hold_until: None,
+                        started: std::collections::BTreeMap::new(),
                     }),
                 })
             })
@@ -320,10 +362,12 @@ impl EndpointLimiter {
                 let hold = state.hold_until.filter(|until| *until > now);
                 if hold.is_none() && state.in_flight < self.effective(&state, ceiling) {
                     state.in_flight += 1;
+                    let started = Instant::now();
+                    state.call_started(started);
                     let permit = EndpointPermit {
                         limiter: self.clone(),
                         endpoint: known.clone(),
-                        started: Instant::now(),
+                        started,
                         generation: state.generation,
                         in_flight_at_start: state.in_flight,
                         finished: false,
@@ -384,8 +428,9 @@ impl EndpointLimiter {
             .unwrap_or_else(PoisonError::into_inner);
         let before = self.effective(&state, None);
         state.in_flight = state.in_flight.saturating_sub(1);
-        let latency = permit.started.elapsed();
+        state.call_ended(permit.started);
         let now = Instant::now();
+        let latency = now.saturating_duration_since(permit.started);
         let max = f64::from(self.shared.settings.max_limit);
         let cut = |state: &mut State, factor: f64| {
             if permit.generation == state.generation {
@@ -407,13 +452,20 @@ impl EndpointLimiter {
                     None => latency,
                 };
                 state.floor = Some(floor);
-                let smoothed = state.smoothed.map_or(latency, |smoothed| {
-                    (smoothed * (SMOOTHING - 1) + latency) / SMOOTHING
+                // One answer moves the mean at most as far as a stuck call's: a handful of calls
+                // that waited a second for a handshake say "too many" once, not for a hundred
+                // answers after the limit has already come down.
+                let sample = latency.min(floor * STUCK_TOLERANCE + LATENCY_SLACK);
+                let smoothed = state.smoothed.map_or(sample, |smoothed| {
+                    (smoothed * (SMOOTHING - 1) + sample) / SMOOTHING
                 });
                 state.smoothed = Some(smoothed);
                 if smoothed <= floor * LATENCY_TOLERANCE + LATENCY_SLACK {
-                    // Grow only while the limit is in use: an idle endpoint's limit says nothing.
-                    if f64::from(permit.in_flight_at_start) * 2.0 >= state.limit.floor() {
+                    // Grow only while the limit is in use (an idle endpoint's limit says
+                    // nothing) and no more than a share of the calls is stuck.
+                    if f64::from(permit.in_flight_at_start) * 2.0 >= state.limit.floor()
+                        && f64::from(state.stuck(now) * STUCK_SHARE) <= state.limit
+                    {
                         state.limit = (state.limit + 1.0 / state.limit).min(max);
                     }
                 } else {

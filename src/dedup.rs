@@ -13,6 +13,14 @@
 //! entity's later changes do not wait behind it. A caller that finds a claim busy learns how long
 //! it still lasts ([`Gate::Busy`]), and the action is retried when it ends, not after a backoff.
 //!
+//! A claim's token names its holder (the node id after a random part). When the holder is no
+//! longer a live member of the cluster — its lease session in PostgreSQL is gone, which a
+//! `kill -9` makes true at once — a node that meets its claim takes it over with a
+//! compare-and-set on the token ([`Liveness`], counted as `claim_taken_over`), instead of waiting
+//! out the lease: the killed node's entities move on as soon as their partitions do. A node cut
+//! off from PostgreSQL is not live either; an attempt it still has in flight may then overlap the
+//! successor's, which its idempotency key makes recognisable (as with any fenced node).
+//!
 //! A renewal that finds the claim gone (it expired while Redis was unreachable or the node was
 //! paused for a whole lease, or Redis lost it) stops renewing and is counted as `claim_lost`; the
 //! attempt in flight is not cut off (a request already sent cannot be unsent, and its
@@ -45,6 +53,8 @@ pub enum Claim {
     Busy {
         /// What is left of the holder's lease.
         expires_in: Duration,
+        /// The holder's token (it names the holder's node, [`holder_of`]).
+        token: String,
     },
     /// The effect happened within the window.
     Done,
@@ -61,11 +71,24 @@ pub enum DedupError {
 /// Claims of side effects.
 #[async_trait]
 pub trait DeduplicationStore: Send + Sync + std::fmt::Debug {
-    /// Atomically claims `key` for `lease` unless it is claimed or done.
+    /// Atomically claims `key` for `lease` unless it is claimed or done; the token names
+    /// `holder` (a node id, or empty).
     ///
     /// # Errors
     /// The store is unreachable.
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, DedupError>;
+    async fn claim(&self, key: &str, holder: &str, lease: Duration) -> Result<Claim, DedupError>;
+    /// Replaces the claim `stale` holds on `key` by a new one of `holder` for `lease`; the new
+    /// token, or `None` when `stale` no longer holds it.
+    ///
+    /// # Errors
+    /// The store is unreachable.
+    async fn take_over(
+        &self,
+        key: &str,
+        stale: &str,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<Option<String>, DedupError>;
     /// Extends the claim on `key` to `lease` from now, if `token` still holds it; `false` when it
     /// does not (expired, released, completed, or taken by another caller since).
     ///
@@ -84,8 +107,19 @@ pub trait DeduplicationStore: Send + Sync + std::fmt::Debug {
     async fn release(&self, key: &str, token: &str) -> Result<(), DedupError>;
 }
 
-fn new_token() -> String {
-    Uuid::new_v4().simple().to_string()
+/// The random part of a token: a simple UUID.
+const TOKEN_RANDOM_LENGTH: usize = 32;
+
+fn new_token(holder: &str) -> String {
+    format!("{}{holder}", Uuid::new_v4().simple())
+}
+
+/// The node a claim's token names; `None` for a token without one.
+#[must_use]
+pub fn holder_of(token: &str) -> Option<&str> {
+    token
+        .get(TOKEN_RANDOM_LENGTH..)
+        .filter(|holder| !holder.is_empty())
 }
 
 /// One node's claims, in process. Expired entries are ignored when met and swept every
@@ -184,20 +218,41 @@ impl InMemoryDeduplicationStore {
 
 #[async_trait]
 impl DeduplicationStore for InMemoryDeduplicationStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, DedupError> {
+    async fn claim(&self, key: &str, holder: &str, lease: Duration) -> Result<Claim, DedupError> {
         Ok(self.with_state(|state| match state.live_until(key) {
             Some((Mark::Done, _)) => Claim::Done,
-            Some((Mark::Claimed(_), expires)) => Claim::Busy {
+            Some((Mark::Claimed(token), expires)) => Claim::Busy {
                 expires_in: expires.saturating_duration_since(Instant::now()),
+                token: token.clone(),
             },
             None => {
-                let token = new_token();
+                let token = new_token(holder);
                 state.entries.insert(
                     key.to_owned(),
                     (Mark::Claimed(token.clone()), Instant::now() + lease),
                 );
                 Claim::Acquired(token)
             }
+        }))
+    }
+
+    async fn take_over(
+        &self,
+        key: &str,
+        stale: &str,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<Option<String>, DedupError> {
+        Ok(self.with_state(|state| {
+            if !state.holds(key, stale) {
+                return None;
+            }
+            let token = new_token(holder);
+            state.entries.insert(
+                key.to_owned(),
+                (Mark::Claimed(token.clone()), Instant::now() + lease),
+            );
+            Some(token)
         }))
     }
 
@@ -240,12 +295,20 @@ pub struct RedisDeduplicationStore {
     prefix: String,
 }
 
-/// `SET NX PX`, and on conflict say whether the holder is done: `{1, 0}` acquired, `{2, 0}`
-/// done, `{0, milliseconds left of the holder's lease}` busy.
+/// `SET NX PX`, and on conflict say whether the holder is done: `{1, 0, ''}` acquired,
+/// `{2, 0, ''}` done, `{0, milliseconds left of the holder's lease, its token}` busy.
 const CLAIM: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, 0} end
-if redis.call('GET', KEYS[1]) == 'done' then return {2, 0} end
-return {0, redis.call('PTTL', KEYS[1])}";
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, 0, ''} end
+local holder = redis.call('GET', KEYS[1])
+if holder == 'done' then return {2, 0, ''} end
+return {0, redis.call('PTTL', KEYS[1]), holder or ''}";
+/// Replace a stale holder's claim by ours (compare its token, then `SET PX`): 1 taken, 0 not.
+const TAKE_OVER: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0";
 /// Extend our claim (compare the token, then `PEXPIRE`): 1 renewed, 0 not ours any more.
 const RENEW: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -318,17 +381,39 @@ impl RedisDeduplicationStore {
 
 #[async_trait]
 impl DeduplicationStore for RedisDeduplicationStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, DedupError> {
-        let token = new_token();
-        let (status, left): (i64, i64) = self.run(CLAIM, key, &token, millis(lease)).await?;
+    async fn claim(&self, key: &str, holder: &str, lease: Duration) -> Result<Claim, DedupError> {
+        let token = new_token(holder);
+        let (status, left, holder): (i64, i64, String) =
+            self.run(CLAIM, key, &token, millis(lease)).await?;
         Ok(match status {
             1 => Claim::Acquired(token),
             2 => Claim::Done,
             // PTTL is never negative here (the key exists and was set with PX), but clamp anyway.
             _ => Claim::Busy {
                 expires_in: Duration::from_millis(u64::try_from(left).unwrap_or(0)),
+                token: holder,
             },
         })
+    }
+
+    async fn take_over(
+        &self,
+        key: &str,
+        stale: &str,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<Option<String>, DedupError> {
+        let token = new_token(holder);
+        let mut connection = self.connection.clone();
+        let replaced: i64 = redis::Script::new(TAKE_OVER)
+            .key(self.key(key))
+            .arg(stale)
+            .arg(&token)
+            .arg(millis(lease))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|error| DedupError::Unavailable(error.to_string()))?;
+        Ok((replaced == 1).then_some(token))
     }
 
     async fn renew(&self, key: &str, token: &str, lease: Duration) -> Result<bool, DedupError> {
@@ -396,6 +481,69 @@ pub struct Deduplication {
     /// How long a claim lasts unless renewed ([`claim_lease_for`] the node timeout); renewed
     /// every third of it while the attempt runs ([`Deduplication::hold`]).
     pub claim_lease: Duration,
+    /// This node's id, named in its claims' tokens (empty: claims name no holder).
+    pub holder: String,
+    /// Which nodes are live, to take over the claims of those that are not (none: claims of a
+    /// dead node are waited out).
+    pub liveness: Option<Arc<dyn Liveness>>,
+}
+
+/// Which nodes are live members of the cluster.
+#[async_trait]
+pub trait Liveness: Send + Sync + std::fmt::Debug {
+    /// Whether `node` is certainly not live, by what was known at `seen` or later (an answer
+    /// from before `seen` could miss a node that joined since). Unsure (storage failed): `false`.
+    async fn is_gone(&self, node: &str, seen: Instant) -> bool;
+}
+
+/// [`Liveness`] from the cluster's membership in PostgreSQL (a node is live while its lease
+/// session is): one read of the live members serves every question asked before it began,
+/// and answers stay fresh for [`LIVE_MEMBERS_FRESH`]. Only a node that is itself a live member
+/// calls another one gone (a node run without the cluster's membership never does).
+#[derive(Debug)]
+pub struct LiveMembers {
+    pool: sqlx::PgPool,
+    node_id: String,
+    read: tokio::sync::Mutex<Option<(Instant, std::collections::HashSet<String>)>>,
+}
+
+/// How long one read of the live members answers questions about claims met since.
+const LIVE_MEMBERS_FRESH: Duration = Duration::from_millis(200);
+
+impl LiveMembers {
+    /// The membership as seen by the node `node_id`.
+    #[must_use]
+    pub fn new(pool: sqlx::PgPool, node_id: impl Into<String>) -> LiveMembers {
+        LiveMembers {
+            pool,
+            node_id: node_id.into(),
+            read: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+#[async_trait]
+impl Liveness for LiveMembers {
+    async fn is_gone(&self, node: &str, seen: Instant) -> bool {
+        let mut read = self.read.lock().await;
+        let fresh = read
+            .as_ref()
+            .is_some_and(|(at, _)| *at >= seen.checked_sub(LIVE_MEMBERS_FRESH).unwrap_or(seen));
+        if !fresh {
+            let started = Instant::now();
+            match crate::membership::live_nodes(&self.pool).await {
+                Ok(nodes) => {
+                    *read = Some((started, nodes.into_iter().map(|row| row.node_id).collect()));
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "reading the live nodes failed; waiting out claims");
+                    return false;
+                }
+            }
+        }
+        read.as_ref()
+            .is_some_and(|(_, live)| live.contains(&self.node_id) && !live.contains(node))
+    }
 }
 
 /// What a claim lets the caller do.
@@ -422,15 +570,20 @@ impl Deduplication {
         }
     }
 
-    /// Claims `key` for one claim lease.
+    /// Claims `key` for one claim lease; takes over a claim whose holder is no longer live.
     pub async fn gate(&self, key: &str) -> Gate {
-        match self.store.claim(key, self.claim_lease).await {
+        let claimed = self.store.claim(key, &self.holder, self.claim_lease).await;
+        let seen = Instant::now();
+        match claimed {
             Ok(Claim::Acquired(token)) => Gate::Run(Some(token)),
             Ok(Claim::Done) => {
                 self.count("duplicate_skipped");
                 Gate::Done
             }
-            Ok(Claim::Busy { expires_in }) => {
+            Ok(Claim::Busy { expires_in, token }) => {
+                if let Some(taken) = self.take_over_if_gone(key, &token, seen).await {
+                    return Gate::Run(Some(taken));
+                }
                 self.count("busy_elsewhere");
                 Gate::Busy { expires_in }
             }
@@ -445,6 +598,36 @@ impl Deduplication {
                         Gate::Deferred(format!("deduplication unavailable: {error}"))
                     }
                 }
+            }
+        }
+    }
+
+    /// The claim `stale` holds on `key`, taken over when its holder is another node that is no
+    /// longer live; the new token.
+    async fn take_over_if_gone(&self, key: &str, stale: &str, seen: Instant) -> Option<String> {
+        let liveness = self.liveness.as_ref()?;
+        let holder = holder_of(stale).filter(|holder| *holder != self.holder)?;
+        if !liveness.is_gone(holder, seen).await {
+            return None;
+        }
+        match self
+            .store
+            .take_over(key, stale, &self.holder, self.claim_lease)
+            .await
+        {
+            Ok(Some(token)) => {
+                self.count("claim_taken_over");
+                tracing::info!(
+                    key,
+                    holder,
+                    "took over a deduplication claim of a node that is no longer live"
+                );
+                Some(token)
+            }
+            Ok(None) => None,
+            Err(error) => {
+                tracing::debug!(%error, key, "taking over a stale claim failed; waiting it out");
+                None
             }
         }
     }
@@ -530,68 +713,132 @@ pub mod conformance {
 
         // First claim wins; a second finds it busy, with what is left of the lease; done after
         // completion.
-        let Claim::Acquired(token) = store.claim(&key("a"), lease).await.unwrap() else {
+        let Claim::Acquired(token) = store.claim(&key("a"), "node-a", lease).await.unwrap() else {
             panic!("a fresh key is acquired");
         };
         assert_busy_within(store, &key("a"), lease).await;
         store.complete(&key("a"), &token, window).await.unwrap();
-        assert_eq!(store.claim(&key("a"), lease).await.unwrap(), Claim::Done);
+        assert_eq!(
+            store.claim(&key("a"), "node-a", lease).await.unwrap(),
+            Claim::Done
+        );
 
         // A released claim can be taken again; a stale token changes nothing.
-        let Claim::Acquired(first) = store.claim(&key("b"), lease).await.unwrap() else {
+        let Claim::Acquired(first) = store.claim(&key("b"), "node-a", lease).await.unwrap() else {
             panic!("acquired");
         };
         store.release(&key("b"), &first).await.unwrap();
-        let Claim::Acquired(second) = store.claim(&key("b"), lease).await.unwrap() else {
+        let Claim::Acquired(second) = store.claim(&key("b"), "node-a", lease).await.unwrap() else {
             panic!("a released claim is free again");
         };
         store.release(&key("b"), &first).await.unwrap();
         store.complete(&key("b"), &first, window).await.unwrap();
         assert!(
             matches!(
-                store.claim(&key("b"), lease).await.unwrap(),
+                store.claim(&key("b"), "node-a", lease).await.unwrap(),
                 Claim::Busy { .. }
             ),
             "an old token neither releases nor completes the new holder's claim"
         );
         store.complete(&key("b"), &second, window).await.unwrap();
-        assert_eq!(store.claim(&key("b"), lease).await.unwrap(), Claim::Done);
+        assert_eq!(
+            store.claim(&key("b"), "node-a", lease).await.unwrap(),
+            Claim::Done
+        );
 
         // Keys never collide: another action of the same event is its own key.
         assert!(matches!(
-            store.claim(&key("b:other"), lease).await.unwrap(),
+            store.claim(&key("b:other"), "node-a", lease).await.unwrap(),
             Claim::Acquired(_)
         ));
 
         // A claim whose holder vanished expires after its lease; a done mark after the window.
         let short = Duration::from_millis(150);
         assert!(matches!(
-            store.claim(&key("c"), short).await.unwrap(),
+            store.claim(&key("c"), "node-a", short).await.unwrap(),
             Claim::Acquired(_)
         ));
         assert_busy_within(store, &key("c"), short).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let Claim::Acquired(token) = store.claim(&key("c"), lease).await.unwrap() else {
+        let Claim::Acquired(token) = store.claim(&key("c"), "node-a", lease).await.unwrap() else {
             panic!("an abandoned claim expires");
         };
         store.complete(&key("c"), &token, short).await.unwrap();
-        assert_eq!(store.claim(&key("c"), lease).await.unwrap(), Claim::Done);
+        assert_eq!(
+            store.claim(&key("c"), "node-a", lease).await.unwrap(),
+            Claim::Done
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(
             matches!(
-                store.claim(&key("c"), lease).await.unwrap(),
+                store.claim(&key("c"), "node-a", lease).await.unwrap(),
                 Claim::Acquired(_)
             ),
             "after the window the action may run again"
         );
 
         renewal(store, &key).await;
+        take_over(store, &key).await;
+    }
+
+    /// A claim's token names its holder; only the exact token of a claim is taken over, and the
+    /// old holder can neither renew, release nor complete it afterwards.
+    async fn take_over(store: &dyn DeduplicationStore, key: &dyn Fn(&str) -> String) {
+        let lease = Duration::from_secs(30);
+        let Claim::Acquired(stale) = store.claim(&key("over"), "node-a", lease).await.unwrap()
+        else {
+            panic!("a fresh key is acquired");
+        };
+        assert_eq!(super::holder_of(&stale), Some("node-a"));
+        let Claim::Busy { token, .. } = store.claim(&key("over"), "node-b", lease).await.unwrap()
+        else {
+            panic!("claimed by node-a");
+        };
+        assert_eq!(token, stale, "a busy claim says whose it is");
+        assert_eq!(
+            store
+                .take_over(&key("over"), "not-the-token", "node-b", lease)
+                .await
+                .unwrap(),
+            None,
+            "only the holder's exact token is taken over"
+        );
+        let taken = store
+            .take_over(&key("over"), &stale, "node-b", lease)
+            .await
+            .unwrap()
+            .expect("the stale claim is taken over");
+        assert_eq!(super::holder_of(&taken), Some("node-b"));
+        assert_eq!(
+            store
+                .take_over(&key("over"), &stale, "node-c", lease)
+                .await
+                .unwrap(),
+            None,
+            "a claim is taken over once"
+        );
+        assert!(!store.renew(&key("over"), &stale, lease).await.unwrap());
+        store.release(&key("over"), &stale).await.unwrap();
+        store.complete(&key("over"), &stale, lease).await.unwrap();
+        assert!(
+            matches!(
+                store.claim(&key("over"), "node-a", lease).await.unwrap(),
+                Claim::Busy { .. }
+            ),
+            "the old holder's token changes nothing"
+        );
+        store.complete(&key("over"), &taken, lease).await.unwrap();
+        assert_eq!(
+            store.claim(&key("over"), "node-a", lease).await.unwrap(),
+            Claim::Done
+        );
+        assert_eq!(super::holder_of("0123456789abcdef0123456789abcdef"), None);
     }
 
     /// A claim is busy, and lasts no longer than `lease`.
     async fn assert_busy_within(store: &dyn DeduplicationStore, key: &str, lease: Duration) {
-        match store.claim(key, lease).await.unwrap() {
-            Claim::Busy { expires_in } => assert!(
+        match store.claim(key, "node-a", lease).await.unwrap() {
+            Claim::Busy { expires_in, .. } => assert!(
                 !expires_in.is_zero() && expires_in <= lease,
                 "{key}: {expires_in:?} left of a {lease:?} lease"
             ),
@@ -606,7 +853,8 @@ pub mod conformance {
         let renewed_to = Duration::from_millis(1500);
 
         // The holder's renewal outlives the original lease.
-        let Claim::Acquired(holder) = store.claim(&key("renew"), short).await.unwrap() else {
+        let Claim::Acquired(holder) = store.claim(&key("renew"), "node-a", short).await.unwrap()
+        else {
             panic!("a fresh key is acquired");
         };
         assert!(
@@ -621,7 +869,11 @@ pub mod conformance {
         store.release(&key("renew"), &holder).await.unwrap();
 
         // Another token renews nothing, and the claim still ends with its own lease.
-        let Claim::Acquired(holder) = store.claim(&key("stranger"), short).await.unwrap() else {
+        let Claim::Acquired(holder) = store
+            .claim(&key("stranger"), "node-a", short)
+            .await
+            .unwrap()
+        else {
             panic!("a fresh key is acquired");
         };
         assert!(
@@ -632,7 +884,11 @@ pub mod conformance {
             "a stranger's token does not renew"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let Claim::Acquired(taker) = store.claim(&key("stranger"), short).await.unwrap() else {
+        let Claim::Acquired(taker) = store
+            .claim(&key("stranger"), "node-a", short)
+            .await
+            .unwrap()
+        else {
             panic!("the claim a stranger tried to renew expired with its lease");
         };
 
@@ -663,14 +919,17 @@ pub mod conformance {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
-            store.claim(&key("stranger"), short).await.unwrap(),
+            store
+                .claim(&key("stranger"), "node-a", short)
+                .await
+                .unwrap(),
             Claim::Done
         );
 
         // A key never claimed is not renewed into existence.
         assert!(!store.renew(&key("never"), "any", renewed_to).await.unwrap());
         assert!(matches!(
-            store.claim(&key("never"), short).await.unwrap(),
+            store.claim(&key("never"), "node-a", short).await.unwrap(),
             Claim::Acquired(_)
         ));
     }
@@ -685,7 +944,7 @@ pub mod conformance {
                 .iter()
                 .cycle()
                 .take(stores.len() * 16)
-                .map(|store| store.claim(key, Duration::from_secs(30))),
+                .map(|store| store.claim(key, "node-a", Duration::from_secs(30))),
         )
         .await;
         let acquired = claims
@@ -707,7 +966,10 @@ mod tests {
         let total = MEMORY_DONE_CAPACITY + 1000;
         for index in 0..total {
             let key = format!("event-{index}:orders:0");
-            let Claim::Acquired(token) = store.claim(&key, Duration::from_mins(1)).await.unwrap()
+            let Claim::Acquired(token) = store
+                .claim(&key, "node-a", Duration::from_mins(1))
+                .await
+                .unwrap()
             else {
                 panic!("{key} was not free");
             };
@@ -720,8 +982,14 @@ mod tests {
         );
         let lease = Duration::from_mins(1);
         let newest = format!("event-{}:orders:0", total - 1);
-        assert_eq!(store.claim(&newest, lease).await.unwrap(), Claim::Done);
-        let oldest = store.claim("event-0:orders:0", lease).await.unwrap();
+        assert_eq!(
+            store.claim(&newest, "node-a", lease).await.unwrap(),
+            Claim::Done
+        );
+        let oldest = store
+            .claim("event-0:orders:0", "node-a", lease)
+            .await
+            .unwrap();
         assert!(
             matches!(oldest, Claim::Acquired(_)),
             "the oldest done mark made room: {oldest:?}"

@@ -414,12 +414,12 @@ impl Metrics {
         );
         registry.register(
             "dedup_checks",
-            "Deduplication claims that did not simply acquire (duplicate_skipped, busy_elsewhere, store_unavailable) and renewals of held claims that did not succeed (claim_lost, renewal_failed)",
+            "Deduplication claims that did not simply acquire (duplicate_skipped, busy_elsewhere, claim_taken_over, store_unavailable) and renewals of held claims that did not succeed (claim_lost, renewal_failed)",
             metrics.dedup.clone(),
         );
         registry.register(
             "cache_operations",
-            "Action result cache: hit, miss, store, invalidated, error",
+            "Action result cache: hit, miss, store, invalidated, evicted (in-process cache at capacity or expired), error",
             metrics.cache.clone(),
         );
         registry.register(
@@ -539,12 +539,12 @@ impl Metrics {
     }
 
     /// Counts a cache outcome.
-    pub fn record_cache(&self, outcome: &str) {
+    pub fn record_cache(&self, outcome: &str, how_many: u64) {
         self.cache
             .get_or_create(&OutcomeLabel {
                 outcome: outcome.to_owned(),
             })
-            .inc();
+            .inc_by(how_many);
     }
 
     /// Counts one job attempt run by a worker.

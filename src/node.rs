@@ -102,6 +102,29 @@ impl Default for SharedState {
     }
 }
 
+/// The deduplication gate of the node `node_id`: claims leased to end before the cluster
+/// declares a killed node dead, and taken over at once when their holder is no longer live.
+fn deduplication(
+    shared: &SharedState,
+    metrics: &Arc<Metrics>,
+    cluster: &ClusterSettings,
+    pool: &PgPool,
+    node_id: &str,
+) -> Deduplication {
+    Deduplication {
+        store: shared.dedup_store.clone(),
+        window: shared.dedup_window,
+        when_unavailable: shared.dedup_unavailable,
+        metrics: Some(metrics.clone()),
+        claim_lease: crate::dedup::claim_lease_for(cluster.node_timeout),
+        holder: node_id.to_owned(),
+        liveness: Some(Arc::new(crate::dedup::LiveMembers::new(
+            pool.clone(),
+            node_id,
+        ))),
+    }
+}
+
 /// The node's breakers: counted in its metrics, and making the work parked on a circuit due as
 /// soon as the endpoint answers again.
 fn node_breakers(breakers: &Breakers, metrics: &Arc<Metrics>, jobs: &PostgresJobQueue) -> Breakers {
@@ -170,15 +193,7 @@ impl Node {
             ..settings
         };
         let metrics = Arc::new(Metrics::new());
-        let dedup = Deduplication {
-            store: shared.dedup_store,
-            window: shared.dedup_window,
-            when_unavailable: shared.dedup_unavailable,
-            metrics: Some(metrics.clone()),
-            // Ends before the cluster declares a killed node dead, so its claims never hold the
-            // entity's later changes back after its partitions are taken over.
-            claim_lease: crate::dedup::claim_lease_for(cluster.node_timeout),
-        };
+        let dedup = deduplication(&shared, &metrics, &cluster, &pool, &settings.node_id);
         let store: Arc<dyn CheckpointStore> =
             Arc::new(PostgresCheckpointStore::with_group_commit(pool.clone()));
         let dead_letters = Arc::new(PostgresDeadLetterQueue::new(pool.clone()));

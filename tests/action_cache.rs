@@ -372,7 +372,7 @@ async fn data_fed_keys_and_patterns_leave_the_services_own_keys_alone() {
     let mut connection = managed_connection(SHARED_REDIS).unwrap();
     // The service's state, written by its own stores.
     RedisDeduplicationStore::with_connection(connection.clone(), service.as_str())
-        .claim("evt-1:order-cache:0", Duration::from_mins(1))
+        .claim("evt-1:order-cache:0", "node-a", Duration::from_mins(1))
         .await
         .unwrap();
     RedisBreakerStore::with_connection(connection.clone(), service.as_str())

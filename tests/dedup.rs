@@ -35,6 +35,8 @@ fn dedup(store: Arc<dyn DeduplicationStore>, when_unavailable: Unavailable) -> D
         when_unavailable,
         metrics: None,
         claim_lease: fraiseql_observers::dedup::DEFAULT_CLAIM_LEASE,
+        holder: "node-a".to_owned(),
+        liveness: None,
     }
 }
 
@@ -131,7 +133,10 @@ async fn a_failed_attempt_gives_the_claim_back_so_a_retry_runs() {
     assert_eq!(receiver.request_count(), 2);
     let key = ActionKey::new(event.id, "orders", 0).to_string();
     assert_eq!(
-        store.claim(&key, Duration::from_secs(5)).await.unwrap(),
+        store
+            .claim(&key, "node-a", Duration::from_secs(5))
+            .await
+            .unwrap(),
         Claim::Done
     );
 }
@@ -295,8 +300,12 @@ async fn a_held_claim_is_renewed_while_its_attempt_runs_and_lapses_soon_after_it
         let started = tokio::time::Instant::now();
         let mut checks = 0;
         while started.elapsed() < lease * 3 {
-            match other_node.claim("long-attempt", lease).await.unwrap() {
-                Claim::Busy { expires_in } => assert!(expires_in <= lease, "{expires_in:?}"),
+            match other_node
+                .claim("long-attempt", "node-b", lease)
+                .await
+                .unwrap()
+            {
+                Claim::Busy { expires_in, .. } => assert!(expires_in <= lease, "{expires_in:?}"),
                 other => panic!("the claim lapsed while its attempt ran: {other:?}"),
             }
             checks += 1;
@@ -310,7 +319,11 @@ async fn a_held_claim_is_renewed_while_its_attempt_runs_and_lapses_soon_after_it
     // stopped with it, so the claim is free within one lease.
     let ended = tokio::time::Instant::now();
     let taken_after = loop {
-        if let Claim::Acquired(_) = other_node.claim("long-attempt", lease).await.unwrap() {
+        if let Claim::Acquired(_) = other_node
+            .claim("long-attempt", "node-b", lease)
+            .await
+            .unwrap()
+        {
             break ended.elapsed();
         }
         assert!(
@@ -592,7 +605,7 @@ async fn a_job_whose_action_another_node_holds_is_postponed_to_the_claim_s_end_w
     let other_node = redis_store(&prefix);
     assert!(matches!(
         other_node
-            .claim(&key, Duration::from_secs(2))
+            .claim(&key, "node-a", Duration::from_secs(2))
             .await
             .unwrap(),
         Claim::Acquired(_)

@@ -731,20 +731,7 @@ pub mod conformance {
         let Claim::Acquired(second) = store.claim(&key("b"), "node-a", lease).await.unwrap() else {
             panic!("a released claim is free again");
         };
-        store.release(&key("b"), &first).await.unwrap();
-        store.complete(&key("b"), &first, window).await.unwrap();
-        assert!(
-            matches!(
-                store.claim(&key("b"), "node-a", lease).await.unwrap(),
-                Claim::Busy { .. }
-            ),
-            "an old token neither releases nor completes the new holder's claim"
-        );
-        store.complete(&key("b"), &second, window).await.unwrap();
-        assert_eq!(
-            store.claim(&key("b"), "node-a", lease).await.unwrap(),
-            Claim::Done
-        );
+        assert_stale_token_changes_nothing(store, &key("b"), &first, &second).await;
 
         // Keys never collide: another action of the same event is its own key.
         assert!(matches!(
@@ -818,21 +805,33 @@ pub mod conformance {
             "a claim is taken over once"
         );
         assert!(!store.renew(&key("over"), &stale, lease).await.unwrap());
-        store.release(&key("over"), &stale).await.unwrap();
-        store.complete(&key("over"), &stale, lease).await.unwrap();
+        assert_stale_token_changes_nothing(store, &key("over"), &stale, &taken).await;
+        assert_eq!(super::holder_of("0123456789abcdef0123456789abcdef"), None);
+    }
+
+    /// `stale` neither releases nor completes the claim `current` holds on `key`; `current`
+    /// completes it.
+    async fn assert_stale_token_changes_nothing(
+        store: &dyn DeduplicationStore,
+        key: &str,
+        stale: &str,
+        current: &str,
+    ) {
+        let lease = Duration::from_secs(30);
+        store.release(key, stale).await.unwrap();
+        store.complete(key, stale, lease).await.unwrap();
         assert!(
             matches!(
-                store.claim(&key("over"), "node-a", lease).await.unwrap(),
+                store.claim(key, "node-a", lease).await.unwrap(),
                 Claim::Busy { .. }
             ),
-            "the old holder's token changes nothing"
+            "{key}: an old token neither releases nor completes the new holder's claim"
         );
-        store.complete(&key("over"), &taken, lease).await.unwrap();
+        store.complete(key, current, lease).await.unwrap();
         assert_eq!(
-            store.claim(&key("over"), "node-a", lease).await.unwrap(),
+            store.claim(key, "node-a", lease).await.unwrap(),
             Claim::Done
         );
-        assert_eq!(super::holder_of("0123456789abcdef0123456789abcdef"), None);
     }
 
     /// A claim is busy, and lasts no longer than `lease`.

@@ -21,7 +21,11 @@
 //! still in flight: while more than one in [`STUCK_SHARE`] has waited longer than
 //! [`STUCK_TOLERANCE`] times the floor, it does not grow. When those stuck calls come back, each
 //! weighs in the smoothed latency as no more than that bound, so a few of them cut the limit once
-//! instead of keeping the mean high, and cutting, for a hundred answers after.
+//! instead of keeping the mean high, and cutting, for a hundred answers after. Stuck calls are
+//! also acted on while they still wait: when more than one in [`STUCK_SHARE`] of the calls started
+//! since the last cut has waited past that bound (and at least [`STUCK_CUT_AFTER`]), the limit
+//! drops to the calls that are not stuck, what the receiver holds, and for [`SLOW_ABOVE_FOR`]
+//! grows [`SLOW_ABOVE_FACTOR`] times slower past that edge.
 //!
 //! A call waits for a slot at most the queue wait; that time is not part of its attempt's
 //! timeout. Past it (or when a `Retry-After` hold outlasts it) the call is not made:
@@ -34,6 +38,7 @@
 //! bounded by the configuration.
 
 use std::collections::HashMap;
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -76,6 +81,15 @@ const STUCK_TOLERANCE: u32 = 4;
 /// No growth while more than one call in this many in flight is stuck: the receiver is already
 /// past what it can take, and the answers that would say so are not back yet.
 const STUCK_SHARE: u32 = 4;
+/// A call counts as stuck for a cut (not only for holding growth) once it has waited at least
+/// this long, and at least the stuck bound: a fast receiver answering late on a busy node is
+/// not cut for it, a handshake dropped by a full accept queue (retried a second later) is.
+const STUCK_CUT_AFTER: Duration = Duration::from_millis(250);
+/// After a cut to the calls that were not stuck, growth beyond that limit is this many times
+/// slower for [`SLOW_ABOVE_FOR`]: the receiver has just said where its edge is.
+const SLOW_ABOVE_FACTOR: f64 = 32.0;
+/// How long the edge found by a stuck cut slows growth beyond it.
+const SLOW_ABOVE_FOR: Duration = Duration::from_secs(30);
 
 /// How the limiter behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,6 +183,8 @@ struct State {
     hold_until: Option<Instant>,
     /// When each call in flight started (how many started at that instant).
     started: std::collections::BTreeMap<Instant, u32>,
+    /// The limit a stuck cut left, and when: growth beyond it is slower for a while.
+    edge: Option<(f64, Instant)>,
 }
 
 impl State {
@@ -193,15 +209,71 @@ impl State {
         }
     }
 
-    /// Calls in flight for longer than [`STUCK_TOLERANCE`] times the floor (plus slack).
-    fn stuck(&self, now: Instant) -> u32 {
-        let Some(floor) = self.floor else {
-            return 0;
-        };
-        let Some(before) = now.checked_sub(floor * STUCK_TOLERANCE + LATENCY_SLACK) else {
+    /// How long a call may wait before it counts as stuck (`None` before the first answer).
+    fn stuck_bound(&self) -> Option<Duration> {
+        self.floor
+            .map(|floor| floor * STUCK_TOLERANCE + LATENCY_SLACK)
+    }
+
+    /// Calls in flight for longer than `bound`.
+    fn in_flight_longer_than(&self, now: Instant, bound: Duration) -> u32 {
+        let Some(before) = now.checked_sub(bound) else {
             return 0;
         };
         self.started.range(..before).map(|(_, count)| count).sum()
+    }
+
+    /// Calls in flight for longer than [`STUCK_TOLERANCE`] times the floor (plus slack).
+    fn stuck(&self, now: Instant) -> u32 {
+        self.stuck_bound()
+            .map_or(0, |bound| self.in_flight_longer_than(now, bound))
+    }
+
+    /// Cuts the limit to the calls in flight that are not stuck, when more than a share of them
+    /// is: the receiver holds what it answers, the rest are waiting for a handshake it dropped.
+    /// Seen while they wait, not a second later when they come back, so the limit stops near
+    /// the receiver's edge instead of far past it. Only calls started since the last cut count
+    /// towards the share (older ones were acted on), so one wave cuts once.
+    fn cut_to_what_is_answered(&mut self, now: Instant) {
+        let Some(bound) = self.stuck_bound().map(|bound| bound.max(STUCK_CUT_AFTER)) else {
+            return;
+        };
+        let Some(before) = now.checked_sub(bound) else {
+            return;
+        };
+        if self.last_cut.is_some_and(|cut| cut >= before) {
+            return;
+        }
+        let since = self.last_cut.map_or(Bound::Unbounded, Bound::Excluded);
+        let new_stuck: u32 = self
+            .started
+            .range((since, Bound::Excluded(before)))
+            .map(|(_, count)| count)
+            .sum();
+        if new_stuck == 0 || f64::from(new_stuck * STUCK_SHARE) <= self.limit {
+            return;
+        }
+        let stuck = self.in_flight_longer_than(now, bound);
+        let answered = f64::from(self.in_flight.saturating_sub(stuck)).max(MIN_LIMIT);
+        if answered < self.limit {
+            self.limit = answered;
+            self.generation += 1;
+            self.last_cut = Some(now);
+            self.edge = Some((answered, now));
+        }
+    }
+
+    /// One step of growth: a slot per limit's worth of answers, slower beyond a recent edge.
+    fn grow(&mut self, max: f64, now: Instant) {
+        let slower = self.edge.is_some_and(|(edge, at)| {
+            self.limit >= edge && now.saturating_duration_since(at) < SLOW_ABOVE_FOR
+        });
+        let step = if slower {
+            1.0 / (self.limit * SLOW_ABOVE_FACTOR)
+        } else {
+            1.0 / self.limit
+        };
+        self.limit = (self.limit + step).min(max);
     }
 }
 
@@ -257,6 +329,7 @@ impl EndpointLimiter {
                         last_cut: None,
                         hold_until: None,
                         started: std::collections::BTreeMap::new(),
+                        edge: None,
                     }),
                 })
             })
@@ -359,6 +432,7 @@ impl EndpointLimiter {
             let wake_at = {
                 let mut state = known.state.lock().unwrap_or_else(PoisonError::into_inner);
                 let now = Instant::now();
+                state.cut_to_what_is_answered(now);
                 let hold = state.hold_until.filter(|until| *until > now);
                 if hold.is_none() && state.in_flight < self.effective(&state, ceiling) {
                     state.in_flight += 1;
@@ -452,25 +526,31 @@ impl EndpointLimiter {
                     None => latency,
                 };
                 state.floor = Some(floor);
-                // One answer moves the mean at most as far as a stuck call's: a handful of calls
-                // that waited a second for a handshake say "too many" once, not for a hundred
-                // answers after the limit has already come down.
-                let sample = latency.min(floor * STUCK_TOLERANCE + LATENCY_SLACK);
-                let smoothed = state.smoothed.map_or(sample, |smoothed| {
-                    (smoothed * (SMOOTHING - 1) + sample) / SMOOTHING
-                });
-                state.smoothed = Some(smoothed);
-                if smoothed <= floor * LATENCY_TOLERANCE + LATENCY_SLACK {
-                    // Grow only while the limit is in use (an idle endpoint's limit says
-                    // nothing) and no more than a share of the calls is stuck.
-                    if f64::from(permit.in_flight_at_start) * 2.0 >= state.limit.floor()
-                        && f64::from(state.stuck(now) * STUCK_SHARE) <= state.limit
-                    {
-                        state.limit = (state.limit + 1.0 / state.limit).min(max);
-                    }
+                let bound = floor * STUCK_TOLERANCE + LATENCY_SLACK;
+                if permit.generation != state.generation && latency > bound {
+                    // A stuck call from before the last cut: that cut already answered it.
                 } else {
-                    cut(&mut state, LATENCY_DECREASE);
+                    // One answer moves the mean at most as far as a stuck call's: a handful of
+                    // calls that waited a second for a handshake say "too many" once, not for a
+                    // hundred answers after the limit has already come down.
+                    let sample = latency.min(bound);
+                    let smoothed = state.smoothed.map_or(sample, |smoothed| {
+                        (smoothed * (SMOOTHING - 1) + sample) / SMOOTHING
+                    });
+                    state.smoothed = Some(smoothed);
+                    if smoothed <= floor * LATENCY_TOLERANCE + LATENCY_SLACK {
+                        // Grow only while the limit is in use (an idle endpoint's limit says
+                        // nothing) and no more than a share of the calls is stuck.
+                        if f64::from(permit.in_flight_at_start) * 2.0 >= state.limit.floor()
+                            && f64::from(state.stuck(now) * STUCK_SHARE) <= state.limit
+                        {
+                            state.grow(max, now);
+                        }
+                    } else {
+                        cut(&mut state, LATENCY_DECREASE);
+                    }
                 }
+                state.cut_to_what_is_answered(now);
             }
             Signal::Overloaded { retry_after } => {
                 cut(&mut state, OVERLOAD_DECREASE);
@@ -677,5 +757,39 @@ mod tests {
         }
         let shrunk = limiter.snapshot("e").unwrap().limit;
         assert!(shrunk < grown, "{shrunk} after {grown}");
+    }
+
+    #[tokio::test]
+    async fn calls_stuck_in_flight_cut_the_limit_to_those_answered_once_per_wave() {
+        let limiter = limiter(16, Duration::from_millis(20));
+        // A first answer sets the floor (about nothing: the stuck bound is its minimum).
+        let first = limiter.acquire("e", "e", None).await.unwrap().unwrap();
+        first.finish(Signal::Answered);
+        let mut stuck = Vec::new();
+        for _ in 0..8 {
+            stuck.push(limiter.acquire("e", "e", None).await.unwrap().unwrap());
+        }
+        tokio::time::sleep(STUCK_CUT_AFTER / 2).await;
+        let fresh: Vec<_> =
+            futures::future::join_all((0..3).map(|_| limiter.acquire("e", "e", None)))
+                .await
+                .into_iter()
+                .map(|permit| permit.unwrap().unwrap())
+                .collect();
+        assert_eq!(limiter.snapshot("e").unwrap().limit, 16, "none stuck yet");
+        tokio::time::sleep(STUCK_CUT_AFTER / 2 + Duration::from_millis(50)).await;
+        // 8 of 11 in flight are stuck: the next call finds the limit cut to the 3 answered ones.
+        let refused = limiter.acquire("e", "e", None).await.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::EndpointBusy);
+        assert_eq!(limiter.snapshot("e").unwrap().limit, 3);
+        // The stuck calls come back: that wave was acted on, it does not cut again.
+        for permit in stuck {
+            permit.finish(Signal::Answered);
+        }
+        assert_eq!(limiter.snapshot("e").unwrap().limit, 3);
+        for permit in fresh {
+            permit.finish(Signal::Answered);
+        }
+        assert!(limiter.snapshot("e").unwrap().limit >= 3);
     }
 }

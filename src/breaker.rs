@@ -273,7 +273,45 @@ impl Default for InMemoryBreakerStore {
     }
 }
 
+/// Endpoints tracked before idle ones are forgotten: a target host rendered from event data can
+/// name any number of them, and a closed breaker with no call in its window holds nothing worth
+/// keeping.
+const MAX_TRACKED_ENDPOINTS: usize = 4096;
+
 impl InMemoryBreakerStore {
+    /// The breaker of `endpoint`, made closed if unknown; at [`MAX_TRACKED_ENDPOINTS`], closed
+    /// breakers with no call in the window are forgotten first.
+    fn breaker<'a>(
+        &self,
+        breakers: &'a mut HashMap<String, Breaker>,
+        endpoint: &str,
+        policy: &BreakerPolicy,
+        now: Instant,
+    ) -> &'a mut Breaker {
+        if breakers.len() >= MAX_TRACKED_ENDPOINTS && !breakers.contains_key(endpoint) {
+            let elapsed =
+                u64::try_from(now.duration_since(self.origin).as_millis()).unwrap_or(u64::MAX);
+            let number = elapsed / policy.bucket_millis();
+            breakers.retain(|_, breaker| {
+                !matches!(breaker.state, State::Closed)
+                    || breaker
+                        .buckets
+                        .iter()
+                        .any(|bucket| bucket.calls > 0 && bucket.number + WINDOW_BUCKETS > number)
+            });
+        }
+        breakers.entry(endpoint.to_owned()).or_default()
+    }
+
+    /// How many endpoints are tracked now.
+    #[must_use]
+    pub fn tracked(&self) -> usize {
+        self.breakers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
     fn open(breaker: &mut Breaker, period: Duration, now: Instant) -> Transition {
         *breaker = Breaker {
             state: State::Open {
@@ -294,8 +332,8 @@ impl BreakerStore for InMemoryBreakerStore {
         policy: &BreakerPolicy,
     ) -> Result<Admission, BreakerError> {
         let mut breakers = self.breakers.lock().unwrap_or_else(PoisonError::into_inner);
-        let breaker = breakers.entry(endpoint.to_owned()).or_default();
         let now = Instant::now();
+        let breaker = self.breaker(&mut breakers, endpoint, policy, now);
         if let State::Open { until } = breaker.state {
             if now < until {
                 return Ok(Admission::Refused {
@@ -335,8 +373,8 @@ impl BreakerStore for InMemoryBreakerStore {
         outcome: CallOutcome,
     ) -> Result<Transition, BreakerError> {
         let mut breakers = self.breakers.lock().unwrap_or_else(PoisonError::into_inner);
-        let breaker = breakers.entry(endpoint.to_owned()).or_default();
         let now = Instant::now();
+        let breaker = self.breaker(&mut breakers, endpoint, policy, now);
         Ok(match (breaker.state, outcome) {
             (State::Open { .. }, _) | (State::Closed, CallOutcome::Discounted) => Transition::None,
             (State::HalfOpen { .. }, CallOutcome::Failed) => {
@@ -1155,6 +1193,47 @@ mod tests {
     #[tokio::test]
     async fn the_in_memory_store_conforms() {
         conformance::check(&InMemoryBreakerStore::default(), "http://a:80").await;
+    }
+
+    #[tokio::test]
+    async fn endpoints_past_the_bound_forget_idle_closed_breakers_and_keep_open_ones() {
+        let store = InMemoryBreakerStore::default();
+        let policy = BreakerPolicy {
+            minimum_calls: 1,
+            failure_rate_percent: 100,
+            window: Duration::from_millis(100),
+            ..BreakerPolicy::default()
+        };
+        let failed = store
+            .record("http://down:80", &policy, CallOutcome::Failed)
+            .await
+            .unwrap();
+        assert!(matches!(failed, Transition::Opened { .. }));
+        for host in 0..MAX_TRACKED_ENDPOINTS {
+            store
+                .record(
+                    &format!("http://h{host}:80"),
+                    &policy,
+                    CallOutcome::Succeeded,
+                )
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            store.tracked(),
+            MAX_TRACKED_ENDPOINTS + 1,
+            "all within the window"
+        );
+        tokio::time::sleep(policy.window * 2).await;
+        store
+            .record("http://new:80", &policy, CallOutcome::Succeeded)
+            .await
+            .unwrap();
+        assert_eq!(store.tracked(), 2, "the open breaker and the new one");
+        assert_eq!(
+            store.state("http://down:80").await.unwrap(),
+            BreakerState::Open
+        );
     }
 
     #[test]

@@ -91,6 +91,10 @@ const SLOW_ABOVE_FACTOR: f64 = 32.0;
 /// How long the edge found by a stuck cut slows growth beyond it.
 const SLOW_ABOVE_FOR: Duration = Duration::from_secs(30);
 
+/// Endpoints tracked before idle ones are forgotten (their limit starts again from the initial
+/// one if they come back).
+const MAX_TRACKED_ENDPOINTS: usize = 4096;
+
 /// How the limiter behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LimiterSettings {
@@ -311,6 +315,19 @@ impl EndpointLimiter {
             .endpoints
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        if endpoints.len() >= MAX_TRACKED_ENDPOINTS && !endpoints.contains_key(endpoint) {
+            // A target host rendered from event data can name any number of endpoints: forget
+            // the idle ones (nothing in flight or queued, no hold) before tracking another.
+            let now = Instant::now();
+            endpoints.retain(|_, known| {
+                Arc::strong_count(known) > 1 || {
+                    let state = known.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    state.in_flight > 0
+                        || state.queued > 0
+                        || state.hold_until.is_some_and(|until| until > now)
+                }
+            });
+        }
         endpoints
             .entry(endpoint.to_owned())
             .or_insert_with(|| {
@@ -757,6 +774,42 @@ mod tests {
         }
         let shrunk = limiter.snapshot("e").unwrap().limit;
         assert!(shrunk < grown, "{shrunk} after {grown}");
+    }
+
+    #[tokio::test]
+    async fn endpoints_past_the_bound_forget_idle_ones_but_not_busy_or_held_ones() {
+        let limiter = limiter(4, Duration::from_millis(10));
+        let busy = limiter
+            .acquire("busy", "busy", None)
+            .await
+            .unwrap()
+            .unwrap();
+        let held = limiter
+            .acquire("held", "held", None)
+            .await
+            .unwrap()
+            .unwrap();
+        held.finish(Signal::Overloaded {
+            retry_after: Some(Duration::from_secs(30)),
+        });
+        for endpoint in 0..MAX_TRACKED_ENDPOINTS {
+            let name = format!("e{endpoint}");
+            let permit = limiter.acquire(&name, &name, None).await.unwrap().unwrap();
+            permit.finish(Signal::Answered);
+        }
+        let tracked = limiter.shared.endpoints.lock().unwrap().len();
+        assert!(tracked <= MAX_TRACKED_ENDPOINTS, "{tracked}");
+        assert_eq!(limiter.snapshot("busy").unwrap().in_flight, 1, "busy kept");
+        assert_eq!(
+            limiter.snapshot("held").unwrap().limit,
+            2,
+            "held kept, cut kept"
+        );
+        assert!(
+            limiter.acquire("held", "held", None).await.is_err(),
+            "still held"
+        );
+        busy.finish(Signal::Answered);
     }
 
     #[tokio::test]

@@ -88,6 +88,9 @@ const STUCK_CUT_AFTER: Duration = Duration::from_millis(250);
 /// After a cut to the calls that were not stuck, growth beyond that limit is this many times
 /// slower for [`SLOW_ABOVE_FOR`]: the receiver has just said where its edge is.
 const SLOW_ABOVE_FACTOR: f64 = 32.0;
+/// Past the edge, growth stays slow only while the smoothed latency is above this multiple of the
+/// floor: the receiver is queueing our calls.
+const EDGE_QUEUEING: f64 = 1.25;
 /// How long the edge found by a stuck cut slows growth beyond it.
 const SLOW_ABOVE_FOR: Duration = Duration::from_secs(30);
 
@@ -267,11 +270,21 @@ impl State {
         }
     }
 
-    /// One step of growth: a slot per limit's worth of answers, slower beyond a recent edge.
+    /// One step of growth: a slot per limit's worth of answers, slower beyond a recent edge
+    /// while the receiver queues (answers slower than [`EDGE_QUEUEING`] of the floor). Answers
+    /// as fast as the floor say the edge has moved (another node stopped calling, the receiver
+    /// scaled up): growth is at full speed again.
     fn grow(&mut self, max: f64, now: Instant) {
-        let slower = self.edge.is_some_and(|(edge, at)| {
-            self.limit >= edge && now.saturating_duration_since(at) < SLOW_ABOVE_FOR
-        });
+        let queueing = match (self.smoothed, self.floor) {
+            (Some(smoothed), Some(floor)) => {
+                smoothed.as_secs_f64() > floor.as_secs_f64() * EDGE_QUEUEING
+            }
+            _ => true,
+        };
+        let slower = queueing
+            && self.edge.is_some_and(|(edge, at)| {
+                self.limit >= edge && now.saturating_duration_since(at) < SLOW_ABOVE_FOR
+            });
         let step = if slower {
             1.0 / (self.limit * SLOW_ABOVE_FACTOR)
         } else {

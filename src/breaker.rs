@@ -248,6 +248,13 @@ struct Bucket {
     failures: u64,
 }
 
+impl Bucket {
+    /// Whether this bucket holds calls within the window of the current bucket `number`.
+    fn counts_at(&self, number: u64) -> bool {
+        self.calls > 0 && self.number + WINDOW_BUCKETS > number
+    }
+}
+
 #[derive(Debug, Default)]
 struct Breaker {
     state: State,
@@ -289,18 +296,23 @@ impl InMemoryBreakerStore {
         now: Instant,
     ) -> &'a mut Breaker {
         if breakers.len() >= MAX_TRACKED_ENDPOINTS && !breakers.contains_key(endpoint) {
-            let elapsed =
-                u64::try_from(now.duration_since(self.origin).as_millis()).unwrap_or(u64::MAX);
-            let number = elapsed / policy.bucket_millis();
+            let number = self.bucket_number(policy, now);
             breakers.retain(|_, breaker| {
                 !matches!(breaker.state, State::Closed)
                     || breaker
                         .buckets
                         .iter()
-                        .any(|bucket| bucket.calls > 0 && bucket.number + WINDOW_BUCKETS > number)
+                        .any(|bucket| bucket.counts_at(number))
             });
         }
         breakers.entry(endpoint.to_owned()).or_default()
+    }
+
+    /// The window bucket `now` falls in.
+    fn bucket_number(&self, policy: &BreakerPolicy, now: Instant) -> u64 {
+        let elapsed =
+            u64::try_from(now.duration_since(self.origin).as_millis()).unwrap_or(u64::MAX);
+        elapsed / policy.bucket_millis()
     }
 
     /// How many endpoints are tracked now.
@@ -393,9 +405,7 @@ impl BreakerStore for InMemoryBreakerStore {
                 Transition::None
             }
             (State::Closed, counted) => {
-                let elapsed =
-                    u64::try_from(now.duration_since(self.origin).as_millis()).unwrap_or(u64::MAX);
-                let number = elapsed / policy.bucket_millis();
+                let number = self.bucket_number(policy, now);
                 let bucket = &mut breaker.buckets
                     [usize::try_from(number % WINDOW_BUCKETS).unwrap_or_default()];
                 if bucket.number != number {
@@ -413,7 +423,7 @@ impl BreakerStore for InMemoryBreakerStore {
                 let (calls, failures) = breaker
                     .buckets
                     .iter()
-                    .filter(|bucket| bucket.calls > 0 && bucket.number + WINDOW_BUCKETS > number)
+                    .filter(|bucket| bucket.counts_at(number))
                     .fold((0, 0), |(calls, failures), bucket| {
                         (calls + bucket.calls, failures + bucket.failures)
                     });

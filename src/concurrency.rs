@@ -330,15 +330,17 @@ impl EndpointLimiter {
             .unwrap_or_else(PoisonError::into_inner);
         if endpoints.len() >= MAX_TRACKED_ENDPOINTS && !endpoints.contains_key(endpoint) {
             // A target host rendered from event data can name any number of endpoints: forget
-            // the idle ones (nothing in flight or queued, no hold) before tracking another.
+            // the idle ones before tracking another. A permit or a waiter holds its endpoint, so
+            // one held only here has nothing in flight or queued; a `Retry-After` hold is kept.
             let now = Instant::now();
             endpoints.retain(|_, known| {
-                Arc::strong_count(known) > 1 || {
-                    let state = known.state.lock().unwrap_or_else(PoisonError::into_inner);
-                    state.in_flight > 0
-                        || state.queued > 0
-                        || state.hold_until.is_some_and(|until| until > now)
-                }
+                Arc::strong_count(known) > 1
+                    || known
+                        .state
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .hold_until
+                        .is_some_and(|until| until > now)
             });
         }
         endpoints
@@ -557,9 +559,9 @@ impl EndpointLimiter {
                 };
                 state.floor = Some(floor);
                 let bound = floor * STUCK_TOLERANCE + LATENCY_SLACK;
-                if permit.generation != state.generation && latency > bound {
-                    // A stuck call from before the last cut: that cut already answered it.
-                } else {
+                // A stuck call from before the last cut says nothing more: that cut answered it.
+                let acted_on = permit.generation != state.generation && latency > bound;
+                if !acted_on {
                     // One answer moves the mean at most as far as a stuck call's: a handful of
                     // calls that waited a second for a handshake say "too many" once, not for a
                     // hundred answers after the limit has already come down.

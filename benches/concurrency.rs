@@ -59,6 +59,7 @@ async fn main() {
                 observer: &observer.name,
                 action_index: action.index,
                 envelope: &envelope,
+                lease: None,
             };
             runner.attempt(action, &context).await.unwrap();
         }

@@ -369,6 +369,7 @@ pub async fn dlq_retry(
         observer: &observer.name,
         action_index: action.index,
         envelope: &envelope,
+        lease: None,
     };
     let timeout = action.kind.timeout();
     let outcome = run_with_retry(&observer.retry, |_| async {

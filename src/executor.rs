@@ -537,6 +537,7 @@ impl Executor {
             observer: &observer.name,
             action_index: action.index,
             envelope,
+            lease: self.lease.as_ref(),
         };
         let outcome = self
             .attempt_claimed(observer, action, &context, &dedup_key, token.as_deref())
@@ -671,14 +672,7 @@ impl Executor {
                     "executor closed",
                 ));
             };
-            if let Some(lease) = &self.lease
-                && !lease.holds()
-            {
-                return Err(AttemptError::new(
-                    ErrorCode::FencedOut,
-                    "this node's leases are not confirmed (no heartbeat within the node timeout): not dispatching",
-                ));
-            }
+            context.may_dispatch()?;
             let deadline = self.runner.attempt_deadline(action);
             match tokio::time::timeout(deadline, self.runner.attempt(action, context)).await {
                 Ok(result) => result,

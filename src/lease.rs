@@ -10,6 +10,14 @@
 pub struct LeaseValidity(std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>);
 
 impl LeaseValidity {
+    /// Leases confirmed until `until` (as a heartbeat confirms them).
+    #[must_use]
+    pub fn confirmed_until(until: std::time::Instant) -> LeaseValidity {
+        let validity = LeaseValidity::default();
+        validity.set(Some(until));
+        validity
+    }
+
     /// Whether the leases are confirmed for now.
     #[must_use]
     pub fn holds(&self) -> bool {

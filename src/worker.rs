@@ -422,6 +422,7 @@ impl JobWorker {
             observer: &observer.name,
             action_index: action.index,
             envelope: &envelope,
+            lease: None,
         };
         let timeout = action.kind.timeout();
         // The wait for a slot at an HTTP endpoint is not part of the timeout.

@@ -351,3 +351,67 @@ observers:
     assert!(receiver.requests_to("/logged").is_empty());
     assert_eq!(dead_letters.count().await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn leases_that_lapse_while_calls_wait_for_an_endpoint_slot_send_nothing_more() {
+    let receiver = Receiver::start().await;
+    let yaml = format!(
+        r"
+observers:
+  - name: slow
+    entity: Order
+    events: [insert]
+    actions: [{{type: webhook, url: '{}'}}]
+",
+        receiver.url("/delay/800")
+    );
+    let (executor, dead_letters) = executor_from_yaml(&yaml, &[]);
+    // Confirmed for 300 ms: the first calls take the endpoint's initial slots and are answered
+    // after 800 ms; the rest get their slots only after the leases lapsed.
+    let lapses = std::time::Instant::now() + Duration::from_millis(300);
+    let fenced = executor.with_lease(fraiseql_observers::cluster::LeaseValidity::confirmed_until(
+        lapses,
+    ));
+    let entities: Vec<String> = (0..40).map(|entity| format!("order-{entity}")).collect();
+    let events: Vec<EntityEvent> = entities
+        .iter()
+        .map(|entity| EntityEvent::new(EventKind::Insert, "Order", entity, json!({}), None))
+        .collect();
+
+    let summaries = fenced.execute_batch(&events).await;
+
+    let requests = receiver.requests();
+    assert!(
+        !requests.is_empty() && requests.len() < events.len(),
+        "some calls went out at once, not all: {}",
+        requests.len()
+    );
+    for request in &requests {
+        assert!(
+            request.arrived < lapses,
+            "a call was sent {:?} after the leases lapsed",
+            request.arrived - lapses
+        );
+    }
+    let fenced_out = summaries
+        .iter()
+        .flat_map(|summary| &summary.actions)
+        .filter(|report| {
+            matches!(
+                report.status,
+                ActionStatus::Failed {
+                    code: ErrorCode::FencedOut,
+                    dead_letter: None,
+                    ..
+                }
+            ) && !report.settled
+                && report.job.is_none()
+        })
+        .count();
+    assert_eq!(
+        fenced_out + requests.len(),
+        events.len(),
+        "every call not sent is left to the next leader"
+    );
+    assert_eq!(dead_letters.count().await.unwrap(), 0);
+}

@@ -230,9 +230,29 @@ pub struct ActionContext<'run> {
     pub action_index: usize,
     /// The event envelope for this observer (also the template context), built once per observer.
     pub envelope: &'run Value,
+    /// The leases the attempt runs under, when it delivers for a partition this node leads: an
+    /// HTTP action checks them again once it holds its endpoint slot, as the wait for it can
+    /// outlast them. `None` for work that no partition lease guards (job queue, CLI).
+    pub lease: Option<&'run crate::lease::LeaseValidity>,
 }
 
 impl ActionContext<'_> {
+    /// Whether the call may go out now: always, unless the attempt runs under leases this node
+    /// has not confirmed within the node timeout (cut off or paused), whose partitions peers
+    /// may have taken over.
+    ///
+    /// # Errors
+    /// OB011 (not settled: the partition's next leader delivers the action).
+    pub fn may_dispatch(&self) -> Result<(), AttemptError> {
+        match self.lease {
+            Some(lease) if !lease.holds() => Err(AttemptError::new(
+                ErrorCode::FencedOut,
+                "this node's leases are not confirmed (no heartbeat within the node timeout): not dispatching",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// `<event id>:<observer>:<action index>`: the same on every attempt and every replay.
     #[must_use]
     pub fn idempotency_key(&self) -> String {
@@ -310,14 +330,19 @@ impl Http {
     /// OB016 when no slot came within the queue wait.
     async fn reserve(
         &self,
+        context: &ActionContext<'_>,
         url: &url::Url,
         label: Option<&str>,
         ceiling: Option<u32>,
     ) -> Result<Option<EndpointPermit>, AttemptError> {
         let endpoint = endpoint_of(url);
-        self.limiter
+        let permit = self
+            .limiter
             .acquire(&endpoint, &endpoint_label(&endpoint, label), ceiling)
-            .await
+            .await?;
+        // The slot may have come after the leases lapsed; dropped unused, it is given back.
+        context.may_dispatch()?;
+        Ok(permit)
     }
 
     /// Sends `request` in the slot `permit` and tells the limiter how it went. A request that
@@ -368,13 +393,14 @@ impl Http {
     /// As those two.
     async fn send(
         &self,
+        context: &ActionContext<'_>,
         url: &url::Url,
         label: Option<&str>,
         request: reqwest::RequestBuilder,
         timeout: Duration,
         secrets: &Secrets,
     ) -> Result<reqwest::Response, AttemptError> {
-        let permit = self.reserve(url, label, None).await?;
+        let permit = self.reserve(context, url, label, None).await?;
         self.send_reserved(permit, request, timeout, secrets).await
     }
 }

@@ -145,7 +145,14 @@ pub(super) async fn attempt(
         .body(body);
     let label = target_label(&action.target);
     let response = http
-        .send(&url, label.as_deref(), request, action.timeout, &secrets)
+        .send(
+            context,
+            &url,
+            label.as_deref(),
+            request,
+            action.timeout,
+            &secrets,
+        )
         .await?;
     let status = response.status().as_u16();
     let Some(code) = ErrorCode::from_http_status(status) else {

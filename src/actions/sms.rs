@@ -173,7 +173,7 @@ pub(super) async fn attempt(
         .header(IDEMPOTENCY_HEADER, context.idempotency_key())
         .form(&[("To", to.trim()), ("From", from.trim()), ("Body", &body)]);
     let response = http
-        .send(&url, None, request, action.timeout, &secrets)
+        .send(context, &url, None, request, action.timeout, &secrets)
         .await?;
     let status = response.status().as_u16();
     let code = ErrorCode::from_http_status(status);

@@ -20,6 +20,7 @@ use super::{
 };
 use crate::breaker::{Admission, Breakers, CallOutcome, circuit_id, counts_as_failure};
 use crate::cache::{Cache, CacheScope};
+use crate::concurrency::EndpointPermit;
 use crate::config::{
     DEFAULT_ACTION_TIMEOUT, Decoder, EndpointLimits, Fields, Node, NodeValue, Secret, Setting,
     WebhookTarget, child,
@@ -622,41 +623,22 @@ pub(super) async fn attempt(
     if let Some(rate) = action.limits.rate {
         wait_for_token(guards.limits, &endpoint, rate).await;
     }
-    // This node's adaptive slot first, then the cluster-wide one: no cluster slot is held
-    // while this node queues.
-    let permit = match http
-        .reserve(
-            &url,
-            target_label(&action.target).as_deref(),
-            action.limits.max_in_flight,
-        )
-        .await
-    {
-        Ok(permit) => permit,
-        Err(busy) => {
-            // A probe that was not made is given back to the half-open circuit.
-            if let (Some(breakers), Admission::Probe) = (guards.breakers, admission) {
-                breakers
-                    .record_outcome(&endpoint, &label, CallOutcome::Discounted)
-                    .await;
+    let (permit, slot) =
+        match take_slots(http, &guards, action, context, &url, (&endpoint, &named)).await {
+            Ok(slots) => slots,
+            Err(not_made) => {
+                // A probe that was not made is given back to the half-open circuit.
+                if let (Some(breakers), Admission::Probe) = (guards.breakers, admission) {
+                    breakers
+                        .record_outcome(&endpoint, &label, CallOutcome::Discounted)
+                        .await;
+                }
+                return Err(not_made);
             }
-            return Err(busy);
-        }
-    };
-    let slot = match action.limits.max_in_flight {
-        Some(limit) => {
-            let lease = action.timeout + Duration::from_secs(5);
-            wait_for_slot(guards.limits, &endpoint, limit, lease).await
-        }
-        None => None,
-    };
+        };
     let (mut result, limiter_was_shrinking) =
         call(http, permit, action, (url, guarded), headers, body).await;
-    if let Some(slot) = slot
-        && let Err(error) = guards.limits.leave(&endpoint, &slot).await
-    {
-        tracing::warn!(%error, endpoint = named, "giving an in-flight slot back failed; it expires");
-    }
+    leave_slot(&guards, &endpoint, slot, &named).await;
     if let Some(breakers) = guards.breakers {
         breakers
             .record(
@@ -678,6 +660,53 @@ pub(super) async fn attempt(
         guards.cache.set(key, &success.detail, *ttl).await;
     }
     result
+}
+
+/// This node's adaptive slot at `endpoint` first, then the cluster-wide one of a configured
+/// `max_in_flight` (no cluster slot is held while this node queues); then the leases the
+/// attempt runs under once more, as either wait can outlast them. `named`: how messages name
+/// the endpoint.
+///
+/// # Errors
+/// OB016 when no slot came within the queue wait; OB011 when the leases lapsed meanwhile
+/// (the slots are given back). Either way the call was not made.
+async fn take_slots(
+    http: &Http,
+    guards: &Guards<'_>,
+    action: &WebhookAction,
+    context: &ActionContext<'_>,
+    url: &url::Url,
+    (endpoint, named): (&str, &str),
+) -> Result<(Option<EndpointPermit>, Option<String>), AttemptError> {
+    let permit = http
+        .reserve(
+            context,
+            url,
+            target_label(&action.target).as_deref(),
+            action.limits.max_in_flight,
+        )
+        .await?;
+    let slot = match action.limits.max_in_flight {
+        Some(limit) => {
+            let lease = action.timeout + Duration::from_secs(5);
+            wait_for_slot(guards.limits, endpoint, limit, lease).await
+        }
+        None => None,
+    };
+    if let Err(fenced) = context.may_dispatch() {
+        leave_slot(guards, endpoint, slot, named).await;
+        return Err(fenced);
+    }
+    Ok((permit, slot))
+}
+
+/// Gives a cluster-wide in-flight slot back (a slot not given back expires with its lease).
+async fn leave_slot(guards: &Guards<'_>, endpoint: &str, slot: Option<String>, named: &str) {
+    if let Some(slot) = slot
+        && let Err(error) = guards.limits.leave(endpoint, &slot).await
+    {
+        tracing::warn!(%error, endpoint = named, "giving an in-flight slot back failed; it expires");
+    }
 }
 
 /// The cache key of the fully rendered request: method, URL, headers (the Idempotency-Key
@@ -754,7 +783,7 @@ fn webhook_url(
 /// shrinking when the call ended (for the circuit breaker).
 async fn call(
     http: &Http,
-    permit: Option<crate::concurrency::EndpointPermit>,
+    permit: Option<EndpointPermit>,
     action: &WebhookAction,
     (url, guarded): (url::Url, bool),
     headers: HeaderMap,

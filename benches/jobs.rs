@@ -54,6 +54,7 @@ fn job(index: usize) -> NewJob {
         initial_delay: Duration::from_millis(100),
         max_delay: Duration::from_secs(10),
         parked_on: None,
+        history: Vec::new(),
     }
 }
 

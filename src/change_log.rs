@@ -605,3 +605,108 @@ pub async fn count_rows(pool: &PgPool, table: &TrackedTable) -> Result<u64, Chan
     .await?;
     Ok(u64::try_from(count).unwrap_or(0))
 }
+
+/// Changes chosen by their columns, for `replay`: every filter given must hold. Positions up to
+/// `upto` only (the log's last position when the selection was made, so that changes written
+/// while a replay runs are not part of it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChangeSelection {
+    pub entity_type: Option<String>,
+    pub entity_id: Option<String>,
+    /// Written at or after this moment (`created_at`).
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Written before this moment.
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// The last position included.
+    pub upto: i64,
+}
+
+/// The filter of [`ChangeSelection`] on alias `change`, its values bound from `$1`.
+const SELECTED: &str = "(change.pk_entity_change_log <= $1
+      AND ($2::text IS NULL OR change.object_type = $2)
+      AND ($3::text IS NULL OR change.object_id::text = $3)
+      AND ($4::timestamptz IS NULL OR change.created_at >= $4)
+      AND ($5::timestamptz IS NULL OR change.created_at < $5))";
+
+/// The log's last position now (0 when it is empty).
+///
+/// # Errors
+/// The database failed.
+pub async fn last_position(pool: &PgPool) -> Result<i64, ChangeLogError> {
+    let last: Option<i64> =
+        sqlx::query_scalar("SELECT max(pk_entity_change_log) FROM core.tb_entity_change_log")
+            .fetch_one(pool)
+            .await?;
+    Ok(last.unwrap_or(0))
+}
+
+/// How many changes `selection` holds after position `after`.
+///
+/// # Errors
+/// The database failed.
+pub async fn count_selected(
+    pool: &PgPool,
+    selection: &ChangeSelection,
+    after: i64,
+) -> Result<u64, ChangeLogError> {
+    let count: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM core.tb_entity_change_log AS change
+          WHERE {SELECTED} AND change.pk_entity_change_log > $6"
+    )))
+    .bind(selection.upto)
+    .bind(selection.entity_type.as_deref())
+    .bind(selection.entity_id.as_deref())
+    .bind(selection.since)
+    .bind(selection.until)
+    .bind(after)
+    .fetch_one(pool)
+    .await?;
+    Ok(u64::try_from(count).unwrap_or(0))
+}
+
+/// Up to `limit` changes of `selection` after position `after`, in log order, as JSON text with
+/// their size (a row over `max_row_bytes` comes as its first `excerpt_chars` characters, as in a
+/// page). The positions are chosen first, so that only the rows returned are turned into JSON
+/// (even when the planner sorts every remaining match).
+///
+/// # Errors
+/// The database failed.
+pub async fn read_selected(
+    pool: &PgPool,
+    selection: &ChangeSelection,
+    after: i64,
+    limit: u32,
+    (max_row_bytes, excerpt_chars): (u32, usize),
+) -> Result<Vec<RawRow>, ChangeLogError> {
+    let rows: Vec<(i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT position, size, CASE WHEN size <= $8 THEN body ELSE left(body, $9) END
+           FROM (SELECT change.pk_entity_change_log AS position
+                   FROM core.tb_entity_change_log AS change
+                  WHERE {SELECTED} AND change.pk_entity_change_log > $6
+                  ORDER BY change.pk_entity_change_log
+                  LIMIT $7) AS selected
+           JOIN core.tb_entity_change_log AS change ON change.pk_entity_change_log = selected.position,
+                LATERAL (SELECT to_jsonb(change)::text AS body) AS text,
+                LATERAL (SELECT octet_length(body)::bigint AS size) AS sized
+          ORDER BY position"
+    )))
+    .bind(selection.upto)
+    .bind(selection.entity_type.as_deref())
+    .bind(selection.entity_id.as_deref())
+    .bind(selection.since)
+    .bind(selection.until)
+    .bind(after)
+    .bind(i64::from(limit))
+    .bind(i64::from(max_row_bytes))
+    .bind(i32::try_from(excerpt_chars).unwrap_or(i32::MAX))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(position, size, text)| RawRow {
+            position,
+            size: u64::try_from(size).unwrap_or(0),
+            text,
+        })
+        .collect())
+}

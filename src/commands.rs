@@ -647,22 +647,7 @@ pub async fn backfill(
     crate::migrate::run(pool)
         .await
         .context("migrate the database")?;
-    let bar = (style == ProgressStyle::Bar).then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} {bar:40} {human_pos}/{human_len} rows  {rate}  ETA {eta}  {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .with_key(
-                "rate",
-                |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
-                    let _ = write!(out, "{:.0} rows/s", state.per_sec());
-                },
-            ),
-        );
-        bar
-    });
+    let bar = (style == ProgressStyle::Bar).then(|| progress_bar("rows"));
     let started = std::time::Instant::now();
     let mut last_line: Option<std::time::Instant> = None;
     let mut on_progress = |progress: &crate::backfill::BackfillProgress| {
@@ -712,6 +697,273 @@ pub async fn backfill(
         summary.elapsed_seconds,
         summary.rows_per_second
     ))
+}
+
+/// A progress bar counting `unit` (count, rate, ETA, a message), for a terminal.
+fn progress_bar(unit: &'static str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{spinner}} {{bar:40}} {{human_pos}}/{{human_len}} {unit}  {{rate}}  ETA {{eta}}  {{msg}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .with_key(
+            "rate",
+            move |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
+                let _ = write!(out, "{:.0} {unit}/s", state.per_sec());
+            },
+        ),
+    );
+    bar
+}
+
+/// Changes `replay --dry-run` shows.
+pub const REPLAY_SAMPLE_SIZE: usize = 5;
+
+/// `replay --dry-run`: what replaying `request` would enqueue (counts and a sample); enqueues
+/// nothing.
+///
+/// # Errors
+/// An unknown observer, or the database failed.
+pub async fn replay_preview(
+    pool: &PgPool,
+    matcher: &crate::matcher::Matcher,
+    request: &crate::replay::ReplayRequest,
+    json: bool,
+) -> anyhow::Result<String> {
+    crate::migrate::run(pool)
+        .await
+        .context("migrate the database")?;
+    let preview = crate::replay::preview(pool, matcher, request, REPLAY_SAMPLE_SIZE).await?;
+    if json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&preview)?));
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "dry run: replay of {}",
+        describe_request(
+            request.entity_type.as_deref(),
+            request.entity_id.as_deref(),
+            (request.since, request.until),
+            request.observer.as_deref()
+        )
+    );
+    let _ = writeln!(
+        out,
+        "  {} changes selected, {} matched by an observer → {} jobs would be enqueued{}",
+        preview.changes,
+        preview.matching_changes,
+        preview.jobs,
+        if preview.undecodable > 0 {
+            format!(
+                " ({} changes do not decode and would be skipped)",
+                preview.undecodable
+            )
+        } else {
+            String::new()
+        }
+    );
+    for change in &preview.sample {
+        let _ = writeln!(
+            out,
+            "  sample: position {} {} {} {} → {}",
+            change.position,
+            change.event,
+            escape_control(&change.entity_type),
+            escape_control(&change.entity_id),
+            escape_control(&change.actions.join(", "))
+        );
+    }
+    let _ = writeln!(out, "nothing enqueued");
+    Ok(out)
+}
+
+/// A replay's selection in words.
+fn describe_request(
+    entity_type: Option<&str>,
+    entity_id: Option<&str>,
+    (since, until): (Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>),
+    observer: Option<&str>,
+) -> String {
+    let mut parts = Vec::new();
+    parts.push(match (entity_type, entity_id) {
+        (Some(kind), Some(id)) => format!("{} {}", escape_control(kind), escape_control(id)),
+        (Some(kind), None) => format!("every {}", escape_control(kind)),
+        (None, Some(id)) => format!("entity id {}", escape_control(id)),
+        (None, None) => "every entity".to_owned(),
+    });
+    if let Some(since) = since {
+        parts.push(format!("since {}", since.to_rfc3339()));
+    }
+    if let Some(until) = until {
+        parts.push(format!("until {}", until.to_rfc3339()));
+    }
+    parts.push(match observer {
+        Some(name) => format!("observer {}", escape_control(name)),
+        None => "every observer".to_owned(),
+    });
+    parts.join(", ")
+}
+
+/// How a `replay` begins.
+pub enum ReplayStart<'request> {
+    New {
+        request: &'request crate::replay::ReplayRequest,
+        rate: u32,
+    },
+    Resume(Uuid),
+}
+
+/// `replay`: enqueues the selected changes' jobs, reporting progress on stderr in `style`, until
+/// done or `cancel` fires; returns the summary to print.
+///
+/// # Errors
+/// An unknown observer or run, the database failed, or the run was interrupted (resume it).
+pub async fn replay(
+    pool: &PgPool,
+    matcher: &crate::matcher::Matcher,
+    start: ReplayStart<'_>,
+    style: ProgressStyle,
+    json: bool,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<String> {
+    crate::migrate::run(pool)
+        .await
+        .context("migrate the database")?;
+    let run = match start {
+        ReplayStart::New { request, rate } => {
+            crate::replay::start(pool, matcher, request, rate).await?
+        }
+        ReplayStart::Resume(id) => crate::replay::resume(pool, id).await?,
+    };
+    let id = run.id;
+    if style != ProgressStyle::Quiet {
+        eprintln!(
+            "replay {id}: {} changes selected (up to change-log position {}), at most {} changes/s",
+            run.total_changes, run.selection.upto, run.rate
+        );
+    }
+    let bar = (style == ProgressStyle::Bar).then(|| progress_bar("changes"));
+    let started = std::time::Instant::now();
+    let done_before = run.changes_done;
+    let mut last_line: Option<std::time::Instant> = None;
+    let on_progress = |progress: &crate::replay::ReplayRun| {
+        if let Some(bar) = &bar {
+            bar.set_length(progress.total_changes.max(progress.changes_done));
+            bar.set_position(progress.changes_done);
+            bar.set_message(format!("{} jobs", progress.jobs_enqueued));
+        } else if style == ProgressStyle::Lines
+            && last_line.is_none_or(|at| at.elapsed() >= PLAIN_PROGRESS_INTERVAL)
+        {
+            last_line = Some(std::time::Instant::now());
+            let seconds = started.elapsed().as_secs_f64().max(0.001);
+            eprintln!(
+                "replay {id}: {}/{} changes, {} jobs enqueued, {:.0} changes/s",
+                progress.changes_done,
+                progress.total_changes,
+                progress.jobs_enqueued,
+                f64_from(progress.changes_done - done_before.min(progress.changes_done)) / seconds
+            );
+        }
+    };
+    let result = crate::replay::run(pool, matcher, run, cancel, on_progress).await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let run = result?;
+    if json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&run)?));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(format!(
+        "✓ replay {id} completed: {} changes, {} jobs enqueued{}, {seconds:.1}s ({:.0} changes/s); idempotency keys end in :replay:{id}\n",
+        run.changes_done,
+        run.jobs_enqueued,
+        if run.changes_skipped > 0 {
+            format!(
+                ", {} changes skipped (they do not decode)",
+                run.changes_skipped
+            )
+        } else {
+            String::new()
+        },
+        if seconds > 0.0 {
+            f64_from(run.changes_done - done_before.min(run.changes_done)) / seconds
+        } else {
+            0.0
+        }
+    ))
+}
+
+/// `replay status`: runs, newest first, with their progress.
+///
+/// # Errors
+/// No such run, or the database failed.
+pub async fn replay_status(
+    pool: &PgPool,
+    run: Option<Uuid>,
+    limit: i64,
+    json: bool,
+) -> anyhow::Result<String> {
+    crate::migrate::run(pool)
+        .await
+        .context("migrate the database")?;
+    let runs = crate::replay::runs(pool, run, limit).await?;
+    if let (Some(id), true) = (run, runs.is_empty()) {
+        return Err(crate::replay::ReplayError::UnknownRun(id).into());
+    }
+    if json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&runs)?));
+    }
+    if runs.is_empty() {
+        return Ok("no replay runs\n".to_owned());
+    }
+    let mut out = String::new();
+    for run in &runs {
+        let share = if run.total_changes > 0 {
+            f64_from(run.changes_done) * 100.0 / f64_from(run.total_changes)
+        } else {
+            100.0
+        };
+        let _ = writeln!(
+            out,
+            "{} {:<11} {}/{} changes ({share:.0} %), {} jobs, {} skipped, {:.0} changes/s, started {} ago, updated {} ago",
+            run.id,
+            run.status,
+            run.changes_done,
+            run.total_changes,
+            run.jobs_enqueued,
+            run.changes_skipped,
+            run.changes_per_second(),
+            ago(run.started_at),
+            ago(run.updated_at),
+        );
+        let _ = writeln!(
+            out,
+            "    {}; up to position {}, at most {}/s{}",
+            describe_request(
+                run.selection.entity_type.as_deref(),
+                run.selection.entity_id.as_deref(),
+                (run.selection.since, run.selection.until),
+                run.observer.as_deref()
+            ),
+            run.selection.upto,
+            run.rate,
+            if run.status == "completed" {
+                String::new()
+            } else {
+                format!("; resume: fraiseql-observers replay --resume {}", run.id)
+            }
+        );
+    }
+    Ok(out)
+}
+
+/// How long ago `moment` was, in words (`3m 2s`).
+fn ago(moment: chrono::DateTime<Utc>) -> String {
+    let seconds = u64::try_from((Utc::now() - moment).num_seconds().max(0)).unwrap_or(0);
+    humantime::format_duration(Duration::from_secs(seconds)).to_string()
 }
 
 /// A count as a float, for rates.

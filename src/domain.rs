@@ -10,6 +10,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 /// The kind of change an event describes.
@@ -116,6 +117,20 @@ pub struct EntityEvent {
     pub position: Option<i64>,
     /// Distributed-trace id recorded by the writer, propagated to outgoing calls.
     pub trace_id: Option<String>,
+    /// Set when this event is a replay of an earlier one (`replay`): its own `id` is derived
+    /// from the original's and the run's, so it is a distinct event everywhere (jobs, ledger,
+    /// dedup), and its idempotency keys end in `:replay:<run>` ([`Replay`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<Replay>,
+}
+
+/// What a replayed event replays: the original event and the replay run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replay {
+    /// The original event's id.
+    pub of: Uuid,
+    /// The replay run (`replay status` lists it).
+    pub run: Uuid,
 }
 
 /// Derivation of the `changes` map of an event.
@@ -231,6 +246,25 @@ impl EntityEvent {
             timestamp: Utc::now(),
             position: None,
             trace_id: None,
+            replay: None,
+        }
+    }
+
+    /// This event replayed by `run`: the same change, with an id of its own derived from the
+    /// original's and the run's (the same on every resume of the run).
+    #[must_use]
+    pub fn replayed(&self, run: Uuid) -> EntityEvent {
+        let original = self.replay.map_or(self.id, |replay| replay.of);
+        let mut digest = Sha256::new();
+        digest.update(b"fraiseql-observers replay\0");
+        digest.update(original.as_bytes());
+        digest.update(run.as_bytes());
+        let mut bytes = [0_u8; 16];
+        bytes.copy_from_slice(&digest.finalize()[..16]);
+        EntityEvent {
+            id: uuid::Builder::from_custom_bytes(bytes).into_uuid(),
+            replay: Some(Replay { of: original, run }),
+            ..self.clone()
         }
     }
 
@@ -245,7 +279,7 @@ impl EntityEvent {
 
     /// The JSON envelope sent to webhooks by default and offered to templates:
     /// `{"id","event_type","entity_type","entity_id","data","before","changes","timestamp",
-    /// "observer","tenant_id","actor"}`.
+    /// "observer","tenant_id","actor"}`, and `"replay": {"of","run"}` for a replayed event.
     #[must_use]
     pub fn envelope(&self, observer: &str) -> Value {
         let mut envelope = Map::with_capacity(11);
@@ -283,6 +317,12 @@ impl EntityEvent {
                 serde_json::to_value(actor).unwrap_or(Value::Null)
             }),
         );
+        if let Some(replay) = &self.replay {
+            envelope.insert(
+                "replay".into(),
+                serde_json::json!({"of": replay.of.to_string(), "run": replay.run.to_string()}),
+            );
+        }
         Value::Object(envelope)
     }
 }

@@ -34,7 +34,7 @@ use crate::error::ErrorCode;
 use crate::matcher::Matcher;
 use crate::observers::ObserverDefinition;
 use crate::outcome::{NewJob, ordering_key};
-use crate::retry::{AttemptError, run_with_retry};
+use crate::retry::{AttemptError, FailedAttempt, run_with_retry};
 
 pub use crate::outcome::{ActionReport, ActionStatus, EventSummary};
 
@@ -229,29 +229,8 @@ impl Executor {
         let status = ActionStatus::Enqueued {
             queue: action.delivery.queue.clone(),
         };
-        let job = Self::job_for(event, observer, action, observer.retry.max_attempts);
+        let job = observer.job_for(event, action, observer.retry.max_attempts);
         Self::unattempted(key, action, status, Some(job), started)
-    }
-
-    fn job_for(
-        event: &EntityEvent,
-        observer: &ObserverDefinition,
-        action: &ActionDefinition,
-        max_attempts: u32,
-    ) -> NewJob {
-        NewJob {
-            queue: action.delivery.queue.clone(),
-            priority: action.delivery.priority,
-            run_at: None,
-            event: event.clone(),
-            observer: observer.name.to_string(),
-            action_index: action.index,
-            action_type: action.kind.type_name().to_owned(),
-            max_attempts: max_attempts.max(1),
-            initial_delay: observer.retry.initial_delay,
-            max_delay: observer.retry.max_delay,
-            parked_on: None,
-        }
     }
 
     /// Notes every settled action in `sink` as soon as it settles.
@@ -547,6 +526,12 @@ impl Executor {
         let refused = matches!(&outcome.result, Err(error) if error.code.call_not_made());
         let spent = outcome.attempts - u32::from(refused);
         let remaining_attempts = observer.retry.max_attempts.saturating_sub(spent);
+        // The attempts made (a refusal is not one), for the job's or the dead letter's history.
+        let made: Vec<FailedAttempt> = outcome
+            .failures
+            .into_iter()
+            .filter(|failure| !failure.code.call_not_made())
+            .collect();
         let mut job = None;
         let status = match outcome.result {
             Ok(success) => ActionStatus::Succeeded {
@@ -562,15 +547,16 @@ impl Executor {
                 if self.job_routing && error.code.is_transient() && remaining_attempts > 0 =>
             {
                 tracing::info!(observer = %observer.name, action_index = action.index, code = %error.code, attempts = spent, "handing over to the job queue");
-                let handed =
+                let mut handed =
                     Self::handed_over(event, observer, action, remaining_attempts, &error, refused);
+                handed.history = made;
                 job = Some(handed);
                 ActionStatus::Enqueued {
                     queue: action.delivery.queue.clone(),
                 }
             }
             Err(error) => {
-                self.handle_failure(event, observer, action, &error, outcome.attempts)
+                self.handle_failure(event, observer, action, (&error, outcome.attempts), &made)
                     .await
             }
         };
@@ -606,7 +592,7 @@ impl Executor {
         error: &AttemptError,
         refused: bool,
     ) -> NewJob {
-        let mut handed = Self::job_for(event, observer, action, remaining_attempts);
+        let mut handed = observer.job_for(event, action, remaining_attempts);
         let not_before = if refused {
             error.retry_after
         } else {
@@ -690,8 +676,8 @@ impl Executor {
         event: &EntityEvent,
         observer: &ObserverDefinition,
         action: &ActionDefinition,
-        error: &AttemptError,
-        attempts: u32,
+        (error, attempts): (&AttemptError, u32),
+        history: &[FailedAttempt],
     ) -> ActionStatus {
         let mut dead_letter = None;
         match observer.on_failure {
@@ -705,7 +691,12 @@ impl Executor {
                     action_index: action.index,
                     action_type: action.kind.type_name().to_owned(),
                     error_code: error.code,
-                    error_message: error.message.clone(),
+                    // More than one attempt: the whole history, one line an attempt.
+                    error_message: if history.len() > 1 {
+                        crate::retry::history_text(history)
+                    } else {
+                        error.message.clone()
+                    },
                     attempts,
                 };
                 match self.dead_letters.push(letter).await {

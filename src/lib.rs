@@ -43,6 +43,7 @@ pub mod node;
 pub mod observers;
 pub mod outcome;
 pub mod redis_client;
+pub mod replay;
 pub mod report;
 pub mod retry;
 pub mod template;

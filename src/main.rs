@@ -206,12 +206,75 @@ enum Command {
     /// change-log row (what capture writes) for every row whose entity has no change in the log
     /// yet, in primary-key order, one short transaction per batch. Resumes an interrupted run.
     Backfill(BackfillArgs),
+    /// Deliver again changes already in the change log: each selected change (up to the log's
+    /// last position when the run starts) is matched against the observers and every action of
+    /// every matching observer is enqueued as a job, at a bounded rate; the nodes' workers
+    /// deliver them with the idempotency key `<original key>:replay:<run id>`. Ctrl-C stops
+    /// between batches; `--resume RUN` continues. `replay status` lists the runs.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Replay {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        arguments: ReplayArgs,
+        #[command(subcommand)]
+        command: Option<ReplayCommand>,
+    },
     /// Inspect and act on the dead-letter queue.
     Dlq {
         #[command(flatten)]
         database: DatabaseArgs,
         #[command(subcommand)]
         command: DlqCommand,
+    },
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// The observers file the nodes run (the observers changes are matched against).
+    #[arg(long, env = "FRAISEQL_OBSERVERS_CONFIG", required = true)]
+    config: Option<PathBuf>,
+    /// Only changes of this entity type (e.g. Order).
+    #[arg(long)]
+    entity_type: Option<String>,
+    /// Only changes of this entity id.
+    #[arg(long)]
+    entity_id: Option<String>,
+    /// Only changes written since this moment: a duration ago (`2h`, `7d`) or RFC 3339.
+    #[arg(long, value_parser = parse_since)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only changes written before this moment: a duration ago (`2h`, `7d`) or RFC 3339.
+    #[arg(long, value_parser = parse_since)]
+    until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only this observer's actions.
+    #[arg(long)]
+    observer: Option<String>,
+    /// At most this many changes per second.
+    #[arg(long, default_value_t = fraiseql_observers::replay::DEFAULT_RATE)]
+    rate: u32,
+    /// Only count what would be enqueued and show a sample; enqueue nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Continue an interrupted run (its selection and rate are the run's own).
+    #[arg(long, value_parser = parse_run_id, conflicts_with_all = ["entity_type", "entity_id", "since", "until", "observer", "dry_run"])]
+    resume: Option<uuid::Uuid>,
+    /// Print the result as JSON on stdout (progress still goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum ReplayCommand {
+    /// Replay runs, newest first, with their progress (from any node).
+    Status {
+        /// Only this run.
+        #[arg(value_parser = parse_run_id)]
+        run: Option<uuid::Uuid>,
+        /// At most this many runs.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -618,6 +681,15 @@ fn parse_since(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
 }
 
 /// A dead letter's id: a UUID, said so when it is not one.
+fn parse_run_id(text: &str) -> Result<uuid::Uuid, String> {
+    uuid::Uuid::parse_str(text.trim()).map_err(|_| {
+        format!(
+            "expected a replay run's id, a UUID such as 67e55044-10b1-426f-9247-bb680e5fe0c8 (as `replay status` shows), found {:?}",
+            text.chars().take(80).collect::<String>()
+        )
+    })
+}
+
 fn parse_letter_id(text: &str) -> Result<uuid::Uuid, String> {
     uuid::Uuid::parse_str(text.trim()).map_err(|_| {
         format!(
@@ -1162,6 +1234,11 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
         Command::Dlq { database, command } => dlq_command(database, command).await,
         Command::Events { database, command } => events_command(database, command).await,
         Command::Backfill(arguments) => backfill_command(arguments).await,
+        Command::Replay {
+            database,
+            arguments,
+            command,
+        } => replay_command(database, arguments, command).await,
     }
 }
 
@@ -1212,19 +1289,9 @@ async fn backfill_command(arguments: BackfillArgs) -> anyhow::Result<String> {
         rows_per_second: arguments.rate,
         restart: arguments.restart,
     };
-    let style = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        commands::ProgressStyle::Bar
-    } else {
-        commands::ProgressStyle::Lines
-    };
+    let style = progress_style();
     // Ctrl-C stops the backfill between batches; what was committed stays, a new run resumes.
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let on_interrupt = cancel.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            on_interrupt.cancel();
-        }
-    });
+    let cancel = cancelled_by_interrupt();
     commands::backfill(
         &pool,
         &arguments.table,
@@ -1234,6 +1301,69 @@ async fn backfill_command(arguments: BackfillArgs) -> anyhow::Result<String> {
         &cancel,
     )
     .await
+}
+
+/// A bar on a terminal, plain lines otherwise (stderr).
+fn progress_style() -> commands::ProgressStyle {
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        commands::ProgressStyle::Bar
+    } else {
+        commands::ProgressStyle::Lines
+    }
+}
+
+/// A token cancelled by the first Ctrl-C.
+fn cancelled_by_interrupt() -> tokio_util::sync::CancellationToken {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let on_interrupt = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_interrupt.cancel();
+        }
+    });
+    cancel
+}
+
+async fn replay_command(
+    database: DatabaseArgs,
+    arguments: ReplayArgs,
+    command: Option<ReplayCommand>,
+) -> anyhow::Result<String> {
+    let pool = database.connect(4).await?;
+    if let Some(ReplayCommand::Status { run, limit, json }) = command {
+        return commands::replay_status(&pool, run, limit, json).await;
+    }
+    let Some(config_path) = &arguments.config else {
+        anyhow::bail!(
+            "replay needs the observers file the nodes run: --config FILE (or FRAISEQL_OBSERVERS_CONFIG)"
+        );
+    };
+    let config = observers::load_file(
+        config_path,
+        &LoadOptions::from_process_env(MissingEnv::Warn),
+    )?;
+    let matcher = fraiseql_observers::matcher::Matcher::new(config.observers);
+    let request = fraiseql_observers::replay::ReplayRequest {
+        entity_type: arguments.entity_type,
+        entity_id: arguments.entity_id,
+        since: arguments.since,
+        until: arguments.until,
+        observer: arguments.observer,
+    };
+    if arguments.dry_run {
+        return commands::replay_preview(&pool, &matcher, &request, arguments.json).await;
+    }
+    let style = progress_style();
+    // Ctrl-C stops the run between batches; what was committed stays, --resume continues.
+    let cancel = cancelled_by_interrupt();
+    let start = match arguments.resume {
+        Some(run) => commands::ReplayStart::Resume(run),
+        None => commands::ReplayStart::New {
+            request: &request,
+            rate: arguments.rate,
+        },
+    };
+    commands::replay(&pool, &matcher, start, style, arguments.json, &cancel).await
 }
 
 async fn events_command(database: DatabaseArgs, command: EventsCommand) -> anyhow::Result<String> {
@@ -1399,6 +1529,9 @@ fn exit_code_for(error: &anyhow::Error) -> ErrorCode {
         if let Some(backfill) = cause.downcast_ref::<fraiseql_observers::backfill::BackfillError>()
         {
             return backfill.code();
+        }
+        if let Some(replay) = cause.downcast_ref::<fraiseql_observers::replay::ReplayError>() {
+            return replay.code();
         }
     }
     ErrorCode::Internal

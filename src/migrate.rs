@@ -81,6 +81,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0012_history",
         sql: include_str!("../migrations/0012_history.sql"),
     },
+    Migration {
+        version: 13,
+        name: "0013_inline_attempts",
+        sql: include_str!("../migrations/0013_inline_attempts.sql"),
+    },
+    Migration {
+        version: 14,
+        name: "0014_replay_runs",
+        sql: include_str!("../migrations/0014_replay_runs.sql"),
+    },
 ];
 
 impl Migration {

@@ -160,6 +160,9 @@ pub struct NewJob {
     /// The circuit (the breaker module's `circuit_id`) whose open breaker parked this job: it is
     /// made due as soon as that endpoint answers again. `None`: not parked.
     pub parked_on: Option<String>,
+    /// The attempts made in the page before the hand-over, oldest first (numbered from 1): the
+    /// job's history starts with them and the queue numbers its own attempts after them.
+    pub history: Vec<crate::retry::FailedAttempt>,
 }
 
 impl NewJob {

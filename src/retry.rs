@@ -37,6 +37,48 @@ impl AttemptError {
     }
 }
 
+/// One failed attempt, as kept in a job's and a dead letter's history.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FailedAttempt {
+    /// 1-based, counted across the page and the job queue.
+    pub attempt: u32,
+    pub code: ErrorCode,
+    pub message: String,
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+impl FailedAttempt {
+    /// Attempt `attempt` failed now with `error` (its message made storable).
+    #[must_use]
+    pub fn now(attempt: u32, error: &AttemptError) -> FailedAttempt {
+        FailedAttempt {
+            attempt,
+            code: error.code,
+            message: crate::escape::storable(&error.message).into_owned(),
+            at: chrono::Utc::now(),
+        }
+    }
+}
+
+/// A history as one line per attempt (`attempt N (time): CODE message`), oldest first: how a
+/// dead letter's message spells it.
+#[must_use]
+pub fn history_text(history: &[FailedAttempt]) -> String {
+    history
+        .iter()
+        .map(|attempt| {
+            format!(
+                "attempt {} ({}): {} {}",
+                attempt.attempt,
+                attempt.at.to_rfc3339(),
+                attempt.code,
+                attempt.message
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The delays between attempts of `policy` (one fewer than its attempts), before any
 /// `Retry-After` adjustment.
 #[must_use]
@@ -87,6 +129,8 @@ pub struct RetryOutcome<T> {
     pub result: Result<T, AttemptError>,
     /// Attempts made, the first included.
     pub attempts: u32,
+    /// Every failed attempt, oldest first (the last one's error is also in `result`).
+    pub failures: Vec<FailedAttempt>,
 }
 
 /// Runs `operation` (given the 1-based attempt number) until it succeeds, fails permanently,
@@ -100,12 +144,26 @@ where
     Attempt: Future<Output = Result<T, AttemptError>>,
 {
     let attempts = std::sync::atomic::AtomicU32::new(0);
+    let failures = std::sync::Mutex::new(Vec::new());
     let backoff = BackoffAdapter {
         delays: backoff_delays(policy),
     };
     let result = (|| {
         let attempt = attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        operation(attempt)
+        // Boxed: the attempt (an HTTP call with its slots) is large, and the wrapper would
+        // otherwise carry it inline through every caller's future.
+        let running = Box::pin(operation(attempt));
+        let failures = &failures;
+        async move {
+            let result = running.await;
+            if let Err(error) = &result {
+                failures
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(FailedAttempt::now(attempt, error));
+            }
+            result
+        }
     })
     .retry(backoff)
     .sleep(tokio::time::sleep)
@@ -119,6 +177,9 @@ where
     RetryOutcome {
         result,
         attempts: attempts.into_inner(),
+        failures: failures
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
     }
 }
 
@@ -228,6 +289,18 @@ mod tests {
             timed_run(&policy(5, false), vec![unavailable.clone(), unavailable]).await;
         assert_eq!(outcome.result, Ok("done"));
         assert_eq!(outcome.attempts, 3);
+        let history: Vec<(u32, ErrorCode)> = outcome
+            .failures
+            .iter()
+            .map(|failure| (failure.attempt, failure.code))
+            .collect();
+        assert_eq!(
+            history,
+            [
+                (1, ErrorCode::RemoteUnavailable),
+                (2, ErrorCode::RemoteUnavailable)
+            ]
+        );
         // Gaps between attempts: 100 ms then 200 ms (the timer may round up by a millisecond).
         let gaps: Vec<u128> = at
             .windows(2)

@@ -130,7 +130,7 @@ impl JobWorker {
             action_index: job.action_index,
             action_type: job.action_type.clone(),
             outcome,
-            attempts: job.attempts,
+            attempts: job.attempt_number(),
             latency_ms: took.as_secs_f64() * 1000.0,
             error_code,
             error_message,
@@ -306,7 +306,7 @@ impl JobWorker {
                             action_type = %job.action_type,
                             job = %job.id,
                             code = %error.code,
-                            attempts = job.attempts,
+                            attempts = job.attempt_number(),
                             dead_letter = %dead_letter,
                             error = %error.message,
                             "action failed for good; parked in the dead-letter queue"

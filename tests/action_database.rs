@@ -673,6 +673,7 @@ async fn a_job_for_a_call_that_already_committed_inline_completes_without_callin
             initial_delay: Duration::from_millis(10),
             max_delay: Duration::from_millis(50),
             parked_on: None,
+            history: Vec::new(),
         })
         .await
         .unwrap()

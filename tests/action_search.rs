@@ -258,6 +258,7 @@ async fn a_read_only_block_is_transient_and_the_job_is_indexed_once_it_lifts() {
             initial_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(1),
             parked_on: None,
+            history: Vec::new(),
         })
         .await
         .unwrap()

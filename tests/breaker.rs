@@ -259,6 +259,7 @@ async fn a_job_for_an_open_circuit_is_postponed_and_made_due_when_the_circuit_cl
         initial_delay: Duration::from_millis(10),
         max_delay: Duration::from_millis(20),
         parked_on: None,
+        history: Vec::new(),
     };
     let id = queue.enqueue(&job).await.unwrap().unwrap();
     let worker = JobWorker::new(

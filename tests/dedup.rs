@@ -598,6 +598,7 @@ async fn a_job_whose_action_another_node_holds_is_postponed_to_the_claim_s_end_w
         initial_delay: Duration::from_secs(10),
         max_delay: Duration::from_secs(10),
         parked_on: None,
+        history: Vec::new(),
     };
     let id = queue.enqueue(&job).await.unwrap().unwrap();
     // Another node holds the action's claim, with 2 s of its lease left.

@@ -302,6 +302,7 @@ fn large_event(size: usize) -> EntityEvent {
         timestamp: chrono::Utc::now(),
         position: Some(1),
         trace_id: None,
+        replay: None,
     }
 }
 
@@ -431,6 +432,7 @@ async fn a_stored_event_that_no_longer_decodes_fails_alone() {
         action_index: index,
         action_type: "webhook".into(),
         parked_on: None,
+        history: Vec::new(),
     };
     let good_job = jobs
         .enqueue(&new_job(deep_but_accepted.clone(), 0))
@@ -637,6 +639,7 @@ async fn a_job_failing_with_a_nul_in_its_error_is_rescheduled_and_dead_lettered(
         action_index: 0,
         action_type: "webhook".into(),
         parked_on: None,
+        history: Vec::new(),
     };
     jobs.enqueue(&job).await.unwrap().unwrap();
     let receiver_said = fraiseql_observers::retry::AttemptError::new(

@@ -39,6 +39,7 @@ fn new_job(entity_id: &str, priority: i16) -> NewJob {
         initial_delay: Duration::from_millis(200),
         max_delay: Duration::from_secs(10),
         parked_on: None,
+        history: Vec::new(),
     }
 }
 

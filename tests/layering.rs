@@ -55,6 +55,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "executor",
             "worker",
             "listener",
+            "replay",
         ],
     ),
     ("node", &["cluster", "coordinator", "control"]),
@@ -74,6 +75,7 @@ const TABLE_OWNERS: &[(&str, &str)] = &[
     ("fraiseql_observers.history", "history"),
     ("core.tb_entity_change_log", "change_log"),
     ("fraiseql_observers.backfill_runs", "backfill"),
+    ("fraiseql_observers.replay_runs", "replay"),
 ];
 
 /// The modules that are not layered: the crate roots.

@@ -182,6 +182,83 @@ async fn inline_transient_failures_move_to_the_queue_instead_of_holding_the_page
         "the job gets the attempts the policy has left"
     );
     assert_eq!(receiver.requests_to("/orders").len(), 3);
+    let (inline_attempts, numbers): (i32, Vec<i32>) = sqlx::query_as(
+        "SELECT inline_attempts, array(SELECT (entry->>'attempt')::int FROM jsonb_array_elements(errors) AS entry)
+           FROM fraiseql_observers.jobs",
+    )
+    .fetch_one(&database.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (inline_attempts, numbers),
+        (3, vec![1, 2, 3]),
+        "the job's history starts with the attempts made in the page"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_holds_every_attempt_made_in_the_page_and_by_the_queue() {
+    let database = TestDatabase::migrated().await;
+    prepare(&database).await;
+    let receiver = Receiver::start().await;
+    receiver.script("/orders", (0..6).map(|_| Reply::status(503)));
+    let mut listener = start_listener(
+        &database,
+        listener_parts(&database, config(&receiver, "")),
+        "n",
+    )
+    .await;
+    sqlx::query("INSERT INTO orders VALUES (1)")
+        .execute(&database.pool)
+        .await
+        .unwrap();
+    listener.deliver_page().await.unwrap();
+    let config = config(&receiver, "");
+    let worker = JobWorker::new(
+        PostgresJobQueue::new(
+            database.pool.clone(),
+            "w".to_owned(),
+            Duration::from_secs(30),
+        ),
+        "default",
+        ActionRunner::new(Arc::new(config.templates)).unwrap(),
+        Arc::new(Matcher::new(config.observers)),
+        Duration::from_millis(50),
+    );
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (attempts, message) = loop {
+        let letter: Option<(i32, String)> =
+            sqlx::query_as("SELECT attempts, error_message FROM fraiseql_observers.dead_letters")
+                .fetch_optional(&database.pool)
+                .await
+                .unwrap();
+        if let Some(letter) = letter {
+            break letter;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no dead letter; {} calls",
+            receiver.request_count()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    shutdown.cancel();
+    running.await.unwrap();
+
+    assert_eq!(receiver.requests_to("/orders").len(), 6);
+    assert_eq!(attempts, 6, "3 in the page and 3 from the queue");
+    let numbers: Vec<&str> = message
+        .lines()
+        .map(|line| line.split(' ').nth(1).unwrap_or_default())
+        .collect();
+    assert_eq!(numbers, ["1", "2", "3", "4", "5", "6"], "{message}");
+    assert!(
+        message.lines().all(|line| line.contains("): OB")),
+        "each line names its attempt's error: {message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

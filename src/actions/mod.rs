@@ -253,21 +253,33 @@ impl ActionContext<'_> {
         }
     }
 
-    /// `<event id>:<observer>:<action index>`: the same on every attempt and every replay.
+    /// `<event id>:<observer>:<action index>`: the same on every attempt and every re-delivery
+    /// of the event; for a `replay`ed event the original's key with `:replay:<run id>` after it.
     #[must_use]
     pub fn idempotency_key(&self) -> String {
         idempotency_key(self.event, self.observer, self.action_index)
     }
 }
 
-/// The idempotency key of one action for one event.
+/// The idempotency key receivers see for one action of one event: `<event id>:<observer>:<action
+/// index>`, or, for an event replayed by `replay`, `<original event id>:<observer>:<action
+/// index>:replay:<run id>` — the original's key, told apart by its suffix.
 #[must_use]
 pub fn idempotency_key(
     event: &EntityEvent,
     observer: &ObserverName,
     action_index: usize,
 ) -> String {
-    crate::domain::ActionKey::new(event.id, observer.as_str(), action_index).to_string()
+    match event.replay {
+        Some(replay) => format!(
+            "{}:replay:{}",
+            crate::domain::ActionKey::new(replay.of, observer.as_str(), action_index),
+            replay.run
+        ),
+        None => {
+            crate::domain::ActionKey::new(event.id, observer.as_str(), action_index).to_string()
+        }
+    }
 }
 
 /// What a successful attempt reports (e.g. `HTTP 200`).

@@ -151,6 +151,7 @@ pub fn placeholder_event(
         timestamp: DateTime::<Utc>::UNIX_EPOCH,
         position: None,
         trace_id: None,
+        replay: None,
     }
 }
 

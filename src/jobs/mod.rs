@@ -25,7 +25,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sqlx::{PgPool, Postgres, Row};
 use uuid::Uuid;
 
@@ -41,13 +41,7 @@ pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_PRIORITY: i16 = 5;
 
 /// One failed attempt, as kept in a job's history.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobAttemptError {
-    pub attempt: u32,
-    pub code: ErrorCode,
-    pub message: String,
-    pub at: DateTime<Utc>,
-}
+pub use crate::retry::FailedAttempt as JobAttemptError;
 
 /// A claimed job.
 #[derive(Clone, Debug)]
@@ -55,9 +49,11 @@ pub struct Job {
     pub id: Uuid,
     pub queue: String,
     pub priority: i16,
-    /// Attempts so far, this one included.
+    /// Attempts the queue made so far, this one included.
     pub attempts: u32,
     pub max_attempts: u32,
+    /// Attempts made in the page before the action was handed to the queue.
+    pub inline_attempts: u32,
     pub initial_delay: Duration,
     pub max_delay: Duration,
     pub idempotency_key: String,
@@ -65,10 +61,17 @@ pub struct Job {
     pub observer: String,
     pub action_index: usize,
     pub action_type: String,
+    /// Every failed attempt so far, the page's first, oldest first.
     pub errors: Vec<JobAttemptError>,
 }
 
 impl Job {
+    /// This attempt's number in the action's whole history (page and queue).
+    #[must_use]
+    pub fn attempt_number(&self) -> u32 {
+        self.inline_attempts.saturating_add(self.attempts)
+    }
+
     /// The action the job runs: its identity, as its idempotency key and dedup claim spell it.
     #[must_use]
     pub fn action_key(&self) -> crate::domain::ActionKey {
@@ -130,7 +133,7 @@ pub fn backoff_delay(attempts: u32, initial: Duration, max: Duration) -> Duratio
 
 /// The claimed row's columns; the event comes as text so that one that does not decode fails
 /// alone ([`PostgresJobQueue::fail_unreadable`]) instead of the whole claim.
-const JOB_COLUMNS: &str = "id, queue, priority, attempts, max_attempts, backoff_initial_ms, backoff_max_ms, idempotency_key, event::text AS event, observer, action_index, action_type, errors";
+const JOB_COLUMNS: &str = "id, queue, priority, attempts, max_attempts, backoff_initial_ms, backoff_max_ms, idempotency_key, event::text AS event, observer, action_index, action_type, errors, inline_attempts";
 
 fn job_from_row(row: &sqlx::postgres::PgRow) -> Result<Job, JobError> {
     let id: Uuid = row.try_get("id")?;
@@ -144,6 +147,7 @@ fn job_from_row(row: &sqlx::postgres::PgRow) -> Result<Job, JobError> {
         priority: row.try_get("priority")?,
         attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
         max_attempts: u32::try_from(row.try_get::<i32, _>("max_attempts")?).unwrap_or(1),
+        inline_attempts: u32::try_from(row.try_get::<i32, _>("inline_attempts")?).unwrap_or(0),
         initial_delay: Duration::from_millis(non_negative(row.try_get("backoff_initial_ms")?)),
         max_delay: Duration::from_millis(non_negative(row.try_get("backoff_max_ms")?)),
         idempotency_key: row.try_get("idempotency_key")?,
@@ -363,7 +367,7 @@ impl PostgresJobQueue {
                     SET status = 'failed', finished_at = now(), errors = errors || $3,
                         locked_by = NULL, locked_until = NULL
                   WHERE id = $1 AND status = 'running' AND locked_by = $2
-              RETURNING event_id, observer, action_index, action_type, attempts, ordering_key),
+              RETURNING event_id, observer, action_index, action_type, inline_attempts + attempts AS attempts, ordering_key),
              woken AS (SELECT pg_notify($4, '') FROM failed WHERE ordering_key IS NOT NULL)
              SELECT event_id, observer, action_index, action_type, attempts
                FROM failed LEFT JOIN (SELECT count(*) FROM woken) AS notified ON true",
@@ -398,12 +402,7 @@ impl PostgresJobQueue {
     /// # Errors
     /// Storage failed.
     pub async fn fail(&self, job: &Job, error: &AttemptError) -> Result<FailOutcome, JobError> {
-        let entry = JobAttemptError {
-            attempt: job.attempts,
-            code: error.code,
-            message: crate::escape::storable(&error.message).into_owned(),
-            at: Utc::now(),
-        };
+        let entry = JobAttemptError::now(job.attempt_number(), error);
         let entry_json = serde_json::to_value(std::slice::from_ref(&entry)).unwrap_or_default();
         let final_failure = !error.code.is_transient() || job.attempts >= job.max_attempts;
         let mut transaction = self.pool.begin().await?;
@@ -456,19 +455,7 @@ impl PostgresJobQueue {
         }
         let mut history: Vec<JobAttemptError> = job.errors.clone();
         history.push(entry);
-        let message = history
-            .iter()
-            .map(|attempt| {
-                format!(
-                    "attempt {} ({}): {} {}",
-                    attempt.attempt,
-                    attempt.at.to_rfc3339(),
-                    attempt.code,
-                    attempt.message
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+        let message = crate::retry::history_text(&history);
         let letter = crate::dlq::NewDeadLetter {
             event: job.event.clone(),
             observer: job.observer.clone(),
@@ -476,7 +463,7 @@ impl PostgresJobQueue {
             action_type: job.action_type.clone(),
             error_code: error.code,
             error_message: message,
-            attempts: job.attempts,
+            attempts: job.attempt_number(),
         };
         let dead_letter = crate::dlq::insert_dead_letter(&mut *transaction, &letter).await?;
         transaction.commit().await?;
@@ -653,7 +640,7 @@ pub async fn rescue_expired_on<'connection>(
         "UPDATE fraiseql_observers.jobs
             SET status = 'pending', run_at = now(), locked_by = NULL, locked_until = NULL,
                 errors = errors || jsonb_build_array(jsonb_build_object(
-                    'attempt', attempts, 'code', 'OB012',
+                    'attempt', inline_attempts + attempts, 'code', 'OB012',
                     'message', 'claim by ' || locked_by || ' expired (worker stopped without finishing)',
                     'at', to_jsonb(now())))
           WHERE status = 'running' AND locked_until < now()",
@@ -680,7 +667,7 @@ pub async fn rescue_orphaned_on<'connection>(
         "UPDATE fraiseql_observers.jobs
             SET status = 'pending', run_at = now(), locked_by = NULL, locked_until = NULL,
                 errors = errors || jsonb_build_array(jsonb_build_object(
-                    'attempt', attempts, 'code', 'OB012',
+                    'attempt', inline_attempts + attempts, 'code', 'OB012',
                     'message', 'claim by ' || locked_by || ' lost: that node left the cluster',
                     'at', to_jsonb(now())))
           WHERE status = 'running' AND NOT (locked_by = ANY ($1))
@@ -741,6 +728,8 @@ pub async fn enqueue_batch<'connection>(
     let mut ordering_keys = Vec::with_capacity(jobs.len());
     let mut ordinals = Vec::with_capacity(jobs.len());
     let mut parked_on = Vec::with_capacity(jobs.len());
+    let mut histories = Vec::with_capacity(jobs.len());
+    let mut inline_attempts = Vec::with_capacity(jobs.len());
     let now = Utc::now();
     for job in jobs {
         ids.push(Uuid::now_v7());
@@ -759,15 +748,17 @@ pub async fn enqueue_batch<'connection>(
         ordering_keys.push(job.ordering_key());
         ordinals.push(job.ordinal());
         parked_on.push(job.parked_on.clone());
+        histories.push(serde_json::to_value(&job.history).unwrap_or_default());
+        inline_attempts.push(i32::try_from(job.history.len()).unwrap_or(i32::MAX));
     }
     let inserted: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO fraiseql_observers.jobs
              (id, queue, priority, run_at, max_attempts, backoff_initial_ms, backoff_max_ms,
               idempotency_key, event_id, observer, action_index, action_type, event, ordering_key, ordinal,
-              parked_on)
+              parked_on, errors, inline_attempts)
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::smallint[], $4::timestamptz[], $5::int[], $6::bigint[],
                               $7::bigint[], $8::text[], $9::uuid[], $10::text[], $11::int[], $12::text[], $13::jsonb[],
-                              $14::text[], $15::bigint[], $16::text[])
+                              $14::text[], $15::bigint[], $16::text[], $17::jsonb[], $18::int[])
          ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING id",
     )
@@ -787,6 +778,8 @@ pub async fn enqueue_batch<'connection>(
     .bind(ordering_keys)
     .bind(ordinals)
     .bind(parked_on)
+    .bind(histories)
+    .bind(inline_attempts)
     .fetch_all(executor)
     .await?;
     Ok(inserted)

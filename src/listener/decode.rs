@@ -290,6 +290,7 @@ pub fn decode_row(position: i64, row: &Value) -> Result<EntityEvent, MalformedRo
         timestamp,
         position: Some(position),
         trace_id: text(row, "trace_id", position)?,
+        replay: None,
     })
 }
 

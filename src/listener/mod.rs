@@ -548,6 +548,7 @@ impl Listener {
             timestamp: chrono::Utc::now(),
             position: Some(position),
             trace_id: None,
+            replay: None,
         };
         self.executor
             .dead_letters()

@@ -37,6 +37,33 @@ pub struct ObserverDefinition {
     pub on_failure: FailurePolicy,
 }
 
+impl ObserverDefinition {
+    /// The job that runs `action` of this observer for `event` in the queue, with `max_attempts`
+    /// (at least 1) under the observer's backoff, due now.
+    #[must_use]
+    pub fn job_for(
+        &self,
+        event: &crate::domain::EntityEvent,
+        action: &ActionDefinition,
+        max_attempts: u32,
+    ) -> crate::outcome::NewJob {
+        crate::outcome::NewJob {
+            queue: action.delivery.queue.clone(),
+            priority: action.delivery.priority,
+            run_at: None,
+            event: event.clone(),
+            observer: self.name.to_string(),
+            action_index: action.index,
+            action_type: action.kind.type_name().to_owned(),
+            max_attempts: max_attempts.max(1),
+            initial_delay: self.retry.initial_delay,
+            max_delay: self.retry.max_delay,
+            parked_on: None,
+            history: Vec::new(),
+        }
+    }
+}
+
 /// A loaded, valid observers file.
 #[derive(Debug)]
 pub struct ObserversConfig {

@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::Duration;
 
 use common::Receiver;
@@ -395,20 +394,6 @@ async fn an_interrupted_backfill_resumes_without_writing_a_row_twice() {
     );
 }
 
-fn run_binary(database: &TestDatabase, arguments: &[&str]) -> (Option<i32>, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
-        .args(arguments)
-        .env("DATABASE_URL", &database.url)
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8(output.stdout).unwrap(),
-        String::from_utf8(output.stderr).unwrap(),
-    )
-}
-
 #[tokio::test]
 async fn dry_run_counts_and_samples_and_writes_nothing() {
     let database = TestDatabase::migrated().await;
@@ -417,16 +402,13 @@ async fn dry_run_counts_and_samples_and_writes_nothing() {
         .execute(&database.pool)
         .await
         .unwrap();
-    let (status, stdout, stderr) = run_binary(
-        &database,
-        &[
-            "backfill",
-            "--table",
-            "public.orders",
-            "--dry-run",
-            "--json",
-        ],
-    );
+    let (status, stdout, stderr) = database.cli(&[
+        "backfill",
+        "--table",
+        "public.orders",
+        "--dry-run",
+        "--json",
+    ]);
     assert_eq!(status, Some(0), "{stderr}");
     let preview: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(preview["rows"], 40);
@@ -438,8 +420,7 @@ async fn dry_run_counts_and_samples_and_writes_nothing() {
     assert_eq!(preview["sample"][0]["object_id"], "3");
     assert_eq!(preview["sample"][0]["object_data"]["version"], 1);
 
-    let (status, stdout, _) =
-        run_binary(&database, &["backfill", "--table", "orders", "--dry-run"]);
+    let (status, stdout, _) = database.cli(&["backfill", "--table", "orders", "--dry-run"]);
     assert_eq!(status, Some(0));
     assert!(
         stdout.contains("40 rows, 37 would get a synthetic INSERT"),
@@ -462,17 +443,14 @@ async fn dry_run_counts_and_samples_and_writes_nothing() {
 async fn the_binary_backfills_with_plain_progress_and_a_json_summary() {
     let database = TestDatabase::migrated().await;
     orders_before_capture(&database.pool, 120).await;
-    let (status, stdout, stderr) = run_binary(
-        &database,
-        &[
-            "backfill",
-            "--table",
-            "orders",
-            "--batch-size",
-            "50",
-            "--json",
-        ],
-    );
+    let (status, stdout, stderr) = database.cli(&[
+        "backfill",
+        "--table",
+        "orders",
+        "--batch-size",
+        "50",
+        "--json",
+    ]);
     assert_eq!(status, Some(0), "{stderr}");
     let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(summary["rows_written"], 120);
@@ -498,14 +476,12 @@ async fn a_table_that_cannot_be_backfilled_is_named_and_exits_2() {
         ("untracked", "table untracked is not tracked"),
         ("keyless", "table keyless has no primary key"),
     ] {
-        let (status, _, stderr) = run_binary(&database, &["backfill", "--table", table]);
+        let (status, _, stderr) = database.cli(&["backfill", "--table", table]);
         assert_eq!(status, Some(2), "{table}: {stderr}");
         assert!(stderr.contains(expected), "{table}: {stderr}");
     }
-    let (status, _, stderr) = run_binary(
-        &database,
-        &["backfill", "--table", "untracked", "--batch-size", "0"],
-    );
+    let (status, _, stderr) =
+        database.cli(&["backfill", "--table", "untracked", "--batch-size", "0"]);
     assert_eq!(status, Some(2), "{stderr}");
     assert!(
         stderr.contains("--batch-size must be between 1 and 10000"),

@@ -11,20 +11,6 @@ use fraiseql_observers::domain::{EntityEvent, EventKind};
 use fraiseql_observers::error::ErrorCode;
 use serde_json::json;
 
-fn run(database: &TestDatabase, arguments: &[&str]) -> (Option<i32>, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
-        .args(arguments)
-        .env("DATABASE_URL", &database.url)
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8(output.stdout).unwrap(),
-        String::from_utf8(output.stderr).unwrap(),
-    )
-}
-
 fn letter(observer: &str) -> NewDeadLetter {
     NewDeadLetter {
         event: EntityEvent::new(EventKind::Insert, "Order", "17", json!({"total": 5}), None),
@@ -41,7 +27,7 @@ fn letter(observer: &str) -> NewDeadLetter {
 async fn migrate_status_and_dry_run_show_what_is_applied_and_change_nothing() {
     let database = TestDatabase::create().await;
     let total = fraiseql_observers::migrate::MIGRATIONS.len();
-    let (status, stdout, stderr) = run(&database, &["migrate", "--dry-run"]);
+    let (status, stdout, stderr) = database.cli(&["migrate", "--dry-run"]);
     assert_eq!(status, Some(0), "{stderr}");
     assert_eq!(stdout.lines().count(), total + 1, "{stdout}");
     assert!(
@@ -54,7 +40,7 @@ async fn migrate_status_and_dry_run_show_what_is_applied_and_change_nothing() {
         )),
         "{stdout}"
     );
-    let (_, stdout, _) = run(&database, &["migrate", "--status"]);
+    let (_, stdout, _) = database.cli(&["migrate", "--status"]);
     assert!(
         stdout.contains(&format!("✓ 0 applied, {total} pending")),
         "{stdout}"
@@ -66,9 +52,9 @@ async fn migrate_status_and_dry_run_show_what_is_applied_and_change_nothing() {
             .unwrap();
     assert_eq!(schema, None, "neither wrote anything");
 
-    let (status, _, stderr) = run(&database, &["migrate"]);
+    let (status, _, stderr) = database.cli(&["migrate"]);
     assert_eq!(status, Some(0), "{stderr}");
-    let (_, stdout, _) = run(&database, &["migrate", "--status"]);
+    let (_, stdout, _) = database.cli(&["migrate", "--status"]);
     assert!(
         stdout.contains(&format!("✓ {total} applied, 0 pending")),
         "{stdout}"
@@ -77,7 +63,7 @@ async fn migrate_status_and_dry_run_show_what_is_applied_and_change_nothing() {
         stdout.lines().nth(1).unwrap().contains("0001_change_log"),
         "{stdout}"
     );
-    let (_, stdout, _) = run(&database, &["migrate", "--dry-run"]);
+    let (_, stdout, _) = database.cli(&["migrate", "--dry-run"]);
     assert_eq!(
         stdout,
         "0 migration(s) would be applied; nothing was changed\n"
@@ -92,13 +78,13 @@ async fn migrate_status_and_dry_run_show_what_is_applied_and_change_nothing() {
     .execute(&database.pool)
     .await
     .unwrap();
-    let (status, stdout, _) = run(&database, &["migrate", "--status", "--json"]);
+    let (status, stdout, _) = database.cli(&["migrate", "--status", "--json"]);
     assert_eq!(status, Some(0));
     let lines: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(lines[1]["state"]["changed"]["applied_checksum"], "edited");
     assert_eq!(lines[total]["name"], "0999_from_the_future");
     assert_eq!(lines[total]["state"], "unknown");
-    let (_, stdout, _) = run(&database, &["migrate", "--status"]);
+    let (_, stdout, _) = database.cli(&["migrate", "--status"]);
     assert!(
         stdout.contains("CHANGED") && stdout.contains("UNKNOWN"),
         "{stdout}"
@@ -112,10 +98,10 @@ async fn migrate_status_and_dry_run_show_what_is_applied_and_change_nothing() {
 #[tokio::test]
 async fn migrate_applies_then_reports_nothing_to_do() {
     let database = TestDatabase::create().await;
-    let (status, stdout, stderr) = run(&database, &["migrate"]);
+    let (status, stdout, stderr) = database.cli(&["migrate"]);
     assert_eq!(status, Some(0), "{stderr}");
     assert!(stdout.contains("applied 0001_change_log"), "{stdout}");
-    let (status, stdout, _) = run(&database, &["migrate"]);
+    let (status, stdout, _) = database.cli(&["migrate"]);
     assert_eq!(status, Some(0));
     assert!(stdout.contains("0 applied now"), "{stdout}");
 }
@@ -203,7 +189,7 @@ async fn a_database_that_cannot_be_reached_is_named_with_its_cause() {
 #[tokio::test]
 async fn the_database_flag_is_taken_before_or_after_the_subcommand() {
     let database = TestDatabase::create().await;
-    let (status, _, stderr) = run(&database, &["migrate"]);
+    let (status, _, stderr) = database.cli(&["migrate"]);
     assert_eq!(status, Some(0), "{stderr}");
     for arguments in [
         ["dlq", "--database-url", &database.url, "list"],
@@ -229,7 +215,7 @@ async fn the_database_flag_is_taken_before_or_after_the_subcommand() {
 #[tokio::test]
 async fn a_letter_id_that_is_not_a_uuid_says_what_is_expected() {
     let database = TestDatabase::create().await;
-    let (status, _, stderr) = run(&database, &["dlq", "show", "garbage"]);
+    let (status, _, stderr) = database.cli(&["dlq", "show", "garbage"]);
     assert_eq!(status, Some(2), "{stderr}");
     assert!(
         stderr.contains("expected a dead letter's id, a UUID such as"),
@@ -247,7 +233,7 @@ async fn a_listing_shows_the_oldest_hundred_unless_told_and_counts_them_all() {
         first.get_or_insert(id);
     }
 
-    let (status, stdout, stderr) = run(&database, &["dlq", "list"]);
+    let (status, stdout, stderr) = database.cli(&["dlq", "list"]);
     assert_eq!(status, Some(0), "{stderr}");
     assert!(
         stdout.starts_with("Dead letters (showing 100 of 101)"),
@@ -257,10 +243,10 @@ async fn a_listing_shows_the_oldest_hundred_unless_told_and_counts_them_all() {
         stdout.contains(&first.unwrap().to_string()),
         "oldest first: {stdout}"
     );
-    let (_, stdout, _) = run(&database, &["dlq", "list", "--json"]);
+    let (_, stdout, _) = database.cli(&["dlq", "list", "--json"]);
     let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 100);
-    let (_, stdout, _) = run(&database, &["dlq", "list", "--limit", "101", "--json"]);
+    let (_, stdout, _) = database.cli(&["dlq", "list", "--limit", "101", "--json"]);
     let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 101);
 }
@@ -275,14 +261,14 @@ async fn dead_letters_can_be_listed_shown_retried_and_purged() {
     let retried = queue.push(letter("order-created")).await.unwrap();
     let kept = queue.push(letter("other")).await.unwrap();
 
-    let (status, stdout, stderr) = run(&database, &["dlq", "list", "--json"]);
+    let (status, stdout, stderr) = database.cli(&["dlq", "list", "--json"]);
     assert_eq!(status, Some(0), "{stderr}");
     let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 2);
     assert_eq!(listed[0]["id"], retried.to_string());
     assert_eq!(listed[0]["error_code"], "OB006");
 
-    let (_, stdout, _) = run(&database, &["dlq", "list", "--observer", "other"]);
+    let (_, stdout, _) = database.cli(&["dlq", "list", "--observer", "other"]);
     assert!(
         stdout.starts_with("Dead letters (showing 1 of 2)"),
         "{stdout}"
@@ -292,7 +278,7 @@ async fn dead_letters_can_be_listed_shown_retried_and_purged() {
         "{stdout}"
     );
 
-    let (status, stdout, _) = run(&database, &["dlq", "show", &retried.to_string()]);
+    let (status, stdout, _) = database.cli(&["dlq", "show", &retried.to_string()]);
     assert_eq!(status, Some(0));
     let shown: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(shown["event"]["entity_id"], "17");
@@ -307,16 +293,13 @@ async fn dead_letters_can_be_listed_shown_retried_and_purged() {
         ),
     )
     .unwrap();
-    let (status, stdout, stderr) = run(
-        &database,
-        &[
-            "dlq",
-            "retry",
-            &retried.to_string(),
-            "--config",
-            config.to_str().unwrap(),
-        ],
-    );
+    let (status, stdout, stderr) = database.cli(&[
+        "dlq",
+        "retry",
+        &retried.to_string(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
     assert_eq!(status, Some(0), "{stderr}");
     assert!(stdout.contains("HTTP 200"), "{stdout}");
     let requests = receiver.requests_to("/orders");
@@ -331,7 +314,7 @@ async fn dead_letters_can_be_listed_shown_retried_and_purged() {
         "a successful retry removes the letter"
     );
 
-    let (status, _, stderr) = run(&database, &["dlq", "purge"]);
+    let (status, _, stderr) = database.cli(&["dlq", "purge"]);
     assert_eq!(status, Some(1));
     assert!(stderr.contains("without --all"), "{stderr}");
     assert_eq!(
@@ -339,7 +322,7 @@ async fn dead_letters_can_be_listed_shown_retried_and_purged() {
         1,
         "nothing deleted by a refused purge"
     );
-    let (status, stdout, _) = run(&database, &["dlq", "purge", "--observer", "other"]);
+    let (status, stdout, _) = database.cli(&["dlq", "purge", "--observer", "other"]);
     assert_eq!(status, Some(0));
     assert!(stdout.contains("deleted 1 dead letter"), "{stdout}");
     assert_eq!(queue.count().await.unwrap(), 0);
@@ -507,7 +490,7 @@ async fn a_dead_letter_with_control_sequences_lists_as_one_escaped_row() {
         .await
         .unwrap();
 
-    let (status, stdout, stderr) = run(&database, &["dlq", "list"]);
+    let (status, stdout, stderr) = database.cli(&["dlq", "list"]);
     assert_eq!(status, Some(0), "{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 3, "a title, a header and one row:\n{stdout}");
@@ -523,7 +506,7 @@ async fn a_dead_letter_with_control_sequences_lists_as_one_escaped_row() {
     );
 
     // `dlq show` stays JSON, every control character escaped, decoding to the stored text.
-    let (status, stdout, _) = run(&database, &["dlq", "show", &id.to_string()]);
+    let (status, stdout, _) = database.cli(&["dlq", "show", &id.to_string()]);
     assert_eq!(status, Some(0));
     assert_eq!(raw_controls(&stdout), Vec::<char>::new(), "{stdout:?}");
     let shown: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -531,7 +514,7 @@ async fn a_dead_letter_with_control_sequences_lists_as_one_escaped_row() {
     assert_eq!(shown["event"]["entity_type"], hostile_entity);
 
     // `--json` is the exact JSON.
-    let (_, stdout, _) = run(&database, &["dlq", "list", "--json"]);
+    let (_, stdout, _) = database.cli(&["dlq", "list", "--json"]);
     let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(listed[0]["error_message"], hostile_error);
 }
@@ -771,7 +754,7 @@ async fn dlq_listings_filter_by_error_text_time_and_entity_type() {
         .await
         .unwrap();
     let observers = |arguments: &[&str]| {
-        let (status, stdout, stderr) = run(&database, arguments);
+        let (status, stdout, stderr) = database.cli(arguments);
         assert_eq!(status, Some(0), "{arguments:?}: {stderr}");
         let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
         listed
@@ -799,14 +782,14 @@ async fn dlq_listings_filter_by_error_text_time_and_entity_type() {
         2
     );
     assert!(observers(&["dlq", "list", "--json", "--since", "2999-01-01T00:00:00Z"]).is_empty());
-    let (status, _, stderr) = run(&database, &["dlq", "list", "--since", "yesterdayish"]);
+    let (status, _, stderr) = database.cli(&["dlq", "list", "--since", "yesterdayish"]);
     assert_eq!(status, Some(2));
     assert!(
         stderr.contains("expected a duration ago such as 2h or 7d"),
         "{stderr}"
     );
     // Purge by error text removes only those.
-    let (status, stdout, stderr) = run(&database, &["dlq", "purge", "--error", "404"]);
+    let (status, stdout, stderr) = database.cli(&["dlq", "purge", "--error", "404"]);
     assert_eq!(status, Some(0), "{stderr}");
     assert!(stdout.contains('1'), "{stdout}");
     assert_eq!(observers(&["dlq", "list", "--json"]), ["orders"]);

@@ -464,20 +464,6 @@ async fn history_off_in_the_file_or_the_settings_records_nothing() {
     assert_eq!(history_rows(pool).await, 0);
 }
 
-fn run_cli(database: &TestDatabase, arguments: &[&str]) -> (Option<i32>, String, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
-        .args(arguments)
-        .env("DATABASE_URL", &database.url)
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8(output.stdout).unwrap(),
-        String::from_utf8(output.stderr).unwrap(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_search_on_the_command_line_filters_pages_and_refuses_bad_flags() {
     let database = TestDatabase::migrated().await;
@@ -493,10 +479,8 @@ async fn events_search_on_the_command_line_filters_pages_and_refuses_bad_flags()
     .await
     .unwrap();
 
-    let (status, out, err) = run_cli(
-        &database,
-        &["events", "search", "--entity-type", "Order", "--limit", "1"],
-    );
+    let (status, out, err) =
+        database.cli(&["events", "search", "--entity-type", "Order", "--limit", "1"]);
     assert_eq!(status, Some(0), "{err}");
     assert!(
         out.contains("00000000-0000-0000-0000-000000000002"),
@@ -508,18 +492,15 @@ async fn events_search_on_the_command_line_filters_pages_and_refuses_bad_flags()
         .find_map(|line| line.strip_prefix("more: --after "))
         .unwrap_or_else(|| panic!("no next page in {out}"))
         .to_owned();
-    let (_, out, _) = run_cli(
-        &database,
-        &[
-            "events",
-            "search",
-            "--entity-type",
-            "Order",
-            "--after",
-            &cursor,
-            "--json",
-        ],
-    );
+    let (_, out, _) = database.cli(&[
+        "events",
+        "search",
+        "--entity-type",
+        "Order",
+        "--after",
+        &cursor,
+        "--json",
+    ]);
     let page: Value = serde_json::from_str(&out).unwrap();
     let ids: Vec<&str> = page["entries"]
         .as_array()
@@ -530,23 +511,20 @@ async fn events_search_on_the_command_line_filters_pages_and_refuses_bad_flags()
     assert_eq!(ids, ["00000000-0000-0000-0000-000000000001"]);
     assert!(page["next_cursor"].is_null());
 
-    let (_, out, _) = run_cli(
-        &database,
-        &[
-            "events", "search", "--text", "card", "--since", "1h", "--json",
-        ],
-    );
+    let (_, out, _) = database.cli(&[
+        "events", "search", "--text", "card", "--since", "1h", "--json",
+    ]);
     let page: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(page["entries"].as_array().unwrap().len(), 1, "{page}");
     assert_eq!(page["entries"][0]["entity_id"], "b");
 
-    let (status, _, err) = run_cli(&database, &["events", "search", "--outcome", "ok"]);
+    let (status, _, err) = database.cli(&["events", "search", "--outcome", "ok"]);
     assert_ne!(status, Some(0));
     assert!(
         err.contains("unknown outcome \"ok\"") && err.contains("dead_lettered"),
         "{err}"
     );
-    let (status, _, err) = run_cli(&database, &["events", "search", "--since", "yesterday-ish"]);
+    let (status, _, err) = database.cli(&["events", "search", "--since", "yesterday-ish"]);
     assert_ne!(status, Some(0));
     assert!(err.contains("RFC 3339"), "{err}");
 }

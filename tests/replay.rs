@@ -457,20 +457,6 @@ async fn a_dry_run_counts_and_samples_and_enqueues_nothing() {
     ));
 }
 
-fn cli(database: &TestDatabase, arguments: &[&str]) -> (Option<i32>, String, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
-        .args(arguments)
-        .env("DATABASE_URL", &database.url)
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8(output.stdout).unwrap(),
-        String::from_utf8(output.stderr).unwrap(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_previews_runs_and_reports_its_runs() {
     let database = TestDatabase::migrated().await;
@@ -487,19 +473,16 @@ async fn the_command_previews_runs_and_reports_its_runs() {
     .unwrap();
     let config = file.path().to_str().unwrap();
 
-    let (status, preview, stderr) = cli(
-        &database,
-        &[
-            "replay",
-            "--config",
-            config,
-            "--entity-type",
-            "Order",
-            "--entity-id",
-            "3",
-            "--dry-run",
-        ],
-    );
+    let (status, preview, stderr) = database.cli(&[
+        "replay",
+        "--config",
+        config,
+        "--entity-type",
+        "Order",
+        "--entity-id",
+        "3",
+        "--dry-run",
+    ]);
     assert_eq!(status, Some(0), "{stderr}");
     let lines: Vec<&str> = preview.lines().collect();
     assert_eq!(
@@ -513,17 +496,14 @@ async fn the_command_previews_runs_and_reports_its_runs() {
         ]
     );
 
-    let (status, summary, progress) = cli(
-        &database,
-        &[
-            "replay",
-            "--config",
-            config,
-            "--entity-type",
-            "Order",
-            "--json",
-        ],
-    );
+    let (status, summary, progress) = database.cli(&[
+        "replay",
+        "--config",
+        config,
+        "--entity-type",
+        "Order",
+        "--json",
+    ]);
     assert_eq!(status, Some(0), "{progress}");
     let run: serde_json::Value = serde_json::from_str(&summary).unwrap();
     assert_eq!(run["status"], "completed");
@@ -535,7 +515,7 @@ async fn the_command_previews_runs_and_reports_its_runs() {
         "{progress}"
     );
 
-    let (status, listing, _) = cli(&database, &["replay", "status", id]);
+    let (status, listing, _) = database.cli(&["replay", "status", id]);
     assert_eq!(status, Some(0));
     assert!(
         listing.starts_with(&format!(
@@ -548,26 +528,23 @@ async fn the_command_previews_runs_and_reports_its_runs() {
         "{listing}"
     );
 
-    let (status, _, stderr) = cli(&database, &["replay", "--config", config, "--resume", id]);
+    let (status, _, stderr) = database.cli(&["replay", "--config", config, "--resume", id]);
     assert_eq!(status, Some(2), "{stderr}");
     assert!(
         stderr.contains(&format!("replay run {id} has already completed")),
         "{stderr}"
     );
-    let (status, _, stderr) = cli(&database, &["replay", "--entity-type", "Order"]);
+    let (status, _, stderr) = database.cli(&["replay", "--entity-type", "Order"]);
     assert_eq!(status, Some(2), "{stderr}");
     assert!(stderr.contains("--config <CONFIG>"), "{stderr}");
-    let (status, _, stderr) = cli(
-        &database,
-        &[
-            "replay",
-            "--config",
-            config,
-            "--observer",
-            "nope",
-            "--dry-run",
-        ],
-    );
+    let (status, _, stderr) = database.cli(&[
+        "replay",
+        "--config",
+        config,
+        "--observer",
+        "nope",
+        "--dry-run",
+    ]);
     assert_eq!(status, Some(2), "{stderr}");
     assert!(
         stderr.contains("no observer named \"nope\" in the observers file"),

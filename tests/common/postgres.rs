@@ -17,6 +17,22 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
+    /// Runs the service's binary with `arguments` against this database (logs off): its exit
+    /// status, stdout and stderr.
+    pub fn cli(&self, arguments: &[&str]) -> (Option<i32>, String, String) {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
+            .args(arguments)
+            .env("DATABASE_URL", &self.url)
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8(output.stdout).unwrap(),
+            String::from_utf8(output.stderr).unwrap(),
+        )
+    }
+
     /// Creates an empty database with a unique name.
     pub async fn create() -> TestDatabase {
         let server = server_url();

@@ -147,24 +147,6 @@ fn age(letter: &DeadLetter) -> String {
     humantime::format_duration(Duration::from_secs(seconds)).to_string()
 }
 
-/// The last error of a letter's message: a job's letter holds its whole history, one line an
-/// attempt (`attempt N (time): CODE message`), oldest first; a listing wants the one that ended it.
-fn last_error(message: &str) -> &str {
-    if !message.starts_with("attempt ") {
-        return message;
-    }
-    let last = message
-        .rfind("\nattempt ")
-        .map_or(message, |start| &message[start + 1..]);
-    let Some((_, text)) = last.split_once("): ") else {
-        return last;
-    };
-    match text.split_once(' ') {
-        Some((code, rest)) if code.starts_with("OB") && code.len() == 5 => rest,
-        _ => text,
-    }
-}
-
 /// `events search`: the history rows matching `query`, newest first, as a table (or JSON), with
 /// the cursor of the next page when there is one.
 ///
@@ -259,7 +241,7 @@ pub async fn dlq_list(
     // Observer, entity and error come from the change log and the targets: escaped, so each
     // letter is one row and nothing reaches the terminal as a control sequence.
     for letter in &letters {
-        let message: String = last_error(&letter.letter.error_message)
+        let message: String = crate::dlq::last_error_line(&letter.letter.error_message)
             .chars()
             .take(60)
             .collect();
@@ -309,6 +291,145 @@ pub async fn dlq_purge(
         "✓ deleted {deleted} dead letter{}\n",
         if deleted == 1 { "" } else { "s" }
     ))
+}
+
+/// `dlq stats` (and `dlq retry --dry-run`): the letters matching `filter` counted per observer
+/// action and error code, largest groups first, each with its newest letter's last error.
+///
+/// # Errors
+/// The database failed.
+pub async fn dlq_stats(
+    pool: &PgPool,
+    filter: &DeadLetterFilter,
+    json: bool,
+) -> anyhow::Result<String> {
+    let groups = crate::dlq::letter_groups(pool, filter).await?;
+    if json {
+        return Ok(format!("{:#}\n", serde_json::to_value(&groups)?));
+    }
+    let total: u64 = groups.iter().map(|group| group.count).sum();
+    let mut out = format!(
+        "{total} dead letter{} in {} group{}{}\n",
+        if total == 1 { "" } else { "s" },
+        groups.len(),
+        if groups.len() == 1 { "" } else { "s" },
+        if i64::try_from(groups.len()).unwrap_or(i64::MAX) >= crate::dlq::MAX_LETTER_GROUPS {
+            " (the largest only)"
+        } else {
+            ""
+        }
+    );
+    if groups.is_empty() {
+        return Ok(out);
+    }
+    let _ = writeln!(
+        out,
+        "{:>8}  {:<24}  {:<9}  {:<7}  {:<12}  {:<12}  last error",
+        "letters", "observer", "action", "code", "oldest", "newest"
+    );
+    for group in &groups {
+        let error: String = group.last_error.chars().take(60).collect();
+        let _ = writeln!(
+            out,
+            "{:>8}  {:<24}  {:<9}  {:<7}  {:<12}  {:<12}  {}",
+            group.count,
+            format!(
+                "{}[{}]",
+                escape_control(&group.observer),
+                group.action_index
+            ),
+            escape_control(&group.action_type),
+            escape_control(&group.error_code),
+            ago(group.oldest),
+            ago(group.newest),
+            escape_control(&error)
+        );
+    }
+    Ok(out)
+}
+
+/// `dlq retry` without an id: hands the letters `filter` selects back to the job queue (see
+/// [`crate::requeue`]) with progress on stderr; exit 5 (interrupted) after Ctrl-C, the batches
+/// done so far staying done.
+///
+/// # Errors
+/// The run was interrupted, or the database failed.
+pub async fn dlq_requeue(
+    pool: &PgPool,
+    observers: &[crate::observers::ObserverDefinition],
+    filter: &DeadLetterFilter,
+    style: ProgressStyle,
+    json: bool,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<String> {
+    let bar = (style == ProgressStyle::Bar).then(|| progress_bar("letters"));
+    let started = std::time::Instant::now();
+    let mut last_line: Option<std::time::Instant> = None;
+    let on_progress = |report: &crate::requeue::RequeueReport| {
+        if let Some(bar) = &bar {
+            bar.set_length(report.matching.max(report.letters));
+            bar.set_position(report.letters);
+            bar.set_message(format!("{} kept", report.kept));
+        } else if style == ProgressStyle::Lines
+            && last_line.is_none_or(|at| at.elapsed() >= PLAIN_PROGRESS_INTERVAL)
+        {
+            last_line = Some(std::time::Instant::now());
+            eprintln!(
+                "dlq retry: {}/{} letters, {} requeued, {} new jobs, {} kept, {:.0} letters/s",
+                report.letters,
+                report.matching,
+                report.requeued,
+                report.enqueued,
+                report.kept,
+                f64_from(report.letters) / started.elapsed().as_secs_f64().max(0.001)
+            );
+        }
+    };
+    let result =
+        crate::requeue::requeue_letters(pool, observers, filter, cancel, on_progress).await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let report = result?;
+    if report.interrupted {
+        return Err(crate::requeue::RequeueError::Interrupted {
+            letters: report.letters,
+            matching: report.matching,
+            handed_back: report.requeued + report.enqueued + report.already_queued_or_done,
+        }
+        .into());
+    }
+    if json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&report)?));
+    }
+    let handed_back = report.requeued + report.enqueued + report.already_queued_or_done;
+    let mut out = format!(
+        "✓ {handed_back} dead letter{} handed back to the job queue in {:.1}s: {} failed jobs pending again, {} new jobs, {} already queued or delivered\n",
+        if handed_back == 1 { "" } else { "s" },
+        started.elapsed().as_secs_f64(),
+        report.requeued,
+        report.enqueued,
+        report.already_queued_or_done,
+    );
+    if report.kept > 0 {
+        let _ = writeln!(
+            out,
+            "✗ {} letter{} kept:",
+            report.kept,
+            if report.kept == 1 { "" } else { "s" }
+        );
+        for kept in &report.kept_letters {
+            let _ = writeln!(out, "  {}  {}", kept.id, escape_control(&kept.reason));
+        }
+        if report.kept > report.kept_letters.len() as u64 {
+            let _ = writeln!(
+                out,
+                "  … and {} more",
+                report.kept - report.kept_letters.len() as u64
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// `dlq retry ID`: runs the letter's action again now, under its observer's retry policy, with
@@ -539,24 +660,6 @@ pub async fn metrics(
         }
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::last_error;
-
-    #[test]
-    fn a_listing_shows_the_error_that_ended_the_history() {
-        let history = "attempt 1 (2026-12-04T10:00:00+00:00): OB006 HTTP 503: busy\n\
-                       attempt 2 (2026-12-04T10:00:01+00:00): OB008 HTTP 404: no such hook";
-        assert_eq!(last_error(history), "HTTP 404: no such hook");
-        assert_eq!(last_error("HTTP 500: boom"), "HTTP 500: boom");
-        assert_eq!(last_error("HTTP 500: two\nlines"), "HTTP 500: two\nlines");
-        assert_eq!(
-            last_error("attempt without a time"),
-            "attempt without a time"
-        );
-    }
 }
 
 /// How `backfill` reports its progress on stderr while it runs.

@@ -45,6 +45,7 @@ pub mod outcome;
 pub mod redis_client;
 pub mod replay;
 pub mod report;
+pub mod requeue;
 pub mod retry;
 pub mod template;
 pub mod worker;

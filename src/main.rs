@@ -599,11 +599,25 @@ enum DlqCommand {
         #[arg(value_parser = parse_letter_id)]
         id: uuid::Uuid,
     },
-    /// Run a dead letter's action again now; removes the letter when it succeeds.
+    /// Deliver dead letters again. With a letter's id: run its action now, in this process, and
+    /// remove the letter when it succeeds. Without one: hand every letter the filters select (or
+    /// --all) back to the job queue, where the nodes' workers deliver them with the original
+    /// idempotency keys; the letters are removed as their jobs are queued.
     Retry {
-        /// The letter's id, as `dlq list` shows it.
+        /// One letter's id, as `dlq list` shows it.
         #[arg(value_parser = parse_letter_id)]
-        id: uuid::Uuid,
+        id: Option<uuid::Uuid>,
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// Every dead letter (without an id and without filters).
+        #[arg(long)]
+        all: bool,
+        /// Count what would be handed back, by observer and error; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The summary as JSON.
+        #[arg(long)]
+        json: bool,
         /// The observers file that defines the letter's observer.
         #[arg(long, env = "FRAISEQL_OBSERVERS_CONFIG")]
         config: PathBuf,
@@ -615,6 +629,13 @@ enum DlqCommand {
             value_delimiter = ','
         )]
         allow_private_targets_cidr: Vec<fraiseql_observers::config::Network>,
+    },
+    /// Dead letters counted per observer action and error code, largest groups first.
+    Stats {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        #[arg(long)]
+        json: bool,
     },
     /// Delete dead letters matching the filters (at least one filter, or --all).
     Purge {
@@ -1407,11 +1428,51 @@ async fn dlq_command(database: DatabaseArgs, command: DlqCommand) -> anyhow::Res
             commands::dlq_list(&queue, &filter, json).await
         }
         DlqCommand::Show { id } => commands::dlq_show(&queue, id).await,
+        DlqCommand::Stats { filter, json } => {
+            commands::dlq_stats(queue.pool(), &filter.into_filter()?, json).await
+        }
         DlqCommand::Retry {
             id,
+            filter,
+            all,
+            dry_run,
+            json,
             config,
             allow_private_targets_cidr,
         } => {
+            let Some(id) = id else {
+                if filter.is_empty() && !all {
+                    return Err(SettingError(
+                        "refusing to retry every dead letter without --all; give a letter's id or a filter such as --observer NAME".to_owned(),
+                    )
+                    .into());
+                }
+                let filter = filter.into_filter()?;
+                if dry_run {
+                    return commands::dlq_stats(queue.pool(), &filter, json).await;
+                }
+                // The workers run the actions: only the observers' definitions are needed here,
+                // not their secrets.
+                let config = observers::load_file(
+                    &config,
+                    &LoadOptions::from_process_env(MissingEnv::Warn),
+                )?;
+                return commands::dlq_requeue(
+                    queue.pool(),
+                    &config.observers,
+                    &filter,
+                    progress_style(),
+                    json,
+                    &cancelled_by_interrupt(),
+                )
+                .await;
+            };
+            if !(filter.is_empty() && !all && !dry_run && !json) {
+                return Err(SettingError(
+                    "a letter's id runs that one letter now; filters, --all, --dry-run and --json belong to a retry without an id".to_owned(),
+                )
+                .into());
+            }
             let mut config =
                 observers::load_file(&config, &LoadOptions::from_process_env(MissingEnv::Error))?;
             config.executor.private_targets_allowed = allow_private_targets_cidr;
@@ -1425,9 +1486,10 @@ async fn dlq_command(database: DatabaseArgs, command: DlqCommand) -> anyhow::Res
         }
         DlqCommand::Purge { filter, all } => {
             if filter.is_empty() && !all {
-                anyhow::bail!(
-                    "refusing to purge every dead letter without --all; give a filter such as --older-than 30d"
-                );
+                return Err(SettingError(
+                    "refusing to purge every dead letter without --all; give a filter such as --older-than 30d".to_owned(),
+                )
+                .into());
             }
             commands::dlq_purge(&queue, &filter.into_filter()?).await
         }
@@ -1532,6 +1594,9 @@ fn exit_code_for(error: &anyhow::Error) -> ErrorCode {
         }
         if let Some(replay) = cause.downcast_ref::<fraiseql_observers::replay::ReplayError>() {
             return replay.code();
+        }
+        if let Some(requeue) = cause.downcast_ref::<fraiseql_observers::requeue::RequeueError>() {
+            return requeue.code();
         }
     }
     ErrorCode::Internal

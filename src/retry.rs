@@ -79,6 +79,42 @@ pub fn history_text(history: &[FailedAttempt]) -> String {
         .join("\n")
 }
 
+/// A history read back from [`history_text`]: each `attempt N (time): CODE message` line as an
+/// entry. A text that is not such a history (a letter of one attempt holds only its error) is
+/// one entry, attempt `attempts`, failed with `code` at `at`.
+#[must_use]
+pub fn history_from_text(
+    text: &str,
+    attempts: u32,
+    code: ErrorCode,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Vec<FailedAttempt> {
+    let parse_line = |line: &str| -> Option<FailedAttempt> {
+        let rest = line.strip_prefix("attempt ")?;
+        let (number, rest) = rest.split_once(" (")?;
+        let (time, rest) = rest.split_once("): ")?;
+        let (code, message) = rest.split_once(' ').unwrap_or((rest, ""));
+        Some(FailedAttempt {
+            attempt: number.parse().ok()?,
+            code: serde_json::from_value(serde_json::Value::String(code.to_owned())).ok()?,
+            message: message.to_owned(),
+            at: chrono::DateTime::parse_from_rfc3339(time)
+                .ok()?
+                .with_timezone(&chrono::Utc),
+        })
+    };
+    let parsed: Option<Vec<FailedAttempt>> = text.lines().map(parse_line).collect();
+    match parsed {
+        Some(history) if !history.is_empty() => history,
+        _ => vec![FailedAttempt {
+            attempt: attempts.max(1),
+            code,
+            message: text.to_owned(),
+            at,
+        }],
+    }
+}
+
 /// The delays between attempts of `policy` (one fewer than its attempts), before any
 /// `Retry-After` adjustment.
 #[must_use]
@@ -203,6 +239,35 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
+
+    #[test]
+    fn a_history_reads_back_from_its_text_and_a_single_error_becomes_one_entry() {
+        let first = FailedAttempt::now(1, &AttemptError::new(ErrorCode::ActionTimeout, "slow"));
+        let second = FailedAttempt::now(
+            2,
+            &AttemptError::new(ErrorCode::RemoteRejected, "HTTP 404: no (such) hook"),
+        );
+        let history = vec![first, second];
+        let text = history_text(&history);
+        let read = history_from_text(&text, 2, ErrorCode::RemoteRejected, chrono::Utc::now());
+        assert_eq!(read.len(), 2);
+        assert_eq!(read[1].attempt, 2);
+        assert_eq!(read[1].code, ErrorCode::RemoteRejected);
+        assert_eq!(read[1].message, "HTTP 404: no (such) hook");
+        assert_eq!(history_text(&read), text);
+
+        let at = chrono::Utc::now();
+        let single = history_from_text("HTTP 500: boom", 3, ErrorCode::RemoteUnavailable, at);
+        assert_eq!(
+            single,
+            vec![FailedAttempt {
+                attempt: 3,
+                code: ErrorCode::RemoteUnavailable,
+                message: "HTTP 500: boom".to_owned(),
+                at,
+            }]
+        );
+    }
 
     fn policy(max_attempts: u32, jitter: bool) -> RetryPolicy {
         RetryPolicy {

@@ -315,7 +315,7 @@ async fn dead_letters_can_be_listed_shown_retried_and_purged() {
     );
 
     let (status, _, stderr) = database.cli(&["dlq", "purge"]);
-    assert_eq!(status, Some(1));
+    assert_eq!(status, Some(2), "a refused purge is a command-line error");
     assert!(stderr.contains("without --all"), "{stderr}");
     assert_eq!(
         queue.count().await.unwrap(),

@@ -56,6 +56,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "worker",
             "listener",
             "replay",
+            "requeue",
         ],
     ),
     ("node", &["cluster", "coordinator", "control"]),

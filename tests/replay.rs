@@ -5,17 +5,13 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::Receiver;
 use common::postgres::TestDatabase;
-use fraiseql_observers::actions::ActionRunner;
-use fraiseql_observers::jobs::PostgresJobQueue;
 use fraiseql_observers::matcher::Matcher;
 use fraiseql_observers::observers::ObserversConfig;
 use fraiseql_observers::replay::{self, ReplayError, ReplayRequest};
-use fraiseql_observers::worker::JobWorker;
 use tokio_util::sync::CancellationToken;
 
 fn config(receiver: &Receiver) -> ObserversConfig {
@@ -74,39 +70,7 @@ async fn change_ids(database: &TestDatabase, entity: &str) -> Vec<String> {
 
 /// Runs a job worker until no job is pending or running.
 async fn deliver_jobs(database: &TestDatabase, receiver: &Receiver) {
-    let config = config(receiver);
-    let worker = JobWorker::new(
-        PostgresJobQueue::new(
-            database.pool.clone(),
-            "w".to_owned(),
-            Duration::from_secs(30),
-        ),
-        "default",
-        ActionRunner::new(Arc::new(config.templates)).unwrap(),
-        Arc::new(Matcher::new(config.observers)),
-        Duration::from_millis(50),
-    );
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(worker.run(shutdown.clone()));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let unfinished: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM fraiseql_observers.jobs WHERE status IN ('pending', 'running')",
-        )
-        .fetch_one(&database.pool)
-        .await
-        .unwrap();
-        if unfinished == 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{unfinished} jobs still unfinished"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    shutdown.cancel();
-    running.await.unwrap();
+    common::deliver_jobs(&database.pool, config(receiver)).await;
 }
 
 /// Idempotency key → (entity id, data.note) of every request the receiver got.

@@ -19,8 +19,10 @@ use crate::error::ErrorCode;
 
 pub(crate) use postgres::insert_dead_letter;
 pub use postgres::{
-    DEAD_LETTER_PRUNE_BATCH, EVENT_OMITTED, FULL_EVENT_BYTES, LISTED_EVENT_BYTES,
-    PostgresDeadLetterQueue, count_dead_letters_up_to, placeholder_event, prune_dead_letters_batch,
+    DEAD_LETTER_PRUNE_BATCH, EVENT_OMITTED, FULL_EVENT_BYTES, LISTED_EVENT_BYTES, LetterCursor,
+    LetterGroup, MAX_LETTER_GROUPS, PostgresDeadLetterQueue, count_dead_letters_up_to,
+    count_matching, delete_letters, last_error_line, letter_groups, placeholder_event,
+    prune_dead_letters_batch, take_letters,
 };
 
 /// An action that failed for good, as handed to the queue.

@@ -156,6 +156,12 @@ pub fn placeholder_event(
 }
 
 fn push_filter(builder: &mut QueryBuilder<Postgres>, filter: &DeadLetterFilter) {
+    push_conditions(builder, filter);
+    push_order_and_limit(builder, filter.limit);
+}
+
+/// `WHERE` with every condition of `filter` (its limit aside).
+fn push_conditions(builder: &mut QueryBuilder<Postgres>, filter: &DeadLetterFilter) {
     builder.push(" WHERE true");
     if let Some(observer) = &filter.observer {
         builder.push(" AND observer = ").push_bind(observer.clone());
@@ -185,8 +191,12 @@ fn push_filter(builder: &mut QueryBuilder<Postgres>, filter: &DeadLetterFilter) 
     if let Some(moment) = filter.created_before {
         builder.push(" AND created_at < ").push_bind(moment);
     }
+}
+
+/// Oldest first, at most `limit`.
+fn push_order_and_limit(builder: &mut QueryBuilder<Postgres>, limit: Option<usize>) {
     builder.push(" ORDER BY created_at, id");
-    if let Some(limit) = filter.limit {
+    if let Some(limit) = limit {
         builder
             .push(" LIMIT ")
             .push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
@@ -351,4 +361,202 @@ pub async fn prune_dead_letters_batch<'connection>(
     .await
     .map_err(storage)?
     .rows_affected())
+}
+
+/// Where a walk through the letters in their order (`created_at`, then `id`) stands: the last
+/// letter it took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LetterCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: Uuid,
+}
+
+impl LetterCursor {
+    /// The cursor just past `letter`.
+    #[must_use]
+    pub fn after(letter: &DeadLetter) -> LetterCursor {
+        LetterCursor {
+            created_at: letter.created_at,
+            id: letter.id,
+        }
+    }
+}
+
+/// Takes the next `limit` letters matching `filter` past `after`, oldest first, whole (events
+/// are not abbreviated), each locked until `transaction` ends; letters another transaction
+/// holds are passed over, so two operators retrying the same letters cannot both take one.
+///
+/// # Errors
+/// Storage failed.
+pub async fn take_letters(
+    transaction: &mut sqlx::PgConnection,
+    filter: &DeadLetterFilter,
+    after: Option<LetterCursor>,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, DeadLetterError> {
+    let mut builder = QueryBuilder::new(select_letters!());
+    push_conditions(&mut builder, filter);
+    if let Some(cursor) = after {
+        builder
+            .push(" AND (created_at, id) > (")
+            .push_bind(cursor.created_at)
+            .push(", ")
+            .push_bind(cursor.id)
+            .push(")");
+    }
+    push_order_and_limit(&mut builder, Some(limit));
+    builder.push(" FOR UPDATE SKIP LOCKED");
+    let rows = builder
+        .build()
+        .fetch_all(&mut *transaction)
+        .await
+        .map_err(storage)?;
+    rows.iter().map(letter_from_row).collect()
+}
+
+/// Deletes the letters `ids` on `executor` (the transaction that settled them); how many.
+///
+/// # Errors
+/// Storage failed.
+pub async fn delete_letters<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = Postgres>,
+    ids: &[Uuid],
+) -> Result<u64, DeadLetterError> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    Ok(
+        sqlx::query("DELETE FROM fraiseql_observers.dead_letters WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(executor)
+            .await
+            .map_err(storage)?
+            .rows_affected(),
+    )
+}
+
+/// How many letters match `filter` (its limit aside).
+///
+/// # Errors
+/// Storage failed.
+pub async fn count_matching(
+    pool: &PgPool,
+    filter: &DeadLetterFilter,
+) -> Result<u64, DeadLetterError> {
+    let mut builder = QueryBuilder::new("SELECT count(*) FROM fraiseql_observers.dead_letters");
+    push_conditions(&mut builder, filter);
+    let count: i64 = builder
+        .build_query_scalar()
+        .fetch_one(pool)
+        .await
+        .map_err(storage)?;
+    Ok(u64::try_from(count).unwrap_or(0))
+}
+
+/// Most groups [`letter_groups`] returns: the largest ones.
+pub const MAX_LETTER_GROUPS: i64 = 200;
+
+/// Letters that failed the same way: one observer's action, one error code.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LetterGroup {
+    pub observer: String,
+    pub action_index: usize,
+    pub action_type: String,
+    pub error_code: String,
+    pub count: u64,
+    pub oldest: DateTime<Utc>,
+    pub newest: DateTime<Utc>,
+    /// The newest letter's last error line (storable text from a receiver: escape it to print).
+    pub last_error: String,
+}
+
+/// The letters matching `filter` counted per observer action and error code, largest groups
+/// first (at most [`MAX_LETTER_GROUPS`]), each with its newest letter's last error.
+///
+/// # Errors
+/// Storage failed.
+pub async fn letter_groups(
+    pool: &PgPool,
+    filter: &DeadLetterFilter,
+) -> Result<Vec<LetterGroup>, DeadLetterError> {
+    let mut builder =
+        QueryBuilder::new("WITH matching AS (SELECT * FROM fraiseql_observers.dead_letters");
+    push_conditions(&mut builder, filter);
+    builder.push(
+        "), groups AS (
+             SELECT observer, action_index, action_type, error_code, count(*) AS letters,
+                    min(created_at) AS oldest, max(created_at) AS newest
+               FROM matching GROUP BY observer, action_index, action_type, error_code
+              ORDER BY letters DESC, observer, action_index, error_code
+              LIMIT ",
+    );
+    builder.push_bind(MAX_LETTER_GROUPS);
+    builder.push(
+        ")
+         SELECT groups.*, newest_letter.error_message
+           FROM groups
+           LEFT JOIN LATERAL (
+                SELECT error_message FROM matching
+                 WHERE matching.observer = groups.observer
+                   AND matching.action_index = groups.action_index
+                   AND matching.action_type = groups.action_type
+                   AND matching.error_code = groups.error_code
+                 ORDER BY created_at DESC, id DESC LIMIT 1) AS newest_letter ON true
+          ORDER BY letters DESC, observer, action_index, error_code",
+    );
+    let rows = builder.build().fetch_all(pool).await.map_err(storage)?;
+    rows.iter()
+        .map(|row| {
+            let action_index: i32 = row.try_get("action_index").map_err(storage)?;
+            let count: i64 = row.try_get("letters").map_err(storage)?;
+            let message: Option<String> = row.try_get("error_message").map_err(storage)?;
+            Ok(LetterGroup {
+                observer: row.try_get("observer").map_err(storage)?,
+                action_index: usize::try_from(action_index).map_err(storage)?,
+                action_type: row.try_get("action_type").map_err(storage)?,
+                error_code: row.try_get("error_code").map_err(storage)?,
+                count: u64::try_from(count).map_err(storage)?,
+                oldest: row.try_get("oldest").map_err(storage)?,
+                newest: row.try_get("newest").map_err(storage)?,
+                last_error: last_error_line(message.as_deref().unwrap_or_default()).to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// The last attempt's error in a letter's message: a message of several attempts holds one
+/// line per attempt (`attempt N (time): CODE message`); a single error is the message itself.
+#[must_use]
+pub fn last_error_line(message: &str) -> &str {
+    if !message.starts_with("attempt ") {
+        return message;
+    }
+    let last = message
+        .rfind("\nattempt ")
+        .map_or(message, |start| &message[start + 1..]);
+    let Some((_, text)) = last.split_once("): ") else {
+        return last;
+    };
+    match text.split_once(' ') {
+        Some((code, rest)) if code.starts_with("OB") && code.len() == 5 => rest,
+        _ => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_error_line as last_error;
+
+    #[test]
+    fn a_listing_shows_the_error_that_ended_the_history() {
+        let history = "attempt 1 (2026-12-04T10:00:00+00:00): OB006 HTTP 503: busy\n\
+                       attempt 2 (2026-12-04T10:00:01+00:00): OB008 HTTP 404: no such hook";
+        assert_eq!(last_error(history), "HTTP 404: no such hook");
+        assert_eq!(last_error("HTTP 500: boom"), "HTTP 500: boom");
+        assert_eq!(last_error("HTTP 500: two\nlines"), "HTTP 500: two\nlines");
+        assert_eq!(
+            last_error("attempt without a time"),
+            "attempt without a time"
+        );
+    }
 }

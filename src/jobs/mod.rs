@@ -749,7 +749,8 @@ pub async fn enqueue_batch<'connection>(
         ordinals.push(job.ordinal());
         parked_on.push(job.parked_on.clone());
         histories.push(serde_json::to_value(&job.history).unwrap_or_default());
-        inline_attempts.push(i32::try_from(job.history.len()).unwrap_or(i32::MAX));
+        inline_attempts
+            .push(i32::try_from(attempts_before_queue(&job.history)).unwrap_or(i32::MAX));
     }
     let inserted: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO fraiseql_observers.jobs
@@ -783,6 +784,110 @@ pub async fn enqueue_batch<'connection>(
     .fetch_all(executor)
     .await?;
     Ok(inserted)
+}
+
+/// The attempts made before an action reached the queue: the highest attempt number its history
+/// records (a history carried over from a dead letter may hold fewer entries than attempts).
+fn attempts_before_queue(history: &[JobAttemptError]) -> usize {
+    history
+        .iter()
+        .map(|attempt| usize::try_from(attempt.attempt).unwrap_or(usize::MAX))
+        .max()
+        .unwrap_or(0)
+        .max(history.len())
+}
+
+/// What [`requeue_batch`] did with the jobs it was given.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Requeued {
+    /// Jobs that had failed for good, pending again with a new attempt budget.
+    pub requeued: u64,
+    /// Jobs the queue had no row for (their action never reached it, or its row was pruned).
+    pub enqueued: u64,
+    /// Jobs already pending, running, completed or cancelled: left as they are.
+    pub unchanged: u64,
+}
+
+/// Gives `jobs` to the queue again, on `transaction`: a job whose idempotency key names a row
+/// that failed for good is made pending again in place — its attempt history kept, counted as
+/// earlier attempts, its queue, priority and retry budget taken from `jobs` (the observers file
+/// as it is now) — and a job with no row is enqueued; a row in any other state is left alone
+/// (the action is delivered, or will be). The workers are woken at commit.
+///
+/// # Errors
+/// Storage failed.
+pub async fn requeue_batch(
+    transaction: &mut sqlx::PgConnection,
+    jobs: &[NewJob],
+) -> Result<Requeued, JobError> {
+    let mut seen = HashSet::with_capacity(jobs.len());
+    let jobs: Vec<&NewJob> = jobs
+        .iter()
+        .filter(|job| seen.insert(job.idempotency_key()))
+        .collect();
+    if jobs.is_empty() {
+        return Ok(Requeued::default());
+    }
+    let keys: Vec<String> = jobs.iter().map(|job| job.idempotency_key()).collect();
+    let queues: Vec<String> = jobs.iter().map(|job| job.queue.clone()).collect();
+    let priorities: Vec<i16> = jobs.iter().map(|job| job.priority.clamp(0, 10)).collect();
+    let max_attempts: Vec<i32> = jobs
+        .iter()
+        .map(|job| i32::try_from(job.max_attempts.max(1)).unwrap_or(i32::MAX))
+        .collect();
+    let initial: Vec<i64> = jobs.iter().map(|job| millis(job.initial_delay)).collect();
+    let maximum: Vec<i64> = jobs
+        .iter()
+        .map(|job| millis(job.max_delay.max(job.initial_delay)))
+        .collect();
+    let requeued_keys: Vec<String> = sqlx::query_scalar(
+        "WITH asked AS (
+             SELECT * FROM unnest($1::text[], $2::text[], $3::smallint[], $4::int[], $5::bigint[], $6::bigint[])
+                 AS asked(key, queue, priority, max_attempts, initial_ms, max_ms)),
+         requeued AS (
+             UPDATE fraiseql_observers.jobs AS job
+                SET status = 'pending', run_at = now(), finished_at = NULL, locked_by = NULL,
+                    locked_until = NULL, parked_on = NULL,
+                    inline_attempts = job.inline_attempts + job.attempts, attempts = 0,
+                    queue = asked.queue, priority = asked.priority, max_attempts = asked.max_attempts,
+                    backoff_initial_ms = asked.initial_ms, backoff_max_ms = asked.max_ms
+               FROM asked
+              WHERE job.idempotency_key = asked.key AND job.status = 'failed'
+          RETURNING job.idempotency_key),
+         woken AS (SELECT pg_notify($7, '') WHERE EXISTS (SELECT 1 FROM requeued))
+         SELECT idempotency_key FROM requeued, (SELECT count(*) FROM woken) AS notified",
+    )
+    .bind(&keys)
+    .bind(queues)
+    .bind(priorities)
+    .bind(max_attempts)
+    .bind(initial)
+    .bind(maximum)
+    .bind(JOBS_CHANNEL)
+    .fetch_all(&mut *transaction)
+    .await?;
+    let requeued_keys: HashSet<String> = requeued_keys.into_iter().collect();
+    let existing: HashSet<String> = sqlx::query_scalar(
+        "SELECT idempotency_key FROM fraiseql_observers.jobs WHERE idempotency_key = ANY($1)",
+    )
+    .bind(&keys)
+    .fetch_all(&mut *transaction)
+    .await?
+    .into_iter()
+    .collect();
+    let fresh: Vec<NewJob> = jobs
+        .iter()
+        .filter(|job| !existing.contains(&job.idempotency_key()))
+        .map(|job| (*job).clone())
+        .collect();
+    let enqueued = enqueue_batch(&mut *transaction, &fresh).await?;
+    let requeued = requeued_keys.len() as u64;
+    let enqueued = enqueued.len() as u64;
+    Ok(Requeued {
+        requeued,
+        enqueued,
+        unchanged: (jobs.len() as u64).saturating_sub(requeued + enqueued),
+    })
 }
 
 /// Which of `keys` (see [`ordering_key`]) have a job still pending or running — the work a later

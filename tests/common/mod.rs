@@ -342,6 +342,46 @@ fn build_executor(
     )
 }
 
+/// Runs one job worker (queue `default`) for `config` until no job is pending or running; panics
+/// after 30 s.
+pub async fn deliver_jobs(
+    pool: &sqlx::PgPool,
+    config: fraiseql_observers::observers::ObserversConfig,
+) {
+    let worker = fraiseql_observers::worker::JobWorker::new(
+        fraiseql_observers::jobs::PostgresJobQueue::new(
+            pool.clone(),
+            "w".to_owned(),
+            Duration::from_secs(30),
+        ),
+        "default",
+        ActionRunner::new(Arc::new(config.templates)).unwrap(),
+        Arc::new(Matcher::new(config.observers)),
+        Duration::from_millis(50),
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let unfinished: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM fraiseql_observers.jobs WHERE status IN ('pending', 'running')",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if unfinished == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{unfinished} jobs still unfinished"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    running.await.unwrap();
+}
+
 pub mod nodes;
 pub mod postgres;
 pub mod redis;

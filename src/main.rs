@@ -769,9 +769,17 @@ fn colors_wanted() -> bool {
         && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr at INFO unless `RUST_LOG` says otherwise. A node warns of slow statements;
+/// a one-shot command (`backfill`, `replay`, `dlq`, …) runs long statements by design, and its
+/// progress and result are what its user reads, so its default leaves them out.
+fn init_logging(format: LogFormat, serving: bool) {
+    let default = if serving {
+        "info,sqlx=warn"
+    } else {
+        "info,sqlx=error"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colors_wanted())
@@ -1605,7 +1613,7 @@ fn exit_code_for(error: &anyhow::Error) -> ErrorCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let log_format = cli.log_format;
-    init_logging(log_format);
+    init_logging(log_format, matches!(cli.command, Command::Run { .. }));
     if let Command::ValidateConfig {
         file,
         json,

@@ -244,3 +244,41 @@ async fn the_ledger_is_pruned_past_its_retention_only() {
             .all(|key| key.event_id >= uuid::Uuid::from_u128(23_000))
     );
 }
+
+/// A transaction whose `BEGIN` is cancelled in flight (a shutdown aborting a task, a timeout)
+/// must not leave its connection inside a transaction: the pool would hand it to the next
+/// borrower, whose statements would then run inside it and keep their row locks (a checkpoint
+/// row held that way stalls a node's stop). sqlx 0.9.0 had this bug; 0.9.1 queues the ROLLBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_begin_leaves_no_transaction_open_in_the_pool() {
+    let database = TestDatabase::create().await;
+    // One connection, so every attempt and the check below use the same session.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&database.url)
+        .await
+        .unwrap();
+    for attempt in 0..400_u64 {
+        // Cut at every point of the round trip: from before BEGIN is sent to after it returned.
+        let cut = std::time::Duration::from_micros(attempt % 40 * 10);
+        if let Ok(Ok(transaction)) = tokio::time::timeout(cut, pool.begin()).await {
+            drop(transaction);
+        }
+        // The connection back from the pool, used, and held while another session looks at it.
+        let mut connection = pool.acquire().await.unwrap();
+        // (A connection whose round trip was cut may have been closed and replaced.)
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *connection)
+            .await
+            .unwrap();
+        let state: String = sqlx::query_scalar("SELECT state FROM pg_stat_activity WHERE pid = $1")
+            .bind(pid)
+            .fetch_one(&database.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            state, "idle",
+            "attempt {attempt}: a BEGIN cancelled after {cut:?} left the pooled connection in a transaction"
+        );
+    }
+}

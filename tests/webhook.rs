@@ -162,6 +162,20 @@ async fn client_errors_are_permanent_and_dead_lettered_after_one_attempt() {
 }
 
 #[tokio::test]
+async fn a_refusal_without_a_body_is_named_by_its_status_phrase() {
+    let receiver = Receiver::start().await;
+    receiver.script("/removed", [Reply::with_body(410, "")]);
+    let (executor, _) = executor_from_yaml(&observer_yaml(&receiver.url("/removed"), ""), &[]);
+
+    let summary = executor.execute_event(&order_update()).await;
+
+    let ActionStatus::Failed { message, .. } = &summary.actions[0].status else {
+        panic!("expected a failure: {summary:?}")
+    };
+    assert_eq!(message, "HTTP 410: Gone (empty body)");
+}
+
+#[tokio::test]
 async fn request_timeout_and_too_many_requests_are_transient() {
     let receiver = Receiver::start().await;
     receiver.script("/busy", [Reply::status(408), Reply::status(429)]);

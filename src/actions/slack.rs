@@ -12,7 +12,7 @@
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::{Map, Value};
 
-use super::webhook::{body_excerpt, retry_after};
+use super::webhook::{refusal_reason, retry_after};
 use super::{
     ActionConfig, ActionContext, ActionRunner, ActionSuccess, Http, Secrets, redirect_reason,
     render, target_label, target_url,
@@ -163,7 +163,7 @@ pub(super) async fn attempt(
     let wait = retry_after(response.headers());
     let reason = match redirect_reason(status, response.headers()) {
         Some(reason) => reason,
-        None => body_excerpt(response).await.trim().to_owned(),
+        None => refusal_reason(response).await,
     };
     let mut error = AttemptError::new(
         code,

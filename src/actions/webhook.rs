@@ -548,6 +548,22 @@ pub(super) fn transport_error(
     AttemptError::new(code, secrets.redact(&error_chain(&error)))
 }
 
+/// What a refusing answer said: its body's excerpt, trimmed, or — for an empty body — the status's
+/// standard phrase (`Gone (empty body)`), so that no error ends in a bare `HTTP 410: `.
+pub(super) async fn refusal_reason(response: reqwest::Response) -> String {
+    let status = response.status();
+    let excerpt = body_excerpt(response).await;
+    let excerpt = excerpt.trim();
+    if excerpt.is_empty() {
+        format!(
+            "{} (empty body)",
+            status.canonical_reason().unwrap_or("no reason")
+        )
+    } else {
+        excerpt.to_owned()
+    }
+}
+
 pub(super) async fn body_excerpt(mut response: reqwest::Response) -> String {
     let mut excerpt = Vec::with_capacity(ERROR_BODY_EXCERPT_BYTES);
     while excerpt.len() < ERROR_BODY_EXCERPT_BYTES {
@@ -820,7 +836,7 @@ async fn answer(
     let retry_after = retry_after(response.headers());
     let reason = match redirect_reason(status, response.headers()) {
         Some(reason) => reason,
-        None => body_excerpt(response).await.trim().to_owned(),
+        None => refusal_reason(response).await,
     };
     let mut error = AttemptError::new(code, secrets.redact(&format!("HTTP {status}: {reason}")));
     error.retry_after = retry_after;

@@ -211,6 +211,465 @@ pub async fn events_search(
     Ok(out)
 }
 
+/// Which events `debug-event` shows.
+#[derive(Clone, Debug)]
+pub enum DebugTarget {
+    /// The events of one entity, latest first.
+    Entity {
+        entity_type: String,
+        entity_id: String,
+    },
+    /// One event.
+    Event(Uuid),
+}
+
+/// History rows `debug-event` reads at most: an entity's events beyond this are not shown.
+pub const DEBUG_EVENT_ROWS: i64 = crate::history::MAX_SEARCH_LIMIT;
+
+/// One event as `debug-event` shows it: its row as processed, the later rows of its queued
+/// actions (oldest first), and — given the observers file — each observer's condition on it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DebuggedEvent {
+    pub event: Option<crate::history::HistoryEntry>,
+    pub jobs: Vec<crate::history::HistoryEntry>,
+    /// Observers of the event's entity type and kind in the file, with their condition and its
+    /// result on the event as the change log holds it (`None`: no condition, or the change-log
+    /// row is gone).
+    pub conditions: Vec<DebuggedCondition>,
+    /// Observers in the file that do not watch this entity type and kind.
+    pub other_observers: usize,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DebuggedCondition {
+    pub observer: String,
+    pub condition: Option<String>,
+    pub holds: Option<bool>,
+}
+
+/// `debug-event`: each event of the target (the latest only unless `all`) as a tree — what
+/// matched, each action's outcome, attempts and latency, the later outcomes of queued actions,
+/// the observers whose condition was false, the processing time — read from the history; with
+/// the observers file, each observer's condition and whether it holds on the event.
+///
+/// # Errors
+/// No history for the target, or the database failed.
+pub async fn debug_event(
+    pool: &PgPool,
+    target: &DebugTarget,
+    all: bool,
+    config: Option<&ObserversConfig>,
+    json: bool,
+) -> anyhow::Result<String> {
+    let mut query = crate::history::HistoryQuery {
+        limit: DEBUG_EVENT_ROWS,
+        ..crate::history::HistoryQuery::default()
+    };
+    match target {
+        DebugTarget::Entity {
+            entity_type,
+            entity_id,
+        } => {
+            query.entity_type = Some(entity_type.clone());
+            query.entity_id = Some(entity_id.clone());
+        }
+        DebugTarget::Event(id) => query.event_id = Some(*id),
+    }
+    let page = crate::history::search(pool, &query)
+        .await
+        .context("read the history")?;
+    // Rows newest first; events in the order their latest row appears.
+    let mut order: Vec<Uuid> = Vec::new();
+    for entry in &page.entries {
+        if !order.contains(&entry.event_id) {
+            order.push(entry.event_id);
+        }
+    }
+    if order.is_empty() {
+        anyhow::bail!(
+            "no history for {}: its changes were not processed yet, history is off, or its rows are past the retention",
+            match target {
+                DebugTarget::Entity {
+                    entity_type,
+                    entity_id,
+                } => format!(
+                    "{} {}",
+                    escape_control(entity_type),
+                    escape_control(entity_id)
+                ),
+                DebugTarget::Event(id) => format!("event {id}"),
+            }
+        );
+    }
+    if !all {
+        order.truncate(1);
+    }
+    let mut events = Vec::with_capacity(order.len());
+    for id in order {
+        let rows: Vec<&crate::history::HistoryEntry> = page
+            .entries
+            .iter()
+            .filter(|entry| entry.event_id == id)
+            .collect();
+        let event = rows
+            .iter()
+            .find(|entry| entry.record_kind == "event")
+            .map(|entry| (*entry).clone());
+        let mut jobs: Vec<crate::history::HistoryEntry> = rows
+            .iter()
+            .filter(|entry| entry.record_kind != "event")
+            .map(|entry| (*entry).clone())
+            .collect();
+        jobs.reverse();
+        let (conditions, other_observers) = match (config, &event) {
+            (Some(config), Some(event)) => conditions_on(pool, config, event).await?,
+            _ => (Vec::new(), 0),
+        };
+        events.push(DebuggedEvent {
+            event,
+            jobs,
+            conditions,
+            other_observers,
+        });
+    }
+    if json {
+        let text = format!("{:#}", serde_json::to_value(&events)?);
+        return Ok(format!("{}\n", json_for_terminal(&text)));
+    }
+    let mut out = String::new();
+    for (position, event) in events.iter().enumerate() {
+        if position > 0 {
+            out.push('\n');
+        }
+        write_debugged_event(&mut out, event, config.is_some());
+    }
+    Ok(out)
+}
+
+fn history_actions(entry: &crate::history::HistoryEntry) -> Vec<crate::history::HistoryAction> {
+    serde_json::from_value(entry.actions.clone()).unwrap_or_default()
+}
+
+fn plural(count: u32, word: &str) -> String {
+    format!("{count} {word}{}", if count == 1 { "" } else { "s" })
+}
+
+/// One action's outcome in words, with a mark: `✓` done, `✗` failed, `…` still to come, `=` not
+/// run here.
+fn action_outcome(action: &crate::history::HistoryAction) -> (char, String) {
+    use crate::history::HistoryOutcome;
+    let error = || {
+        format!(
+            ": {} {}",
+            action.error_code.as_deref().unwrap_or("?"),
+            escape_control(action.error_message.as_deref().unwrap_or_default())
+        )
+    };
+    let attempts = plural(action.attempts, "attempt");
+    let latency = action.latency_ms;
+    match action.outcome {
+        HistoryOutcome::Succeeded => ('✓', format!("succeeded, {attempts}, {latency:.1} ms")),
+        HistoryOutcome::Failed => (
+            '✗',
+            format!("failed, {attempts}, {latency:.1} ms{}", error()),
+        ),
+        HistoryOutcome::DeadLettered => (
+            '✗',
+            format!(
+                "dead-lettered{}, {attempts}, {latency:.1} ms{}",
+                action
+                    .dead_letter_id
+                    .map(|id| format!(" as {id}"))
+                    .unwrap_or_default(),
+                error()
+            ),
+        ),
+        HistoryOutcome::Queued => (
+            '…',
+            format!(
+                "queued on {}{}",
+                escape_control(action.queue.as_deref().unwrap_or("default")),
+                if action.attempts == 0 {
+                    String::new()
+                } else {
+                    format!(" after {attempts} ({latency:.1} ms){}", error())
+                }
+            ),
+        ),
+        HistoryOutcome::SkippedDuplicate => {
+            ('=', "skipped: another node holds its claim".to_owned())
+        }
+        HistoryOutcome::AlreadyCompleted => {
+            ('=', "already completed before: not run again".to_owned())
+        }
+    }
+}
+
+/// The later rows of a queued action: each job attempt's outcome, oldest first.
+type LaterRows<'rows> = Vec<(
+    crate::history::HistoryAction,
+    &'rows crate::history::HistoryEntry,
+)>;
+
+fn moment(at: chrono::DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The `debug-event` tree of one event.
+fn write_debugged_event(out: &mut String, debugged: &DebuggedEvent, with_config: bool) {
+    let Some(event) = &debugged.event else {
+        write_orphan_jobs(out, &debugged.jobs);
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "Event: {} {}",
+        escape_control(&event.entity_type),
+        event.event_kind.to_ascii_uppercase()
+    );
+    let _ = writeln!(out, "├── Entity ID: {}", escape_control(&event.entity_id));
+    let _ = writeln!(out, "├── Event ID: {}", event.event_id);
+    if let Some(at) = event.event_at {
+        let _ = writeln!(out, "├── Timestamp: {}", moment(at));
+    }
+    if let Some(position) = event.change_log_id {
+        let _ = writeln!(out, "├── Change-log row: {position}");
+    }
+    let unknown = || "?".to_owned();
+    let _ = writeln!(
+        out,
+        "├── Processed: {} by {} (partition {}, epoch {})",
+        moment(event.processed_at),
+        escape_control(event.node_id.as_deref().unwrap_or("?")),
+        event
+            .partition
+            .map_or_else(unknown, |partition| partition.to_string()),
+        event.epoch.map_or_else(unknown, |epoch| epoch.to_string())
+    );
+    let actions = history_actions(event);
+    let later: LaterRows<'_> = debugged
+        .jobs
+        .iter()
+        .flat_map(|job| {
+            history_actions(job)
+                .into_iter()
+                .map(move |action| (action, job))
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "├── Matching Observers: {}",
+        event.matched_observers.len()
+    );
+    for (position, observer) in event.matched_observers.iter().enumerate() {
+        let last = position + 1 == event.matched_observers.len();
+        let condition = debugged
+            .conditions
+            .iter()
+            .find(|condition| condition.observer == *observer);
+        let condition = with_config.then_some(ConditionShown(condition));
+        write_matched_observer(out, observer, last, condition, &actions, &later);
+    }
+    let condition_false = event.unmatched_observers.len();
+    let non_matching = if with_config {
+        condition_false + debugged.other_observers
+    } else {
+        condition_false
+    };
+    let _ = writeln!(out, "├── Non-Matching Observers: {non_matching}");
+    for (position, observer) in event.unmatched_observers.iter().enumerate() {
+        let source = debugged
+            .conditions
+            .iter()
+            .find(|condition| condition.observer == *observer)
+            .and_then(|condition| condition.condition.as_deref());
+        let _ = writeln!(
+            out,
+            "│   {} {}: condition false{}",
+            if position + 1 == event.unmatched_observers.len() {
+                "└──"
+            } else {
+                "├──"
+            },
+            escape_control(observer),
+            source
+                .map(|source| format!(" ({})", escape_control(source)))
+                .unwrap_or_default()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "└── Processing Time: {:.1} ms",
+        event.processing_ms.unwrap_or_default()
+    );
+}
+
+/// Only later rows of queued actions remain (the event's own row is past retention).
+fn write_orphan_jobs(out: &mut String, jobs: &[crate::history::HistoryEntry]) {
+    let first = &jobs[0];
+    let _ = writeln!(
+        out,
+        "Event: {} {} (its processing row is past retention)",
+        escape_control(&first.entity_type),
+        first.event_kind.to_ascii_uppercase()
+    );
+    let _ = writeln!(out, "├── Entity ID: {}", escape_control(&first.entity_id));
+    let _ = writeln!(out, "├── Event ID: {}", first.event_id);
+    let _ = writeln!(out, "└── Later outcomes of queued actions:");
+    for (position, job) in jobs.iter().enumerate() {
+        let last = position + 1 == jobs.len();
+        for action in history_actions(job) {
+            let (mark, text) = action_outcome(&action);
+            let _ = writeln!(
+                out,
+                "    {} {}[{}] {}: {mark} {text} ({})",
+                if last { "└──" } else { "├──" },
+                escape_control(&action.observer),
+                action.action_index,
+                action.action_type,
+                moment(job.processed_at)
+            );
+        }
+    }
+}
+
+/// An observer's condition as the observers file states it (`None`: the observer is not in it).
+#[derive(Clone, Copy)]
+struct ConditionShown<'condition>(Option<&'condition DebuggedCondition>);
+
+/// One matching observer's branch: its condition (given the observers file: `Some`), each
+/// action's outcome with the later rows of its job, and the observer's status.
+fn write_matched_observer(
+    out: &mut String,
+    observer: &str,
+    last: bool,
+    condition: Option<ConditionShown<'_>>,
+    actions: &[crate::history::HistoryAction],
+    later: &LaterRows<'_>,
+) {
+    let (branch, indent) = if last {
+        ("└──", "    ")
+    } else {
+        ("├──", "│   ")
+    };
+    let _ = writeln!(out, "│   {branch} {}", escape_control(observer));
+    if let Some(ConditionShown(condition)) = condition {
+        let text = match condition.and_then(|condition| condition.condition.as_ref()) {
+            None if condition.is_none() => {
+                "? (the observer is not in the observers file)".to_owned()
+            }
+            None => "✓ (no condition)".to_owned(),
+            Some(source) => format!(
+                "{} {}",
+                match condition.and_then(|condition| condition.holds) {
+                    Some(true) => '✓',
+                    Some(false) => '✗',
+                    None => '?',
+                },
+                escape_control(source)
+            ),
+        };
+        let _ = writeln!(out, "│   {indent}├── Condition: {text}");
+    }
+    let of_observer: Vec<&crate::history::HistoryAction> = actions
+        .iter()
+        .filter(|action| action.observer == observer)
+        .collect();
+    let _ = writeln!(out, "│   {indent}├── Actions: {}", of_observer.len());
+    let mut failed = false;
+    let mut pending = false;
+    for (index, action) in of_observer.iter().enumerate() {
+        let (action_branch, action_indent) = if index + 1 == of_observer.len() {
+            ("└──", "    ")
+        } else {
+            ("├──", "│   ")
+        };
+        let (mark, text) = action_outcome(action);
+        let _ = writeln!(
+            out,
+            "│   {indent}│   {action_branch} {} #{}: {mark} {text}",
+            action.action_type, action.action_index
+        );
+        let followed: Vec<_> = later
+            .iter()
+            .filter(|(job, _)| {
+                job.observer == action.observer && job.action_index == action.action_index
+            })
+            .collect();
+        for (step, (job_action, row)) in followed.iter().enumerate() {
+            let (mark, text) = action_outcome(job_action);
+            let _ = writeln!(
+                out,
+                "│   {indent}│   {action_indent}{} job{}: {mark} {text} ({})",
+                if step + 1 == followed.len() {
+                    "└──"
+                } else {
+                    "├──"
+                },
+                job_action
+                    .job_id
+                    .map(|id| format!(" {id}"))
+                    .unwrap_or_default(),
+                moment(row.processed_at)
+            );
+        }
+        let final_mark = followed
+            .last()
+            .map_or(mark, |(job_action, _)| action_outcome(job_action).0);
+        failed |= final_mark == '✗';
+        pending |= final_mark == '…';
+    }
+    let status = if failed {
+        "✗ Failed"
+    } else if pending {
+        "… Queued"
+    } else {
+        "✓ Processed"
+    };
+    let _ = writeln!(out, "│   {indent}└── Status: {status}");
+}
+
+/// Each observer of `event`'s entity type and kind with its condition evaluated on the event as
+/// the change log holds it, and how many observers of the file watch something else.
+async fn conditions_on(
+    pool: &PgPool,
+    config: &ObserversConfig,
+    event: &crate::history::HistoryEntry,
+) -> anyhow::Result<(Vec<DebuggedCondition>, usize)> {
+    let decoded = match event.change_log_id {
+        Some(position) => {
+            crate::replay::change_at(pool, &event.entity_type, &event.entity_id, position)
+                .await
+                .context("read the event's change-log row")?
+        }
+        None => None,
+    };
+    let kind = event.event_kind.to_ascii_uppercase();
+    let mut conditions = Vec::new();
+    let mut other_observers = 0;
+    for observer in &config.observers {
+        let watches = observer.entity == event.entity_type
+            && observer
+                .events
+                .iter()
+                .any(|watched| format!("{watched:?}").eq_ignore_ascii_case(&kind));
+        if !watches {
+            other_observers += 1;
+            continue;
+        }
+        let condition = observer.condition.as_ref();
+        conditions.push(DebuggedCondition {
+            observer: observer.name.to_string(),
+            condition: condition.map(|condition| condition.source().to_owned()),
+            holds: match (condition, &decoded) {
+                (Some(condition), Some(change)) => Some(condition.evaluate(change)),
+                _ => None,
+            },
+        });
+    }
+    Ok((conditions, other_observers))
+}
+
 /// `dlq list`: a table (or JSON) of dead letters matching `filter`.
 ///
 /// # Errors

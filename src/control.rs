@@ -276,6 +276,19 @@ impl Control {
         })
     }
 
+    /// The audit trail's rows matching `query`, newest first (`SearchEvents`).
+    ///
+    /// # Errors
+    /// The history could not be read.
+    pub async fn search_events(
+        &self,
+        query: &crate::history::HistoryQuery,
+    ) -> Result<crate::history::HistoryPage, ControlError> {
+        crate::history::search(&self.pool, query)
+            .await
+            .map_err(|error| ControlError::Database(DatabaseError::from(error)))
+    }
+
     /// Every live node and every partition, from the database.
     ///
     /// # Errors

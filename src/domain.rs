@@ -13,6 +13,24 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+/// A moment given as an RFC 3339 time or as a duration ago (`2h`, `7d`), as the commands and the
+/// control plane take `--since` and `--until`.
+///
+/// # Errors
+/// Neither form, or a duration reaching before the calendar's start.
+pub fn parse_moment(text: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(moment) = DateTime::parse_from_rfc3339(text.trim()) {
+        return Ok(moment.with_timezone(&Utc));
+    }
+    let ago = humantime::parse_duration(text.trim()).map_err(|_| {
+        format!("expected a duration ago such as 2h or 7d, or an RFC 3339 time, found {text:?}")
+    })?;
+    chrono::Duration::from_std(ago)
+        .ok()
+        .and_then(|ago| Utc::now().checked_sub_signed(ago))
+        .ok_or_else(|| format!("{text:?} reaches too far back"))
+}
+
 /// The kind of change an event describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::config::Secret;
 use crate::control::{self, Control, ControlError};
 use crate::escape::escape_control;
+use crate::history::{HistoryAction, HistoryEntry, HistoryOutcome, HistoryQuery};
 
 #[allow(
     clippy::pedantic,
@@ -110,8 +111,134 @@ fn partition_of(state: &control::PartitionState) -> pb::PartitionStatus {
     }
 }
 
+/// The history query a `SearchEvents` request asks for: empty fields are not filters.
+///
+/// # Errors
+/// A field that is not what it should be, named.
+fn history_query(request: &pb::SearchEventsRequest) -> Result<HistoryQuery, String> {
+    let given = |value: &str| (!value.is_empty()).then(|| value.to_owned());
+    let moment = |name: &str, value: &str| {
+        given(value)
+            .map(|value| {
+                crate::domain::parse_moment(&value).map_err(|error| format!("{name}: {error}"))
+            })
+            .transpose()
+    };
+    let event_id = given(&request.event_id)
+        .map(|id| {
+            uuid::Uuid::parse_str(id.trim())
+                .map_err(|_| format!("event_id: expected a UUID, found {:?}", escape_control(&id)))
+        })
+        .transpose()?;
+    let event_kind = given(&request.event)
+        .map(|kind| {
+            let lower = kind.to_ascii_lowercase();
+            if ["insert", "update", "delete", "custom"].contains(&lower.as_str()) {
+                Ok(lower)
+            } else {
+                Err(format!(
+                    "event: expected insert, update, delete or custom, found {:?}",
+                    escape_control(&kind)
+                ))
+            }
+        })
+        .transpose()?;
+    let outcome = given(&request.outcome)
+        .map(|outcome| HistoryOutcome::parse(&outcome).map_err(|error| format!("outcome: {error}")))
+        .transpose()?;
+    let limit = match request.limit {
+        0 => DEFAULT_SEARCH_LIMIT,
+        limit => i64::from(limit),
+    };
+    if limit > crate::history::MAX_SEARCH_LIMIT {
+        return Err(format!(
+            "limit: at most {}, found {limit}",
+            crate::history::MAX_SEARCH_LIMIT
+        ));
+    }
+    Ok(HistoryQuery {
+        entity_type: given(&request.entity_type),
+        entity_id: given(&request.entity_id),
+        event_id,
+        event_kind,
+        observer: given(&request.observer),
+        outcome,
+        since: moment("since", &request.since)?,
+        until: moment("until", &request.until)?,
+        text: given(&request.text),
+        after: (request.after > 0).then_some(request.after),
+        limit,
+    })
+}
+
+/// Rows a `SearchEvents` page holds when the request does not say.
+pub const DEFAULT_SEARCH_LIMIT: i64 = 50;
+
+fn history_row(entry: &HistoryEntry) -> pb::HistoryRow {
+    let actions: Vec<HistoryAction> =
+        serde_json::from_value(entry.actions.clone()).unwrap_or_default();
+    let text = |value: Option<&String>| value.cloned().unwrap_or_default();
+    let id = |value: Option<uuid::Uuid>| value.map(|id| id.to_string()).unwrap_or_default();
+    pb::HistoryRow {
+        history_id: entry.history_id,
+        processed_at: entry.processed_at.to_rfc3339(),
+        record_kind: entry.record_kind.clone(),
+        event_id: entry.event_id.to_string(),
+        entity_type: entry.entity_type.clone(),
+        entity_id: entry.entity_id.clone(),
+        event_kind: entry.event_kind.clone(),
+        change_log_id: entry.change_log_id.unwrap_or(0),
+        tenant_id: text(entry.tenant_id.as_ref()),
+        actor_type: text(entry.actor_type.as_ref()),
+        actor_id: text(entry.actor_id.as_ref()),
+        event_at: entry
+            .event_at
+            .map(|moment| moment.to_rfc3339())
+            .unwrap_or_default(),
+        matched_observers: entry.matched_observers.clone(),
+        unmatched_observers: entry.unmatched_observers.clone(),
+        outcomes: entry.outcomes.clone(),
+        actions: actions
+            .into_iter()
+            .map(|action| pb::HistoryAction {
+                observer: action.observer,
+                action_index: u32::try_from(action.action_index).unwrap_or(u32::MAX),
+                r#type: action.action_type,
+                outcome: action.outcome.as_str().to_owned(),
+                attempts: action.attempts,
+                latency_ms: action.latency_ms,
+                error_code: action.error_code.unwrap_or_default(),
+                error_message: action.error_message.unwrap_or_default(),
+                dead_letter_id: id(action.dead_letter_id),
+                queue: action.queue.unwrap_or_default(),
+                job_id: id(action.job_id),
+            })
+            .collect(),
+        node_id: text(entry.node_id.as_ref()),
+        partition: entry.partition.unwrap_or(-1),
+        epoch: entry.epoch.unwrap_or(-1),
+        processing_ms: entry.processing_ms.unwrap_or(0.0),
+    }
+}
+
 #[tonic::async_trait]
 impl ObserverControl for Service {
+    async fn search_events(
+        &self,
+        request: Request<pb::SearchEventsRequest>,
+    ) -> Result<Response<pb::SearchEventsResponse>, Status> {
+        let query = history_query(request.get_ref()).map_err(Status::invalid_argument)?;
+        let page = self
+            .control
+            .search_events(&query)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::SearchEventsResponse {
+            rows: page.entries.iter().map(history_row).collect(),
+            next_cursor: page.next_cursor.unwrap_or(0),
+        }))
+    }
+
     async fn status(
         &self,
         _request: Request<pb::StatusRequest>,

@@ -195,6 +195,10 @@ enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the manual page (roff) on stdout: `fraiseql-observers man | man -l -`.
     Man,
+    /// How an event was processed, from the history: what matched, each action's outcome,
+    /// attempts and latency, the later outcomes of queued actions, the observers whose
+    /// condition was false, the processing time. The entity's latest event unless --all.
+    DebugEvent(DebugEventArgs),
     /// Search the history of processed events.
     Events {
         #[command(flatten)]
@@ -552,6 +556,30 @@ impl DatabaseArgs {
     }
 }
 
+#[derive(Args)]
+struct DebugEventArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// The entity's type (with --entity-id).
+    #[arg(long, requires = "entity_id", conflicts_with = "event_id")]
+    entity_type: Option<String>,
+    /// The entity's id (with --entity-type).
+    #[arg(long, requires = "entity_type")]
+    entity_id: Option<String>,
+    /// One event, by its id (as `events search` shows it).
+    #[arg(long, value_parser = parse_event_id)]
+    event_id: Option<uuid::Uuid>,
+    /// Every event of the entity in the history, latest first.
+    #[arg(long)]
+    all: bool,
+    /// The observers file the nodes run: shows each observer's condition and its result on
+    /// the event, and counts the observers watching other entities.
+    #[arg(long, env = "FRAISEQL_OBSERVERS_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Args, Default)]
 struct DlqFilterArgs {
     /// Only letters of this observer.
@@ -689,19 +717,10 @@ enum EventsCommand {
 
 /// A moment given as a duration ago (`2h`, `7d`) or an RFC 3339 time.
 fn parse_since(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    if let Ok(moment) = chrono::DateTime::parse_from_rfc3339(text.trim()) {
-        return Ok(moment.with_timezone(&chrono::Utc));
-    }
-    let ago = humantime::parse_duration(text.trim()).map_err(|_| {
-        format!("expected a duration ago such as 2h or 7d, or an RFC 3339 time, found {text:?}")
-    })?;
-    chrono::Duration::from_std(ago)
-        .ok()
-        .and_then(|ago| chrono::Utc::now().checked_sub_signed(ago))
-        .ok_or_else(|| format!("{text:?} reaches too far back"))
+    fraiseql_observers::domain::parse_moment(text)
 }
 
-/// A dead letter's id: a UUID, said so when it is not one.
+/// A replay run's id: a UUID, said so when it is not one.
 fn parse_run_id(text: &str) -> Result<uuid::Uuid, String> {
     uuid::Uuid::parse_str(text.trim()).map_err(|_| {
         format!(
@@ -711,6 +730,17 @@ fn parse_run_id(text: &str) -> Result<uuid::Uuid, String> {
     })
 }
 
+/// An event's id: a UUID, said so when it is not one.
+fn parse_event_id(text: &str) -> Result<uuid::Uuid, String> {
+    uuid::Uuid::parse_str(text.trim()).map_err(|_| {
+        format!(
+            "expected an event's id, a UUID such as 67e55044-10b1-426f-9247-bb680e5fe0c8 (as `events search` shows), found {:?}",
+            escape_control(text)
+        )
+    })
+}
+
+/// A dead letter's id: a UUID, said so when it is not one.
 fn parse_letter_id(text: &str) -> Result<uuid::Uuid, String> {
     uuid::Uuid::parse_str(text.trim()).map_err(|_| {
         format!(
@@ -1262,6 +1292,7 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
         }
         Command::Dlq { database, command } => dlq_command(database, command).await,
         Command::Events { database, command } => events_command(database, command).await,
+        Command::DebugEvent(arguments) => debug_event_command(arguments).await,
         Command::Backfill(arguments) => backfill_command(arguments).await,
         Command::Replay {
             database,
@@ -1393,6 +1424,36 @@ async fn replay_command(
         },
     };
     commands::replay(&pool, &matcher, start, style, arguments.json, &cancel).await
+}
+
+async fn debug_event_command(arguments: DebugEventArgs) -> anyhow::Result<String> {
+    let DebugEventArgs {
+        database,
+        entity_type,
+        entity_id,
+        event_id,
+        all,
+        config,
+        json,
+    } = arguments;
+    let target = match (entity_type, entity_id, event_id) {
+        (Some(entity_type), Some(entity_id), None) => commands::DebugTarget::Entity {
+            entity_type,
+            entity_id,
+        },
+        (None, None, Some(id)) => commands::DebugTarget::Event(id),
+        _ => {
+            return Err(SettingError(
+                "debug-event needs --entity-type and --entity-id, or --event-id".to_owned(),
+            )
+            .into());
+        }
+    };
+    let config = config
+        .map(|path| observers::load_file(&path, &LoadOptions::from_process_env(MissingEnv::Warn)))
+        .transpose()?;
+    let pool = database.connect(2).await?;
+    commands::debug_event(&pool, &target, all, config.as_ref(), json).await
 }
 
 async fn events_command(database: DatabaseArgs, command: EventsCommand) -> anyhow::Result<String> {

@@ -147,6 +147,13 @@ pub struct TableLabel {
     pub table: String,
 }
 
+/// A history row's kind: `event` (written with its page's checkpoint) or `job` (a queued
+/// action's later outcome).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecordKindLabel {
+    pub kind: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabels {
     pub queue: String,
@@ -265,6 +272,10 @@ pub struct Metrics {
     pub coordinator_duties: Family<DutyLabels, Counter>,
     /// Rows the coordinator's retention deleted, by table.
     pub pruned_rows: Family<TableLabel, Counter>,
+    /// History rows written by this node, by kind.
+    pub history_rows: Family<RecordKindLabel, Counter>,
+    /// Job-outcome history rows this node failed to write (logged, not retried).
+    pub history_write_failures: Counter,
     /// Job claims the coordinator put back to pending after their worker stopped.
     pub jobs_rescued: Counter,
     /// The adaptive concurrency limits per HTTP endpoint.
@@ -346,6 +357,8 @@ impl Metrics {
             coordinator: Gauge::default(),
             coordinator_duties: Family::default(),
             pruned_rows: Family::default(),
+            history_rows: Family::default(),
+            history_write_failures: Counter::default(),
             jobs_rescued: Counter::default(),
             endpoints: EndpointMetrics::default(),
             breakers: BreakerMetrics::default(),
@@ -454,6 +467,16 @@ impl Metrics {
             self.pruned_rows.clone(),
         );
         registry.register(
+            "history_rows",
+            "History rows written by this node, by kind (event: with its page's checkpoint; job: a queued action's later outcome)",
+            self.history_rows.clone(),
+        );
+        registry.register(
+            "history_write_failures",
+            "Job-outcome history rows this node could not write (logged at WARN, not retried)",
+            self.history_write_failures.clone(),
+        );
+        registry.register(
             "jobs_rescued",
             "Running jobs whose claim expired (worker stopped) put back to pending by the coordinator",
             self.jobs_rescued.clone(),
@@ -461,6 +484,15 @@ impl Metrics {
     }
 
     /// Counts a delivered page's events and actions.
+    /// `rows` history rows of `kind` (`event` or `job`) written.
+    pub fn record_history_rows(&self, kind: &str, rows: usize) {
+        self.history_rows
+            .get_or_create(&RecordKindLabel {
+                kind: kind.to_owned(),
+            })
+            .inc_by(u64::try_from(rows).unwrap_or(u64::MAX));
+    }
+
     pub fn record_page(&self, summaries: &[EventSummary]) {
         self.events_processed
             .inc_by(u64::try_from(summaries.len()).unwrap_or(u64::MAX));

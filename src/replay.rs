@@ -190,6 +190,39 @@ fn decode(raw: &RawRow) -> Option<EntityEvent> {
     decode_row(raw.position, &row).ok()
 }
 
+/// The change at `position` of the change log, decoded as the listener decodes it, if it is a
+/// change of `entity_type` `entity_id` (for `debug-event`); `None` when the row is gone (past
+/// retention) or does not decode.
+///
+/// # Errors
+/// The database failed.
+pub async fn change_at(
+    pool: &PgPool,
+    entity_type: &str,
+    entity_id: &str,
+    position: i64,
+) -> Result<Option<EntityEvent>, ChangeLogError> {
+    let selection = ChangeSelection {
+        entity_type: Some(entity_type.to_owned()),
+        entity_id: Some(entity_id.to_owned()),
+        since: None,
+        until: None,
+        upto: position,
+    };
+    let rows = change_log::read_selected(
+        pool,
+        &selection,
+        position - 1,
+        1,
+        (DEFAULT_MAX_ROW_BYTES, ROW_EXCERPT_CHARS),
+    )
+    .await?;
+    Ok(rows
+        .iter()
+        .find(|row| row.position == position)
+        .and_then(decode))
+}
+
 fn selection_of(request: &ReplayRequest, upto: i64) -> ChangeSelection {
     ChangeSelection {
         entity_type: request.entity_type.clone(),

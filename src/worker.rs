@@ -139,8 +139,18 @@ impl JobWorker {
             job_id: Some(job.id),
         };
         let record = crate::history::HistoryRecord::for_job(&job.event, action, took, node_id);
-        if let Err(error) = crate::history::insert_on(self.queue.pool(), &[record]).await {
-            tracing::warn!(job = %job.id, %error, "job outcome not recorded in the history");
+        match crate::history::insert_on(self.queue.pool(), &[record]).await {
+            Ok(_) => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.record_history_rows("job", 1);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(job = %job.id, %error, "job outcome not recorded in the history");
+                if let Some(metrics) = &self.metrics {
+                    metrics.history_write_failures.inc();
+                }
+            }
         }
     }
 

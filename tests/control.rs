@@ -183,6 +183,148 @@ async fn grpcurl_lists_the_services_and_calls_status_and_health() {
     node.stop().await;
 }
 
+/// Each malformed `SearchEvents` field is refused as `InvalidArgument`, named in the message.
+async fn assert_bad_filters_are_named(
+    client: &mut grpc::pb::observer_control_client::ObserverControlClient<
+        tonic::transport::Channel,
+    >,
+) {
+    use fraiseql_observers::grpc::pb;
+    for (request, named) in [
+        (
+            pb::SearchEventsRequest {
+                event_id: "not-an-id".to_owned(),
+                ..pb::SearchEventsRequest::default()
+            },
+            "event_id: expected a UUID",
+        ),
+        (
+            pb::SearchEventsRequest {
+                since: "yesterdayish".to_owned(),
+                ..pb::SearchEventsRequest::default()
+            },
+            "since: expected a duration ago",
+        ),
+        (
+            pb::SearchEventsRequest {
+                outcome: "fine".to_owned(),
+                ..pb::SearchEventsRequest::default()
+            },
+            "outcome: unknown outcome",
+        ),
+        (
+            pb::SearchEventsRequest {
+                limit: 5000,
+                ..pb::SearchEventsRequest::default()
+            },
+            "limit: at most 1000",
+        ),
+    ] {
+        let status = client.search_events(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with(named), "{status:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_events_answers_from_the_history_in_pages_and_names_a_bad_filter() {
+    use fraiseql_observers::grpc::pb;
+    let database = TestDatabase::migrated().await;
+    prepare_orders(&database.pool).await;
+    let receiver = Receiver::start().await;
+    let node = start(&database, &receiver, "node-a", None).await;
+    let handle = node.handle.clone();
+    eventually("every lease", || async { handle.leading().len() == 8 }).await;
+    sqlx::query("INSERT INTO orders SELECT id, 1 FROM generate_series(1, 12) AS id")
+        .execute(&database.pool)
+        .await
+        .unwrap();
+    let pool = database.pool.clone();
+    eventually("12 history rows", || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM fraiseql_observers.history")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            == 12
+    })
+    .await;
+
+    // Reflection lists the method, and grpcurl calls it with the JSON names of its fields.
+    let endpoint = node.endpoint();
+    let (methods, found) = tokio::task::spawn_blocking({
+        let endpoint = endpoint.clone();
+        move || {
+            (
+                grpcurl(&[
+                    "-plaintext",
+                    &endpoint,
+                    "list",
+                    "fraiseql.observers.v1.ObserverControl",
+                ]),
+                grpcurl(&[
+                    "-plaintext",
+                    "-d",
+                    r#"{"entityType": "Order", "entityId": "7"}"#,
+                    &endpoint,
+                    "fraiseql.observers.v1.ObserverControl/SearchEvents",
+                ]),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        methods
+            .lines()
+            .any(|line| line == "fraiseql.observers.v1.ObserverControl.SearchEvents"),
+        "{methods}"
+    );
+    let found: serde_json::Value = serde_json::from_str(&found).unwrap();
+    let rows = found["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{found}");
+    assert_eq!(rows[0]["entityId"], "7");
+    assert_eq!(rows[0]["recordKind"], "event");
+    assert_eq!(rows[0]["matchedObservers"], serde_json::json!(["orders"]));
+    assert_eq!(rows[0]["actions"][0]["outcome"], "succeeded", "{found}");
+    assert_eq!(rows[0]["actions"][0]["type"], "webhook", "{found}");
+    assert_eq!(rows[0]["nodeId"], "node-a");
+
+    // Pages of 5: 5, 5, 2, every row once, newest first.
+    let mut client =
+        pb::observer_control_client::ObserverControlClient::connect(format!("http://{endpoint}"))
+            .await
+            .unwrap();
+    let mut seen = Vec::new();
+    let mut after = 0;
+    let mut sizes = Vec::new();
+    loop {
+        let page = client
+            .search_events(pb::SearchEventsRequest {
+                entity_type: "Order".to_owned(),
+                limit: 5,
+                after,
+                ..pb::SearchEventsRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        sizes.push(page.rows.len());
+        seen.extend(page.rows.iter().map(|row| row.history_id));
+        if page.next_cursor == 0 {
+            break;
+        }
+        after = page.next_cursor;
+    }
+    assert_eq!(sizes, [5, 5, 2]);
+    let mut newest_first = seen.clone();
+    newest_first.sort_unstable_by(|a, b| b.cmp(a));
+    newest_first.dedup();
+    assert_eq!(seen, newest_first);
+
+    assert_bad_filters_are_named(&mut client).await;
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_as_openmetrics_and_count_what_happened() {
     let database = TestDatabase::migrated().await;
@@ -262,6 +404,16 @@ async fn metrics_parse_as_openmetrics_and_count_what_happened() {
         8
     );
     assert!(value("fraiseql_observers_dead_letters", None).abs() < f64::EPSILON);
+    // One history row per processed event, written with the pages' checkpoints.
+    assert!(
+        (value(
+            "fraiseql_observers_history_rows_total",
+            Some(("kind", "event"))
+        ) - value("fraiseql_observers_events_processed_total", None))
+        .abs()
+            < f64::EPSILON,
+        "{parsed}"
+    );
     node.stop().await;
 }
 

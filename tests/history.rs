@@ -601,3 +601,154 @@ async fn a_queued_action_is_recorded_as_queued_and_its_job_appends_its_later_suc
     assert!(done["job_id"].is_string(), "{done}");
     assert_eq!(page.entries[0].node_id.as_deref(), Some("worker-node"));
 }
+
+/// Masks of what differs between runs in `debug-event`'s tree.
+fn debug_event_snapshot(name: &str, text: &str) {
+    insta::with_settings!({
+        filters => vec![
+            (r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "[uuid]"),
+            (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", "[time]"),
+            (r"\d+\.\d ms", "[ms]"),
+            (r"Change-log row: \d+", "Change-log row: [position]"),
+            (r"partition \d+, epoch \d+", "partition [p], epoch [e]"),
+        ],
+        omit_expression => true,
+    }, {
+        insta::assert_snapshot!(name, text);
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_event_shows_each_event_as_a_tree_of_conditions_actions_and_later_outcomes() {
+    let database = TestDatabase::migrated().await;
+    let pool = &database.pool;
+    let receiver = Receiver::start().await;
+    receiver.script("/flaky", [Reply::status(503)]);
+    receiver.script("/broken", [Reply::status(404)]);
+    let yaml = format!(
+        "observers:
+  - name: paid
+    entity: Order
+    events: [insert]
+    condition: 'data.total > 100'
+    actions: [{{type: webhook, url: '{paid}'}}]
+  - name: flaky
+    entity: Order
+    events: [insert]
+    retry: {{max_attempts: 3, initial_delay: 10ms, max_delay: 20ms, jitter: false}}
+    actions: [{{type: webhook, url: '{flaky}'}}]
+  - name: later
+    entity: Order
+    events: [insert]
+    actions: [{{type: webhook, url: '{later}', mode: async}}]
+  - name: broken
+    entity: Order
+    events: [update]
+    retry: {{max_attempts: 1}}
+    actions: [{{type: webhook, url: '{broken}'}}]
+  - name: invoices
+    entity: Invoice
+    events: [insert]
+    actions: [{{type: webhook, url: '{paid}'}}]
+",
+        paid = receiver.url("/paid"),
+        flaky = receiver.url("/flaky"),
+        later = receiver.url("/later"),
+        broken = receiver.url("/broken"),
+    );
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("observers.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    let config = common::config_from_yaml(&yaml);
+    let templates = Arc::new(config.templates);
+    let executor = Executor::new(
+        Arc::new(Matcher::new(config.observers.clone())),
+        ActionRunner::new(templates.clone()).unwrap(),
+        Arc::new(PostgresDeadLetterQueue::new(pool.clone())),
+        &config.executor,
+    )
+    .with_job_routing();
+    let mut listener = Listener::start(
+        pool.clone(),
+        Arc::new(PostgresCheckpointStore::new(pool.clone())),
+        executor,
+        ListenerSettings {
+            node_id: "node-a".into(),
+            ..ListenerSettings::default()
+        },
+    )
+    .await
+    .unwrap();
+    let inserted = write_change(pool, "o1", "INSERT", r#"{"id": "o1", "total": 50}"#).await;
+    listener.deliver_page().await.unwrap();
+    let worker = fraiseql_observers::worker::JobWorker::new(
+        fraiseql_observers::jobs::PostgresJobQueue::new(
+            pool.clone(),
+            "node-b",
+            std::time::Duration::from_secs(30),
+        ),
+        "default",
+        ActionRunner::new(templates).unwrap(),
+        Arc::new(Matcher::new(config.observers)),
+        std::time::Duration::from_millis(100),
+    )
+    .with_history("node-b");
+    worker
+        .try_execute_one(&tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    write_change(pool, "o1", "UPDATE", r#"{"id": "o1", "total": 50}"#).await;
+    listener.deliver_page().await.unwrap();
+    let file = file.to_str().unwrap();
+
+    let (status, every, stderr) = database.cli(&[
+        "debug-event",
+        "--entity-type",
+        "Order",
+        "--entity-id",
+        "o1",
+        "--all",
+        "--config",
+        file,
+    ]);
+    assert_eq!(status, Some(0), "{stderr}");
+    debug_event_snapshot("debug_event_all_with_config", &every);
+    let (status, latest, _) =
+        database.cli(&["debug-event", "--entity-type", "Order", "--entity-id", "o1"]);
+    assert_eq!(status, Some(0));
+    assert!(latest.starts_with("Event: Order UPDATE\n"), "{latest}");
+    assert_eq!(latest.matches("Event: ").count(), 1, "the latest only");
+    let (status, one, _) = database.cli(&["debug-event", "--event-id", &inserted.to_string()]);
+    assert_eq!(status, Some(0));
+    debug_event_snapshot("debug_event_one_without_config", &one);
+    let (status, json, _) =
+        database.cli(&["debug-event", "--event-id", &inserted.to_string(), "--json"]);
+    assert_eq!(status, Some(0));
+    let json: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json[0]["event"]["event_id"], inserted.to_string());
+    assert_eq!(json[0]["jobs"].as_array().unwrap().len(), 1, "{json}");
+
+    let (status, _, stderr) = database.cli(&[
+        "debug-event",
+        "--entity-type",
+        "Order",
+        "--entity-id",
+        "nope",
+    ]);
+    assert_eq!(status, Some(1));
+    assert!(stderr.contains("no history for Order nope"), "{stderr}");
+    let (status, _, stderr) = database.cli(&["debug-event", "--entity-type", "Order"]);
+    assert_eq!(status, Some(2), "{stderr}");
+    let (status, _, stderr) = database.cli(&["debug-event"]);
+    assert_eq!(status, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--entity-type and --entity-id, or --event-id"),
+        "{stderr}"
+    );
+    let (status, _, stderr) = database.cli(&["debug-event", "--event-id", "garbage"]);
+    assert_eq!(status, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("expected an event's id, a UUID"),
+        "{stderr}"
+    );
+}

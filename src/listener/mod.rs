@@ -349,6 +349,9 @@ impl Listener {
             .store
             .save_page(&self.checkpoint, next, &settled, &jobs, &history)
             .await?;
+        if let Some(metrics) = self.metrics.as_ref().filter(|_| !history.is_empty()) {
+            metrics.record_history_rows("event", history.len());
+        }
         self.clear_pending();
         tracing::debug!(
             rows = row_count,

@@ -479,19 +479,20 @@ pub struct HistoryPage {
     pub next_cursor: Option<i64>,
 }
 
-/// Searches the history, newest first.
-///
-/// # Errors
-/// Storage failed (the table is missing when the migrations were not applied).
-pub async fn search(pool: &sqlx::PgPool, query: &HistoryQuery) -> Result<HistoryPage, sqlx::Error> {
-    let limit = query.limit.clamp(1, MAX_SEARCH_LIMIT);
-    let rows: Vec<sqlx::postgres::PgRow> = sqlx::query(
-        "SELECT history_id, processed_at, record_kind, event_id, entity_type, entity_id,
-                event_kind, change_log_id, tenant_id, actor_type, actor_id, event_at,
-                matched_observers, unmatched_observers, outcomes, actions, node_id, partition,
-                epoch, processing_ms
-           FROM fraiseql_observers.history
-          WHERE ($1::text IS NULL OR entity_type = $1)
+/// Rows with errors a full-text search walks newest first before it asks the GIN index for the
+/// rest (see [`search`]).
+pub const TEXT_SEARCH_WALK: i64 = 5_000;
+
+/// The columns a [`HistoryEntry`] is read from.
+const ENTRY_COLUMNS: &str =
+    "history_id, processed_at, record_kind, event_id, entity_type, entity_id,
+        event_kind, change_log_id, tenant_id, actor_type, actor_id, event_at,
+        matched_observers, unmatched_observers, outcomes, actions, node_id, partition,
+        epoch, processing_ms";
+
+/// Every filter of a [`HistoryQuery`] but the text, its values bound from `$1` to `$9` (`$9`:
+/// only rows older than this id).
+const FILTERS: &str = "($1::text IS NULL OR entity_type = $1)
             AND ($2::text IS NULL OR entity_id = $2)
             AND ($3::uuid IS NULL OR event_id = $3)
             AND ($4::text IS NULL OR event_kind = $4)
@@ -499,25 +500,67 @@ pub async fn search(pool: &sqlx::PgPool, query: &HistoryQuery) -> Result<History
             AND ($6::text IS NULL OR outcomes @> ARRAY[$6::text])
             AND ($7::timestamptz IS NULL OR processed_at >= $7)
             AND ($8::timestamptz IS NULL OR processed_at < $8)
-            AND ($9::text IS NULL OR (errors IS NOT NULL
-                 AND to_tsvector('simple', coalesce(errors, '')) @@ plainto_tsquery('simple', $9)))
-            AND ($10::bigint IS NULL OR history_id < $10)
-          ORDER BY history_id DESC
-          LIMIT $11",
-    )
-    .bind(query.entity_type.as_deref())
-    .bind(query.entity_id.as_deref())
-    .bind(query.event_id)
-    .bind(query.event_kind.as_deref().map(str::to_ascii_lowercase))
-    .bind(query.observer.as_deref())
-    .bind(query.outcome.map(HistoryOutcome::as_str))
-    .bind(query.since)
-    .bind(query.until)
-    .bind(query.text.as_deref())
-    .bind(query.after)
-    .bind(limit + 1)
-    .fetch_all(pool)
-    .await?;
+            AND ($9::bigint IS NULL OR history_id < $9)";
+
+/// A statement with [`FILTERS`]' parameters bound from `query` (`before` as `$9`).
+fn bind_filters<'query>(
+    statement: sqlx::query::Query<'query, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    query: &'query HistoryQuery,
+    before: Option<i64>,
+) -> sqlx::query::Query<'query, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    statement
+        .bind(query.entity_type.as_deref())
+        .bind(query.entity_id.as_deref())
+        .bind(query.event_id)
+        .bind(query.event_kind.as_deref().map(str::to_ascii_lowercase))
+        .bind(query.observer.as_deref())
+        .bind(query.outcome.map(HistoryOutcome::as_str))
+        .bind(query.since)
+        .bind(query.until)
+        .bind(before)
+}
+
+/// Searches the history, newest first.
+///
+/// A full-text search (`text`) first walks the newest [`TEXT_SEARCH_WALK`] rows with errors
+/// that match the other filters and keeps those whose errors hold the words: words common enough
+/// to fill a page are found there at once, where the GIN index would fetch every match (the
+/// planner cannot tell common words from rare ones when they are asked for together). Only when
+/// the walk ends before the page is full does it ask the GIN index, for rows older than the walk
+/// reached: rare words, which that index finds cheaply.
+///
+/// # Errors
+/// Storage failed (the table is missing when the migrations were not applied).
+pub async fn search(pool: &sqlx::PgPool, query: &HistoryQuery) -> Result<HistoryPage, sqlx::Error> {
+    let limit = query.limit.clamp(1, MAX_SEARCH_LIMIT);
+    let rows: Vec<sqlx::postgres::PgRow> = match &query.text {
+        None => {
+            bind_filters(
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {ENTRY_COLUMNS} FROM fraiseql_observers.history
+                      WHERE {FILTERS}
+                      ORDER BY history_id DESC
+                      LIMIT $10"
+                ))),
+                query,
+                query.after,
+            )
+            .bind(limit + 1)
+            .fetch_all(pool)
+            .await?
+        }
+        Some(text) => {
+            let ids = text_search_ids(pool, query, text, limit + 1).await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {ENTRY_COLUMNS} FROM fraiseql_observers.history
+                  WHERE history_id = ANY($1)
+                  ORDER BY history_id DESC"
+            )))
+            .bind(ids)
+            .fetch_all(pool)
+            .await?
+        }
+    };
     let more = i64::try_from(rows.len()).unwrap_or(i64::MAX) > limit;
     let entries: Vec<HistoryEntry> = rows
         .into_iter()
@@ -533,6 +576,66 @@ pub async fn search(pool: &sqlx::PgPool, query: &HistoryQuery) -> Result<History
         entries,
         next_cursor,
     })
+}
+
+/// The ids of the newest `wanted` rows matching `query` whose errors hold the words of `text`:
+/// a bounded walk of the newest rows with errors, then the GIN index for older ones.
+async fn text_search_ids(
+    pool: &sqlx::PgPool,
+    query: &HistoryQuery,
+    text: &str,
+    wanted: i64,
+) -> Result<Vec<i64>, sqlx::Error> {
+    let (walked, oldest_walked, mut found): (i64, Option<i64>, Vec<i64>) = bind_filters(
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "WITH walked AS MATERIALIZED (
+                 SELECT history_id, errors FROM fraiseql_observers.history
+                  WHERE errors IS NOT NULL AND {FILTERS}
+                  ORDER BY history_id DESC
+                  LIMIT $10)
+             SELECT (SELECT count(*) FROM walked),
+                    (SELECT min(history_id) FROM walked),
+                    ARRAY(SELECT history_id FROM walked
+                           WHERE to_tsvector('simple', errors) @@ plainto_tsquery('simple', $11)
+                           ORDER BY history_id DESC
+                           LIMIT $12)"
+        ))),
+        query,
+        query.after,
+    )
+    .bind(TEXT_SEARCH_WALK)
+    .bind(text)
+    .bind(wanted)
+    .map(|row: sqlx::postgres::PgRow| {
+        use sqlx::Row as _;
+        (row.get(0), row.get(1), row.get(2))
+    })
+    .fetch_one(pool)
+    .await?;
+    let remaining = wanted - i64::try_from(found.len()).unwrap_or(i64::MAX);
+    if remaining > 0 && walked >= TEXT_SEARCH_WALK {
+        let older: Vec<i64> = bind_filters(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT history_id FROM fraiseql_observers.history
+                  WHERE errors IS NOT NULL AND {FILTERS}
+                    AND to_tsvector('simple', coalesce(errors, '')) @@ plainto_tsquery('simple', $10)
+                  ORDER BY history_id DESC
+                  LIMIT $11"
+            ))),
+            query,
+            oldest_walked,
+        )
+        .bind(text)
+        .bind(remaining)
+        .map(|row: sqlx::postgres::PgRow| {
+            use sqlx::Row as _;
+            row.get::<i64, _>(0)
+        })
+        .fetch_all(pool)
+        .await?;
+        found.extend(older);
+    }
+    Ok(found)
 }
 
 fn entry_from_row(row: &sqlx::postgres::PgRow) -> Result<HistoryEntry, sqlx::Error> {

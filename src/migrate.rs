@@ -91,6 +91,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0014_replay_runs",
         sql: include_str!("../migrations/0014_replay_runs.sql"),
     },
+    Migration {
+        version: 15,
+        name: "0015_history_errors_recent",
+        sql: include_str!("../migrations/0015_history_errors_recent.sql"),
+    },
 ];
 
 impl Migration {

@@ -752,3 +752,78 @@ async fn debug_event_shows_each_event_as_a_tree_of_conditions_actions_and_later_
         "{stderr}"
     );
 }
+
+/// History rows written straight into the table: `(history_id, errors)`, newest last.
+async fn history_with_errors(pool: &sqlx::PgPool, rows: &str) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO fraiseql_observers.history
+             (history_id, record_kind, event_id, entity_type, entity_id, event_kind,
+              matched_observers, outcomes, errors)
+         SELECT id, 'event', gen_random_uuid(), 'Order', id::text, 'insert', ARRAY['orders'],
+                ARRAY['failed'], errors
+           FROM ({rows}) AS given (id, errors)"
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_text_search_finds_common_words_in_its_walk_and_rare_ones_beyond_it() {
+    let database = TestDatabase::migrated().await;
+    let pool = &database.pool;
+    let walk = history::TEXT_SEARCH_WALK;
+    // One rare message, then more rows with a common one than the walk covers, then rows
+    // without errors.
+    history_with_errors(
+        pool,
+        &format!(
+            "SELECT 1, 'HTTP 400: zebra field rejected'
+             UNION ALL SELECT g, 'attempt timed out waiting for the gateway'
+                         FROM generate_series(2, {}) AS g
+             UNION ALL SELECT g, NULL FROM generate_series({}, {}) AS g",
+            walk + 1,
+            walk + 2,
+            walk + 100
+        ),
+    )
+    .await;
+    let ids = |page: &history::HistoryPage| -> Vec<i64> {
+        page.entries.iter().map(|entry| entry.history_id).collect()
+    };
+    let text = |words: &str, after: Option<i64>| HistoryQuery {
+        text: Some(words.to_owned()),
+        after,
+        limit: 3,
+        ..HistoryQuery::default()
+    };
+
+    let rare = history::search(pool, &text("zebra", None)).await.unwrap();
+    assert_eq!(ids(&rare), [1], "found past the walk");
+    assert_eq!(rare.next_cursor, None);
+
+    let common = history::search(pool, &text("gateway timed out", None))
+        .await
+        .unwrap();
+    assert_eq!(ids(&common), [walk + 1, walk, walk - 1]);
+    assert_eq!(common.next_cursor, Some(walk - 1));
+    let next = history::search(pool, &text("gateway timed out", common.next_cursor))
+        .await
+        .unwrap();
+    assert_eq!(ids(&next), [walk - 2, walk - 3, walk - 4]);
+
+    // The other filters hold in both parts of the search.
+    let other_observer = HistoryQuery {
+        observer: Some("nobody".to_owned()),
+        ..text("zebra", None)
+    };
+    assert!(
+        history::search(pool, &other_observer)
+            .await
+            .unwrap()
+            .entries
+            .is_empty()
+    );
+    let nothing = history::search(pool, &text("unicorn", None)).await.unwrap();
+    assert!(nothing.entries.is_empty());
+}

@@ -338,6 +338,18 @@ async fn metrics_parse_as_openmetrics_and_count_what_happened() {
         .await
         .unwrap();
     eventually("20 deliveries", || async { receiver.request_count() >= 20 }).await;
+    // A page's history rows are counted once its checkpoint is saved, just after its deliveries.
+    let metrics_url = format!("http://{}/metrics", node.http);
+    eventually("the pages' history rows counted", || async {
+        reqwest::get(&metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .contains("fraiseql_observers_history_rows_total{kind=\"event\"} 20\n")
+    })
+    .await;
 
     let response = reqwest::get(format!("http://{}/metrics", node.http))
         .await

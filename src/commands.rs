@@ -644,15 +644,12 @@ async fn conditions_on(
         }
         None => None,
     };
-    let kind = event.event_kind.to_ascii_uppercase();
+    let kind = crate::domain::EventKind::parse(&event.event_kind).ok();
     let mut conditions = Vec::new();
     let mut other_observers = 0;
     for observer in &config.observers {
         let watches = observer.entity == event.entity_type
-            && observer
-                .events
-                .iter()
-                .any(|watched| format!("{watched:?}").eq_ignore_ascii_case(&kind));
+            && kind.is_some_and(|kind| observer.events.contains(&kind));
         if !watches {
             other_observers += 1;
             continue;
@@ -821,34 +818,28 @@ pub async fn dlq_requeue(
     json: bool,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<String> {
-    let bar = (style == ProgressStyle::Bar).then(|| progress_bar("letters"));
-    let started = std::time::Instant::now();
-    let mut last_line: Option<std::time::Instant> = None;
+    let mut progress = Progress::new(style, "letters");
     let on_progress = |report: &crate::requeue::RequeueReport| {
-        if let Some(bar) = &bar {
-            bar.set_length(report.matching.max(report.letters));
-            bar.set_position(report.letters);
-            bar.set_message(format!("{} kept", report.kept));
-        } else if style == ProgressStyle::Lines
-            && last_line.is_none_or(|at| at.elapsed() >= PLAIN_PROGRESS_INTERVAL)
-        {
-            last_line = Some(std::time::Instant::now());
-            eprintln!(
-                "dlq retry: {}/{} letters, {} requeued, {} new jobs, {} kept, {:.0} letters/s",
-                report.letters,
-                report.matching,
-                report.requeued,
-                report.enqueued,
-                report.kept,
-                f64_from(report.letters) / started.elapsed().as_secs_f64().max(0.001)
-            );
-        }
+        progress.update(
+            report.letters,
+            report.matching,
+            || format!("{} kept", report.kept),
+            |seconds| {
+                format!(
+                    "dlq retry: {}/{} letters, {} requeued, {} new jobs, {} kept, {:.0} letters/s",
+                    report.letters,
+                    report.matching,
+                    report.requeued,
+                    report.enqueued,
+                    report.kept,
+                    f64_from(report.letters) / seconds
+                )
+            },
+        );
     };
     let result =
         crate::requeue::requeue_letters(pool, observers, filter, cancel, on_progress).await;
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
+    progress.finish();
     let report = result?;
     if report.interrupted {
         return Err(crate::requeue::RequeueError::Interrupted {
@@ -865,7 +856,7 @@ pub async fn dlq_requeue(
     let mut out = format!(
         "✓ {handed_back} dead letter{} handed back to the job queue in {:.1}s: {} failed jobs pending again, {} new jobs, {} already queued or delivered\n",
         if handed_back == 1 { "" } else { "s" },
-        started.elapsed().as_secs_f64(),
+        progress.seconds(),
         report.requeued,
         report.enqueued,
         report.already_queued_or_done,
@@ -1209,33 +1200,26 @@ pub async fn backfill(
     crate::migrate::run(pool)
         .await
         .context("migrate the database")?;
-    let bar = (style == ProgressStyle::Bar).then(|| progress_bar("rows"));
-    let started = std::time::Instant::now();
-    let mut last_line: Option<std::time::Instant> = None;
-    let mut on_progress = |progress: &crate::backfill::BackfillProgress| {
-        if let Some(bar) = &bar {
-            bar.set_length(progress.total_rows);
-            bar.set_position(progress.rows_scanned);
-            bar.set_message(format!("{} written", progress.rows_written));
-        } else if style == ProgressStyle::Lines
-            && last_line.is_none_or(|at| at.elapsed() >= PLAIN_PROGRESS_INTERVAL)
-        {
-            last_line = Some(std::time::Instant::now());
-            let seconds = started.elapsed().as_secs_f64().max(0.001);
-            eprintln!(
-                "backfill {}: {}/{} rows scanned, {} written, {:.0} rows/s",
-                escape_control(table),
-                progress.rows_scanned,
-                progress.total_rows,
-                progress.rows_written,
-                f64_from(progress.rows_scanned) / seconds
-            );
-        }
+    let mut progress = Progress::new(style, "rows");
+    let mut on_progress = |done: &crate::backfill::BackfillProgress| {
+        progress.update(
+            done.rows_scanned,
+            done.total_rows,
+            || format!("{} written", done.rows_written),
+            |seconds| {
+                format!(
+                    "backfill {}: {}/{} rows scanned, {} written, {:.0} rows/s",
+                    escape_control(table),
+                    done.rows_scanned,
+                    done.total_rows,
+                    done.rows_written,
+                    f64_from(done.rows_scanned) / seconds
+                )
+            },
+        );
     };
     let result = crate::backfill::run(pool, table, settings, cancel, &mut on_progress).await;
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
+    progress.finish();
     let summary = result?;
     if json {
         return Ok(format!("{}\n", serde_json::to_string_pretty(&summary)?));
@@ -1277,6 +1261,60 @@ fn progress_bar(unit: &'static str) -> indicatif::ProgressBar {
         ),
     );
     bar
+}
+
+/// A long command's progress on stderr, in its [`ProgressStyle`]: a bar redrawn in place, or a
+/// plain line at most every [`PLAIN_PROGRESS_INTERVAL`].
+struct Progress {
+    style: ProgressStyle,
+    bar: Option<indicatif::ProgressBar>,
+    started: std::time::Instant,
+    last_line: Option<std::time::Instant>,
+}
+
+impl Progress {
+    fn new(style: ProgressStyle, unit: &'static str) -> Progress {
+        Progress {
+            style,
+            bar: (style == ProgressStyle::Bar).then(|| progress_bar(unit)),
+            started: std::time::Instant::now(),
+            last_line: None,
+        }
+    }
+
+    /// `done` of `total`: the bar with `message` beside it, or — when a line is due — `line`
+    /// given the seconds since the start.
+    fn update(
+        &mut self,
+        done: u64,
+        total: u64,
+        message: impl FnOnce() -> String,
+        line: impl FnOnce(f64) -> String,
+    ) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total.max(done));
+            bar.set_position(done);
+            bar.set_message(message());
+        } else if self.style == ProgressStyle::Lines
+            && self
+                .last_line
+                .is_none_or(|at| at.elapsed() >= PLAIN_PROGRESS_INTERVAL)
+        {
+            self.last_line = Some(std::time::Instant::now());
+            eprintln!("{}", line(self.seconds().max(0.001)));
+        }
+    }
+
+    /// Seconds since the start.
+    fn seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// Changes `replay --dry-run` shows.
@@ -1406,38 +1444,31 @@ pub async fn replay(
             run.total_changes, run.selection.upto, run.rate
         );
     }
-    let bar = (style == ProgressStyle::Bar).then(|| progress_bar("changes"));
-    let started = std::time::Instant::now();
+    let mut progress = Progress::new(style, "changes");
     let done_before = run.changes_done;
-    let mut last_line: Option<std::time::Instant> = None;
-    let on_progress = |progress: &crate::replay::ReplayRun| {
-        if let Some(bar) = &bar {
-            bar.set_length(progress.total_changes.max(progress.changes_done));
-            bar.set_position(progress.changes_done);
-            bar.set_message(format!("{} jobs", progress.jobs_enqueued));
-        } else if style == ProgressStyle::Lines
-            && last_line.is_none_or(|at| at.elapsed() >= PLAIN_PROGRESS_INTERVAL)
-        {
-            last_line = Some(std::time::Instant::now());
-            let seconds = started.elapsed().as_secs_f64().max(0.001);
-            eprintln!(
-                "replay {id}: {}/{} changes, {} jobs enqueued, {:.0} changes/s",
-                progress.changes_done,
-                progress.total_changes,
-                progress.jobs_enqueued,
-                f64_from(progress.changes_done - done_before.min(progress.changes_done)) / seconds
-            );
-        }
+    let on_progress = |done: &crate::replay::ReplayRun| {
+        progress.update(
+            done.changes_done,
+            done.total_changes,
+            || format!("{} jobs", done.jobs_enqueued),
+            |seconds| {
+                format!(
+                    "replay {id}: {}/{} changes, {} jobs enqueued, {:.0} changes/s",
+                    done.changes_done,
+                    done.total_changes,
+                    done.jobs_enqueued,
+                    f64_from(done.changes_done - done_before.min(done.changes_done)) / seconds
+                )
+            },
+        );
     };
     let result = crate::replay::run(pool, matcher, run, cancel, on_progress).await;
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
+    progress.finish();
     let run = result?;
     if json {
         return Ok(format!("{}\n", serde_json::to_string_pretty(&run)?));
     }
-    let seconds = started.elapsed().as_secs_f64();
+    let seconds = progress.seconds();
     Ok(format!(
         "✓ replay {id} completed: {} changes, {} jobs enqueued{}, {seconds:.1}s ({:.0} changes/s); idempotency keys end in :replay:{id}\n",
         run.changes_done,

@@ -132,15 +132,14 @@ fn history_query(request: &pb::SearchEventsRequest) -> Result<HistoryQuery, Stri
         .transpose()?;
     let event_kind = given(&request.event)
         .map(|kind| {
-            let lower = kind.to_ascii_lowercase();
-            if ["insert", "update", "delete", "custom"].contains(&lower.as_str()) {
-                Ok(lower)
-            } else {
-                Err(format!(
-                    "event: expected insert, update, delete or custom, found {:?}",
-                    escape_control(&kind)
-                ))
-            }
+            crate::domain::EventKind::parse(&kind)
+                .map(|kind| kind.as_str().to_ascii_lowercase())
+                .map_err(|_| {
+                    format!(
+                        "event: expected insert, update, delete or custom, found {:?}",
+                        escape_control(&kind)
+                    )
+                })
         })
         .transpose()?;
     let outcome = given(&request.outcome)

@@ -245,10 +245,10 @@ struct ReplayArgs {
     #[arg(long)]
     entity_id: Option<String>,
     /// Only changes written since this moment: a duration ago (`2h`, `7d`) or RFC 3339.
-    #[arg(long, value_parser = parse_since)]
+    #[arg(long, value_parser = fraiseql_observers::domain::parse_moment)]
     since: Option<chrono::DateTime<chrono::Utc>>,
     /// Only changes written before this moment: a duration ago (`2h`, `7d`) or RFC 3339.
-    #[arg(long, value_parser = parse_since)]
+    #[arg(long, value_parser = fraiseql_observers::domain::parse_moment)]
     until: Option<chrono::DateTime<chrono::Utc>>,
     /// Only this observer's actions.
     #[arg(long)]
@@ -598,7 +598,7 @@ struct DlqFilterArgs {
     #[arg(long)]
     error: Option<String>,
     /// Only letters created since this moment: a duration ago (`2h`, `7d`) or RFC 3339.
-    #[arg(long, value_parser = parse_since)]
+    #[arg(long, value_parser = fraiseql_observers::domain::parse_moment)]
     since: Option<chrono::DateTime<chrono::Utc>>,
     /// Only letters older than this (e.g. 30d, 12h).
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -696,10 +696,10 @@ enum EventsCommand {
         #[arg(long, value_parser = fraiseql_observers::history::HistoryOutcome::parse)]
         outcome: Option<fraiseql_observers::history::HistoryOutcome>,
         /// Processed since this moment: a duration ago (`2h`, `7d`) or RFC 3339.
-        #[arg(long, value_parser = parse_since)]
+        #[arg(long, value_parser = fraiseql_observers::domain::parse_moment)]
         since: Option<chrono::DateTime<chrono::Utc>>,
         /// Processed before this moment: a duration ago (`2h`, `7d`) or RFC 3339.
-        #[arg(long, value_parser = parse_since)]
+        #[arg(long, value_parser = fraiseql_observers::domain::parse_moment)]
         until: Option<chrono::DateTime<chrono::Utc>>,
         /// Only rows whose error messages hold all these words (full text).
         #[arg(long)]
@@ -713,11 +713,6 @@ enum EventsCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-/// A moment given as a duration ago (`2h`, `7d`) or an RFC 3339 time.
-fn parse_since(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    fraiseql_observers::domain::parse_moment(text)
 }
 
 /// A replay run's id: a UUID, said so when it is not one.

@@ -803,9 +803,8 @@ pub struct Requeued {
     /// Jobs that had failed for good, pending again with a new attempt budget.
     pub requeued: u64,
     /// Jobs the queue had no row for (their action never reached it, or its row was pruned).
+    /// The rest were pending, running, completed or cancelled already, and are left as they are.
     pub enqueued: u64,
-    /// Jobs already pending, running, completed or cancelled: left as they are.
-    pub unchanged: u64,
 }
 
 /// Gives `jobs` to the queue again, on `transaction`: a job whose idempotency key names a row
@@ -866,7 +865,6 @@ pub async fn requeue_batch(
     .bind(JOBS_CHANNEL)
     .fetch_all(&mut *transaction)
     .await?;
-    let requeued_keys: HashSet<String> = requeued_keys.into_iter().collect();
     let existing: HashSet<String> = sqlx::query_scalar(
         "SELECT idempotency_key FROM fraiseql_observers.jobs WHERE idempotency_key = ANY($1)",
     )
@@ -881,12 +879,9 @@ pub async fn requeue_batch(
         .map(|job| (*job).clone())
         .collect();
     let enqueued = enqueue_batch(&mut *transaction, &fresh).await?;
-    let requeued = requeued_keys.len() as u64;
-    let enqueued = enqueued.len() as u64;
     Ok(Requeued {
-        requeued,
-        enqueued,
-        unchanged: (jobs.len() as u64).saturating_sub(requeued + enqueued),
+        requeued: requeued_keys.len() as u64,
+        enqueued: enqueued.len() as u64,
     })
 }
 

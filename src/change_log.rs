@@ -640,6 +640,46 @@ pub async fn last_position(pool: &PgPool) -> Result<i64, ChangeLogError> {
     Ok(last.unwrap_or(0))
 }
 
+/// `(position, size, text)` rows as [`RawRow`]s.
+fn raw_rows(rows: Vec<(i64, i64, String)>) -> Vec<RawRow> {
+    rows.into_iter()
+        .map(|(position, size, text)| RawRow {
+            position,
+            size: u64::try_from(size).unwrap_or(0),
+            text,
+        })
+        .collect()
+}
+
+/// The rows at `positions` that still exist, in log order, as JSON text with their size (a row
+/// over `max_row_bytes` comes as its first `excerpt_chars` characters, as in a page).
+///
+/// # Errors
+/// The database failed.
+pub async fn rows_at(
+    pool: &PgPool,
+    positions: &[i64],
+    (max_row_bytes, excerpt_chars): (u32, usize),
+) -> Result<Vec<RawRow>, ChangeLogError> {
+    if positions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<(i64, i64, String)> = sqlx::query_as(
+        "SELECT position, size, CASE WHEN size <= $2 THEN body ELSE left(body, $3) END
+           FROM (SELECT change.pk_entity_change_log AS position, to_jsonb(change)::text AS body
+                   FROM core.tb_entity_change_log AS change
+                  WHERE change.pk_entity_change_log = ANY($1)) AS selected,
+                LATERAL (SELECT octet_length(body)::bigint AS size) AS sized
+          ORDER BY position",
+    )
+    .bind(positions)
+    .bind(i64::from(max_row_bytes))
+    .bind(i32::try_from(excerpt_chars).unwrap_or(i32::MAX))
+    .fetch_all(pool)
+    .await?;
+    Ok(raw_rows(rows))
+}
+
 /// How many changes `selection` holds after position `after`.
 ///
 /// # Errors
@@ -701,12 +741,5 @@ pub async fn read_selected(
     .bind(i32::try_from(excerpt_chars).unwrap_or(i32::MAX))
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(position, size, text)| RawRow {
-            position,
-            size: u64::try_from(size).unwrap_or(0),
-            text,
-        })
-        .collect())
+    Ok(raw_rows(rows))
 }

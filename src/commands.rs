@@ -667,6 +667,290 @@ async fn conditions_on(
     Ok((conditions, other_observers))
 }
 
+/// Most bytes of one rendered text `debug-event --explain` prints (`--json` keeps it whole).
+pub const EXPLAIN_TEXT_BYTES: usize = 2000;
+
+/// What the observers file would do with a hypothetical change: `debug-event --explain`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Explanation {
+    pub event_kind: String,
+    pub entity_type: String,
+    pub entity_id: String,
+    /// The observers of the change's entity type and kind, in file order.
+    pub observers: Vec<ExplainedObserver>,
+    /// Observers of other entity types or kinds.
+    pub other_observers: usize,
+}
+
+/// One observer watching the change's entity type and kind.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ExplainedObserver {
+    pub observer: String,
+    pub condition: Option<String>,
+    pub matches: bool,
+    /// The actions it would run (only when it matches).
+    pub actions: Vec<ExplainedAction>,
+}
+
+/// One action a matching observer would run, with what it would send.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ExplainedAction {
+    pub index: usize,
+    #[serde(rename = "type")]
+    pub action_type: String,
+    /// Where it would go, secrets left out (a URL's credentials and query; an `*_env` URL by its
+    /// variable's name).
+    pub target: Option<String>,
+    /// `inline` (in the page) or `async` (through the job queue).
+    pub mode: String,
+    pub rendered: Vec<RenderedText>,
+}
+
+/// One text an action would send, rendered from the change.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RenderedText {
+    /// Which setting it renders (`body_template`, `subject`, … ; `body` for a webhook's default
+    /// body, the event envelope).
+    pub what: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// Why it does not render (the action would fail with OB004).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What `config` would do with the change-log row `change` (a JSON object with the change log's
+/// columns; `id` and `created_at` may be left out): which observers match, with their
+/// conditions, and what each of their actions would send, rendered. Nothing is sent.
+///
+/// # Errors
+/// The change does not decode as a change-log row (the message names the column).
+pub fn explain_change(
+    config: &ObserversConfig,
+    change: &serde_json::Value,
+) -> anyhow::Result<Explanation> {
+    let mut row = change
+        .as_object()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("the change must be a JSON object with the change log's columns (object_type, object_id, modification_type, object_data, …)"))?;
+    row.entry("id")
+        .or_insert_with(|| serde_json::Value::String(Uuid::nil().to_string()));
+    let event = crate::listener::decode_row(0, &serde_json::Value::Object(row))
+        .map_err(|malformed| anyhow::anyhow!("the change does not decode: {malformed}"))?;
+    let mut observers = Vec::new();
+    let mut other_observers = 0;
+    for (position, observer) in config.observers.iter().enumerate() {
+        if observer.entity != event.entity_type || !observer.events.contains(&event.kind) {
+            other_observers += 1;
+            continue;
+        }
+        let matches = observer
+            .condition
+            .as_ref()
+            .is_none_or(|condition| condition.evaluate(&event));
+        let envelope = event.envelope(observer.name.as_str());
+        let actions = if matches {
+            observer
+                .actions
+                .iter()
+                .map(|action| explain_action(config, position, action, &envelope))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        observers.push(ExplainedObserver {
+            observer: observer.name.to_string(),
+            condition: observer
+                .condition
+                .as_ref()
+                .map(|condition| condition.source().to_owned()),
+            matches,
+            actions,
+        });
+    }
+    Ok(Explanation {
+        event_kind: event.kind.as_str().to_owned(),
+        entity_type: event.entity_type,
+        entity_id: event.entity_id,
+        observers,
+        other_observers,
+    })
+}
+
+fn explain_action(
+    config: &ObserversConfig,
+    observer_position: usize,
+    action: &crate::actions::ActionDefinition,
+    envelope: &serde_json::Value,
+) -> ExplainedAction {
+    let prefix = format!("observers[{observer_position}].actions[{}].", action.index);
+    let mut rendered: Vec<RenderedText> = config
+        .templates
+        .names_under(&prefix)
+        .into_iter()
+        .map(|name| {
+            let what = name[prefix.len()..]
+                .rsplit_once('.')
+                .map_or(&name[prefix.len()..], |(what, _)| what)
+                .to_owned();
+            match config.templates.render(&name, envelope) {
+                Ok(text) => RenderedText {
+                    what,
+                    text: Some(text),
+                    error: None,
+                },
+                Err(error) => RenderedText {
+                    what,
+                    text: None,
+                    error: Some(error.message),
+                },
+            }
+        })
+        .collect();
+    let action_type = action.kind.type_name();
+    if action_type == "webhook" && !rendered.iter().any(|text| text.what.starts_with("body")) {
+        rendered.insert(
+            0,
+            RenderedText {
+                what: "body".to_owned(),
+                text: Some(envelope.to_string()),
+                error: None,
+            },
+        );
+    }
+    ExplainedAction {
+        index: action.index,
+        action_type: action_type.to_owned(),
+        target: crate::actions::target_of(&action.kind).map(|target| redacted_target(&target)),
+        mode: match action.delivery.mode {
+            crate::config::DeliveryMode::Inline => "inline",
+            crate::config::DeliveryMode::Async => "async",
+        }
+        .to_owned(),
+        rendered,
+    }
+}
+
+/// A target as `--explain` shows it: a URL without its credentials and query (they may carry
+/// tokens); anything else as it is.
+fn redacted_target(target: &str) -> String {
+    match url::Url::parse(target) {
+        Ok(mut url) if url.has_host() => {
+            let had_query = url.query().is_some();
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.set_query(None);
+            let mut text = url.to_string();
+            if had_query {
+                text.push_str("?…");
+            }
+            text
+        }
+        _ => target.to_owned(),
+    }
+}
+
+/// `debug-event --explain` as a tree.
+#[must_use]
+pub fn explanation_text(explanation: &Explanation) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Explain: {} {} {} (a hypothetical change: nothing is sent)",
+        explanation.event_kind.to_ascii_uppercase(),
+        escape_control(&explanation.entity_type),
+        escape_control(&explanation.entity_id)
+    );
+    let matched = explanation
+        .observers
+        .iter()
+        .filter(|observer| observer.matches)
+        .count();
+    let _ = writeln!(
+        out,
+        "├── {matched} of {} observer(s) of {} {} would run; {} watch(es) other entities or kinds",
+        explanation.observers.len(),
+        escape_control(&explanation.entity_type),
+        explanation.event_kind,
+        explanation.other_observers
+    );
+    for (position, observer) in explanation.observers.iter().enumerate() {
+        let last = position + 1 == explanation.observers.len();
+        let (branch, stem) = if last {
+            ("└──", "    ")
+        } else {
+            ("├──", "│   ")
+        };
+        let condition = observer.condition.as_deref().map_or_else(
+            || "no condition".to_owned(),
+            |condition| {
+                format!(
+                    "condition `{}` {}",
+                    escape_control(condition),
+                    if observer.matches { "true" } else { "false" }
+                )
+            },
+        );
+        let mark = if observer.matches { '✓' } else { '✗' };
+        let _ = writeln!(
+            out,
+            "{branch} {mark} {} ({condition})",
+            escape_control(&observer.observer)
+        );
+        for (index, action) in observer.actions.iter().enumerate() {
+            let last_action = index + 1 == observer.actions.len();
+            let (action_branch, action_stem) = if last_action {
+                ("└──", "    ")
+            } else {
+                ("├──", "│   ")
+            };
+            let _ = writeln!(
+                out,
+                "{stem}{action_branch} [{}] {}{} ({})",
+                action.index,
+                action.action_type,
+                action
+                    .target
+                    .as_deref()
+                    .map(|target| format!(" → {}", escape_control(target)))
+                    .unwrap_or_default(),
+                action.mode
+            );
+            for (text_index, text) in action.rendered.iter().enumerate() {
+                let text_branch = if text_index + 1 == action.rendered.len() {
+                    "└──"
+                } else {
+                    "├──"
+                };
+                let shown = match (&text.text, &text.error) {
+                    (Some(text), _) => clipped(text),
+                    (None, Some(error)) => format!("does not render: {}", escape_control(error)),
+                    (None, None) => String::new(),
+                };
+                let _ = writeln!(
+                    out,
+                    "{stem}{action_stem}{text_branch} {}: {shown}",
+                    text.what
+                );
+            }
+        }
+    }
+    out
+}
+
+/// A rendered text on one line, control characters escaped, cut to [`EXPLAIN_TEXT_BYTES`].
+fn clipped(text: &str) -> String {
+    let escaped = escape_control(text);
+    if escaped.len() <= EXPLAIN_TEXT_BYTES {
+        return escaped.into_owned();
+    }
+    let mut end = EXPLAIN_TEXT_BYTES;
+    while !escaped.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &escaped[..end], text.len())
+}
+
 /// `dlq list`: a table (or JSON) of dead letters matching `filter`.
 ///
 /// # Errors

@@ -74,8 +74,7 @@ pub struct NodeStatus {
 
 /// The figures of `status` beyond the counters: rates, latency, the dead-letter queue, the
 /// Redis-backed stores and every HTTP endpoint's limit — all read from this node's metrics and
-/// the database at the moment of the call. (The audit trail's figures join here once the trail
-/// exists.)
+/// the database at the moment of the call, and the audit trail's rows this node wrote.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct NodeFigures {
     /// Observers in the configuration this node runs.
@@ -92,6 +91,30 @@ pub struct NodeFigures {
     pub cache: std::collections::BTreeMap<String, u64>,
     /// This node's adaptive concurrency limit per HTTP endpoint.
     pub endpoints: Vec<EndpointFigures>,
+    /// The audit trail as this node writes it; `None` when history is off.
+    pub history: Option<HistoryFigures>,
+}
+
+/// The audit trail's figures of one node (its own counts since it started).
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct HistoryFigures {
+    /// `postgres`, or `postgres+search` (copied to a search backend).
+    pub backend: String,
+    /// Event rows written with this node's checkpoints.
+    pub event_rows: u64,
+    /// Job-outcome rows written by this node's workers.
+    pub job_rows: u64,
+    /// Job-outcome rows this node could not write.
+    pub write_failures: u64,
+    /// Documents this node exported to the search backend (only the node holding the export
+    /// lock exports).
+    pub exported: u64,
+    /// Documents the search backend refused.
+    pub dropped: u64,
+    /// Rows waiting for the search backend, as the exporting node last saw them.
+    pub waiting: i64,
+    /// `_bulk` requests that failed as a whole.
+    pub export_failures: u64,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -177,6 +200,8 @@ pub struct Control {
     jobs: PostgresJobQueue,
     /// Observers in the configuration this node runs (for `status`).
     observers: u32,
+    /// Where the history goes (`postgres`, `postgres+search`); `None`: history off.
+    history_backend: Option<&'static str>,
     /// A supervisor tick older than this means the node's loops are stuck.
     stuck_after: Duration,
     /// Every partition as the last gauge refresh read it; a scrape shows those this node leads
@@ -205,6 +230,7 @@ impl Control {
             metrics,
             jobs,
             observers: 0,
+            history_backend: None,
             stuck_after,
             partition_gauges: Arc::default(),
         }
@@ -215,6 +241,45 @@ impl Control {
     pub fn with_observer_count(mut self, observers: usize) -> Control {
         self.observers = u32::try_from(observers).unwrap_or(u32::MAX);
         self
+    }
+
+    /// Where this node's history goes (`postgres`, `postgres+search`), for `status`; `None`:
+    /// history off (the default).
+    #[must_use]
+    pub fn with_history_backend(mut self, backend: Option<&'static str>) -> Control {
+        self.history_backend = backend;
+        self
+    }
+
+    fn history_figures(&self) -> Option<HistoryFigures> {
+        let backend = self.history_backend?;
+        let rows = |kind: &str| {
+            self.metrics
+                .history_rows
+                .get_or_create(&crate::metrics::RecordKindLabel {
+                    kind: kind.to_owned(),
+                })
+                .get()
+        };
+        let export = &self.metrics.history_export;
+        let documents = |result: &str| {
+            export
+                .documents
+                .get_or_create(&crate::metrics::ResultLabel {
+                    result: result.to_owned(),
+                })
+                .get()
+        };
+        Some(HistoryFigures {
+            backend: backend.to_owned(),
+            event_rows: rows("event"),
+            job_rows: rows("job"),
+            write_failures: self.metrics.history_write_failures.get(),
+            exported: documents("indexed"),
+            dropped: documents("dropped"),
+            waiting: export.waiting.get(),
+            export_failures: export.failures.get(),
+        })
     }
 
     #[must_use]
@@ -256,6 +321,7 @@ impl Control {
             dedup: summary.dedup,
             cache: summary.cache,
             endpoints: summary.endpoints,
+            history: self.history_figures(),
         };
         Ok(NodeStatus {
             node_id: self.node_id.clone(),

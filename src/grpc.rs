@@ -647,6 +647,16 @@ fn figures_to_proto(figures: control::NodeFigures) -> pb::NodeFigures {
                 queued: endpoint.queued,
             })
             .collect(),
+        history: figures.history.map(|history| pb::HistoryFigures {
+            backend: history.backend,
+            event_rows: history.event_rows,
+            job_rows: history.job_rows,
+            write_failures: history.write_failures,
+            exported: history.exported,
+            dropped: history.dropped,
+            waiting: history.waiting,
+            export_failures: history.export_failures,
+        }),
     }
 }
 
@@ -673,6 +683,16 @@ fn figures_from_proto(figures: pb::NodeFigures) -> control::NodeFigures {
                 queued: endpoint.queued,
             })
             .collect(),
+        history: figures.history.map(|history| control::HistoryFigures {
+            backend: history.backend,
+            event_rows: history.event_rows,
+            job_rows: history.job_rows,
+            write_failures: history.write_failures,
+            exported: history.exported,
+            dropped: history.dropped,
+            waiting: history.waiting,
+            export_failures: history.export_failures,
+        }),
     }
 }
 

@@ -638,6 +638,102 @@ async fn text_search_ids(
     Ok(found)
 }
 
+/// First key of the search-export lock (`pg_try_advisory_lock(EXPORT_NAMESPACE,
+/// hashtext(target))`): one exporter per target in the cluster. Next to the partition leases'
+/// and the coordinator's namespaces (`membership`: `0x4651_4F42` and `+ 1`).
+pub const EXPORT_NAMESPACE: i32 = 0x4651_4F44;
+
+/// Takes the export lock of `target` on `connection` (a session lock, held until the connection
+/// closes); whether it was granted.
+///
+/// # Errors
+/// Storage failed.
+pub async fn try_lock_export(
+    connection: &mut sqlx::PgConnection,
+    target: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+        .bind(EXPORT_NAMESPACE)
+        .bind(target)
+        .fetch_one(connection)
+        .await
+}
+
+/// The export cursor of `target`: every row up to it has been exported; `None` before the first.
+///
+/// # Errors
+/// Storage failed.
+pub async fn export_cursor(pool: &sqlx::PgPool, target: &str) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT cursor FROM fraiseql_observers.history_export WHERE target = $1")
+        .bind(target)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Records that every row up to `cursor` has been exported to `target`.
+///
+/// # Errors
+/// Storage failed.
+pub async fn save_export_cursor(
+    pool: &sqlx::PgPool,
+    target: &str,
+    cursor: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO fraiseql_observers.history_export (target, cursor) VALUES ($1, $2)
+         ON CONFLICT (target) DO UPDATE SET cursor = excluded.cursor, updated_at = now()",
+    )
+    .bind(target)
+    .bind(cursor)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The last history id handed out (rows above an export cursor, holes included, are at most
+/// this minus the cursor).
+///
+/// # Errors
+/// Storage failed.
+pub async fn last_history_id(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END
+           FROM fraiseql_observers.history_id_seq",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// The rows to export next, oldest first: up to `limit` rows after `after`, and the rows of
+/// `missing` (ids at or below `after` not seen before: their transactions had not committed) that
+/// exist now.
+///
+/// # Errors
+/// Storage failed.
+pub async fn export_rows(
+    pool: &sqlx::PgPool,
+    after: i64,
+    missing: &[i64],
+    limit: i64,
+) -> Result<Vec<HistoryEntry>, sqlx::Error> {
+    let rows: Vec<sqlx::postgres::PgRow> = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "(SELECT {ENTRY_COLUMNS} FROM fraiseql_observers.history
+           WHERE history_id = ANY($3) AND history_id <= $1)
+         UNION ALL
+         (SELECT {ENTRY_COLUMNS} FROM fraiseql_observers.history
+           WHERE history_id > $1
+           ORDER BY history_id
+           LIMIT $2)
+         ORDER BY history_id"
+    )))
+    .bind(after)
+    .bind(limit.max(1))
+    .bind(missing)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(entry_from_row).collect()
+}
+
 fn entry_from_row(row: &sqlx::postgres::PgRow) -> Result<HistoryEntry, sqlx::Error> {
     use sqlx::Row as _;
     Ok(HistoryEntry {

@@ -29,6 +29,7 @@ pub mod escape;
 pub mod executor;
 pub mod grpc;
 pub mod history;
+pub mod history_export;
 pub mod http;
 pub mod jobs;
 pub mod lease;

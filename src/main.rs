@@ -572,6 +572,17 @@ struct DebugEventArgs {
     /// Every event of the entity in the history, latest first.
     #[arg(long)]
     all: bool,
+    /// A hypothetical change instead of the history: a JSON change-log row (`object_type`,
+    /// `object_id`, `modification_type`, `object_data`, …) from FILE, or `-` for stdin. Shows which
+    /// observers of --config would match and what each action would send, rendered; sends
+    /// nothing and needs no database.
+    #[arg(
+        long,
+        value_name = "FILE|-",
+        requires = "config",
+        conflicts_with_all = ["entity_type", "entity_id", "event_id", "all"]
+    )]
+    explain: Option<PathBuf>,
     /// The observers file the nodes run: shows each observer's condition and its result on
     /// the event, and counts the observers watching other entities.
     #[arg(long, env = "FRAISEQL_OBSERVERS_CONFIG")]
@@ -1421,6 +1432,36 @@ async fn replay_command(
     commands::replay(&pool, &matcher, start, style, arguments.json, &cancel).await
 }
 
+/// Largest change `--explain` reads.
+const MAX_EXPLAIN_BYTES: u64 = 8 * 1024 * 1024;
+
+/// The JSON change of `debug-event --explain` from `path` (`-`: stdin), bounded.
+fn read_change(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context as _;
+    use std::io::Read as _;
+    let mut text = Vec::new();
+    let what = if path.as_os_str() == "-" {
+        std::io::stdin()
+            .take(MAX_EXPLAIN_BYTES + 1)
+            .read_to_end(&mut text)
+            .context("--explain: read the change from stdin")?;
+        "stdin".to_owned()
+    } else {
+        std::fs::File::open(path)
+            .and_then(|file| file.take(MAX_EXPLAIN_BYTES + 1).read_to_end(&mut text))
+            .with_context(|| format!("--explain: read {}", path.display()))?;
+        path.display().to_string()
+    };
+    if text.len() as u64 > MAX_EXPLAIN_BYTES {
+        return Err(SettingError(format!(
+            "--explain: the change in {what} is larger than {MAX_EXPLAIN_BYTES} bytes"
+        ))
+        .into());
+    }
+    serde_json::from_slice(&text)
+        .map_err(|error| SettingError(format!("--explain: {what} is not JSON: {error}")).into())
+}
+
 async fn debug_event_command(arguments: DebugEventArgs) -> anyhow::Result<String> {
     let DebugEventArgs {
         database,
@@ -1428,9 +1469,22 @@ async fn debug_event_command(arguments: DebugEventArgs) -> anyhow::Result<String
         entity_id,
         event_id,
         all,
+        explain,
         config,
         json,
     } = arguments;
+    if let Some(change) = explain {
+        let path = config.ok_or_else(|| SettingError("--explain needs --config".to_owned()))?;
+        let config = observers::load_file(&path, &LoadOptions::from_process_env(MissingEnv::Warn))?;
+        let change = read_change(&change)?;
+        let explanation = commands::explain_change(&config, &change)
+            .map_err(|error| SettingError(format!("--explain: {error}")))?;
+        return Ok(if json {
+            format!("{:#}\n", serde_json::to_value(&explanation)?)
+        } else {
+            commands::explanation_text(&explanation)
+        });
+    }
     let target = match (entity_type, entity_id, event_id) {
         (Some(entity_type), Some(entity_id), None) => commands::DebugTarget::Entity {
             entity_type,

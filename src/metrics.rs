@@ -276,6 +276,8 @@ pub struct Metrics {
     pub history_rows: Family<RecordKindLabel, Counter>,
     /// Job-outcome history rows this node failed to write (logged, not retried).
     pub history_write_failures: Counter,
+    /// The copy of the history to a search backend (`history: {backend: search}`).
+    pub history_export: HistoryExportMetrics,
     /// Job claims the coordinator put back to pending after their worker stopped.
     pub jobs_rescued: Counter,
     /// The adaptive concurrency limits per HTTP endpoint.
@@ -310,6 +312,73 @@ pub struct Rates {
     pub actions_per_second: f64,
     /// The span the rates were measured over.
     pub window_seconds: f64,
+}
+
+/// What the history export to a search backend did: `_bulk` latency, documents indexed and
+/// dropped, rows waiting, failed requests.
+#[derive(Clone, Debug)]
+pub struct HistoryExportMetrics {
+    /// Seconds per `_bulk` request (answered or not).
+    pub bulk_seconds: Histogram,
+    /// Documents by result: `indexed`, or `dropped` (the backend refused the document itself).
+    pub documents: Family<ResultLabel, Counter>,
+    /// History rows above the export cursor (waiting in PostgreSQL for the backend).
+    pub waiting: Gauge,
+    /// `_bulk` requests that failed as a whole (backend down, slow, or answering an error).
+    pub failures: Counter,
+}
+
+/// A document's result in the history export: `indexed` or `dropped`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+impl Default for HistoryExportMetrics {
+    fn default() -> Self {
+        HistoryExportMetrics {
+            bulk_seconds: duration_histogram(),
+            documents: Family::default(),
+            waiting: Gauge::default(),
+            failures: Counter::default(),
+        }
+    }
+}
+
+impl HistoryExportMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "history_export_bulk_seconds",
+            "Seconds per _bulk request of the history export to the search backend",
+            self.bulk_seconds.clone(),
+        );
+        registry.register(
+            "history_export_documents",
+            "History documents sent to the search backend, by result (indexed; dropped: refused by the backend, logged with the history id)",
+            self.documents.clone(),
+        );
+        registry.register(
+            "history_export_waiting",
+            "History rows not yet exported to the search backend (they wait in PostgreSQL while it is slow or down)",
+            self.waiting.clone(),
+        );
+        registry.register(
+            "history_export_failures",
+            "_bulk requests of the history export that failed as a whole (retried with backoff)",
+            self.failures.clone(),
+        );
+    }
+
+    /// Counts `count` documents of `result`.
+    pub fn record_documents(&self, result: &str, count: usize) {
+        if count > 0 {
+            self.documents
+                .get_or_create(&ResultLabel {
+                    result: result.to_owned(),
+                })
+                .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
+        }
+    }
 }
 
 fn duration_histogram() -> Histogram {
@@ -359,6 +428,7 @@ impl Metrics {
             pruned_rows: Family::default(),
             history_rows: Family::default(),
             history_write_failures: Counter::default(),
+            history_export: HistoryExportMetrics::default(),
             jobs_rescued: Counter::default(),
             endpoints: EndpointMetrics::default(),
             breakers: BreakerMetrics::default(),
@@ -476,6 +546,7 @@ impl Metrics {
             "Job-outcome history rows this node could not write (logged at WARN, not retried)",
             self.history_write_failures.clone(),
         );
+        self.history_export.register(registry);
         registry.register(
             "jobs_rescued",
             "Running jobs whose claim expired (worker stopped) put back to pending by the coordinator",

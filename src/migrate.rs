@@ -96,6 +96,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0015_history_errors_recent",
         sql: include_str!("../migrations/0015_history_errors_recent.sql"),
     },
+    Migration {
+        version: 16,
+        name: "0016_history_export",
+        sql: include_str!("../migrations/0016_history_export.sql"),
+    },
 ];
 
 impl Migration {

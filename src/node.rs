@@ -102,6 +102,33 @@ impl Default for SharedState {
     }
 }
 
+/// The search-backend export of the history (`history: {backend: search}`) when history is
+/// recorded, and where the history goes, for `status` (`None`: history off).
+fn history_export(
+    pool: &PgPool,
+    config: &ObserversConfig,
+    record_history: bool,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(
+    Option<crate::history_export::HistoryExporter>,
+    Option<&'static str>,
+)> {
+    if !record_history {
+        return Ok((None, None));
+    }
+    Ok(match &config.history_search {
+        Some(search) => (
+            Some(crate::history_export::HistoryExporter::new(
+                pool.clone(),
+                search.clone(),
+                Some(metrics.clone()),
+            )?),
+            Some("postgres+search"),
+        ),
+        None => (None, Some("postgres")),
+    })
+}
+
 /// The deduplication gate of the node `node_id`: claims leased to end before the cluster
 /// declares a killed node dead, and taken over at once when their holder is no longer live.
 fn deduplication(
@@ -159,6 +186,8 @@ pub struct Node {
     gauge_refresh_interval: Duration,
     /// The coordinator's duties, run while this node holds the role.
     coordinator: CoordinatorSettings,
+    /// The copy of the history to a search backend (`history: {backend: search}`).
+    history_export: Option<crate::history_export::HistoryExporter>,
 }
 
 impl Node {
@@ -193,6 +222,8 @@ impl Node {
             ..settings
         };
         let metrics = Arc::new(Metrics::new());
+        let (history_export, history_backend) =
+            history_export(&pool, &config, settings.record_history, &metrics)?;
         let dedup = deduplication(&shared, &metrics, &cluster, &pool, &settings.node_id);
         let store: Arc<dyn CheckpointStore> =
             Arc::new(PostgresCheckpointStore::with_group_commit(pool.clone()));
@@ -266,7 +297,8 @@ impl Node {
             jobs.clone(),
             stuck_after,
         )
-        .with_observer_count(observer_count);
+        .with_observer_count(observer_count)
+        .with_history_backend(history_backend);
         Ok(Node {
             pool,
             metrics,
@@ -277,6 +309,7 @@ impl Node {
             workers,
             gauge_refresh_interval: crate::control::DEFAULT_GAUGE_REFRESH_INTERVAL,
             coordinator,
+            history_export,
         })
     }
 
@@ -380,6 +413,9 @@ impl Node {
                     tracing::error!(%error, "the HTTP endpoints stopped");
                 }
             });
+        }
+        if let Some(exporter) = self.history_export {
+            tasks.spawn(exporter.run(stop_workers.clone()));
         }
         tasks.spawn(notification_fanout(
             self.pool,

@@ -345,8 +345,38 @@ pub fn node_status_text(status: &crate::control::NodeStatus) -> String {
         format!("{rate:.0}% ({hits} hits, {misses} misses)")
     };
     let _ = writeln!(out, "│   └── Cache hit rate: {hit_rate}");
+    write_history(&mut out, figures.history.as_ref());
     write_endpoints(&mut out, &figures.endpoints);
     out
+}
+
+/// The history branch of `status`: the rows this node wrote, and its export to a search backend.
+fn write_history(out: &mut String, history: Option<&crate::control::HistoryFigures>) {
+    let Some(history) = history else {
+        let _ = writeln!(out, "├── History: off");
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "├── History ({}, this node)",
+        escape_control(&history.backend)
+    );
+    let searched = history.backend.contains("search");
+    let _ = writeln!(
+        out,
+        "│   {} Rows written: {} events, {} job outcomes, {} job-outcome write failures",
+        if searched { "├──" } else { "└──" },
+        history.event_rows,
+        history.job_rows,
+        history.write_failures
+    );
+    if searched {
+        let _ = writeln!(
+            out,
+            "│   └── Search export: {} indexed, {} dropped, {} waiting, {} failed requests",
+            history.exported, history.dropped, history.waiting, history.export_failures
+        );
+    }
 }
 
 /// The listener branch of `status`: partitions led, rate, backlog, each checkpoint.
@@ -731,7 +761,7 @@ mod tests {
             },
         };
         let text = node_status_text(&status);
-        assert_eq!(text.lines().count(), 21, "{text}");
+        assert_eq!(text.lines().count(), 22, "{text}");
         assert!(!text.contains(['\u{1b}', '\u{202e}']), "{text}");
         assert!(!text.contains("\n└── forged"), "{text}");
         for expected in [

@@ -111,6 +111,20 @@ impl Templates {
         variables
     }
 
+    /// The names of the templates under `prefix` (`observers[0].actions[1].`), sorted.
+    #[must_use]
+    pub fn names_under(&self, prefix: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .environment
+            .templates()
+            .map(|(name, _)| name)
+            .filter(|name| name.starts_with(prefix))
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Renders the template `name` with `context`.
     ///
     /// # Errors

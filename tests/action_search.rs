@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::postgres::TestDatabase;
+use common::search::SearchPeer;
 use common::{config_errors_from_yaml, config_from_yaml, executor_from_yaml};
 use fraiseql_observers::actions::ActionRunner;
 use fraiseql_observers::dlq::{DeadLetterFilter, DeadLetterQueue, PostgresDeadLetterQueue};
@@ -23,79 +22,16 @@ use fraiseql_observers::worker::{JobWorker, WorkOutcome};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-/// An in-memory OpenSearch-compatible server on a free port; it exits when dropped.
-struct SearchPeer {
-    url: String,
-    process: Child,
-    http: reqwest::Client,
-}
-
-impl SearchPeer {
-    fn start() -> SearchPeer {
-        let binary = common::tools::py_tools()
-            .root()
-            .join("osmem_server/bin/osmem-server");
-        let mut process = Command::new(binary)
-            .args(["--addr", "127.0.0.1:0", "--no-ja"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("osmem-server runs");
-        let mut line = String::new();
-        BufReader::new(process.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let ready: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|error| panic!("osmem-server did not start ({error}): {line:?}"));
-        SearchPeer {
-            url: ready["url"].as_str().unwrap().to_owned(),
-            process,
-            http: reqwest::Client::new(),
-        }
-    }
-
-    async fn request(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut request = self.http.request(method, format!("{}{path}", self.url));
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap())
-    }
-
-    /// Creates index `orders-acme` with `total` mapped as an integer.
-    async fn map_total_as_integer(&self) {
-        let (status, _) = self
-            .request(
-                reqwest::Method::PUT,
-                "/orders-acme",
-                Some(json!({"mappings": {"properties": {"total": {"type": "integer"}}}})),
-            )
-            .await;
-        assert_eq!(status, 200);
-    }
-
-    /// The stored document, or `None`.
-    async fn document(&self, index: &str, id: &str) -> Option<Value> {
-        let (status, body) = self
-            .request(reqwest::Method::GET, &format!("/{index}/_doc/{id}"), None)
-            .await;
-        (status == 200).then(|| body["_source"].clone())
-    }
-}
-
-impl Drop for SearchPeer {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
+/// Creates index `orders-acme` with `total` mapped as an integer.
+async fn map_total_as_integer(search: &SearchPeer) {
+    let (status, _) = search
+        .request(
+            reqwest::Method::PUT,
+            "/orders-acme",
+            Some(json!({"mappings": {"properties": {"total": {"type": "integer"}}}})),
+        )
+        .await;
+    assert_eq!(status, 200);
 }
 
 fn order(kind: EventKind, id: &str, data: Value) -> EntityEvent {
@@ -186,7 +122,7 @@ async fn indexes_updates_and_deletes_the_entity_document() {
 #[tokio::test]
 async fn a_mapping_conflict_is_permanent_with_the_engines_reason() {
     let search = SearchPeer::start();
-    search.map_total_as_integer().await;
+    map_total_as_integer(&search).await;
     let (executor, dead_letters) =
         executor_from_yaml(&observer_yaml(), &[("SEARCH_URL", &search.url)]);
 
@@ -399,7 +335,7 @@ fn template_errors_and_missing_settings_are_refused_at_load() {
 #[tokio::test]
 async fn with_bulk_concurrent_events_share_requests_and_each_gets_its_items_outcome() {
     let search = SearchPeer::start();
-    search.map_total_as_integer().await;
+    map_total_as_integer(&search).await;
     let yaml = OBSERVER_YAML.replace(
         "index: 'orders-{{ tenant_id }}'",
         "index: 'orders-{{ tenant_id }}'\n        bulk: {max_documents: 50, max_wait: 100ms}",

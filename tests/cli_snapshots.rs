@@ -210,3 +210,133 @@ async fn the_operator_commands_print_what_the_snapshots_hold() {
     assert_eq!(status, Some(3));
     snapshot("error_database_refused", &stderr);
 }
+
+/// Runs the binary with `arguments`, `stdin` as its input and no database.
+fn cli_with_stdin(
+    arguments: &[&str],
+    env: &[(&str, &str)],
+    stdin: &str,
+) -> (Option<i32>, String, String) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fraiseql-observers"))
+        .args(arguments)
+        .envs(env.iter().copied())
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "off")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.code(),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn debug_event_explain_shows_each_matching_action_rendered_and_sends_nothing() {
+    let receiver = Receiver::start().await;
+    let directory = tempfile::tempdir().unwrap();
+    let config = directory.path().join("observers.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"observers:
+  - name: order-paid
+    entity: Order
+    events: [update]
+    condition: "data.status == 'paid'"
+    actions:
+      - type: webhook
+        url_env: PAID_HOOK_URL
+      - type: webhook
+        url: '{crm}?token=s3cret-token'
+        body_template: '{{"order": {{{{ data.id }}}}, "total": {{{{ data.total }}}}}}'
+      - type: email
+        mode: async
+        host: smtp.example.com
+        from: observers@example.com
+        to: ops@example.com
+        username: mailer
+        password_env: SMTP_PASSWORD
+        subject: 'Order {{{{ data.id }}}} paid'
+        text: 'Total {{{{ data.total }}}} {{{{ data.currency }}}}'
+  - name: order-cancelled
+    entity: Order
+    events: [update]
+    condition: "data.status == 'cancelled'"
+    actions: [{{type: log}}]
+  - name: new-users
+    entity: User
+    events: [insert]
+    actions: [{{type: log}}]
+"#,
+            crm = receiver.url("/crm")
+        ),
+    )
+    .unwrap();
+    let change = r#"{"object_type": "Order", "object_id": "42", "modification_type": "UPDATE",
+        "created_at": "2026-12-06T10:00:00Z",
+        "object_data_before": {"id": 42, "status": "new", "total": 99.5},
+        "object_data": {"id": 42, "status": "paid", "total": 99.5}}"#;
+    let secrets = [
+        (
+            "PAID_HOOK_URL",
+            "https://hooks.example.com/paid?key=hook-secret",
+        ),
+        ("SMTP_PASSWORD", "smtp-secret"),
+    ];
+    let config = config.to_str().unwrap();
+    let (status, stdout, stderr) = cli_with_stdin(
+        &["debug-event", "--config", config, "--explain", "-"],
+        &secrets,
+        change,
+    );
+    assert_eq!(status, Some(0), "{stderr}");
+    snapshot("debug_event_explain", &stdout);
+    for secret in ["s3cret-token", "hook-secret", "smtp-secret"] {
+        assert!(!stdout.contains(secret), "{secret} shown:\n{stdout}");
+    }
+    let (status, json, stderr) = cli_with_stdin(
+        &[
+            "debug-event",
+            "--config",
+            config,
+            "--explain",
+            "-",
+            "--json",
+        ],
+        &secrets,
+        change,
+    );
+    assert_eq!(status, Some(0), "{stderr}");
+    let explanation: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let paid = &explanation["observers"][0];
+    assert_eq!(paid["matches"], true);
+    assert_eq!(
+        paid["actions"][1]["rendered"][0]["text"],
+        r#"{"order": 42, "total": 99.5}"#
+    );
+    assert_eq!(explanation["observers"][1]["matches"], false);
+    assert_eq!(explanation["other_observers"], 1);
+    // Nothing was sent: the receiver behind the second webhook saw no request.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(receiver.requests_to("/crm").is_empty());
+
+    let (status, _, stderr) = cli_with_stdin(
+        &["debug-event", "--config", config, "--explain", "-"],
+        &secrets,
+        r#"{"object_type": "Order", "modification_type": "UPDATE", "object_data": {}}"#,
+    );
+    assert_eq!(status, Some(2), "{stderr}");
+    assert!(stderr.contains("object_id"), "{stderr}");
+}

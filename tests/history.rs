@@ -436,7 +436,7 @@ async fn history_off_in_the_file_or_the_settings_records_nothing() {
     assert!(
         errors
             .iter()
-            .any(|error| error.contains("history") && error.contains("on or off")),
+            .any(|error| error.contains("history") && error.contains("on, off, or a mapping")),
         "{errors:?}"
     );
 

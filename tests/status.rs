@@ -240,6 +240,12 @@ async fn status_shows_the_figures_of_what_happened_as_a_tree_and_json() {
         "{json}"
     );
 
+    assert_eq!(json["figures"]["history"]["backend"], "postgres", "{json}");
+    assert!(
+        json["figures"]["history"]["event_rows"].as_u64().unwrap() >= 20,
+        "the events' history rows counted: {json}"
+    );
+
     snapshot("status", &text);
 
     let cluster = cli(args(&["cluster", "--endpoint", &endpoint, "status"])).await;

@@ -420,6 +420,25 @@ impl Http {
 /// How metrics name a target's endpoint when not by its `scheme://host:port`: `env:<VARIABLE>`
 /// for a URL from the environment (its host may be secret), `template:<template>` for a URL
 /// whose host comes from event data (metric labels stay a fixed set, whatever the data says).
+/// Where an action would send, for `debug-event --explain`: the URL of a webhook, Slack or
+/// search action (an `*_env` one by its variable's name, a rendered one by its template), or
+/// what [`ActionKind::needs`] names.
+#[must_use]
+pub fn target_of(kind: &ActionKind) -> Option<String> {
+    use crate::config::WebhookTarget;
+    let target = match kind {
+        ActionKind::Webhook(action) => &action.target,
+        ActionKind::Slack(action) => &action.target,
+        ActionKind::Search(action) => &action.target,
+        _ => return kind.needs(),
+    };
+    Some(match target {
+        WebhookTarget::Literal(url) => url.to_string(),
+        WebhookTarget::FromEnv { variable, .. } => format!("the URL in {variable}"),
+        WebhookTarget::Template(template) => format!("rendered by {}", template.name),
+    })
+}
+
 fn target_label(target: &crate::config::WebhookTarget) -> Option<String> {
     match target {
         crate::config::WebhookTarget::Literal(_) => None,

@@ -18,7 +18,7 @@ pub(super) fn decode(
 ) -> Result<ObserversConfig, ConfigErrors> {
     let mut decoder = Decoder::new(origin, options);
     let (observers, executor, jobs) = observers_file(&mut decoder, root);
-    let history = history_switch(&mut decoder, root);
+    let (history, history_search) = history_setting(&mut decoder, root);
     let (templates, warnings) = decoder.finish()?;
     Ok(ObserversConfig {
         origin: origin.to_owned(),
@@ -26,29 +26,40 @@ pub(super) fn decode(
         executor,
         jobs,
         history,
+        history_search,
         templates,
         warnings,
     })
 }
 
-/// The top-level `history` key: `on` (the default) or `off` (YAML's `true`/`false` too).
-fn history_switch(decoder: &mut Decoder<'_>, root: &Node) -> bool {
+/// The top-level `history` key: `on` (the default) or `off` (YAML's `true`/`false` too), or a
+/// mapping naming the backend (`{backend: search, url_env: …}` also copies it to a search
+/// backend).
+fn history_setting(
+    decoder: &mut Decoder<'_>,
+    root: &Node,
+) -> (bool, Option<super::history::SearchHistory>) {
     let NodeValue::Map(entries) = &root.value else {
-        return true;
+        return (true, None);
     };
     let Some((_, node)) = entries
         .iter()
         .find(|(key, _)| key.value == NodeValue::String("history".to_owned()))
     else {
-        return true;
+        return (true, None);
     };
     match &node.value {
-        NodeValue::Bool(on) => *on,
-        NodeValue::String(text) if text == "on" => true,
-        NodeValue::String(text) if text == "off" => false,
+        NodeValue::Bool(on) => (*on, None),
+        NodeValue::String(text) if text == "on" => (true, None),
+        NodeValue::String(text) if text == "off" => (false, None),
+        NodeValue::Map(_) => (true, super::history::decode(decoder, node)),
         _ => {
-            decoder.expected(node, "history", "on or off");
-            true
+            decoder.expected(
+                node,
+                "history",
+                "on, off, or a mapping such as {backend: search, url_env: …}",
+            );
+            (true, None)
         }
     }
 }

@@ -8,6 +8,7 @@
 //! file, line:column and path.
 
 mod decode;
+pub mod history;
 
 use std::fmt;
 use std::path::Path;
@@ -74,6 +75,8 @@ pub struct ObserversConfig {
     pub jobs: JobSettings,
     /// Whether processed events are recorded in the history (`history: on|off`, on by default).
     pub history: bool,
+    /// `history: {backend: search, …}`: the history is also copied to Elasticsearch/OpenSearch.
+    pub history_search: Option<history::SearchHistory>,
     /// Every body/message template of every action, compiled.
     pub templates: Templates,
     /// Problems that do not stop the file from loading (e.g. a secret not set while validating).

@@ -385,4 +385,5 @@ pub async fn deliver_jobs(
 pub mod nodes;
 pub mod postgres;
 pub mod redis;
+pub mod search;
 pub mod tools;

@@ -1,6 +1,10 @@
 //! The durable job queue with trivial jobs (a `log` action at trace level, nothing listening):
-//! enqueue + claim + complete throughput with 1 and 4 workers, and pickup latency (enqueue
-//! commit → claim) with workers waiting on LISTEN. Every job is a change-log event of its own
+//! claim + complete throughput with 1 and 4 workers, claiming one job at a time and claiming 16 at
+//! once (`DEFAULT_CLAIM_BATCH`), and pickup latency (enqueue commit → claim) with workers waiting
+//! on LISTEN. As in `benches/graphile/bench.mjs`: the jobs are enqueued before the timer starts and
+//! the jobs table analyzed; the timer runs from starting the workers until the workers report
+//! every job done (an in-process count, polled every millisecond), confirmed in the database; the
+//! connection is plain TCP (`sslmode=disable`, as node-postgres connects by default). Every job is a change-log event of its own
 //! entity, as the listener enqueues them: it carries an ordering key, so each claim checks that
 //! no earlier job of the entity is unfinished (none is: nothing is held back). The same
 //! measurements for graphile-worker are in `benches/graphile/` (run both: `benches/run-jobs.sh`).
@@ -20,7 +24,7 @@ use fraiseql_observers::domain::{EntityEvent, EventKind};
 use fraiseql_observers::jobs::{NewJob, PostgresJobQueue, enqueue_batch};
 use fraiseql_observers::matcher::Matcher;
 use fraiseql_observers::observers::load_str;
-use fraiseql_observers::worker::JobWorker;
+use fraiseql_observers::worker::{DEFAULT_CLAIM_BATCH, JobWorker};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -58,7 +62,7 @@ fn job(index: usize) -> NewJob {
     }
 }
 
-fn worker(database: &TestDatabase, node: &str) -> JobWorker {
+fn worker(pool: &sqlx::PgPool, node: &str, claim_batch: u32) -> JobWorker {
     let yaml = "observers:\n  - name: trivial\n    entity: Job\n    events: [insert]\n    actions: [{type: log, level: trace}]\n";
     let no_env = |_: &str| None;
     let config = load_str(
@@ -72,46 +76,79 @@ fn worker(database: &TestDatabase, node: &str) -> JobWorker {
     )
     .unwrap();
     JobWorker::new(
-        PostgresJobQueue::new(database.pool.clone(), node, Duration::from_secs(30)),
+        PostgresJobQueue::new(pool.clone(), node, Duration::from_secs(30)),
         "default",
         ActionRunner::new(Arc::new(config.templates)).unwrap(),
         Arc::new(Matcher::new(config.observers)),
         Duration::from_secs(1),
     )
-    .with_claim_batch(
-        std::env::var("CLAIM_BATCH")
-            .ok()
-            .and_then(|batch| batch.parse().ok())
-            .unwrap_or(fraiseql_observers::worker::DEFAULT_CLAIM_BATCH),
-    )
+    .with_claim_batch(claim_batch)
+}
+
+/// A pool on plain TCP: the server offers TLS here, which sqlx would take and node-postgres
+/// (graphile-worker's client) would not.
+async fn plain_pool(database: &TestDatabase) -> sqlx::PgPool {
+    let separator = if database.url.contains('?') { '&' } else { '?' };
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(10)
+        .connect(&format!("{}{separator}sslmode=disable", database.url))
+        .await
+        .unwrap()
+}
+
+/// Jobs the workers reported done, from their metrics.
+fn jobs_done(metrics: &fraiseql_observers::metrics::Metrics) -> u64 {
+    metrics
+        .jobs_run
+        .get_or_create(&fraiseql_observers::metrics::ActionLabels {
+            action_type: "log".into(),
+            outcome: "succeeded".into(),
+        })
+        .get()
 }
 
 /// Whether any job is still pending or running: cheap on the partial indexes however many jobs
 /// have completed (a count of completed rows would grow with the run and load the server).
-async fn unfinished(database: &TestDatabase) -> bool {
+async fn unfinished(pool: &sqlx::PgPool) -> bool {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM fraiseql_observers.jobs WHERE status = 'pending')
              OR EXISTS (SELECT 1 FROM fraiseql_observers.jobs WHERE status = 'running')",
     )
-    .fetch_one(&database.pool)
+    .fetch_one(pool)
     .await
     .unwrap()
 }
 
-async fn throughput(workers: usize) -> f64 {
+async fn throughput(workers: usize, claim_batch: u32) -> f64 {
     let database = TestDatabase::migrated().await;
+    let pool = plain_pool(&database).await;
     let jobs = job_count();
     let batch: Vec<NewJob> = (0..jobs).map(job).collect();
     for chunk in batch.chunks(5_000) {
-        enqueue_batch(&database.pool, chunk).await.unwrap();
+        enqueue_batch(&pool, chunk).await.unwrap();
     }
+    sqlx::query("VACUUM ANALYZE fraiseql_observers.jobs")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let metrics = Arc::new(fraiseql_observers::metrics::Metrics::new());
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let running: Vec<_> = (0..workers)
-        .map(|index| tokio::spawn(worker(&database, &format!("w{index}")).run(shutdown.clone())))
+        .map(|index| {
+            tokio::spawn(
+                worker(&pool, &format!("w{index}"), claim_batch)
+                    .with_metrics(metrics.clone())
+                    .run(shutdown.clone()),
+            )
+        })
         .collect();
-    while unfinished(&database).await {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let target = u64::try_from(jobs).unwrap();
+    while jobs_done(&metrics) < target {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    while unfinished(&pool).await {
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let elapsed = started.elapsed();
     shutdown.cancel();
@@ -121,14 +158,14 @@ async fn throughput(workers: usize) -> f64 {
     let done: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM fraiseql_observers.jobs WHERE status = 'completed'",
     )
-    .fetch_one(&database.pool)
+    .fetch_one(&pool)
     .await
     .unwrap();
     assert_eq!(done, i64::try_from(jobs).unwrap(), "every job completed");
     #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
     let rate = jobs as f64 / elapsed.as_secs_f64();
     eprintln!(
-        "{workers} worker(s): {jobs} jobs in {:.2} s = {rate:.0} jobs/s",
+        "{workers} worker(s), claims of {claim_batch}: {jobs} jobs in {:.2} s = {rate:.0} jobs/s",
         elapsed.as_secs_f64()
     );
     rate
@@ -136,17 +173,22 @@ async fn throughput(workers: usize) -> f64 {
 
 async fn pickup_latency() -> (f64, f64, f64) {
     let database = TestDatabase::migrated().await;
+    let pool = plain_pool(&database).await;
     let shutdown = CancellationToken::new();
     let running: Vec<_> = (0..4)
-        .map(|index| tokio::spawn(worker(&database, &format!("w{index}")).run(shutdown.clone())))
+        .map(|index| {
+            tokio::spawn(
+                worker(&pool, &format!("w{index}"), DEFAULT_CLAIM_BATCH).run(shutdown.clone()),
+            )
+        })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let queue = PostgresJobQueue::new(database.pool.clone(), "enqueuer", Duration::from_secs(30));
+    let queue = PostgresJobQueue::new(pool.clone(), "enqueuer", Duration::from_secs(30));
     for index in 0..PICKUPS {
         queue.enqueue(&job(index)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    while unfinished(&database).await {
+    while unfinished(&pool).await {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     shutdown.cancel();
@@ -157,7 +199,7 @@ async fn pickup_latency() -> (f64, f64, f64) {
     let mut latencies: Vec<f64> = sqlx::query_scalar(
         "SELECT extract(epoch FROM started_at - created_at)::float8 * 1000 FROM fraiseql_observers.jobs",
     )
-    .fetch_all(&database.pool)
+    .fetch_all(&pool)
     .await
     .unwrap();
     latencies.sort_by(f64::total_cmp);
@@ -176,12 +218,17 @@ async fn pickup_latency() -> (f64, f64, f64) {
 
 #[tokio::main]
 async fn main() {
-    let one = throughput(1).await;
-    let four = throughput(4).await;
+    let single_one = throughput(1, 1).await;
+    let single_four = throughput(4, 1).await;
+    let one = throughput(1, DEFAULT_CLAIM_BATCH).await;
+    let four = throughput(4, DEFAULT_CLAIM_BATCH).await;
     let (p50, p99, max) = pickup_latency().await;
     println!(
         "{}",
-        json!({"queue": "fraiseql-observers", "jobs": job_count(), "throughput": {"1": one.round(), "4": four.round()},
+        json!({"queue": "fraiseql-observers", "jobs": job_count(),
+               "claim_batch": DEFAULT_CLAIM_BATCH,
+               "throughput": {"1": one.round(), "4": four.round()},
+               "throughput_single": {"1": single_one.round(), "4": single_four.round()},
                "pickup_ms": {"p50": (p50 * 10.0).round() / 10.0, "p99": (p99 * 10.0).round() / 10.0, "max": (max * 10.0).round() / 10.0}})
     );
 }

@@ -436,6 +436,7 @@ impl World {
         // Late redeliveries, if any, land now.
         self.run_for(Duration::from_secs(1)).await;
         self.wait_balanced(Duration::from_secs(30)).await;
+        self.stop_nodes().await;
         let deliveries = self.receiver.deliveries();
         let samples = match self.sampler.take() {
             Some(sampler) => sampler.finish().await,
@@ -513,6 +514,16 @@ impl World {
             self.logs()
         );
         row
+    }
+
+    /// Stops every running node (SIGTERM, as Kubernetes does): deliveries, and so duplicates,
+    /// are counted to the scenario's end, with nothing left to land after the count.
+    async fn stop_nodes(&mut self) {
+        for node in &mut self.nodes {
+            if node.is_running() {
+                node.terminate(Duration::from_secs(30)).await;
+            }
+        }
     }
 
     /// Every committed change the observer matches, from the change log.

@@ -5,9 +5,10 @@
 #
 # End to end (cargo bench --bench e2e: real node processes, load generator, webhook receiver), the
 # job queue beside graphile-worker (benches/run-jobs.sh; needs Node.js and npm), the concurrent
-# executor beside the sequential design it replaces (cargo bench --bench concurrency) and the
+# executor beside the sequential design it replaces (cargo bench --bench concurrency), what change
+# capture costs the writer (benches/capture.sh: untracked, per-row and statement triggers) and the
 # criterion micro-benchmarks (condition evaluation, matching, envelope serialization). Needs the
-# local PostgreSQL (TEST_DATABASE_URL overrides); the e2e knobs (E2E_*) pass through. About 12
+# local PostgreSQL (TEST_DATABASE_URL overrides); the e2e knobs (E2E_*) pass through. About 15
 # minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +47,10 @@ cargo bench --locked --no-run --quiet 2>/dev/null
     echo "## End to end (\`cargo bench --bench e2e\`)"
     echo
     cargo bench --locked --quiet --bench e2e 2>/dev/null | grep '^|'
+    echo
+    echo "## Change capture, PostgreSQL alone (\`benches/capture.sh\`)"
+    echo
+    benches/capture.sh 2>/dev/null
     echo
     echo "## Job queue beside graphile-worker (\`benches/run-jobs.sh\`)"
     echo

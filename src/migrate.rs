@@ -101,6 +101,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0016_history_export",
         sql: include_str!("../migrations/0016_history_export.sql"),
     },
+    Migration {
+        version: 17,
+        name: "0017_statement_capture",
+        sql: include_str!("../migrations/0017_statement_capture.sql"),
+    },
 ];
 
 impl Migration {

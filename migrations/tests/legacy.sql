@@ -26,6 +26,8 @@ SELECT pg_temp.expect(c.txid IS NOT NULL AND c.entity_hash = core.observer_entit
 -- The capture trigger writes into the uuid tenant_id column.
 CREATE TABLE public.orders (id int PRIMARY KEY, tenant_id uuid, status text);
 SELECT core.observer_track_table('public.orders'::regclass, 'Order');
+SELECT pg_temp.expect_eq(core.observer_capture_of('public.orders'::regclass),
+                         'row', 'a change log with a uuid tenant_id keeps the per-row trigger (it converts)');
 INSERT INTO public.orders VALUES (1, '22222222-2222-4222-8222-222222222222', 'new');
 SELECT pg_temp.expect_eq(c.tenant_id::text, '22222222-2222-4222-8222-222222222222', 'tenant_id cast to uuid')
   FROM pg_temp.last_change() AS c;

@@ -18,10 +18,14 @@ SELECT pg_temp.expect_eq(
     (SELECT string_agg(format('%s:%s:%s', table_name, entity_type, id_column), ',' ORDER BY entity_type)
        FROM core.observer_tracked_tables),
     'notes:Note:note_id,orders:Order:id', 'observer_tracked_tables lists both tables');
--- AFTER INSERT OR UPDATE OR DELETE FOR EACH ROW: tgtype = ROW(1) | INSERT(4) | DELETE(8) | UPDATE(16)
-SELECT pg_temp.expect_eq((SELECT tgtype::text FROM pg_trigger
-                           WHERE tgrelid = 'public.orders'::regclass AND tgname = 'observer_capture'),
-                         '29', 'capture trigger is AFTER INSERT OR UPDATE OR DELETE FOR EACH ROW');
+-- A plain table gets three AFTER … FOR EACH STATEMENT triggers with transition tables:
+-- tgtype = INSERT(4), UPDATE(16), DELETE(8), no ROW(1) bit.
+SELECT pg_temp.expect_eq((SELECT string_agg(tgname || ':' || tgtype, ',' ORDER BY tgname) FROM pg_trigger
+                           WHERE tgrelid = 'public.orders'::regclass AND NOT tgisinternal),
+                         'observer_capture_delete:8,observer_capture_insert:4,observer_capture_update:16',
+                         'a plain table is captured by AFTER INSERT/UPDATE/DELETE FOR EACH STATEMENT triggers');
+SELECT pg_temp.expect_eq((SELECT string_agg(core.observer_capture_of(table_name), ',') FROM core.observer_tracked_tables),
+                         'statement,statement', 'observer_capture_of says how each table is captured');
 
 -- INSERT, with actor and trace set for the transaction ---------------------------------------
 BEGIN;
@@ -116,12 +120,13 @@ SELECT pg_temp.expect_eq(
 
 -- Re-tracking ---------------------------------------------------------------------------------
 CREATE TEMP TABLE trigger_before AS
-    SELECT oid FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass AND tgname = 'observer_capture';
+    SELECT string_agg(oid::text, ',' ORDER BY tgname) AS oids FROM pg_trigger
+     WHERE tgrelid = 'public.orders'::regclass AND NOT tgisinternal;
 SELECT core.observer_track_table('public.orders'::regclass, 'Order');
-SELECT pg_temp.expect_eq((SELECT oid::text FROM pg_trigger
-                           WHERE tgrelid = 'public.orders'::regclass AND tgname = 'observer_capture'),
-                         (SELECT oid::text FROM trigger_before),
-                         're-tracking with the same arguments leaves the trigger alone');
+SELECT pg_temp.expect_eq((SELECT string_agg(oid::text, ',' ORDER BY tgname) FROM pg_trigger
+                           WHERE tgrelid = 'public.orders'::regclass AND NOT tgisinternal),
+                         (SELECT oids FROM trigger_before),
+                         're-tracking with the same arguments leaves the triggers alone');
 INSERT INTO public.orders (id, status) VALUES (30, 'once');
 SELECT pg_temp.expect_eq((SELECT count(*)::text FROM core.tb_entity_change_log WHERE object_id = '30'),
                          '1', 're-tracked table still writes exactly one row per change');
@@ -129,7 +134,7 @@ SELECT pg_temp.expect_eq((SELECT count(*)::text FROM core.tb_entity_change_log W
 SELECT core.observer_track_table('public.orders'::regclass, 'PurchaseOrder');
 SELECT pg_temp.expect_eq((SELECT count(*)::text FROM pg_trigger
                            WHERE tgrelid = 'public.orders'::regclass AND NOT tgisinternal),
-                         '1', 're-tracking with another entity type replaces the trigger');
+                         '3', 're-tracking with another entity type replaces the triggers');
 UPDATE public.orders SET status = 'renamed' WHERE id = 30;
 SELECT pg_temp.expect_eq((pg_temp.last_change()).object_type, 'PurchaseOrder',
                          'the replacement trigger uses the new entity type');
@@ -158,7 +163,18 @@ SELECT pg_temp.expect_error($$SELECT core.observer_track_table('public.orders'::
 CREATE TABLE public.loose (id int, label text);  -- id may be NULL
 SELECT core.observer_track_table('public.loose'::regclass, 'Loose');
 SELECT pg_temp.expect_error($$INSERT INTO public.loose VALUES (NULL, 'x')$$,
-                            'no value in id column "id"', 'a row without an id is refused, not lost');
+                            'INSERT on public.loose has no value in id column "id"',
+                            'a row without an id is refused, not lost');
+INSERT INTO public.loose VALUES (1, 'x'), (2, 'y');
+SELECT pg_temp.expect_error($$UPDATE public.loose SET id = NULL WHERE id = 2$$,
+                            'UPDATE on public.loose has no value in id column "id"',
+                            'an update leaving no id is refused');
+ALTER TABLE public.loose DISABLE TRIGGER observer_capture_insert;
+INSERT INTO public.loose VALUES (NULL, 'uncaptured');
+ALTER TABLE public.loose ENABLE TRIGGER observer_capture_insert;
+SELECT pg_temp.expect_error($$DELETE FROM public.loose WHERE id IS NULL$$,
+                            'DELETE on public.loose has no value in id column "id"',
+                            'a delete of a row without an id is refused');
 
 -- Partitioned table: track the parent, changes through any partition are captured once --------
 CREATE TABLE public.readings (id bigint, region text, value int, PRIMARY KEY (id, region))
@@ -174,3 +190,70 @@ SELECT pg_temp.expect_eq(
     '1:INSERT,2:INSERT,2:UPDATE', 'partitioned table captured once per change, new partitions included');
 SELECT pg_temp.expect_eq((SELECT count(*)::text FROM core.observer_tracked_tables WHERE entity_type = 'Reading'),
                          '1', 'tracked_tables lists the parent only');
+SELECT pg_temp.expect_eq(core.observer_capture_of('public.readings'::regclass),
+                         'row', 'a partitioned table keeps the per-row trigger (cloned to every partition)');
+
+-- Statement capture writes what the per-row trigger writes -------------------------------------
+-- Two identical tables, one with the per-row trigger, one tracked (statement triggers), the same
+-- statements on both: the change-log rows must be equal in every column but the ones that
+-- identify the log row itself (pk, id, created_at) and the source table's name.
+CREATE TABLE public.twin_row (id int PRIMARY KEY, status text, total numeric, tenant_id text,
+                              tags json, location point, note text);
+CREATE TABLE public.twin_statement (LIKE public.twin_row INCLUDING ALL);
+CREATE TRIGGER observer_capture AFTER INSERT OR UPDATE OR DELETE ON public.twin_row
+    FOR EACH ROW EXECUTE FUNCTION core.observer_capture('Twin', 'id');
+SELECT core.observer_track_table('public.twin_statement'::regclass, 'Twin');
+CREATE FUNCTION pg_temp.on_both(statement text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE replace(statement, 'TWIN', 'public.twin_row');
+    EXECUTE replace(statement, 'TWIN', 'public.twin_statement');
+END $$;
+BEGIN;
+SET LOCAL fraiseql.actor_type = 'service';
+SET LOCAL fraiseql.actor_id = 'billing';
+SET LOCAL fraiseql.trace_id = 'trace-twin';
+SELECT pg_temp.on_both($$INSERT INTO TWIN SELECT g, 'new', g * 1.5, 'tenant-' || (g % 3),
+                                               json_build_object('g', g), point(g, g), NULL
+                                          FROM generate_series(1, 50) AS g$$);
+COMMIT;
+SELECT pg_temp.on_both($$UPDATE TWIN SET status = 'paid', note = 'n' || id WHERE id % 2 = 0$$);
+SELECT pg_temp.on_both($$UPDATE TWIN SET status = status, tags = tags WHERE id < 10$$);  -- no-op
+SELECT pg_temp.on_both($$UPDATE TWIN SET id = id + 1000, total = total + 1 WHERE id > 40$$);
+SELECT pg_temp.on_both($$UPDATE TWIN SET tenant_id = NULL, location = point(0, 0) WHERE id BETWEEN 11 AND 20$$);
+SELECT pg_temp.on_both($$INSERT INTO TWIN VALUES (500, 'upsert') ON CONFLICT (id) DO NOTHING$$);
+SELECT pg_temp.on_both($$INSERT INTO TWIN VALUES (5, 'upserted'), (501, 'fresh')
+                         ON CONFLICT (id) DO UPDATE SET status = excluded.status$$);
+SELECT pg_temp.on_both($$DELETE FROM TWIN WHERE id % 5 = 0$$);
+SELECT pg_temp.on_both($$UPDATE TWIN SET note = NULL WHERE false$$);  -- no rows
+CREATE TEMP VIEW twin_changes AS
+SELECT extra_metadata ->> 'captured_from' AS source,
+       row(txid IS NOT NULL, entity_hash = core.observer_entity_hash(object_type, object_id),
+           tenant_id, object_type, object_id, modification_type, object_data, object_data_before,
+           updated_fields, actor_type, actor_id, trace_id,
+           extra_metadata - 'captured_from')::text AS content
+  FROM core.tb_entity_change_log WHERE object_type = 'Twin';
+SELECT pg_temp.expect_eq((SELECT count(*)::text FROM twin_changes WHERE source = 'public.twin_row'),
+                         (SELECT count(*)::text FROM twin_changes WHERE source = 'public.twin_statement'),
+                         'statement capture writes as many rows as the per-row trigger');
+SELECT pg_temp.expect((SELECT count(*) FROM twin_changes WHERE source = 'public.twin_row') = 50 + 25 + 10 + 10 + 1 + 2 + 11,
+                      'the twin statements changed the rows they were meant to');
+SELECT pg_temp.expect_eq(
+    (SELECT string_agg(content, E'\n' ORDER BY content) FROM twin_changes WHERE source = 'public.twin_statement'),
+    (SELECT string_agg(content, E'\n' ORDER BY content) FROM twin_changes WHERE source = 'public.twin_row'),
+    'statement capture writes the same rows as the per-row trigger, column for column');
+SELECT pg_temp.expect_eq(
+    (SELECT string_agg(object_id, ',' ORDER BY pk_entity_change_log) FROM core.tb_entity_change_log
+      WHERE extra_metadata ->> 'captured_from' = 'public.twin_statement' AND modification_type = 'INSERT'
+        AND object_data ->> 'status' = 'new' AND (object_data ->> 'id')::int <= 5),
+    '1,2,3,4,5', 'a multi-row insert is written in statement order');
+-- An UPDATE that moves ids pairs each row's images: before id + 1000 = after id, for every row.
+SELECT pg_temp.expect_eq(
+    (SELECT count(*)::text FROM core.tb_entity_change_log
+      WHERE extra_metadata ->> 'captured_from' = 'public.twin_statement' AND modification_type = 'UPDATE'
+        AND (object_data ->> 'id')::int > 1000
+        AND (object_data ->> 'id')::int = (object_data_before ->> 'id')::int + 1000
+        AND object_id = object_data ->> 'id'
+        AND updated_fields = '{id,total}'),
+    '10', 'an update changing the id column pairs each row''s before and after images');
+
+-- A change log whose columns are not the standard types keeps the per-row trigger: see legacy.sql.

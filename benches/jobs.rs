@@ -1,7 +1,8 @@
 //! The durable job queue with trivial jobs (a `log` action at trace level, nothing listening):
 //! claim + complete throughput with 1 and 4 workers, claiming one job at a time and claiming 16 at
-//! once (`DEFAULT_CLAIM_BATCH`), and pickup latency (enqueue commit → claim) with workers waiting
-//! on LISTEN. As in `benches/graphile/bench.mjs`: the jobs are enqueued before the timer starts and
+//! once (`DEFAULT_CLAIM_BATCH`), pickup latency (enqueue commit → claim) with workers waiting
+//! on LISTEN, and one worker draining an ordered backlog (12,000 jobs over 200 entities by
+//! default, `ORDERED_ENTITIES` / `ORDERED_PER_ENTITY`; `JOBS_ONLY=ordered` runs only that). As in `benches/graphile/bench.mjs`: the jobs are enqueued before the timer starts and
 //! the jobs table analyzed; the timer runs from starting the workers until the workers report
 //! every job done (an in-process count, polled every millisecond), confirmed in the database; the
 //! connection is plain TCP (`sslmode=disable`, as node-postgres connects by default). Every job is a change-log event of its own
@@ -107,23 +108,82 @@ fn jobs_done(metrics: &fraiseql_observers::metrics::Metrics) -> u64 {
         .get()
 }
 
-/// Whether any job is still pending or running: cheap on the partial indexes however many jobs
-/// have completed (a count of completed rows would grow with the run and load the server).
+/// Whether any job is still waiting, pending or running: cheap on the partial indexes however
+/// many jobs have completed (a count of completed rows would grow with the run and load the
+/// server).
 async fn unfinished(pool: &sqlx::PgPool) -> bool {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM fraiseql_observers.jobs WHERE status = 'pending')
-             OR EXISTS (SELECT 1 FROM fraiseql_observers.jobs WHERE status = 'running')",
+             OR EXISTS (SELECT 1 FROM fraiseql_observers.jobs WHERE status = 'running')
+             OR EXISTS (SELECT 1 FROM fraiseql_observers.jobs
+                         WHERE ordering_key IS NOT NULL AND status NOT IN ('completed', 'failed', 'cancelled'))",
     )
     .fetch_one(pool)
     .await
     .unwrap()
 }
 
+/// An ordered backlog: `ORDERED_ENTITIES` entities with `ORDERED_PER_ENTITY` changes each, written
+/// interleaved (change k of entity e at change-log position k × entities + e), as a burst of
+/// changes to a few hundred hot entities leaves it. Each entity's jobs must run one at a time, in
+/// order.
+fn ordered_backlog() -> Vec<NewJob> {
+    let entities = env_number("ORDERED_ENTITIES", 200);
+    let per_entity = env_number("ORDERED_PER_ENTITY", 60);
+    (0..entities * per_entity)
+        .map(|position| {
+            let mut ordered = job(position % entities);
+            ordered.event.position = Some(i64::try_from(position).unwrap() + 1);
+            ordered
+        })
+        .collect()
+}
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+/// When the heads of an ordered backlog become due after the workers started (as after a
+/// receiver outage: each entity's first job failed and was rescheduled, the later ones queued
+/// behind it and are due already).
+const HEADS_DUE_IN: Duration = Duration::from_secs(1);
+
+/// One node's worker (claims of `DEFAULT_CLAIM_BATCH`) draining the ordered backlog whose heads
+/// become due `HEADS_DUE_IN` after it started: jobs/s from that moment, every entity's jobs
+/// checked to have run one at a time in change order.
+async fn ordered_drain() -> f64 {
+    let backlog = ordered_backlog();
+    run_backlog(
+        &backlog,
+        1,
+        DEFAULT_CLAIM_BATCH,
+        Some(HEADS_DUE_IN),
+        "ordered backlog",
+    )
+    .await
+}
+
 async fn throughput(workers: usize, claim_batch: u32) -> f64 {
+    let batch: Vec<NewJob> = (0..job_count()).map(job).collect();
+    run_backlog(&batch, workers, claim_batch, None, "independent jobs").await
+}
+
+/// Enqueues `batch`, then times `workers` workers from the moment its jobs are due until every
+/// one is done. `heads_due_in`: each ordering key's first job is rescheduled that far ahead and
+/// the workers started at once; the timer starts when those jobs are due.
+async fn run_backlog(
+    batch: &[NewJob],
+    workers: usize,
+    claim_batch: u32,
+    heads_due_in: Option<Duration>,
+    what: &str,
+) -> f64 {
     let database = TestDatabase::migrated().await;
     let pool = plain_pool(&database).await;
-    let jobs = job_count();
-    let batch: Vec<NewJob> = (0..jobs).map(job).collect();
+    let jobs = batch.len();
     for chunk in batch.chunks(5_000) {
         enqueue_batch(&pool, chunk).await.unwrap();
     }
@@ -131,9 +191,19 @@ async fn throughput(workers: usize, claim_batch: u32) -> f64 {
         .execute(&pool)
         .await
         .unwrap();
+    if let Some(delay) = heads_due_in {
+        sqlx::query(
+            "UPDATE fraiseql_observers.jobs SET run_at = now() + make_interval(secs => $1)
+              WHERE (ordering_key, ordinal) IN (SELECT ordering_key, min(ordinal)
+                                                  FROM fraiseql_observers.jobs GROUP BY ordering_key)",
+        )
+        .bind(delay.as_secs_f64())
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
     let metrics = Arc::new(fraiseql_observers::metrics::Metrics::new());
     let shutdown = CancellationToken::new();
-    let started = Instant::now();
     let running: Vec<_> = (0..workers)
         .map(|index| {
             tokio::spawn(
@@ -143,6 +213,10 @@ async fn throughput(workers: usize, claim_batch: u32) -> f64 {
             )
         })
         .collect();
+    if let Some(delay) = heads_due_in {
+        tokio::time::sleep(delay).await;
+    }
+    let started = Instant::now();
     let target = u64::try_from(jobs).unwrap();
     while jobs_done(&metrics) < target {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -162,10 +236,25 @@ async fn throughput(workers: usize, claim_batch: u32) -> f64 {
     .await
     .unwrap();
     assert_eq!(done, i64::try_from(jobs).unwrap(), "every job completed");
+    // Per entity, the jobs started (claimed) in change order, never two at once.
+    let overtaken: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+             SELECT started_at, finished_at,
+                    lag(finished_at) OVER (PARTITION BY ordering_key ORDER BY ordinal) AS previous_finished
+               FROM fraiseql_observers.jobs) AS chain
+          WHERE started_at < previous_finished",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        overtaken, 0,
+        "a job started before the previous one of its entity finished"
+    );
     #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
     let rate = jobs as f64 / elapsed.as_secs_f64();
     eprintln!(
-        "{workers} worker(s), claims of {claim_batch}: {jobs} jobs in {:.2} s = {rate:.0} jobs/s",
+        "{what}: {workers} worker(s), claims of {claim_batch}: {jobs} jobs in {:.2} s = {rate:.0} jobs/s",
         elapsed.as_secs_f64()
     );
     rate
@@ -218,6 +307,15 @@ async fn pickup_latency() -> (f64, f64, f64) {
 
 #[tokio::main]
 async fn main() {
+    if std::env::var("JOBS_ONLY").as_deref() == Ok("ordered") {
+        let ordered = ordered_drain().await;
+        println!(
+            "{}",
+            json!({"queue": "fraiseql-observers", "ordered_drain": ordered.round()})
+        );
+        return;
+    }
+    let ordered = ordered_drain().await;
     let single_one = throughput(1, 1).await;
     let single_four = throughput(4, 1).await;
     let one = throughput(1, DEFAULT_CLAIM_BATCH).await;
@@ -229,6 +327,7 @@ async fn main() {
                "claim_batch": DEFAULT_CLAIM_BATCH,
                "throughput": {"1": one.round(), "4": four.round()},
                "throughput_single": {"1": single_one.round(), "4": single_four.round()},
+               "ordered_drain": ordered.round(),
                "pickup_ms": {"p50": (p50 * 10.0).round() / 10.0, "p99": (p99 * 10.0).round() / 10.0, "max": (max * 10.0).round() / 10.0}})
     );
 }

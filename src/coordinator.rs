@@ -31,6 +31,10 @@ use crate::metrics::{DutyLabels, Metrics, TableLabel};
 
 /// How often the coordinator rescues expired job claims by default.
 pub const DEFAULT_RESCUE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// At most this many stranded waiting jobs promoted per rescue run (see
+/// [`crate::jobs::promote_stranded_on`]).
+const STRANDED_PER_RUN: i32 = 10_000;
 /// How often the coordinator runs retention by default.
 pub const DEFAULT_RETENTION_INTERVAL: Duration = Duration::from_mins(10);
 /// Batches one table's retention deletes in one run at most; the rest waits for the next run.
@@ -123,7 +127,8 @@ async fn begin_fenced(
 }
 
 /// Rescues job claims that expired, and those of nodes that are gone (claimed longer than
-/// `orphaned_after` ago by a worker that is not a live node), fenced by `epoch`.
+/// `orphaned_after` ago by a worker that is not a live node), and promotes stranded waiting jobs,
+/// fenced by `epoch`.
 ///
 /// # Errors
 /// Storage failed.
@@ -147,8 +152,11 @@ pub async fn rescue_expired_jobs(
     let orphaned = crate::jobs::rescue_orphaned_on(&mut *transaction, &live, orphaned_after)
         .await
         .map_err(storage)?;
+    let stranded = crate::jobs::promote_stranded_on(&mut *transaction, STRANDED_PER_RUN)
+        .await
+        .map_err(storage)?;
     transaction.commit().await.map_err(storage)?;
-    Ok(DutyRun::Done(expired + orphaned))
+    Ok(DutyRun::Done(expired + orphaned + stranded))
 }
 
 /// Creates the history's day partitions ahead and drops those past `retention`, fenced by

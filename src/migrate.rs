@@ -106,6 +106,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0017_statement_capture",
         sql: include_str!("../migrations/0017_statement_capture.sql"),
     },
+    Migration {
+        version: 18,
+        name: "0018_waiting_jobs",
+        sql: include_str!("../migrations/0018_waiting_jobs.sql"),
+    },
 ];
 
 impl Migration {

@@ -962,3 +962,155 @@ async fn the_next_job_of_an_entity_does_not_wait_for_a_slow_job_of_another() {
     shutdown.cancel();
     running.await.unwrap();
 }
+
+/// The statuses of the jobs of `entity`, in change order.
+async fn chain(database: &TestDatabase, entity: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT status FROM fraiseql_observers.jobs WHERE event ->> 'entity_id' = $1 ORDER BY ordinal",
+    )
+    .bind(entity)
+    .fetch_all(&database.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn followers_wait_outside_the_ready_index_and_each_finish_promotes_the_next() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    // Two changes in one enqueue, a third later (behind the unfinished first two).
+    enqueue_batch(
+        &database.pool,
+        &[ordered_job("1", 1, 5), ordered_job("1", 2, 5)],
+    )
+    .await
+    .unwrap();
+    enqueue_batch(
+        &database.pool,
+        &[ordered_job("1", 3, 5), ordered_job("1", 4, 5)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        chain(&database, "1").await,
+        ["pending", "waiting", "waiting", "waiting"],
+        "only the entity's first unfinished job is pending"
+    );
+    let stats = jobs.stats().await.unwrap();
+    assert_eq!(stats[0].pending, 4, "waiting jobs count as pending");
+
+    // Completed (not through complete_and_claim): the statement promotes the next one.
+    let first = jobs.claim("default", 10).await.unwrap();
+    assert_eq!(entities(&first), [("1".to_owned(), 1)]);
+    assert!(jobs.complete(first[0].id).await.unwrap());
+    assert_eq!(
+        chain(&database, "1").await,
+        ["completed", "pending", "waiting", "waiting"]
+    );
+
+    // Dead-lettered: the next one is promoted too.
+    let second = jobs.claim("default", 10).await.unwrap();
+    assert_eq!(entities(&second), [("1".to_owned(), 2)]);
+    let outcome = jobs
+        .fail(
+            &second[0],
+            &AttemptError::new(ErrorCode::RemoteRejected, "HTTP 400"),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(outcome, FailOutcome::DeadLettered { .. }));
+    assert_eq!(
+        chain(&database, "1").await,
+        ["completed", "failed", "pending", "waiting"]
+    );
+
+    // Rescheduled after a transient failure: still unfinished, the last one keeps waiting.
+    let third = jobs.claim("default", 10).await.unwrap();
+    assert!(matches!(
+        jobs.fail(
+            &third[0],
+            &AttemptError::new(ErrorCode::RemoteUnavailable, "HTTP 503")
+        )
+        .await
+        .unwrap(),
+        FailOutcome::Rescheduled { .. }
+    ));
+    assert_eq!(
+        chain(&database, "1").await,
+        ["completed", "failed", "pending", "waiting"]
+    );
+
+    // Cancelled: the last one is promoted.
+    assert!(jobs.cancel(third[0].id).await.unwrap());
+    assert_eq!(
+        chain(&database, "1").await,
+        ["completed", "failed", "cancelled", "pending"]
+    );
+    // A waiting job can be cancelled as well.
+    enqueue_batch(&database.pool, &[ordered_job("1", 5, 5)])
+        .await
+        .unwrap();
+    let fifth: Uuid =
+        sqlx::query_scalar("SELECT id FROM fraiseql_observers.jobs WHERE ordinal = 5")
+            .fetch_one(&database.pool)
+            .await
+            .unwrap();
+    assert_eq!(status_of(&database, fifth).await.0, "waiting");
+    assert!(jobs.cancel(fifth).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_waiting_job_left_with_nothing_ahead_is_promoted_by_the_sweep() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    enqueue_batch(
+        &database.pool,
+        &[
+            ordered_job("stranded", 1, 5),
+            ordered_job("stranded", 2, 5),
+            ordered_job("held", 3, 5),
+            ordered_job("held", 4, 5),
+        ],
+    )
+    .await
+    .unwrap();
+    // The predecessor finished where the finishing statement could not see its successor (it
+    // finished between the successor's enqueue snapshot and commit): nothing promoted it.
+    sqlx::raw_sql(
+        "ALTER TABLE fraiseql_observers.jobs DISABLE TRIGGER jobs_promote_successor;
+         UPDATE fraiseql_observers.jobs SET status = 'completed', finished_at = now() WHERE ordinal = 1;
+         ALTER TABLE fraiseql_observers.jobs ENABLE TRIGGER jobs_promote_successor;",
+    )
+    .execute(&database.pool)
+    .await
+    .unwrap();
+    let held = jobs.claim("default", 10).await.unwrap();
+    assert_eq!(
+        entities(&held),
+        [("held".to_owned(), 3)],
+        "a stranded waiting job is not claimable"
+    );
+    let key = fraiseql_observers::jobs::ordering_key("orders", 0, "Order", "stranded");
+    let unfinished = fraiseql_observers::jobs::unfinished_ordering_keys(
+        &database.pool,
+        std::slice::from_ref(&key),
+    )
+    .await
+    .unwrap();
+    assert!(
+        unfinished.contains(&key),
+        "a waiting job holds later events of its entity back"
+    );
+
+    let promoted = fraiseql_observers::jobs::promote_stranded_on(&database.pool, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        promoted, 1,
+        "only the stranded job; the held one is behind a running job"
+    );
+    assert_eq!(chain(&database, "stranded").await, ["completed", "pending"]);
+    assert_eq!(chain(&database, "held").await, ["running", "waiting"]);
+    let next = jobs.claim("default", 10).await.unwrap();
+    assert_eq!(entities(&next), [("stranded".to_owned(), 2)]);
+}

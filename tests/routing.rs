@@ -359,7 +359,7 @@ fn delivered_versions(receiver: &Receiver, id: i64) -> Vec<i64> {
 
 async fn unfinished_jobs(database: &TestDatabase) -> i64 {
     sqlx::query_scalar(
-        "SELECT count(*) FROM fraiseql_observers.jobs WHERE status IN ('pending', 'running')",
+        "SELECT count(*) FROM fraiseql_observers.jobs WHERE status IN ('waiting', 'pending', 'running')",
     )
     .fetch_one(&database.pool)
     .await

@@ -10,9 +10,14 @@
 //!   (priority 10 → 0), then oldest `run_at`.
 //! - Jobs of one observer's action for one entity run one at a time, in change order: a job with
 //!   an ordering key (see [`ordering_key`]) is claimable only while no job with the same key and a
-//!   smaller ordinal (change-log position) is pending or running. Completed, failed
+//!   smaller ordinal (change-log position) is waiting, pending or running. Completed, failed
 //!   (dead-lettered) and cancelled jobs hold nothing back, so a poison event does not stall its
 //!   entity; jobs without a key are not ordered.
+//! - A job enqueued behind an unfinished job of its key is `waiting`: out of the ready index, so
+//!   claims do not walk past it. The statement that finishes a job of the key promotes the next
+//!   one to `pending` and notifies the workers (a trigger, migration 0018); the coordinator
+//!   promotes, within a rescue interval, one whose predecessor finished while it was being
+//!   enqueued. Waiting jobs count as pending in stats and gauges.
 //! - A claimed job is held under a visibility timeout its worker keeps extending; if the worker
 //!   dies, the job is pending again once the timeout passes (and the lost attempt is counted and
 //!   recorded). A slow job whose worker is alive keeps its claim.
@@ -221,34 +226,64 @@ impl PostgresJobQueue {
         queue: &str,
         limit: u32,
     ) -> Result<(Vec<Uuid>, Vec<Job>), JobError> {
-        // Both updates see the same snapshot; they touch disjoint rows (running vs pending).
-        // The outer join yields one row even when nothing was claimed, carrying the completions.
-        // A job waits while an earlier job of its ordering key is unfinished; one this statement
-        // completes (`done`, as actually updated) no longer counts, so the next job of an entity
-        // is claimed in the same round trip that completes the one before it.
+        // Both updates see the same snapshot; they touch disjoint rows (running vs pending or
+        // waiting). The outer join yields one row even when nothing was claimed, carrying the
+        // completions. A job waits while an earlier job of its ordering key is unfinished; one
+        // this statement completes (`done`, as actually updated) no longer counts, and the job
+        // that completion makes next in line (`successors`: the first unfinished job of its key
+        // after it, if that one is waiting) is claimed straight from `waiting`, before the ready
+        // jobs — so the next job of an entity goes out in the same round trip that completes the
+        // one before it. A successor not claimed here (another queue, no room) is promoted to
+        // pending by the jobs_promote_successor trigger at the end of the statement.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "WITH done AS (
                  UPDATE fraiseql_observers.jobs AS job
                     SET status = 'completed', finished_at = now(), locked_by = NULL, locked_until = NULL
                    FROM unnest($1::uuid[]) AS finished(id)
                   WHERE job.id = finished.id AND job.status = 'running' AND job.locked_by = $3
-              RETURNING job.id),
+              RETURNING job.id, job.ordering_key),
+             successors AS (
+                 SELECT next.id
+                   FROM done
+                  CROSS JOIN LATERAL (
+                        SELECT candidate.id, candidate.status, candidate.queue, candidate.run_at
+                          FROM fraiseql_observers.jobs AS candidate
+                         WHERE candidate.ordering_key = done.ordering_key
+                           AND candidate.status IN ('pending', 'running', 'waiting')
+                           AND candidate.id NOT IN (SELECT id FROM done)
+                         ORDER BY candidate.ordinal
+                         LIMIT 1) AS next
+                  WHERE done.ordering_key IS NOT NULL AND next.status = 'waiting'
+                    AND next.queue = $2 AND next.run_at <= now()),
+             next_in_line AS (
+                 SELECT candidate.id FROM fraiseql_observers.jobs AS candidate
+                  WHERE candidate.id IN (SELECT id FROM successors) AND candidate.status = 'waiting'
+                  LIMIT $4
+                  FOR UPDATE SKIP LOCKED),
+             ready AS (
+                 SELECT candidate.id FROM fraiseql_observers.jobs AS candidate
+                  WHERE candidate.queue = $2 AND candidate.status = 'pending'
+                    AND candidate.run_at <= now()
+                    AND NOT EXISTS (
+                        SELECT FROM fraiseql_observers.jobs AS earlier
+                         WHERE earlier.ordering_key = candidate.ordering_key
+                           AND earlier.ordinal < candidate.ordinal
+                           AND earlier.status IN ('pending', 'running', 'waiting')
+                           AND earlier.id NOT IN (SELECT id FROM done))
+                  ORDER BY candidate.priority DESC, candidate.run_at
+                  LIMIT $4
+                  FOR UPDATE SKIP LOCKED),
+             picked AS (
+                 SELECT id FROM (SELECT id, 0 AS rank FROM next_in_line
+                                 UNION ALL
+                                 SELECT id, 1 FROM ready) AS both_kinds
+                  ORDER BY rank
+                  LIMIT $4),
              claimed AS (
                  UPDATE fraiseql_observers.jobs AS job
                     SET status = 'running', attempts = job.attempts + 1, locked_by = $3,
                         locked_until = now() + make_interval(secs => $5), started_at = now()
-                  WHERE job.id IN (SELECT candidate.id FROM fraiseql_observers.jobs AS candidate
-                                    WHERE candidate.queue = $2 AND candidate.status = 'pending'
-                                      AND candidate.run_at <= now()
-                                      AND NOT EXISTS (
-                                          SELECT FROM fraiseql_observers.jobs AS earlier
-                                           WHERE earlier.ordering_key = candidate.ordering_key
-                                             AND earlier.ordinal < candidate.ordinal
-                                             AND earlier.status IN ('pending', 'running')
-                                             AND earlier.id NOT IN (SELECT id FROM done))
-                                    ORDER BY candidate.priority DESC, candidate.run_at
-                                    LIMIT $4
-                                    FOR UPDATE SKIP LOCKED)
+                  WHERE job.id IN (SELECT id FROM picked)
               RETURNING {JOB_COLUMNS})
              SELECT (SELECT coalesce(array_agg(id), '{{}}') FROM done) AS completed, claimed.*
                FROM (VALUES (1)) AS one (n) LEFT JOIN claimed ON true"
@@ -551,7 +586,7 @@ impl PostgresJobQueue {
         let (cancelled, _woken): (i64, i64) = sqlx::query_as(
             "WITH cancelled AS (
                  UPDATE fraiseql_observers.jobs SET status = 'cancelled', finished_at = now()
-                  WHERE id = $1 AND status = 'pending'
+                  WHERE id = $1 AND status IN ('pending', 'waiting')
               RETURNING ordering_key),
              woken AS (SELECT pg_notify($2, '') FROM cancelled WHERE ordering_key IS NOT NULL)
              SELECT (SELECT count(*) FROM cancelled), (SELECT count(*) FROM woken)",
@@ -579,7 +614,7 @@ impl PostgresJobQueue {
     pub async fn stats(&self) -> Result<Vec<QueueStats>, JobError> {
         let rows = sqlx::query(
             "SELECT queue,
-                    count(*) FILTER (WHERE status = 'pending')   AS pending,
+                    count(*) FILTER (WHERE status IN ('pending', 'waiting')) AS pending,
                     count(*) FILTER (WHERE status = 'running')   AS running,
                     count(*) FILTER (WHERE status = 'completed') AS completed,
                     count(*) FILTER (WHERE status = 'failed')    AS failed,
@@ -625,6 +660,22 @@ impl PostgresJobQueue {
     pub async fn prune_finished(&self, older_than: Duration) -> Result<u64, JobError> {
         prune_finished_on(&self.pool, older_than).await
     }
+}
+
+/// Promotes up to `limit` waiting jobs that nothing is ahead of any more (their predecessor finished
+/// while they were being enqueued), on `executor`; how many. See migration 0018.
+///
+/// # Errors
+/// Storage failed.
+pub async fn promote_stranded_on<'connection>(
+    executor: impl sqlx::Executor<'connection, Database = Postgres>,
+    limit: i32,
+) -> Result<u64, JobError> {
+    let promoted: i64 = sqlx::query_scalar("SELECT fraiseql_observers.promote_stranded_jobs($1)")
+        .bind(limit)
+        .fetch_one(executor)
+        .await?;
+    Ok(promoted.unsigned_abs())
 }
 
 /// Puts running jobs whose claim expired (their worker stopped without finishing) back to
@@ -756,10 +807,21 @@ pub async fn enqueue_batch<'connection>(
         "INSERT INTO fraiseql_observers.jobs
              (id, queue, priority, run_at, max_attempts, backoff_initial_ms, backoff_max_ms,
               idempotency_key, event_id, observer, action_index, action_type, event, ordering_key, ordinal,
-              parked_on, errors, inline_attempts)
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::smallint[], $4::timestamptz[], $5::int[], $6::bigint[],
-                              $7::bigint[], $8::text[], $9::uuid[], $10::text[], $11::int[], $12::text[], $13::jsonb[],
-                              $14::text[], $15::bigint[], $16::text[], $17::jsonb[], $18::int[])
+              parked_on, errors, inline_attempts, status)
+         SELECT new.*,
+                CASE WHEN new.ordering_key IS NOT NULL
+                          AND (row_number() OVER (PARTITION BY new.ordering_key ORDER BY new.ordinal) > 1
+                               OR EXISTS (SELECT FROM fraiseql_observers.jobs AS earlier
+                                           WHERE earlier.ordering_key = new.ordering_key
+                                             AND earlier.ordinal < new.ordinal
+                                             AND earlier.status IN ('pending', 'running', 'waiting')))
+                     THEN 'waiting' ELSE 'pending' END
+           FROM unnest($1::uuid[], $2::text[], $3::smallint[], $4::timestamptz[], $5::int[], $6::bigint[],
+                       $7::bigint[], $8::text[], $9::uuid[], $10::text[], $11::int[], $12::text[], $13::jsonb[],
+                       $14::text[], $15::bigint[], $16::text[], $17::jsonb[], $18::int[])
+                AS new (id, queue, priority, run_at, max_attempts, backoff_initial_ms, backoff_max_ms,
+                        idempotency_key, event_id, observer, action_index, action_type, event, ordering_key,
+                        ordinal, parked_on, errors, inline_attempts)
          ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING id",
     )
@@ -885,7 +947,7 @@ pub async fn requeue_batch(
     })
 }
 
-/// Which of `keys` (see [`ordering_key`]) have a job still pending or running — the work a later
+/// Which of `keys` (see [`ordering_key`]) have a job still waiting, pending or running — the work a later
 /// event of the same entity must not overtake. Empty `keys` ask nothing.
 ///
 /// # Errors
@@ -899,7 +961,7 @@ pub async fn unfinished_ordering_keys<'connection>(
     }
     let unfinished: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT ordering_key FROM fraiseql_observers.jobs
-          WHERE ordering_key = ANY($1) AND status IN ('pending', 'running')",
+          WHERE ordering_key = ANY($1) AND status IN ('pending', 'running', 'waiting')",
     )
     .bind(keys)
     .fetch_all(executor)
@@ -907,7 +969,8 @@ pub async fn unfinished_ordering_keys<'connection>(
     Ok(unfinished.into_iter().collect())
 }
 
-/// Pending, running and failed jobs per queue and status: `(queue, status, count)`.
+/// Pending, running and failed jobs per queue and status: `(queue, status, count)`. Waiting jobs
+/// (held back by an earlier job of their entity) count as pending: they are work not yet started.
 ///
 /// # Errors
 /// Storage failed.
@@ -915,9 +978,11 @@ pub async fn depths<'connection>(
     executor: impl sqlx::Executor<'connection, Database = Postgres>,
 ) -> Result<Vec<(String, String, i64)>, JobError> {
     Ok(sqlx::query_as(
-        "SELECT queue, status, count(*) FROM fraiseql_observers.jobs
-          WHERE status IN ('pending', 'running', 'failed')
-          GROUP BY queue, status ORDER BY queue, status",
+        "SELECT queue, state, count(*)
+           FROM (SELECT queue, CASE status WHEN 'waiting' THEN 'pending' ELSE status END AS state
+                   FROM fraiseql_observers.jobs
+                  WHERE status IN ('waiting', 'pending', 'running', 'failed')) AS unfinished
+          GROUP BY queue, state ORDER BY queue, state",
     )
     .fetch_all(executor)
     .await?)

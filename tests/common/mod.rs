@@ -364,7 +364,7 @@ pub async fn deliver_jobs(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let unfinished: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM fraiseql_observers.jobs WHERE status IN ('pending', 'running')",
+            "SELECT count(*) FROM fraiseql_observers.jobs WHERE status IN ('waiting', 'pending', 'running')",
         )
         .fetch_one(pool)
         .await

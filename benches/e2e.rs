@@ -23,7 +23,8 @@
 //! Run: `cargo bench --bench e2e` (needs the local PostgreSQL; `TEST_DATABASE_URL` overrides).
 //! Knobs: `E2E_RATE` (latency, events/s, default 1000), `E2E_SECONDS` (sustained window, default
 //! 10), `E2E_RATES` (the sustained steps, default 3000 to 20000 by 1000), `E2E_TRIALS` (runs per step, default 3), `E2E_BACKLOG` (default 1,000,000), `E2E_NODES` (default
-//! `1,2,3`), `E2E_ONLY` (`latency,sustained,overload,backlog,checkpoint,small`). The nodes inherit
+//! `1,2,3`), `E2E_ONLY` (`latency,sustained,overload,backlog,checkpoint,small`), `E2E_CAPTURE=row`
+//! (capture with the per-row trigger instead of the statement triggers). The nodes inherit
 //! the environment: `FRAISEQL_OBSERVERS_ADAPTIVE_CONCURRENCY=off` runs every other scenario with
 //! the adaptive limit off. Prints a Markdown table and writes it to `target/e2e-report.md`.
 //!
@@ -546,12 +547,20 @@ async fn writer_pool(database: &TestDatabase) -> PgPool {
         .expect("connect the load generator")
 }
 
+/// The tracked table. `E2E_CAPTURE=row` captures it with the per-row trigger instead of what
+/// `core.observer_track_table` attaches (statement triggers), to compare the two end to end.
 async fn orders_database() -> TestDatabase {
     let database = TestDatabase::migrated().await;
-    sqlx::raw_sql(
+    let capture = if std::env::var("E2E_CAPTURE").as_deref() == Ok("row") {
+        "CREATE TRIGGER observer_capture AFTER INSERT OR UPDATE OR DELETE ON bench_orders
+             FOR EACH ROW EXECUTE FUNCTION core.observer_capture('Order', 'id');"
+    } else {
+        "SELECT core.observer_track_table('bench_orders'::regclass, 'Order');"
+    };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "CREATE TABLE bench_orders (id bigint PRIMARY KEY, status text NOT NULL, total int NOT NULL);
-         SELECT core.observer_track_table('bench_orders'::regclass, 'Order');",
-    )
+         {capture}"
+    )))
     .execute(&database.pool)
     .await
     .expect("create the tracked table");

@@ -6,7 +6,8 @@
 # End to end (cargo bench --bench e2e: real node processes, load generator, webhook receiver), the
 # job queue beside graphile-worker (benches/run-jobs.sh; needs Node.js and npm), the concurrent
 # executor beside the sequential design it replaces (cargo bench --bench concurrency), what change
-# capture costs the writer (benches/capture.sh: untracked, per-row and statement triggers) and the
+# capture costs the writer (benches/capture.sh: untracked, per-row and statement triggers), heap
+# allocations per event on the in-process path (cargo bench --bench allocations) and the
 # criterion micro-benchmarks (condition evaluation, matching, envelope serialization). Needs the
 # local PostgreSQL (TEST_DATABASE_URL overrides); the e2e knobs (E2E_*) pass through. About 15
 # minutes on 2 cores.
@@ -59,6 +60,10 @@ cargo bench --locked --no-run --quiet 2>/dev/null
     echo "## Concurrent executor beside the sequential design (\`cargo bench --bench concurrency\`)"
     echo
     cargo bench --locked --quiet --bench concurrency 2>/dev/null | grep '^|'
+    echo
+    echo "## Allocations per event, in-process path (\`cargo bench --bench allocations\`)"
+    echo
+    cargo bench --locked --quiet --bench allocations 2>/dev/null | grep '^|'
     echo
     echo "## Micro-benchmarks (criterion, \`--quick\`; median)"
     echo

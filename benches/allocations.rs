@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use std::hint::black_box;
 
 use fraiseql_observers::config::{Format, LoadOptions, MissingEnv};
-use fraiseql_observers::listener::{DEFAULT_MAX_ROW_BYTES, decode_row, parse_row_text};
+use fraiseql_observers::listener::{DEFAULT_MAX_ROW_BYTES, decode_row_owned, parse_row_text};
 use fraiseql_observers::matcher::Matcher;
 use fraiseql_observers::observers::load_str;
 
@@ -91,7 +91,7 @@ fn main() {
         });
         let row = row.unwrap();
         let mut event = None;
-        let decode = counted(|| event = Some(decode_row(position, &row).unwrap()));
+        let decode = counted(|| event = Some(decode_row_owned(position, row).unwrap()));
         let event = event.unwrap();
         let mut matched = Vec::new();
         let matching = counted(|| {

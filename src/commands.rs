@@ -735,8 +735,8 @@ pub fn explain_change(
         .ok_or_else(|| anyhow::anyhow!("the change must be a JSON object with the change log's columns (object_type, object_id, modification_type, object_data, …)"))?;
     row.entry("id")
         .or_insert_with(|| serde_json::Value::String(Uuid::nil().to_string()));
-    let event = crate::listener::decode_row(0, &serde_json::Value::Object(row))
-        .map_err(|malformed| anyhow::anyhow!("the change does not decode: {malformed}"))?;
+    let event = crate::listener::decode_row_owned(0, serde_json::Value::Object(row))
+        .map_err(|(_, malformed)| anyhow::anyhow!("the change does not decode: {malformed}"))?;
     let mut observers = Vec::new();
     let mut other_observers = 0;
     for (position, observer) in config.observers.iter().enumerate() {

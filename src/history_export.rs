@@ -669,7 +669,7 @@ fn event_images(
         MAX_DOCUMENT_DATA_BYTES,
     )
     .ok()
-    .and_then(|parsed| crate::listener::decode_row(change.position, &parsed).ok());
+    .and_then(|parsed| crate::listener::decode_row_owned(change.position, parsed).ok());
     match event {
         Some(event) => (
             Some((

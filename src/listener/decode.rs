@@ -179,15 +179,15 @@ fn identity_text(
     Ok(value)
 }
 
-/// A row image column: an object, or null.
-fn image(
+/// Whether a row image column holds an object (`false`: null or absent); an error for anything else.
+fn image_present(
     row: &Map<String, Value>,
     column: &'static str,
     position: i64,
-) -> Result<Option<Value>, MalformedRow> {
+) -> Result<bool, MalformedRow> {
     match row.get(column) {
-        None | Some(Value::Null) => Ok(None),
-        Some(object @ Value::Object(_)) => Ok(Some(object.clone())),
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Object(_)) => Ok(true),
         Some(other) => Err(MalformedRow {
             position,
             column,
@@ -199,18 +199,34 @@ fn image(
     }
 }
 
-/// Decodes one change-log row.
-///
-/// # Errors
-/// The first column that does not fit the change-log contract.
-pub fn decode_row(position: i64, row: &Value) -> Result<EntityEvent, MalformedRow> {
-    let Some(row) = row.as_object() else {
-        return Err(MalformedRow {
-            position,
-            column: "(row)",
-            problem: format!("expected a row object, found {}", describe(row)),
-        });
-    };
+/// A checked row image: its object, or `None` for null.
+fn image_of(value: Option<Value>) -> Option<Value> {
+    value.filter(Value::is_object)
+}
+
+/// Everything of a row but its images, checked: building the event from it cannot fail.
+struct CheckedRow {
+    id: Uuid,
+    kind: EventKind,
+    entity_type: String,
+    entity_id: String,
+    updated_fields: Option<Vec<String>>,
+    timestamp: DateTime<Utc>,
+    tenant_id: Option<String>,
+    actor: Option<Actor>,
+    trace_id: Option<String>,
+}
+
+fn row_object(position: i64, row: &Value) -> Result<&Map<String, Value>, MalformedRow> {
+    row.as_object().ok_or_else(|| MalformedRow {
+        position,
+        column: "(row)",
+        problem: format!("expected a row object, found {}", describe(row)),
+    })
+}
+
+/// Checks every column of the contract, images included (by reference, nothing copied).
+fn check_row(position: i64, row: &Map<String, Value>) -> Result<CheckedRow, MalformedRow> {
     let id_text = required_text(row, "id", position)?;
     let id = Uuid::parse_str(&id_text).map_err(|error| MalformedRow {
         position,
@@ -225,9 +241,9 @@ pub fn decode_row(position: i64, row: &Value) -> Result<EntityEvent, MalformedRo
         column: "modification_type",
         problem: format!("expected INSERT, UPDATE, DELETE or CUSTOM, found {found:?}"),
     })?;
-    let after = image(row, "object_data", position)?;
-    let before = image(row, "object_data_before", position)?;
-    if after.is_none() && before.is_none() && kind != EventKind::Custom {
+    let after = image_present(row, "object_data", position)?;
+    let before = image_present(row, "object_data_before", position)?;
+    if !after && !before && kind != EventKind::Custom {
         return Err(MalformedRow {
             position,
             column: "object_data",
@@ -272,26 +288,87 @@ pub fn decode_row(position: i64, row: &Value) -> Result<EntityEvent, MalformedRo
     };
     let actor_kind = text(row, "actor_type", position)?;
     let actor_id = text(row, "actor_id", position)?;
-    let data = after.unwrap_or(Value::Null);
-    let changes = FieldChanges::derive(kind, before.as_ref(), &data, updated_fields.as_deref());
-    Ok(EntityEvent {
+    Ok(CheckedRow {
         id,
         kind,
         entity_type,
         entity_id,
-        data,
-        before,
-        changes,
+        updated_fields,
+        timestamp,
         tenant_id: text(row, "tenant_id", position)?,
         actor: (actor_kind.is_some() || actor_id.is_some()).then_some(Actor {
             kind: actor_kind,
             id: actor_id,
         }),
-        timestamp,
-        position: Some(position),
         trace_id: text(row, "trace_id", position)?,
-        replay: None,
     })
+}
+
+impl CheckedRow {
+    fn event(self, position: i64, after: Option<Value>, before: Option<Value>) -> EntityEvent {
+        let data = after.unwrap_or(Value::Null);
+        let changes = FieldChanges::derive(
+            self.kind,
+            before.as_ref(),
+            &data,
+            self.updated_fields.as_deref(),
+        );
+        EntityEvent {
+            id: self.id,
+            kind: self.kind,
+            entity_type: self.entity_type,
+            entity_id: self.entity_id,
+            data,
+            before,
+            changes,
+            tenant_id: self.tenant_id,
+            actor: self.actor,
+            timestamp: self.timestamp,
+            position: Some(position),
+            trace_id: self.trace_id,
+            replay: None,
+        }
+    }
+}
+
+/// Decodes one change-log row.
+///
+/// # Errors
+/// The first column that does not fit the change-log contract.
+pub fn decode_row(position: i64, row: &Value) -> Result<EntityEvent, MalformedRow> {
+    let object = row_object(position, row)?;
+    let checked = check_row(position, object)?;
+    Ok(checked.event(
+        position,
+        image_of(object.get("object_data").cloned()),
+        image_of(object.get("object_data_before").cloned()),
+    ))
+}
+
+/// [`decode_row`] taking the parsed row: its images move into the event instead of being copied
+/// (the listener's path). A refused row comes back unchanged with the problem, for its dead
+/// letter.
+///
+/// # Errors
+/// The first column that does not fit the change-log contract, with the row.
+pub fn decode_row_owned(position: i64, row: Value) -> Result<EntityEvent, (Value, MalformedRow)> {
+    let Value::Object(mut object) = row else {
+        let problem = row_object(position, &row).err();
+        let problem = problem.unwrap_or_else(|| MalformedRow {
+            position,
+            column: "(row)",
+            problem: "expected a row object".into(),
+        });
+        return Err((row, problem));
+    };
+    match check_row(position, &object) {
+        Ok(checked) => Ok(checked.event(
+            position,
+            image_of(object.remove("object_data")),
+            image_of(object.remove("object_data_before")),
+        )),
+        Err(problem) => Err((Value::Object(object), problem)),
+    }
 }
 
 #[cfg(test)]
@@ -308,6 +385,24 @@ mod tests {
             "object_data": {"id": 42, "status": "paid"}, "object_data_before": {"id": 42, "status": "new"},
             "updated_fields": ["status"], "actor_type": "user", "actor_id": null, "trace_id": "t-1"
         })
+    }
+
+    #[test]
+    fn the_owned_decode_moves_the_images_and_gives_a_refused_row_back_whole() {
+        let borrowed = decode_row(7, &row()).unwrap();
+        let owned = decode_row_owned(7, row()).unwrap();
+        assert_eq!(
+            serde_json::to_value(&owned).unwrap(),
+            serde_json::to_value(&borrowed).unwrap()
+        );
+        let mut refused = row();
+        refused["created_at"] = json!("yesterday");
+        let (back, problem) = decode_row_owned(7, refused.clone()).unwrap_err();
+        assert_eq!(back, refused, "the row comes back as it was read");
+        assert_eq!(problem.column, "created_at");
+        let (back, problem) = decode_row_owned(7, json!([1, 2])).unwrap_err();
+        assert_eq!(back, json!([1, 2]));
+        assert_eq!(problem.column, "(row)");
     }
 
     #[test]

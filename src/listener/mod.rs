@@ -36,7 +36,7 @@ use uuid::Uuid;
 
 pub use decode::{
     DEFAULT_MAX_ROW_BYTES, MAX_IDENTITY_CHARS, MAX_ROW_DEPTH, MalformedRow, ROW_EXCERPT_CHARS,
-    decode_row, nests_deeper_than, parse_row_text,
+    decode_row, decode_row_owned, nests_deeper_than, parse_row_text,
 };
 
 use crate::change_log::{self, ChangeLogError, PageQuery, RawRow};
@@ -403,9 +403,9 @@ impl Listener {
             let decoded =
                 parse_row_text(position, raw.size, &raw.text, self.settings.max_row_bytes)
                     .map_err(|problem| (None, problem))
-                    .and_then(|row| match decode_row(position, &row) {
-                        Ok(event) => Ok(event),
-                        Err(problem) => Err((Some(row), problem)),
+                    .and_then(|row| {
+                        decode_row_owned(position, row)
+                            .map_err(|(row, problem)| (Some(row), problem))
                     });
             match decoded {
                 Ok(event) => events.push(event),

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Every benchmark of this repository on this machine, in one Markdown report:
 #
-#   benches/run.sh                 # writes target/bench-report.md and prints it
+#   benches/run.sh                 # writes target/bench-report.md, prints it beside the previous
+#   BENCH_PREVIOUS=old.md benches/run.sh    # … beside another report
+#
+# The previous numbers are the newest report kept in benches/reports/ (copy a run's
+# target/bench-report.md there as benches/reports/YYYY-MM-DD.md to keep it); every cell of the
+# printed comparison that moved shows the previous value after it (benches/compare.py), and rows
+# measured before but not now are listed, so a run shows what changed against the last one kept.
 #
 # End to end (cargo bench --bench e2e: real node processes, load generator, webhook receiver), the
 # job queue beside graphile-worker (benches/run-jobs.sh; needs Node.js and npm), the concurrent
@@ -14,7 +20,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 report=target/bench-report.md
+comparison=target/bench-compare.md
 mkdir -p target
+previous=${BENCH_PREVIOUS:-$(find benches/reports -name '*.md' 2>/dev/null | sort | tail -n 1)}
 
 # "name  time: [low median high]" lines of criterion → Markdown rows with the median.
 criterion_rows() {
@@ -71,6 +79,14 @@ cargo bench --locked --no-run --quiet 2>/dev/null
     echo "|---|---|"
     cargo bench --locked --quiet --bench condition -- --quick 2>/dev/null | criterion_rows
     cargo bench --locked --quiet --bench pipeline -- --quick 2>/dev/null | criterion_rows
-} | tee "$report"
-echo >&2
-echo "written to $report" >&2
+} | tee "$report" >&2
+if [ -n "$previous" ]; then
+    benches/compare.py "$report" "$previous" > "$comparison"
+    cat "$comparison"
+    echo >&2
+    echo "written to $report; beside $previous in $comparison" >&2
+else
+    cat "$report"
+    echo >&2
+    echo "written to $report (no previous report to compare with)" >&2
+fi

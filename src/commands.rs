@@ -781,7 +781,7 @@ fn explain_action(
     config: &ObserversConfig,
     observer_position: usize,
     action: &crate::actions::ActionDefinition,
-    envelope: &serde_json::Value,
+    envelope: &crate::domain::Envelope<'_>,
 ) -> ExplainedAction {
     let prefix = format!("observers[{observer_position}].actions[{}].", action.index);
     let mut rendered: Vec<RenderedText> = config
@@ -813,7 +813,7 @@ fn explain_action(
             0,
             RenderedText {
                 what: "body".to_owned(),
-                text: Some(envelope.to_string()),
+                text: Some(serde_json::to_string(envelope).unwrap_or_default()),
                 error: None,
             },
         );

@@ -298,50 +298,58 @@ impl EntityEvent {
     /// The JSON envelope sent to webhooks by default and offered to templates:
     /// `{"id","event_type","entity_type","entity_id","data","before","changes","timestamp",
     /// "observer","tenant_id","actor"}`, and `"replay": {"of","run"}` for a replayed event.
+    /// A view: it borrows the event and serializes straight from it (no JSON tree is built).
     #[must_use]
-    pub fn envelope(&self, observer: &str) -> Value {
-        let mut envelope = Map::with_capacity(11);
-        envelope.insert("id".into(), Value::String(self.id.to_string()));
-        envelope.insert(
-            "event_type".into(),
-            Value::String(self.kind.as_str().into()),
-        );
-        envelope.insert(
-            "entity_type".into(),
-            Value::String(self.entity_type.clone()),
-        );
-        envelope.insert("entity_id".into(), Value::String(self.entity_id.clone()));
-        envelope.insert("data".into(), self.data.clone());
-        envelope.insert("before".into(), self.before.clone().unwrap_or(Value::Null));
-        envelope.insert(
-            "changes".into(),
-            serde_json::to_value(&self.changes).unwrap_or(Value::Null),
-        );
-        envelope.insert(
-            "timestamp".into(),
-            Value::String(
-                self.timestamp
-                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            ),
-        );
-        envelope.insert("observer".into(), Value::String(observer.to_owned()));
-        envelope.insert(
-            "tenant_id".into(),
-            self.tenant_id.clone().map_or(Value::Null, Value::String),
-        );
-        envelope.insert(
-            "actor".into(),
-            self.actor.as_ref().map_or(Value::Null, |actor| {
-                serde_json::to_value(actor).unwrap_or(Value::Null)
-            }),
-        );
-        if let Some(replay) = &self.replay {
-            envelope.insert(
-                "replay".into(),
-                serde_json::json!({"of": replay.of.to_string(), "run": replay.run.to_string()}),
-            );
+    pub fn envelope<'event>(&'event self, observer: &'event str) -> Envelope<'event> {
+        Envelope {
+            event: self,
+            observer,
         }
-        Value::Object(envelope)
+    }
+}
+
+/// An event's envelope for one observer ([`EntityEvent::envelope`]): serialized key by key from
+/// the event, in the order the envelope documents, so a webhook body or a template context is
+/// written without copying the event's images into a `serde_json::Value` first.
+#[derive(Clone, Copy, Debug)]
+pub struct Envelope<'event> {
+    event: &'event EntityEvent,
+    observer: &'event str,
+}
+
+impl Envelope<'_> {
+    /// The envelope as a JSON tree, for callers that inspect it rather than serialize it.
+    #[must_use]
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+impl Serialize for Envelope<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let event = self.event;
+        let mut map = serializer.serialize_map(Some(11 + usize::from(event.replay.is_some())))?;
+        map.serialize_entry("id", &event.id)?;
+        map.serialize_entry("event_type", event.kind.as_str())?;
+        map.serialize_entry("entity_type", &event.entity_type)?;
+        map.serialize_entry("entity_id", &event.entity_id)?;
+        map.serialize_entry("data", &event.data)?;
+        map.serialize_entry("before", &event.before)?;
+        map.serialize_entry("changes", &event.changes)?;
+        map.serialize_entry(
+            "timestamp",
+            &event
+                .timestamp
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        )?;
+        map.serialize_entry("observer", self.observer)?;
+        map.serialize_entry("tenant_id", &event.tenant_id)?;
+        map.serialize_entry("actor", &event.actor)?;
+        if let Some(replay) = &event.replay {
+            map.serialize_entry("replay", replay)?;
+        }
+        map.end()
     }
 }
 
@@ -466,7 +474,7 @@ mod tests {
             Some(json!({"status": "new"})),
         );
         event.tenant_id = Some("acme".into());
-        let envelope = event.envelope("order-paid");
+        let envelope = event.envelope("order-paid").to_value();
         let keys: Vec<&str> = envelope
             .as_object()
             .unwrap()
@@ -494,6 +502,24 @@ mod tests {
         assert_eq!(envelope["before"]["status"], "new");
         assert_eq!(envelope["tenant_id"], "acme");
         assert_eq!(envelope["actor"], Value::Null);
+        let timestamp = envelope["timestamp"].as_str().unwrap();
+        assert!(
+            timestamp.ends_with('Z') && timestamp.split('.').nth(1).unwrap().len() == 7,
+            "RFC 3339, UTC, microseconds: {timestamp}"
+        );
+        let text = serde_json::to_string(&event.envelope("order-paid")).unwrap();
+        assert!(
+            text.starts_with(&format!(
+                "{{\"id\":\"{}\",\"event_type\":\"UPDATE\"",
+                event.id
+            )),
+            "{text}"
+        );
+
+        let replayed = event.replayed(Uuid::new_v4());
+        let envelope = replayed.envelope("order-paid").to_value();
+        assert_eq!(envelope["replay"]["of"], event.id.to_string());
+        assert_ne!(envelope["id"], envelope["replay"]["of"]);
     }
 
     #[test]

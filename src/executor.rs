@@ -361,7 +361,7 @@ impl Executor {
     ) -> EventSummary {
         let started = Instant::now();
         let matched: Vec<&ObserverDefinition> = self.matcher.matching(event).collect();
-        let envelopes: Vec<serde_json::Value> = matched
+        let envelopes: Vec<crate::domain::Envelope<'_>> = matched
             .iter()
             .map(|observer| event.envelope(observer.name.as_str()))
             .collect();
@@ -490,7 +490,7 @@ impl Executor {
         event: &EntityEvent,
         observer: &ObserverDefinition,
         action: &ActionDefinition,
-        envelope: &serde_json::Value,
+        envelope: &crate::domain::Envelope<'_>,
         completed: &HashSet<ActionKey>,
         ahead: &QueuedAhead<'_>,
     ) -> ActionReport {

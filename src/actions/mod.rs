@@ -27,8 +27,6 @@ pub mod webhook;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::concurrency::{EndpointLimiter, EndpointPermit, Signal};
 use crate::config::{Decoder, Delivery, DeliveryMode, Fields, ObserverName};
 use crate::domain::EntityEvent;
@@ -229,7 +227,7 @@ pub struct ActionContext<'run> {
     pub observer: &'run ObserverName,
     pub action_index: usize,
     /// The event envelope for this observer (also the template context), built once per observer.
-    pub envelope: &'run Value,
+    pub envelope: &'run crate::domain::Envelope<'run>,
     /// The leases the attempt runs under, when it delivers for a partition this node leads: an
     /// HTTP action checks them again once it holds its endpoint slot, as the wait for it can
     /// outlast them. `None` for work that no partition lease guards (job queue, CLI).

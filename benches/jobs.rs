@@ -116,7 +116,7 @@ async fn unfinished(pool: &sqlx::PgPool) -> bool {
         "SELECT EXISTS (SELECT 1 FROM fraiseql_observers.jobs WHERE status = 'pending')
              OR EXISTS (SELECT 1 FROM fraiseql_observers.jobs WHERE status = 'running')
              OR EXISTS (SELECT 1 FROM fraiseql_observers.jobs
-                         WHERE ordering_key IS NOT NULL AND status NOT IN ('completed', 'failed', 'cancelled'))",
+                         WHERE status = 'waiting' AND ordering_key IS NOT NULL)",
     )
     .fetch_one(pool)
     .await

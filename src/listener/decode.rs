@@ -218,11 +218,15 @@ struct CheckedRow {
 }
 
 fn row_object(position: i64, row: &Value) -> Result<&Map<String, Value>, MalformedRow> {
-    row.as_object().ok_or_else(|| MalformedRow {
+    row.as_object().ok_or_else(|| not_an_object(position, row))
+}
+
+fn not_an_object(position: i64, row: &Value) -> MalformedRow {
+    MalformedRow {
         position,
         column: "(row)",
         problem: format!("expected a row object, found {}", describe(row)),
-    })
+    }
 }
 
 /// Checks every column of the contract, images included (by reference, nothing copied).
@@ -353,12 +357,7 @@ pub fn decode_row(position: i64, row: &Value) -> Result<EntityEvent, MalformedRo
 /// The first column that does not fit the change-log contract, with the row.
 pub fn decode_row_owned(position: i64, row: Value) -> Result<EntityEvent, (Value, MalformedRow)> {
     let Value::Object(mut object) = row else {
-        let problem = row_object(position, &row).err();
-        let problem = problem.unwrap_or_else(|| MalformedRow {
-            position,
-            column: "(row)",
-            problem: "expected a row object".into(),
-        });
+        let problem = not_an_object(position, &row);
         return Err((row, problem));
     };
     match check_row(position, &object) {

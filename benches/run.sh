@@ -22,7 +22,10 @@ cd "$(dirname "$0")/.."
 report=target/bench-report.md
 comparison=target/bench-compare.md
 mkdir -p target
-previous=${BENCH_PREVIOUS:-$(find benches/reports -name '*.md' 2>/dev/null | sort | tail -n 1)}
+previous=${BENCH_PREVIOUS:-}
+if [ -z "$previous" ] && [ -d benches/reports ]; then
+    previous=$(find benches/reports -name '*.md' | sort | tail -n 1)
+fi
 
 # "name  time: [low median high]" lines of criterion → Markdown rows with the median.
 criterion_rows() {

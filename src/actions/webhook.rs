@@ -389,8 +389,6 @@ pub(super) async fn run(
 
 /// Header carrying the payload signature.
 pub const SIGNATURE_HEADER: &str = "X-FraiseQL-Signature-256";
-/// Bytes reserved up front for a default (envelope) body.
-const DEFAULT_BODY_CAPACITY: usize = 2048;
 /// How much of an error response's body is kept for the DLQ and logs.
 const ERROR_BODY_EXCERPT_BYTES: usize = 512;
 
@@ -426,13 +424,11 @@ fn render_body(
     context: &ActionContext<'_>,
 ) -> Result<Vec<u8>, AttemptError> {
     let Some(template) = &action.body_template else {
-        // Written straight from the event; sized for a typical envelope so it grows rarely.
-        let mut body = Vec::with_capacity(DEFAULT_BODY_CAPACITY);
-        return serde_json::to_writer(&mut body, context.envelope)
-            .map(|()| body)
-            .map_err(|error| {
-                AttemptError::new(ErrorCode::Internal, format!("serialize envelope: {error}"))
-            });
+        // Written straight from the event. Not sized up front: the body waits with its attempt
+        // for an endpoint slot, and a backlog holds thousands of them.
+        return serde_json::to_vec(context.envelope).map_err(|error| {
+            AttemptError::new(ErrorCode::Internal, format!("serialize envelope: {error}"))
+        });
     };
     let body = templates
         .render(template, context.envelope)

@@ -4,8 +4,9 @@
     benches/compare.py CURRENT PREVIOUS > comparison.md
 
 Every table row of CURRENT is matched with the row of PREVIOUS in the section of the same
-title whose first cell is the same once digits are set aside (so "1 node falls behind at
-8,000/s" matches "1 node falls behind at 7,000/s"); each cell that differs shows the previous
+title whose first cell is the same once measured numbers (100 or more) and parenthesized details
+are set aside (so "fell behind (p99 292): 1 node(s), 3000 events/s" matches "fell behind
+(delivered 85 %): 1 node(s), 4000 events/s", but not the same row of 2 node(s)); each cell that differs shows the previous
 value after it: `6,951 (was 8,014)`. A row with no previous counterpart says so in its first
 cell; a previous row with no current counterpart is listed at the end of its section, so nothing
 that was measured before disappears silently. Text outside tables is copied from CURRENT.
@@ -14,11 +15,22 @@ that was measured before disappears silently. Text outside tables is copied from
 import re
 import sys
 
-DIGITS = re.compile(r"[0-9][0-9,.]*")
+DIGITS = re.compile(r"[0-9]+(?:[,.][0-9]+)*")
+PARENTHESIZED = re.compile(r"\([^()]*\)")
+
+
+def measured(number):
+    """A number that varies between runs (a rate, a size: 100 or more, or with a separator), as
+    opposed to a count that names the scenario (2 nodes, 4 workers, claims of 16)."""
+    text = number.group(0)
+    return "#" if ("," in text or "." in text or int(text) >= 100) else text
 
 
 def row_key(cell):
-    return DIGITS.sub("#", cell.replace("**", "").strip())
+    # Parenthesized detail (a verdict's reasons, "median of 3") and measured numbers vary between
+    # runs; small counts stay, so "2 node(s)" and "3 node(s)" remain different rows.
+    plain = PARENTHESIZED.sub("", cell.replace("**", ""))
+    return " ".join(DIGITS.sub(measured, plain).split())
 
 
 def cells(line):

@@ -110,6 +110,11 @@ enum Command {
         /// at least one row.
         #[arg(long, env = "FRAISEQL_OBSERVERS_MAX_PAGE_BYTES", default_value = "16MiB", value_parser = parse_bytes)]
         max_page_bytes: u64,
+        /// Change-log rows all partitions of the node may hold at once (read, not yet
+        /// checkpointed): a node that falls behind holds no more events than this, however many
+        /// partitions it leads. A page reads at most this many rows.
+        #[arg(long, env = "FRAISEQL_OBSERVERS_MAX_ROWS_IN_FLIGHT", default_value_t = fraiseql_observers::listener::DEFAULT_MAX_ROWS_IN_FLIGHT, value_parser = clap::value_parser!(u32).range(1..))]
+        max_rows_in_flight: u32,
         /// Database connections the node may open.
         #[arg(long, env = "FRAISEQL_OBSERVERS_DB_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(4..=1000))]
         db_pool_size: u32,
@@ -1225,6 +1230,7 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
             poll_interval,
             max_row_bytes,
             max_page_bytes,
+            max_rows_in_flight,
             db_pool_size,
             shutdown_timeout,
             endpoints,
@@ -1239,6 +1245,7 @@ async fn database_command(command: Command) -> anyhow::Result<String> {
                 max_page_bytes,
                 node_id: node_id.unwrap_or_else(fraiseql_observers::listener::default_node_id),
                 record_history: retention.history,
+                row_budget: fraiseql_observers::listener::RowBudget::new(max_rows_in_flight),
                 ..fraiseql_observers::listener::ListenerSettings::default()
             };
             let cluster = fraiseql_observers::cluster::ClusterSettings {

@@ -219,6 +219,9 @@ impl Node {
         // History is written unless the observers file or the node's settings turn it off.
         let settings = ListenerSettings {
             record_history: settings.record_history && config.history,
+            // This node's own budget, of the size the settings give: never shared with another
+            // node built from the same settings.
+            row_budget: crate::listener::RowBudget::new(settings.row_budget.rows()),
             ..settings
         };
         let metrics = Arc::new(Metrics::new());

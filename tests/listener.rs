@@ -21,7 +21,9 @@ use fraiseql_observers::config::{Format, LoadOptions, MissingEnv};
 use fraiseql_observers::dlq::{DeadLetterFilter, DeadLetterQueue, PostgresDeadLetterQueue};
 use fraiseql_observers::error::ErrorCode;
 use fraiseql_observers::executor::{ActionStatus, Executor};
-use fraiseql_observers::listener::{DECODE_OBSERVER, Listener, ListenerError, ListenerSettings};
+use fraiseql_observers::listener::{
+    DECODE_OBSERVER, Listener, ListenerError, ListenerSettings, RowBudget,
+};
 use fraiseql_observers::matcher::Matcher;
 use fraiseql_observers::node::Node;
 use fraiseql_observers::observers::{ObserversConfig, load_str};
@@ -1253,6 +1255,71 @@ async fn partitioned_listeners_split_entities_by_hash() {
         "twenty entities land in both partitions: {seen:?}"
     );
     assert_eq!(receiver.requests().len(), 20);
+}
+
+/// Delivers pages until one comes back empty; the rows it delivered.
+async fn drain(mut listener: Listener) -> usize {
+    let mut rows = 0;
+    loop {
+        let page = listener.deliver_page().await.unwrap();
+        if page.rows == 0 {
+            return rows;
+        }
+        rows += page.rows;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_sharing_a_row_budget_hold_no_more_rows_than_it_between_them() {
+    let database = orders_database().await;
+    let pool = &database.pool;
+    // Every delivery takes 300 ms: the two partitions' pages overlap unless a budget keeps them
+    // apart.
+    let run = |budgets: [RowBudget; 2], ids: std::ops::Range<i32>| async move {
+        let receiver = Receiver::start().await;
+        let yaml = insert_observer_yaml(&receiver.url("/delay/300"));
+        let [budget_zero, budget_one] = budgets;
+        let partitioned = |partition, row_budget| ListenerSettings {
+            partition,
+            partition_count: Some(2),
+            row_budget,
+            ..settings(6, &format!("node-{partition}"))
+        };
+        let zero = start_listener(pool, &yaml, partitioned(0, budget_zero)).await;
+        let one = start_listener(pool, &yaml, partitioned(1, budget_one)).await;
+        sqlx::query(
+            "INSERT INTO public.orders SELECT i, 'new', i FROM generate_series($1, $2) AS i",
+        )
+        .bind(ids.start)
+        .bind(ids.end - 1)
+        .execute(pool)
+        .await
+        .unwrap();
+        let (rows_zero, rows_one) = tokio::join!(drain(zero), drain(one));
+        assert!(rows_zero > 0 && rows_one > 0, "both partitions have rows");
+        assert_eq!(rows_zero + rows_one, ids.len());
+        assert_eq!(
+            receiver.requests().len(),
+            ids.len(),
+            "each order delivered once"
+        );
+        receiver.max_in_flight()
+    };
+
+    let shared = RowBudget::new(6);
+    let in_flight = run([shared.clone(), shared.clone()], 1..25).await;
+    assert!(
+        (1..=6).contains(&in_flight),
+        "one budget of 6 rows: at most 6 deliveries at once, saw {in_flight}"
+    );
+    assert_eq!(shared.available(), 6, "every page gave its share back");
+
+    // The same with a budget each: the pages overlap.
+    let in_flight = run([RowBudget::new(6), RowBudget::new(6)], 25..49).await;
+    assert!(
+        in_flight > 6,
+        "two budgets of 6 rows let both pages run at once, saw {in_flight}"
+    );
 }
 
 // -------------------------------------------------------------------------------------------------

@@ -63,6 +63,8 @@ pub const NOTIFY_CHANNEL: &str = "fraiseql_observers_change_log";
 /// Observer name under which undecodable change-log rows are dead-lettered.
 pub const DECODE_OBSERVER: &str = "(change-log)";
 pub const DEFAULT_BATCH_SIZE: u32 = 1000;
+/// Default of the rows all partitions of a node may hold at once (`--max-rows-in-flight`).
+pub const DEFAULT_MAX_ROWS_IN_FLIGHT: u32 = 4000;
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Least time between checkpoint writes that only move an idle partition's snapshot forward.
 const IDLE_ADVANCE_INTERVAL: Duration = Duration::from_secs(1);
@@ -90,6 +92,61 @@ pub struct ListenerSettings {
     pub max_page_bytes: u64,
     /// Whether delivered pages write their events' history rows with the checkpoint.
     pub record_history: bool,
+    /// The rows this listener's page may hold, shared with every partition of the node (clones
+    /// of these settings share it).
+    pub row_budget: RowBudget,
+}
+
+/// How many change-log rows all partitions of a node hold at once, read and not yet saved: a
+/// page takes its share before it reads (its rows per page) and gives back what it did not
+/// fill as soon as it has read, the rest when its checkpoint is saved. A node that falls behind
+/// so holds at most this many events however many partitions it leads, instead of a full page
+/// for every partition; a page never waits for more than the budget holds.
+#[derive(Clone, Debug)]
+pub struct RowBudget {
+    rows: u32,
+    semaphore: Arc<tokio::sync::Semaphore>,
+}
+
+impl RowBudget {
+    /// A budget of `rows` (at least 1).
+    #[must_use]
+    pub fn new(rows: u32) -> RowBudget {
+        let rows = rows.max(1);
+        RowBudget {
+            rows,
+            semaphore: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(rows).unwrap_or(usize::MAX),
+            )),
+        }
+    }
+
+    /// The rows the budget holds in all.
+    #[must_use]
+    pub fn rows(&self) -> u32 {
+        self.rows
+    }
+
+    /// Rows the budget has free now.
+    #[must_use]
+    pub fn available(&self) -> usize {
+        self.semaphore.available_permits()
+    }
+
+    /// Waits for `rows` of the budget (at most all of it).
+    async fn take(&self, rows: u32) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.semaphore
+            .clone()
+            .acquire_many_owned(rows.min(self.rows))
+            .await
+            .ok()
+    }
+}
+
+impl Default for RowBudget {
+    fn default() -> Self {
+        RowBudget::new(DEFAULT_MAX_ROWS_IN_FLIGHT)
+    }
 }
 
 impl Default for ListenerSettings {
@@ -103,6 +160,7 @@ impl Default for ListenerSettings {
             max_row_bytes: DEFAULT_MAX_ROW_BYTES,
             max_page_bytes: DEFAULT_MAX_PAGE_BYTES,
             record_history: true,
+            row_budget: RowBudget::default(),
         }
     }
 }
@@ -271,9 +329,16 @@ impl Listener {
     /// node took the partition over ([`ListenerError::FencedOut`]).
     pub async fn deliver_page(&mut self) -> Result<PageOutcome, ListenerError> {
         let position = self.checkpoint.position.clone();
+        // This page's share of the node's row budget, held until the page is saved.
+        let mut share = self.settings.row_budget.take(self.page_rows()).await;
         let page_started = std::time::Instant::now();
         let (upto, rows, cut_short) = self.read_page(&position).await?;
         let read_took = page_started.elapsed();
+        if let Some(share) = share.as_mut() {
+            // What the page did not fill goes back at once.
+            let unused = share.num_permits().saturating_sub(rows.len());
+            drop(share.split(unused));
+        }
         if rows.is_empty() && position.batch_upto.is_none() {
             // Nothing of ours committed since the checkpoint's snapshot. Keeping that snapshot is
             // exact, but the next reads would range over every change-log row committed since
@@ -340,7 +405,7 @@ impl Listener {
         }
 
         let full_page =
-            cut_short || u32::try_from(row_count).unwrap_or(u32::MAX) >= self.settings.batch_size;
+            cut_short || u32::try_from(row_count).unwrap_or(u32::MAX) >= self.page_rows();
         let next = next_position(position, upto, full_page, last_position);
         let save_started = std::time::Instant::now();
         let settled = self.unwritten(settled);
@@ -465,7 +530,7 @@ impl Listener {
                 snapshot: position.snapshot.as_deref(),
                 batch_upto: position.batch_upto.as_deref(),
                 batch_position: position.batch_position,
-                batch_size: self.settings.batch_size,
+                batch_size: self.page_rows(),
                 partitioned: self
                     .settings
                     .partition_count
@@ -484,6 +549,13 @@ impl Listener {
             }));
         }
         Ok((page.upto, page.rows, page.cut_short))
+    }
+
+    /// Rows one page reads: the batch size, within the node's row budget.
+    fn page_rows(&self) -> u32 {
+        self.settings
+            .batch_size
+            .min(self.settings.row_budget.rows())
     }
 
     /// What a dead letter keeps of a row refused before parsing (over the row limit, or nested

@@ -2,9 +2,11 @@
 //! claim + complete throughput with 1 and 4 workers, claiming one job at a time and claiming 16 at
 //! once (`DEFAULT_CLAIM_BATCH`), pickup latency (enqueue commit → claim) with workers waiting
 //! on LISTEN, and one worker draining an ordered backlog (12,000 jobs over 200 entities by
-//! default, `ORDERED_ENTITIES` / `ORDERED_PER_ENTITY`; `JOBS_ONLY=ordered` runs only that). As in `benches/graphile/bench.mjs`: the jobs are enqueued before the timer starts and
-//! the jobs table analyzed; the timer runs from starting the workers until the workers report
-//! every job done (an in-process count, polled every millisecond), confirmed in the database; the
+//! default, `ORDERED_ENTITIES` / `ORDERED_PER_ENTITY`). `JOBS_ONLY` (a comma-separated list of
+//! `ordered`, `single`, `batched`, `pickup`) runs only those parts. As in
+//! `benches/graphile/bench.mjs`: the jobs are enqueued before the timer starts and the jobs table
+//! analyzed; the timer runs from starting the workers until the workers report every job done (an
+//! in-process count, polled every millisecond), confirmed in the database; the
 //! connection is plain TCP (`sslmode=disable`, as node-postgres connects by default). Every job is a change-log event of its own
 //! entity, as the listener enqueues them: it carries an ordering key, so each claim checks that
 //! no earlier job of the entity is unfinished (none is: nothing is held back). The same
@@ -305,29 +307,33 @@ async fn pickup_latency() -> (f64, f64, f64) {
     (at(0.5), at(0.99), *latencies.last().unwrap())
 }
 
+/// Whether `part` is to run: `JOBS_ONLY` (a comma-separated list of `ordered`, `single`,
+/// `batched`, `pickup`) names it, or is not set.
+fn runs(part: &str) -> bool {
+    std::env::var("JOBS_ONLY").map_or(true, |only| only.split(',').any(|name| name.trim() == part))
+}
+
 #[tokio::main]
 async fn main() {
-    if std::env::var("JOBS_ONLY").as_deref() == Ok("ordered") {
-        let ordered = ordered_drain().await;
-        println!(
-            "{}",
-            json!({"queue": "fraiseql-observers", "ordered_drain": ordered.round()})
-        );
-        return;
+    let mut report = json!({"queue": "fraiseql-observers", "jobs": job_count(),
+                            "claim_batch": DEFAULT_CLAIM_BATCH});
+    if runs("ordered") {
+        report["ordered_drain"] = json!(ordered_drain().await.round());
     }
-    let ordered = ordered_drain().await;
-    let single_one = throughput(1, 1).await;
-    let single_four = throughput(4, 1).await;
-    let one = throughput(1, DEFAULT_CLAIM_BATCH).await;
-    let four = throughput(4, DEFAULT_CLAIM_BATCH).await;
-    let (p50, p99, max) = pickup_latency().await;
-    println!(
-        "{}",
-        json!({"queue": "fraiseql-observers", "jobs": job_count(),
-               "claim_batch": DEFAULT_CLAIM_BATCH,
-               "throughput": {"1": one.round(), "4": four.round()},
-               "throughput_single": {"1": single_one.round(), "4": single_four.round()},
-               "ordered_drain": ordered.round(),
-               "pickup_ms": {"p50": (p50 * 10.0).round() / 10.0, "p99": (p99 * 10.0).round() / 10.0, "max": (max * 10.0).round() / 10.0}})
-    );
+    if runs("single") {
+        let one = throughput(1, 1).await;
+        let four = throughput(4, 1).await;
+        report["throughput_single"] = json!({"1": one.round(), "4": four.round()});
+    }
+    if runs("batched") {
+        let one = throughput(1, DEFAULT_CLAIM_BATCH).await;
+        let four = throughput(4, DEFAULT_CLAIM_BATCH).await;
+        report["throughput"] = json!({"1": one.round(), "4": four.round()});
+    }
+    if runs("pickup") {
+        let (p50, p99, max) = pickup_latency().await;
+        let tenth = |ms: f64| (ms * 10.0).round() / 10.0;
+        report["pickup_ms"] = json!({"p50": tenth(p50), "p99": tenth(p99), "max": tenth(max)});
+    }
+    println!("{report}");
 }

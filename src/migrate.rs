@@ -111,6 +111,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0018_waiting_jobs",
         sql: include_str!("../migrations/0018_waiting_jobs.sql"),
     },
+    Migration {
+        version: 19,
+        name: "0019_completion_promotes",
+        sql: include_str!("../migrations/0019_completion_promotes.sql"),
+    },
 ];
 
 impl Migration {

@@ -702,10 +702,12 @@ async fn a_completion_this_node_no_longer_holds_does_not_release_the_next_job() 
     );
 }
 
-#[tokio::test]
-async fn dead_lettered_and_cancelled_jobs_do_not_hold_later_ones_back() {
-    let database = TestDatabase::migrated().await;
-    let jobs = queue(&database, "a");
+/// Enqueues `jobs` with a connection listening on the workers' channel, and takes the insert's
+/// own notification: the listener hears only what comes after.
+async fn enqueue_and_listen(
+    database: &TestDatabase,
+    jobs: &[NewJob],
+) -> sqlx::postgres::PgListener {
     let mut notifications = sqlx::postgres::PgListener::connect_with(&database.pool)
         .await
         .unwrap();
@@ -713,8 +715,20 @@ async fn dead_lettered_and_cancelled_jobs_do_not_hold_later_ones_back() {
         .listen(fraiseql_observers::jobs::JOBS_CHANNEL)
         .await
         .unwrap();
-    enqueue_batch(
-        &database.pool,
+    enqueue_batch(&database.pool, jobs).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), notifications.recv())
+        .await
+        .expect("an enqueue notifies the workers")
+        .unwrap();
+    notifications
+}
+
+#[tokio::test]
+async fn dead_lettered_and_cancelled_jobs_do_not_hold_later_ones_back() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    let mut notifications = enqueue_and_listen(
+        &database,
         &[
             ordered_job("poison", 1, 5),
             ordered_job("poison", 2, 5),
@@ -722,13 +736,7 @@ async fn dead_lettered_and_cancelled_jobs_do_not_hold_later_ones_back() {
             ordered_job("cancelled", 4, 5),
         ],
     )
-    .await
-    .unwrap();
-    // The insert's own notification.
-    tokio::time::timeout(Duration::from_secs(5), notifications.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    .await;
 
     let first = jobs.claim("default", 10).await.unwrap();
     assert_eq!(
@@ -1057,6 +1065,55 @@ async fn followers_wait_outside_the_ready_index_and_each_finish_promotes_the_nex
             .unwrap();
     assert_eq!(status_of(&database, fifth).await.0, "waiting");
     assert!(jobs.cancel(fifth).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_completion_promotes_the_next_job_it_does_not_claim_and_wakes_the_workers() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    let mut notifications = enqueue_and_listen(
+        &database,
+        &[
+            ordered_job("1", 1, 5),
+            ordered_job("1", 2, 5),
+            ordered_job("1", 3, 5),
+        ],
+    )
+    .await;
+    let first = jobs.claim("default", 10).await.unwrap();
+    assert_eq!(entities(&first), [("1".to_owned(), 1)]);
+
+    // Completed by a worker of another queue: the successor is not its to claim, so the
+    // statement promotes it and wakes the workers of its queue.
+    let (completed, claimed) = jobs
+        .complete_and_claim(&[first[0].id], "elsewhere", 10)
+        .await
+        .unwrap();
+    assert_eq!(completed, [first[0].id]);
+    assert!(claimed.is_empty());
+    assert_eq!(
+        chain(&database, "1").await,
+        ["completed", "pending", "waiting"]
+    );
+    tokio::time::timeout(Duration::from_secs(5), notifications.recv())
+        .await
+        .expect("promoting the next job wakes the workers")
+        .unwrap();
+
+    // Completed by a worker of its queue: the successor is claimed in the same statement
+    // (running, not promoted to pending as well), and the one after it keeps waiting.
+    let second = jobs.claim("default", 10).await.unwrap();
+    assert_eq!(entities(&second), [("1".to_owned(), 2)]);
+    let (completed, claimed) = jobs
+        .complete_and_claim(&[second[0].id], "default", 10)
+        .await
+        .unwrap();
+    assert_eq!(completed, [second[0].id]);
+    assert_eq!(entities(&claimed), [("1".to_owned(), 3)]);
+    assert_eq!(
+        chain(&database, "1").await,
+        ["completed", "completed", "running"]
+    );
 }
 
 #[tokio::test]

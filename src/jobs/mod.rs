@@ -140,6 +140,46 @@ pub fn backoff_delay(attempts: u32, initial: Duration, max: Duration) -> Duratio
 /// alone ([`PostgresJobQueue::fail_unreadable`]) instead of the whole claim.
 const JOB_COLUMNS: &str = "id, queue, priority, attempts, max_attempts, backoff_initial_ms, backoff_max_ms, idempotency_key, event::text AS event, observer, action_index, action_type, errors, inline_attempts";
 
+/// Completes the held jobs `$1` (uuid[]) of node `$2` (CTE `done`: id, `ordering_key`) and finds
+/// the job each completion makes next in line (CTE `after_done`: id, status, queue, `run_at` of
+/// the first unfinished job of the completed job's ordering key): the head of a completion
+/// statement, followed by [`PROMOTE_AFTER_DONE`].
+const COMPLETE_HELD: &str = "done AS (
+         UPDATE fraiseql_observers.jobs AS job
+            SET status = 'completed', finished_at = now(), locked_by = NULL, locked_until = NULL
+           FROM unnest($1::uuid[]) AS finished(id)
+          WHERE job.id = finished.id AND job.status = 'running' AND job.locked_by = $2
+      RETURNING job.id, job.ordering_key),
+     after_done AS (
+         SELECT next.id, next.status, next.queue, next.run_at
+           FROM done
+          CROSS JOIN LATERAL (
+                SELECT candidate.id, candidate.status, candidate.queue, candidate.run_at
+                  FROM fraiseql_observers.jobs AS candidate
+                 WHERE candidate.ordering_key = done.ordering_key
+                   AND candidate.status IN ('pending', 'running', 'waiting')
+                   AND candidate.id NOT IN (SELECT id FROM done)
+                 ORDER BY candidate.ordinal
+                 LIMIT 1) AS next
+          WHERE done.ordering_key IS NOT NULL)";
+
+/// The tail of a completion statement: promotes to pending every waiting job that a completion
+/// made next in line (`after_done`) and that the statement does not claim itself (CTE `picked`),
+/// and notifies the workers when there was one (CTE `notified`, which the final SELECT must read
+/// for the notification to be sent). Completions promote their successors here, in the
+/// statement; the `jobs_promote_successor` trigger covers the other ways a job finishes (dead
+/// letter, cancel) — a row trigger per completed job cost a PL/pgSQL call and a second update
+/// statement per job.
+const PROMOTE_AFTER_DONE: &str = "promoted AS (
+         UPDATE fraiseql_observers.jobs AS job
+            SET status = 'pending'
+          WHERE job.id IN (SELECT id FROM after_done WHERE status = 'waiting')
+            AND job.id NOT IN (SELECT id FROM picked)
+            AND job.status = 'waiting'
+      RETURNING job.id),
+     notified AS (
+         SELECT pg_notify('fraiseql_observers_jobs', '') WHERE EXISTS (SELECT FROM promoted))";
+
 fn job_from_row(row: &sqlx::postgres::PgRow) -> Result<Job, JobError> {
     let id: Uuid = row.try_get("id")?;
     let corrupt = |problem: String| JobError::Corrupt { id, problem };
@@ -226,43 +266,35 @@ impl PostgresJobQueue {
         queue: &str,
         limit: u32,
     ) -> Result<(Vec<Uuid>, Vec<Job>), JobError> {
-        // Both updates see the same snapshot; they touch disjoint rows (running vs pending or
-        // waiting). The outer join yields one row even when nothing was claimed, carrying the
-        // completions. A job waits while an earlier job of its ordering key is unfinished; one
-        // this statement completes (`done`, as actually updated) no longer counts, and the job
-        // that completion makes next in line (`successors`: the first unfinished job of its key
-        // after it, if that one is waiting) is claimed straight from `waiting`, before the ready
-        // jobs — so the next job of an entity goes out in the same round trip that completes the
-        // one before it. A successor not claimed here (another queue, no room) is promoted to
-        // pending by the jobs_promote_successor trigger at the end of the statement.
+        // The updates see the same snapshot and touch disjoint rows (running; pending or waiting
+        // and picked; waiting and not picked). The outer join yields one row even when nothing
+        // was claimed, carrying the completions. A job waits while an earlier job of its ordering
+        // key is unfinished; one this statement completes (`done`, as actually updated) no longer
+        // counts, and the job that completion makes next in line (`after_done`: the first
+        // unfinished job of its key after it, if that one is waiting) is claimed straight from
+        // `waiting`, before the ready jobs — so the next job of an entity goes out in the same
+        // round trip that completes the one before it. A successor not claimed here (another
+        // queue, not due, no room) is promoted to pending (`promoted`) and the workers notified.
+        //
+        // The limit is written into the statement, not bound: with `LIMIT $n` the planner costs a
+        // generic plan for an unknown limit (a tenth of the ready jobs), finds it dearer than a
+        // plan for the actual one, and so plans the statement afresh at every call — two thirds
+        // of the server's work per claim. A literal limit gives one prepared statement per limit
+        // (a worker asks for 1 up to its claim batch), whose generic plan the server keeps after
+        // its first few executions.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "WITH done AS (
-                 UPDATE fraiseql_observers.jobs AS job
-                    SET status = 'completed', finished_at = now(), locked_by = NULL, locked_until = NULL
-                   FROM unnest($1::uuid[]) AS finished(id)
-                  WHERE job.id = finished.id AND job.status = 'running' AND job.locked_by = $3
-              RETURNING job.id, job.ordering_key),
+            "WITH {COMPLETE_HELD},
              successors AS (
-                 SELECT next.id
-                   FROM done
-                  CROSS JOIN LATERAL (
-                        SELECT candidate.id, candidate.status, candidate.queue, candidate.run_at
-                          FROM fraiseql_observers.jobs AS candidate
-                         WHERE candidate.ordering_key = done.ordering_key
-                           AND candidate.status IN ('pending', 'running', 'waiting')
-                           AND candidate.id NOT IN (SELECT id FROM done)
-                         ORDER BY candidate.ordinal
-                         LIMIT 1) AS next
-                  WHERE done.ordering_key IS NOT NULL AND next.status = 'waiting'
-                    AND next.queue = $2 AND next.run_at <= now()),
+                 SELECT id FROM after_done
+                  WHERE status = 'waiting' AND queue = $3 AND run_at <= now()),
              next_in_line AS (
                  SELECT candidate.id FROM fraiseql_observers.jobs AS candidate
                   WHERE candidate.id IN (SELECT id FROM successors) AND candidate.status = 'waiting'
-                  LIMIT $4
+                  LIMIT {limit}
                   FOR UPDATE SKIP LOCKED),
              ready AS (
                  SELECT candidate.id FROM fraiseql_observers.jobs AS candidate
-                  WHERE candidate.queue = $2 AND candidate.status = 'pending'
+                  WHERE candidate.queue = $3 AND candidate.status = 'pending'
                     AND candidate.run_at <= now()
                     AND NOT EXISTS (
                         SELECT FROM fraiseql_observers.jobs AS earlier
@@ -271,27 +303,28 @@ impl PostgresJobQueue {
                            AND earlier.status IN ('pending', 'running', 'waiting')
                            AND earlier.id NOT IN (SELECT id FROM done))
                   ORDER BY candidate.priority DESC, candidate.run_at
-                  LIMIT $4
+                  LIMIT {limit}
                   FOR UPDATE SKIP LOCKED),
              picked AS (
                  SELECT id FROM (SELECT id, 0 AS rank FROM next_in_line
                                  UNION ALL
                                  SELECT id, 1 FROM ready) AS both_kinds
                   ORDER BY rank
-                  LIMIT $4),
+                  LIMIT {limit}),
              claimed AS (
                  UPDATE fraiseql_observers.jobs AS job
-                    SET status = 'running', attempts = job.attempts + 1, locked_by = $3,
-                        locked_until = now() + make_interval(secs => $5), started_at = now()
+                    SET status = 'running', attempts = job.attempts + 1, locked_by = $2,
+                        locked_until = now() + make_interval(secs => $4), started_at = now()
                   WHERE job.id IN (SELECT id FROM picked)
-              RETURNING {JOB_COLUMNS})
-             SELECT (SELECT coalesce(array_agg(id), '{{}}') FROM done) AS completed, claimed.*
+              RETURNING {JOB_COLUMNS}),
+             {PROMOTE_AFTER_DONE}
+             SELECT (SELECT coalesce(array_agg(id), '{{}}') FROM done) AS completed,
+                    (SELECT count(*) FROM notified) AS notified, claimed.*
                FROM (VALUES (1)) AS one (n) LEFT JOIN claimed ON true"
         )))
         .bind(done)
-        .bind(queue)
         .bind(&self.node_id)
-        .bind(i64::from(limit))
+        .bind(queue)
         .bind(self.visibility_timeout.as_secs_f64())
         .fetch_all(&self.pool)
         .await?;
@@ -320,17 +353,18 @@ impl PostgresJobQueue {
         connection: &mut sqlx::PgConnection,
         ids: &[Uuid],
     ) -> Result<Vec<Uuid>, JobError> {
-        Ok(sqlx::query_scalar(
-            "UPDATE fraiseql_observers.jobs AS job
-                SET status = 'completed', finished_at = now(), locked_by = NULL, locked_until = NULL
-               FROM unnest($1::uuid[]) AS done(id)
-              WHERE job.id = done.id AND job.status = 'running' AND job.locked_by = $2
-          RETURNING job.id",
-        )
-        .bind(ids)
-        .bind(&self.node_id)
-        .fetch_all(&mut *connection)
-        .await?)
+        let (completed, _notified): (Vec<Uuid>, i64) =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "WITH {COMPLETE_HELD},
+                 picked (id) AS (SELECT NULL::uuid WHERE false),
+                 {PROMOTE_AFTER_DONE}
+                 SELECT ARRAY(SELECT id FROM done), (SELECT count(*) FROM notified)"
+            )))
+            .bind(ids)
+            .bind(&self.node_id)
+            .fetch_one(&mut *connection)
+            .await?;
+        Ok(completed)
     }
 
     /// Extends the claim; `false` when this node no longer holds it.
@@ -1010,6 +1044,11 @@ pub async fn oldest_due_ages<'connection>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn completions_notify_on_the_workers_channel() {
+        assert!(PROMOTE_AFTER_DONE.contains(&format!("pg_notify('{JOBS_CHANNEL}'")));
+    }
 
     #[test]
     fn ordering_keys_cannot_collide_through_separators_in_ids() {

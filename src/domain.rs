@@ -330,7 +330,8 @@ impl Serialize for Envelope<'_> {
         use serde::ser::SerializeMap as _;
         let event = self.event;
         let mut map = serializer.serialize_map(Some(11 + usize::from(event.replay.is_some())))?;
-        map.serialize_entry("id", &event.id)?;
+        // A string whatever the serializer (Uuid itself is bytes to a binary one).
+        map.serialize_entry("id", &event.id.hyphenated())?;
         map.serialize_entry("event_type", event.kind.as_str())?;
         map.serialize_entry("entity_type", &event.entity_type)?;
         map.serialize_entry("entity_id", &event.entity_id)?;

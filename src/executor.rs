@@ -361,19 +361,16 @@ impl Executor {
     ) -> EventSummary {
         let started = Instant::now();
         let matched: Vec<&ObserverDefinition> = self.matcher.matching(event).collect();
-        let envelopes: Vec<crate::domain::Envelope<'_>> = matched
-            .iter()
-            .map(|observer| event.envelope(observer.name.as_str()))
-            .collect();
 
         let mut running: FuturesUnordered<_> = matched
             .iter()
-            .zip(&envelopes)
             .enumerate()
-            .flat_map(|(observer_position, (observer, envelope))| {
+            .flat_map(|(observer_position, observer)| {
                 observer.actions.iter().map(move |action| async move {
+                    // A view of the event (two references): built where it is used.
+                    let envelope = event.envelope(observer.name.as_str());
                     let report = self
-                        .execute_action(event, observer, action, envelope, completed, ahead)
+                        .execute_action(event, observer, action, &envelope, completed, ahead)
                         .await;
                     (observer_position, report)
                 })

@@ -217,10 +217,6 @@ struct CheckedRow {
     trace_id: Option<String>,
 }
 
-fn row_object(position: i64, row: &Value) -> Result<&Map<String, Value>, MalformedRow> {
-    row.as_object().ok_or_else(|| not_an_object(position, row))
-}
-
 fn not_an_object(position: i64, row: &Value) -> MalformedRow {
     MalformedRow {
         position,
@@ -340,7 +336,9 @@ impl CheckedRow {
 /// # Errors
 /// The first column that does not fit the change-log contract.
 pub fn decode_row(position: i64, row: &Value) -> Result<EntityEvent, MalformedRow> {
-    let object = row_object(position, row)?;
+    let object = row
+        .as_object()
+        .ok_or_else(|| not_an_object(position, row))?;
     let checked = check_row(position, object)?;
     Ok(checked.event(
         position,

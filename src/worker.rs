@@ -4,9 +4,12 @@
 //! The running loop keeps up to `claim_batch` attempts in flight and at most as many claimed jobs
 //! ready behind them. The next claim is sent while jobs run and carries the completions gathered
 //! so far, so one statement (one commit) both completes the last jobs and claims the next ones,
-//! and the database round trip overlaps the work instead of following it. When the queue had
-//! nothing more to give, each completion is sent as soon as there is one: it may make the next
-//! job of its entity (ordering key) claimable, and that claim is made in the same statement.
+//! and the database round trip overlaps the work instead of following it. When the jobs of a
+//! batch finish before the step that asked for more returns (short actions), a second step goes
+//! out beside it, so that the database works on one while the other's answer comes back. When
+//! the queue had nothing more to give, each completion is sent as soon as there is one: it may
+//! make the next job of its entity (ordering key) claimable, and that claim is made in the same
+//! statement.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -451,13 +454,7 @@ impl JobWorker {
     /// claimed but not started are released and jobs in progress are finished (within their
     /// action timeouts) and recorded before returning.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut notifications = match PgListener::connect_with(self.queue.pool()).await {
-            Ok(mut listener) => listener.listen(JOBS_CHANNEL).await.ok().map(|()| listener),
-            Err(error) => {
-                tracing::warn!(%error, "job notifications unavailable; polling only");
-                None
-            }
-        };
+        let mut notifications = self.listen_for_jobs().await;
         let limit = usize::try_from(self.claim_batch).unwrap_or(usize::MAX);
         let mut ready: VecDeque<Job> = VecDeque::new();
         let mut running = FuturesUnordered::new();
@@ -466,7 +463,9 @@ impl JobWorker {
         let mut held: HashSet<Uuid> = HashSet::new();
         // Succeeded, to be marked completed with the next claim.
         let mut done: Vec<Uuid> = Vec::new();
-        let mut claim: Option<BoxFuture<'_, ClaimResult>> = None;
+        // Complete-and-claim steps in flight (at most `CLAIMS_IN_FLIGHT`) and the jobs they ask for.
+        let mut claims: FuturesUnordered<BoxFuture<'_, ClaimResult>> = FuturesUnordered::new();
+        let mut requested = 0;
         let mut heartbeat: Option<BoxFuture<'_, ()>> = None;
         let mut pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         let mut heartbeat_every = tokio::time::interval(self.queue.visibility_timeout() / 3);
@@ -482,25 +481,27 @@ impl JobWorker {
                 let Some(job) = ready.pop_front() else { break };
                 running.push(self.run_one(job));
             }
-            if stopping && running.is_empty() && claim.is_none() {
+            if stopping && running.is_empty() && claims.is_empty() {
                 break;
             }
-            if claim.is_none() && pause.is_none() && !stopping {
-                let room = (2 * limit)
-                    .saturating_sub(running.len() + ready.len())
-                    .min(limit);
-                // With the queue drained, completions go out as they come (with a claim): one may
-                // release the next job of its entity, which must not wait for the slowest job
-                // still running here.
-                let flush = drained && !done.is_empty();
-                if (!drained && ready.is_empty() && room > 0) || flush {
-                    claim = Some(self.claim(std::mem::take(&mut done), room.max(1)));
-                }
+            if pause.is_none()
+                && !stopping
+                && let Some(asked) = step_size(
+                    limit,
+                    (running.len(), ready.len()),
+                    requested,
+                    claims.len(),
+                    drained,
+                    !done.is_empty(),
+                )
+            {
+                requested += asked;
+                claims.push(self.claim(std::mem::take(&mut done), asked));
             }
             if drained
                 && running.is_empty()
                 && ready.is_empty()
-                && claim.is_none()
+                && claims.is_empty()
                 && pause.is_none()
                 && !stopping
             {
@@ -517,8 +518,8 @@ impl JobWorker {
                         tracing::warn!(%error, job = %id, "recording a failed attempt failed; the claim will expire and the job runs again");
                     }
                 },
-                (sent, requested, result) = async { match claim.as_mut() { Some(future) => future.await, None => std::future::pending().await } } => {
-                    claim = None;
+                Some((sent, asked, result)) = claims.next(), if !claims.is_empty() => {
+                    requested -= asked;
                     match result {
                         Ok((completed, jobs)) => {
                             if completed.len() < sent.len() {
@@ -527,7 +528,7 @@ impl JobWorker {
                             for id in &sent {
                                 held.remove(id);
                             }
-                            drained = jobs.len() < requested;
+                            drained = jobs.len() < asked;
                             held.extend(jobs.iter().map(|job| job.id));
                             ready.extend(jobs);
                         }
@@ -550,6 +551,17 @@ impl JobWorker {
         }
         if let Err(error) = self.queue.complete_many(&done).await {
             tracing::warn!(%error, "marking the last jobs completed failed; they will run again");
+        }
+    }
+
+    /// A connection listening for new jobs; `None` (poll only) when it cannot be had.
+    async fn listen_for_jobs(&self) -> Option<PgListener> {
+        match PgListener::connect_with(self.queue.pool()).await {
+            Ok(mut listener) => listener.listen(JOBS_CHANNEL).await.ok().map(|()| listener),
+            Err(error) => {
+                tracing::warn!(%error, "job notifications unavailable; polling only");
+                None
+            }
         }
     }
 
@@ -622,6 +634,32 @@ impl JobWorker {
     }
 }
 
+/// How many jobs the next complete-and-claim step asks for, if one is to go out now: the worker
+/// holds `running` and `ready` jobs, has `requested` more asked for by `in_flight` steps, and may
+/// hold twice `limit`. With no step in flight, one goes out when nothing is ready and there is
+/// room (as the queue had jobs to give), or to send completions once the queue was drained —
+/// one may release the next job of its entity, which must not wait for the slowest job still
+/// running. A second goes out beside one in flight only for a whole batch: the jobs of the first
+/// ran already (short actions), and the database, not the actions, is what the worker waits for.
+fn step_size(
+    limit: usize,
+    (running, ready): (usize, usize),
+    requested: usize,
+    in_flight: usize,
+    drained: bool,
+    has_completions: bool,
+) -> Option<usize> {
+    let room = (2 * limit)
+        .saturating_sub(running + ready + requested)
+        .min(limit);
+    let send = if in_flight == 0 {
+        (!drained && ready == 0 && room > 0) || (drained && has_completions)
+    } else {
+        in_flight < CLAIMS_IN_FLIGHT && !drained && ready == 0 && room == limit
+    };
+    send.then_some(room.max(1))
+}
+
 /// Completions sent, jobs asked for, and the outcome of one complete-and-claim step.
 type ClaimResult = (Vec<Uuid>, usize, Result<(Vec<Uuid>, Vec<Job>), JobError>);
 
@@ -633,5 +671,43 @@ const CIRCUIT_RECHECK: Duration = Duration::from_secs(5);
 /// When a busy endpoint (no slot within the queue wait) gives no time to wait, try after this.
 const BUSY_RECHECK: Duration = Duration::from_secs(1);
 
+/// Complete-and-claim steps one worker has in flight at most: two, so that the database works
+/// on one while the other's answer is on its way back and its jobs run.
+const CLAIMS_IN_FLIGHT: usize = 2;
+
 /// Wait after a failed complete-and-claim step before the next.
 const STEP_RETRY_DELAY: Duration = Duration::from_millis(250);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_step_goes_out_only_for_a_whole_batch_beside_one_in_flight() {
+        let limit = 16;
+        // Nothing held, nothing asked for: one step for a batch.
+        assert_eq!(step_size(limit, (0, 0), 0, 0, false, false), Some(16));
+        // A batch running, the next asked for while it runs.
+        assert_eq!(step_size(limit, (16, 0), 0, 0, false, false), Some(16));
+        // That step in flight and the batch still running: no second step.
+        assert_eq!(step_size(limit, (16, 0), 16, 1, false, false), None);
+        assert_eq!(step_size(limit, (5, 0), 16, 1, false, true), None);
+        // The batch finished before the step returned: a second one beside it.
+        assert_eq!(step_size(limit, (0, 0), 16, 1, false, true), Some(16));
+        // Never a third.
+        assert_eq!(step_size(limit, (0, 0), 32, 2, false, true), None);
+        // Jobs ready to start: no step until they have.
+        assert_eq!(step_size(limit, (16, 4), 0, 0, false, false), None);
+    }
+
+    #[test]
+    fn once_drained_completions_go_out_as_they_come_one_step_at_a_time() {
+        let limit = 16;
+        assert_eq!(step_size(limit, (3, 0), 0, 0, true, true), Some(16));
+        assert_eq!(step_size(limit, (3, 0), 0, 0, true, false), None);
+        assert_eq!(step_size(limit, (3, 0), 16, 1, true, true), None);
+        // One job per claim: at least one job is asked for.
+        assert_eq!(step_size(1, (1, 0), 0, 0, false, false), Some(1));
+        assert_eq!(step_size(1, (0, 0), 1, 1, false, true), Some(1));
+    }
+}

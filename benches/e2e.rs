@@ -1098,11 +1098,12 @@ async fn checkpoint_store(report: &mut Report) {
     ));
 }
 
-/// Rows of the dead-letter queue and of the job queue.
+/// Rows of the dead-letter queue, and jobs the queue holds or completed.
 async fn dead_letters_and_jobs(pool: &PgPool) -> (u64, u64) {
     let (dead, jobs): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM fraiseql_observers.dead_letters),
-                (SELECT count(*) FROM fraiseql_observers.jobs)",
+                (SELECT count(*) FROM fraiseql_observers.jobs)
+                    + (SELECT count(*) FROM fraiseql_observers.jobs_completed)",
     )
     .fetch_one(pool)
     .await

@@ -231,19 +231,17 @@ async fn run_backlog(
     for task in running {
         task.await.unwrap();
     }
-    let done: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM fraiseql_observers.jobs WHERE status = 'completed'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let done: i64 = sqlx::query_scalar("SELECT count(*) FROM fraiseql_observers.jobs_completed")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(done, i64::try_from(jobs).unwrap(), "every job completed");
     // Per entity, the jobs started (claimed) in change order, never two at once.
     let overtaken: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (
              SELECT started_at, finished_at,
                     lag(finished_at) OVER (PARTITION BY ordering_key ORDER BY ordinal) AS previous_finished
-               FROM fraiseql_observers.jobs) AS chain
+               FROM fraiseql_observers.jobs_completed) AS chain
           WHERE started_at < previous_finished",
     )
     .fetch_one(&pool)
@@ -288,7 +286,8 @@ async fn pickup_latency() -> (f64, f64, f64) {
     }
     // created_at is the enqueueing transaction's time; started_at the claim's.
     let mut latencies: Vec<f64> = sqlx::query_scalar(
-        "SELECT extract(epoch FROM started_at - created_at)::float8 * 1000 FROM fraiseql_observers.jobs",
+        "SELECT extract(epoch FROM started_at - created_at)::float8 * 1000
+           FROM fraiseql_observers.jobs_completed",
     )
     .fetch_all(&pool)
     .await

@@ -116,6 +116,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0019_completion_promotes",
         sql: include_str!("../migrations/0019_completion_promotes.sql"),
     },
+    Migration {
+        version: 20,
+        name: "0020_completed_jobs",
+        sql: include_str!("../migrations/0020_completed_jobs.sql"),
+    },
 ];
 
 impl Migration {

@@ -238,7 +238,9 @@ async fn a_burst_to_a_small_receiver_is_delivered_without_timeouts_breakers_or_d
     let (timeouts, refused): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE errors::text LIKE '%OB004%'),
                 count(*) FILTER (WHERE errors::text LIKE '%OB015%')
-         FROM fraiseql_observers.jobs",
+         FROM (SELECT errors FROM fraiseql_observers.jobs
+               UNION ALL
+               SELECT errors FROM fraiseql_observers.jobs_completed) AS every_job",
     )
     .fetch_one(&database.pool)
     .await

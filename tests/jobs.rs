@@ -47,12 +47,17 @@ fn queue(database: &TestDatabase, node: &str) -> PostgresJobQueue {
     PostgresJobQueue::new(database.pool.clone(), node, Duration::from_secs(30))
 }
 
+/// A job's status and attempts, wherever it is: in the queue, or recorded as completed.
 async fn status_of(database: &TestDatabase, id: Uuid) -> (String, i32) {
-    sqlx::query_as("SELECT status, attempts FROM fraiseql_observers.jobs WHERE id = $1")
-        .bind(id)
-        .fetch_one(&database.pool)
-        .await
-        .unwrap()
+    sqlx::query_as(
+        "SELECT status, attempts FROM fraiseql_observers.jobs WHERE id = $1
+         UNION ALL
+         SELECT 'completed', attempts FROM fraiseql_observers.jobs_completed WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&database.pool)
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -114,6 +119,109 @@ async fn the_same_work_is_enqueued_once() {
         .await
         .unwrap();
     assert_eq!(count, 1);
+}
+
+#[tokio::test]
+async fn a_completed_job_leaves_the_queue_and_its_key_stays_taken_until_retention() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    let job = new_job("1", 7);
+    let id = jobs.enqueue(&job).await.unwrap().unwrap();
+    let claimed = jobs.claim("default", 1).await.unwrap();
+    assert!(jobs.complete(claimed[0].id).await.unwrap());
+
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM fraiseql_observers.jobs")
+        .fetch_one(&database.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "the completed job's row is gone from the queue");
+    let record: (Uuid, String, i16, i32, bool, bool) = sqlx::query_as(
+        "SELECT id, idempotency_key, priority, attempts, started_at IS NOT NULL,
+                finished_at >= started_at AND started_at >= created_at
+           FROM fraiseql_observers.jobs_completed",
+    )
+    .fetch_one(&database.pool)
+    .await
+    .unwrap();
+    assert_eq!(record, (id, job.idempotency_key(), 7, 1, true, true));
+
+    assert!(
+        jobs.enqueue(&job).await.unwrap().is_none(),
+        "a replayed event does not enqueue its completed job again"
+    );
+    let mut transaction = database.pool.begin().await.unwrap();
+    let requeued =
+        fraiseql_observers::jobs::requeue_batch(&mut transaction, std::slice::from_ref(&job))
+            .await
+            .unwrap();
+    transaction.commit().await.unwrap();
+    assert_eq!(
+        (requeued.requeued, requeued.enqueued),
+        (0, 0),
+        "a retry of a delivered action is left alone"
+    );
+    assert_eq!(jobs.stats().await.unwrap()[0].completed, 1);
+
+    assert_eq!(jobs.prune_finished(Duration::ZERO).await.unwrap(), 1);
+    assert_eq!(jobs.stats().await.unwrap(), Vec::new());
+    assert!(
+        jobs.enqueue(&job).await.unwrap().is_some(),
+        "once retention dropped the record, the key is free again (the window is retention's)"
+    );
+}
+
+/// An enqueue of a job whose earlier job (same idempotency key) is being completed: the insert
+/// waits for the completion, its own check ran before the completion committed, and the insert
+/// trigger drops the job — the replay stays a no-op in that window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_enqueued_while_its_key_completes_is_dropped() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    let job = new_job("1", 5);
+    jobs.enqueue(&job).await.unwrap().unwrap();
+    let claimed = jobs.claim("default", 1).await.unwrap();
+
+    // The completion, held open: the same delete-and-record the completing statement does.
+    let mut completing = database.pool.begin().await.unwrap();
+    sqlx::query(
+        "WITH done AS (
+             DELETE FROM fraiseql_observers.jobs WHERE id = $1
+          RETURNING id, idempotency_key, queue, priority, event_id, observer, action_index,
+                    action_type, ordering_key, ordinal, attempts, inline_attempts, errors, created_at,
+                    started_at)
+         INSERT INTO fraiseql_observers.jobs_completed
+                (id, idempotency_key, queue, priority, event_id, observer, action_index, action_type,
+                 ordering_key, ordinal, attempts, inline_attempts, errors, created_at, started_at)
+         SELECT * FROM done",
+    )
+    .bind(claimed[0].id)
+    .execute(&mut *completing)
+    .await
+    .unwrap();
+
+    let pool = database.pool.clone();
+    let replayed = job.clone();
+    let enqueue = tokio::spawn(async move { enqueue_batch(&pool, &[replayed]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !enqueue.is_finished(),
+        "the enqueue waits on the row being deleted"
+    );
+    completing.commit().await.unwrap();
+    enqueue.await.unwrap().unwrap();
+
+    let (queued, completed): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM fraiseql_observers.jobs),
+                (SELECT count(*) FROM fraiseql_observers.jobs_completed)",
+    )
+    .fetch_one(&database.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (queued, completed),
+        (0, 1),
+        "the replayed job did not stay in the queue"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -483,12 +591,11 @@ async fn a_stopping_worker_releases_what_it_claimed_and_a_running_worker_drains_
     }
     shutdown.cancel();
     running.await.unwrap();
-    let completed: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM fraiseql_observers.jobs WHERE status = 'completed'",
-    )
-    .fetch_one(&database.pool)
-    .await
-    .unwrap();
+    let completed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM fraiseql_observers.jobs_completed")
+            .fetch_one(&database.pool)
+            .await
+            .unwrap();
     assert_eq!(completed, 11);
 }
 
@@ -971,10 +1078,14 @@ async fn the_next_job_of_an_entity_does_not_wait_for_a_slow_job_of_another() {
     running.await.unwrap();
 }
 
-/// The statuses of the jobs of `entity`, in change order.
+/// The statuses of the (ordered) jobs of `entity`, in change order, completed ones included.
 async fn chain(database: &TestDatabase, entity: &str) -> Vec<String> {
     sqlx::query_scalar(
-        "SELECT status FROM fraiseql_observers.jobs WHERE event ->> 'entity_id' = $1 ORDER BY ordinal",
+        "SELECT status
+           FROM (SELECT status, ordering_key, ordinal FROM fraiseql_observers.jobs
+                 UNION ALL
+                 SELECT 'completed', ordering_key, ordinal FROM fraiseql_observers.jobs_completed) AS job
+          WHERE ordering_key::jsonb ->> 3 = $1 ORDER BY ordinal",
     )
     .bind(entity)
     .fetch_all(&database.pool)

@@ -73,6 +73,7 @@ const TABLE_OWNERS: &[(&str, &str)] = &[
     ("fraiseql_observers.cluster", "membership"),
     ("fraiseql_observers.coordinator", "membership"),
     ("fraiseql_observers.jobs", "jobs"),
+    ("fraiseql_observers.jobs_completed", "jobs"),
     ("fraiseql_observers.dead_letters", "dlq"),
     ("fraiseql_observers.history", "history"),
     ("fraiseql_observers.history_export", "history"),

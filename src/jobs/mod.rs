@@ -25,6 +25,10 @@
 //!   a permanent failure or the last attempt marks it failed and parks a dead letter with the
 //!   whole history, in one transaction.
 //! - Only the worker holding the claim can complete, fail or release a job.
+//! - A completed job leaves `jobs`: the completing statement deletes its row and records it,
+//!   without its payload, in `jobs_completed` (migration 0020) until retention. The enqueue skips
+//!   a job whose key is recorded there, and the insert trigger drops one whose key was completed
+//!   while it was being enqueued, so a replayed event stays a no-op after its job completed.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -144,12 +148,26 @@ const JOB_COLUMNS: &str = "id, queue, priority, attempts, max_attempts, backoff_
 /// the job each completion makes next in line (CTE `after_done`: id, status, queue, `run_at` of
 /// the first unfinished job of the completed job's ordering key): the head of a completion
 /// statement, followed by [`PROMOTE_AFTER_DONE`].
+///
+/// A completed job leaves the table: its row is deleted (no rewrite of the payload, no new index
+/// entries) and a narrow record of it goes to `jobs_completed` (migration 0020), whose unique key
+/// keeps a replayed enqueue a no-op. The rest of the statement still sees the deleted rows (one
+/// snapshot), hence the `NOT IN (SELECT id FROM done)` wherever unfinished jobs are looked for.
 const COMPLETE_HELD: &str = "done AS (
-         UPDATE fraiseql_observers.jobs AS job
-            SET status = 'completed', finished_at = now(), locked_by = NULL, locked_until = NULL
-           FROM unnest($1::uuid[]) AS finished(id)
+         DELETE FROM fraiseql_observers.jobs AS job
+          USING unnest($1::uuid[]) AS finished(id)
           WHERE job.id = finished.id AND job.status = 'running' AND job.locked_by = $2
-      RETURNING job.id, job.ordering_key),
+      RETURNING job.id, job.idempotency_key, job.queue, job.priority, job.event_id, job.observer, job.action_index,
+                job.action_type, job.ordering_key, job.ordinal, job.attempts, job.inline_attempts,
+                job.errors, job.created_at, job.started_at),
+     recorded AS (
+         INSERT INTO fraiseql_observers.jobs_completed
+                (id, idempotency_key, queue, priority, event_id, observer, action_index, action_type,
+                 ordering_key, ordinal, attempts, inline_attempts, errors, created_at, started_at)
+         SELECT id, idempotency_key, queue, priority, event_id, observer, action_index, action_type,
+                ordering_key, ordinal, attempts, inline_attempts, errors, created_at, started_at
+           FROM done
+         ON CONFLICT (idempotency_key) DO NOTHING),
      after_done AS (
          SELECT next.id, next.status, next.queue, next.run_at
            FROM done
@@ -237,7 +255,8 @@ impl PostgresJobQueue {
         self.visibility_timeout
     }
 
-    /// Enqueues one job; `None` when a job with the same idempotency key exists already.
+    /// Enqueues one job; `None` when a job with the same idempotency key exists already (or
+    /// completed, and retention still keeps its record).
     ///
     /// # Errors
     /// Storage failed.
@@ -663,7 +682,11 @@ impl PostgresJobQueue {
                         AS oldest_due_age_seconds,
                     count(*) FILTER (WHERE status = 'completed' AND finished_at > now() - interval '24 hours')
                         AS completed_last_day
-               FROM fraiseql_observers.jobs GROUP BY queue ORDER BY queue",
+               FROM (SELECT queue, status, run_at, started_at, finished_at FROM fraiseql_observers.jobs
+                     UNION ALL
+                     SELECT queue, 'completed', NULL, started_at, finished_at
+                       FROM fraiseql_observers.jobs_completed) AS every_job
+              GROUP BY queue ORDER BY queue",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -686,8 +709,8 @@ impl PostgresJobQueue {
             .collect()
     }
 
-    /// Deletes completed and cancelled jobs finished longer than `older_than` ago; failed jobs are
-    /// never pruned. How many.
+    /// Deletes the records of completed jobs and the cancelled jobs finished longer than
+    /// `older_than` ago; failed jobs are never pruned. How many.
     ///
     /// # Errors
     /// Storage failed.
@@ -765,8 +788,10 @@ pub async fn rescue_orphaned_on<'connection>(
     Ok(result.rows_affected())
 }
 
-/// Deletes completed and cancelled jobs finished longer than `older_than` ago, on `executor`;
-/// failed jobs are kept (their dead letters refer to them). Returns how many.
+/// Deletes the records of completed jobs and the cancelled jobs finished longer than
+/// `older_than` ago, on `executor` (with them goes the idempotency key that made a replayed
+/// enqueue a no-op); failed jobs are kept (their dead letters refer to them). Completed rows
+/// still in `jobs` (written before migration 0020) are pruned alike. Returns how many.
 ///
 /// # Errors
 /// Storage failed.
@@ -774,19 +799,29 @@ pub async fn prune_finished_on<'connection>(
     executor: impl sqlx::Executor<'connection, Database = Postgres>,
     older_than: Duration,
 ) -> Result<u64, JobError> {
-    let result = sqlx::query(
-        "DELETE FROM fraiseql_observers.jobs
-          WHERE status IN ('completed', 'cancelled') AND finished_at < now() - make_interval(secs => $1)",
+    let pruned: i64 = sqlx::query_scalar(
+        "WITH finished_jobs AS (
+             DELETE FROM fraiseql_observers.jobs
+              WHERE status IN ('completed', 'cancelled') AND finished_at < now() - make_interval(secs => $1)
+          RETURNING 1),
+         completed AS (
+             DELETE FROM fraiseql_observers.jobs_completed
+              WHERE finished_at < now() - make_interval(secs => $1)
+          RETURNING 1)
+         SELECT (SELECT count(*) FROM finished_jobs) + (SELECT count(*) FROM completed)",
     )
     .bind(older_than.as_secs_f64())
-    .execute(executor)
+    .fetch_one(executor)
     .await?;
-    Ok(result.rows_affected())
+    Ok(pruned.unsigned_abs())
 }
 
 /// Enqueues jobs on `executor` — a pool connection, or the transaction that also saves a
 /// checkpoint, so that a crash cannot separate the two. Jobs whose idempotency key exists already
-/// are skipped; returns the ids of those enqueued now.
+/// (a job of the queue, or the record of a completed one) are skipped; returns the ids of those
+/// enqueued now. A job whose key's earlier job completes while this statement runs is dropped
+/// by the insert trigger (migration 0020) after the ids are returned: a count from them can be
+/// one high in that race, the queue cannot.
 ///
 /// # Errors
 /// Storage failed.
@@ -856,6 +891,8 @@ pub async fn enqueue_batch<'connection>(
                 AS new (id, queue, priority, run_at, max_attempts, backoff_initial_ms, backoff_max_ms,
                         idempotency_key, event_id, observer, action_index, action_type, event, ordering_key,
                         ordinal, parked_on, errors, inline_attempts)
+          WHERE NOT EXISTS (SELECT FROM fraiseql_observers.jobs_completed AS completed
+                             WHERE completed.idempotency_key = new.idempotency_key)
          ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING id",
     )
@@ -962,7 +999,9 @@ pub async fn requeue_batch(
     .fetch_all(&mut *transaction)
     .await?;
     let existing: HashSet<String> = sqlx::query_scalar(
-        "SELECT idempotency_key FROM fraiseql_observers.jobs WHERE idempotency_key = ANY($1)",
+        "SELECT idempotency_key FROM fraiseql_observers.jobs WHERE idempotency_key = ANY($1)
+         UNION ALL
+         SELECT idempotency_key FROM fraiseql_observers.jobs_completed WHERE idempotency_key = ANY($1)",
     )
     .bind(&keys)
     .fetch_all(&mut *transaction)

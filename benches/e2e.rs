@@ -13,6 +13,11 @@
 //! - overload: one node, the generator writing as fast as it can;
 //! - backlog: a backlog of committed changes drained by one node; events/s and peak RSS;
 //! - checkpoint store: fenced compare-and-swap saves on 16 partitions at once;
+//! - cpu: one node at `E2E_CPU_RATE` events/s (default 3,000, a rate it keeps): the CPU its window
+//!   used per delivered event, split by process — the node, PostgreSQL's backends serving it, those
+//!   serving the writers (their INSERTs and the capture), PostgreSQL's background processes, this
+//!   process (generator and receiver) and the rest of the machine — and the rates the machine's
+//!   cores could give at that cost, with and without the service's own share;
 //! - small receiver: a burst of changes to distinct orders, committed in one transaction, delivered
 //!   by one node to a receiver of limited capacity (`E2E_SMALL_WORKERS` requests at once, default 4,
 //!   each `E2E_SMALL_SERVICE_MS`, default 20, from an accept queue `E2E_SMALL_BACKLOG` long, default
@@ -23,7 +28,7 @@
 //! Run: `cargo bench --bench e2e` (needs the local PostgreSQL; `TEST_DATABASE_URL` overrides).
 //! Knobs: `E2E_RATE` (latency, events/s, default 1000), `E2E_SECONDS` (sustained window, default
 //! 10), `E2E_RATES` (the sustained steps, default 3000 to 20000 by 1000), `E2E_TRIALS` (runs per step, default 3), `E2E_BACKLOG` (default 1,000,000), `E2E_NODES` (default
-//! `1,2,3`), `E2E_ONLY` (`latency,sustained,overload,backlog,checkpoint,small`), `E2E_CAPTURE=row`
+//! `1,2,3`), `E2E_ONLY` (`latency,sustained,overload,backlog,checkpoint,cpu,small`), `E2E_CAPTURE=row`
 //! (capture with the per-row trigger instead of the statement triggers). The nodes inherit
 //! the environment: `FRAISEQL_OBSERVERS_ADAPTIVE_CONCURRENCY=off` runs every other scenario with
 //! the adaptive limit off. Prints a Markdown table and writes it to `target/e2e-report.md`.
@@ -535,14 +540,137 @@ impl Sampler {
     }
 }
 
+/// Per PostgreSQL process, its CPU ticks and whom it works for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Serves {
+    /// A connection of the load generator (the writes and their capture into the change log).
+    Writers,
+    /// Another connection to the scenario's database: the nodes' reads, checkpoints, ledger,
+    /// leases and job queue.
+    Nodes,
+    /// Background processes (WAL writer, checkpointer, …), the postmaster, other databases.
+    Rest,
+}
+
+/// A reading of every PostgreSQL process's CPU ticks, by [`Serves`].
+struct PostgresTicks(HashMap<u32, (Serves, u64)>);
+
+impl PostgresTicks {
+    async fn read(pool: &PgPool, database: &str) -> PostgresTicks {
+        let backends: Vec<(i32, Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT pid, datname::text, application_name FROM pg_stat_activity")
+                .fetch_all(pool)
+                .await
+                .unwrap_or_default();
+        let mut ticks = HashMap::new();
+        for (pid, datname, application) in backends {
+            let Ok(pid) = u32::try_from(pid) else {
+                continue;
+            };
+            let serves = match (datname.as_deref(), application.as_deref()) {
+                (Some(name), Some(WRITER_APPLICATION)) if name == database => Serves::Writers,
+                (Some(name), _) if name == database => Serves::Nodes,
+                _ => Serves::Rest,
+            };
+            if let Some(cpu) = cpu_ticks(pid) {
+                ticks.insert(pid, (serves, cpu));
+            }
+        }
+        // The postmaster and any process pg_stat_activity does not list.
+        for pid in postgres_pids() {
+            if let (false, Some(cpu)) = (ticks.contains_key(&pid), cpu_ticks(pid)) {
+                ticks.insert(pid, (Serves::Rest, cpu));
+            }
+        }
+        PostgresTicks(ticks)
+    }
+
+    /// Ticks each kind of process used since `earlier` (a process that ended in between is lost;
+    /// one that started counts from zero).
+    fn since(&self, earlier: &PostgresTicks, serves: Serves) -> u64 {
+        self.0
+            .iter()
+            .filter(|(_, (kind, _))| *kind == serves)
+            .map(|(pid, (_, now))| {
+                now.saturating_sub(earlier.0.get(pid).map_or(0, |(_, then)| *then))
+            })
+            .sum()
+    }
+}
+
+/// Every process named `postgres` on this machine.
+fn postgres_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|name| name.trim() == "postgres")
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Where the machine's CPU went during a sustained window, in ticks.
+#[derive(Clone, Copy, Debug, Default)]
+struct CpuSplit {
+    node: u64,
+    postgres_nodes: u64,
+    postgres_writers: u64,
+    postgres_rest: u64,
+    /// This process: the load generator and the webhook receiver.
+    harness: u64,
+    machine_busy: u64,
+}
+
+/// Readings at a window's start, finished into a [`CpuSplit`] at its end.
+struct CpuReading {
+    postgres: PostgresTicks,
+    nodes: u64,
+    harness: u64,
+    machine_busy: u64,
+}
+
+impl CpuReading {
+    async fn take(pool: &PgPool, database: &str, nodes: &[u32]) -> CpuReading {
+        CpuReading {
+            postgres: PostgresTicks::read(pool, database).await,
+            nodes: nodes.iter().filter_map(|pid| cpu_ticks(*pid)).sum(),
+            harness: cpu_ticks(std::process::id()).unwrap_or(0),
+            machine_busy: machine_ticks().0,
+        }
+    }
+
+    fn split_since(&self, start: &CpuReading) -> CpuSplit {
+        CpuSplit {
+            node: self.nodes.saturating_sub(start.nodes),
+            postgres_nodes: self.postgres.since(&start.postgres, Serves::Nodes),
+            postgres_writers: self.postgres.since(&start.postgres, Serves::Writers),
+            postgres_rest: self.postgres.since(&start.postgres, Serves::Rest),
+            harness: self.harness.saturating_sub(start.harness),
+            machine_busy: self.machine_busy.saturating_sub(start.machine_busy),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The database and the load generator.
 
 /// The generator's connections (no TLS, as for the nodes).
+/// The load generator's connections call themselves this, so that their share of PostgreSQL's
+/// CPU can be told from the nodes' ([`PostgresTicks`]).
+const WRITER_APPLICATION: &str = "e2e-writer";
+
 async fn writer_pool(database: &TestDatabase) -> PgPool {
+    let url = database_url(database);
+    let separator = if url.contains('?') { '&' } else { '?' };
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(16)
-        .connect(&database_url(database))
+        .connect(&format!(
+            "{url}{separator}application_name={WRITER_APPLICATION}"
+        ))
         .await
         .expect("connect the load generator")
 }
@@ -755,6 +883,8 @@ fn mebibytes(bytes: u64) -> String {
 
 struct Report {
     rows: Vec<String>,
+    /// Tables of their own, printed after the scenarios' table.
+    sections: Vec<String>,
 }
 
 impl Report {
@@ -822,6 +952,10 @@ struct Sustained {
     lag_start: u64,
     lag_end: u64,
     row: String,
+    /// Where the CPU went in the window.
+    cpu: CpuSplit,
+    /// Distinct events delivered in the window.
+    delivered_in_window: u64,
 }
 
 /// The p99 a sustained rate may have.
@@ -901,8 +1035,13 @@ async fn sustained(nodes: usize, seconds: u64, rate: Option<u64>) -> Sustained {
                 stop_sampling.clone(),
             )
         });
-    let sampler = Sampler::start(running.iter().map(|node| node.pid).collect());
+    let node_pids: Vec<u32> = running.iter().map(|node| node.pid).collect();
+    let sampler = Sampler::start(node_pids.clone());
+    let cpu_start = CpuReading::take(&pool, &database.name, &node_pids).await;
     tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let cpu = CpuReading::take(&pool, &database.name, &node_pids)
+        .await
+        .split_since(&cpu_start);
     let usage = sampler.finish().await;
     stop_sampling.store(true, Ordering::Relaxed);
     if let Some(limits) = limits {
@@ -955,6 +1094,8 @@ async fn sustained(nodes: usize, seconds: u64, rate: Option<u64>) -> Sustained {
         lag_start,
         lag_end,
         row,
+        cpu,
+        delivered_in_window: delivered,
     }
 }
 
@@ -1269,6 +1410,74 @@ async fn small_receiver(report: &mut Report, capacity: Capacity, events: u64, ad
     ));
 }
 
+/// The CPU a sustained run's window used, per delivered event, by where it went; and the rates
+/// this machine's cores could give at that cost, all of it and without the service's own share.
+fn cpu_section(run: &Sustained) -> String {
+    let ticks = clock_ticks_per_second();
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let events = run.delivered_in_window.max(1);
+    #[allow(clippy::cast_precision_loss, reason = "tick and event counts")]
+    let micros = |spent: u64| spent as f64 * 1e6 / ticks as f64 / events as f64;
+    let split = run.cpu;
+    let accounted = split.node
+        + split.postgres_nodes
+        + split.postgres_writers
+        + split.postgres_rest
+        + split.harness;
+    let busy = micros(split.machine_busy);
+    let share = |value: f64| value / busy.max(f64::MIN_POSITIVE) * 100.0;
+    let mut table = format!(
+        "| where the CPU went, 1 node at {:.0} events/s delivered (written {:.0}/s) | CPU µs per delivered event | share of busy CPU |\n|---|---|---|\n",
+        run.delivered, run.written
+    );
+    let parts = [
+        (
+            "the node process (read, decode, match, deliver, checkpoint)",
+            split.node,
+        ),
+        (
+            "PostgreSQL for the node (batch reads, checkpoints, ledger, leases)",
+            split.postgres_nodes,
+        ),
+        (
+            "PostgreSQL for the writers (INSERTs and their capture into the change log)",
+            split.postgres_writers,
+        ),
+        (
+            "PostgreSQL background (WAL writer, checkpointer, …)",
+            split.postgres_rest,
+        ),
+        (
+            "load generator + webhook receiver (the bench process)",
+            split.harness,
+        ),
+    ];
+    for (what, spent) in parts {
+        let value = micros(spent);
+        let _ = writeln!(table, "| {what} | {value:.1} | {:.0} % |", share(value));
+    }
+    let rest = busy - micros(accounted);
+    let _ = writeln!(
+        table,
+        "| other (kernel work outside these processes, the rest of the machine) | {rest:.1} | {:.0} % |",
+        share(rest)
+    );
+    let _ = writeln!(
+        table,
+        "| **machine busy, all of it** | **{busy:.1}** | 100 % |"
+    );
+    let service = micros(split.node + split.postgres_nodes);
+    #[allow(clippy::cast_precision_loss, reason = "a core count")]
+    let capacity = cores as f64 * 1e6;
+    let _ = writeln!(
+        table,
+        "\nAt this cost {cores} cores give at most **{:.0} events/s**; the service's own share (node + PostgreSQL for it) is {service:.1} µs, and without it the writers, their capture, PostgreSQL's background work and the receiver alone would cap at **{:.0} events/s**.",
+        capacity / busy.max(f64::MIN_POSITIVE),
+        capacity / (busy - service).max(f64::MIN_POSITIVE),
+    );
+    table
+}
+
 #[tokio::main]
 async fn main() {
     let rate = env_number("E2E_RATE", 1000);
@@ -1299,7 +1508,10 @@ async fn main() {
                 .expect("E2E_NODES: comma-separated counts")
         })
         .collect();
-    let mut report = Report { rows: Vec::new() };
+    let mut report = Report {
+        rows: Vec::new(),
+        sections: Vec::new(),
+    };
     let header = "| scenario | events/s | commit → delivery p50 · p95 · p99 · max (ms) | node RSS (peak) | node CPU | checkpoint writes | machine CPU busy | duplicates |\n|---|---|---|---|---|---|---|---|";
     println!("{header}");
     if wanted("latency") {
@@ -1319,6 +1531,10 @@ async fn main() {
     }
     if wanted("checkpoint") {
         checkpoint_store(&mut report).await;
+    }
+    if wanted("cpu") {
+        let run = sustained(1, seconds, Some(env_number("E2E_CPU_RATE", 3000))).await;
+        report.sections.push(cpu_section(&run));
     }
     if wanted("small") {
         let capacity = Capacity {
@@ -1342,6 +1558,10 @@ async fn main() {
     let _ = writeln!(markdown, "{header}");
     for row in &report.rows {
         let _ = writeln!(markdown, "{row}");
+    }
+    for section in &report.sections {
+        println!("\n{section}");
+        let _ = write!(markdown, "\n{section}");
     }
     let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../e2e-report.md");
     std::fs::write(&path, markdown).expect("write the report");

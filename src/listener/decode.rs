@@ -1,4 +1,4 @@
-//! Turning a change-log row (as `to_jsonb(row)`) into an [`EntityEvent`], or saying exactly what
+//! Turning a change-log row (as the `row_to_json` text of the row) into an [`EntityEvent`], or saying exactly what
 //! is wrong with it. Pure: no I/O.
 //!
 //! Rows are read as JSON text so that FraiseQL tables whose columns have other types (a `uuid`
@@ -28,7 +28,7 @@ pub struct MalformedRow {
     pub problem: String,
 }
 
-/// How deep a change-log row (as `to_jsonb(row)`, the row itself being one level) may nest.
+/// How deep a change-log row (as JSON, the row itself being one level) may nest.
 pub const MAX_ROW_DEPTH: usize = 64;
 
 /// Default bound of one change-log row, in bytes of its JSON text (`--max-row-bytes`).

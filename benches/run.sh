@@ -15,7 +15,7 @@
 # capture costs the writer (benches/capture.sh: untracked, per-row and statement triggers), heap
 # allocations per event on the in-process path (cargo bench --bench allocations) and the
 # criterion micro-benchmarks (condition evaluation, matching, envelope serialization). Needs the
-# local PostgreSQL (TEST_DATABASE_URL overrides); the e2e knobs (E2E_*) pass through. About 15
+# local PostgreSQL (TEST_DATABASE_URL overrides); the e2e knobs (E2E_*) pass through. About 30
 # minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -28,6 +28,9 @@ use crate::matcher::Matcher;
 use crate::retry::AttemptError;
 
 /// Jobs one worker claims at once by default.
+/// Most stranded waiting jobs a worker on its own promotes each time its queue is empty.
+const STRANDED_PER_SWEEP: i32 = 10_000;
+
 pub const DEFAULT_CLAIM_BATCH: u32 = 16;
 
 /// What happened to one claimed job.
@@ -157,8 +160,9 @@ impl JobWorker {
         }
     }
 
-    /// Leaves the rescue of expired claims to someone else (a node's coordinator,
-    /// [`crate::coordinator`] in the node layer) instead of running it whenever idle.
+    /// Leaves the rescue of expired claims and the promotion of stranded waiting jobs to someone
+    /// else (a node's coordinator, [`crate::coordinator`] in the node layer) instead of running
+    /// them whenever idle.
     #[must_use]
     pub fn without_rescue(mut self) -> JobWorker {
         self.rescues_expired = false;
@@ -575,17 +579,27 @@ impl JobWorker {
         }
     }
 
-    /// The queue is empty: rescues expired claims (unless left to the coordinator), then waits for a notification, the poll
-    /// interval or shutdown.
+    /// The queue is empty: rescues expired claims and promotes stranded waiting jobs (unless left
+    /// to the coordinator), then waits for a notification, the poll interval or shutdown.
+    ///
+    /// A waiting job is stranded when the statements that finished the jobs ahead of it could
+    /// not see each other (two jobs of one key with the same ordinal — the same change enqueued
+    /// by two replay runs — completed at once, or a successor enqueued while its predecessor
+    /// finished); a worker on its own has no coordinator to promote it.
     async fn wait_for_work(
         &self,
         notifications: Option<&mut PgListener>,
         shutdown: &CancellationToken,
     ) {
-        if self.rescues_expired
-            && let Err(error) = self.queue.rescue_expired().await
-        {
-            tracing::warn!(%error, "rescuing expired jobs failed");
+        if self.rescues_expired {
+            if let Err(error) = self.queue.rescue_expired().await {
+                tracing::warn!(%error, "rescuing expired jobs failed");
+            }
+            if let Err(error) =
+                crate::jobs::promote_stranded_on(self.queue.pool(), STRANDED_PER_SWEEP).await
+            {
+                tracing::warn!(%error, "promoting stranded waiting jobs failed");
+            }
         }
         let woken = async {
             match notifications {

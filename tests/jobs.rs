@@ -1282,3 +1282,44 @@ async fn a_waiting_job_left_with_nothing_ahead_is_promoted_by_the_sweep() {
     let next = jobs.claim("default", 10).await.unwrap();
     assert_eq!(entities(&next), [("stranded".to_owned(), 2)]);
 }
+
+/// A worker on its own (no node, no coordinator) promotes a stranded waiting job itself when its
+/// queue is empty, so it still runs — as when two replay runs enqueued the same change and both
+/// copies completed at once, each completion seeing the other still unfinished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_on_its_own_promotes_a_stranded_job_and_runs_it() {
+    let database = TestDatabase::migrated().await;
+    let receiver = Receiver::start().await;
+    enqueue_batch(
+        &database.pool,
+        &[ordered_job("stranded", 1, 5), ordered_job("stranded", 2, 5)],
+    )
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE fraiseql_observers.jobs SET status = 'completed', finished_at = now() WHERE ordinal = 1",
+    )
+    .execute(&database.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        chain(&database, "stranded").await,
+        ["completed", "waiting"],
+        "nothing promoted the second job"
+    );
+
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker(&database, &receiver, "alone").run(shutdown.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while chain(&database, "stranded").await != ["completed", "completed"] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stranded job never ran: {:?}",
+            chain(&database, "stranded").await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    running.await.unwrap();
+    assert_eq!(receiver.request_count(), 1);
+}

@@ -52,16 +52,19 @@ COMMENT ON TABLE fraiseql_observers.jobs_completed IS
 
 -- Wake workers, and drop any job of this statement whose key completed meanwhile (see 2 above).
 -- The DELETE is a new query in a volatile function: under READ COMMITTED it takes a new snapshot,
--- which sees every completion the insert waited for.
+-- which sees every completion the insert waited for. It is dynamic SQL, planned at each call for
+-- jobs_completed's current size: a plan the session cached while the table was empty or freshly
+-- analyzed small hashes a sequential scan of it, and would keep doing so until the next ANALYZE
+-- however large the table grew.
 CREATE OR REPLACE FUNCTION fraiseql_observers.jobs_notify()
 RETURNS trigger
 LANGUAGE plpgsql
 AS $function$
 BEGIN
-    DELETE FROM fraiseql_observers.jobs AS job
-     USING enqueued, fraiseql_observers.jobs_completed AS completed
-     WHERE job.id = enqueued.id
-       AND completed.idempotency_key = enqueued.idempotency_key;
+    EXECUTE 'DELETE FROM fraiseql_observers.jobs AS job
+              USING enqueued, fraiseql_observers.jobs_completed AS completed
+              WHERE job.id = enqueued.id
+                AND completed.idempotency_key = enqueued.idempotency_key';
     PERFORM pg_notify('fraiseql_observers_jobs', '');
     RETURN NULL;
 END

@@ -525,8 +525,8 @@ impl CheckpointStore for PostgresCheckpointStore {
         }
         // Planned at every call (an unnamed statement), not prepared once: a plan cached while
         // the ledger was small (a fresh install, or after retention emptied it) is a sequential
-        // scan, and PostgreSQL keeps it while the ledger grows — re-checking every row against
-        // every id of the page. At 3,000 events/s in a fresh database that scan was the largest
+        // scan, and PostgreSQL keeps it while the ledger grows until the next ANALYZE (autovacuum
+        // runs it a minute or more later) — re-checking every row against every id of the page. At 3,000 events/s in a fresh database that scan was the largest
         // cost of the whole pipeline in PostgreSQL; a plan made for the call's own ids and the
         // table's current size probes the primary key.
         let rows: Vec<(Uuid, String, i32)> = sqlx::query_as(

@@ -872,6 +872,9 @@ pub async fn enqueue_batch<'connection>(
         inline_attempts
             .push(i32::try_from(attempts_before_queue(&job.history)).unwrap_or(i32::MAX));
     }
+    // Planned at each call (an unnamed statement): a generic plan cached while
+    // `jobs_completed` was empty or small runs the key check as a sequential scan of it, and
+    // keeps it until the next ANALYZE however large the table grows meanwhile.
     let inserted: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO fraiseql_observers.jobs
              (id, queue, priority, run_at, max_attempts, backoff_initial_ms, backoff_max_ms,
@@ -914,6 +917,7 @@ pub async fn enqueue_batch<'connection>(
     .bind(parked_on)
     .bind(histories)
     .bind(inline_attempts)
+    .persistent(false)
     .fetch_all(executor)
     .await?;
     Ok(inserted)

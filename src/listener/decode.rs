@@ -1,5 +1,5 @@
-//! Turning a change-log row (as the `row_to_json` text of the row) into an [`EntityEvent`], or saying exactly what
-//! is wrong with it. Pure: no I/O.
+//! Turning a change-log row (its `row_to_json` text) into an [`EntityEvent`], or saying exactly
+//! what is wrong with it. Pure: no I/O.
 //!
 //! Rows are read as JSON text so that FraiseQL tables whose columns have other types (a `uuid`
 //! `object_id`, a `uuid` `tenant_id`) decode the same way, and so that a row that does not

@@ -31,23 +31,34 @@ pub enum ChangeLogError {
     Read(#[from] sqlx::Error),
     #[error("the page statement returned no row (a defect)")]
     NoBatch,
+    /// A failure of a page read for several partitions at once, as each of them gets it.
+    #[error("{0}")]
+    Shared(std::sync::Arc<ChangeLogError>),
+    /// The node's reader stopped (the node is shutting down).
+    #[error("the node's change-log reader has stopped")]
+    ReaderStopped,
 }
 
 /// Where a page starts and how it is bounded.
+///
+/// One page may serve several partitions whose checkpoints stand at the same position (a node's
+/// reader reads them together): it holds the rows of all of them, each tagged with its partition,
+/// and every partition's epoch as the statement saw it.
 #[derive(Clone, Debug)]
 pub struct PageQuery<'query> {
-    /// The partition whose epoch is read with the page.
-    pub partition: i32,
+    /// The partitions read; their epochs are read with the page.
+    pub partitions: &'query [i32],
     /// The checkpoint's snapshot (`None`: the start of the log).
     pub snapshot: Option<&'query str>,
     /// Inside an oversized batch: its end snapshot (else a new snapshot is taken).
     pub batch_upto: Option<&'query str>,
     /// Inside an oversized batch: the last position delivered.
     pub batch_position: Option<i64>,
-    /// Rows per page.
+    /// Rows per page (for all its partitions together).
     pub batch_size: u32,
-    /// `Some((partition, count))` to read only that partition's rows; `None` for all.
-    pub partitioned: Option<(i32, i32)>,
+    /// `Some(count)` to read only the rows of `partitions` (`entity_hash % count`); `None` for
+    /// every row (`partitions` then names the one partition whose epoch is read).
+    pub partition_count: Option<i32>,
     /// Rows over this many bytes of JSON come as an excerpt.
     pub max_row_bytes: u32,
     /// Characters of an oversized row's excerpt.
@@ -56,11 +67,13 @@ pub struct PageQuery<'query> {
     pub max_page_bytes: u64,
 }
 
-/// A change-log row as read: its position, its size as JSON text, and the text (whole, or an
-/// excerpt when the row is over the row limit).
+/// A change-log row as read: its position, its partition, its size as JSON text, and the text
+/// (whole, or an excerpt when the row is over the row limit).
 #[derive(Clone, Debug)]
 pub struct RawRow {
     pub position: i64,
+    /// `entity_hash % partition count` (0 when the page was not read by partition).
+    pub partition: i32,
     pub size: u64,
     pub text: String,
 }
@@ -70,21 +83,23 @@ pub struct RawRow {
 pub struct Page {
     /// The batch's end snapshot.
     pub upto: String,
-    /// The partition's lease epoch as the statement saw it.
-    pub epoch: Option<i64>,
+    /// Each partition's lease epoch as the statement saw it, in the order of the query's
+    /// `partitions` (`None`: the partition has no row).
+    pub epochs: Vec<Option<i64>>,
     pub rows: Vec<RawRow>,
     /// Whether the byte bound ended the page before the rows the batch reader returned.
     pub cut_short: bool,
 }
 
-/// One row of the page statement: the batch's end, the partition's epoch, how many rows the
+/// One row of the page statement: the batch's end, the partitions' epochs, how many rows the
 /// batch reader returned, and a change (none on an empty page's single row): its position, its
-/// size in bytes of JSON text and the text.
+/// partition, its size in bytes of JSON text and the text.
 type PageRow = (
     String,
+    Vec<Option<i64>>,
     Option<i64>,
     Option<i64>,
-    Option<i64>,
+    Option<i32>,
     Option<i64>,
     Option<String>,
 );
@@ -94,54 +109,54 @@ type PageRow = (
 /// # Errors
 /// The database failed.
 pub async fn read_page(pool: &PgPool, query: &PageQuery<'_>) -> Result<Page, ChangeLogError> {
-    let (partitions, partition_count) = match query.partitioned {
-        Some((partition, count)) => (Some(vec![partition]), Some(count)),
-        None => (None, None),
-    };
+    let partitions = query.partition_count.map(|_| query.partitions.to_vec());
     let page: Vec<PageRow> = sqlx::query_as(concat!(
         "WITH batch AS (
              SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS upto,
                     ",
-        crate::checkpoint::partition_epoch_sql!(),
-        " AS epoch),
+        crate::checkpoint::partition_epochs_sql!(),
+        " AS epochs),
          page AS (
-             SELECT change.pk_entity_change_log AS position, ",
+             SELECT change.pk_entity_change_log AS position,
+                    coalesce(change.entity_hash % $7, 0)::int AS partition, ",
         row_json_sql!(),
         " AS body
                FROM batch, fraiseql_observers.read_batch(
                     $3::pg_snapshot, batch.upto, $4, $5, $6, $7) AS change),
          sized AS (
-             SELECT position, body, octet_length(body)::bigint AS size,
+             SELECT position, partition, body, octet_length(body)::bigint AS size,
                     sum(octet_length(body)) OVER (ORDER BY position) AS running,
                     count(*) OVER () AS returned
                FROM page)
-         SELECT batch.upto::text, batch.epoch, sized.returned, sized.position, sized.size,
+         SELECT batch.upto::text, batch.epochs, sized.returned, sized.position, sized.partition,
+                sized.size,
                 CASE WHEN sized.size <= $8 THEN sized.body ELSE left(sized.body, $9) END
            FROM batch
            LEFT JOIN sized ON sized.running - sized.size < $10
           ORDER BY sized.position"
     ))
-    .bind(query.partition)
+    .bind(query.partitions)
     .bind(query.batch_upto)
     .bind(query.snapshot)
     .bind(query.batch_upto.and(query.batch_position))
     .bind(i32::try_from(query.batch_size).unwrap_or(i32::MAX))
     .bind(partitions)
-    .bind(partition_count)
+    .bind(query.partition_count)
     .bind(i64::from(query.max_row_bytes))
     .bind(i32::try_from(query.excerpt_chars).unwrap_or(i32::MAX))
     .bind(i64::try_from(query.max_page_bytes.max(1)).unwrap_or(i64::MAX))
     .fetch_all(pool)
     .await?;
-    let Some((upto, epoch, returned, ..)) = page.first() else {
+    let Some((upto, epochs, returned, ..)) = page.first() else {
         return Err(ChangeLogError::NoBatch);
     };
-    let (upto, epoch, returned) = (upto.clone(), *epoch, returned.unwrap_or(0));
+    let (upto, epochs, returned) = (upto.clone(), epochs.clone(), returned.unwrap_or(0));
     let rows: Vec<RawRow> = page
         .into_iter()
-        .filter_map(|(_, _, _, position, size, text)| {
+        .filter_map(|(_, _, _, position, partition, size, text)| {
             Some(RawRow {
                 position: position?,
+                partition: partition.unwrap_or(0),
                 size: u64::try_from(size?).unwrap_or(0),
                 text: text?,
             })
@@ -150,7 +165,7 @@ pub async fn read_page(pool: &PgPool, query: &PageQuery<'_>) -> Result<Page, Cha
     let cut_short = i64::try_from(rows.len()).unwrap_or(i64::MAX) < returned;
     Ok(Page {
         upto,
-        epoch,
+        epochs,
         rows,
         cut_short,
     })
@@ -659,6 +674,7 @@ fn raw_rows(rows: Vec<(i64, i64, String)>) -> Vec<RawRow> {
     rows.into_iter()
         .map(|(position, size, text)| RawRow {
             position,
+            partition: 0,
             size: u64::try_from(size).unwrap_or(0),
             text,
         })

@@ -192,8 +192,10 @@ pub struct PartitionRunner {
     pub executor: Executor,
     /// Batch size, poll interval, node id; partition and count are set per lease.
     pub listener: ListenerSettings,
-    /// Bumped on every change-log notification (one LISTEN connection per node).
-    pub wake: tokio::sync::watch::Receiver<u64>,
+    /// Change-log notifications per partition (one LISTEN connection per node).
+    pub wakes: crate::listener::PartitionWakes,
+    /// The node's change-log reader: partitions at the same position read in one statement.
+    pub reader: crate::listener::NodeReader,
     pub metrics: Arc<Metrics>,
 }
 
@@ -219,7 +221,8 @@ impl PartitionRunner {
         let listener = Listener::start(self.pool.clone(), self.store.clone(), executor, settings)
             .await?
             .with_pending_completions(pending.clone())
-            .with_wake(self.wake.clone())
+            .with_wake(self.wakes.receiver(partition))
+            .with_reader(self.reader.clone())
             .with_metrics(self.metrics.clone());
         let stop_writer = CancellationToken::new();
         let writer = flush_pending_completions(self.store.clone(), pending, stop_writer.clone());

@@ -121,6 +121,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0020_completed_jobs",
         sql: include_str!("../migrations/0020_completed_jobs.sql"),
     },
+    Migration {
+        version: 21,
+        name: "0021_notify_partitions",
+        sql: include_str!("../migrations/0021_notify_partitions.sql"),
+    },
 ];
 
 impl Migration {

@@ -154,6 +154,22 @@ fn deduplication(
 
 /// The node's breakers: counted in its metrics, and making the work parked on a circuit due as
 /// soon as the endpoint answers again.
+/// The node's one change-log reader, shared by the partitions it leads.
+fn node_reader(
+    pool: &PgPool,
+    cluster: &ClusterSettings,
+    settings: &ListenerSettings,
+) -> (crate::listener::NodeReader, crate::listener::ReaderTask) {
+    crate::listener::NodeReader::new(
+        pool.clone(),
+        crate::listener::ReaderSettings {
+            partition_count: i32::try_from(cluster.partitions.max(1)).unwrap_or(i32::MAX),
+            max_row_bytes: settings.max_row_bytes,
+            max_page_bytes: settings.max_page_bytes,
+        },
+    )
+}
+
 fn node_breakers(breakers: &Breakers, metrics: &Arc<Metrics>, jobs: &PostgresJobQueue) -> Breakers {
     breakers
         .clone()
@@ -180,7 +196,8 @@ pub struct Node {
     control: Control,
     endpoints: Endpoints,
     cluster: Cluster,
-    wake: tokio::sync::watch::Sender<u64>,
+    wakes: crate::listener::PartitionWakes,
+    reader: crate::listener::ReaderTask,
     workers: Vec<JobWorker>,
     /// How often the database-read gauges of `/metrics` are refreshed (with an HTTP endpoint).
     gauge_refresh_interval: Duration,
@@ -264,22 +281,19 @@ impl Node {
         )
         .with_job_routing()
         .with_deduplication(dedup.clone());
-        let jobs = PostgresJobQueue::new(
-            pool.clone(),
-            settings.node_id.clone(),
-            config.jobs.visibility_timeout,
-        );
         let history_node = settings.record_history.then_some(settings.node_id.as_str());
         let workers = job_workers(&config.jobs, &jobs, &runner, &matcher, &metrics, &dedup)
             .map(|worker| worker.with_history_of(history_node))
             .collect();
-        let (wake, woken) = tokio::sync::watch::channel(0_u64);
+        let wakes = crate::listener::PartitionWakes::new(cluster.partitions);
+        let (node_reader, reader) = node_reader(&pool, &cluster, &settings);
         let runner = PartitionRunner {
             pool: pool.clone(),
             store,
             executor,
             listener: settings,
-            wake: woken,
+            wakes: wakes.clone(),
+            reader: node_reader,
             metrics: metrics.clone(),
         };
         let stuck_after = (cluster.node_timeout * 3).max(Duration::from_secs(30));
@@ -308,7 +322,8 @@ impl Node {
             control,
             endpoints: Endpoints::default(),
             cluster,
-            wake,
+            wakes,
+            reader,
             workers,
             gauge_refresh_interval: crate::control::DEFAULT_GAUGE_REFRESH_INTERVAL,
             coordinator,
@@ -422,10 +437,14 @@ impl Node {
         }
         tasks.spawn(notification_fanout(
             self.pool,
-            self.wake,
+            self.wakes,
             stop_workers.clone(),
         ));
+        // The reader outlives the listeners, whose last pages it may still be reading.
+        let stop_reader = CancellationToken::new();
+        tasks.spawn(self.reader.run(stop_reader.clone()));
         let result = self.cluster.run(shutdown.clone()).await;
+        stop_reader.cancel();
         // The supervisor may also stop on its own (fatal): stop the workers either way.
         stop_workers.cancel();
         while tasks.join_next().await.is_some() {}

@@ -22,7 +22,8 @@ use fraiseql_observers::dlq::{DeadLetterFilter, DeadLetterQueue, PostgresDeadLet
 use fraiseql_observers::error::ErrorCode;
 use fraiseql_observers::executor::{ActionStatus, Executor};
 use fraiseql_observers::listener::{
-    DECODE_OBSERVER, Listener, ListenerError, ListenerSettings, RowBudget,
+    DECODE_OBSERVER, DEFAULT_MAX_PAGE_BYTES, DEFAULT_MAX_ROW_BYTES, Listener, ListenerError,
+    ListenerSettings, NodeReader, PageOutcome, PartitionWakes, ReaderSettings, RowBudget,
 };
 use fraiseql_observers::matcher::Matcher;
 use fraiseql_observers::node::Node;
@@ -1320,6 +1321,201 @@ async fn partitions_sharing_a_row_budget_hold_no_more_rows_than_it_between_them(
         in_flight > 6,
         "two budgets of 6 rows let both pages run at once, saw {in_flight}"
     );
+}
+
+// -------------------------------------------------------------------------------------------------
+// The node's reader: partitions at one position read together
+// -------------------------------------------------------------------------------------------------
+
+/// Four partitioned listeners reading through one node reader (running until the returned token
+/// is cancelled), sharing `budget`.
+async fn reading_together(
+    pool: &PgPool,
+    yaml: &str,
+    batch_size: u32,
+    budget: &RowBudget,
+) -> (NodeReader, Vec<Listener>, CancellationToken) {
+    let (reader, task) = NodeReader::new(
+        pool.clone(),
+        ReaderSettings {
+            partition_count: 4,
+            max_row_bytes: DEFAULT_MAX_ROW_BYTES,
+            max_page_bytes: DEFAULT_MAX_PAGE_BYTES,
+        },
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(task.run(stop.clone()));
+    let mut listeners = Vec::new();
+    for partition in 0..4 {
+        let settings = ListenerSettings {
+            partition,
+            partition_count: Some(4),
+            row_budget: budget.clone(),
+            ..settings(batch_size, "node-a")
+        };
+        listeners.push(
+            start_listener(pool, yaml, settings)
+                .await
+                .with_reader(reader.clone()),
+        );
+    }
+    (reader, listeners, stop)
+}
+
+/// One page of each listener, asked at the same moment.
+async fn page_of_each(listeners: &mut [Listener]) -> Vec<PageOutcome> {
+    futures::future::join_all(listeners.iter_mut().map(Listener::deliver_page))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// Orders `ids` per partition of four (by the change log's entity hash).
+async fn orders_per_partition(pool: &PgPool, ids: std::ops::RangeInclusive<i32>) -> Vec<usize> {
+    let counts: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT core.observer_entity_hash('Order', i::text) % 4, count(*)
+           FROM generate_series($1, $2) AS i GROUP BY 1",
+    )
+    .bind(ids.start())
+    .bind(ids.end())
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut per_partition = vec![0; 4];
+    for (partition, count) in counts {
+        per_partition[usize::try_from(partition).unwrap()] = usize::try_from(count).unwrap();
+    }
+    per_partition
+}
+
+async fn insert_orders(pool: &PgPool, ids: std::ops::RangeInclusive<i32>) {
+    sqlx::query("INSERT INTO public.orders SELECT i, 'new', i FROM generate_series($1, $2) AS i")
+        .bind(ids.start())
+        .bind(ids.end())
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_asking_at_one_position_are_read_in_one_statement_each_getting_its_own_rows() {
+    let database = orders_database().await;
+    let pool = &database.pool;
+    let receiver = Receiver::start().await;
+    let yaml = insert_observer_yaml(&receiver.url("/orders"));
+    let budget = RowBudget::new(4000);
+    let (reader, mut listeners, stop) = reading_together(pool, &yaml, 1000, &budget).await;
+
+    insert_orders(pool, 1..=40).await;
+    let pages = page_of_each(&mut listeners).await;
+    let rows: Vec<usize> = pages.iter().map(|page| page.rows).collect();
+    assert_eq!(rows, orders_per_partition(pool, 1..=40).await);
+    assert_eq!(reader.counts(), (1, 4), "four pages from one statement");
+    assert_eq!(receiver.requests().len(), 40);
+
+    // Partition 0 reads on its own and moves past the others: two positions, two statements,
+    // both ending at one snapshot — after which the four read together again.
+    insert_orders(pool, 41..=48).await;
+    let alone = listeners[0].deliver_page().await.unwrap();
+    assert_eq!(alone.rows, orders_per_partition(pool, 41..=48).await[0]);
+    assert_eq!(reader.counts(), (2, 5));
+    insert_orders(pool, 49..=56).await;
+    let pages = page_of_each(&mut listeners).await;
+    let expected: Vec<usize> = {
+        let (earlier, later) = (
+            orders_per_partition(pool, 41..=56).await,
+            orders_per_partition(pool, 49..=56).await,
+        );
+        vec![later[0], earlier[1], earlier[2], earlier[3]]
+    };
+    assert_eq!(
+        pages.iter().map(|page| page.rows).collect::<Vec<_>>(),
+        expected
+    );
+    assert_eq!(reader.counts(), (4, 9), "one statement per position");
+    insert_orders(pool, 57..=64).await;
+    let pages = page_of_each(&mut listeners).await;
+    assert_eq!(
+        pages.iter().map(|page| page.rows).collect::<Vec<_>>(),
+        orders_per_partition(pool, 57..=64).await
+    );
+    assert_eq!(
+        reader.counts(),
+        (5, 13),
+        "together again after one batch end"
+    );
+
+    let counts = per_entity(&receiver.requests());
+    assert_eq!(counts.len(), 64, "{counts:?}");
+    assert!(counts.values().all(|&count| count == 1), "{counts:?}");
+    assert_eq!(budget.available(), 4000, "every share went back");
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_read_together_page_through_a_large_batch_in_step_exactly_once() {
+    let database = orders_database().await;
+    let pool = &database.pool;
+    let receiver = Receiver::start().await;
+    let yaml = insert_observer_yaml(&receiver.url("/orders"));
+    // Three rows per partition: twelve per shared page, against sixty rows in one transaction.
+    let budget = RowBudget::new(100);
+    let (reader, mut listeners, stop) = reading_together(pool, &yaml, 3, &budget).await;
+    insert_orders(pool, 1..=60).await;
+
+    let mut delivered = vec![0; 4];
+    let mut rounds = 0;
+    loop {
+        let pages = page_of_each(&mut listeners).await;
+        rounds += 1;
+        for (partition, page) in pages.iter().enumerate() {
+            delivered[partition] += page.rows;
+        }
+        if pages.iter().all(|page| page.rows == 0 && !page.more) {
+            break;
+        }
+        assert!(rounds < 50, "the batch never ended: {delivered:?}");
+    }
+    assert_eq!(delivered, orders_per_partition(pool, 1..=60).await);
+    let (statements, pages) = reader.counts();
+    assert_eq!(
+        statements, rounds,
+        "the four stay at one position through the batch: one statement per round"
+    );
+    assert_eq!(pages, 4 * rounds);
+    assert!(rounds >= 5, "sixty rows need at least five pages of twelve");
+    let counts = per_entity(&receiver.requests());
+    assert_eq!(counts.len(), 60, "{counts:?}");
+    assert!(counts.values().all(|&count| count == 1), "{counts:?}");
+    assert_eq!(budget.available(), 100, "every share went back");
+    stop.cancel();
+}
+
+#[test]
+fn a_notification_wakes_only_the_partitions_it_names() {
+    let wakes = PartitionWakes::new(4);
+    let mut receivers: Vec<_> = (0..4).map(|partition| wakes.receiver(partition)).collect();
+    let mut woken = |payload: &str| -> Vec<bool> {
+        wakes.wake(payload);
+        receivers
+            .iter_mut()
+            .map(|receiver| {
+                let changed = receiver.has_changed().unwrap();
+                receiver.borrow_and_update();
+                changed
+            })
+            .collect()
+    };
+    assert_eq!(woken("1,3"), [false, true, false, true]);
+    assert_eq!(woken("2"), [false, false, true, false]);
+    assert_eq!(woken(""), [true; 4], "an empty payload wakes everyone");
+    assert_eq!(
+        woken("1,9"),
+        [true; 4],
+        "a partition this node does not know: everyone"
+    );
+    assert_eq!(woken("x"), [true; 4], "an unreadable payload: everyone");
 }
 
 // -------------------------------------------------------------------------------------------------

@@ -134,6 +134,45 @@ test_notify() {
     fi
 }
 
+# The payload names the partitions of the inserted rows (entity_hash % the recorded count, in
+# order), also for a writer that cannot see the service's schema; empty before a count is recorded.
+test_notify_partitions() {
+    local database output status expected role="${PREFIX}_writer"
+    database=$(create_database notifyparts "$BASE") || return 1
+    psql_quiet -d "$database" \
+        -c "CREATE TABLE public.orders (id int PRIMARY KEY, status text)" \
+        -c "SELECT core.observer_track_table('public.orders'::regclass, 'Order')" \
+        -c "CREATE ROLE \"$role\"" \
+        -c "GRANT USAGE ON SCHEMA core TO \"$role\"" \
+        -c "GRANT INSERT ON core.tb_entity_change_log, public.orders TO \"$role\"" >/dev/null || return 1
+    output=$(psql -X -v ON_ERROR_STOP=1 -d "$database" \
+        -c "LISTEN fraiseql_observers_change_log" \
+        -c "INSERT INTO public.orders VALUES (1, 'before the count')" \
+        -c "SELECT fraiseql_observers.register_partition_count(4)" \
+        -c "SET ROLE \"$role\"" \
+        -c "INSERT INTO public.orders SELECT g, 'new' FROM generate_series(2, 6) AS g" \
+        -c "INSERT INTO public.orders VALUES (7, 'one')" \
+        -c "RESET ROLE" 2>&1)
+    status=$?
+    psql_quiet -d "$database" -c "DROP OWNED BY \"$role\"" -c "DROP ROLE \"$role\"" >/dev/null
+    [ "$status" -eq 0 ] || { echo "$output"; return 1; }
+    expected=$(psql_quiet -At -d "$database" -c "
+        SELECT string_agg(payload, '|' ORDER BY batch) FROM (
+            SELECT batch, string_agg(DISTINCT partition::text, ',') AS payload
+              FROM (SELECT CASE WHEN g = 7 THEN 2 ELSE 1 END AS batch,
+                           core.observer_entity_hash('Order', g::text) % 4 AS partition
+                      FROM generate_series(2, 7) AS g) AS row_partition
+             GROUP BY batch) AS per_statement") || return 1
+    local got
+    got=$(grep -o 'Asynchronous notification "fraiseql_observers_change_log"[^.]*' <<<"$output" \
+        | sed -E 's/.*with payload "([^"]*)".*/\1/; t; s/.*/(empty)/' | paste -sd'|')
+    if [ "$got" != "(empty)|$expected" ]; then
+        echo "expected payloads (empty)|$expected, got $got"
+        echo "$output"
+        return 1
+    fi
+}
+
 # Re-applying the migrations on a live database does not wait for (or block) FraiseQL's writers:
 # with a write transaction open on the change log, they complete under a 2 s lock_timeout —
 # where a plain CREATE INDEX IF NOT EXISTS on the change log would time out.
@@ -285,6 +324,8 @@ main() {
 
     check "notify: one wake-up per committed writing transaction, none on rollback or when off" \
         test_notify
+    check "notify payload: the partitions of the inserted rows, for a writer without the service's schema" \
+        test_notify_partitions
     check "re-applying migrations on a live database does not block FraiseQL's writers" \
         test_migrations_do_not_block_writers
     check "three nodes migrating a fresh database at once (advisory lock) all succeed" \

@@ -35,7 +35,7 @@ pub use postgres::{
 };
 pub use postgres::{PartitionRow, clear_handover, partition_rows, request_handover};
 pub(crate) use postgres::{
-    delivered_everywhere_below_sql, partition_epoch_sql, pending_handovers_columns,
+    delivered_everywhere_below_sql, partition_epochs_sql, pending_handovers_columns,
 };
 
 /// How far a partition's delivery got.

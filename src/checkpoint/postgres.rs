@@ -583,15 +583,18 @@ pub async fn clear_handover(
     Ok(())
 }
 
-/// The partition's lease epoch as a scalar sub-select on `$1` (the partition): the page statement
-/// reads it with the page, so that a leader paused while another took the partition over finds
-/// out before it dispatches anything.
-macro_rules! partition_epoch_sql {
+/// The lease epochs of the partitions `$1` (an `int[]`) as an array in the same order (NULL for a
+/// partition without a row), a scalar sub-select: the page statement reads them with the page,
+/// so that a leader paused while another took a partition over finds out before it dispatches
+/// anything.
+macro_rules! partition_epochs_sql {
     () => {
-        "(SELECT epoch FROM fraiseql_observers.partitions WHERE partition = $1)"
+        "(SELECT array_agg(partitions.epoch ORDER BY wanted.ordinal)
+            FROM unnest($1::int[]) WITH ORDINALITY AS wanted(partition, ordinal)
+            LEFT JOIN fraiseql_observers.partitions ON partitions.partition = wanted.partition)"
     };
 }
-pub(crate) use partition_epoch_sql;
+pub(crate) use partition_epochs_sql;
 
 /// One partition's row as an operator sees it.
 #[derive(Clone, Debug, PartialEq)]

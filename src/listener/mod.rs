@@ -23,6 +23,7 @@
 //!   partition, this listener stops with [`ListenerError::FencedOut`].
 
 mod decode;
+mod reader;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -38,6 +39,8 @@ pub use decode::{
     DEFAULT_MAX_ROW_BYTES, MAX_IDENTITY_CHARS, MAX_ROW_DEPTH, MalformedRow, ROW_EXCERPT_CHARS,
     decode_row, decode_row_owned, nests_deeper_than, parse_row_text,
 };
+
+pub use reader::{NodeReader, PartitionPage, READ_LINGER, ReaderSettings, ReaderTask};
 
 use crate::change_log::{self, ChangeLogError, PageQuery, RawRow};
 use crate::checkpoint::{
@@ -212,6 +215,17 @@ impl From<CheckpointError> for ListenerError {
     }
 }
 
+/// A page as read: the batch's end snapshot, this partition's rows, whether the page was full
+/// (more of the batch may follow), the last position it read (of any partition read with it),
+/// and the row-budget share holding its rows.
+struct PageRead {
+    upto: String,
+    rows: Vec<RawRow>,
+    full: bool,
+    last_position: Option<i64>,
+    share: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// What one page delivered.
 #[derive(Debug, Default)]
 pub struct PageOutcome {
@@ -233,6 +247,13 @@ pub struct Listener {
     executor: Executor,
     settings: ListenerSettings,
     checkpoint: Checkpoint,
+    /// Where the next page starts: the saved checkpoint's position, or past it by pages that held
+    /// none of this partition's rows (read with other partitions, or empty), which are saved
+    /// only now and then.
+    position: BatchPosition,
+    /// The node's reader, when pages are read with the node's other partitions; `None`: this
+    /// listener reads its own pages.
+    reader: Option<NodeReader>,
     last_idle_advance: std::time::Instant,
     /// The executor's settled actions not yet written; a checkpoint save covers them.
     pending: Option<Arc<PendingCompletions>>,
@@ -260,6 +281,8 @@ impl Listener {
             pool,
             store,
             executor,
+            position: checkpoint.position.clone(),
+            reader: None,
             checkpoint,
             last_idle_advance: std::time::Instant::now(),
             pending: None,
@@ -290,6 +313,17 @@ impl Listener {
     #[must_use]
     pub fn with_wake(mut self, wake: tokio::sync::watch::Receiver<u64>) -> Listener {
         self.wake = Some(wake);
+        self
+    }
+
+    /// Reads pages through the node's reader, together with the node's other partitions at the
+    /// same position (see [`NodeReader`]), instead of one statement per page of its own. Needs
+    /// `partition_count` in the settings.
+    #[must_use]
+    pub fn with_reader(mut self, reader: NodeReader) -> Listener {
+        if self.settings.partition_count.is_some() {
+            self.reader = Some(reader);
+        }
         self
     }
 
@@ -328,37 +362,39 @@ impl Listener {
     /// Reading, dead-lettering or checkpointing failed (the page will be read again), or another
     /// node took the partition over ([`ListenerError::FencedOut`]).
     pub async fn deliver_page(&mut self) -> Result<PageOutcome, ListenerError> {
-        let position = self.checkpoint.position.clone();
+        let position = self.position.clone();
         // This page's share of the node's row budget, held until the page is saved.
-        let mut share = self.settings.row_budget.take(self.page_rows()).await;
+        let share = self.settings.row_budget.take(self.page_rows()).await;
         let page_started = std::time::Instant::now();
-        let (upto, rows, cut_short) = self.read_page(&position).await?;
+        let PageRead {
+            upto,
+            rows,
+            full: full_page,
+            last_position,
+            share: _share,
+        } = self.read_page(&position, share).await?;
         let read_took = page_started.elapsed();
-        if let Some(share) = share.as_mut() {
-            // What the page did not fill goes back at once.
-            let unused = share.num_permits().saturating_sub(rows.len());
-            drop(share.split(unused));
-        }
-        if rows.is_empty() && position.batch_upto.is_none() {
-            // Nothing of ours committed since the checkpoint's snapshot. Keeping that snapshot is
-            // exact, but the next reads would range over every change-log row committed since
-            // (other partitions' too), so move it forward — at most once per interval, so that
-            // an idle node writes almost nothing.
-            let snapshot_moved = position.snapshot.as_deref() != Some(upto.as_str());
-            if snapshot_moved && self.last_idle_advance.elapsed() >= IDLE_ADVANCE_INTERVAL {
-                let next = BatchPosition {
-                    snapshot: Some(upto),
-                    batch_upto: None,
-                    batch_position: None,
-                };
+        let next = next_position(position, upto, full_page, last_position);
+        if rows.is_empty() {
+            // Nothing of this partition's up to where the page ended. Keeping the saved position
+            // is exact, but the next reads would range over every change-log row committed since
+            // (other partitions' too), so the next page starts where this one ended; that is
+            // saved at most once per interval, so that an idle node writes almost nothing.
+            self.position = next.clone();
+            if next.batch_upto.is_none()
+                && next != self.checkpoint.position
+                && self.last_idle_advance.elapsed() >= IDLE_ADVANCE_INTERVAL
+            {
                 self.checkpoint = self.store.save(&self.checkpoint, next, &[]).await?;
                 self.last_idle_advance = std::time::Instant::now();
             }
-            return Ok(PageOutcome::default());
+            return Ok(PageOutcome {
+                more: full_page,
+                ..PageOutcome::default()
+            });
         }
 
         let row_count = rows.len();
-        let last_position = rows.last().map(|row| row.position);
         let (events, malformed_rows) = self.decode_page(rows).await?;
         let malformed = malformed_rows.len();
 
@@ -404,9 +440,6 @@ impl Listener {
             return Err(ListenerError::Unsettled(unsettled));
         }
 
-        let full_page =
-            cut_short || u32::try_from(row_count).unwrap_or(u32::MAX) >= self.page_rows();
-        let next = next_position(position, upto, full_page, last_position);
         let save_started = std::time::Instant::now();
         let settled = self.unwritten(settled);
         let history = self.history_records(&events, &summaries);
@@ -414,6 +447,7 @@ impl Listener {
             .store
             .save_page(&self.checkpoint, next, &settled, &jobs, &history)
             .await?;
+        self.position = self.checkpoint.position.clone();
         if let Some(metrics) = self.metrics.as_ref().filter(|_| !history.is_empty()) {
             metrics.record_history_rows("event", history.len());
         }
@@ -516,39 +550,67 @@ impl Listener {
         )
     }
 
-    /// The batch's end snapshot, the page of rows after the checkpoint, and whether the page was
-    /// cut short by the byte bound (more rows of the batch follow it). Another holder's epoch
-    /// ends the page here, before anything is dispatched.
+    /// The page after `position`, read by this listener or by the node's reader. Another
+    /// holder's epoch ends the page here, before anything is dispatched.
     async fn read_page(
         &self,
         position: &BatchPosition,
-    ) -> Result<(String, Vec<RawRow>, bool), ListenerError> {
-        let page = change_log::read_page(
-            &self.pool,
-            &PageQuery {
-                partition: self.checkpoint.partition,
-                snapshot: position.snapshot.as_deref(),
-                batch_upto: position.batch_upto.as_deref(),
-                batch_position: position.batch_position,
-                batch_size: self.page_rows(),
-                partitioned: self
-                    .settings
-                    .partition_count
-                    .map(|count| (self.settings.partition, count)),
-                max_row_bytes: self.settings.max_row_bytes,
-                excerpt_chars: ROW_EXCERPT_CHARS,
-                max_page_bytes: self.settings.max_page_bytes,
-            },
-        )
-        .await?;
-        if page.epoch != Some(self.checkpoint.epoch) {
+        share: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<PageRead, ListenerError> {
+        let partition = self.checkpoint.partition;
+        let (epoch, read) = if let Some(reader) = &self.reader {
+            let page = reader
+                .read(partition, position.clone(), self.page_rows(), share)
+                .await?;
+            let read = PageRead {
+                upto: page.upto,
+                rows: page.rows,
+                full: page.full,
+                last_position: page.last_position,
+                share: page.share,
+            };
+            (page.epoch, read)
+        } else {
+            let page = change_log::read_page(
+                &self.pool,
+                &PageQuery {
+                    partitions: &[partition],
+                    snapshot: position.snapshot.as_deref(),
+                    batch_upto: position.batch_upto.as_deref(),
+                    batch_position: position.batch_position,
+                    batch_size: self.page_rows(),
+                    partition_count: self.settings.partition_count,
+                    max_row_bytes: self.settings.max_row_bytes,
+                    excerpt_chars: ROW_EXCERPT_CHARS,
+                    max_page_bytes: self.settings.max_page_bytes,
+                },
+            )
+            .await?;
+            let mut share = share;
+            if let Some(share) = share.as_mut() {
+                // What the page did not fill goes back at once.
+                let unused = share.num_permits().saturating_sub(page.rows.len());
+                drop(share.split(unused));
+            }
+            let full = page.cut_short
+                || u32::try_from(page.rows.len()).unwrap_or(u32::MAX) >= self.page_rows();
+            let read = PageRead {
+                upto: page.upto,
+                last_position: page.rows.last().map(|row| row.position),
+                rows: page.rows,
+                full,
+                share,
+            };
+            (page.epochs.first().copied().flatten(), read)
+        };
+        if epoch != Some(self.checkpoint.epoch) {
             return Err(ListenerError::FencedOut(CheckpointError::FencedOut {
-                partition: self.checkpoint.partition,
+                partition,
                 epoch: self.checkpoint.epoch,
                 version: self.checkpoint.version,
             }));
         }
-        Ok((page.upto, page.rows, page.cut_short))
+        Ok(read)
     }
 
     /// Rows one page reads: the batch size, within the node's row budget.
@@ -728,13 +790,68 @@ async fn own_notifications(pool: &PgPool) -> Option<PgListener> {
     }
 }
 
-/// One LISTEN connection for every partition of a node: bumps `wake` on each change-log
-/// notification until `stop` is cancelled. Listeners built [`Listener::with_wake`] wait on it.
-pub async fn notification_fanout(
-    pool: PgPool,
-    wake: tokio::sync::watch::Sender<u64>,
-    stop: CancellationToken,
-) {
+/// Change-log notifications per partition. A notification's payload names the partitions its
+/// transaction wrote to (`3,5`; see `migrations/0021_notify_partitions.sql`), so only their
+/// listeners wake; one that names none (an empty payload: the partition count is not recorded
+/// yet, or a writer of an older release) wakes every partition.
+#[derive(Clone, Debug)]
+pub struct PartitionWakes {
+    senders: Arc<Vec<tokio::sync::watch::Sender<u64>>>,
+}
+
+impl PartitionWakes {
+    /// Wake-ups for `partition_count` partitions (at least one).
+    #[must_use]
+    pub fn new(partition_count: u32) -> PartitionWakes {
+        let senders = (0..partition_count.max(1))
+            .map(|_| tokio::sync::watch::channel(0_u64).0)
+            .collect();
+        PartitionWakes {
+            senders: Arc::new(senders),
+        }
+    }
+
+    /// What a listener of `partition` waits on (bumped on every notification naming it).
+    #[must_use]
+    pub fn receiver(&self, partition: i32) -> tokio::sync::watch::Receiver<u64> {
+        let index = usize::try_from(partition).unwrap_or(0) % self.senders.len();
+        self.senders[index].subscribe()
+    }
+
+    /// Wakes the partitions `payload` names; every partition when it names none, or names one
+    /// this node does not know (a different partition count).
+    pub fn wake(&self, payload: &str) {
+        let named: Option<Vec<usize>> = payload
+            .split(',')
+            .map(|part| {
+                part.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|partition| *partition < self.senders.len())
+            })
+            .collect();
+        match named {
+            Some(partitions) if !payload.is_empty() => {
+                for partition in partitions {
+                    self.senders[partition].send_modify(|count| *count = count.wrapping_add(1));
+                }
+            }
+            _ => self.wake_all(),
+        }
+    }
+
+    /// Wakes every partition.
+    pub fn wake_all(&self) {
+        for sender in self.senders.iter() {
+            sender.send_modify(|count| *count = count.wrapping_add(1));
+        }
+    }
+}
+
+/// One LISTEN connection for every partition of a node: wakes the partitions each change-log
+/// notification names until `stop` is cancelled. Listeners built [`Listener::with_wake`] with a
+/// [`PartitionWakes::receiver`] wait on it.
+pub async fn notification_fanout(pool: PgPool, wakes: PartitionWakes, stop: CancellationToken) {
     loop {
         let Some(mut listener) = own_notifications(&pool).await else {
             // Listeners poll meanwhile.
@@ -747,11 +864,11 @@ pub async fn notification_fanout(
             tokio::select! {
                 () = stop.cancelled() => return,
                 received = listener.recv() => match received {
-                    Ok(_) => wake.send_modify(|count| *count = count.wrapping_add(1)),
+                    Ok(notification) => wakes.wake(notification.payload()),
                     Err(error) => {
                         tracing::warn!(%error, "change-log notifications lost; reconnecting");
                         // Changes may have been missed meanwhile: wake everyone once.
-                        wake.send_modify(|count| *count = count.wrapping_add(1));
+                        wakes.wake_all();
                         break;
                     }
                 },

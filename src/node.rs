@@ -152,8 +152,6 @@ fn deduplication(
     }
 }
 
-/// The node's breakers: counted in its metrics, and making the work parked on a circuit due as
-/// soon as the endpoint answers again.
 /// The node's one change-log reader, shared by the partitions it leads.
 fn node_reader(
     pool: &PgPool,
@@ -170,6 +168,8 @@ fn node_reader(
     )
 }
 
+/// The node's breakers: counted in its metrics, and making the work parked on a circuit due as
+/// soon as the endpoint answers again.
 fn node_breakers(breakers: &Breakers, metrics: &Arc<Metrics>, jobs: &PostgresJobQueue) -> Breakers {
     breakers
         .clone()

@@ -662,14 +662,13 @@ fn event_images(
             )),
         );
     }
-    let event = crate::listener::parse_row_text(
+    let event = crate::listener::decode_row_text(
         change.position,
         change.size,
         &change.text,
         MAX_DOCUMENT_DATA_BYTES,
     )
-    .ok()
-    .and_then(|parsed| crate::listener::decode_row_owned(change.position, parsed).ok());
+    .ok();
     match event {
         Some(event) => (
             Some((

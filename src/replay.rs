@@ -30,7 +30,7 @@ use crate::change_log::{self, ChangeLogError, ChangeSelection, RawRow};
 use crate::domain::EntityEvent;
 use crate::error::ErrorCode;
 use crate::jobs::JobError;
-use crate::listener::{DEFAULT_MAX_ROW_BYTES, ROW_EXCERPT_CHARS, decode_row_owned, parse_row_text};
+use crate::listener::{DEFAULT_MAX_ROW_BYTES, ROW_EXCERPT_CHARS, decode_row_text};
 use crate::matcher::Matcher;
 use crate::outcome::NewJob;
 
@@ -186,8 +186,7 @@ fn check_observer(matcher: &Matcher, observer: Option<&str>) -> Result<(), Repla
 
 /// A row as the listener reads it: its event, or `None` when it does not decode.
 fn decode(raw: &RawRow) -> Option<EntityEvent> {
-    let row = parse_row_text(raw.position, raw.size, &raw.text, DEFAULT_MAX_ROW_BYTES).ok()?;
-    decode_row_owned(raw.position, row).ok()
+    decode_row_text(raw.position, raw.size, &raw.text, DEFAULT_MAX_ROW_BYTES).ok()
 }
 
 /// The change at `position` of the change log, decoded as the listener decodes it, if it is a

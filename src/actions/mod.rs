@@ -268,16 +268,22 @@ pub fn idempotency_key(
     observer: &ObserverName,
     action_index: usize,
 ) -> String {
-    match event.replay {
-        Some(replay) => format!(
+    use std::fmt::Write as _;
+    if let Some(replay) = event.replay {
+        return format!(
             "{}:replay:{}",
             crate::domain::ActionKey::new(replay.of, observer.as_str(), action_index),
             replay.run
-        ),
-        None => {
-            crate::domain::ActionKey::new(event.id, observer.as_str(), action_index).to_string()
-        }
+        );
     }
+    // One allocation: the id, the observer and room for the index.
+    let mut key = String::with_capacity(36 + observer.as_str().len() + 22);
+    let _ = write!(
+        key,
+        "{}",
+        crate::domain::ActionKey::new(event.id, observer.as_str(), action_index)
+    );
+    key
 }
 
 /// What a successful attempt reports (e.g. `HTTP 200`).
@@ -306,12 +312,17 @@ fn endpoint_label(endpoint: &str, label: Option<&str>) -> String {
 
 /// `scheme://host:port`: what a concurrency limit and a circuit breaker guard.
 fn endpoint_of(url: &url::Url) -> String {
-    format!(
-        "{}://{}:{}",
-        url.scheme(),
-        url.host_str().unwrap_or_default(),
+    use std::fmt::Write as _;
+    let scheme = url.scheme();
+    let host = url.host_str().unwrap_or_default();
+    // One allocation, sized for the longest port.
+    let mut endpoint = String::with_capacity(scheme.len() + host.len() + 9);
+    let _ = write!(
+        endpoint,
+        "{scheme}://{host}:{}",
         url.port_or_known_default().unwrap_or_default()
-    )
+    );
+    endpoint
 }
 
 /// How a call ended, for the limiter: timeouts, connection failures, 429 and 503 say the

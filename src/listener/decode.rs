@@ -3,7 +3,10 @@
 //!
 //! Rows are read as JSON text so that FraiseQL tables whose columns have other types (a `uuid`
 //! `object_id`, a `uuid` `tenant_id`) decode the same way, and so that a row that does not
-//! decode can be kept in the dead-letter queue.
+//! decode can be kept in the dead-letter queue. The listener's path ([`decode_row_text`]) reads
+//! the columns in place from the text and builds values only for the images and
+//! `updated_fields`; a row it cannot take is parsed whole and explained by the parsed-row path
+//! ([`decode_row_owned`]), so both accept the same rows and say the same about the others.
 //!
 //! Whoever can write a tracked table can put any JSON in it, so a row is bounded before it is
 //! parsed ([`parse_row_text`]): larger than the row limit (the page statement then sends only an
@@ -14,6 +17,9 @@
 //! can be stored, listed and run again.
 
 use chrono::{DateTime, Utc};
+use std::borrow::Cow;
+
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -96,61 +102,232 @@ pub fn parse_row_text(
     text: &str,
     max_bytes: u32,
 ) -> Result<Value, MalformedRow> {
-    let refused = |problem: String| MalformedRow {
+    check_bounds(position, size, text, max_bytes)?;
+    parse_checked(position, text)
+}
+
+fn refused_row(position: i64, problem: String) -> MalformedRow {
+    MalformedRow {
         position,
         column: "(row)",
         problem,
-    };
-    if size > u64::from(max_bytes) {
-        return Err(refused(format!(
-            "the row is {size} bytes of JSON, over the limit of {max_bytes} (--max-row-bytes); \
-             its dead letter keeps the first {ROW_EXCERPT_CHARS} characters"
-        )));
     }
-    if nests_deeper_than(text, MAX_ROW_DEPTH) {
-        return Err(refused(format!(
-            "the row nests deeper than {MAX_ROW_DEPTH} levels of objects and arrays; \
-             its dead letter keeps the first {ROW_EXCERPT_CHARS} characters"
-        )));
-    }
-    serde_json::from_str(text).map_err(|error| refused(format!("the row is not JSON: {error}")))
 }
 
-fn describe(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+/// The row's size against `max_bytes` and its nesting against [`MAX_ROW_DEPTH`].
+fn check_bounds(position: i64, size: u64, text: &str, max_bytes: u32) -> Result<(), MalformedRow> {
+    if size > u64::from(max_bytes) {
+        return Err(refused_row(
+            position,
+            format!(
+                "the row is {size} bytes of JSON, over the limit of {max_bytes} (--max-row-bytes); \
+                 its dead letter keeps the first {ROW_EXCERPT_CHARS} characters"
+            ),
+        ));
+    }
+    if nests_deeper_than(text, MAX_ROW_DEPTH) {
+        return Err(refused_row(
+            position,
+            format!(
+                "the row nests deeper than {MAX_ROW_DEPTH} levels of objects and arrays; \
+                 its dead letter keeps the first {ROW_EXCERPT_CHARS} characters"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A row within its bounds, parsed.
+fn parse_checked(position: i64, text: &str) -> Result<Value, MalformedRow> {
+    serde_json::from_str(text)
+        .map_err(|error| refused_row(position, format!("the row is not JSON: {error}")))
+}
+
+/// A column as the checks read it: null (or absent), a value of the parsed row, or the column's
+/// JSON text borrowed from the row's text.
+#[derive(Clone, Copy)]
+enum Cell<'row> {
+    Null,
+    Parsed(&'row Value),
+    Text(&'row RawValue),
+}
+
+/// Where the checks find a row's columns.
+trait Columns {
+    fn cell(&self, column: &'static str) -> Cell<'_>;
+}
+
+impl Columns for Map<String, Value> {
+    fn cell(&self, column: &'static str) -> Cell<'_> {
+        match self.get(column) {
+            None | Some(Value::Null) => Cell::Null,
+            Some(value) => Cell::Parsed(value),
+        }
+    }
+}
+
+/// The change log's columns as JSON text borrowed from the row's text (absent and `null` alike
+/// `None`); other columns are skipped unread. Deserializing it allocates nothing.
+#[derive(serde::Deserialize)]
+struct ColumnTexts<'row> {
+    #[serde(borrow, default)]
+    id: Option<&'row RawValue>,
+    #[serde(borrow, default)]
+    object_type: Option<&'row RawValue>,
+    #[serde(borrow, default)]
+    object_id: Option<&'row RawValue>,
+    #[serde(borrow, default)]
+    modification_type: Option<&'row RawValue>,
+    #[serde(borrow, default)]
+    object_data: Option<&'row RawValue>,
+    #[serde(borrow, default)]
+    object_data_before: Option<&'row RawValue>,
+    #[serde(borrow, default)]
+    updated_fields: Option<&'row RawValue>,
+    #[serde(borrow, default)]
+    created_at: Option<&'row RawValue>,
+    #[serde(borrow, default)]
+    tenant_id: Option<&'row RawValue>,
+    #[serde(borrow, default)]
+    actor_type: Option<&'row RawValue>,
+    #[serde(borrow, default)]
+    actor_id: Option<&'row RawValue>,
+    #[serde(borrow, default)]
+    trace_id: Option<&'row RawValue>,
+}
+
+impl Columns for ColumnTexts<'_> {
+    fn cell(&self, column: &'static str) -> Cell<'_> {
+        let text = match column {
+            "id" => self.id,
+            "object_type" => self.object_type,
+            "object_id" => self.object_id,
+            "modification_type" => self.modification_type,
+            "object_data" => self.object_data,
+            "object_data_before" => self.object_data_before,
+            "updated_fields" => self.updated_fields,
+            "created_at" => self.created_at,
+            "tenant_id" => self.tenant_id,
+            "actor_type" => self.actor_type,
+            "actor_id" => self.actor_id,
+            "trace_id" => self.trace_id,
+            _ => unreachable!("column {column} is not one of the change log's"),
+        };
+        text.map_or(Cell::Null, Cell::Text)
+    }
+}
+
+/// What a JSON value is, as an error names it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Null,
+    Bool,
+    Number,
+    String,
+    Array,
+    Object,
+}
+
+impl Shape {
+    fn of(value: &Value) -> Shape {
+        match value {
+            Value::Null => Shape::Null,
+            Value::Bool(_) => Shape::Bool,
+            Value::Number(_) => Shape::Number,
+            Value::String(_) => Shape::String,
+            Value::Array(_) => Shape::Array,
+            Value::Object(_) => Shape::Object,
+        }
+    }
+
+    /// The shape of valid JSON `text` (as `serde_json` captured it: no leading whitespace), read
+    /// off its first byte.
+    fn of_text(text: &str) -> Shape {
+        match text.as_bytes().first() {
+            Some(b'"') => Shape::String,
+            Some(b'{') => Shape::Object,
+            Some(b'[') => Shape::Array,
+            Some(b't' | b'f') => Shape::Bool,
+            Some(b'n') | None => Shape::Null,
+            Some(_) => Shape::Number,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Shape::Null => "null",
+            Shape::Bool => "a boolean",
+            Shape::Number => "a number",
+            Shape::String => "a string",
+            Shape::Array => "an array",
+            Shape::Object => "an object",
+        }
+    }
+}
+
+impl Cell<'_> {
+    fn shape(self) -> Shape {
+        match self {
+            Cell::Null => Shape::Null,
+            Cell::Parsed(value) => Shape::of(value),
+            Cell::Text(text) => Shape::of_text(text.get()),
+        }
     }
 }
 
 /// A scalar column as text (`uuid`, `int` and `text` columns alike); `None` for null/absent.
-fn text(
-    row: &Map<String, Value>,
+/// Borrowed from the row when it can be.
+fn text<'row>(
+    row: &'row impl Columns,
     column: &'static str,
     position: i64,
-) -> Result<Option<String>, MalformedRow> {
-    match row.get(column) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => Ok(Some(text.clone())),
-        Some(Value::Number(number)) => Ok(Some(number.to_string())),
-        Some(Value::Bool(flag)) => Ok(Some(flag.to_string())),
-        Some(other) => Err(MalformedRow {
-            position,
-            column,
-            problem: format!("expected a scalar, found {}", describe(other)),
-        }),
+) -> Result<Option<Cow<'row, str>>, MalformedRow> {
+    let cell = row.cell(column);
+    let not_scalar = |shape: Shape| MalformedRow {
+        position,
+        column,
+        problem: format!("expected a scalar, found {}", shape.describe()),
+    };
+    match cell {
+        Cell::Null => Ok(None),
+        Cell::Parsed(value) => match value {
+            Value::Null => Ok(None),
+            Value::String(text) => Ok(Some(Cow::Borrowed(text.as_str()))),
+            Value::Number(number) => Ok(Some(Cow::Owned(number.to_string()))),
+            Value::Bool(flag) => Ok(Some(Cow::Owned(flag.to_string()))),
+            other => Err(not_scalar(Shape::of(other))),
+        },
+        Cell::Text(raw) => {
+            let json = raw.get();
+            let unreadable = |error: serde_json::Error| MalformedRow {
+                position,
+                column,
+                problem: format!("unreadable value ({error})"),
+            };
+            match Shape::of_text(json) {
+                Shape::Null => Ok(None),
+                // Borrowed unless the string has escapes.
+                Shape::String => match serde_json::from_str::<&str>(json) {
+                    Ok(text) => Ok(Some(Cow::Borrowed(text))),
+                    Err(_) => serde_json::from_str::<String>(json)
+                        .map(|text| Some(Cow::Owned(text)))
+                        .map_err(unreadable),
+                },
+                Shape::Number => serde_json::from_str::<serde_json::Number>(json)
+                    .map(|number| Some(Cow::Owned(number.to_string())))
+                    .map_err(unreadable),
+                Shape::Bool => Ok(Some(Cow::Owned(json.to_owned()))),
+                shape @ (Shape::Array | Shape::Object) => Err(not_scalar(shape)),
+            }
+        }
     }
 }
 
-fn required_text(
-    row: &Map<String, Value>,
+fn required_text<'row>(
+    row: &'row impl Columns,
     column: &'static str,
     position: i64,
-) -> Result<String, MalformedRow> {
+) -> Result<Cow<'row, str>, MalformedRow> {
     match text(row, column, position)? {
         Some(value) if !value.trim().is_empty() => Ok(value),
         _ => Err(MalformedRow {
@@ -163,7 +340,7 @@ fn required_text(
 
 /// An identity column (entity type or id): a value of at most [`MAX_IDENTITY_CHARS`].
 fn identity_text(
-    row: &Map<String, Value>,
+    row: &impl Columns,
     column: &'static str,
     position: i64,
 ) -> Result<String, MalformedRow> {
@@ -176,24 +353,24 @@ fn identity_text(
             problem: format!("{length} characters, over the limit of {MAX_IDENTITY_CHARS}"),
         });
     }
-    Ok(value)
+    Ok(value.into_owned())
 }
 
 /// Whether a row image column holds an object (`false`: null or absent); an error for anything else.
 fn image_present(
-    row: &Map<String, Value>,
+    row: &impl Columns,
     column: &'static str,
     position: i64,
 ) -> Result<bool, MalformedRow> {
-    match row.get(column) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Object(_)) => Ok(true),
-        Some(other) => Err(MalformedRow {
+    match row.cell(column).shape() {
+        Shape::Null => Ok(false),
+        Shape::Object => Ok(true),
+        other => Err(MalformedRow {
             position,
             column,
             problem: format!(
                 "expected a JSON object (the row image), found {}",
-                describe(other)
+                other.describe()
             ),
         }),
     }
@@ -202,6 +379,53 @@ fn image_present(
 /// A checked row image: its object, or `None` for null.
 fn image_of(value: Option<Value>) -> Option<Value> {
     value.filter(Value::is_object)
+}
+
+/// `updated_fields`: `None` for null, else its field names; an error for anything but an array
+/// of strings.
+fn updated_fields(row: &impl Columns, position: i64) -> Result<Option<Vec<String>>, MalformedRow> {
+    let column = "updated_fields";
+    let names = |items: &[Value]| {
+        items
+            .iter()
+            .map(|item| match item {
+                Value::String(field) => Ok(field.clone()),
+                other => Err(MalformedRow {
+                    position,
+                    column,
+                    problem: format!(
+                        "expected field names, found {}",
+                        Shape::of(other).describe()
+                    ),
+                }),
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let cell = row.cell(column);
+    match (cell, cell.shape()) {
+        (_, Shape::Null) => Ok(None),
+        (Cell::Parsed(Value::Array(items)), _) => names(items).map(Some),
+        (Cell::Text(raw), Shape::Array) => match serde_json::from_str::<Vec<String>>(raw.get()) {
+            Ok(fields) => Ok(Some(fields)),
+            // Not all strings: the parsed items say which is not.
+            Err(_) => match serde_json::from_str::<Vec<Value>>(raw.get()) {
+                Ok(items) => names(&items).map(Some),
+                Err(error) => Err(MalformedRow {
+                    position,
+                    column,
+                    problem: format!("unreadable value ({error})"),
+                }),
+            },
+        },
+        (_, other) => Err(MalformedRow {
+            position,
+            column,
+            problem: format!(
+                "expected an array of field names, found {}",
+                other.describe()
+            ),
+        }),
+    }
 }
 
 /// Everything of a row but its images, checked: building the event from it cannot fail.
@@ -221,12 +445,12 @@ fn not_an_object(position: i64, row: &Value) -> MalformedRow {
     MalformedRow {
         position,
         column: "(row)",
-        problem: format!("expected a row object, found {}", describe(row)),
+        problem: format!("expected a row object, found {}", Shape::of(row).describe()),
     }
 }
 
 /// Checks every column of the contract, images included (by reference, nothing copied).
-fn check_row(position: i64, row: &Map<String, Value>) -> Result<CheckedRow, MalformedRow> {
+fn check_row(position: i64, row: &impl Columns) -> Result<CheckedRow, MalformedRow> {
     let id_text = required_text(row, "id", position)?;
     let id = Uuid::parse_str(&id_text).map_err(|error| MalformedRow {
         position,
@@ -250,32 +474,7 @@ fn check_row(position: i64, row: &Map<String, Value>) -> Result<CheckedRow, Malf
             problem: format!("a {kind} row needs object_data or object_data_before, both are null"),
         });
     }
-    let updated_fields = match row.get("updated_fields") {
-        None | Some(Value::Null) => None,
-        Some(Value::Array(items)) => Some(
-            items
-                .iter()
-                .map(|item| match item {
-                    Value::String(field) => Ok(field.clone()),
-                    other => Err(MalformedRow {
-                        position,
-                        column: "updated_fields",
-                        problem: format!("expected field names, found {}", describe(other)),
-                    }),
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
-        Some(other) => {
-            return Err(MalformedRow {
-                position,
-                column: "updated_fields",
-                problem: format!(
-                    "expected an array of field names, found {}",
-                    describe(other)
-                ),
-            });
-        }
-    };
+    let updated_fields = updated_fields(row, position)?;
     let timestamp = match text(row, "created_at", position)? {
         None => Utc::now(),
         Some(moment) => DateTime::parse_from_rfc3339(&moment)
@@ -286,8 +485,9 @@ fn check_row(position: i64, row: &Map<String, Value>) -> Result<CheckedRow, Malf
                 problem: format!("expected a timestamp, found {moment:?} ({error})"),
             })?,
     };
-    let actor_kind = text(row, "actor_type", position)?;
-    let actor_id = text(row, "actor_id", position)?;
+    let owned = |column| text(row, column, position).map(|value| value.map(Cow::into_owned));
+    let actor_kind = owned("actor_type")?;
+    let actor_id = owned("actor_id")?;
     Ok(CheckedRow {
         id,
         kind,
@@ -295,12 +495,12 @@ fn check_row(position: i64, row: &Map<String, Value>) -> Result<CheckedRow, Malf
         entity_id,
         updated_fields,
         timestamp,
-        tenant_id: text(row, "tenant_id", position)?,
+        tenant_id: owned("tenant_id")?,
         actor: (actor_kind.is_some() || actor_id.is_some()).then_some(Actor {
             kind: actor_kind,
             id: actor_id,
         }),
-        trace_id: text(row, "trace_id", position)?,
+        trace_id: owned("trace_id")?,
     })
 }
 
@@ -368,6 +568,48 @@ pub fn decode_row_owned(position: i64, row: Value) -> Result<EntityEvent, (Value
     }
 }
 
+/// Decodes a change-log row from its JSON text after checking its bounds (as
+/// [`parse_row_text`]): the listener's path. The columns are read straight from the text — only
+/// the images and `updated_fields` are built as values, the rest is borrowed or parsed in place —
+/// so a row costs no parse tree of its own. A row that does not decode is parsed whole, and the
+/// error and the row are [`decode_row_owned`]'s: the two paths accept the same rows and build the
+/// same events.
+///
+/// # Errors
+/// The row is over its bounds or not JSON (no row: the dead letter keeps an excerpt), or the
+/// first column that does not fit the change-log contract (with the parsed row).
+pub fn decode_row_text(
+    position: i64,
+    size: u64,
+    text: &str,
+    max_bytes: u32,
+) -> Result<EntityEvent, (Option<Value>, MalformedRow)> {
+    check_bounds(position, size, text, max_bytes).map_err(|problem| (None, problem))?;
+    if let Some(event) = decode_columns(position, text) {
+        return Ok(event);
+    }
+    let row = parse_checked(position, text).map_err(|problem| (None, problem))?;
+    decode_row_owned(position, row).map_err(|(row, problem)| (Some(row), problem))
+}
+
+/// The event of a row whose text reads as the change log's columns and fits the contract;
+/// `None` for anything else (left to the parsed row's path to explain).
+fn decode_columns(position: i64, text: &str) -> Option<EntityEvent> {
+    let columns: ColumnTexts<'_> = serde_json::from_str(text).ok()?;
+    let checked = check_row(position, &columns).ok()?;
+    let image = |raw: Option<&RawValue>| -> Option<Option<Value>> {
+        match raw {
+            Some(raw) if Shape::of_text(raw.get()) == Shape::Object => {
+                serde_json::from_str(raw.get()).ok().map(Some)
+            }
+            _ => Some(None),
+        }
+    };
+    let after = image(columns.object_data)?;
+    let before = image(columns.object_data_before)?;
+    Some(checked.event(position, after, before))
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -400,6 +642,115 @@ mod tests {
         let (back, problem) = decode_row_owned(7, json!([1, 2])).unwrap_err();
         assert_eq!(back, json!([1, 2]));
         assert_eq!(problem.column, "(row)");
+    }
+
+    /// `decode_row_text` against the parsed-row path on `text`: the same event, or the same
+    /// error with the same row.
+    fn both_paths_agree(text: &str) {
+        let size = text.len() as u64;
+        let from_text = decode_row_text(3, size, text, 1 << 20);
+        let from_value = parse_row_text(3, size, text, 1 << 20)
+            .map_err(|problem| (None, problem))
+            .and_then(|row| {
+                decode_row_owned(3, row).map_err(|(row, problem)| (Some(row), problem))
+            });
+        match (from_text, from_value) {
+            (Ok(mut event), Ok(expected)) => {
+                let stamped =
+                    serde_json::from_str::<Value>(text).unwrap()["created_at"] != Value::Null;
+                if !stamped {
+                    // Both stamp the event with their own reading of the clock.
+                    let apart = (event.timestamp - expected.timestamp).abs();
+                    assert!(apart < chrono::TimeDelta::seconds(5), "{text}");
+                    event.timestamp = expected.timestamp;
+                }
+                assert_eq!(
+                    serde_json::to_value(&event).unwrap(),
+                    serde_json::to_value(&expected).unwrap(),
+                    "{text}"
+                );
+            }
+            (Err(error), Err(expected)) => assert_eq!(error, expected, "{text}"),
+            (got, expected) => panic!("{text}: {got:?} against {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn the_text_path_accepts_and_refuses_what_the_parsed_path_does() {
+        let values = [
+            json!(null),
+            json!(true),
+            json!(0),
+            json!(-12.5e3),
+            json!(18_446_744_073_709_551_615_u64),
+            json!(""),
+            json!("  "),
+            json!("Order"),
+            json!("with \"escapes\", \u{e9} and \u{1}"),
+            json!("INSERT"),
+            json!("delete"),
+            json!("custom"),
+            json!("0194f8a2-7c1e-7b3a-9c1d-2b9f7e1a0c11"),
+            json!("2026-11-27T21:00:00Z"),
+            json!([]),
+            json!(["status", "total"]),
+            json!(["status", 1]),
+            json!({}),
+            json!({"id": 1, "nested": {"list": [1, "two", null]}}),
+            json!("x".repeat(MAX_IDENTITY_CHARS + 1)),
+        ];
+        let columns = [
+            "id",
+            "object_type",
+            "object_id",
+            "modification_type",
+            "object_data",
+            "object_data_before",
+            "updated_fields",
+            "created_at",
+            "tenant_id",
+            "actor_type",
+            "actor_id",
+            "trace_id",
+            "extra_metadata",
+        ];
+        let mut cases = 0;
+        for column in columns {
+            for value in &values {
+                let mut row = row();
+                row[column] = value.clone();
+                both_paths_agree(&row.to_string());
+                row.as_object_mut().unwrap().remove(column);
+                both_paths_agree(&row.to_string());
+                cases += 2;
+            }
+        }
+        assert_eq!(cases, 2 * columns.len() * values.len());
+        // Whitespace as PostgreSQL's `row_to_json` and `to_jsonb` print it, and odd shapes.
+        for text in [
+            serde_json::to_string_pretty(&row()).unwrap(),
+            row().to_string().replace(':', ": ").replace(',', " , "),
+            r#"{"id": "0194f8a2-7c1e-7b3a-9c1d-2b9f7e1a0c11", "id": "x"}"#.to_owned(),
+            r#"{"object_type": "A", "object_type": "B", "object_id": 1, "modification_type": "INSERT", "object_data": {}, "id": "0194f8a2-7c1e-7b3a-9c1d-2b9f7e1a0c11"}"#.to_owned(),
+            r#"{"obj\u0065ct_type": "Order", "object_id": 1, "modification_type": "INSERT", "object_data": {"a": 1}, "id": "0194f8a2-7c1e-7b3a-9c1d-2b9f7e1a0c11"}"#.to_owned(),
+            "[1, 2]".to_owned(),
+            "\"row\"".to_owned(),
+            "{\"id\": ".to_owned(),
+            "not json".to_owned(),
+        ] {
+            both_paths_agree(&text);
+        }
+    }
+
+    #[test]
+    fn the_text_path_keeps_the_bounds() {
+        let deep = format!(r#"{{"object_data": {}}}"#, nested(200));
+        let (row, error) = decode_row_text(9, deep.len() as u64, &deep, 1 << 20).unwrap_err();
+        assert!(row.is_none(), "a row over its bounds is not kept");
+        assert!(error.problem.contains("deeper than 64 levels"), "{error}");
+        let (row, error) = decode_row_text(9, 50 << 20, "{\"id\": 1", 8 << 20).unwrap_err();
+        assert!(row.is_none());
+        assert!(error.problem.contains("52428800 bytes"), "{error}");
     }
 
     #[test]

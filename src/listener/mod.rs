@@ -37,7 +37,7 @@ use uuid::Uuid;
 
 pub use decode::{
     DEFAULT_MAX_ROW_BYTES, MAX_IDENTITY_CHARS, MAX_ROW_DEPTH, MalformedRow, ROW_EXCERPT_CHARS,
-    decode_row, decode_row_owned, nests_deeper_than, parse_row_text,
+    decode_row, decode_row_owned, decode_row_text, nests_deeper_than, parse_row_text,
 };
 
 pub use reader::{NodeReader, PartitionPage, READ_LINGER, ReaderSettings, ReaderTask};
@@ -499,14 +499,7 @@ impl Listener {
         let mut malformed_rows = Vec::new();
         for raw in rows {
             let position = raw.position;
-            let decoded =
-                parse_row_text(position, raw.size, &raw.text, self.settings.max_row_bytes)
-                    .map_err(|problem| (None, problem))
-                    .and_then(|row| {
-                        decode_row_owned(position, row)
-                            .map_err(|(row, problem)| (Some(row), problem))
-                    });
-            match decoded {
+            match decode_row_text(position, raw.size, &raw.text, self.settings.max_row_bytes) {
                 Ok(event) => events.push(event),
                 Err((Some(row), problem)) => {
                     malformed_rows.push((malformed_row_id(position, &row), position, row, problem));

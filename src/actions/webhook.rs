@@ -898,6 +898,37 @@ mod tests {
     }
 
     #[test]
+    fn the_envelope_body_is_the_envelope_at_its_exact_size_and_a_large_scratch_is_not_kept() {
+        use crate::domain::{EntityEvent, EventKind};
+        let small = EntityEvent::new(
+            EventKind::Update,
+            "Order",
+            "42",
+            serde_json::json!({"id": 42, "status": "paid", "note": "quote \" and \u{1}"}),
+            Some(serde_json::json!({"id": 42, "status": "new"})),
+        );
+        let large = EntityEvent::new(
+            EventKind::Insert,
+            "Order",
+            "43",
+            serde_json::json!({"blob": "x".repeat(2 * SCRATCH_KEPT_BYTES)}),
+            None,
+        );
+        for event in [&small, &large, &small] {
+            let envelope = event.envelope("order-paid");
+            let body = envelope_body(&envelope).unwrap();
+            assert_eq!(body, serde_json::to_vec(&envelope).unwrap());
+            assert_eq!(
+                body.capacity(),
+                body.len(),
+                "one allocation of the body's size"
+            );
+            let kept = SCRATCH.with_borrow(Vec::capacity);
+            assert!(kept <= SCRATCH_KEPT_BYTES, "scratch of {kept} bytes kept");
+        }
+    }
+
+    #[test]
     fn retry_after_accepts_seconds_and_http_dates() {
         let mut headers = HeaderMap::new();
         headers.insert(RETRY_AFTER, HttpHeaderValue::from_static("7"));

@@ -477,9 +477,12 @@ impl JobWorker {
         let mut drained = false;
         let mut stopping = false;
         loop {
-            if shutdown.is_cancelled() && !stopping {
+            if shutdown.is_cancelled() {
                 stopping = true;
-                self.release_unstarted(ready.drain(..), &mut held).await;
+                // Unstarted jobs go back, those of a claim that answered after the stop too.
+                if !ready.is_empty() {
+                    self.release_unstarted(ready.drain(..), &mut held).await;
+                }
             }
             while running.len() < limit {
                 let Some(job) = ready.pop_front() else { break };

@@ -427,9 +427,9 @@ const LEDGER_HOLD: i64 = 4_217_017;
 /// The node's connections carry this name, so the test can end the sessions of the killed node.
 const NODE_APPLICATION: &str = "fqo-node-under-test";
 
-/// Makes every ledger insert that is not part of an action's own transaction (where the
-/// idempotency key is set) wait for [`LEDGER_HOLD`]: the checkpoint save of a page, and the early
-/// writer, block; an action's call does not.
+/// Makes every ledger and history insert that is not part of an action's own transaction (where
+/// the idempotency key is set) wait for [`LEDGER_HOLD`]: the checkpoint save of a page (which
+/// writes the page's history rows) and the early ledger writer block; an action's call does not.
 const HOLD_LEDGER_WRITES: &str = "
 CREATE FUNCTION app.hold_ledger_writes() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -440,6 +440,8 @@ BEGIN
     RETURN NEW;
 END $$;
 CREATE TRIGGER hold_ledger_writes BEFORE INSERT ON fraiseql_observers.processed_actions
+    FOR EACH ROW EXECUTE FUNCTION app.hold_ledger_writes();
+CREATE TRIGGER hold_history_writes BEFORE INSERT ON fraiseql_observers.history
     FOR EACH ROW EXECUTE FUNCTION app.hold_ledger_writes();
 ";
 
@@ -575,13 +577,14 @@ async fn a_node_killed_after_the_call_committed_and_before_the_checkpoint_does_n
         receiver.requests_to("/orders").len() == 1
     })
     .await;
-    eventually("a ledger write of the node waiting", || {
-        count_is(
-            &database.pool,
+    eventually("the page's checkpoint save waiting", || async {
+        sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
                 AND objid = 4217017 AND objsubid = 1 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            1,
         )
+        .fetch_one(&database.pool)
+        .await
+        .is_ok_and(|waiting| waiting >= 1)
     })
     .await;
     // One partition: no other partition's saves move the version read here.
@@ -590,10 +593,13 @@ async fn a_node_killed_after_the_call_committed_and_before_the_checkpoint_does_n
     node.kill().unwrap(); // SIGKILL
     node.wait().unwrap();
     end_sessions_of_killed_node(&database.pool).await;
-    sqlx::raw_sql("DROP TRIGGER hold_ledger_writes ON fraiseql_observers.processed_actions")
-        .execute(&database.pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql(
+        "DROP TRIGGER hold_ledger_writes ON fraiseql_observers.processed_actions;
+         DROP TRIGGER hold_history_writes ON fraiseql_observers.history;",
+    )
+    .execute(&database.pool)
+    .await
+    .unwrap();
     sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(LEDGER_HOLD)
         .execute(&mut holder)
@@ -621,8 +627,15 @@ async fn a_node_killed_after_the_call_committed_and_before_the_checkpoint_does_n
         receiver.requests_to("/orders").len() == 2
     })
     .await;
-    eventually("the replayed page settled", || async {
-        ledger_rows(&database.pool, event_id).await.len() == 2
+    eventually("the replayed page saved", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM fraiseql_observers.history
+              WHERE record_kind = 'event' AND event_id = $1",
+        )
+        .bind(event_id)
+        .fetch_one(&database.pool)
+        .await
+        .is_ok_and(|rows| rows == 1)
     })
     .await;
     restarted.kill().unwrap();

@@ -145,14 +145,16 @@ async fn a_killed_node_s_partitions_are_taken_over_and_nothing_is_lost() {
     let b = start(&database, &receiver, "node-b").await;
     even_split(pool).await;
     write_orders(pool, 0..50, 1).await;
-    // Delivered and recorded: a kill now leaves nothing in flight to repeat (what a kill in
-    // the middle of a page repeats is bounded by the page; see the listener tests).
+    // Delivered and their pages saved (a page's history rows are written by its checkpoint's
+    // statement): a kill now leaves nothing in flight to repeat (what a kill in the middle of a
+    // page repeats is bounded by the page; see the listener tests).
     eventually("the first deliveries to be recorded", || async {
-        let recorded: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM fraiseql_observers.processed_actions")
-                .fetch_one(pool)
-                .await
-                .unwrap();
+        let recorded: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM fraiseql_observers.history WHERE record_kind = 'event'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
         receiver.request_count() >= 50 && recorded >= 50
     })
     .await;

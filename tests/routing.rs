@@ -63,6 +63,31 @@ async fn start_listener(database: &TestDatabase, executor: Executor, node: &str)
     .unwrap()
 }
 
+/// A whole node (listener, job workers) on `database`, polling every 100 ms; cancel the token to
+/// stop it.
+async fn start_node(
+    database: &TestDatabase,
+    config: ObserversConfig,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), fraiseql_observers::cluster::ClusterError>>,
+) {
+    let node = Node::build(
+        database.pool.clone(),
+        config,
+        ListenerSettings {
+            poll_interval: Duration::from_millis(100),
+            ..ListenerSettings::default()
+        },
+        ClusterSettings::default(),
+    )
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(node.run_until_stopped(shutdown.clone()));
+    (shutdown, running)
+}
+
 /// Jobs enqueued (in the queue, or completed), and how many of them took more than one attempt.
 async fn jobs_and_retried(database: &TestDatabase) -> (i64, i64) {
     sqlx::query_as(
@@ -92,19 +117,8 @@ async fn async_actions_are_enqueued_with_the_checkpoint_and_run_by_a_worker() {
     let database = TestDatabase::migrated().await;
     prepare(&database).await;
     let receiver = Receiver::start().await;
-    let node = Node::build(
-        database.pool.clone(),
-        config(&receiver, ", mode: async, priority: 8"),
-        ListenerSettings {
-            poll_interval: Duration::from_millis(100),
-            ..ListenerSettings::default()
-        },
-        ClusterSettings::default(),
-    )
-    .await
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(node.run_until_stopped(shutdown.clone()));
+    let (shutdown, running) =
+        start_node(&database, config(&receiver, ", mode: async, priority: 8")).await;
     sqlx::query("INSERT INTO orders SELECT generate_series(1, 5)")
         .execute(&database.pool)
         .await
@@ -153,8 +167,9 @@ async fn async_actions_are_enqueued_with_the_checkpoint_and_run_by_a_worker() {
             .await
             .unwrap();
     assert_eq!(
-        ledger, 5,
-        "handed-over actions are in the ledger, with their jobs"
+        ledger, 0,
+        "handed-over actions are not in the ledger: their jobs run them, and the checkpoint \
+         saved with the jobs covers the page"
     );
 }
 
@@ -312,12 +327,17 @@ async fn a_replayed_page_does_not_enqueue_again_and_a_fenced_page_enqueues_nothi
         "two",
     )
     .await;
+    // The saved page left no ledger row (its checkpoint covered it): the action is handed over
+    // again, and the job's idempotency key keeps the queue at one job.
     let outcome = second.deliver_page().await.unwrap();
-    assert_eq!(
-        outcome.summaries[0].actions[0].status,
-        ActionStatus::AlreadyCompleted
+    assert!(
+        matches!(
+            outcome.summaries[0].actions[0].status,
+            ActionStatus::Enqueued { .. }
+        ),
+        "{outcome:?}"
     );
-    assert_eq!(job_count(&database).await, 1);
+    assert_eq!(job_count(&database).await, 1, "not enqueued again");
 
     // The first listener lost the partition: its next page's jobs must not appear.
     sqlx::query("INSERT INTO orders VALUES (2)")
@@ -638,4 +658,69 @@ async fn an_outage_delivers_every_change_in_order_once_the_target_recovers() {
             .await
             .unwrap();
     assert_eq!(dead_letters, 0);
+}
+
+/// A `database` action run by a job worker calls its function: the page that hands it over
+/// covers it with its checkpoint but does not record it as done in the completed-actions ledger,
+/// which the action checks before calling (a recorded key means "already called").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_database_action_is_called_by_the_worker_once_per_event() {
+    let database = TestDatabase::migrated().await;
+    prepare(&database).await;
+    sqlx::raw_sql(
+        "CREATE TABLE calls (order_id text NOT NULL, idempotency_key text NOT NULL);
+         CREATE FUNCTION record_call(order_id text) RETURNS void LANGUAGE sql
+             AS $$ INSERT INTO calls VALUES (order_id, current_setting('fraiseql.idempotency_key')) $$;",
+    )
+    .execute(&database.pool)
+    .await
+    .unwrap();
+    let config = common::config_from_yaml(
+        "jobs: {workers: {default: 2}}\nobservers:\n  - name: orders\n    entity: Order\n    events: [insert]\n    actions:\n      - {type: database, function: public.record_call, params: ['{{ entity_id }}'], mode: async}\n",
+    );
+    let (shutdown, running) = start_node(&database, config).await;
+    sqlx::query("INSERT INTO orders SELECT generate_series(1, 3)")
+        .execute(&database.pool)
+        .await
+        .unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (completed, waiting): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM fraiseql_observers.jobs_completed),
+                    (SELECT count(*) FROM fraiseql_observers.jobs)",
+        )
+        .fetch_one(&database.pool)
+        .await
+        .unwrap();
+        if completed == 3 && waiting == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{completed} of 3 jobs completed, {waiting} still queued"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+
+    let mut calls: Vec<(String, String)> =
+        sqlx::query_as("SELECT order_id, idempotency_key FROM calls ORDER BY order_id")
+            .fetch_all(&database.pool)
+            .await
+            .unwrap();
+    calls.sort();
+    assert_eq!(
+        calls
+            .iter()
+            .map(|(order, _)| order.as_str())
+            .collect::<Vec<_>>(),
+        ["1", "2", "3"],
+        "the function was called once per event by the worker: {calls:?}"
+    );
+    assert!(
+        calls.iter().all(|(_, key)| key.ends_with(":orders:0")),
+        "with the action's idempotency key: {calls:?}"
+    );
 }

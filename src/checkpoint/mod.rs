@@ -194,7 +194,8 @@ pub trait CheckpointStore: Send + Sync + std::fmt::Debug {
     ) -> Result<Checkpoint, CheckpointError> {
         self.save_with_jobs(current, next, completed, &[]).await
     }
-    /// Records completed actions ahead of the next save (best effort; the save records them too).
+    /// Records completed actions of a page that will be read again: one still in flight, or one
+    /// whose checkpoint cannot move yet (a saved page is covered by its checkpoint).
     async fn record_completed(&self, completed: &[ActionKey]) -> Result<(), CheckpointError>;
     /// Which actions of these events already completed.
     async fn completed_among(

@@ -13,8 +13,10 @@
 //!   have unfinished jobs; those actions queue behind them instead of running inline, so a change
 //!   never overtakes an earlier one of its entity that is waiting in the queue.
 //! - The checkpoint moves only after every action of the page is settled (succeeded, or failed
-//!   for good and dead-lettered/logged); the settled (event, observer, action) triples are written
-//!   in the same transaction, so a replay after a crash does not repeat them.
+//!   for good and dead-lettered/logged). The completed-actions ledger holds the settled
+//!   (event, observer, action) triples of pages that will be read again — a page still in flight
+//!   (the early writer) or one that did not settle — so that a replay does not repeat them; a
+//!   saved page is covered by its checkpoint and adds no ledger row.
 //! - A row that cannot be decoded goes to the dead-letter queue with its reason and the raw row
 //!   (an excerpt of it when it is over the row limit or nests too deep); the rest of the page
 //!   flows on. A page holds at most `max_page_bytes` of row text (and always at least one row),
@@ -399,7 +401,7 @@ impl Listener {
         let malformed = malformed_rows.len();
 
         let (completed, unfinished_jobs) = self.page_state(&events, &malformed_rows).await?;
-        let mut settled = Vec::with_capacity(events.len() + malformed);
+        let mut settled = Vec::new();
         self.dead_letter_malformed(malformed_rows, &completed, &mut settled)
             .await?;
 
@@ -417,12 +419,6 @@ impl Listener {
             .flat_map(|summary| &summary.actions)
             .filter(|report| !report.settled)
             .count();
-        settled.extend(
-            summaries
-                .iter()
-                .flat_map(EventSummary::settled_keys)
-                .filter(|key| !completed.contains(key)),
-        );
         let jobs: Vec<NewJob> = summaries
             .iter()
             .flat_map(EventSummary::jobs)
@@ -432,6 +428,12 @@ impl Listener {
             // Keep what did settle, so the retried page does not repeat it — but not the actions
             // handed to the job queue: their jobs are not stored yet, the retried page hands them
             // over again.
+            settled.extend(
+                summaries
+                    .iter()
+                    .flat_map(EventSummary::settled_keys)
+                    .filter(|key| !completed.contains(key)),
+            );
             let handed_over: HashSet<ActionKey> = jobs.iter().map(NewJob::action_key).collect();
             settled.retain(|key| !handed_over.contains(key));
             let settled = self.unwritten(settled);
@@ -441,11 +443,15 @@ impl Listener {
         }
 
         let save_started = std::time::Instant::now();
-        let settled = self.unwritten(settled);
+        // The page's settled actions are not written to the ledger: the checkpoint that this
+        // save moves past the page covers them (the page is never read again), and the ledger
+        // is consulted only for pages that are. A handed-over action must not be there either:
+        // its job runs it later, and an action that checks the ledger before its effect (the
+        // `database` action) would take its own key for "already done".
         let history = self.history_records(&events, &summaries);
         self.checkpoint = self
             .store
-            .save_page(&self.checkpoint, next, &settled, &jobs, &history)
+            .save_page(&self.checkpoint, next, &[], &jobs, &history)
             .await?;
         self.position = self.checkpoint.position.clone();
         if let Some(metrics) = self.metrics.as_ref().filter(|_| !history.is_empty()) {
@@ -732,8 +738,16 @@ impl Listener {
                     _ => {}
                 }
             }
+            // After a page that held rows but did not fill, a listener that is woken by
+            // notifications waits for the next one: a change committed after the page's
+            // snapshot was taken notifies after the wake-up was marked seen above, so it wakes
+            // this listener at once. Reading again at once would cost a page statement that
+            // finds nothing (at 3,000 events/s, most of the reads). Polling alone reads on.
+            let woken_by_notifications = wake.is_some() || notifications.is_some();
             let pause = match delivered {
-                Ok(outcome) if outcome.more || outcome.rows > 0 => continue,
+                Ok(outcome) if outcome.more || (outcome.rows > 0 && !woken_by_notifications) => {
+                    continue;
+                }
                 Ok(_) => self.settings.poll_interval,
                 Err(error @ ListenerError::FencedOut(_)) => return Err(error),
                 Err(error) => {

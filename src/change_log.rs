@@ -1,11 +1,11 @@
 //! The change log in PostgreSQL (`core.tb_entity_change_log`, read through
-//! `fraiseql_observers.read_batch`): the only code with SQL for it.
+//! `fraiseql_observers.read_batch` and `read_page`): the only code with SQL for it.
 //!
 //! A page is read in one statement with the batch's end snapshot and the partition's lease epoch
 //! (a fragment from the partitions' owner, [`crate::checkpoint`]). Rows come as JSON text with
 //! their size (`row_to_json`, see `row_json_sql!`), so that the listener can bound them before
 //! it parses them: a row over the row limit comes as an excerpt only, and a page ends before the
-//! row that would take its text past the page limit (the first row always comes).
+//! row that would start past the page limit (the first row always comes).
 
 use sqlx::PgPool;
 
@@ -17,7 +17,8 @@ pub const TABLE: &str = "core.tb_entity_change_log";
 /// text). `to_jsonb(change)::text`, used before, built a `jsonb` value of the whole row first —
 /// copying the images, sorting the keys — only to print it: about twice the cost (2.3 µs more
 /// per row of an orders table, PostgreSQL alone). The keys and values are the same; only the
-/// outer object's spacing differs.
+/// outer object's spacing differs. `fraiseql_observers.read_page` (the node's page read,
+/// `migrations/0022_read_page.sql`) writes the same text.
 macro_rules! row_json_sql {
     () => {
         "row_to_json(change)::text"
@@ -91,49 +92,33 @@ pub struct Page {
     pub cut_short: bool,
 }
 
-/// One row of the page statement: the batch's end, the partitions' epochs, how many rows the
-/// batch reader returned, and a change (none on an empty page's single row): its position, its
+/// One row of the page statement: the batch's end, the partitions' epochs, whether the byte bound
+/// cut the page, and a change (none on the row that ends an empty or cut page): its position, its
 /// partition, its size in bytes of JSON text and the text.
 type PageRow = (
     String,
     Vec<Option<i64>>,
-    Option<i64>,
+    bool,
     Option<i64>,
     Option<i32>,
     Option<i64>,
     Option<String>,
 );
 
-/// Reads the page after `query`'s position.
+/// Reads the page after `query`'s position: `fraiseql_observers.read_page`
+/// (`migrations/0022_read_page.sql`) turns each row into its JSON text once and stops at the byte
+/// bound; the partitions' epochs are read by the same statement.
 ///
 /// # Errors
 /// The database failed.
 pub async fn read_page(pool: &PgPool, query: &PageQuery<'_>) -> Result<Page, ChangeLogError> {
     let partitions = query.partition_count.map(|_| query.partitions.to_vec());
     let page: Vec<PageRow> = sqlx::query_as(concat!(
-        "WITH batch AS (
-             SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS upto,
-                    ",
+        "SELECT page.upto, ",
         crate::checkpoint::partition_epochs_sql!(),
-        " AS epochs),
-         page AS (
-             SELECT change.pk_entity_change_log AS position,
-                    coalesce(change.entity_hash % $7, 0)::int AS partition, ",
-        row_json_sql!(),
-        " AS body
-               FROM batch, fraiseql_observers.read_batch(
-                    $3::pg_snapshot, batch.upto, $4, $5, $6, $7) AS change),
-         sized AS (
-             SELECT position, partition, body, octet_length(body)::bigint AS size,
-                    sum(octet_length(body)) OVER (ORDER BY position) AS running,
-                    count(*) OVER () AS returned
-               FROM page)
-         SELECT batch.upto::text, batch.epochs, sized.returned, sized.position, sized.partition,
-                sized.size,
-                CASE WHEN sized.size <= $8 THEN sized.body ELSE left(sized.body, $9) END
-           FROM batch
-           LEFT JOIN sized ON sized.running - sized.size < $10
-          ORDER BY sized.position"
+        ", page.cut_short, page.row_position, page.row_partition, page.row_size, page.row_text
+           FROM fraiseql_observers.read_page($3::pg_snapshot, $2::text, $4, $5, $6, $7, $8, $9, $10)
+                AS page"
     ))
     .bind(query.partitions)
     .bind(query.batch_upto)
@@ -147,10 +132,11 @@ pub async fn read_page(pool: &PgPool, query: &PageQuery<'_>) -> Result<Page, Cha
     .bind(i64::try_from(query.max_page_bytes.max(1)).unwrap_or(i64::MAX))
     .fetch_all(pool)
     .await?;
-    let Some((upto, epochs, returned, ..)) = page.first() else {
+    let Some((upto, epochs, ..)) = page.first() else {
         return Err(ChangeLogError::NoBatch);
     };
-    let (upto, epochs, returned) = (upto.clone(), epochs.clone(), returned.unwrap_or(0));
+    let (upto, epochs) = (upto.clone(), epochs.clone());
+    let cut_short = page.iter().any(|(_, _, cut_short, ..)| *cut_short);
     let rows: Vec<RawRow> = page
         .into_iter()
         .filter_map(|(_, _, _, position, partition, size, text)| {
@@ -162,7 +148,6 @@ pub async fn read_page(pool: &PgPool, query: &PageQuery<'_>) -> Result<Page, Cha
             })
         })
         .collect();
-    let cut_short = i64::try_from(rows.len()).unwrap_or(i64::MAX) < returned;
     Ok(Page {
         upto,
         epochs,

@@ -126,6 +126,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0021_notify_partitions",
         sql: include_str!("../migrations/0021_notify_partitions.sql"),
     },
+    Migration {
+        version: 22,
+        name: "0022_read_page",
+        sql: include_str!("../migrations/0022_read_page.sql"),
+    },
 ];
 
 impl Migration {

@@ -315,6 +315,8 @@ main() {
         run_scenario checkpoint.sql
     check "reader: first start, keyset paging, partition filter, refuses unsafe snapshots" \
         run_scenario reader.sql
+    check "read_page: read_batch's rows as JSON text, row and byte bounds, empty and cut pages" \
+        run_scenario read_page.sql
     check "late commit: a transaction committing after later rows were read is delivered next" \
         run_scenario late_commit.sql
     check "long transaction: an open old xid does not hold back rows committed after it" \

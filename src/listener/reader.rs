@@ -6,7 +6,7 @@
 //! rows. Listeners built [`Listener::with_reader`](super::Listener::with_reader) send their page
 //! requests here instead; the reader waits [`READ_LINGER`] for the other partitions woken by the
 //! same notification, groups the requests by checkpoint position, and reads each group with one
-//! `read_batch` call over the group's partitions.
+//! `read_page` call (`read_batch`'s rows as bounded text) over the group's partitions.
 //!
 //! Invariants:
 //! - A group's members stand at the same position (snapshot, batch end, position inside the

@@ -684,33 +684,24 @@ async fn an_async_database_action_is_called_by_the_worker_once_per_event() {
         .await
         .unwrap();
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (completed, waiting): (i64, i64) = sqlx::query_as(
+    common::nodes::eventually("the 3 jobs completed and none queued", || async {
+        sqlx::query_as::<_, (i64, i64)>(
             "SELECT (SELECT count(*) FROM fraiseql_observers.jobs_completed),
                     (SELECT count(*) FROM fraiseql_observers.jobs)",
         )
         .fetch_one(&database.pool)
         .await
-        .unwrap();
-        if completed == 3 && waiting == 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{completed} of 3 jobs completed, {waiting} still queued"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        .is_ok_and(|counts| counts == (3, 0))
+    })
+    .await;
     shutdown.cancel();
     running.await.unwrap().unwrap();
 
-    let mut calls: Vec<(String, String)> =
+    let calls: Vec<(String, String)> =
         sqlx::query_as("SELECT order_id, idempotency_key FROM calls ORDER BY order_id")
             .fetch_all(&database.pool)
             .await
             .unwrap();
-    calls.sort();
     assert_eq!(
         calls
             .iter()

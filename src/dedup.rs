@@ -122,10 +122,13 @@ pub fn holder_of(token: &str) -> Option<&str> {
         .filter(|holder| !holder.is_empty())
 }
 
-/// One node's claims, in process. Expired entries are ignored when met and swept every
-/// [`SWEEP_EVERY`] operations; done marks are also capped at [`MEMORY_DONE_CAPACITY`] (the oldest
-/// go first), so memory stays bounded however many actions complete within one window. Past the
-/// cap a replay is still caught by the completed-actions ledger, which this store only speeds up.
+/// One node's claims, in process. Expired entries are ignored when met and swept once as many
+/// operations have passed as the last sweep left entries (at least [`SWEEP_EVERY`]): an operation
+/// adds at most one entry, so a sweep visits at most twice the operations since the one before,
+/// however large the store; done marks are also capped at
+/// [`MEMORY_DONE_CAPACITY`] (the oldest go first), so memory stays bounded however many actions
+/// complete within one window. Past the cap a replay is still caught by the completed-actions
+/// ledger, which this store only speeds up.
 #[derive(Debug, Default)]
 pub struct InMemoryDeduplicationStore {
     state: Mutex<MemoryState>,
@@ -141,25 +144,33 @@ enum Mark {
 #[derive(Debug, Default)]
 struct MemoryState {
     entries: HashMap<String, (Mark, Instant)>,
-    /// Keys in the order they were marked done, for the cap.
-    done_order: std::collections::VecDeque<String>,
-    operations: u64,
+    /// Done marks in the order they were made, each with its expiry: the cap drops the oldest, the
+    /// sweep the expired, neither looking the key up unless it goes.
+    done_order: std::collections::VecDeque<(Instant, String)>,
+    /// Operations since the last sweep.
+    operations: usize,
+    /// Entries the last sweep left (the next one comes after as many operations).
+    swept_to: usize,
 }
 
-const SWEEP_EVERY: u64 = 4096;
+/// Fewest operations between two sweeps of the in-memory store.
+const SWEEP_EVERY: usize = 4096;
 /// Most done marks one node keeps in memory.
 pub const MEMORY_DONE_CAPACITY: usize = 65_536;
 
 impl MemoryState {
+    /// Drops expired entries once the operations since the last sweep reach the entries that
+    /// sweep left.
     fn sweep(&mut self) {
         self.operations += 1;
-        if self.operations.is_multiple_of(SWEEP_EVERY) {
-            let now = Instant::now();
-            self.entries.retain(|_, (_, expires)| *expires > now);
-            let entries = &self.entries;
-            self.done_order
-                .retain(|key| matches!(entries.get(key), Some((Mark::Done, _))));
+        if self.operations < SWEEP_EVERY.max(self.swept_to) {
+            return;
         }
+        self.operations = 0;
+        let now = Instant::now();
+        self.entries.retain(|_, (_, expires)| *expires > now);
+        self.done_order.retain(|(expires, _)| *expires > now);
+        self.swept_to = self.entries.len().max(self.done_order.len());
     }
 
     /// The live mark of `key` and when it expires, treating an expired entry as absent.
@@ -180,14 +191,16 @@ impl MemoryState {
     }
 
     fn mark_done(&mut self, key: &str, window: Duration) {
-        self.entries
-            .insert(key.to_owned(), (Mark::Done, Instant::now() + window));
-        self.done_order.push_back(key.to_owned());
+        let expires = Instant::now() + window;
+        self.entries.insert(key.to_owned(), (Mark::Done, expires));
+        self.done_order.push_back((expires, key.to_owned()));
         while self.done_order.len() > MEMORY_DONE_CAPACITY {
-            let Some(oldest) = self.done_order.pop_front() else {
+            let Some((made_until, oldest)) = self.done_order.pop_front() else {
                 break;
             };
-            if matches!(self.entries.get(&oldest), Some((Mark::Done, _))) {
+            // Only the mark this record was made for: the key may have been claimed and marked
+            // done again since (its earlier mark expired), and that newer mark stays.
+            if matches!(self.entries.get(&oldest), Some((Mark::Done, at)) if *at == made_until) {
                 self.entries.remove(&oldest);
             }
         }
@@ -992,6 +1005,76 @@ mod tests {
         assert!(
             matches!(oldest, Claim::Acquired(_)),
             "the oldest done mark made room: {oldest:?}"
+        );
+    }
+
+    /// Claims `key` and marks it done for `window`.
+    async fn mark_done(store: &InMemoryDeduplicationStore, key: &str, window: Duration) {
+        let Claim::Acquired(token) = store
+            .claim(key, "node-a", Duration::from_mins(1))
+            .await
+            .unwrap()
+        else {
+            panic!("{key} was not free");
+        };
+        store.complete(key, &token, window).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_key_done_again_keeps_its_new_mark_when_the_cap_drops_its_old_one() {
+        let store = InMemoryDeduplicationStore::default();
+        mark_done(&store, "event-again:orders:0", Duration::from_millis(1)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The first mark expired: the key is claimed and done again, for long.
+        mark_done(&store, "event-again:orders:0", Duration::from_mins(10)).await;
+        // Enough marks after it that the cap reaches the first mark's record, not the second's.
+        for index in 0..MEMORY_DONE_CAPACITY - 1 {
+            mark_done(
+                &store,
+                &format!("event-{index}:orders:0"),
+                Duration::from_mins(10),
+            )
+            .await;
+        }
+        assert_eq!(
+            store
+                .claim("event-again:orders:0", "node-a", Duration::from_mins(1))
+                .await
+                .unwrap(),
+            Claim::Done,
+            "the second done mark is still there"
+        );
+    }
+
+    #[tokio::test]
+    async fn expired_entries_are_swept_while_the_store_keeps_growing() {
+        let store = InMemoryDeduplicationStore::default();
+        for index in 0..5_000 {
+            mark_done(
+                &store,
+                &format!("old-{index}:orders:0"),
+                Duration::from_millis(1),
+            )
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Only claims from here on, each adding an entry.
+        let fresh = 3 * SWEEP_EVERY;
+        for index in 0..fresh {
+            let claim = store
+                .claim(
+                    &format!("new-{index}:orders:0"),
+                    "node-a",
+                    Duration::from_mins(1),
+                )
+                .await
+                .unwrap();
+            assert!(matches!(claim, Claim::Acquired(_)), "{claim:?}");
+        }
+        assert!(
+            store.len() <= fresh,
+            "the expired done marks were swept: {} entries for {fresh} live claims",
+            store.len()
         );
     }
 

@@ -827,3 +827,109 @@ async fn a_text_search_finds_common_words_in_its_walk_and_rare_ones_beyond_it() 
     let nothing = history::search(pool, &text("unicorn", None)).await.unwrap();
     assert!(nothing.entries.is_empty());
 }
+
+#[tokio::test]
+async fn history_rows_keep_every_text_byte_for_byte_through_the_column_insert() {
+    let database = TestDatabase::migrated().await;
+    // Strings that a careless array literal or JSON rendering would change: quotes, backslashes,
+    // commas, braces, blanks, the word NULL, an empty name, line breaks, non-ASCII.
+    let awkward = [
+        "say \"hi\"",
+        "back\\slash",
+        "a,b",
+        "{braces}",
+        " padded ",
+        "NULL",
+        "",
+        "line\nbreak",
+        "Ünïcödé ✓",
+    ];
+    let event_id = Uuid::new_v4();
+    let record = history::HistoryRecord {
+        partition: None,
+        record_kind: "job",
+        event_id,
+        entity_type: "Order \"quoted\"".to_owned(),
+        entity_id: "id,with\\odd{chars}".to_owned(),
+        event_kind: "insert".to_owned(),
+        change_log_id: Some(42),
+        tenant_id: Some("NULL".to_owned()),
+        actor_type: None,
+        actor_id: Some(String::new()),
+        event_at: chrono::Utc::now(),
+        matched_observers: awkward.iter().map(|name| (*name).to_owned()).collect(),
+        unmatched_observers: Vec::new(),
+        outcomes: vec!["succeeded", "failed"],
+        actions: vec![history::HistoryAction {
+            observer: "say \"hi\"".to_owned(),
+            action_index: 0,
+            action_type: "webhook".to_owned(),
+            outcome: HistoryOutcome::Failed,
+            attempts: 2,
+            latency_ms: 1.5,
+            error_code: Some("OB001".to_owned()),
+            error_message: Some("line one\nline \"two\" \\ end".to_owned()),
+            dead_letter_id: None,
+            queue: None,
+            job_id: None,
+        }],
+        errors: Some("line one\nline \"two\" \\ end".to_owned()),
+        node_id: "node-1".to_owned(),
+        epoch: None,
+        processing_ms: 2.25,
+    };
+    let written = history::insert_on(&database.pool, std::slice::from_ref(&record))
+        .await
+        .unwrap();
+    assert_eq!(written, 1);
+    #[allow(clippy::type_complexity, reason = "one row's columns, read once")]
+    let row: (
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+        Value,
+        Option<String>,
+        Option<i64>,
+        Option<i32>,
+        f64,
+    ) = sqlx::query_as(
+        "SELECT entity_type, entity_id, tenant_id, actor_type, actor_id, matched_observers,
+                unmatched_observers, outcomes, actions, errors, change_log_id, partition,
+                processing_ms
+           FROM fraiseql_observers.history WHERE event_id = $1",
+    )
+    .bind(event_id)
+    .fetch_one(&database.pool)
+    .await
+    .unwrap();
+    assert_eq!(row.0, record.entity_type);
+    assert_eq!(row.1, record.entity_id);
+    assert_eq!(row.2.as_deref(), Some("NULL"), "the text NULL, not a null");
+    assert_eq!(row.3, None);
+    assert_eq!(row.4.as_deref(), Some(""));
+    assert_eq!(row.5, record.matched_observers);
+    assert!(row.6.is_empty());
+    assert_eq!(row.7, vec!["succeeded".to_owned(), "failed".to_owned()]);
+    assert_eq!(row.8, serde_json::to_value(&record.actions).unwrap());
+    assert_eq!(row.9, record.errors);
+    assert_eq!(row.10, Some(42));
+    assert_eq!(row.11, None);
+    assert!((row.12 - 2.25).abs() < f64::EPSILON);
+    // Each awkward observer name finds the row through the observers index.
+    for name in awkward {
+        let found = search(
+            &database.pool,
+            HistoryQuery {
+                observer: Some(name.to_owned()),
+                ..HistoryQuery::default()
+            },
+        )
+        .await;
+        assert_eq!(found, vec![event_id], "observer {name:?}");
+    }
+}

@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{ActionKey, BatchPosition, Checkpoint, CheckpointError, CheckpointStore};
-use crate::history::{HistoryRecord, insert_history_from_json_sql};
+use crate::history::{HistoryColumns, HistoryRecord, bind_history_columns};
 use crate::jobs::NewJob;
 
 /// Checkpoints in `fraiseql_observers.partitions` and `processed_actions`.
@@ -86,25 +86,27 @@ const MAX_GROUP: usize = 256;
 /// Fenced saves of several partitions and their ledger rows in one statement: each partition's
 /// compare-and-swap on its own (ascending partition order, so concurrent writers lock rows in the
 /// same order), ledger and history rows only for the partitions whose swap succeeded.
-const SAVE_GROUP: &str = concat!(
-    "WITH saved AS (
-         SELECT request.partition,
-                fraiseql_observers.save_checkpoint(request.partition, request.epoch, request.version,
-                    request.snapshot::pg_snapshot, request.batch_upto::pg_snapshot, request.batch_position) AS version
-           FROM unnest($1::int[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::bigint[])
-                AS request(partition, epoch, version, snapshot, batch_upto, batch_position)),
-     recorded AS (
-         INSERT INTO fraiseql_observers.processed_actions (event_id, observer, action_index)
-         SELECT completed.event_id, completed.observer, completed.action_index
-           FROM unnest($7::uuid[], $8::text[], $9::int[], $10::int[])
-                AS completed(event_id, observer, action_index, partition)
-           JOIN saved ON saved.partition = completed.partition AND saved.version IS NOT NULL
-         ON CONFLICT DO NOTHING),
-     history AS (",
-    insert_history_from_json_sql!("$11"),
-    " JOIN saved ON saved.partition = history_row.partition AND saved.version IS NOT NULL)
-     SELECT partition, version FROM saved"
-);
+static SAVE_GROUP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH saved AS (
+             SELECT request.partition,
+                    fraiseql_observers.save_checkpoint(request.partition, request.epoch, request.version,
+                        request.snapshot::pg_snapshot, request.batch_upto::pg_snapshot, request.batch_position) AS version
+               FROM unnest($1::int[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::bigint[])
+                    AS request(partition, epoch, version, snapshot, batch_upto, batch_position)),
+         recorded AS (
+             INSERT INTO fraiseql_observers.processed_actions (event_id, observer, action_index)
+             SELECT completed.event_id, completed.observer, completed.action_index
+               FROM unnest($7::uuid[], $8::text[], $9::int[], $10::int[])
+                    AS completed(event_id, observer, action_index, partition)
+               JOIN saved ON saved.partition = completed.partition AND saved.version IS NOT NULL
+             ON CONFLICT DO NOTHING),
+         history AS (
+             {} JOIN saved ON saved.partition = history_row.partition AND saved.version IS NOT NULL)
+         SELECT partition, version FROM saved",
+        crate::history::insert_sql(11)
+    )
+});
 
 /// Group statements in flight at once: while one waits for its WAL flush, the next is written.
 const GROUPS_IN_FLIGHT: usize = 2;
@@ -196,7 +198,9 @@ async fn save_group(
     // Ledger rows locked in one global order (see key_columns).
     keys.sort_unstable();
     keys.dedup_by(|a, b| a.0 == b.0);
-    let rows: Vec<(i32, Option<i64>)> = sqlx::query_as(SAVE_GROUP)
+    let history = HistoryColumns::of(group.iter().flat_map(|request| &request.history))
+        .map_err(|error| sqlx::Error::Encode(error.into()))?;
+    let query = sqlx::query_as(sqlx::AssertSqlSafe(SAVE_GROUP.as_str()))
         .bind(
             group
                 .iter()
@@ -238,13 +242,8 @@ async fn save_group(
             keys.iter()
                 .map(|(_, partition)| *partition)
                 .collect::<Vec<_>>(),
-        )
-        .bind(sqlx::types::Json(
-            group
-                .iter()
-                .flat_map(|request| &request.history)
-                .collect::<Vec<_>>(),
-        ))
+        );
+    let rows: Vec<(i32, Option<i64>)> = bind_history_columns!(query, history)
         .fetch_all(pool)
         .await?;
     Ok(rows.into_iter().collect())

@@ -125,10 +125,9 @@ pub fn holder_of(token: &str) -> Option<&str> {
 /// One node's claims, in process. Expired entries are ignored when met and swept once as many
 /// operations have passed as the last sweep left entries (at least [`SWEEP_EVERY`]): an operation
 /// adds at most one entry, so a sweep visits at most twice the operations since the one before,
-/// however large the store; done marks are also capped at
-/// [`MEMORY_DONE_CAPACITY`] (the oldest go first), so memory stays bounded however many actions
-/// complete within one window. Past the cap a replay is still caught by the completed-actions
-/// ledger, which this store only speeds up.
+/// however large the store. Done marks are also capped at [`MEMORY_DONE_CAPACITY`] (the oldest go
+/// first), so memory stays bounded however many actions complete within one window. Past the cap
+/// a replay is still caught by the completed-actions ledger, which this store only speeds up.
 #[derive(Debug, Default)]
 pub struct InMemoryDeduplicationStore {
     state: Mutex<MemoryState>,
@@ -977,15 +976,7 @@ mod tests {
         let window = Duration::from_mins(10);
         let total = MEMORY_DONE_CAPACITY + 1000;
         for index in 0..total {
-            let key = format!("event-{index}:orders:0");
-            let Claim::Acquired(token) = store
-                .claim(&key, "node-a", Duration::from_mins(1))
-                .await
-                .unwrap()
-            else {
-                panic!("{key} was not free");
-            };
-            store.complete(&key, &token, window).await.unwrap();
+            mark_done(&store, &format!("event-{index}:orders:0"), window).await;
         }
         assert!(
             store.len() <= MEMORY_DONE_CAPACITY,

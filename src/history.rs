@@ -201,7 +201,7 @@ fn truncate(text: &str, max_bytes: usize) -> String {
 
 /// One history row, rendered: the checkpoint store binds a page's rows column by column
 /// ([`HistoryColumns`]).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct HistoryRecord {
     /// The partition whose checkpoint the row is written with (the row is written only if that
     /// checkpoint moves); `None` for a job-outcome row.

@@ -3,7 +3,8 @@
 //! once (`DEFAULT_CLAIM_BATCH`), pickup latency (enqueue commit → claim) with workers waiting
 //! on LISTEN, and one worker draining an ordered backlog (12,000 jobs over 200 entities by
 //! default, `ORDERED_ENTITIES` / `ORDERED_PER_ENTITY`). `JOBS_ONLY` (a comma-separated list of
-//! `ordered`, `single`, `batched`, `pickup`) runs only those parts. As in
+//! `ordered`, `single`, `batched`, `pickup`) runs only those parts; `CLAIM_BATCH` sets the claim
+//! size of the batched runs and the ordered drain. As in
 //! `benches/graphile/bench.mjs`: the jobs are enqueued before the timer starts and the jobs table
 //! analyzed; the timer runs from starting the workers until the workers report every job done (an
 //! in-process count, polled every millisecond), confirmed in the database; the
@@ -39,6 +40,15 @@ fn job_count() -> usize {
         .unwrap_or(20_000)
 }
 const PICKUPS: usize = 500;
+
+/// Jobs per claim in the batched runs and the ordered drain: `CLAIM_BATCH` from the environment,
+/// the worker's default (`DEFAULT_CLAIM_BATCH`) otherwise.
+fn claim_batch() -> u32 {
+    std::env::var("CLAIM_BATCH")
+        .ok()
+        .and_then(|size| size.parse().ok())
+        .unwrap_or(DEFAULT_CLAIM_BATCH)
+}
 
 fn job(index: usize) -> NewJob {
     let mut event = EntityEvent::new(
@@ -161,7 +171,7 @@ async fn ordered_drain() -> f64 {
     run_backlog(
         &backlog,
         1,
-        DEFAULT_CLAIM_BATCH,
+        claim_batch(),
         Some(HEADS_DUE_IN),
         "ordered backlog",
     )
@@ -315,7 +325,7 @@ fn runs(part: &str) -> bool {
 #[tokio::main]
 async fn main() {
     let mut report = json!({"queue": "fraiseql-observers", "jobs": job_count(),
-                            "claim_batch": DEFAULT_CLAIM_BATCH});
+                            "claim_batch": claim_batch()});
     if runs("ordered") {
         report["ordered_drain"] = json!(ordered_drain().await.round());
     }
@@ -325,8 +335,8 @@ async fn main() {
         report["throughput_single"] = json!({"1": one.round(), "4": four.round()});
     }
     if runs("batched") {
-        let one = throughput(1, DEFAULT_CLAIM_BATCH).await;
-        let four = throughput(4, DEFAULT_CLAIM_BATCH).await;
+        let one = throughput(1, claim_batch()).await;
+        let four = throughput(4, claim_batch()).await;
         report["throughput"] = json!({"1": one.round(), "4": four.round()});
     }
     if runs("pickup") {

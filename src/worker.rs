@@ -1,15 +1,16 @@
 //! A job worker: claims jobs of one queue a batch at a time, runs their actions concurrently (one
 //! attempt each, under the action's timeout, heartbeating the claims), and records the outcomes.
 //!
-//! The running loop keeps up to `claim_batch` attempts in flight and at most as many claimed jobs
-//! ready behind them. The next claim is sent while jobs run and carries the completions gathered
-//! so far, so one statement (one commit) both completes the last jobs and claims the next ones,
-//! and the database round trip overlaps the work instead of following it. When the jobs of a
-//! batch finish before the step that asked for more returns (short actions), a second step goes
-//! out beside it, so that the database works on one while the other's answer comes back. When
-//! the queue had nothing more to give, each completion is sent as soon as there is one: it may
-//! make the next job of its entity (ordering key) claimable, and that claim is made in the same
-//! statement.
+//! The running loop keeps up to `claim_batch` attempts in flight and at most twice as many claimed
+//! jobs ready behind them. The next claim is sent while jobs run and carries the completions
+//! gathered so far, so one statement (one commit) both completes the last jobs and claims the next
+//! ones, and the database round trip overlaps the work instead of following it. When the jobs of a
+//! batch finish before the step that asked for more returns (short actions), another step goes out
+//! beside it (up to three in flight), so that the database works on one while another's answer
+//! comes back and a third commits. A job a concurrent step has locked is completed by the next step
+//! instead of waiting for that lock ([`Step::deferred`]). When the queue had nothing more to give,
+//! each completion is sent as soon as there is one: it may make the next job of its entity
+//! (ordering key) claimable, and that claim is made in the same statement.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use uuid::Uuid;
 
 use crate::actions::{ActionContext, ActionRunner};
 use crate::error::ErrorCode;
-use crate::jobs::{FailOutcome, JOBS_CHANNEL, Job, JobError, PostgresJobQueue};
+use crate::jobs::{FailOutcome, JOBS_CHANNEL, Job, JobError, PostgresJobQueue, Step};
 use crate::matcher::Matcher;
 use crate::retry::AttemptError;
 
@@ -528,16 +529,17 @@ impl JobWorker {
                 Some((sent, asked, result)) = claims.next(), if !claims.is_empty() => {
                     requested -= asked;
                     match result {
-                        Ok((completed, jobs)) => {
-                            if completed.len() < sent.len() {
-                                tracing::warn!(lost = sent.len() - completed.len(), queue = %self.queue_name, "job claims expired before completion; those jobs may run again");
+                        Ok(Step { completed, deferred, claimed }) => {
+                            let lost = sent.len().saturating_sub(completed.len() + deferred.len());
+                            if lost > 0 {
+                                tracing::warn!(lost, queue = %self.queue_name, "job claims expired before completion; those jobs may run again");
                             }
-                            for id in &sent {
-                                held.remove(id);
-                            }
-                            drained = jobs.len() < asked;
-                            held.extend(jobs.iter().map(|job| job.id));
-                            ready.extend(jobs);
+                            // A deferred job is still held (a concurrent step had it locked): the next step completes it.
+                            for id in sent.iter().filter(|id| !deferred.contains(id)) { held.remove(id); }
+                            done.extend(deferred);
+                            drained = claimed.len() < asked;
+                            held.extend(claimed.iter().map(|job| job.id));
+                            ready.extend(claimed);
                         }
                         Err(error) => {
                             tracing::warn!(%error, queue = %self.queue_name, "job step failed; retrying");
@@ -653,11 +655,12 @@ impl JobWorker {
 
 /// How many jobs the next complete-and-claim step asks for, if one is to go out now: the worker
 /// holds `running` and `ready` jobs, has `requested` more asked for by `in_flight` steps, and may
-/// hold twice `limit`. With no step in flight, one goes out when nothing is ready and there is
-/// room (as the queue had jobs to give), or to send completions once the queue was drained —
-/// one may release the next job of its entity, which must not wait for the slowest job still
-/// running. A second goes out beside one in flight only for a whole batch: the jobs of the first
-/// ran already (short actions), and the database, not the actions, is what the worker waits for.
+/// hold `CLAIMS_IN_FLIGHT` times `limit`. With no step in flight, one goes out when nothing is
+/// ready and there is room (as the queue had jobs to give), or to send completions once the
+/// queue was drained — one may release the next job of its entity, which must not wait for the
+/// slowest job still running. Another goes out beside those in flight only for a whole batch
+/// and with nothing running: the jobs of the earlier ones ran already (short actions), and the
+/// database, not the actions, is what the worker waits for.
 fn step_size(
     limit: usize,
     (running, ready): (usize, usize),
@@ -666,19 +669,19 @@ fn step_size(
     drained: bool,
     has_completions: bool,
 ) -> Option<usize> {
-    let room = (2 * limit)
+    let room = (CLAIMS_IN_FLIGHT * limit)
         .saturating_sub(running + ready + requested)
         .min(limit);
     let send = if in_flight == 0 {
         (!drained && ready == 0 && room > 0) || (drained && has_completions)
     } else {
-        in_flight < CLAIMS_IN_FLIGHT && !drained && ready == 0 && room == limit
+        in_flight < CLAIMS_IN_FLIGHT && !drained && running == 0 && ready == 0 && room == limit
     };
     send.then_some(room.max(1))
 }
 
 /// Completions sent, jobs asked for, and the outcome of one complete-and-claim step.
-type ClaimResult = (Vec<Uuid>, usize, Result<(Vec<Uuid>, Vec<Job>), JobError>);
+type ClaimResult = (Vec<Uuid>, usize, Result<Step, JobError>);
 
 /// A job whose action another node holds is due again when that claim ends, but never sooner
 /// than this (a claim about to end is not polled in a tight loop).
@@ -688,9 +691,11 @@ const CIRCUIT_RECHECK: Duration = Duration::from_secs(5);
 /// When a busy endpoint (no slot within the queue wait) gives no time to wait, try after this.
 const BUSY_RECHECK: Duration = Duration::from_secs(1);
 
-/// Complete-and-claim steps one worker has in flight at most: two, so that the database works
-/// on one while the other's answer is on its way back and its jobs run.
-const CLAIMS_IN_FLIGHT: usize = 2;
+/// Complete-and-claim steps one worker has in flight at most: three, so that the database works
+/// on one while another's answer is on its way back and a third waits for its commit to reach
+/// the disk (with short jobs, two in flight left the worker waiting on that flush; four gave no
+/// more — `benches/jobs.rs`, batched, one worker).
+const CLAIMS_IN_FLIGHT: usize = 3;
 
 /// Wait after a failed complete-and-claim step before the next.
 const STEP_RETRY_DELAY: Duration = Duration::from_millis(250);
@@ -700,7 +705,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_second_step_goes_out_only_for_a_whole_batch_beside_one_in_flight() {
+    fn another_step_goes_out_only_for_a_whole_batch_beside_those_in_flight() {
         let limit = 16;
         // Nothing held, nothing asked for: one step for a batch.
         assert_eq!(step_size(limit, (0, 0), 0, 0, false, false), Some(16));
@@ -709,10 +714,12 @@ mod tests {
         // That step in flight and the batch still running: no second step.
         assert_eq!(step_size(limit, (16, 0), 16, 1, false, false), None);
         assert_eq!(step_size(limit, (5, 0), 16, 1, false, true), None);
-        // The batch finished before the step returned: a second one beside it.
+        // The batch finished before the step returned: a second one beside it, and a third.
         assert_eq!(step_size(limit, (0, 0), 16, 1, false, true), Some(16));
-        // Never a third.
-        assert_eq!(step_size(limit, (0, 0), 32, 2, false, true), None);
+        assert_eq!(step_size(limit, (0, 0), 32, 2, false, true), Some(16));
+        // Not while part of a batch runs, and never a fourth.
+        assert_eq!(step_size(limit, (1, 0), 32, 2, false, true), None);
+        assert_eq!(step_size(limit, (0, 0), 48, 3, false, true), None);
         // Jobs ready to start: no step until they have.
         assert_eq!(step_size(limit, (16, 4), 0, 0, false, false), None);
     }

@@ -12,7 +12,7 @@ use fraiseql_observers::actions::ActionRunner;
 use fraiseql_observers::dlq::{DeadLetterFilter, DeadLetterQueue, PostgresDeadLetterQueue};
 use fraiseql_observers::domain::{EntityEvent, EventKind};
 use fraiseql_observers::error::ErrorCode;
-use fraiseql_observers::jobs::{FailOutcome, NewJob, PostgresJobQueue, enqueue_batch};
+use fraiseql_observers::jobs::{FailOutcome, NewJob, PostgresJobQueue, Step, enqueue_batch};
 use fraiseql_observers::matcher::Matcher;
 use fraiseql_observers::retry::AttemptError;
 use fraiseql_observers::worker::{JobWorker, WorkOutcome};
@@ -772,17 +772,75 @@ async fn a_later_job_of_an_entity_waits_while_an_earlier_one_is_pending_or_runni
 
     // Completing it and claiming in one statement hands out the next change at once.
     let other = first.iter().find(|job| job.event.entity_id == "2").unwrap();
-    let (completed, next) = jobs
+    let Step {
+        completed,
+        claimed: next,
+        ..
+    } = jobs
         .complete_and_claim(&[retried[0].id, other.id], "default", 10)
         .await
         .unwrap();
     assert_eq!(completed.len(), 2);
     assert_eq!(entities(&next), [("1".to_owned(), 11)]);
-    let (_, last) = jobs
+    let last = jobs
         .complete_and_claim(&[next[0].id], "default", 10)
         .await
-        .unwrap();
+        .unwrap()
+        .claimed;
     assert_eq!(entities(&last), [("1".to_owned(), 12)]);
+}
+
+#[tokio::test]
+async fn a_step_defers_a_held_job_another_statement_has_locked_instead_of_waiting_for_it() {
+    let database = TestDatabase::migrated().await;
+    let jobs = queue(&database, "a");
+    for entity in ["1", "2", "3"] {
+        jobs.enqueue(&new_job(entity, 5)).await.unwrap().unwrap();
+    }
+    let claimed = jobs.claim("default", 2).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let (locked, free) = (claimed[0].id, claimed[1].id);
+    // A claim that ran beside this one and rechecked the job keeps a row lock on it until it
+    // commits; another transaction holds one the same way.
+    let mut other = database.pool.begin().await.unwrap();
+    sqlx::query("SELECT FROM fraiseql_observers.jobs WHERE id = $1 FOR UPDATE")
+        .bind(locked)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+
+    let step = tokio::time::timeout(
+        Duration::from_secs(5),
+        jobs.complete_and_claim(&[locked, free], "default", 10),
+    )
+    .await
+    .expect("the step does not wait for the lock")
+    .unwrap();
+    assert_eq!(step.completed, [free]);
+    assert_eq!(step.deferred, [locked], "still held, to be sent again");
+    assert_eq!(step.claimed.len(), 1, "the step claims as usual");
+    assert_eq!(status_of(&database, locked).await.0, "running");
+    assert_eq!(status_of(&database, free).await.0, "completed");
+
+    // The last completions of a worker wait for the lock instead.
+    let last = tokio::spawn({
+        let jobs = jobs.clone();
+        async move { jobs.complete_many(&[locked]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!last.is_finished(), "complete_many waits for the lock");
+    other.commit().await.unwrap();
+    assert_eq!(last.await.unwrap().unwrap(), [locked]);
+    assert_eq!(status_of(&database, locked).await.0, "completed");
+
+    // Once the lock is gone, a step completes it like any other.
+    let third = step.claimed[0].id;
+    let step = jobs
+        .complete_and_claim(&[third], "default", 10)
+        .await
+        .unwrap();
+    assert_eq!(step.completed, [third]);
+    assert!(step.deferred.is_empty());
 }
 
 #[tokio::test]
@@ -798,10 +856,15 @@ async fn a_completion_this_node_no_longer_holds_does_not_release_the_next_job() 
     let claimed = jobs.claim("default", 10).await.unwrap();
     assert_eq!(claimed.len(), 1);
     // Another node holds the first job now (this node's claim expired and was taken over).
-    let (completed, next) = queue(&database, "b")
+    let Step {
+        completed,
+        deferred,
+        claimed: next,
+    } = queue(&database, "b")
         .complete_and_claim(&[claimed[0].id], "default", 10)
         .await
         .unwrap();
+    assert!(deferred.is_empty(), "node b does not hold it either");
     assert!(completed.is_empty(), "node b did not hold it");
     assert!(
         next.is_empty(),
@@ -1196,7 +1259,9 @@ async fn a_completion_promotes_the_next_job_it_does_not_claim_and_wakes_the_work
 
     // Completed by a worker of another queue: the successor is not its to claim, so the
     // statement promotes it and wakes the workers of its queue.
-    let (completed, claimed) = jobs
+    let Step {
+        completed, claimed, ..
+    } = jobs
         .complete_and_claim(&[first[0].id], "elsewhere", 10)
         .await
         .unwrap();
@@ -1215,7 +1280,9 @@ async fn a_completion_promotes_the_next_job_it_does_not_claim_and_wakes_the_work
     // (running, not promoted to pending as well), and the one after it keeps waiting.
     let second = jobs.claim("default", 10).await.unwrap();
     assert_eq!(entities(&second), [("1".to_owned(), 2)]);
-    let (completed, claimed) = jobs
+    let Step {
+        completed, claimed, ..
+    } = jobs
         .complete_and_claim(&[second[0].id], "default", 10)
         .await
         .unwrap();

@@ -144,10 +144,11 @@ pub fn backoff_delay(attempts: u32, initial: Duration, max: Duration) -> Duratio
 /// alone ([`PostgresJobQueue::fail_unreadable`]) instead of the whole claim.
 const JOB_COLUMNS: &str = "id, queue, priority, attempts, max_attempts, backoff_initial_ms, backoff_max_ms, idempotency_key, event::text AS event, observer, action_index, action_type, errors, inline_attempts";
 
-/// Completes the held jobs `$1` (uuid[]) of node `$2` (CTE `done`: id, `ordering_key`) and finds
-/// the job each completion makes next in line (CTE `after_done`: id, status, queue, `run_at` of
-/// the first unfinished job of the completed job's ordering key): the head of a completion
-/// statement, followed by [`PROMOTE_AFTER_DONE`].
+/// Completes the held jobs of CTE `held` (id) — node `$2`'s — (CTE `done`: id, `ordering_key`)
+/// and finds the job each completion makes next in line (CTE `after_done`: id, status, queue,
+/// `run_at` of the first unfinished job of the completed job's ordering key): the head of a
+/// completion statement, after [`HELD_UNLESS_LOCKED`] or [`HELD_WAITING`] and followed by
+/// [`PROMOTE_AFTER_DONE`].
 ///
 /// A completed job leaves the table: its row is deleted (no rewrite of the payload, no new index
 /// entries) and a narrow record of it goes to `jobs_completed` (migration 0020), whose unique key
@@ -155,8 +156,8 @@ const JOB_COLUMNS: &str = "id, queue, priority, attempts, max_attempts, backoff_
 /// snapshot), hence the `NOT IN (SELECT id FROM done)` wherever unfinished jobs are looked for.
 const COMPLETE_HELD: &str = "done AS (
          DELETE FROM fraiseql_observers.jobs AS job
-          USING unnest($1::uuid[]) AS finished(id)
-          WHERE job.id = finished.id AND job.status = 'running' AND job.locked_by = $2
+          USING held
+          WHERE job.id = held.id AND job.status = 'running' AND job.locked_by = $2
       RETURNING job.id, job.idempotency_key, job.queue, job.priority, job.event_id, job.observer, job.action_index,
                 job.action_type, job.ordering_key, job.ordinal, job.attempts, job.inline_attempts,
                 job.errors, job.created_at, job.started_at),
@@ -180,6 +181,29 @@ const COMPLETE_HELD: &str = "done AS (
                  ORDER BY candidate.ordinal
                  LIMIT 1) AS next
           WHERE done.ordering_key IS NOT NULL)";
+
+/// The jobs of `$1` (uuid[]) that node `$2` holds and that no other statement has locked (CTE
+/// `held`), for a step that both completes and claims.
+///
+/// A claim that runs beside a completion can leave a lock on the jobs being completed: a claim
+/// whose snapshot still saw them pending reaches them after the claim that took them committed,
+/// locks their new (running) version to recheck it, finds it no longer pending and skips it, but
+/// keeps the lock until it commits. A completion of those jobs that waited for that lock would
+/// queue the worker's steps behind one another (each waiting for the previous one's commit), so
+/// a step completes only the jobs it can lock at once; those left locked are still held (CTE
+/// `deferred`) and go out with the worker's next step.
+const HELD_UNLESS_LOCKED: &str = "held AS (
+         SELECT job.id FROM fraiseql_observers.jobs AS job
+          WHERE job.id = ANY ($1::uuid[]) AND job.status = 'running' AND job.locked_by = $2
+            FOR UPDATE SKIP LOCKED),
+     deferred AS (
+         SELECT job.id FROM fraiseql_observers.jobs AS job
+          WHERE job.id = ANY ($1::uuid[]) AND job.status = 'running' AND job.locked_by = $2
+            AND job.id NOT IN (SELECT id FROM held))";
+
+/// The jobs of `$1` (uuid[]) to complete, waiting for any lock on them (CTE `held`): for a
+/// completion that must not leave one behind.
+const HELD_WAITING: &str = "held AS (SELECT finished.id FROM unnest($1::uuid[]) AS finished(id))";
 
 /// The tail of a completion statement: promotes to pending every waiting job that a completion
 /// made next in line (`after_done`) and that the statement does not claim itself (CTE `picked`),
@@ -221,6 +245,18 @@ fn job_from_row(row: &sqlx::postgres::PgRow) -> Result<Job, JobError> {
         errors: serde_json::from_value(errors)
             .map_err(|error| corrupt(format!("errors: {error}")))?,
     })
+}
+
+/// What one complete-and-claim step did ([`PostgresJobQueue::complete_and_claim`]).
+#[derive(Debug, Default)]
+pub struct Step {
+    /// The jobs completed.
+    pub completed: Vec<Uuid>,
+    /// Jobs given for completion that this node still holds but that another statement had
+    /// locked: not completed yet, to be given again.
+    pub deferred: Vec<Uuid>,
+    /// The jobs claimed.
+    pub claimed: Vec<Job>,
 }
 
 /// The job queue of one node (`node_id` names its claims).
@@ -271,11 +307,13 @@ impl PostgresJobQueue {
     /// # Errors
     /// Storage failed, or a claimed row does not decode.
     pub async fn claim(&self, queue: &str, limit: u32) -> Result<Vec<Job>, JobError> {
-        Ok(self.complete_and_claim(&[], queue, limit).await?.1)
+        Ok(self.complete_and_claim(&[], queue, limit).await?.claimed)
     }
 
     /// Completes the held jobs `done` and claims up to `limit` more in one statement (one round
-    /// trip, one commit); returns the ids completed and the jobs claimed.
+    /// trip, one commit). Jobs of `done` that another statement has locked are left held and
+    /// named in [`Step::deferred`], to be completed by a later step: a claim running beside it can
+    /// keep a lock on them until it commits.
     ///
     /// # Errors
     /// Storage failed, or a claimed row does not decode.
@@ -284,7 +322,7 @@ impl PostgresJobQueue {
         done: &[Uuid],
         queue: &str,
         limit: u32,
-    ) -> Result<(Vec<Uuid>, Vec<Job>), JobError> {
+    ) -> Result<Step, JobError> {
         // The updates see the same snapshot and touch disjoint rows (running; pending or waiting
         // and picked; waiting and not picked). The outer join yields one row even when nothing
         // was claimed, carrying the completions. A job waits while an earlier job of its ordering
@@ -302,7 +340,8 @@ impl PostgresJobQueue {
         // (a worker asks for 1 up to its claim batch), whose generic plan the server keeps after
         // its first few executions.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "WITH {COMPLETE_HELD},
+            "WITH {HELD_UNLESS_LOCKED},
+             {COMPLETE_HELD},
              successors AS (
                  SELECT id FROM after_done
                   WHERE status = 'waiting' AND queue = $3 AND run_at <= now()),
@@ -338,6 +377,7 @@ impl PostgresJobQueue {
               RETURNING {JOB_COLUMNS}),
              {PROMOTE_AFTER_DONE}
              SELECT (SELECT coalesce(array_agg(id), '{{}}') FROM done) AS completed,
+                    (SELECT coalesce(array_agg(id), '{{}}') FROM deferred) AS deferred,
                     (SELECT count(*) FROM notified) AS notified, claimed.*
                FROM (VALUES (1)) AS one (n) LEFT JOIN claimed ON true"
         )))
@@ -347,9 +387,9 @@ impl PostgresJobQueue {
         .bind(self.visibility_timeout.as_secs_f64())
         .fetch_all(&self.pool)
         .await?;
-        let completed: Vec<Uuid> = match rows.first() {
-            Some(row) => row.try_get("completed")?,
-            None => Vec::new(),
+        let (completed, deferred): (Vec<Uuid>, Vec<Uuid>) = match rows.first() {
+            Some(row) => (row.try_get("completed")?, row.try_get("deferred")?),
+            None => (Vec::new(), Vec::new()),
         };
         let mut jobs = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -364,7 +404,11 @@ impl PostgresJobQueue {
             }
         }
         jobs.sort_by_key(|job| std::cmp::Reverse(job.priority));
-        Ok((completed, jobs))
+        Ok(Step {
+            completed,
+            deferred,
+            claimed: jobs,
+        })
     }
 
     async fn complete_on(
@@ -374,7 +418,8 @@ impl PostgresJobQueue {
     ) -> Result<Vec<Uuid>, JobError> {
         let (completed, _notified): (Vec<Uuid>, i64) =
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "WITH {COMPLETE_HELD},
+                "WITH {HELD_WAITING},
+                 {COMPLETE_HELD},
                  picked (id) AS (SELECT NULL::uuid WHERE false),
                  {PROMOTE_AFTER_DONE}
                  SELECT ARRAY(SELECT id FROM done), (SELECT count(*) FROM notified)"

@@ -328,6 +328,10 @@ async fn main() {
                             "claim_batch": claim_batch()});
     if runs("ordered") {
         report["ordered_drain"] = json!(ordered_drain().await.round());
+        report["ordered_backlog"] = json!({
+            "entities": env_number("ORDERED_ENTITIES", 200),
+            "per_entity": env_number("ORDERED_PER_ENTITY", 60),
+        });
     }
     if runs("single") {
         let one = throughput(1, 1).await;

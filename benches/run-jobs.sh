@@ -2,7 +2,8 @@
 # Job-queue comparison on this machine: fraiseql-observers' queue (cargo bench --bench jobs) and
 # graphile-worker (benches/graphile) with the same number of trivial jobs enqueued first, then
 # claimed and completed by 1 and 4 workers — one job per claim on both sides, then both sides
-# batched — and pickup latency; prints a Markdown table. Needs the local PostgreSQL and Node.js with npm.
+# batched —, our ordered backlog drain (no counterpart there) and pickup latency; prints a
+# Markdown table. Needs the local PostgreSQL and Node.js with npm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JOBS="${JOBS:-20000}"
@@ -27,6 +28,12 @@ for workers in ("1", "4"):
     a, c = ours["throughput"][workers], batched.get(workers)
     theirs_cell = f"{c:,.0f} jobs/s | {a / c:.2f}×" if c else "– | –"
     print(f"| claim + complete, {workers} worker(s), batched (ours: claims of {claims}; theirs: local queue 16, batched completion) | {a:,.0f} jobs/s | {theirs_cell} |")
+ordered = ours.get("ordered_drain")
+if ordered:
+    # graphile-worker has no per-entity order across one queue's jobs to compare with.
+    backlog = ours.get("ordered_backlog", {"entities": 200, "per_entity": 60})
+    entities, jobs = backlog["entities"], backlog["entities"] * backlog["per_entity"]
+    print(f"| ordered backlog drain, 1 worker, claims of {claims} ({jobs:,} jobs over {entities:,} entities, one at a time per entity) | {ordered:,.0f} jobs/s | – | |")
 pickup = theirs.get("pickup_db_ms") or theirs["pickup_ms"]
 for key in ("p50", "p99", "max"):
     print(f"| pickup {key} (enqueue commit → claim, in the database) | {ours['pickup_ms'][key]:.1f} ms | {pickup[key]:.1f} ms | |")

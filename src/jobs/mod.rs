@@ -191,14 +191,16 @@ const COMPLETE_HELD: &str = "done AS (
 /// keeps the lock until it commits. A completion of those jobs that waited for that lock would
 /// queue the worker's steps behind one another (each waiting for the previous one's commit), so
 /// a step completes only the jobs it can lock at once; those left locked are still held (CTE
-/// `deferred`) and go out with the worker's next step.
+/// `deferred`, looked up only when some of `$1` were not locked) and go out with the worker's
+/// next step.
 const HELD_UNLESS_LOCKED: &str = "held AS (
          SELECT job.id FROM fraiseql_observers.jobs AS job
           WHERE job.id = ANY ($1::uuid[]) AND job.status = 'running' AND job.locked_by = $2
             FOR UPDATE SKIP LOCKED),
      deferred AS (
          SELECT job.id FROM fraiseql_observers.jobs AS job
-          WHERE job.id = ANY ($1::uuid[]) AND job.status = 'running' AND job.locked_by = $2
+          WHERE (SELECT count(*) FROM held) < cardinality($1::uuid[])
+            AND job.id = ANY ($1::uuid[]) AND job.status = 'running' AND job.locked_by = $2
             AND job.id NOT IN (SELECT id FROM held))";
 
 /// The jobs of `$1` (uuid[]) to complete, waiting for any lock on them (CTE `held`): for a
